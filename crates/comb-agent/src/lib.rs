@@ -1,0 +1,1 @@
+//! combd: the per-node agent wiring sources, State and reconcilers

@@ -1,0 +1,12 @@
+//! Comb's State: the one in-memory model that sources write and reconcilers read.
+//!
+//! Pure Rust with no I/O, so it can be unit-tested and fuzzed by itself. Sources
+//! (the manifests directory, later the Kubernetes API) build a [`Snapshot`]; the
+//! only mutator, [`State::replace`], swaps it in and stamps a new generation.
+#![forbid(unsafe_code)]
+
+mod objects;
+mod state;
+
+pub use objects::*;
+pub use state::{Generation, State};

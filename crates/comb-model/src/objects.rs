@@ -1,0 +1,133 @@
+//! The objects State holds, already validated and reduced to what Comb uses.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Annotation that opts a pod out of the local socket splice (`"off"` or `"false"`).
+pub const ANNOTATION_SPLICE: &str = "comb.dev/splice";
+/// Annotation naming a pod's cgroup v2 path relative to the cgroup2 mount (written by the lab;
+/// in a cluster it would be derived from the pod UID and the kubelet's cgroup layout).
+pub const ANNOTATION_CGROUP: &str = "comb.dev/cgroup";
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A node and the pod address ranges it owns (`spec.podCIDRs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub key: ObjKey,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub node_name: Option<String>,
+    pub service_account: String,
+    /// `status.podIPs` (or `status.podIP`); empty until the pod has an address.
+    pub ips: Vec<IpAddr>,
+    /// cgroup v2 path relative to the cgroup2 mount (see [`ANNOTATION_CGROUP`]).
+    pub cgroup: Option<String>,
+    /// False when the pod opted out of the splice (see [`ANNOTATION_SPLICE`]).
+    pub splice: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: TargetPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub key: ObjKey,
+    /// Empty for a headless Service (`clusterIP: None`).
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub annotations: BTreeMap<String, String>,
+    /// `sessionAffinity: ClientIP` timeout in seconds, when set.
+    pub affinity_timeout_secs: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSlice {
+    pub key: ObjKey,
+    /// The `kubernetes.io/service-name` label.
+    pub service_name: String,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything one source knows, validated; the unit [`crate::State::replace`] swaps in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub nodes: BTreeMap<String, Node>,
+    pub pods: BTreeMap<ObjKey, Pod>,
+    pub services: BTreeMap<ObjKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
+}
