@@ -1,1 +1,17 @@
-//! combd: the per-node agent wiring sources, State and reconcilers
+//! combd: the per-node agent.
+//!
+//! Data flows one way: the manifests source produces snapshots, the agent swaps them into
+//! State through its one mutator, and the datapath reconciler makes the kernel match State.
+//! The admin API and `/metrics` only read.
+
+pub mod api;
+mod admin;
+mod args;
+mod metrics;
+mod reconcile;
+mod run;
+mod shared;
+mod source;
+
+pub use args::Args;
+pub use run::{main, run};

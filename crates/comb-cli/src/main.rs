@@ -1,1 +1,105 @@
-fn main() {}
+//! comb: Comb's command line.
+
+mod agent_cmds;
+mod bench;
+mod client;
+mod lab_cmds;
+mod manifest_cmds;
+mod probe;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// How to reach an agent.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// The node whose agent to ask (needed when several run).
+    #[arg(long, global = true)]
+    pub node: Option<String>,
+    /// The agent's admin socket, instead of looking it up by node.
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    pub output: Output,
+}
+
+#[derive(Parser)]
+#[command(name = "comb", version, about = "Comb: a sidecar-free service mesh with an eBPF datapath")]
+struct Cli {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The agent's health, State generation and configuration errors.
+    Status,
+    /// Endpoints (pods) the agent knows.
+    Endpoint {
+        #[command(subcommand)]
+        cmd: agent_cmds::EndpointCmd,
+    },
+    /// The local socket splice.
+    Splice {
+        #[command(subcommand)]
+        cmd: agent_cmds::SpliceCmd,
+    },
+    /// The agent's Prometheus metrics.
+    Metrics,
+    /// Validate manifests and write them into the manifests directory.
+    Apply(manifest_cmds::FileArgs),
+    /// Remove the objects of a manifest file from the manifests directory.
+    Delete(manifest_cmds::FileArgs),
+    /// Nodes and pods as network namespaces on this machine.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab_cmds::LabCmd,
+    },
+    /// Benchmarks comparing Comb against a baseline in the same run.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+    /// Traffic tool used by tests and benchmarks inside lab pods.
+    #[command(hide = true)]
+    Probe {
+        #[command(subcommand)]
+        cmd: probe::ProbeCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let t = &cli.target;
+    let result = match cli.cmd {
+        Cmd::Status => agent_cmds::status(t),
+        Cmd::Endpoint { cmd } => agent_cmds::endpoint(t, cmd),
+        Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
+        Cmd::Metrics => agent_cmds::metrics(t),
+        Cmd::Apply(a) => manifest_cmds::apply(&a),
+        Cmd::Delete(a) => manifest_cmds::delete(&a),
+        Cmd::Lab { cmd } => lab_cmds::run(cmd),
+        Cmd::Bench { cmd } => bench::run(cmd),
+        Cmd::Probe { cmd } => probe::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("comb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

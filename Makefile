@@ -1,0 +1,27 @@
+# Comb: the two commands a newcomer needs are `make demo` and `make test`.
+.PHONY: deps build release demo test lint unit clean-lab
+
+CARGO ?= cargo
+
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	$(CARGO) build --workspace
+
+release: deps
+	$(CARGO) build --release -p comb-cli
+
+demo: release
+	@bash scripts/demo.sh target/release
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Everything: style, unit tests and the privileged lab tests (run as root).
+test: lint
+	$(CARGO) test --workspace
+
+clean-lab:
+	-target/debug/comb lab down --all 2>/dev/null || target/release/comb lab down --all

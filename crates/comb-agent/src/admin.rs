@@ -1,0 +1,122 @@
+//! The admin API: JSON lines on a unix socket, read-only except for the splice switch.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::api::{EndpointRow, Request, Response, Status};
+use crate::shared::Shared;
+
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a killed agent would make bind fail; nobody listens on it.
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).with_context(|| format!("binding admin socket {}", path.display()))
+}
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, shared.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, shared: Arc<Shared>) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || handle(&shared, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error { message: format!("handler failed: {e}") })
+            }
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
+        };
+        let mut out = serde_json::to_vec(&response).expect("response serializes");
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn ok(v: impl serde::Serialize) -> Response {
+    Response::Ok { data: serde_json::to_value(v).expect("serializable") }
+}
+
+pub fn handle(shared: &Shared, req: Request) -> Response {
+    let mut inner = shared.inner.lock().expect("agent lock poisoned");
+    let node = &shared.args.node;
+    match req {
+        Request::Status => ok(Status {
+            node: node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: shared.started.elapsed().as_secs(),
+            manifests: shared.args.manifests.display().to_string(),
+            pin_dir: shared.args.pin_dir().display().to_string(),
+            generation: inner.state.generation(),
+            applied_generation: inner.applied_generation,
+            splice_enabled: inner.splice_enabled,
+            local_endpoints: inner.state.local_pods(node).count(),
+            config_errors: inner.config_errors.clone(),
+            datapath_errors: inner.datapath_errors.clone(),
+        }),
+        Request::Endpoints => {
+            let attached: std::collections::BTreeMap<String, std::path::PathBuf> =
+                inner.datapath.as_ref().map(|d| d.attached().into_iter().collect()).unwrap_or_default();
+            let rows: Vec<EndpointRow> = inner
+                .state
+                .snapshot()
+                .pods
+                .values()
+                .filter(|p| !p.ips.is_empty())
+                .map(|p| {
+                    let local = p.node_name.as_deref() == Some(node.as_str());
+                    let cgroup = attached.get(&crate::reconcile::attach_id(p)).map(|c| c.display().to_string());
+                    EndpointRow {
+                        pod: p.key.name.clone(),
+                        namespace: p.key.namespace.clone(),
+                        ip: p.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+                        node: p.node_name.clone().unwrap_or_default(),
+                        splice: local && inner.splice_enabled && p.splice && cgroup.is_some(),
+                        cgroup,
+                        local,
+                    }
+                })
+                .collect();
+            ok(rows)
+        }
+        Request::SpliceStats => match inner.datapath.as_ref().map(|d| d.splice_stats()) {
+            Some(Ok(s)) => ok(s),
+            Some(Err(e)) => Response::Error { message: format!("reading splice stats: {e:#}") },
+            None => Response::Error { message: "datapath is shut down".into() },
+        },
+        Request::SetSplice { enabled } => match inner.datapath.as_ref().map(|d| d.set_splice_enabled(enabled)) {
+            Some(Ok(())) => {
+                inner.splice_enabled = enabled;
+                tracing::info!(enabled, "splice switched");
+                ok(enabled)
+            }
+            Some(Err(e)) => Response::Error { message: format!("switching splice: {e:#}") },
+            None => Response::Error { message: "datapath is shut down".into() },
+        },
+        Request::Metrics => {
+            drop(inner);
+            ok(crate::metrics::render(shared))
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The datapath reconciler: computes what the kernel maps and attachments should hold for
+//! this node from State, diffs it against what the datapath reports, and applies the
+//! difference. Reading back the datapath (not a cached copy) makes a restarted agent that
+//! adopted pinned state converge the same way.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use comb_datapath::{Datapath, EndpointInfo};
+use comb_model::{Pod, State};
+
+/// What this node's datapath should hold.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Local pod address → splice allowed.
+    pub endpoints: BTreeMap<IpAddr, bool>,
+    /// Attachment id → pod cgroup relative to the cgroup root.
+    pub cgroups: BTreeMap<String, PathBuf>,
+}
+
+/// The attachment id of a pod: stable, filename-safe.
+pub fn attach_id(pod: &Pod) -> String {
+    format!("{}_{}", pod.key.namespace, pod.key.name)
+}
+
+pub fn desired(state: &State, node: &str) -> Desired {
+    let mut d = Desired::default();
+    for pod in state.local_pods(node) {
+        for ip in &pod.ips {
+            d.endpoints.insert(*ip, pod.splice);
+        }
+        // An opted-out pod gets no sockops at all: its sockets never enter the sockhash.
+        if let (Some(cg), true) = (&pod.cgroup, pod.splice) {
+            d.cgroups.insert(attach_id(pod), PathBuf::from(cg.trim_start_matches('/')));
+        }
+    }
+    d
+}
+
+/// Apply `want` to the datapath; returns the errors met (each step is independent, so one
+/// bad pod does not hold back the others).
+pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
+    let mut errors = Vec::new();
+    let have: BTreeMap<IpAddr, bool> = match dp.endpoints() {
+        Ok(v) => v.into_iter().map(|(ip, info)| (ip, info.splice)).collect(),
+        Err(e) => {
+            errors.push(format!("reading endpoints map: {e:#}"));
+            BTreeMap::new()
+        }
+    };
+    // Add and update before removing, so a pod that moves address is never absent.
+    for (ip, splice) in &want.endpoints {
+        if have.get(ip) != Some(splice) {
+            if let Err(e) = dp.upsert_endpoint(*ip, EndpointInfo { splice: *splice }) {
+                errors.push(format!("endpoint {ip}: {e:#}"));
+            }
+        }
+    }
+    for ip in have.keys().filter(|ip| !want.endpoints.contains_key(ip)) {
+        if let Err(e) = dp.remove_endpoint(*ip) {
+            errors.push(format!("removing endpoint {ip}: {e:#}"));
+        }
+    }
+    let attached: BTreeMap<String, PathBuf> = dp.attached().into_iter().collect();
+    for (id, cg) in &want.cgroups {
+        if attached.get(id) != Some(cg) {
+            if let Err(e) = dp.attach_cgroup(id, cg) {
+                errors.push(format!("attaching {id} to cgroup {}: {e:#}", cg.display()));
+            }
+        }
+    }
+    for id in attached.keys().filter(|id| !want.cgroups.contains_key(*id)) {
+        if let Err(e) = dp.detach_cgroup(id) {
+            errors.push(format!("detaching {id}: {e:#}"));
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comb_model::{ObjKey, Snapshot};
+    use std::collections::BTreeMap;
+
+    fn pod(name: &str, node: &str, ip: &str, splice: bool) -> Pod {
+        Pod {
+            key: ObjKey::new("default", name),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            node_name: Some(node.into()),
+            service_account: "default".into(),
+            ips: vec![ip.parse().unwrap()],
+            cgroup: Some(format!("/lab/{name}")),
+            splice,
+        }
+    }
+
+    fn state(pods: Vec<Pod>) -> State {
+        let mut snap = Snapshot::default();
+        for p in pods {
+            snap.pods.insert(p.key.clone(), p);
+        }
+        let mut s = State::new();
+        s.replace(snap);
+        s
+    }
+
+    #[test]
+    fn only_local_pods_are_desired() {
+        let s = state(vec![pod("a", "n1", "198.18.1.2", true), pod("b", "n2", "198.18.2.2", true)]);
+        let d = desired(&s, "n1");
+        assert_eq!(d.endpoints.keys().map(|i| i.to_string()).collect::<Vec<_>>(), ["198.18.1.2"]);
+        assert_eq!(d.cgroups.get("default_a"), Some(&PathBuf::from("lab/a")));
+        assert!(!d.cgroups.contains_key("default_b"));
+    }
+
+    #[test]
+    fn opted_out_pod_is_an_endpoint_without_sockops() {
+        let s = state(vec![pod("a", "n1", "198.18.1.2", false)]);
+        let d = desired(&s, "n1");
+        assert_eq!(d.endpoints.get(&"198.18.1.2".parse().unwrap()), Some(&false));
+        assert!(d.cgroups.is_empty());
+    }
+
+    #[test]
+    fn pod_without_address_is_ignored() {
+        let mut p = pod("a", "n1", "198.18.1.2", true);
+        p.ips.clear();
+        let d = desired(&state(vec![p]), "n1");
+        assert_eq!(d, Desired::default());
+    }
+}

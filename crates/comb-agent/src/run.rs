@@ -1,0 +1,152 @@
+//! combd's life: load the datapath, then apply manifest snapshots until told to stop.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use comb_datapath::{Datapath, DatapathOptions, host};
+use comb_model::State;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::args::{Args, LogFormat, OnOff};
+use crate::shared::{Inner, Shared};
+use crate::source::{self, SourceUpdate};
+use crate::{admin, metrics, reconcile};
+
+/// Entry point of the `combd` binary.
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("combd failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    host::ensure_bpffs()?;
+    let cgroup_root = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => host::cgroup2_mount()?,
+    };
+    let datapath = Datapath::load(DatapathOptions { pin_dir: args.pin_dir(), cgroup_root })
+        .context("loading the datapath")?;
+    let splice_enabled = args.splice == OnOff::On;
+    datapath.set_splice_enabled(splice_enabled)?;
+    tracing::info!(node = %args.node, pin_dir = %args.pin_dir().display(), "datapath loaded");
+
+    let admin_path = args.admin_socket();
+    let shared = Arc::new(Shared {
+        args: args.clone(),
+        started: Instant::now(),
+        inner: Mutex::new(Inner {
+            state: State::new(),
+            datapath: Some(datapath),
+            applied_generation: 0,
+            splice_enabled,
+            config_errors: Vec::new(),
+            datapath_errors: Vec::new(),
+            config_reloads: 0,
+            config_rejects: 0,
+        }),
+    });
+    let result = serve(&shared).await;
+    let _ = std::fs::remove_file(&admin_path);
+    let dp = shared.inner.lock().expect("agent lock poisoned").datapath.take();
+    if let Some(dp) = dp {
+        dp.shutdown(args.keep_pins).context("shutting the datapath down")?;
+        tracing::info!(keep_pins = args.keep_pins, "datapath shut down");
+    }
+    result
+}
+
+async fn serve(shared: &Arc<Shared>) -> Result<()> {
+    let args = &shared.args;
+    let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    let admin_listener = admin::bind(&args.admin_socket())?;
+    tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
+    tokio::spawn(admin::serve(admin_listener, shared.clone()));
+
+    let (tx, mut rx) = mpsc::channel::<SourceUpdate>(4);
+    tokio::spawn(source::watch(args.manifests.clone(), Duration::from_millis(args.poll_ms), tx));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut resync = tokio::time::interval(Duration::from_secs(2));
+    tracing::info!(admin = %args.admin_socket().display(), metrics = %args.metrics_addr, "combd ready");
+    loop {
+        tokio::select! {
+            Some(update) = rx.recv() => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || apply_update(&shared, update)).await?;
+            }
+            _ = resync.tick() => {
+                // Retry a reconcile that met errors (e.g. a pod cgroup that appeared late).
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut inner = shared.inner.lock().expect("agent lock poisoned");
+                    if !inner.datapath_errors.is_empty() {
+                        reconcile_now(&shared.args.node, &mut inner);
+                    }
+                }).await?;
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()); }
+        }
+    }
+}
+
+fn apply_update(shared: &Shared, update: SourceUpdate) {
+    let mut inner = shared.inner.lock().expect("agent lock poisoned");
+    match update {
+        Ok(snapshot) => {
+            inner.config_errors.clear();
+            if inner.state.replace(snapshot) {
+                inner.config_reloads += 1;
+                tracing::info!(generation = inner.state.generation(), "manifests applied");
+                reconcile_now(&shared.args.node, &mut inner);
+            }
+        }
+        Err(errors) => {
+            inner.config_rejects += 1;
+            inner.config_errors = errors.0.iter().map(|e| e.to_string()).collect();
+            for e in &inner.config_errors {
+                tracing::error!(error = %e, generation = inner.state.generation(), "manifests rejected; keeping the last good State");
+            }
+        }
+    }
+}
+
+fn reconcile_now(node: &str, inner: &mut Inner) {
+    let want = reconcile::desired(&inner.state, node);
+    let generation = inner.state.generation();
+    let Some(dp) = inner.datapath.as_mut() else { return };
+    let errors = reconcile::apply(dp, &want);
+    for e in &errors {
+        tracing::warn!(error = %e, generation, "datapath reconcile");
+    }
+    if errors.is_empty() {
+        inner.applied_generation = generation;
+    }
+    inner.datapath_errors = errors;
+}

@@ -1,0 +1,48 @@
+//! The manifests-directory source: notices changes and parses the directory into snapshots.
+//!
+//! Polling a fingerprint (names, sizes, mtimes) is cheap for a directory of manifests and
+//! catches every way an editor or `comb apply` may replace a file.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use comb_config::ConfigErrors;
+use comb_model::Snapshot;
+use tokio::sync::mpsc;
+
+pub type SourceUpdate = Result<Snapshot, ConfigErrors>;
+
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn fingerprint(dir: &Path) -> Option<Fingerprint> {
+    let mut fp: Fingerprint = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.path(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    fp.sort();
+    Some(fp)
+}
+
+/// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes.
+pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
+    let mut last: Option<Option<Fingerprint>> = None;
+    loop {
+        let fp = fingerprint(&dir);
+        if last.as_ref() != Some(&fp) {
+            let d = dir.clone();
+            let update = tokio::task::spawn_blocking(move || comb_config::load_snapshot(&d))
+                .await
+                .expect("manifest loader panicked");
+            // A file may change again while it is read; the next poll sees that.
+            last = Some(fp);
+            if tx.send(update).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,127 @@
+//! Commands that ask a running agent: status, endpoint list, splice stats, metrics.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Subcommand, ValueEnum};
+use comb_agent::api::{EndpointRow, Request, Status};
+use comb_datapath::SpliceStats;
+
+use crate::{Output, Target, client, table};
+
+#[derive(Subcommand)]
+pub enum EndpointCmd {
+    /// Pod, namespace, IP, node, cgroup and whether its local traffic is spliced.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Subcommand)]
+pub enum SpliceCmd {
+    /// Sockets in the sockhash and bytes redirected.
+    Stats,
+    /// Switch the splice for new connections (established ones keep their path).
+    Set { state: OnOff },
+}
+
+fn ask(t: &Target, req: Request) -> Result<serde_json::Value> {
+    let socket = client::resolve(t.node.as_deref(), t.socket.as_deref())?;
+    client::call(&socket, &req)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub fn status(t: &Target) -> Result<ExitCode> {
+    let v = ask(t, Request::Status)?;
+    if t.output == Output::Json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s: Status = serde_json::from_value(v)?;
+    println!("node:            {}", s.node);
+    println!("agent:           combd {} (pid {}, up {}s)", s.version, s.pid, s.uptime_secs);
+    println!("manifests:       {}", s.manifests);
+    println!("pins:            {}", s.pin_dir);
+    println!("generation:      {} (datapath applied {})", s.generation, s.applied_generation);
+    println!("local endpoints: {}", s.local_endpoints);
+    println!("splice:          {}", if s.splice_enabled { "on" } else { "off" });
+    if s.config_errors.is_empty() {
+        println!("config:          ok");
+    } else {
+        println!("config:          REJECTED, running on the last good State (generation {}):", s.generation);
+        for e in &s.config_errors {
+            println!("  - {e}");
+        }
+    }
+    for e in &s.datapath_errors {
+        println!("datapath error:  {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
+    let EndpointCmd::List = cmd;
+    let v = ask(t, Request::Endpoints)?;
+    if t.output == Output::Json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<EndpointRow> = serde_json::from_value(v)?;
+    let cells: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.pod,
+                r.namespace,
+                r.ip,
+                r.node,
+                r.cgroup.unwrap_or_else(|| "-".into()),
+                if r.splice { "on" } else { "off" }.into(),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["POD", "NAMESPACE", "IP", "NODE", "CGROUP", "SPLICE"], &cells));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
+    match cmd {
+        SpliceCmd::Stats => {
+            let v = ask(t, Request::SpliceStats)?;
+            if t.output == Output::Json {
+                print_json(&v);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let s: SpliceStats = serde_json::from_value(v)?;
+            let rows = vec![
+                vec!["sockets in sockhash".into(), s.sockets.to_string()],
+                vec!["sockets added (total)".into(), s.sockets_added.to_string()],
+                vec!["socket add failures".into(), s.add_failures.to_string()],
+                vec!["bytes redirected".into(), s.redirected_bytes.to_string()],
+                vec!["sends redirected".into(), s.redirected_msgs.to_string()],
+                vec!["bytes over TCP (peer not spliced)".into(), s.passed_bytes.to_string()],
+                vec!["sends over TCP".into(), s.passed_msgs.to_string()],
+            ];
+            print!("{}", table::render(&["SPLICE", "VALUE"], &rows));
+        }
+        SpliceCmd::Set { state } => {
+            let enabled = matches!(state, OnOff::On);
+            ask(t, Request::SetSplice { enabled })?;
+            println!("splice {} for new connections", if enabled { "on" } else { "off" });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn metrics(t: &Target) -> Result<ExitCode> {
+    let v = ask(t, Request::Metrics)?;
+    print!("{}", v.as_str().unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}

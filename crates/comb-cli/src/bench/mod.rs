@@ -1,0 +1,48 @@
+//! `comb bench`: each scenario builds its own lab, runs the baseline and Comb's path
+//! interleaved, and reports medians and ratios measured in the same run.
+
+mod report;
+mod splice;
+mod tools;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+pub use report::{Metric, Report};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct Common {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Baseline/Comb pairs to run (interleaved; at least 5 for figures you quote).
+    #[arg(long, default_value = "5")]
+    pub pairs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value = "3")]
+    pub secs: u32,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Local pod-to-pod TCP: plain TCP over veths (baseline) against the socket splice.
+    Splice(Common),
+}
+
+pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
+    comb_lab::install_signal_cleanup();
+    let (common, report) = match cmd {
+        BenchCmd::Splice(c) => {
+            let r = splice::run(&c)?;
+            (c, r)
+        }
+    };
+    if common.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
