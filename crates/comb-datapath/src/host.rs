@@ -12,7 +12,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// hybrid one. Read from /proc/self/mountinfo, never assumed.
 pub fn cgroup2_mount() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    find_mount(&mounts, "cgroup2").context("no cgroup2 filesystem is mounted (cgroup v2 is required)")
+    find_mount(&mounts, "cgroup2")
+        .context("no cgroup2 filesystem is mounted (cgroup v2 is required)")
 }
 
 /// True when bpffs is mounted at `path`.
@@ -55,7 +56,10 @@ fn unescape_mount_path(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;
@@ -78,13 +82,19 @@ mod tests {
 
     #[test]
     fn finds_hybrid_cgroup2_mount() {
-        assert_eq!(find_mount(HYBRID, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            find_mount(HYBRID, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn finds_unified_cgroup2_mount() {
         let m = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
-        assert_eq!(find_mount(m, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            find_mount(m, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]

@@ -2,3 +2,19 @@
 //! loaded, attached and pinned under bpffs; typed access to their maps.
 
 pub mod host;
+pub mod maps;
+mod splice;
+mod sys;
+
+pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/splice.skel.rs"));
+}

@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Types shared between the BPF programs and userspace. Every struct here has a
+ * #[repr(C)] twin in crates/comb-datapath/src/maps.rs, checked against this
+ * object's BTF by a unit test: change both together. Maps are pinned and
+ * adopted across agent restarts, so sizes are part of the on-node ABI; the
+ * reserved fields leave room to grow without re-creating maps.
+ */
+#ifndef COMB_TYPES_H
+#define COMB_TYPES_H
+
+#include <linux/types.h>
+
+/* Addresses are 16 bytes in network order; IPv4 is stored v4-mapped
+ * (::ffff:a.b.c.d), so one layout serves both families. */
+struct comb_addr {
+	__u32 a[4];
+};
+
+/* One TCP socket, seen from its own side. Ports are in host order.
+ * family is the family of the addresses (AF_INET for v4-mapped ones), not
+ * of the socket, so a dual-stack AF_INET6 socket talking to ::ffff:x and the
+ * AF_INET peer socket compute matching keys. */
+struct comb_sock_key {
+	struct comb_addr local_ip;
+	struct comb_addr remote_ip;
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 family;
+};
+
+/* comb_endpoints: key struct comb_addr, value: */
+#define COMB_EP_F_SPLICE (1U << 0)
+struct comb_endpoint_info {
+	__u32 flags;
+	__u32 reserved;
+};
+
+/* comb_config: ARRAY with a single entry at index 0. */
+#define COMB_CFG_F_SPLICE (1U << 0)
+struct comb_config {
+	__u32 flags;
+	__u32 reserved[3];
+};
+
+/* comb_splice_stats: PERCPU_ARRAY with a single entry at index 0. */
+struct comb_splice_stats {
+	__u64 redirected_msgs;
+	__u64 redirected_bytes;
+	__u64 passed_msgs;
+	__u64 passed_bytes;
+	__u64 sockets_added;
+	__u64 add_failures;
+	/* Could not record a socket as TCP-first (no memory); should stay 0. */
+	__u64 sticky_failures;
+	/* Sockhash members that reached TCP_CLOSE. */
+	__u64 sockets_closed;
+};
+
+#define COMB_MAX_ENDPOINTS 16384
+#define COMB_MAX_SPLICED_SOCKS 65536
+
+#endif /* COMB_TYPES_H */

@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Local splice logic; entry points are in splice.c. */
+#ifndef COMB_SPLICE_H
+#define COMB_SPLICE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "comb_types.h"
+#include "maps.h"
+#include "sock_key.h"
+
+/* Counter indices into struct comb_splice_stats, as u64 offsets. */
+#define COMB_STAT(field) (__builtin_offsetof(struct comb_splice_stats, field) / sizeof(__u64))
+
+static __always_inline void comb_stat_add(__u32 idx, __u64 v)
+{
+	__u32 zero = 0;
+	__u64 *s = bpf_map_lookup_elem(&comb_splice_stats, &zero);
+
+	/* Atomic even though per-CPU: two programs can interleave on one CPU. */
+	if (s && idx < sizeof(struct comb_splice_stats) / sizeof(__u64))
+		__sync_fetch_and_add(&s[idx], v);
+}
+
+static __always_inline int comb_splice_enabled(void)
+{
+	__u32 zero = 0;
+	struct comb_config *cfg = bpf_map_lookup_elem(&comb_config, &zero);
+
+	return cfg && (cfg->flags & COMB_CFG_F_SPLICE);
+}
+
+static __always_inline int comb_endpoint_splices(const struct comb_addr *a)
+{
+	struct comb_endpoint_info *ep = bpf_map_lookup_elem(&comb_endpoints, a);
+
+	return ep && (ep->flags & COMB_EP_F_SPLICE);
+}
+
+/* sockops runs only in local pods' cgroups, so the local side is a local pod;
+ * the connection is local<->local when the remote address is one too. */
+static __always_inline void comb_sockops_established(struct bpf_sock_ops *skops)
+{
+	struct comb_sock_key key;
+
+	if (!comb_splice_enabled())
+		return;
+	if (comb_sock_key_from_ops(&key, skops) < 0)
+		return;
+	if (!comb_endpoint_splices(&key.remote_ip))
+		return;
+	if (bpf_sock_hash_update(skops, &comb_sock_hash, &key, BPF_ANY) != 0) {
+		comb_stat_add(COMB_STAT(add_failures), 1);
+		return;
+	}
+	comb_stat_add(COMB_STAT(sockets_added), 1);
+	/* Ask for the state callback so the TCP-first mark is freed on close. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void comb_sockops_state(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk;
+
+	/* args[1] is the new state. The kernel drops the socket from the
+	 * sockhash itself; we count the close and free the TCP-first mark now
+	 * rather than when the socket is finally freed. */
+	if (skops->args[1] != BPF_TCP_CLOSE)
+		return;
+	comb_stat_add(COMB_STAT(sockets_closed), 1);
+	sk = skops->sk;
+	if (sk)
+		bpf_sk_storage_delete(&comb_splice_tcp_first, sk);
+}
+
+/* Verdict for one sendmsg on a sockhash member. Always SK_PASS: either the
+ * redirect set up by bpf_msg_redirect_hash or plain TCP. */
+static __always_inline int comb_msg_verdict(struct sk_msg_md *msg)
+{
+	struct comb_sock_key peer;
+	struct bpf_sock *sk = msg->sk;
+	__u64 size = msg->size;
+	__u8 *mark;
+
+	if (!sk)
+		goto pass;
+	if (bpf_sk_storage_get(&comb_splice_tcp_first, sk, 0, 0))
+		goto pass;
+	if (comb_peer_key_from_msg(&peer, msg) < 0)
+		goto pass_first;
+	if (bpf_msg_redirect_hash(msg, &comb_sock_hash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		comb_stat_add(COMB_STAT(redirected_msgs), 1);
+		comb_stat_add(COMB_STAT(redirected_bytes), size);
+		return SK_PASS;
+	}
+pass_first:
+	/* First byte over TCP: stick to TCP for the life of this socket. */
+	mark = bpf_sk_storage_get(&comb_splice_tcp_first, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mark)
+		*mark = 1;
+	else
+		comb_stat_add(COMB_STAT(sticky_failures), 1);
+pass:
+	comb_stat_add(COMB_STAT(passed_msgs), 1);
+	comb_stat_add(COMB_STAT(passed_bytes), size);
+	return SK_PASS;
+}
+
+#endif /* COMB_SPLICE_H */
