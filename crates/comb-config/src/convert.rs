@@ -158,6 +158,11 @@ pub(crate) fn pod(o: &core::Pod, key: model::ObjKey, s: &mut Sink<'_>) -> Option
 fn port_number(v: i32, field: &str, s: &mut Sink<'_>) -> u16 {
     match u16::try_from(v) {
         Ok(p) if p != 0 => p,
+        // k8s-openapi turns a missing required port into 0.
+        _ if v == 0 => {
+            s.field(field, "required: a port in 1..=65535");
+            0
+        }
         _ => {
             s.field(field, format!("{v} is not a valid port (1..=65535)"));
             0
@@ -425,4 +430,362 @@ pub(crate) fn endpoint_slice(
             endpoints,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use comb_model::{ObjKey, Protocol, TargetPort};
+
+    fn svc_ok(spec: &str) -> model::Service {
+        let snap = load(&service_yaml(spec)).unwrap_or_else(|e| panic!("{e}"));
+        snap.services[&ObjKey::new("apps", "web")].clone()
+    }
+
+    fn slice_ok(body: &str) -> model::EndpointSlice {
+        let snap = load(&slice_yaml(body)).unwrap_or_else(|e| panic!("{e}"));
+        snap.endpoint_slices[&ObjKey::new("apps", "web-1")].clone()
+    }
+
+    #[test]
+    fn node_cidrs_parse() {
+        let snap = load(NODE_A).unwrap();
+        assert_eq!(
+            snap.nodes["node-a"].pod_cidrs,
+            ["198.18.1.0/24".parse::<IpNet>().unwrap()]
+        );
+        let e = one_error(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDRs: [10.0.0.0/8, bogus]}\n",
+            1,
+            Some("spec.podCIDRs[1]"),
+        );
+        assert!(e.message.contains("not a valid CIDR"), "{e}");
+    }
+
+    #[test]
+    fn pod_defaults_and_annotations() {
+        let text = pod_yaml(
+            "p",
+            "198.18.1.2",
+            "comb.dev/splice: \"off\", comb.dev/cgroup: comb-lab-x/node-a/apps_p",
+        );
+        let snap = load(&text).unwrap();
+        let p = &snap.pods[&ObjKey::new("apps", "p")];
+        assert!(!p.splice);
+        assert_eq!(p.cgroup.as_deref(), Some("comb-lab-x/node-a/apps_p"));
+        assert_eq!(p.service_account, "default");
+        assert_eq!(p.node_name.as_deref(), Some("node-a"));
+        assert_eq!(p.ips, ["198.18.1.2".parse::<IpAddr>().unwrap()]);
+        for (v, want) in [("on", true), ("true", true), ("false", false)] {
+            let snap = load(&pod_yaml(
+                "p",
+                "198.18.1.2",
+                &format!("comb.dev/splice: \"{v}\""),
+            ))
+            .unwrap();
+            assert_eq!(snap.pods[&ObjKey::new("apps", "p")].splice, want, "{v}");
+        }
+    }
+
+    #[test]
+    fn pod_bad_splice_annotation() {
+        let e = one_error(
+            &pod_yaml("p", "198.18.1.2", "comb.dev/splice: maybe"),
+            1,
+            Some("metadata.annotations[\"comb.dev/splice\"]"),
+        );
+        assert!(e.message.contains("on, off, true, false"), "{e}");
+    }
+
+    #[test]
+    fn pod_bad_ip() {
+        let e = one_error(
+            &pod_yaml("p", "198.18.1.300", ""),
+            1,
+            Some("status.podIPs[0].ip"),
+        );
+        assert!(e.message.contains("not a valid IP"), "{e}");
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n";
+        one_error(text, 1, Some("status.podIP"));
+    }
+
+    #[test]
+    fn pod_ip_must_match_first_pod_ips() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.2}]}\n";
+        one_error(text, 1, Some("status.podIP"));
+    }
+
+    #[test]
+    fn pod_without_status_has_no_ips() {
+        let snap = load("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [], serviceAccountName: sa}\n").unwrap();
+        let p = &snap.pods[&ObjKey::new("default", "p")];
+        assert!(p.ips.is_empty());
+        assert_eq!(p.service_account, "sa");
+        assert!(p.splice);
+    }
+
+    #[test]
+    fn service_defaults() {
+        let s = svc_ok("  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n");
+        assert_eq!(s.cluster_ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(80));
+        assert_eq!(s.affinity_timeout_secs, None);
+        assert!(!s.internal_local);
+    }
+
+    #[test]
+    fn service_full() {
+        let s = svc_ok(
+            "  clusterIPs: [10.96.0.10, fd00::10]\n  ports:\n  - {name: http, port: 80, targetPort: web, protocol: TCP}\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n  sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n",
+        );
+        assert_eq!(s.cluster_ips.len(), 2);
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("web".into()));
+        assert_eq!(s.ports[1].target_port, TargetPort::Number(5353));
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        assert_eq!(s.affinity_timeout_secs, Some(DEFAULT_AFFINITY_TIMEOUT_SECS));
+        assert!(s.internal_local);
+        let s = svc_ok(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        );
+        assert_eq!(s.affinity_timeout_secs, Some(60));
+    }
+
+    #[test]
+    fn service_headless() {
+        assert!(
+            svc_ok("  clusterIP: None\n  ports: [{port: 80}]\n")
+                .cluster_ips
+                .is_empty()
+        );
+        assert!(
+            svc_ok("  clusterIP: None\n  clusterIPs: [None]\n")
+                .cluster_ips
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn service_port_out_of_range() {
+        let e = one_error(
+            &service_yaml("  ports: [{port: 70000}]\n"),
+            1,
+            Some("spec.ports[0].port"),
+        );
+        assert!(e.message.contains("70000 is not a valid port"), "{e}");
+        one_error(
+            &service_yaml("  ports: [{port: 80, targetPort: -1}]\n"),
+            1,
+            Some("spec.ports[0].targetPort"),
+        );
+    }
+
+    #[test]
+    fn service_bad_protocol() {
+        let e = one_error(
+            &service_yaml("  ports: [{port: 80, protocol: tcp}]\n"),
+            1,
+            Some("spec.ports[0].protocol"),
+        );
+        assert!(e.message.contains("TCP, UDP, SCTP"), "{e}");
+    }
+
+    #[test]
+    fn service_bad_target_port_name() {
+        one_error(
+            &service_yaml("  ports: [{port: 80, targetPort: \"8080\"}]\n"),
+            1,
+            Some("spec.ports[0].targetPort"),
+        );
+        one_error(
+            &service_yaml("  ports: [{port: 80, targetPort: Web_Port}]\n"),
+            1,
+            Some("spec.ports[0].targetPort"),
+        );
+    }
+
+    #[test]
+    fn service_port_names_required_and_unique() {
+        one_error(
+            &service_yaml("  ports: [{name: a, port: 80}, {port: 81}]\n"),
+            1,
+            Some("spec.ports[1].name"),
+        );
+        one_error(
+            &service_yaml("  ports: [{name: a, port: 80}, {name: a, port: 81}]\n"),
+            1,
+            Some("spec.ports[1].name"),
+        );
+        one_error(
+            &service_yaml("  ports: [{name: a, port: 80}, {name: b, port: 80}]\n"),
+            1,
+            Some("spec.ports[1].port"),
+        );
+    }
+
+    #[test]
+    fn service_bad_cluster_ips() {
+        let e = one_error(
+            &service_yaml("  clusterIP: 10.96.0.300\n"),
+            1,
+            Some("spec.clusterIP"),
+        );
+        assert!(e.message.contains("not a valid IP"), "{e}");
+        one_error(
+            &service_yaml("  clusterIPs: [10.96.0.1, nope]\n"),
+            1,
+            Some("spec.clusterIPs[1]"),
+        );
+        one_error(
+            &service_yaml("  clusterIPs: [10.96.0.1, 10.96.0.2]\n"),
+            1,
+            Some("spec.clusterIPs[1]"),
+        );
+        one_error(
+            &service_yaml("  clusterIP: 10.96.0.9\n  clusterIPs: [10.96.0.1]\n"),
+            1,
+            Some("spec.clusterIP"),
+        );
+        one_error(
+            &service_yaml("  clusterIPs: [10.96.0.1, None]\n"),
+            1,
+            Some("spec.clusterIPs[1]"),
+        );
+    }
+
+    #[test]
+    fn service_bad_affinity_and_policy() {
+        one_error(
+            &service_yaml("  sessionAffinity: Sticky\n"),
+            1,
+            Some("spec.sessionAffinity"),
+        );
+        one_error(
+            &service_yaml(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+            ),
+            1,
+            Some("spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+        );
+        one_error(
+            &service_yaml("  internalTrafficPolicy: Nearby\n"),
+            1,
+            Some("spec.internalTrafficPolicy"),
+        );
+    }
+
+    #[test]
+    fn service_errors_are_all_collected() {
+        let errs = errors(&service_yaml(
+            "  clusterIP: x\n  ports: [{port: 0, protocol: ICMP}]\n  internalTrafficPolicy: y\n",
+        ));
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+    }
+
+    #[test]
+    fn slice_conditions_default() {
+        let s = slice_ok(
+            "addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [198.18.1.2]\n  nodeName: node-a\n- addresses: [198.18.1.3]\n  conditions: {ready: false}\n- addresses: [198.18.1.4]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+        );
+        assert_eq!(s.service_name, "web");
+        assert_eq!(
+            s.ports,
+            [model::EndpointPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 8080
+            }]
+        );
+        let e = &s.endpoints;
+        assert_eq!(
+            (e[0].ready, e[0].serving, e[0].terminating),
+            (true, true, false)
+        );
+        assert_eq!(e[0].node_name.as_deref(), Some("node-a"));
+        assert_eq!(
+            (e[1].ready, e[1].serving, e[1].terminating),
+            (false, false, false)
+        );
+        assert_eq!(
+            (e[2].ready, e[2].serving, e[2].terminating),
+            (false, true, true)
+        );
+    }
+
+    #[test]
+    fn slice_ipv6() {
+        let s = slice_ok("addressType: IPv6\nendpoints: [{addresses: [\"fd00::2\"]}]\n");
+        assert!(s.endpoints[0].addresses[0].is_ipv6());
+    }
+
+    #[test]
+    fn slice_requires_service_name_label() {
+        let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n";
+        let e = one_error(
+            text,
+            1,
+            Some("metadata.labels[\"kubernetes.io/service-name\"]"),
+        );
+        assert!(e.message.starts_with("required"), "{e}");
+    }
+
+    #[test]
+    fn slice_bad_address_type() {
+        let e = one_error(
+            &slice_yaml("addressType: FQDN\nendpoints: []\n"),
+            1,
+            Some("addressType"),
+        );
+        assert!(e.message.contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn slice_address_family_mismatch() {
+        let e = one_error(
+            &slice_yaml("addressType: IPv4\nendpoints: [{addresses: [\"fd00::2\"]}]\n"),
+            1,
+            Some("endpoints[0].addresses[0]"),
+        );
+        assert!(e.message.contains("does not match addressType IPv4"), "{e}");
+        one_error(
+            &slice_yaml("addressType: IPv4\nendpoints: [{addresses: [1.2.3]}]\n"),
+            1,
+            Some("endpoints[0].addresses[0]"),
+        );
+        one_error(
+            &slice_yaml("addressType: IPv4\nendpoints: [{addresses: []}]\n"),
+            1,
+            Some("endpoints[0].addresses"),
+        );
+    }
+
+    #[test]
+    fn slice_bad_ports() {
+        one_error(
+            &slice_yaml("addressType: IPv4\nports: [{name: a}]\nendpoints: []\n"),
+            1,
+            Some("ports[0].port"),
+        );
+        one_error(
+            &slice_yaml("addressType: IPv4\nports: [{port: 99999}]\nendpoints: []\n"),
+            1,
+            Some("ports[0].port"),
+        );
+        one_error(
+            &slice_yaml("addressType: IPv4\nports: [{port: 80, protocol: QUIC}]\nendpoints: []\n"),
+            1,
+            Some("ports[0].protocol"),
+        );
+    }
+
+    #[test]
+    fn port_names() {
+        assert!(is_port_name("http"));
+        assert!(is_port_name("h2-c"));
+        assert!(!is_port_name("8080"));
+        assert!(!is_port_name("-a"));
+        assert!(!is_port_name("a--b"));
+        assert!(!is_port_name("abcdefghijklmnop"));
+    }
 }

@@ -23,3 +23,6 @@ pub use writer::{to_yaml_documents, write_manifest_file};
 
 /// Re-exported so callers build objects with the same k8s-openapi version we parse.
 pub use k8s_openapi;
+
+#[cfg(test)]
+mod test_util;

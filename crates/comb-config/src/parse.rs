@@ -287,3 +287,227 @@ fn type_name(v: &Value) -> &'static str {
         Value::Object(_) => "a mapping",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    #[test]
+    fn broken_yaml_names_document_and_line() {
+        let text = format!("{NODE_A}---\nkind: Pod\nmetadata: [unclosed\n");
+        let e = one_error(&text, 2, None);
+        assert!(e.message.starts_with("invalid YAML"), "{e}");
+        assert!(e.message.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn not_a_mapping() {
+        let e = one_error("- a\n- b\n", 1, None);
+        assert_eq!(e.message, "document is not a mapping");
+        let e = one_error(&format!("{NODE_A}---\njust a string\n"), 2, None);
+        assert_eq!(e.message, "document is not a mapping");
+    }
+
+    #[test]
+    fn empty_documents_are_skipped_but_counted() {
+        let text = format!("---\n# only a comment\n---\n{NODE_A}---\n");
+        let docs = parse_file_text(Path::new(FILE), &text).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].index, 2);
+        assert!(parse_file_text(Path::new(FILE), "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn missing_api_version_and_kind_both_reported() {
+        let errs = errors("metadata: {name: x}\n");
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_deref()).collect();
+        assert_eq!(fields, [Some("apiVersion"), Some("kind")]);
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("m.yaml: document 1: apiVersion: required")
+        );
+    }
+
+    #[test]
+    fn non_string_kind() {
+        let e = one_error(
+            "apiVersion: v1\nkind: 3\nmetadata: {name: x}\n",
+            1,
+            Some("kind"),
+        );
+        assert!(e.message.contains("must be a string"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind() {
+        let e = one_error(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n",
+            1,
+            Some("kind"),
+        );
+        assert!(e.message.contains("unknown kind \"Deployment\""), "{e}");
+    }
+
+    #[test]
+    fn unsupported_api_version() {
+        let e = one_error(
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: x}\n",
+            1,
+            Some("apiVersion"),
+        );
+        assert!(e.message.contains("expected discovery.k8s.io/v1"), "{e}");
+        one_error(
+            "apiVersion: v2\nkind: Pod\nmetadata: {name: x}\n",
+            1,
+            Some("apiVersion"),
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_field_path() {
+        let e = one_error(
+            &service_yaml("  ports: [{port: x}]\n"),
+            1,
+            Some("spec.ports[0].port"),
+        );
+        assert!(
+            e.message
+                .contains("invalid type: string \"x\", expected i32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_required_k8s_field() {
+        // k8s-openapi defaults a missing required scalar, so the range check reports it.
+        let e = one_error(
+            &service_yaml("  ports: [{name: http}]\n"),
+            1,
+            Some("spec.ports[0].port"),
+        );
+        assert!(e.message.contains("required"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_reported() {
+        let text = format!(
+            "{NODE_A}---\n{}",
+            pod_yaml("a", "198.18.1.2", "").replace("nodeName", "nodeNme")
+        );
+        let e = one_error(&text, 2, Some("spec.nodeNme"));
+        assert_eq!(
+            e.to_string(),
+            "m.yaml: document 2: spec.nodeNme: unknown field"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_field() {
+        one_error(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\nspce: {}\n",
+            1,
+            Some("spce"),
+        );
+    }
+
+    #[test]
+    fn missing_name() {
+        one_error(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {labels: {a: b}}\n",
+            1,
+            Some("metadata.name"),
+        );
+        one_error(
+            "apiVersion: v1\nkind: Namespace\n",
+            1,
+            Some("metadata.name"),
+        );
+    }
+
+    #[test]
+    fn yaml_tags_and_complex_keys_refused() {
+        let e = one_error(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: !custom x}\n",
+            1,
+            Some("metadata.name"),
+        );
+        assert!(e.message.contains("tag"), "{e}");
+        one_error(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {? [a]: b}\n",
+            1,
+            Some("metadata"),
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_applied() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n  labels:\n    <<: {team: a}\n    env: prod\n";
+        let snap = load(text).unwrap();
+        assert_eq!(snap.namespaces["x"].labels.len(), 2);
+    }
+
+    #[test]
+    fn errors_in_several_documents_all_reported() {
+        let text = "apiVersion: v1\nkind: Bogus\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [], x: 1}\n";
+        let errs = errors(text);
+        assert_eq!(errs.iter().map(|e| e.document).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn load_dir_reads_yaml_files_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.yml"), pod_yaml("p", "198.18.1.2", "")).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), NODE_A).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
+        std::fs::write(dir.path().join(".hidden.yaml"), "not yaml: [").unwrap();
+        std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+        let docs = load_dir(dir.path()).unwrap();
+        let names: Vec<_> = docs
+            .iter()
+            .map(|d| d.file.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.yaml", "b.yml"]);
+        let snap = crate::load_snapshot(dir.path()).unwrap();
+        assert_eq!(snap.pods.len(), 1);
+        assert_eq!(snap.nodes.len(), 1);
+    }
+
+    #[test]
+    fn load_dir_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), NODE_A).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: Nope\n").unwrap();
+        let errs = load_dir(dir.path()).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs.0[0].file, dir.path().join("b.yaml"));
+        assert!(
+            errs.to_string()
+                .contains("b.yaml: document 1: kind: unknown kind")
+        );
+    }
+
+    #[test]
+    fn load_snapshot_combines_parse_and_build_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{NODE_A}---\n{}", pod_yaml("p", "198.18.9.5", "")),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: Nope\n").unwrap();
+        let errs = crate::load_snapshot(dir.path()).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs}");
+    }
+
+    #[test]
+    fn missing_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let errs = load_dir(&missing).unwrap_err();
+        assert_eq!(errs.0[0].file, missing);
+        assert_eq!(errs.0[0].document, 0);
+        assert!(errs.to_string().contains("cannot read directory"));
+    }
+}

@@ -175,3 +175,118 @@ fn check_pod_cidrs(
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    #[test]
+    fn happy_path_every_kind() {
+        let text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps, labels: {{team: a}}}}\n---\n{NODE_A}---\n{}---\n{}---\n{}",
+            pod_yaml(
+                "web-0",
+                "198.18.1.2",
+                "comb.dev/cgroup: lab/node-a/apps_web-0"
+            ),
+            service_yaml("  clusterIP: 10.96.0.10\n  ports: [{port: 80, targetPort: 8080}]\n"),
+            slice_yaml(
+                "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [198.18.1.2], nodeName: node-a}]\n"
+            ),
+        );
+        let snap = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(snap.namespaces["apps"].labels["team"], "a");
+        assert_eq!(snap.nodes.len(), 1);
+        let key = ObjKey::new("apps", "web-0");
+        assert_eq!(snap.pods[&key].labels["app"], "web");
+        assert_eq!(snap.services[&ObjKey::new("apps", "web")].ports[0].port, 80);
+        assert_eq!(
+            snap.endpoint_slices[&ObjKey::new("apps", "web-1")]
+                .endpoints
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let snap = load("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n").unwrap();
+        assert!(
+            snap.services
+                .contains_key(&ObjKey::new(DEFAULT_NAMESPACE, "s"))
+        );
+        assert!(snap.namespaces.is_empty(), "namespaces need not exist");
+    }
+
+    #[test]
+    fn duplicate_names_both_locations() {
+        let text = format!(
+            "{NODE_A}---\n{}---\n{}",
+            pod_yaml("p", "198.18.1.2", ""),
+            pod_yaml("p", "198.18.1.3", "")
+        );
+        let e = one_error(&text, 3, Some("metadata.name"));
+        assert!(
+            e.message
+                .contains("duplicate Pod apps/p: already defined in m.yaml: document 2"),
+            "{e}"
+        );
+        let e = one_error(&format!("{NODE_A}---\n{NODE_A}"), 2, Some("metadata.name"));
+        assert!(e.message.contains("duplicate Node node-a"), "{e}");
+    }
+
+    #[test]
+    fn same_name_other_kind_or_namespace_is_fine() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: other}\n";
+        let snap = load(text).unwrap();
+        assert_eq!(snap.pods.len(), 2);
+    }
+
+    #[test]
+    fn duplicates_across_files() {
+        let docs_a = crate::parse_file_text(Path::new("a.yaml"), NODE_A).unwrap();
+        let docs_b = crate::parse_file_text(Path::new("b.yaml"), NODE_A).unwrap();
+        let errs = build_snapshot(&[docs_a, docs_b].concat()).unwrap_err();
+        assert_eq!(
+            errs.to_string(),
+            "b.yaml: document 1: metadata.name: duplicate Node node-a: already defined in a.yaml: document 1"
+        );
+    }
+
+    #[test]
+    fn pod_ip_outside_node_cidrs() {
+        // The pod comes first in the file: order must not matter.
+        let text = format!("{}---\n{NODE_A}", pod_yaml("p", "198.18.9.5", ""));
+        let e = one_error(&text, 1, Some("status.podIPs[0].ip"));
+        assert_eq!(
+            e.message,
+            "198.18.9.5 is outside node node-a's pod CIDRs 198.18.1.0/24"
+        );
+    }
+
+    #[test]
+    fn pod_on_unknown_node_or_node_without_cidrs_is_fine() {
+        load(&pod_yaml("p", "203.0.113.7", "")).unwrap();
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\n---\n{}",
+            pod_yaml("p", "203.0.113.7", "")
+        );
+        load(&text).unwrap();
+    }
+
+    #[test]
+    fn programmatic_document_without_name() {
+        let pod = k8s_openapi::api::core::v1::Pod::default();
+        let doc = Document {
+            file: "x".into(),
+            index: 4,
+            object: Object::Pod(pod),
+        };
+        let errs = build_snapshot(&[doc]).unwrap_err();
+        assert_eq!(
+            errs.to_string(),
+            "x: document 4: metadata.name: required field is missing"
+        );
+    }
+}

@@ -40,3 +40,52 @@ pub fn write_manifest_file(path: &Path, objects: &[Object]) -> std::io::Result<(
         let _ = std::fs::remove_file(&tmp);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use crate::{load_dir, parse_file_text};
+
+    fn sample() -> Vec<Object> {
+        let text = format!(
+            "{NODE_A}---\n{}---\n{}---\n{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: apps}}\n",
+            pod_yaml("p", "198.18.1.2", "comb.dev/splice: \"off\""),
+            service_yaml("  clusterIP: None\n  ports: [{port: 80, targetPort: http}]\n"),
+            slice_yaml(
+                "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [198.18.1.2], conditions: {ready: true}}]\n"
+            ),
+        );
+        parse_file_text(Path::new(FILE), &text)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.object)
+            .collect()
+    }
+
+    #[test]
+    fn round_trip() {
+        let objects = sample();
+        let yaml = to_yaml_documents(&objects);
+        let back =
+            parse_file_text(Path::new("out.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let back: Vec<_> = back.into_iter().map(|d| d.object).collect();
+        assert_eq!(back, objects);
+        assert!(to_yaml_documents(&[]).is_empty());
+    }
+
+    #[test]
+    fn write_manifest_file_is_loadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = sample();
+        write_manifest_file(&dir.path().join("lab.yaml"), &objects).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["lab.yaml"], "no temporary file left behind");
+        let docs = load_dir(dir.path()).unwrap();
+        assert_eq!(docs.len(), objects.len());
+        crate::load_snapshot(dir.path()).unwrap();
+    }
+}
