@@ -1,1 +1,510 @@
-//! Comb's lab: nodes and pods as network namespaces, veths and cgroups on one machine
+//! Comb's lab: nodes and pods as network namespaces, veths and cgroups on one machine.
+//!
+//! Built from ordinary Pod manifests (see `spec`), named and addressed as in `naming` (and
+//! docs/architecture.md "Lab layout"). Safety rules: nothing is added to the root network
+//! namespace or root cgroup; everything created is removed by `down`, by `Drop` (also while
+//! unwinding from a panic), by the signal handler of `install_signal_cleanup`, or by
+//! `down_all` after a crash.
+
+mod cgroup;
+pub mod naming;
+mod netns;
+mod process;
+mod spec;
+mod state;
+mod teardown;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub use spec::{PodSpec, parse as parse_manifests};
+pub use state::{AgentOptions, LabNode, LabPod, State};
+pub use teardown::install_signal_cleanup;
+
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    /// `[a-z0-9]{1,8}`; every lab object's name derives from it so labs can coexist.
+    pub name: String,
+    /// Start one combd per node when set.
+    pub agent: Option<AgentOptions>,
+}
+
+/// A running lab. Dropping it tears everything down unless it was `detach`ed or `open`ed.
+#[derive(Debug)]
+pub struct Lab {
+    state: State,
+    /// Drop does nothing when set.
+    detached: bool,
+    /// Processes this handle started, reaped after teardown so they don't linger as zombies.
+    children: Mutex<Vec<u32>>,
+}
+
+const AGENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Lab {
+    /// Build a lab from manifest texts (`(path for error messages, text)`).
+    pub fn up(opts: LabOptions, manifest_texts: &[(PathBuf, String)]) -> Result<Lab> {
+        naming::validate_lab_name(&opts.name)?;
+        let inputs = spec::parse(manifest_texts)?;
+        if inputs.pods.is_empty() {
+            bail!("no Pod in the lab manifests");
+        }
+        let cgroup2 = comb_datapath::host::cgroup2_mount()?;
+        let state = plan(&opts, &inputs.pods, cgroup2)?;
+        teardown::refuse_existing(&opts.name)?;
+        // Registered before the first object exists so a signal mid-build cleans up too.
+        teardown::register(&opts.name);
+        let mut lab = Lab {
+            state,
+            detached: false,
+            children: Mutex::new(Vec::new()),
+        };
+        // On error, `lab` drops here and tears down whatever was built.
+        lab.build(&inputs)?;
+        Ok(lab)
+    }
+
+    /// A handle on a lab built by another process (or earlier); its Drop does nothing.
+    pub fn open(name: &str) -> Result<Lab> {
+        naming::validate_lab_name(name)?;
+        let path = naming::state_dir(name).join("state.json");
+        if !path.exists() {
+            bail!("no lab named {name:?} (no {})", path.display());
+        }
+        let state = State::load(&path)?;
+        Ok(Lab {
+            state,
+            detached: true,
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Keep everything running after this handle goes away (`comb lab up`).
+    pub fn detach(mut self) {
+        self.detached = true;
+        teardown::unregister(&self.state.name);
+    }
+
+    /// Remove everything; errors are collected and reported after trying every step.
+    pub fn down(mut self) -> Result<()> {
+        self.detached = true; // Drop must not repeat it
+        let r = teardown::teardown(&self.state.name);
+        process::reap(&self.children.lock().unwrap());
+        teardown::unregister(&self.state.name);
+        r
+    }
+
+    /// Sweep every lab on the machine (leftovers of crashed runs); returns what was removed.
+    /// Do not call this from tests that run in parallel with other labs.
+    pub fn down_all() -> Result<Vec<String>> {
+        teardown::down_all()
+    }
+
+    /// Names of labs that have a state directory.
+    pub fn list() -> Result<Vec<String>> {
+        teardown::state_dirs()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        naming::state_dir(&self.state.name)
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.state_dir().join("manifests")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.state_dir().join("logs")
+    }
+
+    pub fn nodes(&self) -> &[LabNode] {
+        &self.state.nodes
+    }
+
+    pub fn pods(&self) -> &[LabPod] {
+        &self.state.pods
+    }
+
+    /// `ns/name`, or a bare name when it is unique across namespaces.
+    pub fn pod(&self, name_or_ns_slash_name: &str) -> Result<&LabPod> {
+        let q = name_or_ns_slash_name;
+        let found: Vec<&LabPod> = match q.split_once('/') {
+            Some((ns, name)) => self
+                .state
+                .pods
+                .iter()
+                .filter(|p| p.namespace == ns && p.name == name)
+                .collect(),
+            None => self.state.pods.iter().filter(|p| p.name == q).collect(),
+        };
+        match found[..] {
+            [p] => Ok(p),
+            [] => bail!("lab {}: no pod {q:?}", self.state.name),
+            _ => bail!(
+                "lab {}: pod name {q:?} is ambiguous, use namespace/name",
+                self.state.name
+            ),
+        }
+    }
+
+    fn node(&self, node: &str) -> Result<&LabNode> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("lab {}: no node {node:?}", self.state.name))
+    }
+
+    pub fn node_netns(&self, node: &str) -> Result<String> {
+        Ok(self.node(node)?.netns.clone())
+    }
+
+    pub fn agent_socket(&self, node: &str) -> PathBuf {
+        self.state_dir().join(format!("{node}.sock"))
+    }
+
+    pub fn agent_log(&self, node: &str) -> PathBuf {
+        self.logs_dir().join(format!("combd-{node}.log"))
+    }
+
+    pub fn pod_log(&self, pod: &LabPod) -> PathBuf {
+        self.logs_dir()
+            .join(format!("{}_{}.log", pod.namespace, pod.name))
+    }
+
+    /// A command that runs inside the pod's network namespace and cgroup.
+    pub fn command(&self, pod: &str, program: &str, args: &[&str]) -> Result<Command> {
+        let pod = self.pod(pod)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        process::place(&mut cmd, &pod.netns, &pod.cgroup, false)?;
+        Ok(cmd)
+    }
+
+    /// A command that runs inside the node's network namespace (in cgroup `<node>/_node`).
+    pub fn node_command(&self, node: &str, program: &str, args: &[&str]) -> Result<Command> {
+        let n = self.node(node)?;
+        let cg = n.cgroup.join(naming::NODE_CGROUP);
+        cgroup::create(&self.state.cgroup2, &cg)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        process::place(&mut cmd, &n.netns, &cg, false)?;
+        Ok(cmd)
+    }
+
+    /// Start the node's combd and wait for its admin socket.
+    pub fn start_agent(&self, node: &str) -> Result<()> {
+        let agent = self
+            .state
+            .agent
+            .as_ref()
+            .with_context(|| format!("lab {} has no agent options", self.state.name))?;
+        let n = self.node(node)?;
+        let cg = n.cgroup.join(naming::AGENT_CGROUP);
+        cgroup::create(&self.state.cgroup2, &cg)?;
+        if cgroup::populated(&cg) {
+            bail!("agent of node {node} is already running");
+        }
+        comb_datapath::host::ensure_bpffs()?;
+        let socket = self.agent_socket(node);
+        let _ = std::fs::remove_file(&socket); // stale from a killed agent
+        let log = self.agent_log(node);
+        let mut cmd = Command::new(&agent.combd);
+        cmd.arg("--node").arg(node);
+        cmd.arg("--manifests").arg(self.manifests_dir());
+        cmd.arg("--admin-socket").arg(&socket);
+        cmd.arg("--pin-dir")
+            .arg(naming::pin_dir(&self.state.name, node));
+        cmd.args(&agent.extra_args);
+        let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
+        self.children.lock().unwrap().push(pid);
+        let deadline = Instant::now() + AGENT_SOCKET_TIMEOUT;
+        while !socket.exists() {
+            process::reap(&[pid]);
+            if !cgroup::populated(&cg) {
+                bail!(
+                    "combd for node {node} exited before creating {}; log tail:\n{}",
+                    socket.display(),
+                    process::log_tail(&log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = process::stop_cgroup(&self.state.cgroup2, &cg, Duration::from_secs(1));
+                bail!(
+                    "combd for node {node} did not create {} within {AGENT_SOCKET_TIMEOUT:?}; log tail:\n{}",
+                    socket.display(),
+                    process::log_tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM the node's combd (it detaches its programs), SIGKILL after 5 s.
+    pub fn stop_agent(&self, node: &str) -> Result<()> {
+        let cg = self.node(node)?.cgroup.join(naming::AGENT_CGROUP);
+        process::stop_cgroup(&self.state.cgroup2, &cg, AGENT_STOP_GRACE)?;
+        process::reap(&self.children.lock().unwrap());
+        let _ = std::fs::remove_file(self.agent_socket(node));
+        Ok(())
+    }
+
+    fn build(&mut self, inputs: &spec::Inputs) -> Result<()> {
+        let st = &self.state;
+        let dir = self.state_dir();
+        for d in [dir.clone(), self.manifests_dir(), self.logs_dir()] {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        st.save(&dir.join("state.json"))?;
+        build_network(st)?;
+        for n in &st.nodes {
+            cgroup::create(&st.cgroup2, &n.cgroup)?;
+        }
+        for p in &st.pods {
+            cgroup::create(&st.cgroup2, &p.cgroup)?;
+        }
+        let manifests = self.manifests_dir();
+        state::write_atomic(&manifests.join("nodes.yaml"), &state::nodes_yaml(st)?)?;
+        state::write_atomic(
+            &manifests.join("pods.yaml"),
+            &state::pods_yaml(st, &inputs.pods)?,
+        )?;
+        if !inputs.others.is_empty() {
+            state::write_atomic(
+                &manifests.join("resources.yaml"),
+                &state::others_yaml(&inputs.others)?,
+            )?;
+        }
+        // Agents before pod processes, as on a real node: the datapath is in place before the
+        // first connection.
+        if st.agent.is_some() {
+            for n in &st.nodes {
+                self.start_agent(&n.name)?;
+            }
+        }
+        let mut pids = Vec::new();
+        for (pod, spec) in st.pods.iter().zip(&inputs.pods) {
+            pids.push(self.start_pod_process(pod, spec)?);
+        }
+        for (pod, pid) in self.state.pods.iter_mut().zip(pids) {
+            pod.pid = pid;
+        }
+        self.state.save(&dir.join("state.json"))
+    }
+
+    fn start_pod_process(&self, pod: &LabPod, spec: &PodSpec) -> Result<Option<u32>> {
+        let Some((program, args)) = spec.command.split_first() else {
+            return Ok(None);
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("POD_NAME", &pod.name)
+            .env("POD_NAMESPACE", &pod.namespace)
+            .env("POD_IP", pod.ip.to_string())
+            .env("NODE_NAME", &pod.node)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)));
+        let pid = process::spawn_detached(cmd, &pod.netns, &pod.cgroup, &self.pod_log(pod))
+            .with_context(|| format!("starting the command of pod {}", pod.key()))?;
+        self.children.lock().unwrap().push(pid);
+        Ok(Some(pid))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Err(e) = teardown::teardown(&self.state.name) {
+            eprintln!("comb-lab: tearing down lab {}: {e:#}", self.state.name);
+        }
+        process::reap(&self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        teardown::unregister(&self.state.name);
+    }
+}
+
+/// Decide names, addresses and cgroups for every node and pod; no side effects.
+fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<State> {
+    let lab = &opts.name;
+    let mut nodes: Vec<LabNode> = Vec::new();
+    let mut per_node: Vec<usize> = Vec::new();
+    let mut lab_pods = Vec::new();
+    for p in pods {
+        let k = match nodes.iter().position(|n| n.name == p.node) {
+            Some(i) => i,
+            None => {
+                if nodes.len() == naming::MAX_NODES {
+                    bail!("more than {} nodes", naming::MAX_NODES);
+                }
+                let index = nodes.len() + 1;
+                nodes.push(LabNode {
+                    name: p.node.clone(),
+                    index,
+                    netns: naming::node_netns(lab, &p.node),
+                    pod_cidr: naming::node_cidr(index),
+                    cgroup: cgroup2.join(naming::node_cgroup(lab, &p.node)),
+                    uplink_ip: None,
+                });
+                per_node.push(0);
+                index - 1
+            }
+        };
+        if per_node[k] == naming::MAX_PODS_PER_NODE {
+            bail!(
+                "node {} has more than {} pods",
+                p.node,
+                naming::MAX_PODS_PER_NODE
+            );
+        }
+        let ip = naming::pod_ip(nodes[k].index, per_node[k]);
+        per_node[k] += 1;
+        lab_pods.push(LabPod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            node: p.node.clone(),
+            ip,
+            netns: naming::pod_netns(lab, &p.node, &p.namespace, &p.name),
+            host_veth: naming::host_veth(ip),
+            cgroup: cgroup2.join(naming::pod_cgroup(lab, &p.node, &p.namespace, &p.name)),
+            labels: p.labels.clone(),
+            service_account: p.service_account.clone(),
+            pid: None,
+        });
+    }
+    let router_netns = (nodes.len() > 1).then(|| naming::router_netns(lab));
+    if router_netns.is_some() {
+        for n in &mut nodes {
+            n.uplink_ip = Some(naming::uplink_ip(n.index));
+        }
+    }
+    // Sanitizing and truncation could in theory map two objects onto one namespace.
+    let mut seen = std::collections::BTreeMap::new();
+    let all = nodes
+        .iter()
+        .map(|n| (n.netns.clone(), format!("node {}", n.name)))
+        .chain(
+            lab_pods
+                .iter()
+                .map(|p| (p.netns.clone(), format!("pod {}", p.key()))),
+        )
+        .chain(
+            router_netns
+                .iter()
+                .map(|r| (r.clone(), "the router".to_string())),
+        );
+    for (ns, what) in all {
+        if let Some(prev) = seen.insert(ns.clone(), what.clone()) {
+            bail!("{prev} and {what} would share network namespace {ns}; rename one");
+        }
+    }
+    Ok(State {
+        name: lab.clone(),
+        cgroup2,
+        nodes,
+        pods: lab_pods,
+        router_netns,
+        agent: opts.agent.clone(),
+    })
+}
+
+/// Namespaces, veths, addresses and routes. Pure routing, no bridges: each pod's host veth
+/// carries the gateway address and a /32 route to the pod.
+fn build_network(st: &State) -> Result<()> {
+    // IPv6 off everywhere: the lab is IPv4, and DAD/router solicitations only add noise.
+    const NO_V6: [(&str, &str); 2] = [
+        ("net/ipv6/conf/all/disable_ipv6", "1"),
+        ("net/ipv6/conf/default/disable_ipv6", "1"),
+    ];
+    let routing = [
+        ("net/ipv4/ip_forward", "1"),
+        ("net/ipv4/conf/all/rp_filter", "0"),
+        ("net/ipv4/conf/default/rp_filter", "0"),
+    ];
+    let mut node_ns: Vec<&str> = st.nodes.iter().map(|n| n.netns.as_str()).collect();
+    node_ns.extend(st.router_netns.as_deref());
+    for ns in node_ns {
+        netns::add(ns)?;
+        netns::sysctls(ns, &[&routing[..], &NO_V6[..]].concat())?;
+        netns::ip_batch(ns, &["link set lo up".to_string()])?;
+    }
+    if let Some(router) = &st.router_netns {
+        let r = naming::ROUTER_IP;
+        for n in &st.nodes {
+            let up = n.uplink_ip.expect("uplink set with a router");
+            let rv = naming::router_veth(n.index);
+            netns::ip_batch(
+                &n.netns,
+                &[
+                    format!("link add uplink type veth peer name {rv} netns {router}"),
+                    format!("addr add {up}/32 dev uplink"),
+                    "link set uplink up".into(),
+                    format!("route add {r}/32 dev uplink scope link"),
+                    format!("route add default via {r} dev uplink"),
+                ],
+            )?;
+            netns::ip_batch(
+                router,
+                &[
+                    format!("addr add {r}/32 dev {rv}"),
+                    format!("link set {rv} up"),
+                    format!("route add {up}/32 dev {rv} scope link"),
+                    format!("route add {} via {up} dev {rv}", n.pod_cidr),
+                ],
+            )?;
+        }
+    }
+    for p in &st.pods {
+        let node = st.nodes.iter().find(|n| n.name == p.node).expect("planned");
+        let gw = naming::node_gateway(node.index);
+        netns::add(&p.netns)?;
+        netns::sysctls(&p.netns, &NO_V6)?;
+        netns::ip_batch(
+            &p.netns,
+            &[
+                format!(
+                    "link add eth0 type veth peer name {} netns {}",
+                    p.host_veth, node.netns
+                ),
+                format!("addr add {}/32 dev eth0", p.ip),
+                "link set lo up".into(),
+                "link set eth0 up".into(),
+                format!("route add {gw}/32 dev eth0 scope link"),
+                format!("route add default via {gw} dev eth0"),
+            ],
+        )?;
+        netns::ip_batch(
+            &node.netns,
+            &[
+                format!("addr add {gw}/32 dev {}", p.host_veth),
+                format!("link set {} up", p.host_veth),
+                format!("route add {}/32 dev {} scope link", p.ip, p.host_veth),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Remove lab `name` by name alone, also when its state.json is missing (crashed `up`).
+pub fn teardown(name: &str) -> Result<()> {
+    naming::validate_lab_name(name)?;
+    teardown::teardown(name)
+}
+
+/// For tests and tools: where a lab's state would be.
+pub fn state_dir(name: &str) -> PathBuf {
+    naming::state_dir(name)
+}

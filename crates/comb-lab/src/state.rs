@@ -1,0 +1,165 @@
+//! What a lab is made of, persisted as `state.json` so another process (`comb lab exec`,
+//! `comb lab down`) can use or remove it; and the manifests written for the agents.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, PodIP, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::PodSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOptions {
+    /// Path of the combd binary.
+    pub combd: PathBuf,
+    /// Appended after the flags the lab sets.
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    /// Node-side veth, in the node's namespace.
+    pub host_veth: String,
+    /// Absolute cgroup path.
+    pub cgroup: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// The container command's process, if the pod has one.
+    pub pid: Option<u32>,
+}
+
+impl LabPod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    /// 1-based; the third octet of the node's pod CIDR.
+    pub index: usize,
+    pub netns: String,
+    pub pod_cidr: String,
+    /// Absolute cgroup of the node (pods' parent).
+    pub cgroup: PathBuf,
+    /// 198.18.254.k when there is a router.
+    pub uplink_ip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub name: String,
+    pub cgroup2: PathBuf,
+    pub nodes: Vec<LabNode>,
+    pub pods: Vec<LabPod>,
+    pub router_netns: Option<String>,
+    pub agent: Option<AgentOptions>,
+}
+
+impl State {
+    pub fn load(path: &Path) -> Result<State> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &serde_json::to_string_pretty(self)?)
+    }
+}
+
+/// Write via rename so a watching agent never reads half a file.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn multi_doc<T: Serialize>(objects: &[T]) -> Result<String> {
+    let mut out = String::new();
+    for o in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(o)?);
+    }
+    Ok(out)
+}
+
+/// The Pod manifests as given, plus what a kubelet would report: IPs and phase; and the pod
+/// cgroup (relative to the cgroup2 mount) as annotation `comb.dev/cgroup`.
+pub fn pods_yaml(state: &State, specs: &[PodSpec]) -> Result<String> {
+    let mut pods = Vec::new();
+    for spec in specs {
+        let lab_pod = state
+            .pods
+            .iter()
+            .find(|p| p.key() == spec.key())
+            .context("pod missing from state")?;
+        let mut pod = spec.manifest.clone();
+        pod.metadata.namespace = Some(spec.namespace.clone());
+        let rel = lab_pod
+            .cgroup
+            .strip_prefix(&state.cgroup2)
+            .unwrap_or(&lab_pod.cgroup);
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("comb.dev/cgroup".into(), rel.display().to_string());
+        let ip = lab_pod.ip.to_string();
+        let status = pod.status.get_or_insert_with(PodStatus::default);
+        status.phase = Some("Running".into());
+        status.pod_ip = Some(ip.clone());
+        status.pod_ips = Some(vec![PodIP { ip }]);
+        status.host_ip = state
+            .nodes
+            .iter()
+            .find(|n| n.name == lab_pod.node)
+            .and_then(|n| n.uplink_ip.map(|i| i.to_string()));
+        pods.push(pod);
+    }
+    multi_doc(&pods)
+}
+
+pub fn nodes_yaml(state: &State) -> Result<String> {
+    let nodes: Vec<Node> = state
+        .nodes
+        .iter()
+        .map(|n| Node {
+            metadata: ObjectMeta {
+                name: Some(n.name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/hostname".to_string(),
+                    n.name.clone(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(n.pod_cidr.clone()),
+                pod_cidrs: Some(vec![n.pod_cidr.clone()]),
+                ..Default::default()
+            }),
+            status: n.uplink_ip.map(|ip| NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.to_string(),
+                }]),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    multi_doc(&nodes)
+}
+
+/// Non-Pod input documents, passed through so one file can describe pods and services.
+pub fn others_yaml(others: &[serde_yaml_ng::Value]) -> Result<String> {
+    multi_doc(others)
+}
