@@ -289,4 +289,31 @@ mod tests {
             "x: document 4: metadata.name: required field is missing"
         );
     }
+
+    /// A cheap stable-toolchain stand-in for the fuzz target: every prefix of a realistic
+    /// file, and every single-character mutation of its first lines, must not panic.
+    #[test]
+    fn mangled_input_never_panics() {
+        let text = format!(
+            "{NODE_A}---\n{}---\n{}---\n{}",
+            pod_yaml("web-0", "198.18.1.2", "comb.dev/splice: \"off\""),
+            service_yaml("  clusterIP: 10.96.0.10\n  ports: [{port: 80, targetPort: http}]\n"),
+            slice_yaml(
+                "addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [198.18.1.2]}]\n"
+            ),
+        );
+        for (i, _) in text.char_indices() {
+            let _ = load(&text[..i]);
+        }
+        for (i, _) in text.char_indices().take(200) {
+            for c in [' ', ':', '-', '[', '{', '&', '*', '!', '0', '\n'] {
+                let mut t = text.clone();
+                t.replace_range(
+                    i..i + t[i..].chars().next().unwrap().len_utf8(),
+                    &c.to_string(),
+                );
+                let _ = load(&t);
+            }
+        }
+    }
 }
