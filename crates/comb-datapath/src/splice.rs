@@ -310,6 +310,21 @@ impl Datapath {
             .collect()
     }
 
+    /// Put an established TCP socket of this process into the sockhash, as sockops would for a
+    /// local pod's socket (e.g. for a proxy to splice its two sides). The peer is spliced to it
+    /// once the peer is in the sockhash too; the usual TCP-first rule applies.
+    pub fn splice_socket(&self, sock: &std::net::TcpStream) -> Result<SockKey> {
+        let key = SockKey::new(sock.local_addr()?, sock.peer_addr()?);
+        // With an 8-byte value the kernel reads the fd as a u64.
+        let fd = sock.as_raw_fd() as u64;
+        self.sock_hash
+            .update(key.as_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| {
+                format!("adding {} -> {} to the sockhash", key.local(), key.remote())
+            })?;
+        Ok(key)
+    }
+
     pub fn splice_stats(&self) -> Result<SpliceStats> {
         let mut sum = SpliceStatsValue::default();
         let per_cpu = self
