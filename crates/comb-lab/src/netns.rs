@@ -86,6 +86,39 @@ pub fn list(prefix: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Kill processes whose network namespace is one of `names` (e.g. started by hand with
+/// `ip netns exec`, outside any lab cgroup): deleting the name alone would leave the namespace
+/// alive as long as they run. Lab namespaces only, so this never matches the root namespace.
+pub fn kill_processes_in(names: &[String]) {
+    use std::os::unix::fs::MetadataExt;
+    let inodes: Vec<(u64, u64)> = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(path(n)).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    if inodes.is_empty() {
+        return;
+    }
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in proc_dir.filter_map(|e| e.ok()) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // nsfs inodes: stat of /proc/<pid>/ns/net and of the bind mount compare equal.
+        let Ok(m) = std::fs::metadata(e.path().join("ns/net")) else {
+            continue;
+        };
+        if inodes.contains(&(m.dev(), m.ino())) && pid != std::process::id() as i32 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Run `ip -n <ns> -batch -` with one command per line: one fork for a whole interface setup.
 pub fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     let input = lines.join("\n") + "\n";
@@ -114,6 +147,10 @@ pub fn sysctls(name: &str, settings: &[(&str, &str)]) -> Result<()> {
         setns(&fd, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {ns}"))?;
         for (k, v) in settings {
             let p = Path::new("/proc/sys").join(&k);
+            // A kernel booted with ipv6.disable=1 has no IPv6 sysctls; nothing to turn off.
+            if k.starts_with("net/ipv6/") && !Path::new("/proc/sys/net/ipv6").exists() {
+                continue;
+            }
             std::fs::write(&p, &v)
                 .with_context(|| format!("netns {ns}: writing {v} to {}", p.display()))?;
         }

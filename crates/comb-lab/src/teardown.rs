@@ -60,7 +60,10 @@ pub fn teardown(name: &str) -> Result<()> {
         Err(e) => note(Err(e)),
     }
     match netns::list(&naming::lab_netns_prefix(name)) {
-        Ok(names) => names.iter().for_each(|ns| note(netns::delete(ns))),
+        Ok(names) => {
+            netns::kill_processes_in(&names);
+            names.iter().for_each(|ns| note(netns::delete(ns)));
+        }
         Err(e) => note(Err(e)),
     }
     let prefix = format!("{name}-");
@@ -148,7 +151,9 @@ pub fn down_all() -> Result<Vec<String>> {
         }
     }
     // Whatever matched the sweep patterns without belonging to a recognizable lab.
-    for ns in netns::list(NETNS_PREFIX)? {
+    let stray = netns::list(NETNS_PREFIX)?;
+    netns::kill_processes_in(&stray);
+    for ns in stray {
         match netns::delete(&ns) {
             Ok(()) => removed.push(format!("netns {ns}")),
             Err(e) => errors.push(format!("{e:#}")),

@@ -220,8 +220,20 @@ fn two_nodes_two_pods_each() {
     assert!(Path::new("/run/netns/comb-t2n-n2").exists());
     assert!(Lab::list().unwrap().contains(&name.to_string()));
 
+    // A process put into a lab namespace by hand, outside the lab's cgroups, is killed too.
+    let mut stray = std::process::Command::new("ip")
+        .args(["netns", "exec", "comb-t2n-n1", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    // `ip` execs sleep only after joining the namespace.
+    let comm = format!("/proc/{}/comm", stray.id());
+    while std::fs::read_to_string(&comm).unwrap().trim() != "sleep" {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     lab.down().unwrap();
     assert_eq!(leftovers(name), Vec::<String>::new());
+    assert!(!stray.wait().unwrap().success());
     // Idempotent.
     comb_lab::teardown(name).unwrap();
 }
@@ -367,4 +379,49 @@ fn agents_start_and_stop() {
     let err = Lab::up(opts, &manifests(&[("a", "n1", false)])).unwrap_err();
     assert!(format!("{err:#}").contains("failing on purpose"), "{err:#}");
     assert_eq!(leftovers(name), Vec::<String>::new());
+}
+
+/// Runs only as the child of `signal_tears_down`: builds a lab and waits to be signalled.
+#[test]
+fn signal_child() {
+    if std::env::var("COMB_LAB_SIGNAL_CHILD").is_err() {
+        return;
+    }
+    comb_lab::install_signal_cleanup();
+    let opts = LabOptions {
+        name: "tsig".into(),
+        agent: None,
+    };
+    let _lab = Lab::up(opts, &manifests(&[("a", "n1", true), ("b", "n2", false)])).unwrap();
+    println!("READY");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn signal_tears_down() {
+    use std::io::BufRead;
+    if !privileged() {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "signal_child", "--nocapture", "--test-threads=1"])
+        .env("COMB_LAB_SIGNAL_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("READY"));
+    assert!(ready, "child did not build its lab");
+    assert!(Path::new("/run/netns/comb-tsig-router").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(leftovers("tsig"), Vec::<String>::new());
 }
