@@ -459,6 +459,12 @@ fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent shares the datapath between tasks.
+    const _: () = {
+        const fn send_sync<T: Send + Sync>() {}
+        send_sync::<Datapath>();
+    };
     use crate::maps::{
         MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_STATS, MAP_SPLICE_TCP_FIRST,
     };

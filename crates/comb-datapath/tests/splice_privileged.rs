@@ -13,7 +13,7 @@ use comb_datapath::maps::SockKey;
 use comb_datapath::{Datapath, DatapathOptions, EndpointInfo, host};
 
 const SERVER: &str = r#"
-import socket, threading
+import socket, sys, threading
 def echo(c):
     while True:
         d = c.recv(1 << 16)
@@ -21,9 +21,10 @@ def echo(c):
             break
         c.sendall(d)
     c.close()
-s = socket.socket()
+host = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 0))
+s.bind((host, 0))
 s.listen(16)
 print(s.getsockname()[1], flush=True)
 while True:
@@ -34,7 +35,7 @@ while True:
 // Sends and receives concurrently so 4 MiB cannot deadlock on full buffers.
 const CLIENT: &str = r#"
 import os, socket, sys, threading
-c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
 print("connected", c.getsockname()[1], flush=True)
 sys.stdin.readline()
 for n in (1, 64 << 10, 4 << 20):
@@ -212,10 +213,21 @@ fn bpftool_cgroup_show(cg: &Path) -> String {
 }
 
 #[test]
-fn splice_echo_on_loopback() {
-    if !privileged() {
-        return;
+fn splice_echo_on_loopback_v4() {
+    if privileged() {
+        splice_echo(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
+}
+
+/// The same over ::1: sockops and sk_msg read the IPv6 context fields.
+#[test]
+fn splice_echo_on_loopback_v6() {
+    if privileged() {
+        splice_echo(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+    }
+}
+
+fn splice_echo(lo: IpAddr) {
     host::ensure_bpffs().expect("bpffs");
     let mount = host::cgroup2_mount().expect("cgroup2 mount");
     // Declaration order = reverse drop order: helpers die first, the cgroup goes last.
@@ -230,7 +242,6 @@ fn splice_echo_on_loopback() {
     .expect("loading datapath");
     dp.set_splice_enabled(true).unwrap();
     assert!(dp.splice_enabled().unwrap());
-    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     dp.upsert_endpoint(lo, EndpointInfo { splice: true })
         .unwrap();
     assert_eq!(
@@ -247,9 +258,10 @@ fn splice_echo_on_loopback() {
     assert!(pins.0.join("links/test-pod").exists());
     assert!(bpftool_cgroup_show(&cg.0).contains("sock_ops"));
 
-    let mut server = Helper::spawn(&cg.0, SERVER, &[]);
+    let host = lo.to_string();
+    let mut server = Helper::spawn(&cg.0, SERVER, &[&host]);
     let port: u16 = server.line().trim().parse().expect("server port");
-    let mut client = Helper::spawn(&cg.0, CLIENT, &[&port.to_string()]);
+    let mut client = Helper::spawn(&cg.0, CLIENT, &[&host, &port.to_string()]);
     let line = client.line();
     let cport: u16 = line
         .strip_prefix("connected ")
@@ -275,7 +287,7 @@ fn splice_echo_on_loopback() {
     assert_eq!(client.line(), "done");
 
     let stats = dp.splice_stats().unwrap();
-    eprintln!("splice stats after echo: {stats:?}");
+    eprintln!("splice stats after echo over {lo}: {stats:?}");
     let payload: u64 = 1 + (64 << 10) + (4 << 20);
     assert_eq!(stats.sockets, 2);
     assert_eq!(stats.sockets_added, 2);
