@@ -66,6 +66,7 @@ impl Lab {
         };
         // On error, `lab` drops here and tears down whatever was built.
         lab.build(&inputs)?;
+        tracing::info!(lab = %lab.state.name, nodes = lab.state.nodes.len(), pods = lab.state.pods.len(), "lab up");
         Ok(lab)
     }
 

@@ -75,6 +75,7 @@ pub fn teardown(name: &str) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display())),
         );
     }
+    tracing::info!(lab = name, errors = errors.len(), "lab down");
     if !errors.is_empty() {
         bail!("tearing down lab {name}: {}", errors.join("; "));
     }

@@ -57,6 +57,11 @@ fn manifests(pods: &[(&str, &str, bool)]) -> Vec<(PathBuf, String)> {
     vec![(PathBuf::from("test.yaml"), text)]
 }
 
+/// Remove what a crashed earlier run of the same test left (names are per test).
+fn fresh(name: &str) {
+    comb_lab::teardown(name).unwrap();
+}
+
 fn leftovers(name: &str) -> Vec<String> {
     let mut out = Vec::new();
     let prefix = format!("comb-{name}-");
@@ -132,6 +137,7 @@ fn two_nodes_two_pods_each() {
         return;
     }
     let name = "t2n";
+    fresh(name);
     let opts = LabOptions {
         name: name.into(),
         agent: None,
@@ -244,6 +250,7 @@ fn drop_after_panic_cleans_up() {
         return;
     }
     let name = "tpanic";
+    fresh(name);
     let r = std::panic::catch_unwind(|| {
         let opts = LabOptions {
             name: name.into(),
@@ -263,6 +270,7 @@ fn up_refuses_bad_input_without_leftovers() {
         return;
     }
     let name = "tbad";
+    fresh(name);
     let no_node = vec![(
         PathBuf::from("x.yaml"),
         "kind: Pod\nmetadata: {name: web}\nspec: {containers: []}\n".into(),
@@ -322,6 +330,7 @@ fn agents_start_and_stop() {
         return;
     }
     let name = "tagent";
+    fresh(name);
     let tmp = tempfile::tempdir().unwrap();
     let combd = fake_combd(tmp.path());
     let agent = AgentOptions {
@@ -388,6 +397,7 @@ fn signal_child() {
         return;
     }
     comb_lab::install_signal_cleanup();
+    fresh("tsig");
     let opts = LabOptions {
         name: "tsig".into(),
         agent: None,
