@@ -42,24 +42,12 @@ fn target_dir(a: &FileArgs) -> Result<PathBuf> {
 
 /// (kind, namespace, name) of an object: what apply replaces and delete removes.
 pub fn object_key(o: &Object) -> (String, String, String) {
-    use k8s_openapi::{Metadata, Resource};
-    fn k<T: Resource + Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
-        o: &T,
-    ) -> (String, String, String) {
-        let m = o.metadata();
-        let ns = match T::NAMESPACED {
-            true => m.namespace.clone().unwrap_or_else(|| "default".into()),
-            false => String::new(),
-        };
-        (T::KIND.to_string(), ns, m.name.clone().unwrap_or_default())
-    }
-    match o {
-        Object::Namespace(x) => k(x),
-        Object::Node(x) => k(x),
-        Object::Pod(x) => k(x),
-        Object::Service(x) => k(x),
-        Object::EndpointSlice(x) => k(x),
-    }
+    let m = o.metadata();
+    let ns = match o.is_namespaced() {
+        true => m.namespace.clone().unwrap_or_else(|| "default".into()),
+        false => String::new(),
+    };
+    (o.kind().to_string(), ns, m.name.clone().unwrap_or_default())
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {

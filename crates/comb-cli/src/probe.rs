@@ -98,10 +98,26 @@ fn serve(port: u16, mode: ServerMode) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Read like a poll-driven application: a blocking read that returns EAGAIN without data is
+/// a spurious wakeup and is retried. (A spliced socket's receive path can return EAGAIN on a
+/// blocking socket when a non-data event wakes it; see docs/splice.md.) Counts the retries.
+pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], spurious: &mut u64) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                *spurious += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn echo(mut s: TcpStream) -> std::io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
+    let mut spurious = 0;
     loop {
-        let n = s.read(&mut buf)?;
+        let n = read_retrying(&mut s, &mut buf, &mut spurious)?;
         if n == 0 {
             s.shutdown(Shutdown::Write)?;
             return Ok(());
@@ -112,38 +128,61 @@ fn echo(mut s: TcpStream) -> std::io::Result<()> {
 
 fn reset(mut s: TcpStream) -> std::io::Result<()> {
     let mut buf = [0u8; 10];
-    s.read_exact(&mut buf)?;
+    let (mut got, mut spurious) = (0, 0);
+    while got < buf.len() {
+        match read_retrying(&mut s, &mut buf[got..], &mut spurious)? {
+            0 => return Ok(()),
+            n => got += n,
+        }
+    }
     // SO_LINGER 0: close sends RST instead of FIN.
-    s.set_linger(Some(Duration::ZERO))?;
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })?;
     drop(s);
     Ok(())
 }
 
+/// Reads and never answers; reports each read so a test knows nothing is left unread.
 fn hold(mut s: TcpStream) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
-    while s.read(&mut buf)? > 0 {}
-    Ok(())
+    let mut spurious = 0;
+    loop {
+        let n = read_retrying(&mut s, &mut buf, &mut spurious)?;
+        if n == 0 {
+            return Ok(());
+        }
+        println!("read {n}");
+        std::io::stdout().flush()?;
+    }
 }
 
 /// One connection of `check`: write the payload while a second thread reads the echo.
-fn check_one(to: SocketAddr, payload: Vec<u8>) -> Result<()> {
+fn check_one(to: SocketAddr, payload: Vec<u8>) -> Result<u64> {
     let s = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
     let mut r = s.try_clone()?;
     let want = payload.len();
-    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+    let reader = std::thread::spawn(move || -> std::io::Result<(Vec<u8>, u64)> {
         let mut got = Vec::with_capacity(want);
-        r.read_to_end(&mut got)?;
-        Ok(got)
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut spurious = 0;
+        loop {
+            let n = read_retrying(&mut r, &mut buf, &mut spurious).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("reading the echo after {} bytes: {e}", got.len()))
+            })?;
+            if n == 0 {
+                return Ok((got, spurious));
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
     });
     let mut w = s;
-    w.write_all(&payload)?;
+    w.write_all(&payload).context("writing the payload")?;
     w.shutdown(Shutdown::Write)?;
-    let got = reader.join().expect("reader thread")?;
+    let (got, spurious) = reader.join().expect("reader thread")?;
     if got != payload {
         let first = got.iter().zip(&payload).position(|(a, b)| a != b);
         bail!("echo differs: sent {} bytes, got {} (first difference at {:?})", payload.len(), got.len(), first);
     }
-    Ok(())
+    Ok(spurious)
 }
 
 fn check(to: SocketAddr, conns: usize, sizes: &[usize], seed: u64) -> Result<ExitCode> {
@@ -161,22 +200,26 @@ fn check(to: SocketAddr, conns: usize, sizes: &[usize], seed: u64) -> Result<Exi
         })
         .collect();
     let mut failures = Vec::new();
-    let mut bytes = 0usize;
+    let (mut bytes, mut spurious) = (0usize, 0u64);
     for (i, h) in handles.into_iter().enumerate() {
         match h.join().expect("client thread") {
-            Ok(()) => bytes += sizes[i % sizes.len()],
+            Ok(n) => {
+                bytes += sizes[i % sizes.len()];
+                spurious += n;
+            }
             Err(e) => failures.push(format!("conn {i}: {e:#}")),
         }
     }
     let summary = serde_json::json!({
         "conns": conns, "ok": conns - failures.len(), "bytes_each_way": bytes,
-        "secs": start.elapsed().as_secs_f64(), "failures": failures,
+        "secs": start.elapsed().as_secs_f64(), "spurious_eagain": spurious, "failures": failures,
     });
     println!("{summary}");
     Ok(if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn describe_read(r: std::io::Result<usize>) -> String {
+    // WouldBlock never reaches here: reads go through read_retrying.
     match r {
         Ok(0) => "eof".into(),
         Ok(n) => format!("data:{n}"),
@@ -194,8 +237,9 @@ fn outcome(to: SocketAddr, scenario: Scenario) -> Result<String> {
             s.write_all(&[7u8; 1000])?;
             s.shutdown(Shutdown::Write)?;
             let mut got = Vec::new();
+            let mut spurious = 0;
             let end = loop {
-                match s.read(&mut buf) {
+                match read_retrying(&mut s, &mut buf, &mut spurious) {
                     Ok(0) => break "eof".to_string(),
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                     Err(e) => break describe_read(Err(e)),
@@ -206,7 +250,7 @@ fn outcome(to: SocketAddr, scenario: Scenario) -> Result<String> {
         }
         Scenario::Reset => {
             s.write_all(&[1u8; 10])?;
-            let first = describe_read(s.read(&mut buf));
+            let first = describe_read(read_retrying(&mut s, &mut buf, &mut 0));
             let write_after = match s.write(&[1u8; 10]) {
                 Ok(_) => "write:ok".to_string(),
                 Err(e) => format!("write:{:?}", e.kind()),
@@ -217,7 +261,7 @@ fn outcome(to: SocketAddr, scenario: Scenario) -> Result<String> {
             s.write_all(&[1u8; 10])?;
             println!("waiting");
             std::io::stdout().flush()?;
-            format!("read:{}", describe_read(s.read(&mut buf)))
+            format!("read:{}", describe_read(read_retrying(&mut s, &mut buf, &mut 0)))
         }
     })
 }

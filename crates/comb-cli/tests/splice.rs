@@ -69,7 +69,12 @@ fn outcomes(lab: &comb_lab::Lab) -> Vec<String> {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "waiting");
-        drop(hold); // the server process dies with the connection open
+        // Once the server has read everything, it dies with the connection open.
+        let mut hold = hold;
+        let mut got = String::new();
+        BufReader::new(hold.0.stdout.as_mut().unwrap()).read_line(&mut got).unwrap();
+        assert_eq!(got.trim(), "read 10");
+        drop(hold);
         line.clear();
         r.read_line(&mut line).unwrap();
         assert!(client.wait().unwrap().success());

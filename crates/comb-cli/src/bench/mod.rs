@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 
-pub use report::{Metric, Report};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Common {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use comb_agent::api::{Request, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
