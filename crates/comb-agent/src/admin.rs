@@ -41,9 +41,13 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || handle(&shared, req))
                     .await
-                    .unwrap_or_else(|e| Response::Error { message: format!("handler failed: {e}") })
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("handler failed: {e}"),
+                    })
             }
-            Err(e) => Response::Error { message: format!("bad request: {e}") },
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
         };
         let mut out = serde_json::to_vec(&response).expect("response serializes");
         out.push(b'\n');
@@ -54,7 +58,9 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
 }
 
 fn ok(v: impl serde::Serialize) -> Response {
-    Response::Ok { data: serde_json::to_value(v).expect("serializable") }
+    Response::Ok {
+        data: serde_json::to_value(v).expect("serializable"),
+    }
 }
 
 pub fn handle(shared: &Shared, req: Request) -> Response {
@@ -76,8 +82,11 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
             datapath_errors: inner.datapath_errors.clone(),
         }),
         Request::Endpoints => {
-            let attached: std::collections::BTreeMap<String, std::path::PathBuf> =
-                inner.datapath.as_ref().map(|d| d.attached().into_iter().collect()).unwrap_or_default();
+            let attached: std::collections::BTreeMap<String, std::path::PathBuf> = inner
+                .datapath
+                .as_ref()
+                .map(|d| d.attached().into_iter().collect())
+                .unwrap_or_default();
             let rows: Vec<EndpointRow> = inner
                 .state
                 .snapshot()
@@ -86,11 +95,18 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
                 .filter(|p| !p.ips.is_empty())
                 .map(|p| {
                     let local = p.node_name.as_deref() == Some(node.as_str());
-                    let cgroup = attached.get(&crate::reconcile::attach_id(p)).map(|c| c.display().to_string());
+                    let cgroup = attached
+                        .get(&crate::reconcile::attach_id(p))
+                        .map(|c| c.display().to_string());
                     EndpointRow {
                         pod: p.key.name.clone(),
                         namespace: p.key.namespace.clone(),
-                        ip: p.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+                        ip: p
+                            .ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         node: p.node_name.clone().unwrap_or_default(),
                         splice: local && inner.splice_enabled && p.splice && cgroup.is_some(),
                         cgroup,
@@ -102,17 +118,29 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
         }
         Request::SpliceStats => match inner.datapath.as_ref().map(|d| d.splice_stats()) {
             Some(Ok(s)) => ok(s),
-            Some(Err(e)) => Response::Error { message: format!("reading splice stats: {e:#}") },
-            None => Response::Error { message: "datapath is shut down".into() },
+            Some(Err(e)) => Response::Error {
+                message: format!("reading splice stats: {e:#}"),
+            },
+            None => Response::Error {
+                message: "datapath is shut down".into(),
+            },
         },
-        Request::SetSplice { enabled } => match inner.datapath.as_ref().map(|d| d.set_splice_enabled(enabled)) {
+        Request::SetSplice { enabled } => match inner
+            .datapath
+            .as_ref()
+            .map(|d| d.set_splice_enabled(enabled))
+        {
             Some(Ok(())) => {
                 inner.splice_enabled = enabled;
                 tracing::info!(enabled, "splice switched");
                 ok(enabled)
             }
-            Some(Err(e)) => Response::Error { message: format!("switching splice: {e:#}") },
-            None => Response::Error { message: "datapath is shut down".into() },
+            Some(Err(e)) => Response::Error {
+                message: format!("switching splice: {e:#}"),
+            },
+            None => Response::Error {
+                message: "datapath is shut down".into(),
+            },
         },
         Request::Metrics => {
             drop(inner);

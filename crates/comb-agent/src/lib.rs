@@ -4,8 +4,8 @@
 //! State through its one mutator, and the datapath reconciler makes the kernel match State.
 //! The admin API and `/metrics` only read.
 
-pub mod api;
 mod admin;
+pub mod api;
 mod args;
 mod metrics;
 mod reconcile;

@@ -14,12 +14,16 @@ use tokio::net::TcpListener;
 use crate::shared::Shared;
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics address {addr}"))
 }
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -33,7 +37,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                             .header("content-type", "text/plain; version=0.0.4")
                             .body(Full::new(Bytes::from(body)))
                     } else {
-                        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from("not found\n")))
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from("not found\n")))
                     };
                     Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
                 }
@@ -45,8 +51,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}");
+fn metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    labels: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}"
+    );
 }
 
 /// The exposition text; also served through the admin API (`comb metrics`).
@@ -54,23 +70,138 @@ pub fn render(shared: &Shared) -> String {
     let inner = shared.inner.lock().expect("agent lock poisoned");
     let node = &shared.args.node;
     let mut o = String::new();
-    metric(&mut o, "comb_agent_info", "gauge", "Agent build and node.", &format!("{{node=\"{node}\",version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1);
-    metric(&mut o, "comb_state_generation", "gauge", "Generation of the State in force.", "", inner.state.generation());
-    metric(&mut o, "comb_datapath_applied_generation", "gauge", "Generation the datapath last applied completely.", "", inner.applied_generation);
-    metric(&mut o, "comb_config_reloads_total", "counter", "Manifest changes applied.", "", inner.config_reloads);
-    metric(&mut o, "comb_config_rejected_total", "counter", "Manifest changes rejected; the last good State stayed.", "", inner.config_rejects);
-    metric(&mut o, "comb_config_errors", "gauge", "Errors in the newest manifests.", "", inner.config_errors.len());
-    metric(&mut o, "comb_datapath_errors", "gauge", "Errors of the last datapath reconcile.", "", inner.datapath_errors.len());
-    metric(&mut o, "comb_local_endpoints", "gauge", "Pods of this node with an address.", "", inner.state.local_pods(node).count());
-    metric(&mut o, "comb_splice_enabled", "gauge", "Whether local pod-to-pod splice is on.", "", u8::from(inner.splice_enabled));
+    metric(
+        &mut o,
+        "comb_agent_info",
+        "gauge",
+        "Agent build and node.",
+        &format!(
+            "{{node=\"{node}\",version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        1,
+    );
+    metric(
+        &mut o,
+        "comb_state_generation",
+        "gauge",
+        "Generation of the State in force.",
+        "",
+        inner.state.generation(),
+    );
+    metric(
+        &mut o,
+        "comb_datapath_applied_generation",
+        "gauge",
+        "Generation the datapath last applied completely.",
+        "",
+        inner.applied_generation,
+    );
+    metric(
+        &mut o,
+        "comb_config_reloads_total",
+        "counter",
+        "Manifest changes applied.",
+        "",
+        inner.config_reloads,
+    );
+    metric(
+        &mut o,
+        "comb_config_rejected_total",
+        "counter",
+        "Manifest changes rejected; the last good State stayed.",
+        "",
+        inner.config_rejects,
+    );
+    metric(
+        &mut o,
+        "comb_config_errors",
+        "gauge",
+        "Errors in the newest manifests.",
+        "",
+        inner.config_errors.len(),
+    );
+    metric(
+        &mut o,
+        "comb_datapath_errors",
+        "gauge",
+        "Errors of the last datapath reconcile.",
+        "",
+        inner.datapath_errors.len(),
+    );
+    metric(
+        &mut o,
+        "comb_local_endpoints",
+        "gauge",
+        "Pods of this node with an address.",
+        "",
+        inner.state.local_pods(node).count(),
+    );
+    metric(
+        &mut o,
+        "comb_splice_enabled",
+        "gauge",
+        "Whether local pod-to-pod splice is on.",
+        "",
+        u8::from(inner.splice_enabled),
+    );
     if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice_stats()) {
-        metric(&mut o, "comb_splice_sockets", "gauge", "Sockets in the splice sockhash.", "", s.sockets);
-        metric(&mut o, "comb_splice_redirected_bytes_total", "counter", "Bytes sent socket to socket.", "", s.redirected_bytes);
-        metric(&mut o, "comb_splice_redirected_messages_total", "counter", "Sends redirected socket to socket.", "", s.redirected_msgs);
-        metric(&mut o, "comb_splice_passed_bytes_total", "counter", "Bytes of spliceable sockets sent over TCP (peer not in the map).", "", s.passed_bytes);
-        metric(&mut o, "comb_splice_passed_messages_total", "counter", "Sends of spliceable sockets over TCP.", "", s.passed_msgs);
-        metric(&mut o, "comb_splice_sockets_added_total", "counter", "Sockets added to the sockhash.", "", s.sockets_added);
-        metric(&mut o, "comb_splice_add_failures_total", "counter", "Sockets that could not be added to the sockhash.", "", s.add_failures);
+        metric(
+            &mut o,
+            "comb_splice_sockets",
+            "gauge",
+            "Sockets in the splice sockhash.",
+            "",
+            s.sockets,
+        );
+        metric(
+            &mut o,
+            "comb_splice_redirected_bytes_total",
+            "counter",
+            "Bytes sent socket to socket.",
+            "",
+            s.redirected_bytes,
+        );
+        metric(
+            &mut o,
+            "comb_splice_redirected_messages_total",
+            "counter",
+            "Sends redirected socket to socket.",
+            "",
+            s.redirected_msgs,
+        );
+        metric(
+            &mut o,
+            "comb_splice_passed_bytes_total",
+            "counter",
+            "Bytes of spliceable sockets sent over TCP (peer not in the map).",
+            "",
+            s.passed_bytes,
+        );
+        metric(
+            &mut o,
+            "comb_splice_passed_messages_total",
+            "counter",
+            "Sends of spliceable sockets over TCP.",
+            "",
+            s.passed_msgs,
+        );
+        metric(
+            &mut o,
+            "comb_splice_sockets_added_total",
+            "counter",
+            "Sockets added to the sockhash.",
+            "",
+            s.sockets_added,
+        );
+        metric(
+            &mut o,
+            "comb_splice_add_failures_total",
+            "counter",
+            "Sockets that could not be added to the sockhash.",
+            "",
+            s.add_failures,
+        );
     }
     o
 }

@@ -32,7 +32,8 @@ pub fn desired(state: &State, node: &str) -> Desired {
         }
         // An opted-out pod gets no sockops at all: its sockets never enter the sockhash.
         if let (Some(cg), true) = (&pod.cgroup, pod.splice) {
-            d.cgroups.insert(attach_id(pod), PathBuf::from(cg.trim_start_matches('/')));
+            d.cgroups
+                .insert(attach_id(pod), PathBuf::from(cg.trim_start_matches('/')));
         }
     }
     d
@@ -51,10 +52,10 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
     };
     // Add and update before removing, so a pod that moves address is never absent.
     for (ip, splice) in &want.endpoints {
-        if have.get(ip) != Some(splice) {
-            if let Err(e) = dp.upsert_endpoint(*ip, EndpointInfo { splice: *splice }) {
-                errors.push(format!("endpoint {ip}: {e:#}"));
-            }
+        if have.get(ip) != Some(splice)
+            && let Err(e) = dp.upsert_endpoint(*ip, EndpointInfo { splice: *splice })
+        {
+            errors.push(format!("endpoint {ip}: {e:#}"));
         }
     }
     for ip in have.keys().filter(|ip| !want.endpoints.contains_key(ip)) {
@@ -64,10 +65,10 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
     }
     let attached: BTreeMap<String, PathBuf> = dp.attached().into_iter().collect();
     for (id, cg) in &want.cgroups {
-        if attached.get(id) != Some(cg) {
-            if let Err(e) = dp.attach_cgroup(id, cg) {
-                errors.push(format!("attaching {id} to cgroup {}: {e:#}", cg.display()));
-            }
+        if attached.get(id) != Some(cg)
+            && let Err(e) = dp.attach_cgroup(id, cg)
+        {
+            errors.push(format!("attaching {id} to cgroup {}: {e:#}", cg.display()));
         }
     }
     for id in attached.keys().filter(|id| !want.cgroups.contains_key(*id)) {
@@ -109,9 +110,18 @@ mod tests {
 
     #[test]
     fn only_local_pods_are_desired() {
-        let s = state(vec![pod("a", "n1", "198.18.1.2", true), pod("b", "n2", "198.18.2.2", true)]);
+        let s = state(vec![
+            pod("a", "n1", "198.18.1.2", true),
+            pod("b", "n2", "198.18.2.2", true),
+        ]);
         let d = desired(&s, "n1");
-        assert_eq!(d.endpoints.keys().map(|i| i.to_string()).collect::<Vec<_>>(), ["198.18.1.2"]);
+        assert_eq!(
+            d.endpoints
+                .keys()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>(),
+            ["198.18.1.2"]
+        );
         assert_eq!(d.cgroups.get("default_a"), Some(&PathBuf::from("lab/a")));
         assert!(!d.cgroups.contains_key("default_b"));
     }
@@ -120,7 +130,10 @@ mod tests {
     fn opted_out_pod_is_an_endpoint_without_sockops() {
         let s = state(vec![pod("a", "n1", "198.18.1.2", false)]);
         let d = desired(&s, "n1");
-        assert_eq!(d.endpoints.get(&"198.18.1.2".parse().unwrap()), Some(&false));
+        assert_eq!(
+            d.endpoints.get(&"198.18.1.2".parse().unwrap()),
+            Some(&false)
+        );
         assert!(d.cgroups.is_empty());
     }
 

@@ -36,7 +36,9 @@ pub fn main() -> std::process::ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -49,8 +51,11 @@ pub async fn run(args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => host::cgroup2_mount()?,
     };
-    let datapath = Datapath::load(DatapathOptions { pin_dir: args.pin_dir(), cgroup_root })
-        .context("loading the datapath")?;
+    let datapath = Datapath::load(DatapathOptions {
+        pin_dir: args.pin_dir(),
+        cgroup_root,
+    })
+    .context("loading the datapath")?;
     let splice_enabled = args.splice == OnOff::On;
     datapath.set_splice_enabled(splice_enabled)?;
     tracing::info!(node = %args.node, pin_dir = %args.pin_dir().display(), "datapath loaded");
@@ -72,9 +77,15 @@ pub async fn run(args: Args) -> Result<()> {
     });
     let result = serve(&shared).await;
     let _ = std::fs::remove_file(&admin_path);
-    let dp = shared.inner.lock().expect("agent lock poisoned").datapath.take();
+    let dp = shared
+        .inner
+        .lock()
+        .expect("agent lock poisoned")
+        .datapath
+        .take();
     if let Some(dp) = dp {
-        dp.shutdown(args.keep_pins).context("shutting the datapath down")?;
+        dp.shutdown(args.keep_pins)
+            .context("shutting the datapath down")?;
         tracing::info!(keep_pins = args.keep_pins, "datapath shut down");
     }
     result
@@ -88,7 +99,11 @@ async fn serve(shared: &Arc<Shared>) -> Result<()> {
     tokio::spawn(admin::serve(admin_listener, shared.clone()));
 
     let (tx, mut rx) = mpsc::channel::<SourceUpdate>(4);
-    tokio::spawn(source::watch(args.manifests.clone(), Duration::from_millis(args.poll_ms), tx));
+    tokio::spawn(source::watch(
+        args.manifests.clone(),
+        Duration::from_millis(args.poll_ms),
+        tx,
+    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -140,7 +155,9 @@ fn apply_update(shared: &Shared, update: SourceUpdate) {
 fn reconcile_now(node: &str, inner: &mut Inner) {
     let want = reconcile::desired(&inner.state, node);
     let generation = inner.state.generation();
-    let Some(dp) = inner.datapath.as_mut() else { return };
+    let Some(dp) = inner.datapath.as_mut() else {
+        return;
+    };
     let errors = reconcile::apply(dp, &want);
     for e in &errors {
         tracing::warn!(error = %e, generation, "datapath reconcile");

@@ -46,16 +46,28 @@ pub fn status(t: &Target) -> Result<ExitCode> {
     }
     let s: Status = serde_json::from_value(v)?;
     println!("node:            {}", s.node);
-    println!("agent:           combd {} (pid {}, up {}s)", s.version, s.pid, s.uptime_secs);
+    println!(
+        "agent:           combd {} (pid {}, up {}s)",
+        s.version, s.pid, s.uptime_secs
+    );
     println!("manifests:       {}", s.manifests);
     println!("pins:            {}", s.pin_dir);
-    println!("generation:      {} (datapath applied {})", s.generation, s.applied_generation);
+    println!(
+        "generation:      {} (datapath applied {})",
+        s.generation, s.applied_generation
+    );
     println!("local endpoints: {}", s.local_endpoints);
-    println!("splice:          {}", if s.splice_enabled { "on" } else { "off" });
+    println!(
+        "splice:          {}",
+        if s.splice_enabled { "on" } else { "off" }
+    );
     if s.config_errors.is_empty() {
         println!("config:          ok");
     } else {
-        println!("config:          REJECTED, running on the last good State (generation {}):", s.generation);
+        println!(
+            "config:          REJECTED, running on the last good State (generation {}):",
+            s.generation
+        );
         for e in &s.config_errors {
             println!("  - {e}");
         }
@@ -87,7 +99,13 @@ pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
             ]
         })
         .collect();
-    print!("{}", table::render(&["POD", "NAMESPACE", "IP", "NODE", "CGROUP", "SPLICE"], &cells));
+    print!(
+        "{}",
+        table::render(
+            &["POD", "NAMESPACE", "IP", "NODE", "CGROUP", "SPLICE"],
+            &cells
+        )
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -106,7 +124,10 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
                 vec!["socket add failures".into(), s.add_failures.to_string()],
                 vec!["bytes redirected".into(), s.redirected_bytes.to_string()],
                 vec!["sends redirected".into(), s.redirected_msgs.to_string()],
-                vec!["bytes over TCP (peer not spliced)".into(), s.passed_bytes.to_string()],
+                vec![
+                    "bytes over TCP (peer not spliced)".into(),
+                    s.passed_bytes.to_string(),
+                ],
                 vec!["sends over TCP".into(), s.passed_msgs.to_string()],
             ];
             print!("{}", table::render(&["SPLICE", "VALUE"], &rows));
@@ -114,7 +135,10 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
         SpliceCmd::Set { state } => {
             let enabled = matches!(state, OnOff::On);
             ask(t, Request::SetSplice { enabled })?;
-            println!("splice {} for new connections", if enabled { "on" } else { "off" });
+            println!(
+                "splice {} for new connections",
+                if enabled { "on" } else { "off" }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

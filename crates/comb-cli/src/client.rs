@@ -19,7 +19,11 @@ fn candidate_sockets() -> Vec<(String, PathBuf)> {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "sock") {
-                    let node = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    let node = p
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
                     out.push((node, p));
                 }
             }
@@ -40,7 +44,10 @@ pub fn resolve(node: Option<&str>, socket: Option<&Path>) -> Result<PathBuf> {
         return Ok(s.to_path_buf());
     }
     let all = candidate_sockets();
-    let matching: Vec<_> = all.iter().filter(|(n, _)| node.is_none_or(|want| want == n)).collect();
+    let matching: Vec<_> = all
+        .iter()
+        .filter(|(n, _)| node.is_none_or(|want| want == n))
+        .collect();
     match (matching.as_slice(), node) {
         ([(_, p)], _) => Ok(p.clone()),
         ([], Some(n)) => bail!(
@@ -51,21 +58,29 @@ pub fn resolve(node: Option<&str>, socket: Option<&Path>) -> Result<PathBuf> {
         ),
         (many, _) => bail!(
             "several agents are running ({}); pick one with --node",
-            many.iter().map(|(n, p)| format!("{n} at {}", p.display())).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|(n, p)| format!("{n} at {}", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
 
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!("no agent answers on {} (is combd running?)", socket.display())
+        format!(
+            "no agent answers on {} (is combd running?)",
+            socket.display()
+        )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut resp = String::new();
-    BufReader::new(stream).read_line(&mut resp).context("reading the agent's answer")?;
+    BufReader::new(stream)
+        .read_line(&mut resp)
+        .context("reading the agent's answer")?;
     match serde_json::from_str::<Response>(&resp).context("decoding the agent's answer")? {
         Response::Ok { data } => Ok(data),
         Response::Error { message } => Err(anyhow!("agent: {message}")),

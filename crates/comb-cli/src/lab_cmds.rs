@@ -52,7 +52,10 @@ pub fn combd_path() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the comb binary")?;
     let p = exe.with_file_name("combd");
     if !p.exists() {
-        bail!("combd not found next to {} (build it with `cargo build`)", exe.display());
+        bail!(
+            "combd not found next to {} (build it with `cargo build`)",
+            exe.display()
+        );
     }
     Ok(p)
 }
@@ -63,7 +66,10 @@ fn pick(name: Option<String>) -> Result<Lab> {
         None => match Lab::list()?.as_slice() {
             [one] => one.clone(),
             [] => bail!("no lab is running; create one with `comb lab up FILE`"),
-            many => bail!("several labs are running ({}); pick one with --name", many.join(", ")),
+            many => bail!(
+                "several labs are running ({}); pick one with --name",
+                many.join(", ")
+            ),
         },
     };
     Lab::open(&name)
@@ -73,31 +79,69 @@ pub fn print_pods(lab: &Lab) {
     let rows: Vec<Vec<String>> = lab
         .pods()
         .iter()
-        .map(|p| vec![p.name.clone(), p.namespace.clone(), p.node.clone(), p.ip.to_string(), p.netns.clone()])
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.namespace.clone(),
+                p.node.clone(),
+                p.ip.to_string(),
+                p.netns.clone(),
+            ]
+        })
         .collect();
-    print!("{}", table::render(&["POD", "NAMESPACE", "NODE", "IP", "NETNS"], &rows));
+    print!(
+        "{}",
+        table::render(&["POD", "NAMESPACE", "NODE", "IP", "NETNS"], &rows)
+    );
 }
 
 pub fn run(cmd: LabCmd) -> Result<ExitCode> {
     match cmd {
-        LabCmd::Up { files, name, no_agent, agent_args } => {
+        LabCmd::Up {
+            files,
+            name,
+            no_agent,
+            agent_args,
+        } => {
             let texts = files
                 .iter()
-                .map(|f| Ok((f.clone(), std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)))
+                .map(|f| {
+                    Ok((
+                        f.clone(),
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let agent = if no_agent { None } else { Some(AgentOptions { combd: combd_path()?, extra_args: agent_args }) };
+            let agent = if no_agent {
+                None
+            } else {
+                Some(AgentOptions {
+                    combd: combd_path()?,
+                    extra_args: agent_args,
+                })
+            };
             comb_lab::install_signal_cleanup();
             let lab = Lab::up(LabOptions { name, agent }, &texts)?;
             print_pods(&lab);
-            println!("lab {} is up; manifests in {}", lab.name(), lab.manifests_dir().display());
+            println!(
+                "lab {} is up; manifests in {}",
+                lab.name(),
+                lab.manifests_dir().display()
+            );
             lab.detach();
             Ok(ExitCode::SUCCESS)
         }
         LabCmd::Exec { pod, name, command } => {
             let lab = pick(name)?;
             let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
-            let status = lab.command(&pod, &command[0], &args)?.status().with_context(|| format!("running {}", command[0]))?;
-            Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+            let status = lab
+                .command(&pod, &command[0], &args)?
+                .status()
+                .with_context(|| format!("running {}", command[0]))?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
         }
         LabCmd::Down { name, all } => {
             if all {

@@ -35,7 +35,11 @@ pub struct Target {
 }
 
 #[derive(Parser)]
-#[command(name = "comb", version, about = "Comb: a sidecar-free service mesh with an eBPF datapath")]
+#[command(
+    name = "comb",
+    version,
+    about = "Comb: a sidecar-free service mesh with an eBPF datapath"
+)]
 struct Cli {
     #[command(flatten)]
     target: Target,

@@ -33,7 +33,10 @@ fn target_dir(a: &FileArgs) -> Result<PathBuf> {
             match labs.as_slice() {
                 [one] => one.clone(),
                 [] => bail!("no lab is running; pass --manifests DIR (the directory combd reads)"),
-                many => bail!("several labs are running ({}); pick one with --lab", many.join(", ")),
+                many => bail!(
+                    "several labs are running ({}); pick one with --lab",
+                    many.join(", ")
+                ),
             }
         }
     };
@@ -72,9 +75,13 @@ fn report(errors: &ConfigErrors) -> ExitCode {
 /// Write a file so that a reader sees either the old or the new content, never half.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = path.parent().context("file has no directory")?;
-    let tmp = tempfile::Builder::new().prefix(".comb-").suffix(".tmp").tempfile_in(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".comb-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
     std::fs::write(tmp.path(), text)?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -86,7 +93,10 @@ fn parse_existing(files: &[PathBuf], skip: Option<&Path>) -> Result<Vec<Document
             Ok(d) => docs.extend(d),
             // A broken file already in the directory is the agent's to report; apply
             // judges what it adds against the rest.
-            Err(e) => eprintln!("warning: {} is invalid and was left out of validation: {e}", f.display()),
+            Err(e) => eprintln!(
+                "warning: {} is invalid and was left out of validation: {e}",
+                f.display()
+            ),
         }
     }
     Ok(docs)
@@ -94,7 +104,8 @@ fn parse_existing(files: &[PathBuf], skip: Option<&Path>) -> Result<Vec<Document
 
 pub fn apply(a: &FileArgs) -> Result<ExitCode> {
     let dir = target_dir(a)?;
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let new_docs = match comb_config::parse_file_text(&a.file, &text) {
         Ok(d) => d,
         Err(e) => return Ok(report(&e)),
@@ -108,7 +119,11 @@ pub fn apply(a: &FileArgs) -> Result<ExitCode> {
     write_atomic(&dest, &text)?;
     for d in &new_docs {
         let (kind, ns, name) = object_key(&d.object);
-        let full = if ns.is_empty() { name } else { format!("{ns}/{name}") };
+        let full = if ns.is_empty() {
+            name
+        } else {
+            format!("{ns}/{name}")
+        };
         println!("{} {full} configured", kind.to_lowercase());
     }
     Ok(ExitCode::SUCCESS)
@@ -116,7 +131,8 @@ pub fn apply(a: &FileArgs) -> Result<ExitCode> {
 
 pub fn delete(a: &FileArgs) -> Result<ExitCode> {
     let dir = target_dir(a)?;
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let gone: BTreeSet<_> = match comb_config::parse_file_text(&a.file, &text) {
         Ok(d) => d.iter().map(|d| object_key(&d.object)).collect(),
         Err(e) => return Ok(report(&e)),
@@ -126,7 +142,9 @@ pub fn delete(a: &FileArgs) -> Result<ExitCode> {
     let mut kept_all = Vec::new();
     let mut found = BTreeSet::new();
     for f in &files {
-        let Ok(docs) = comb_config::parse_file_text(f, &std::fs::read_to_string(f)?) else { continue };
+        let Ok(docs) = comb_config::parse_file_text(f, &std::fs::read_to_string(f)?) else {
+            continue;
+        };
         let before = docs.len();
         let kept: Vec<Document> = docs
             .into_iter()
@@ -156,11 +174,19 @@ pub fn delete(a: &FileArgs) -> Result<ExitCode> {
     }
     let mut code = ExitCode::SUCCESS;
     for k in &gone {
-        let full = if k.1.is_empty() { k.2.clone() } else { format!("{}/{}", k.1, k.2) };
+        let full = if k.1.is_empty() {
+            k.2.clone()
+        } else {
+            format!("{}/{}", k.1, k.2)
+        };
         if found.contains(k) {
             println!("{} {full} deleted", k.0.to_lowercase());
         } else {
-            eprintln!("error: {} {full} not found in {}", k.0.to_lowercase(), dir.display());
+            eprintln!(
+                "error: {} {full} not found in {}",
+                k.0.to_lowercase(),
+                dir.display()
+            );
             code = ExitCode::FAILURE;
         }
     }

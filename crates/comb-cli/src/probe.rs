@@ -71,7 +71,12 @@ pub enum ProbeCmd {
 pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
     match cmd {
         ProbeCmd::Serve { port, mode } => serve(port, mode),
-        ProbeCmd::Check { to, conns, sizes, seed } => check(to, conns, &sizes, seed),
+        ProbeCmd::Check {
+            to,
+            conns,
+            sizes,
+            seed,
+        } => check(to, conns, &sizes, seed),
         ProbeCmd::Outcome { to, scenario } => {
             println!("{}", outcome(to, scenario)?);
             Ok(ExitCode::SUCCESS)
@@ -81,7 +86,8 @@ pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
 }
 
 fn serve(port: u16, mode: ServerMode) -> Result<ExitCode> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
     // Tests wait for this line before connecting.
     println!("listening on {port}");
     std::io::stdout().flush()?;
@@ -101,7 +107,11 @@ fn serve(port: u16, mode: ServerMode) -> Result<ExitCode> {
 /// Read like a poll-driven application: a blocking read that returns EAGAIN without data is
 /// a spurious wakeup and is retried. (A spliced socket's receive path can return EAGAIN on a
 /// blocking socket when a non-data event wakes it; see docs/splice.md.) Counts the retries.
-pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8], spurious: &mut u64) -> std::io::Result<usize> {
+pub fn read_retrying(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    spurious: &mut u64,
+) -> std::io::Result<usize> {
     loop {
         match s.read(buf) {
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
@@ -136,7 +146,14 @@ fn reset(mut s: TcpStream) -> std::io::Result<()> {
         }
     }
     // SO_LINGER 0: close sends RST instead of FIN.
-    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })?;
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
     drop(s);
     Ok(())
 }
@@ -166,7 +183,10 @@ fn check_one(to: SocketAddr, payload: Vec<u8>) -> Result<u64> {
         let mut spurious = 0;
         loop {
             let n = read_retrying(&mut r, &mut buf, &mut spurious).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("reading the echo after {} bytes: {e}", got.len()))
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading the echo after {} bytes: {e}", got.len()),
+                )
             })?;
             if n == 0 {
                 return Ok((got, spurious));
@@ -180,7 +200,12 @@ fn check_one(to: SocketAddr, payload: Vec<u8>) -> Result<u64> {
     let (got, spurious) = reader.join().expect("reader thread")?;
     if got != payload {
         let first = got.iter().zip(&payload).position(|(a, b)| a != b);
-        bail!("echo differs: sent {} bytes, got {} (first difference at {:?})", payload.len(), got.len(), first);
+        bail!(
+            "echo differs: sent {} bytes, got {} (first difference at {:?})",
+            payload.len(),
+            got.len(),
+            first
+        );
     }
     Ok(spurious)
 }
@@ -215,7 +240,11 @@ fn check(to: SocketAddr, conns: usize, sizes: &[usize], seed: u64) -> Result<Exi
         "secs": start.elapsed().as_secs_f64(), "spurious_eagain": spurious, "failures": failures,
     });
     println!("{summary}");
-    Ok(if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn describe_read(r: std::io::Result<usize>) -> String {
@@ -261,7 +290,10 @@ fn outcome(to: SocketAddr, scenario: Scenario) -> Result<String> {
             s.write_all(&[1u8; 10])?;
             println!("waiting");
             std::io::stdout().flush()?;
-            format!("read:{}", describe_read(read_retrying(&mut s, &mut buf, &mut 0)))
+            format!(
+                "read:{}",
+                describe_read(read_retrying(&mut s, &mut buf, &mut 0))
+            )
         }
     })
 }
@@ -272,10 +304,14 @@ fn churn(to: SocketAddr, count: usize) -> Result<ExitCode> {
         let mut s = TcpStream::connect(to).with_context(|| format!("connection {i}"))?;
         s.write_all(b"x")?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b).with_context(|| format!("connection {i}: reading the echo"))?;
+        s.read_exact(&mut b)
+            .with_context(|| format!("connection {i}: reading the echo"))?;
         s.shutdown(Shutdown::Write)?;
         let _ = s.read(&mut b);
     }
-    println!("{}", serde_json::json!({"connections": count, "secs": start.elapsed().as_secs_f64()}));
+    println!(
+        "{}",
+        serde_json::json!({"connections": count, "secs": start.elapsed().as_secs_f64()})
+    );
     Ok(ExitCode::SUCCESS)
 }

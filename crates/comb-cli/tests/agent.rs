@@ -8,7 +8,11 @@ use std::time::Duration;
 use common::*;
 
 fn attached_programs(cgroup: &std::path::Path) -> String {
-    let out = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().unwrap();
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -28,16 +32,40 @@ fn agent_stop_leaves_no_attachment_pin_or_process() {
     if !privileged() {
         return;
     }
-    let lab = lab_up("ag", &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])), &[]);
+    let lab = lab_up(
+        "ag",
+        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
+        &[],
+    );
     wait_ready(&lab, "node1", 2);
     let s = status(&lab, "node1");
     let cg = lab.pod("t/a").unwrap().cgroup.clone();
-    assert!(std::path::Path::new(&s.pin_dir).exists(), "pins exist while running");
-    assert!(attached_programs(&cg).contains("sock_ops"), "sockops attached to the pod cgroup");
+    assert!(
+        std::path::Path::new(&s.pin_dir).exists(),
+        "pins exist while running"
+    );
+    assert!(
+        attached_programs(&cg).contains("sock_ops"),
+        "sockops attached to the pod cgroup"
+    );
     lab.stop_agent("node1").unwrap();
-    assert!(!std::path::Path::new(&format!("/proc/{}", s.pid)).exists(), "combd process is gone");
-    assert!(!std::path::Path::new(&s.pin_dir).exists(), "pin dir {} removed", s.pin_dir);
-    assert_eq!(attached_programs(&cg).lines().filter(|l| l.contains("sock_ops")).count(), 0, "no attachment left");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", s.pid)).exists(),
+        "combd process is gone"
+    );
+    assert!(
+        !std::path::Path::new(&s.pin_dir).exists(),
+        "pin dir {} removed",
+        s.pin_dir
+    );
+    assert_eq!(
+        attached_programs(&cg)
+            .lines()
+            .filter(|l| l.contains("sock_ops"))
+            .count(),
+        0,
+        "no attachment left"
+    );
     assert!(!lab.agent_socket("node1").exists(), "admin socket removed");
 }
 
@@ -46,19 +74,29 @@ fn keep_pins_keeps_splicing_across_a_restart() {
     if !privileged() {
         return;
     }
-    let lab = lab_up("ak", &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])), &["--keep-pins"]);
+    let lab = lab_up(
+        "ak",
+        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
+        &["--keep-pins"],
+    );
     wait_ready(&lab, "node1", 2);
     let pin_dir = status(&lab, "node1").pin_dir;
     let _srv = serve(&lab, "t/b", 7500, "echo");
     let to = format!("{}:7500", ip(&lab, "t/b"));
     lab.stop_agent("node1").unwrap();
-    assert!(std::path::Path::new(&pin_dir).exists(), "--keep-pins keeps the pins");
+    assert!(
+        std::path::Path::new(&pin_dir).exists(),
+        "--keep-pins keeps the pins"
+    );
     // No agent runs, yet the kernel keeps splicing: nothing crosses the veth.
     let (rx0, tx0) = veth_bytes(&lab, "t/a");
     let (ok, out) = probe(&lab, "t/a", &["check", "--to", &to, "--sizes", "4194304"]);
     assert!(ok, "{out}");
     let (rx1, tx1) = veth_bytes(&lab, "t/a");
-    assert!((rx1 - rx0) + (tx1 - tx0) < 64 * 1024, "splice kept working without the agent");
+    assert!(
+        (rx1 - rx0) + (tx1 - tx0) < 64 * 1024,
+        "splice kept working without the agent"
+    );
     // A new agent adopts what is pinned and serves it.
     lab.start_agent("node1").unwrap();
     wait_ready(&lab, "node1", 2);
@@ -68,7 +106,10 @@ fn keep_pins_keeps_splicing_across_a_restart() {
     assert!(splice_stats(&lab, "node1").redirected_bytes >= before + 200_000);
     drop(_srv);
     lab.down().unwrap();
-    assert!(!std::path::Path::new(&pin_dir).exists(), "lab down removes kept pins");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "lab down removes kept pins"
+    );
 }
 
 const BROKEN: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: abc}]\n";
@@ -79,7 +120,11 @@ fn bad_manifests_are_reported_and_the_last_good_state_stays() {
     if !privileged() {
         return;
     }
-    let lab = lab_up("ab", &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])), &[]);
+    let lab = lab_up(
+        "ab",
+        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
+        &[],
+    );
     wait_ready(&lab, "node1", 2);
     let good = status(&lab, "node1");
     let eps = endpoints(&lab, "node1");
@@ -87,35 +132,81 @@ fn bad_manifests_are_reported_and_the_last_good_state_stays() {
 
     // A broken file lands in the directory behind the CLI's back.
     std::fs::write(dir.join("zz-broken.yaml"), BROKEN).unwrap();
-    wait_for(Duration::from_secs(10), "the agent to report the error", || !status(&lab, "node1").config_errors.is_empty());
+    wait_for(
+        Duration::from_secs(10),
+        "the agent to report the error",
+        || !status(&lab, "node1").config_errors.is_empty(),
+    );
     let s = status(&lab, "node1");
     let err = s.config_errors.join("\n");
-    assert!(err.contains("zz-broken.yaml") && err.contains("document 2") && err.contains("spec.ports[0].port"), "{err}");
+    assert!(
+        err.contains("zz-broken.yaml")
+            && err.contains("document 2")
+            && err.contains("spec.ports[0].port"),
+        "{err}"
+    );
     assert_eq!(s.generation, good.generation, "State kept");
     assert_eq!(endpoints(&lab, "node1"), eps, "endpoints kept");
-    let out = comb(&["status", "--socket", lab.agent_socket("node1").to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("REJECTED"), "comb status shows the error");
+    let out = comb(&[
+        "status",
+        "--socket",
+        lab.agent_socket("node1").to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("REJECTED"),
+        "comb status shows the error"
+    );
 
     // Fixing it clears the error.
     std::fs::remove_file(dir.join("zz-broken.yaml")).unwrap();
-    wait_for(Duration::from_secs(10), "the error to clear", || status(&lab, "node1").config_errors.is_empty());
+    wait_for(Duration::from_secs(10), "the error to clear", || {
+        status(&lab, "node1").config_errors.is_empty()
+    });
 
     // `comb apply` refuses invalid input and writes nothing.
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("svc.yaml");
     std::fs::write(&bad, BROKEN).unwrap();
-    let out = comb(&["apply", "-f", bad.to_str().unwrap(), "--manifests", dir.to_str().unwrap()]);
+    let out = comb(&[
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+        "--manifests",
+        dir.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.ports[0].port"));
     assert!(!dir.join("svc.yaml").exists(), "nothing written");
 
     // A valid apply is picked up without restart; delete removes it again.
     std::fs::write(&bad, GOOD_SVC).unwrap();
-    let out = comb(&["apply", "-f", bad.to_str().unwrap(), "--manifests", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for(Duration::from_secs(10), "the new generation", || status(&lab, "node1").generation > good.generation);
-    let out = comb(&["delete", "-f", bad.to_str().unwrap(), "--manifests", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = comb(&[
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+        "--manifests",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), "the new generation", || {
+        status(&lab, "node1").generation > good.generation
+    });
+    let out = comb(&[
+        "delete",
+        "-f",
+        bad.to_str().unwrap(),
+        "--manifests",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!dir.join("svc.yaml").exists());
 }
 
@@ -124,7 +215,11 @@ fn cli_reports_endpoints_and_splice_stats() {
     if !privileged() {
         return;
     }
-    let lab = lab_up("ac", &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[("comb.dev/splice", "off")])), &[]);
+    let lab = lab_up(
+        "ac",
+        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[("comb.dev/splice", "off")])),
+        &[],
+    );
     wait_ready(&lab, "node1", 1);
     let sock = lab.agent_socket("node1");
     let sock = sock.to_str().unwrap();
@@ -136,11 +231,16 @@ fn cli_reports_endpoints_and_splice_stats() {
     assert_eq!(a["splice"], true);
     assert_eq!(a["ip"], ip(&lab, "t/a"));
     assert!(a["cgroup"].as_str().unwrap().contains("t_a"));
-    let table = String::from_utf8_lossy(&comb(&["endpoint", "list", "--socket", sock]).stdout).into_owned();
+    let table =
+        String::from_utf8_lossy(&comb(&["endpoint", "list", "--socket", sock]).stdout).into_owned();
     assert!(table.starts_with("POD") && table.contains("off"), "{table}");
     let out = comb(&["splice", "stats", "--socket", sock, "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["sockets"].is_u64());
-    let metrics = String::from_utf8_lossy(&comb(&["metrics", "--socket", sock]).stdout).into_owned();
-    assert!(metrics.contains("comb_splice_redirected_bytes_total"), "{metrics}");
+    let metrics =
+        String::from_utf8_lossy(&comb(&["metrics", "--socket", sock]).stdout).into_owned();
+    assert!(
+        metrics.contains("comb_splice_redirected_bytes_total"),
+        "{metrics}"
+    );
 }

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 
-
 #[derive(Clone, Debug, clap::Args)]
 pub struct Common {
     /// Print one JSON object instead of a table.

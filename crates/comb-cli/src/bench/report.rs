@@ -31,7 +31,11 @@ pub fn median(v: &[f64]) -> f64 {
     }
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// Nearest-rank percentile of unsorted samples.
@@ -47,7 +51,13 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
 impl Metric {
     pub fn from_runs(name: &str, unit: &str, baseline: &[f64], comb: &[f64]) -> Self {
         let (b, c) = (median(baseline), median(comb));
-        Metric { name: name.into(), unit: unit.into(), baseline: b, comb: c, ratio: c / b }
+        Metric {
+            name: name.into(),
+            unit: unit.into(),
+            baseline: b,
+            comb: c,
+            ratio: c / b,
+        }
     }
 }
 

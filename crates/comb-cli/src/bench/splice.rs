@@ -34,47 +34,103 @@ pub fn run(c: &Common) -> Result<Report> {
     let name = format!("bs{:04x}", rand::random::<u16>());
     let combd = crate::lab_cmds::combd_path()?;
     let lab = Lab::up(
-        LabOptions { name, agent: Some(AgentOptions { combd, extra_args: vec![] }) },
+        LabOptions {
+            name,
+            agent: Some(AgentOptions {
+                combd,
+                extra_args: vec![],
+            }),
+        },
         &[(PathBuf::from("bench-splice.yaml"), PODS.to_string())],
     )?;
     let socket = lab.agent_socket("node1");
     wait_attached(&socket, 2)?;
     let server_ip = lab.pod("bench/server")?.ip.to_string();
-    let _rr = tools::start_server(&lab, "bench/server", "sockperf", &["server", "--tcp", "-p", &RR_PORT.to_string()], RR_PORT)?;
-    let _bulk = tools::start_server(&lab, "bench/server", "iperf3", &["-s", "-p", &BULK_PORT.to_string()], BULK_PORT)?;
+    let _rr = tools::start_server(
+        &lab,
+        "bench/server",
+        "sockperf",
+        &["server", "--tcp", "-p", &RR_PORT.to_string()],
+        RR_PORT,
+    )?;
+    let _bulk = tools::start_server(
+        &lab,
+        "bench/server",
+        "iperf3",
+        &["-s", "-p", &BULK_PORT.to_string()],
+        BULK_PORT,
+    )?;
     let logs = tempfile::tempdir()?;
 
     // Per metric: (baseline runs, comb runs).
     let mut runs: [(Vec<f64>, Vec<f64>); 4] = Default::default();
     for pair in 0..c.pairs {
         // Alternate which side goes first so drift over time does not favour one.
-        let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for splice in order {
             client::call(&socket, &Request::SetSplice { enabled: splice })?;
-            let (p50_1, p99_1) = tools::sockperf_rr(&lab, "bench/client", &server_ip, RR_PORT, 1, c.secs, logs.path())?;
-            let (p50_16, _) = tools::sockperf_rr(&lab, "bench/client", &server_ip, RR_PORT, 16, c.secs, logs.path())?;
+            let (p50_1, p99_1) = tools::sockperf_rr(
+                &lab,
+                "bench/client",
+                &server_ip,
+                RR_PORT,
+                1,
+                c.secs,
+                logs.path(),
+            )?;
+            let (p50_16, _) = tools::sockperf_rr(
+                &lab,
+                "bench/client",
+                &server_ip,
+                RR_PORT,
+                16,
+                c.secs,
+                logs.path(),
+            )?;
             let gbps = tools::iperf3_gbps(&lab, "bench/client", &server_ip, c.secs)?;
             for (i, v) in [p50_1, p99_1, p50_16, gbps].into_iter().enumerate() {
-                if splice { runs[i].1.push(v) } else { runs[i].0.push(v) }
+                if splice {
+                    runs[i].1.push(v)
+                } else {
+                    runs[i].0.push(v)
+                }
             }
             if !c.json {
                 eprintln!(
                     "pair {}/{} splice {:3}: rr p50 {p50_1:.2} us, p99 {p99_1:.2} us, 16 conns p50 {p50_16:.2} us, {gbps:.2} Gbit/s",
-                    pair + 1, c.pairs, if splice { "on" } else { "off" }
+                    pair + 1,
+                    c.pairs,
+                    if splice { "on" } else { "off" }
                 );
             }
         }
     }
-    let stats: comb_datapath::SpliceStats = serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
+    let stats: comb_datapath::SpliceStats =
+        serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
     if stats.redirected_bytes == 0 {
-        bail!("the splice redirected no bytes: the Comb side of this benchmark did not run spliced");
+        bail!(
+            "the splice redirected no bytes: the Comb side of this benchmark did not run spliced"
+        );
     }
     drop((_rr, _bulk));
     lab.down()?;
-    let names = [("rr_p50_1conn", "us"), ("rr_p99_1conn", "us"), ("rr_p50_16conn", "us"), ("throughput", "Gbit/s")];
+    let names = [
+        ("rr_p50_1conn", "us"),
+        ("rr_p99_1conn", "us"),
+        ("rr_p50_16conn", "us"),
+        ("throughput", "Gbit/s"),
+    ];
     Ok(Report {
         scenario: "splice".into(),
-        metrics: names.iter().zip(&runs).map(|((n, u), (b, c))| Metric::from_runs(n, u, b, c)).collect(),
+        metrics: names
+            .iter()
+            .zip(&runs)
+            .map(|((n, u), (b, c))| Metric::from_runs(n, u, b, c))
+            .collect(),
         pairs: c.pairs,
         baseline_label: "plain TCP over veths (splice off)".into(),
         comb_label: "sockops + sk_msg socket splice".into(),
@@ -90,11 +146,17 @@ pub fn wait_attached(socket: &std::path::Path, pods: usize) -> Result<()> {
             let s: Status = serde_json::from_value(v)?;
             let rows: Vec<comb_agent::api::EndpointRow> =
                 serde_json::from_value(client::call(socket, &Request::Endpoints)?)?;
-            let attached = rows.iter().filter(|r| r.local && r.cgroup.is_some()).count();
+            let attached = rows
+                .iter()
+                .filter(|r| r.local && r.cgroup.is_some())
+                .count();
             if s.generation > 0 && s.applied_generation == s.generation && attached >= pods {
                 return Ok(());
             }
-            last = format!("generation {} applied {} attached {attached}; errors {:?} {:?}", s.generation, s.applied_generation, s.config_errors, s.datapath_errors);
+            last = format!(
+                "generation {} applied {} attached {attached}; errors {:?} {:?}",
+                s.generation, s.applied_generation, s.config_errors, s.datapath_errors
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -19,7 +19,13 @@ impl Drop for Server {
     }
 }
 
-pub fn start_server(lab: &Lab, pod: &str, program: &str, args: &[&str], port: u16) -> Result<Server> {
+pub fn start_server(
+    lab: &Lab,
+    pod: &str,
+    program: &str,
+    args: &[&str],
+    port: u16,
+) -> Result<Server> {
     let child = lab
         .command(pod, program, args)?
         .stdout(Stdio::null())
@@ -35,7 +41,9 @@ pub fn start_server(lab: &Lab, pod: &str, program: &str, args: &[&str], port: u1
 fn wait_listening(lab: &Lab, pod: &str, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let out = lab.command(pod, "ss", &["-Hltn", &format!("sport = :{port}")])?.output()?;
+        let out = lab
+            .command(pod, "ss", &["-Hltn", &format!("sport = :{port}")])?
+            .output()?;
         if !out.stdout.is_empty() {
             return Ok(());
         }
@@ -60,16 +68,38 @@ pub fn parse_sockperf_log(text: &str) -> Vec<f64> {
 
 /// Ping-pong latency over `conns` connections (one sockperf client each, run together);
 /// returns (p50, p99) of all samples merged, in microseconds.
-pub fn sockperf_rr(lab: &Lab, pod: &str, server: &str, port: u16, conns: usize, secs: u32, dir: &Path) -> Result<(f64, f64)> {
+pub fn sockperf_rr(
+    lab: &Lab,
+    pod: &str,
+    server: &str,
+    port: u16,
+    conns: usize,
+    secs: u32,
+    dir: &Path,
+) -> Result<(f64, f64)> {
     let mut children = Vec::new();
     for i in 0..conns {
         let log = dir.join(format!("sockperf-{i}.csv"));
         let _ = std::fs::remove_file(&log);
         let args = [
-            "ping-pong", "--tcp", "-i", server, "-p", &port.to_string(), "-t", &secs.to_string(), "-m", "64",
-            "--full-log", log.to_str().context("log path")?,
+            "ping-pong",
+            "--tcp",
+            "-i",
+            server,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-m",
+            "64",
+            "--full-log",
+            log.to_str().context("log path")?,
         ];
-        let child = lab.command(pod, "sockperf", &args)?.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let child = lab
+            .command(pod, "sockperf", &args)?
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
         children.push((child, log));
     }
     let mut samples = Vec::new();
@@ -83,17 +113,28 @@ pub fn sockperf_rr(lab: &Lab, pod: &str, server: &str, port: u16, conns: usize, 
     if samples.is_empty() {
         bail!("sockperf produced no samples");
     }
-    Ok((percentile(&mut samples, 50.0), percentile(&mut samples, 99.0)))
+    Ok((
+        percentile(&mut samples, 50.0),
+        percentile(&mut samples, 99.0),
+    ))
 }
 
 /// Bulk throughput in Gbit/s (iperf3, one stream, receiver side).
 pub fn iperf3_gbps(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<f64> {
-    let out = lab.command(pod, "iperf3", &["-c", server, "-t", &secs.to_string(), "-J"])?.output()?;
+    let out = lab
+        .command(
+            pod,
+            "iperf3",
+            &["-c", server, "-t", &secs.to_string(), "-J"],
+        )?
+        .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     if let Some(e) = v.get("error") {
         bail!("iperf3: {e}");
     }
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no sum_received")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no sum_received")?;
     Ok(bps / 1e9)
 }
 

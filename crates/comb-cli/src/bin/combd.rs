@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { comb_agent::main() }
+fn main() -> std::process::ExitCode {
+    comb_agent::main()
+}
