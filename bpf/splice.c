@@ -35,6 +35,14 @@
  * <pin_dir>/links/<id>. sk_msg is attached to the sockhash with
  * BPF_PROG_ATTACH and lives as long as the map does.
  *
+ * Kernel-level differences from plain TCP (tcp_bpf_recvmsg, 6.18), none of
+ * which these programs can change: a blocking read that is woken with no
+ * data queued returns EAGAIN. The wakeups are the socket's own state
+ * changes: shutdown(SHUT_WR) itself, the ACK of our FIN (FIN_WAIT1 ->
+ * FIN_WAIT2), and an RST (the read after it gives ECONNRESET). Unread
+ * redirected bytes are purged at close, so close sends FIN, not RST.
+ * Socket buffer sizes make no difference (they do not bound this path).
+ *
  * Turning splice off affects new connections only; spliced ones stay
  * spliced (switching mid-stream is safe but buys nothing).
  */

@@ -63,9 +63,13 @@ static __always_inline void comb_sockops_state(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk;
 
-	/* args[1] is the new state. The kernel drops the socket from the
-	 * sockhash itself; we count the close and free the TCP-first mark now
-	 * rather than when the socket is finally freed. */
+	/* args[1] is the new state. The socket stays in the sockhash until
+	 * its owner closes it (sock_map_close), also after an RST. Do not
+	 * delete it here (map_delete_elem is allowed from sockops): that drops
+	 * the psock and purges redirected bytes not yet read, e.g. data that
+	 * arrived before the peer's FIN or RST (measured on 6.18). We only
+	 * count the close and free the TCP-first mark now rather than when the
+	 * socket is finally freed. */
 	if (skops->args[1] != BPF_TCP_CLOSE)
 		return;
 	comb_stat_add(COMB_STAT(sockets_closed), 1);
