@@ -43,3 +43,56 @@ impl State {
             .filter(move |p| p.node_name.as_deref() == Some(node) && !p.ips.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::ObjKey;
+    use std::collections::BTreeMap;
+
+    fn pod(name: &str, node: Option<&str>, ips: &[&str]) -> Pod {
+        Pod {
+            key: ObjKey::new("default", name),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            node_name: node.map(Into::into),
+            service_account: "default".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            cgroup: None,
+            splice: true,
+        }
+    }
+
+    fn snapshot(pods: Vec<Pod>) -> Snapshot {
+        let mut s = Snapshot::default();
+        for p in pods {
+            s.pods.insert(p.key.clone(), p);
+        }
+        s
+    }
+
+    #[test]
+    fn replace_stamps_a_generation_only_on_change() {
+        let mut st = State::new();
+        assert_eq!(st.generation(), 0);
+        assert!(st.replace(snapshot(vec![pod("a", Some("n1"), &["198.18.1.2"])])));
+        assert_eq!(st.generation(), 1);
+        assert!(!st.replace(snapshot(vec![pod("a", Some("n1"), &["198.18.1.2"])])), "same content");
+        assert_eq!(st.generation(), 1);
+        assert!(st.replace(Snapshot::default()));
+        assert_eq!(st.generation(), 2);
+    }
+
+    #[test]
+    fn local_pods_are_this_nodes_pods_with_addresses() {
+        let mut st = State::new();
+        st.replace(snapshot(vec![
+            pod("a", Some("n1"), &["198.18.1.2"]),
+            pod("b", Some("n2"), &["198.18.2.2"]),
+            pod("c", Some("n1"), &[]),
+            pod("d", None, &["198.18.1.9"]),
+        ]));
+        let names: Vec<_> = st.local_pods("n1").map(|p| p.key.name.as_str()).collect();
+        assert_eq!(names, ["a"]);
+    }
+}
