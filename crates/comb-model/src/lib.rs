@@ -10,3 +10,6 @@ mod state;
 
 pub use objects::*;
 pub use state::{Generation, State};
+
+pub mod lb;
+pub mod maglev;
