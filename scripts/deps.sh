@@ -13,6 +13,7 @@ need=(
   "clang:clang" "llc:llvm" "pkg-config:pkg-config" "ip:iproute2" "bpftool:bpftool"
   "iperf3:iperf3" "sockperf:sockperf" "make:make" "cc:gcc" "curl:curl" "python3:python3"
   "ping:iputils-ping" "ss:iproute2"
+  "iptables-restore:iptables"
   "/usr/include/libelf.h:libelf-dev" "/usr/include/zlib.h:zlib1g-dev"
   "/usr/include/bpf/bpf_helpers.h:libbpf-dev" "/usr/include/linux/bpf.h:linux-libc-dev"
 )
