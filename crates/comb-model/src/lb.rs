@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::objects::{ObjKey, Protocol};
 
+mod compile;
+pub use compile::compile_frontends;
+
 /// Annotation selecting the backend choice: `maglev` for consistent hashing.
 pub const ANNOTATION_LB: &str = "comb.dev/lb";
 
