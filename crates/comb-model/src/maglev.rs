@@ -75,7 +75,9 @@ mod tests {
     use super::*;
 
     fn backends(n: usize) -> Vec<(IpAddr, u16)> {
-        (0..n).map(|i| (format!("198.18.1.{}", i + 2).parse().unwrap(), 8080)).collect()
+        (0..n)
+            .map(|i| (format!("198.18.1.{}", i + 2).parse().unwrap(), 8080))
+            .collect()
     }
 
     #[test]
@@ -88,7 +90,10 @@ mod tests {
                 counts[*i as usize] += 1;
             }
             let (lo, hi) = (M / n, M.div_ceil(n));
-            assert!(counts.iter().all(|c| *c == lo || *c == hi), "n={n}: {counts:?}");
+            assert!(
+                counts.iter().all(|c| *c == lo || *c == hi),
+                "n={n}: {counts:?}"
+            );
         }
     }
 

@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(st.generation(), 0);
         assert!(st.replace(snapshot(vec![pod("a", Some("n1"), &["198.18.1.2"])])));
         assert_eq!(st.generation(), 1);
-        assert!(!st.replace(snapshot(vec![pod("a", Some("n1"), &["198.18.1.2"])])), "same content");
+        assert!(
+            !st.replace(snapshot(vec![pod("a", Some("n1"), &["198.18.1.2"])])),
+            "same content"
+        );
         assert_eq!(st.generation(), 1);
         assert!(st.replace(Snapshot::default()));
         assert_eq!(st.generation(), 2);
