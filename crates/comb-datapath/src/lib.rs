@@ -2,10 +2,16 @@
 //! loaded, attached and pinned under bpffs; typed access to their maps.
 
 pub mod host;
+mod lb;
+pub mod lb_maps;
 pub mod maps;
 mod splice;
 mod sys;
 
+pub use lb::{
+    IPPROTO_TCP, IPPROTO_UDP, LbService, LbStats, MAX_BACKENDS_PER_SERVICE, SocketLbMode,
+    current_netns_cookie,
+};
 pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};
 
 #[allow(
@@ -17,4 +23,15 @@ pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};
 )]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/splice.skel.rs"));
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+mod sock_skel {
+    include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
 }

@@ -200,7 +200,7 @@ impl std::ops::AddAssign for SpliceStatsValue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::mem::offset_of;
     use std::net::SocketAddr;
@@ -235,7 +235,7 @@ mod tests {
         (ty.size(), fields)
     }
 
-    fn check(btf: &Btf<'_>, name: &str, rust_size: usize, rust: &[(&str, usize)]) {
+    pub(crate) fn check(btf: &Btf<'_>, name: &str, rust_size: usize, rust: &[(&str, usize)]) {
         let (size, fields) = c_layout(btf, name);
         assert_eq!(size, rust_size, "size of struct {name}");
         let want: Vec<(String, usize)> = rust.iter().map(|(n, o)| (n.to_string(), *o)).collect();

@@ -20,11 +20,13 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use crate::lb::{HOOKS, IdAlloc, SocketLb, is_lb_link_name};
 use crate::maps::{
     COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, CombAddr, ConfigValue, EndpointValue, Pod, SockKey,
     SpliceStatsValue,
 };
 use crate::skel::SpliceSkelBuilder;
+use crate::sock_skel::SockSkelBuilder;
 use crate::sys;
 
 pub struct DatapathOptions {
@@ -63,7 +65,7 @@ struct CgroupLink {
 /// The loaded splice datapath. Dropping it closes its fds only: what is pinned (maps, programs,
 /// links) keeps working; [`Datapath::shutdown`] with `keep_pins = false` removes everything.
 pub struct Datapath {
-    opts: DatapathOptions,
+    pub(crate) opts: DatapathOptions,
     config: MapHandle,
     endpoints: MapHandle,
     sock_hash: MapHandle,
@@ -71,6 +73,7 @@ pub struct Datapath {
     sockops: ProgramHandle,
     sk_msg: ProgramHandle,
     links: BTreeMap<String, CgroupLink>,
+    pub(crate) lb: SocketLb,
 }
 
 const PROG_SOCKOPS: &str = "comb_sockops";
@@ -132,6 +135,7 @@ impl Datapath {
             .attach_sockmap(sock_hash.as_fd().as_raw_fd())
             .context("attaching sk_msg to the sockhash")?;
         drop(skel);
+        let lb = load_socket_lb(&opts.pin_dir)?;
 
         let mut dp = Self {
             opts,
@@ -142,7 +146,11 @@ impl Datapath {
             sockops,
             sk_msg,
             links: BTreeMap::new(),
+            lb,
         };
+        dp.lb.adopt_links(&dp.opts.pin_dir, &dp.opts.cgroup_root)?;
+        *dp.lb.ids.lock().unwrap_or_else(|p| p.into_inner()) =
+            crate::lb::adopt(&dp.lb).context("adopting socket-LB services")?;
         dp.adopt_links()?;
         info!(pin_dir = %dp.opts.pin_dir.display(), adopted_links = dp.links.len(), "splice datapath loaded");
         Ok(dp)
@@ -154,6 +162,9 @@ impl Datapath {
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let id = entry.file_name().to_string_lossy().into_owned();
+            if is_lb_link_name(&id) {
+                continue; // the socket LB's, adopted by SocketLb
+            }
             let path = entry.path();
             let fd = sys::obj_get(&path)
                 .with_context(|| format!("opening pinned link {}", path.display()))?;
@@ -361,6 +372,9 @@ impl Datapath {
             return Ok(());
         }
         let mut errors = Vec::new();
+        if let Err(e) = self.detach_socket_lb() {
+            errors.push(format!("socket LB: {e:#}"));
+        }
         for id in self.links.keys().cloned().collect::<Vec<_>>() {
             if let Err(e) = self.detach_cgroup(&id) {
                 errors.push(format!("{e:#}"));
@@ -399,7 +413,7 @@ impl Datapath {
     }
 }
 
-fn remove_pin(path: &Path) -> Result<()> {
+pub(crate) fn remove_pin(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("unpinning {}", path.display()))
@@ -413,17 +427,81 @@ fn first_existing(p: &Path) -> Option<PathBuf> {
     p.ancestors().find(|a| a.exists()).map(Path::to_path_buf)
 }
 
+/// Load `bpf/sock.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
+/// programs pinned under `<pin_dir>/progs/`.
+fn load_socket_lb(pin_dir: &Path) -> Result<SocketLb> {
+    let maps_dir = pin_dir.join("maps");
+    let mut storage = MaybeUninit::uninit();
+    let mut open = SockSkelBuilder::default()
+        .open(&mut storage)
+        .context("opening the embedded socket-LB object")?;
+    for mut m in open.open_object_mut().maps_mut() {
+        let path = maps_dir.join(m.name());
+        m.set_pin_path(&path)
+            .with_context(|| format!("setting pin path {}", path.display()))?;
+    }
+    let skel = open.load().with_context(|| {
+        format!(
+            "loading socket-LB programs and maps (if a map pinned under {} has an older layout, remove it)",
+            maps_dir.display()
+        )
+    })?;
+    let handle = |m: &libbpf_rs::Map<'_>| {
+        MapHandle::try_from(m).with_context(|| format!("map {:?}", m.name()))
+    };
+    let sp = &skel.progs;
+    // In HOOKS order (checked by a unit test).
+    let ours = [
+        &sp.comb_lb_connect4,
+        &sp.comb_lb_connect6,
+        &sp.comb_lb_sendmsg4,
+        &sp.comb_lb_sendmsg6,
+        &sp.comb_lb_recvmsg4,
+        &sp.comb_lb_recvmsg6,
+        &sp.comb_lb_getpeername4,
+        &sp.comb_lb_getpeername6,
+    ];
+    let mut progs = Vec::with_capacity(HOOKS.len());
+    for ((name, _, _), p) in HOOKS.iter().zip(ours) {
+        ensure!(
+            p.name() == *name,
+            "program {:?} where {name} was expected",
+            p.name()
+        );
+        let h = ProgramHandle::try_from(p).with_context(|| format!("program {name}"))?;
+        let path = pin_dir.join("progs").join(name);
+        remove_pin(&path)?;
+        h.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        progs.push(h);
+    }
+    Ok(SocketLb {
+        services: handle(&skel.maps.comb_lb_services)?,
+        backends: handle(&skel.maps.comb_lb_backends)?,
+        maglev: handle(&skel.maps.comb_lb_maglev)?,
+        config: handle(&skel.maps.comb_lb_config)?,
+        stats: handle(&skel.maps.comb_lb_stats)?,
+        progs,
+        ids: std::sync::Mutex::new(IdAlloc::default()),
+        attached: None,
+    })
+}
+
 /// Link ids become file names under `links/`.
 fn validate_id(id: &str) -> Result<()> {
     ensure!(
         !id.is_empty() && id != "." && id != ".." && !id.contains('/') && !id.contains('\0'),
         "invalid link id {id:?}"
     );
+    ensure!(
+        !is_lb_link_name(id),
+        "link id {id:?} is reserved for the socket LB"
+    );
     Ok(())
 }
 
 /// Pod cgroups are strictly below the cgroup root: never the root itself, never outside it.
-fn validate_cgroup_rel(rel: &Path) -> Result<()> {
+pub(crate) fn validate_cgroup_rel(rel: &Path) -> Result<()> {
     let normal = rel.components().all(|c| matches!(c, Component::Normal(_)));
     ensure!(
         normal && rel.components().next().is_some(),
@@ -434,7 +512,7 @@ fn validate_cgroup_rel(rel: &Path) -> Result<()> {
 }
 
 /// Find the cgroup with this id (its inode number on cgroup2) below `root`, as a relative path.
-fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
+pub(crate) fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
     fn walk(root: &Path, dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
         for e in fs::read_dir(dir).ok()?.flatten() {
             let p = e.path();
