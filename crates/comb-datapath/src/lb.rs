@@ -682,3 +682,298 @@ impl Datapath {
 pub fn current_netns_cookie() -> Result<u64> {
     Ok(sys::netns_cookie()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    type Snapshot = HashMap<(LbMap, Vec<u8>), Vec<u8>>;
+
+    /// An in-memory store that records the state after every mutation.
+    #[derive(Default)]
+    struct Fake {
+        now: RefCell<Snapshot>,
+        history: RefCell<Vec<Snapshot>>,
+        fail_puts_after: RefCell<Option<usize>>,
+    }
+
+    impl LbStore for Fake {
+        fn get(&self, map: LbMap, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(self.now.borrow().get(&(map, key.to_vec())).cloned())
+        }
+        fn put(&self, map: LbMap, key: &[u8], value: &[u8]) -> Result<()> {
+            if let Some(n) = self.fail_puts_after.borrow_mut().as_mut() {
+                if *n == 0 {
+                    bail!("injected failure");
+                }
+                *n -= 1;
+            }
+            self.now
+                .borrow_mut()
+                .insert((map, key.to_vec()), value.to_vec());
+            self.history.borrow_mut().push(self.now.borrow().clone());
+            Ok(())
+        }
+        fn del(&self, map: LbMap, key: &[u8]) -> Result<()> {
+            self.now.borrow_mut().remove(&(map, key.to_vec()));
+            self.history.borrow_mut().push(self.now.borrow().clone());
+            Ok(())
+        }
+        fn keys(&self, map: LbMap) -> Result<Vec<Vec<u8>>> {
+            Ok(self
+                .now
+                .borrow()
+                .keys()
+                .filter(|(m, _)| *m == map)
+                .map(|(_, k)| k.clone())
+                .collect())
+        }
+    }
+
+    fn be(n: u8) -> (IpAddr, u16) {
+        (IpAddr::from([10, 0, 0, n]), 8080)
+    }
+
+    fn service(backends: Vec<(IpAddr, u16)>) -> LbService {
+        LbService {
+            vip: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            protocol: IPPROTO_TCP,
+            backends,
+            maglev: true,
+            affinity_timeout_secs: 0,
+        }
+    }
+
+    fn svc_of(s: &Snapshot, key: &SvcKey) -> Option<SvcValue> {
+        s.get(&(LbMap::Services, key.as_bytes().to_vec()))
+            .map(|v| SvcValue::from_bytes(v).unwrap())
+    }
+
+    fn backend_of(s: &Snapshot, id: u32, version: u32, index: u32) -> Option<(IpAddr, u16)> {
+        let k = BackendKey {
+            svc_id: id,
+            version,
+            index,
+        };
+        s.get(&(LbMap::Backends, k.as_bytes().to_vec())).map(|v| {
+            let b = BackendValue::from_bytes(v).unwrap();
+            (b.ip.ip(), b.port)
+        })
+    }
+
+    #[test]
+    fn ids_are_smallest_free() {
+        let mut ids = IdAlloc::default();
+        assert_eq!(ids.alloc().unwrap(), 1);
+        assert_eq!(ids.alloc().unwrap(), 2);
+        assert_eq!(ids.alloc().unwrap(), 3);
+        ids.free(2);
+        assert_eq!(ids.alloc().unwrap(), 2);
+        ids.mark(5);
+        assert_eq!(ids.alloc().unwrap(), 4);
+        assert_eq!(ids.alloc().unwrap(), 6);
+        let mut full = IdAlloc::default();
+        for i in 1..=COMB_LB_MAX_SERVICES {
+            full.mark(i);
+        }
+        assert!(full.alloc().is_err());
+    }
+
+    #[test]
+    fn versions_skip_zero() {
+        assert_eq!(next_version(1), 2);
+        assert_eq!(next_version(u32::MAX), 1);
+    }
+
+    #[test]
+    fn lb_link_names_never_collide_with_pod_ids() {
+        for (_, name, _) in HOOKS {
+            assert!(is_lb_link_name(name));
+            assert!(!name.contains('_'), "pod link ids are <ns>_<pod>");
+        }
+        assert!(!is_lb_link_name("lb-x_pod"));
+    }
+
+    #[test]
+    fn cgroup_root_only_when_explicit() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(resolve_cgroup(root, Path::new("/")).unwrap(), root);
+        assert_eq!(
+            resolve_cgroup(root, Path::new("kubepods")).unwrap(),
+            root.join("kubepods")
+        );
+        for bad in ["", "/sys/fs/cgroup", "..", "a/../..", "./"] {
+            assert!(resolve_cgroup(root, Path::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_services_are_refused() {
+        let mut s = service(vec![be(1)]);
+        s.protocol = 132;
+        assert!(validate(&s).is_err());
+        let mut s = service(vec![("fd00::1".parse().unwrap(), 80)]);
+        assert!(validate(&s).is_err(), "v6 backend for a v4 VIP");
+        s.vip = "fd00::ffff".parse().unwrap();
+        assert!(validate(&s).is_ok());
+    }
+
+    /// Every interleaving a BPF reader can see: it copies the service entry in snapshot i and
+    /// reads a backend in a later snapshot j. The backend is either from the set that entry
+    /// describes, or missing - and then snapshot j's entry names another version (the reader's
+    /// retry makes progress). Never a backend of a half-written set.
+    #[test]
+    fn readers_never_see_a_half_written_set() {
+        let store = Fake::default();
+        let mut ids = IdAlloc::default();
+        let sets = [
+            vec![be(1), be(2), be(3)],
+            vec![be(2), be(3), be(4), be(5)],
+            vec![be(5)],
+            vec![],
+            vec![be(6), be(7)],
+        ];
+        for set in &sets {
+            upsert(&store, &mut ids, &service(set.clone())).unwrap();
+        }
+        let key = SvcKey::new("10.96.0.1".parse().unwrap(), 80, IPPROTO_TCP);
+        let history = store.history.borrow();
+        let mut seen_sets = BTreeSet::new();
+        for (i, si) in history.iter().enumerate() {
+            let Some(v) = svc_of(si, &key) else { continue };
+            // The entry's set is complete in the snapshot that published it.
+            let set: Vec<_> = (0..v.count)
+                .map(|x| backend_of(si, v.id, v.version, x).expect("complete set"))
+                .collect();
+            assert!(
+                sets.contains(&set),
+                "snapshot {i}: {set:?} was never written"
+            );
+            seen_sets.insert(set.clone());
+            if v.flags & COMB_LB_F_MAGLEV != 0 && v.count > 0 {
+                let mk = MaglevKey {
+                    svc_id: v.id,
+                    version: v.version,
+                };
+                assert!(si.contains_key(&(LbMap::Maglev, mk.as_bytes().to_vec())));
+            }
+            for sj in &history[i..] {
+                for x in 0..v.count {
+                    match backend_of(sj, v.id, v.version, x) {
+                        Some(b) => {
+                            assert_eq!(b, set[x as usize], "entries of a live version changed")
+                        }
+                        None => assert_ne!(svc_of(sj, &key).map(|n| n.version), Some(v.version)),
+                    }
+                }
+            }
+        }
+        assert_eq!(seen_sets.len(), sets.len());
+        // Only the last version is left.
+        drop(history);
+        let now = store.now.borrow().clone();
+        let v = svc_of(&now, &key).unwrap();
+        assert_eq!(v.count, 2);
+        assert_eq!(now.len(), 1 + 2 + 1, "service, 2 backends, 1 Maglev table");
+        assert_eq!(read_all(&store).unwrap(), vec![service(sets[4].clone())]);
+        remove(&store, &mut ids, key).unwrap();
+        assert!(store.now.borrow().is_empty());
+        assert_eq!(ids.alloc().unwrap(), 1, "id freed");
+    }
+
+    #[test]
+    fn failed_update_leaves_the_old_version_serving() {
+        let store = Fake::default();
+        let mut ids = IdAlloc::default();
+        let old = service(vec![be(1), be(2)]);
+        upsert(&store, &mut ids, &old).unwrap();
+        *store.fail_puts_after.borrow_mut() = Some(2); // two backends, then fail
+        assert!(upsert(&store, &mut ids, &service(vec![be(3), be(4), be(5)])).is_err());
+        *store.fail_puts_after.borrow_mut() = None;
+        assert_eq!(read_all(&store).unwrap(), vec![old]);
+        assert_eq!(
+            store.now.borrow().len(),
+            1 + 2 + 1,
+            "partial version cleaned up"
+        );
+        // A new Service whose write fails gives its id back.
+        let mut other = service(vec![be(9)]);
+        other.port = 81;
+        *store.fail_puts_after.borrow_mut() = Some(0);
+        assert!(upsert(&store, &mut ids, &other).is_err());
+        *store.fail_puts_after.borrow_mut() = None;
+        assert_eq!(ids.alloc().unwrap(), 2);
+    }
+
+    #[test]
+    fn adopt_finds_ids_and_drops_unfinished_versions() {
+        let store = Fake::default();
+        let mut ids = IdAlloc::default();
+        upsert(&store, &mut ids, &service(vec![be(1)])).unwrap();
+        let mut b = service(vec![be(2)]);
+        b.port = 81;
+        upsert(&store, &mut ids, &b).unwrap();
+        // An agent died after step 1 of an update of service 1 (version 2 written, no flip).
+        let orphan = BackendKey {
+            svc_id: 1,
+            version: 2,
+            index: 0,
+        };
+        store
+            .put(
+                LbMap::Backends,
+                orphan.as_bytes(),
+                BackendValue::new(be(7).0, 1).as_bytes(),
+            )
+            .unwrap();
+        let mut adopted = adopt(&store).unwrap();
+        assert_eq!(adopted.alloc().unwrap(), 3);
+        assert!(
+            store
+                .get(LbMap::Backends, orphan.as_bytes())
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(read_all(&store).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn hooks_match_the_object() {
+        use crate::sock_skel::SockSkelBuilder;
+        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+        let mut storage = std::mem::MaybeUninit::uninit();
+        let open = SockSkelBuilder::default()
+            .open(&mut storage)
+            .expect("open embedded object");
+        let mut progs: Vec<String> = open
+            .open_object()
+            .progs()
+            .map(|p| p.name().to_string_lossy().into_owned())
+            .collect();
+        progs.sort();
+        let mut want: Vec<String> = HOOKS.iter().map(|h| h.0.to_string()).collect();
+        want.sort();
+        assert_eq!(progs, want);
+        let mut maps: Vec<String> = open
+            .open_object()
+            .maps()
+            .map(|m| m.name().to_string_lossy().into_owned())
+            .collect();
+        maps.sort();
+        use crate::lb_maps::*;
+        let mut want = vec![
+            MAP_LB_SERVICES,
+            MAP_LB_BACKENDS,
+            MAP_LB_MAGLEV,
+            MAP_LB_AFFINITY,
+            MAP_LB_REVNAT,
+            MAP_LB_CONFIG,
+            MAP_LB_STATS,
+        ];
+        want.sort();
+        assert_eq!(maps, want);
+    }
+}
