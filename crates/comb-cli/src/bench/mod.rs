@@ -2,8 +2,11 @@
 //! interleaved, and reports medians and ratios measured in the same run.
 
 mod report;
+mod service_lb;
 mod splice;
 mod tools;
+
+pub use report::percentile;
 
 use std::process::ExitCode;
 
@@ -27,6 +30,8 @@ pub struct Common {
 pub enum BenchCmd {
     /// Local pod-to-pod TCP: plain TCP over veths (baseline) against the socket splice.
     Splice(Common),
+    /// Service load balancing: kube-proxy-style iptables DNAT (baseline) against the socket LB.
+    ServiceLb(service_lb::Args),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
@@ -35,6 +40,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Splice(c) => {
             let r = splice::run(&c)?;
             (c, r)
+        }
+        BenchCmd::ServiceLb(a) => {
+            let r = service_lb::run(&a)?;
+            (a.common, r)
         }
     };
     if common.json {
