@@ -7,6 +7,9 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use comb_datapath::SocketLbMode;
+use comb_model::lb::compile_frontends;
+
 use crate::api::{EndpointRow, Request, Response, Status};
 use crate::shared::Shared;
 
@@ -67,20 +70,60 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
     let mut inner = shared.inner.lock().expect("agent lock poisoned");
     let node = &shared.args.node;
     match req {
-        Request::Status => ok(Status {
-            node: node.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: shared.started.elapsed().as_secs(),
-            manifests: shared.args.manifests.display().to_string(),
-            pin_dir: shared.args.pin_dir().display().to_string(),
-            generation: inner.state.generation(),
-            applied_generation: inner.applied_generation,
-            splice_enabled: inner.splice_enabled,
-            local_endpoints: inner.state.local_pods(node).count(),
-            config_errors: inner.config_errors.clone(),
-            datapath_errors: inner.datapath_errors.clone(),
-        }),
+        Request::Status => {
+            let (socket_lb, lb_services) = match inner.datapath.as_ref() {
+                Some(dp) => (dp.socket_lb(), dp.services().map(|s| s.len()).unwrap_or(0)),
+                None => (None, 0),
+            };
+            let (socket_lb, lb_cgroup) = match socket_lb {
+                Some((cg, mode)) => (
+                    match mode {
+                        SocketLbMode::All => "on",
+                        SocketLbMode::HostOnly => "host-only",
+                    },
+                    Some(crate::args::display_cgroup(&cg)),
+                ),
+                None => ("off", None),
+            };
+            // Off: say why (the flags, or an attach error the reconciler retries).
+            let socket_lb_note = match (&shared.socket_lb, lb_cgroup.is_some()) {
+                (_, true) => None,
+                (Err(why), false) => Some(why.clone()),
+                (Ok(_), false) => Some("not attached: see the datapath errors".into()),
+            };
+            ok(Status {
+                node: node.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                uptime_secs: shared.started.elapsed().as_secs(),
+                manifests: shared.args.manifests.display().to_string(),
+                pin_dir: shared.args.pin_dir().display().to_string(),
+                generation: inner.state.generation(),
+                applied_generation: inner.applied_generation,
+                splice_enabled: inner.splice_enabled,
+                socket_lb: socket_lb.into(),
+                lb_cgroup,
+                socket_lb_note,
+                lb_services,
+                lb_skipped: inner.lb_skipped.clone(),
+                local_endpoints: inner.state.local_pods(node).count(),
+                config_errors: inner.config_errors.clone(),
+                datapath_errors: inner.datapath_errors.clone(),
+            })
+        }
+        Request::Services => {
+            let frontends = compile_frontends(inner.state.snapshot(), node);
+            let have = match inner.datapath.as_ref().map(|d| d.services()) {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => {
+                    return Response::Error {
+                        message: format!("reading the services map: {e:#}"),
+                    };
+                }
+                None => Vec::new(),
+            };
+            ok(crate::service_rows::rows(&frontends, &have))
+        }
         Request::Endpoints => {
             let attached: std::collections::BTreeMap<String, std::path::PathBuf> = inner
                 .datapath

@@ -1,7 +1,7 @@
 //! combd's command line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 
@@ -9,6 +9,26 @@ use clap::{Parser, ValueEnum};
 pub enum OnOff {
     On,
     Off,
+}
+
+/// `--socket-lb`: which sockets get Service VIPs translated at connect/sendmsg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SocketLb {
+    /// Every socket in `--lb-cgroup` (pods and host processes).
+    On,
+    /// Only sockets in the host network namespace (pods keep another path, e.g. kube-proxy).
+    HostOnly,
+    Off,
+}
+
+impl SocketLb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketLb::On => "on",
+            SocketLb::HostOnly => "host-only",
+            SocketLb::Off => "off",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -19,7 +39,9 @@ pub enum LogFormat {
 
 /// combd: Comb's node agent.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "combd", version)]
+// Later flags override earlier ones, so a launcher (the lab) can set defaults that callers
+// then override through its extra arguments.
+#[command(name = "combd", version, args_override_self = true)]
 pub struct Args {
     /// The node this agent runs on; only its pods get datapath state.
     #[arg(long)]
@@ -42,6 +64,14 @@ pub struct Args {
     /// Local pod-to-pod socket splice.
     #[arg(long, value_enum, default_value = "on")]
     pub splice: OnOff,
+    /// Service load balancing at the socket (kube-proxy replacement).
+    #[arg(long, value_enum, default_value = "on")]
+    pub socket_lb: SocketLb,
+    /// cgroup, relative to the cgroup root, where the socket-LB programs attach; `/` is the
+    /// cgroup root itself (a real node). No default: without it socket LB stays off, because
+    /// attaching at the root of a shared machine would capture every process on it.
+    #[arg(long)]
+    pub lb_cgroup: Option<PathBuf>,
     /// Leave programs attached and pinned at shutdown, so the datapath keeps working while
     /// the agent restarts.
     #[arg(long)]
@@ -60,9 +90,87 @@ impl Args {
             .unwrap_or_else(|| PathBuf::from(format!("/run/comb/{}.sock", self.node)))
     }
 
+    /// Where and how the socket LB attaches (cgroup relative to the cgroup root, mode), or
+    /// why it stays off.
+    pub fn socket_lb_plan(&self) -> Result<(PathBuf, SocketLb), String> {
+        if self.socket_lb == SocketLb::Off {
+            return Err("--socket-lb off".into());
+        }
+        let Some(cg) = &self.lb_cgroup else {
+            return Err("no --lb-cgroup given (use `/` for the whole node)".into());
+        };
+        Ok((normalize_cgroup(cg), self.socket_lb))
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         self.pin_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/comb/{}", self.node)))
+    }
+}
+
+/// A cgroup path relative to the cgroup root in the datapath's spelling: no leading or
+/// trailing slashes, and exactly `/` for the root itself. One spelling, so the reconciler can
+/// compare it with what the datapath reports.
+pub fn normalize_cgroup(p: &Path) -> PathBuf {
+    let rel: PathBuf = p
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    if rel.as_os_str().is_empty() {
+        PathBuf::from("/")
+    } else {
+        rel
+    }
+}
+
+/// For people: `/comb-lab-x/n1`, `/`.
+pub fn display_cgroup(p: &Path) -> String {
+    Path::new("/").join(p).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["combd", "--node", "n1", "--manifests", "/m"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn socket_lb_needs_a_cgroup() {
+        let a = parse(&[]);
+        assert_eq!(a.socket_lb, SocketLb::On);
+        assert!(a.socket_lb_plan().unwrap_err().contains("--lb-cgroup"));
+        let a = parse(&["--lb-cgroup", "/comb-lab-x/n1/"]);
+        assert_eq!(
+            a.socket_lb_plan(),
+            Ok((PathBuf::from("comb-lab-x/n1"), SocketLb::On))
+        );
+    }
+
+    #[test]
+    fn slash_is_the_cgroup_root() {
+        let a = parse(&["--lb-cgroup", "/", "--socket-lb", "host-only"]);
+        assert_eq!(
+            a.socket_lb_plan(),
+            Ok((PathBuf::from("/"), SocketLb::HostOnly))
+        );
+        assert_eq!(display_cgroup(Path::new("/")), "/");
+        assert_eq!(display_cgroup(Path::new("a/b")), "/a/b");
+    }
+
+    #[test]
+    fn later_flags_override_the_launchers() {
+        let a = parse(&["--lb-cgroup", "/a", "--lb-cgroup", "/b", "--splice", "on"]);
+        assert_eq!(a.lb_cgroup, Some(PathBuf::from("/b")));
+    }
+
+    #[test]
+    fn off_wins_over_a_cgroup() {
+        let a = parse(&["--lb-cgroup", "/", "--socket-lb", "off"]);
+        assert_eq!(a.socket_lb_plan(), Err("--socket-lb off".into()));
     }
 }

@@ -10,6 +10,7 @@ mod args;
 mod metrics;
 mod reconcile;
 mod run;
+mod service_rows;
 mod shared;
 mod source;
 

@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::shared::Shared;
+use crate::shared::{Inner, Shared};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -145,6 +145,7 @@ pub fn render(shared: &Shared) -> String {
         "",
         u8::from(inner.splice_enabled),
     );
+    lb_metrics(&mut o, &inner);
     if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice_stats()) {
         metric(
             &mut o,
@@ -204,4 +205,77 @@ pub fn render(shared: &Shared) -> String {
         );
     }
     o
+}
+
+/// Socket-LB gauges and the datapath's `comb_lb_*` counters.
+fn lb_metrics(o: &mut String, inner: &Inner) {
+    let dp = inner.datapath.as_ref();
+    metric(
+        o,
+        "comb_socket_lb_attached",
+        "gauge",
+        "Whether the socket-LB programs are attached.",
+        "",
+        u8::from(dp.is_some_and(|d| d.socket_lb().is_some())),
+    );
+    metric(
+        o,
+        "comb_lb_frontends_skipped",
+        "gauge",
+        "Service frontends that cannot be programmed (e.g. SCTP).",
+        "",
+        inner.lb_skipped.len(),
+    );
+    if let Some(Ok(n)) = dp.map(|d| d.services()) {
+        metric(
+            o,
+            "comb_lb_services",
+            "gauge",
+            "Service frontends (VIP:port/protocol) in the socket-LB maps.",
+            "",
+            n.len(),
+        );
+    }
+    let Some(Ok(s)) = dp.map(|d| d.lb_stats()) else {
+        return;
+    };
+    for (name, help, value) in [
+        (
+            "comb_lb_connects_translated_total",
+            "connect() calls to a VIP rewritten to a backend.",
+            s.connects_translated,
+        ),
+        (
+            "comb_lb_sendmsgs_translated_total",
+            "Unconnected UDP sends to a VIP rewritten to a backend.",
+            s.sendmsgs_translated,
+        ),
+        (
+            "comb_lb_replies_reversed_total",
+            "UDP replies whose source was rewritten back to the VIP.",
+            s.replies_reversed,
+        ),
+        (
+            "comb_lb_refused_no_backend_total",
+            "Connects and sends to a VIP refused because it has no backend.",
+            s.refused_no_backend,
+        ),
+        (
+            "comb_lb_affinity_hits_total",
+            "Backend choices made by ClientIP session affinity.",
+            s.affinity_hits,
+        ),
+        (
+            "comb_lb_version_retries_total",
+            "Lookups that met a backend set retired by an update and read the Service again.",
+            s.version_retries,
+        ),
+        (
+            "comb_lb_revnat_failures_total",
+            "UDP reverse-translation entries that could not be written.",
+            s.revnat_failures,
+        ),
+    ] {
+        metric(o, name, "counter", help, "", value);
+    }
 }

@@ -10,7 +10,7 @@ use comb_model::State;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::args::{Args, LogFormat, OnOff};
+use crate::args::{Args, LogFormat, OnOff, SocketLb};
 use crate::shared::{Inner, Shared};
 use crate::source::{self, SourceUpdate};
 use crate::{admin, metrics, reconcile};
@@ -60,10 +60,20 @@ pub async fn run(args: Args) -> Result<()> {
     datapath.set_splice_enabled(splice_enabled)?;
     tracing::info!(node = %args.node, pin_dir = %args.pin_dir().display(), "datapath loaded");
 
+    let socket_lb = args.socket_lb_plan();
+    match &socket_lb {
+        Ok((cg, mode)) => {
+            tracing::info!(cgroup = %crate::args::display_cgroup(cg), mode = mode.as_str(), "socket LB enabled")
+        }
+        Err(why) if args.socket_lb == SocketLb::Off => tracing::info!("socket LB off: {why}"),
+        Err(why) => tracing::warn!("socket LB off: {why}"),
+    }
+
     let admin_path = args.admin_socket();
     let shared = Arc::new(Shared {
         args: args.clone(),
         started: Instant::now(),
+        socket_lb,
         inner: Mutex::new(Inner {
             state: State::new(),
             datapath: Some(datapath),
@@ -71,6 +81,8 @@ pub async fn run(args: Args) -> Result<()> {
             splice_enabled,
             config_errors: Vec::new(),
             datapath_errors: Vec::new(),
+            lb_skipped: Vec::new(),
+            reconciled_once: false,
             config_reloads: 0,
             config_rejects: 0,
         }),
@@ -121,7 +133,7 @@ async fn serve(shared: &Arc<Shared>) -> Result<()> {
                 tokio::task::spawn_blocking(move || {
                     let mut inner = shared.inner.lock().expect("agent lock poisoned");
                     if !inner.datapath_errors.is_empty() {
-                        reconcile_now(&shared.args.node, &mut inner);
+                        reconcile_now(&shared, &mut inner);
                     }
                 }).await?;
             }
@@ -136,10 +148,13 @@ fn apply_update(shared: &Shared, update: SourceUpdate) {
     match update {
         Ok(snapshot) => {
             inner.config_errors.clear();
-            if inner.state.replace(snapshot) {
+            let changed = inner.state.replace(snapshot);
+            if changed {
                 inner.config_reloads += 1;
                 tracing::info!(generation = inner.state.generation(), "manifests applied");
-                reconcile_now(&shared.args.node, &mut inner);
+            }
+            if changed || !inner.reconciled_once {
+                reconcile_now(shared, &mut inner);
             }
         }
         Err(errors) => {
@@ -152,8 +167,19 @@ fn apply_update(shared: &Shared, update: SourceUpdate) {
     }
 }
 
-fn reconcile_now(node: &str, inner: &mut Inner) {
-    let want = reconcile::desired(&inner.state, node);
+fn reconcile_now(shared: &Shared, inner: &mut Inner) {
+    let want = reconcile::desired(
+        &inner.state,
+        &shared.args.node,
+        shared.socket_lb.as_ref().ok(),
+    );
+    if want.lb_skipped != inner.lb_skipped {
+        for s in &want.lb_skipped {
+            tracing::warn!(frontend = %s, "service frontend not programmed");
+        }
+    }
+    inner.lb_skipped = want.lb_skipped.clone();
+    inner.reconciled_once = true;
     let generation = inner.state.generation();
     let Some(dp) = inner.datapath.as_mut() else {
         return;

@@ -1,16 +1,20 @@
 //! What the agent's tasks share: State, the datapath and the status the readers report.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use comb_datapath::Datapath;
 use comb_model::State;
 
-use crate::args::Args;
+use crate::args::{Args, SocketLb};
 
 pub struct Shared {
     pub args: Args,
     pub started: Instant,
+    /// The socket LB's cgroup (relative to the cgroup root) and mode, or why it is off;
+    /// fixed by the flags for the agent's life.
+    pub socket_lb: Result<(PathBuf, SocketLb), String>,
     pub inner: Mutex<Inner>,
 }
 
@@ -22,6 +26,12 @@ pub struct Inner {
     pub splice_enabled: bool,
     pub config_errors: Vec<String>,
     pub datapath_errors: Vec<String>,
+    /// Service frontends the last reconcile could not program, with why.
+    pub lb_skipped: Vec<String>,
+    /// False until the first good snapshot was reconciled: that one must run even when it
+    /// equals the empty initial State (an empty manifests directory still has to attach the
+    /// socket LB and clear adopted leftovers).
+    pub reconciled_once: bool,
     pub config_reloads: u64,
     pub config_rejects: u64,
 }

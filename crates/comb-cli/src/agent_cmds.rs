@@ -29,12 +29,12 @@ pub enum SpliceCmd {
     Set { state: OnOff },
 }
 
-fn ask(t: &Target, req: Request) -> Result<serde_json::Value> {
+pub fn ask(t: &Target, req: Request) -> Result<serde_json::Value> {
     let socket = client::resolve(t.node.as_deref(), t.socket.as_deref())?;
     client::call(&socket, &req)
 }
 
-fn print_json(v: &serde_json::Value) {
+pub fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
@@ -61,6 +61,17 @@ pub fn status(t: &Target) -> Result<ExitCode> {
         "splice:          {}",
         if s.splice_enabled { "on" } else { "off" }
     );
+    match (&s.lb_cgroup, &s.socket_lb_note) {
+        (Some(cg), _) => println!(
+            "socket LB:       {} (cgroup {cg}, {} service frontends)",
+            s.socket_lb, s.lb_services
+        ),
+        (None, Some(why)) => println!("socket LB:       off ({why})"),
+        (None, None) => println!("socket LB:       {}", s.socket_lb),
+    }
+    for f in &s.lb_skipped {
+        println!("  not programmed: {f}");
+    }
     if s.config_errors.is_empty() {
         println!("config:          ok");
     } else {

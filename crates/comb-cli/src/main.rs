@@ -6,6 +6,7 @@ mod client;
 mod lab_cmds;
 mod manifest_cmds;
 mod probe;
+mod service_cmds;
 mod table;
 
 use std::path::PathBuf;
@@ -56,6 +57,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: agent_cmds::EndpointCmd,
     },
+    /// Services load-balanced at the socket.
+    Service {
+        #[command(subcommand)]
+        cmd: service_cmds::ServiceCmd,
+    },
     /// The local socket splice.
     Splice {
         #[command(subcommand)]
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Status => agent_cmds::status(t),
         Cmd::Endpoint { cmd } => agent_cmds::endpoint(t, cmd),
+        Cmd::Service { cmd } => service_cmds::run(t, cmd),
         Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),

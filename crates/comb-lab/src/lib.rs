@@ -14,7 +14,7 @@ mod spec;
 mod state;
 mod teardown;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -229,6 +229,10 @@ impl Lab {
         cmd.arg("--admin-socket").arg(&socket);
         cmd.arg("--pin-dir")
             .arg(naming::pin_dir(&self.state.name, node));
+        // The socket LB serves the node's cgroup subtree (its pods and node processes),
+        // never the host's root cgroup.
+        cmd.arg("--lb-cgroup")
+            .arg(Path::new("/").join(naming::node_cgroup(&self.state.name, node)));
         cmd.args(&agent.extra_args);
         let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
         self.children.lock().unwrap().push(pid);

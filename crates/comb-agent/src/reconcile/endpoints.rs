@@ -1,7 +1,4 @@
-//! The datapath reconciler: computes what the kernel maps and attachments should hold for
-//! this node from State, diffs it against what the datapath reports, and applies the
-//! difference. Reading back the datapath (not a cached copy) makes a restarted agent that
-//! adopted pinned state converge the same way.
+//! Endpoints map and per-pod cgroup attachments (the splice's state).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,9 +7,9 @@ use std::path::PathBuf;
 use comb_datapath::{Datapath, EndpointInfo};
 use comb_model::{Pod, State};
 
-/// What this node's datapath should hold.
+/// The pod half of what this node's datapath should hold.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Desired {
+pub struct DesiredPods {
     /// Local pod address → splice allowed.
     pub endpoints: BTreeMap<IpAddr, bool>,
     /// Attachment id → pod cgroup relative to the cgroup root.
@@ -24,8 +21,8 @@ pub fn attach_id(pod: &Pod) -> String {
     format!("{}_{}", pod.key.namespace, pod.key.name)
 }
 
-pub fn desired(state: &State, node: &str) -> Desired {
-    let mut d = Desired::default();
+pub fn desired(state: &State, node: &str) -> DesiredPods {
+    let mut d = DesiredPods::default();
     for pod in state.local_pods(node) {
         for ip in &pod.ips {
             d.endpoints.insert(*ip, pod.splice);
@@ -39,10 +36,9 @@ pub fn desired(state: &State, node: &str) -> Desired {
     d
 }
 
-/// Apply `want` to the datapath; returns the errors met (each step is independent, so one
+/// Apply `want` to the datapath, collecting the errors met (each step is independent, so one
 /// bad pod does not hold back the others).
-pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
-    let mut errors = Vec::new();
+pub fn apply(dp: &mut Datapath, want: &DesiredPods, errors: &mut Vec<String>) {
     let have: BTreeMap<IpAddr, bool> = match dp.endpoints() {
         Ok(v) => v.into_iter().map(|(ip, info)| (ip, info.splice)).collect(),
         Err(e) => {
@@ -76,14 +72,12 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
             errors.push(format!("detaching {id}: {e:#}"));
         }
     }
-    errors
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use comb_model::{ObjKey, Snapshot};
-    use std::collections::BTreeMap;
 
     fn pod(name: &str, node: &str, ip: &str, splice: bool) -> Pod {
         Pod {
@@ -142,6 +136,6 @@ mod tests {
         let mut p = pod("a", "n1", "198.18.1.2", true);
         p.ips.clear();
         let d = desired(&state(vec![p]), "n1");
-        assert_eq!(d, Desired::default());
+        assert_eq!(d, DesiredPods::default());
     }
 }
