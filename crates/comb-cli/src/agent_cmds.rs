@@ -63,7 +63,7 @@ pub fn status(t: &Target) -> Result<ExitCode> {
     );
     match (&s.lb_cgroup, &s.socket_lb_note) {
         (Some(cg), _) => println!(
-            "socket LB:       {} (cgroup {cg}, {} service frontends)",
+            "socket LB:       {} (cgroup {cg}; service frontends in the maps: {})",
             s.socket_lb, s.lb_services
         ),
         (None, Some(why)) => println!("socket LB:       off ({why})"),

@@ -35,11 +35,15 @@ pub struct DesiredServices {
 }
 
 fn describe(f: &LbFrontend) -> String {
+    let proto = match f.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    };
     format!(
-        "{} {}/{:?}",
+        "{} {}/{proto}",
         f.service,
-        std::net::SocketAddr::new(f.vip, f.port),
-        f.protocol
+        std::net::SocketAddr::new(f.vip, f.port)
     )
 }
 
@@ -227,7 +231,7 @@ mod tests {
         assert!(d.services.is_empty());
         assert_eq!(d.skipped.len(), 1);
         assert!(
-            d.skipped[0].contains("apps/sig 10.96.0.10:80/Sctp"),
+            d.skipped[0].contains("apps/sig 10.96.0.10:80/SCTP"),
             "{:?}",
             d.skipped
         );
