@@ -217,3 +217,272 @@ pub fn veth_bytes(lab: &Lab, pod: &str) -> (u64, u64) {
 pub fn comb(args: &[&str]) -> std::process::Output {
     Command::new(COMB).args(args).output().unwrap()
 }
+
+// ---- Service load balancing ----
+
+/// A pod manifest whose container runs `command` (each element JSON-quoted, a valid YAML
+/// flow scalar) and declares named `ports`.
+pub fn pod_with(
+    ns: &str,
+    name: &str,
+    node: &str,
+    annotations: &[(&str, &str)],
+    command: &[&str],
+    ports: &[(&str, u16)],
+) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let ann: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {}: {}\n", q(k), q(v)))
+        .collect();
+    let ann = if ann.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{ann}")
+    };
+    let cmd = if command.is_empty() {
+        String::new()
+    } else {
+        let c: Vec<String> = command.iter().map(|s| q(s)).collect();
+        format!("    command: [{}]\n", c.join(", "))
+    };
+    let ports = if ports.is_empty() {
+        String::new()
+    } else {
+        let p: Vec<String> = ports
+            .iter()
+            .map(|(n, p)| format!("{{name: {n}, containerPort: {p}}}"))
+            .collect();
+        format!("    ports: [{}]\n", p.join(", "))
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{ann}spec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: none\n{cmd}{ports}---\n"
+    )
+}
+
+/// The command of a pod that runs `comb probe serve --port PORT --mode MODE`.
+pub fn serve_cmd(port: u16, mode: &str) -> Vec<String> {
+    [
+        COMB,
+        "probe",
+        "serve",
+        "--port",
+        &port.to_string(),
+        "--mode",
+        mode,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The IP the lab gives the `pod_index`-th pod (0-based, manifest order) of node `node_index`
+/// (1-based), known before the lab is up so EndpointSlices can name it.
+pub fn lab_ip(node_index: usize, pod_index: usize) -> String {
+    comb_lab::naming::pod_ip(node_index, pod_index).to_string()
+}
+
+/// A ClusterIP Service; `ports` are (name, port, targetPort as YAML, protocol); `extra` is
+/// appended to `spec` (indented two spaces).
+pub fn service_yaml(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    annotations: &[(&str, &str)],
+    ports: &[(&str, u16, &str, &str)],
+    extra: &str,
+) -> String {
+    let ann: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    let ann = if ann.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{ann}")
+    };
+    let p: Vec<String> = ports
+        .iter()
+        .map(|(n, port, target, proto)| {
+            format!("{{name: {n}, port: {port}, targetPort: {target}, protocol: {proto}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n{ann}spec:\n  clusterIP: \"{cluster_ip}\"\n  ports: [{}]\n{extra}---\n",
+        p.join(", ")
+    )
+}
+
+/// Endpoint conditions of a slice entry.
+#[derive(Clone, Copy, Debug)]
+pub enum Cond {
+    Ready,
+    /// ready false, serving true, terminating true.
+    Terminating,
+    /// ready false, serving false.
+    NotReady,
+}
+
+/// An EndpointSlice of Service `svc`; `ports` are (name, port, protocol).
+pub fn slice_yaml(
+    ns: &str,
+    svc: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(String, Cond)],
+) -> String {
+    let p: Vec<String> = ports
+        .iter()
+        .map(|(n, port, proto)| format!("{{name: {n}, port: {port}, protocol: {proto}}}"))
+        .collect();
+    let eps: String = endpoints
+        .iter()
+        .map(|(ip, c)| {
+            let cond = match c {
+                Cond::Ready => "{ready: true, serving: true, terminating: false}",
+                Cond::Terminating => "{ready: false, serving: true, terminating: true}",
+                Cond::NotReady => "{ready: false, serving: false, terminating: false}",
+            };
+            format!("- addresses: [\"{ip}\"]\n  conditions: {cond}\n")
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        "endpoints: []\n".to_string()
+    } else {
+        format!("endpoints:\n{eps}")
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports: [{}]\n{eps}---\n",
+        p.join(", ")
+    )
+}
+
+/// A lab from Pods plus Services/EndpointSlices (copied to manifests/resources.yaml).
+pub fn lab_up_with(prefix: &str, pods: &str, resources: &str, agent_args: &[&str]) -> Lab {
+    let agent = AgentOptions {
+        combd: PathBuf::from(COMBD),
+        extra_args: agent_args.iter().map(|s| s.to_string()).collect(),
+    };
+    Lab::up(
+        LabOptions {
+            name: unique(prefix),
+            agent: Some(agent),
+        },
+        &[
+            (PathBuf::from("pods.yaml"), pods.to_string()),
+            (PathBuf::from("services.yaml"), resources.to_string()),
+        ],
+    )
+    .expect("lab up")
+}
+
+/// Replace the lab's Services and EndpointSlices (atomically, as an API server update would).
+pub fn write_resources(lab: &Lab, text: &str) {
+    let dir = lab.manifests_dir();
+    let tmp = dir.join(".resources.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("resources.yaml")).unwrap();
+}
+
+/// `Request::Services` rows (JSON: service, port_name, vip, port, protocol, algorithm,
+/// affinity_timeout_secs, backends [{ip, port, state, node, weight}], programmed).
+pub fn services(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
+    let v = call(&lab.agent_socket(node), &Request::Services).unwrap();
+    serde_json::from_value(v).unwrap()
+}
+
+/// The frontend row for `vip:port` in `rows`.
+pub fn frontend<'a>(
+    rows: &'a [serde_json::Value],
+    vip: &str,
+    port: u16,
+) -> Option<&'a serde_json::Value> {
+    rows.iter()
+        .find(|r| r["vip"].as_str() == Some(vip) && r["port"].as_u64() == Some(u64::from(port)))
+}
+
+/// Wait until `node`'s agent applied the newest manifests and `check` holds on its rows.
+pub fn wait_services(
+    lab: &Lab,
+    node: &str,
+    what: &str,
+    mut check: impl FnMut(&[serde_json::Value]) -> bool,
+) {
+    wait_for(Duration::from_secs(20), what, || {
+        let Ok(v) = call(&lab.agent_socket(node), &Request::Status) else {
+            return false;
+        };
+        let s: Status = serde_json::from_value(v).unwrap();
+        s.generation > 0 && s.applied_generation == s.generation && check(&services(lab, node))
+    });
+}
+
+/// Every listed frontend is programmed and `n` of them exist.
+pub fn all_programmed(rows: &[serde_json::Value], n: usize) -> bool {
+    rows.len() == n && rows.iter().all(|r| r["programmed"] == true)
+}
+
+/// A counter from the agent's Prometheus metrics (0 when absent).
+pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
+    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
+    let text = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, val) = l.rsplit_once(' ')?;
+            (n == name).then(|| val.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Wait until something listens on TCP `port` in the pod (pods' commands start detached);
+/// on timeout the panic shows the pod's log.
+pub fn wait_listening(lab: &Lab, pod: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = lab
+            .command(pod, "ss", &["-Hltn", &format!("sport = :{port}")])
+            .unwrap()
+            .output()
+            .unwrap();
+        if !out.stdout.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(lab.pod_log(lab.pod(pod).unwrap())).unwrap_or_default();
+    panic!("{pod}: nothing listens on {port} after 10 s; pod log:\n{log}");
+}
+
+/// `comb probe spread`: connections per backend name.
+pub fn spread(
+    lab: &Lab,
+    pod: &str,
+    to: &str,
+    count: usize,
+) -> std::collections::BTreeMap<String, u64> {
+    let (ok, out) = probe(
+        lab,
+        pod,
+        &["spread", "--to", to, "--count", &count.to_string()],
+    );
+    assert!(ok, "spread: {out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["errors"], 0, "spread to {to}: {v}");
+    serde_json::from_value(v["counts"].clone()).unwrap()
+}
+
+/// A JSON line printed by `comb probe ARGS` in a pod.
+pub fn probe_json(lab: &Lab, pod: &str, args: &[&str]) -> serde_json::Value {
+    let (ok, out) = probe(lab, pod, args);
+    assert!(ok, "probe {args:?}: {out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The agent's status as raw JSON (fields added by newer agents included).
+pub fn status_json(lab: &Lab, node: &str) -> serde_json::Value {
+    call(&lab.agent_socket(node), &Request::Status).unwrap()
+}
