@@ -227,12 +227,12 @@ impl Lab {
         cmd.arg("--node").arg(node);
         cmd.arg("--manifests").arg(self.manifests_dir());
         cmd.arg("--admin-socket").arg(&socket);
-        cmd.arg("--pin-dir")
-            .arg(naming::pin_dir(&self.state.name, node));
         // The socket LB serves the node's cgroup subtree (its pods and node processes),
         // never the host's root cgroup.
         cmd.arg("--lb-cgroup")
             .arg(Path::new("/").join(naming::node_cgroup(&self.state.name, node)));
+        cmd.arg("--pin-dir")
+            .arg(naming::pin_dir(&self.state.name, node));
         cmd.args(&agent.extra_args);
         let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
         self.children.lock().unwrap().push(pid);

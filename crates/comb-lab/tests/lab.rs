@@ -363,6 +363,10 @@ fn agents_start_and_stop() {
             )),
             "{log}"
         );
+        assert!(
+            log.contains(&format!("--lb-cgroup /comb-lab-{name}/{node} ")),
+            "{log}"
+        );
     }
     lab.stop_agent("n1").unwrap();
     assert!(!lab.agent_socket("n1").exists());
