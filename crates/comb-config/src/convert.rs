@@ -324,6 +324,15 @@ pub(crate) fn service(
                 None
             }
         };
+        let annotations = map_or_empty(&o.metadata.annotations);
+        if let Some(v) = annotations.get(model::lb::ANNOTATION_LB)
+            && !matches!(v.as_str(), "random" | "maglev")
+        {
+            s.field(
+                format!("metadata.annotations[\"{}\"]", model::lb::ANNOTATION_LB),
+                format!("{v:?} must be random or maglev"),
+            );
+        }
         let internal_local = match spec.internal_traffic_policy.as_deref() {
             None | Some("" | "Cluster") => false,
             Some("Local") => true,
@@ -339,7 +348,7 @@ pub(crate) fn service(
             key,
             cluster_ips: cluster_ips(&spec, s),
             ports: service_ports(&spec, s),
-            annotations: map_or_empty(&o.metadata.annotations),
+            annotations,
             affinity_timeout_secs,
             internal_local,
         }
@@ -533,6 +542,13 @@ mod tests {
         assert_eq!(s.ports[0].target_port, TargetPort::Number(80));
         assert_eq!(s.affinity_timeout_secs, None);
         assert!(!s.internal_local);
+    }
+
+    #[test]
+    fn service_bad_lb_annotation() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: apps, annotations: {comb.dev/lb: roundrobin}}\nspec:\n  ports: [{port: 80}]\n";
+        let e = one_error(text, 1, Some("metadata.annotations[\"comb.dev/lb\"]"));
+        assert!(e.message.contains("random or maglev"), "{e}");
     }
 
     #[test]

@@ -94,6 +94,9 @@ fn build_partial(docs: &[Document], errors: &mut Vec<ConfigError>) -> Snapshot {
     }
 
     let mut snap = Snapshot::default();
+    // A cluster IP belongs to one Service (Kubernetes' allocator guarantees it; here two
+    // manifests could claim the same one).
+    let mut cluster_ips: HashMap<std::net::IpAddr, (ObjKey, &PathBuf, usize)> = HashMap::new();
     // Pods last: their IPs are checked against the nodes' pod CIDRs.
     unique.sort_by_key(|(doc, _)| matches!(doc.object, Object::Pod(_)));
     for (doc, key) in unique {
@@ -113,7 +116,25 @@ fn build_partial(docs: &[Document], errors: &mut Vec<ConfigError>) -> Snapshot {
             }
             Object::Service(o) => {
                 if let Some(v) = convert::service(o, key.clone(), &mut s) {
-                    snap.services.insert(key, v);
+                    let mut taken = false;
+                    for ip in &v.cluster_ips {
+                        if let Some((other, file, index)) = cluster_ips.get(ip) {
+                            s.field(
+                                "spec.clusterIP",
+                                format!(
+                                    "{ip} is already the cluster IP of Service {other} ({}: document {index})",
+                                    file.display()
+                                ),
+                            );
+                            taken = true;
+                        }
+                    }
+                    if !taken {
+                        for ip in &v.cluster_ips {
+                            cluster_ips.insert(*ip, (key.clone(), &doc.file, doc.index));
+                        }
+                        snap.services.insert(key, v);
+                    }
                 }
             }
             Object::EndpointSlice(o) => {
@@ -234,6 +255,26 @@ mod tests {
         );
         let e = one_error(&format!("{NODE_A}---\n{NODE_A}"), 2, Some("metadata.name"));
         assert!(e.message.contains("duplicate Node node-a"), "{e}");
+    }
+
+    #[test]
+    fn cluster_ip_claimed_twice() {
+        let svc = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: apps}}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        let e = one_error(
+            &format!("{}---\n{}", svc("a"), svc("b")),
+            2,
+            Some("spec.clusterIP"),
+        );
+        assert!(
+            e.message.contains(
+                "198.19.0.10 is already the cluster IP of Service apps/a (m.yaml: document 1)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
