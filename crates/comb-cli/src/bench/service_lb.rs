@@ -271,6 +271,25 @@ pub fn run(a: &Args) -> Result<Report> {
         .iter()
         .map(|p| Ok(lab.pod(&format!("{NS}/{p}"))?.ip))
         .collect::<Result<_>>()?;
+    // TCP timestamps without per-destination random offsets in the client pod. With the
+    // default offsets, a client port reused against a backend whose server side still holds
+    // TIME_WAIT from a connection made through a *different* destination address (another
+    // VIP, or the backend directly) fails PAWS and the SYN waits a 1 s retransmit: an artifact
+    // of one client opening tens of thousands of connections a second to two backends through
+    // two paths, which would otherwise poison whichever side runs after the other.
+    let out = lab
+        .command(
+            &format!("{NS}/client"),
+            "sysctl",
+            &["-qw", "net.ipv4.tcp_timestamps=2"],
+        )?
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "sysctl in the client pod: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     iptables_restore(&lab, EMPTY_NAT)?;
     let files = tempfile::tempdir()?;
     // Per size: (baseline rate, comb rate, baseline p99, comb p99) runs.
