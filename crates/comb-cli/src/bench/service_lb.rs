@@ -144,6 +144,20 @@ fn iptables_restore(lab: &Lab, rules: &str) -> Result<()> {
     Ok(())
 }
 
+/// Connections conntrack tracks in the node namespace (None when it cannot be read).
+fn conntrack_count(lab: &Lab) -> Option<u64> {
+    let out = lab
+        .node_command(
+            "node1",
+            "sysctl",
+            &["-n", "net.netfilter.nf_conntrack_count"],
+        )
+        .ok()?
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
 /// Number of rules in the node namespace's nat table.
 fn nat_rules(lab: &Lab) -> Result<usize> {
     let out = lab
@@ -323,6 +337,7 @@ pub fn run(a: &Args) -> Result<Report> {
                 [true, false]
             };
             for comb_side in order {
+                let tracked = conntrack_count(&lab);
                 let (rate, p99) = if comb_side {
                     connrate(&lab, &comb, &file_a, c.secs, a.parallel)?
                 } else {
@@ -342,10 +357,11 @@ pub fn run(a: &Args) -> Result<Report> {
                 r[2 + i].push(p99);
                 if !c.json {
                     eprintln!(
-                        "  N={n} pair {}/{} {:8}: {rate:.0} conn/s, p99 {p99:.0} us",
+                        "  N={n} pair {}/{} {:8}: {rate:.0} conn/s, p99 {p99:.0} us (conntrack entries at start: {})",
                         pair + 1,
                         c.pairs,
-                        if comb_side { "socketlb" } else { "iptables" }
+                        if comb_side { "socketlb" } else { "iptables" },
+                        tracked.map_or("?".into(), |t| t.to_string())
                     );
                 }
             }
