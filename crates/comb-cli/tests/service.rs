@@ -197,10 +197,14 @@ fn maglev_keeps_each_client_on_its_backend() {
         all_programmed(r, 1) && r[0]["algorithm"] == "maglev"
     });
     wait_idents(&lab, 10);
+    let mut chosen = BTreeSet::new();
     for c in ["client"].iter().chain(&clients) {
         let counts = spread(&lab, &format!("{NS}/{c}"), &format!("{vip}:80"), 50);
         assert_eq!(counts.len(), 1, "{c} moved between backends: {counts:?}");
+        chosen.extend(counts.into_keys());
     }
+    // Not one fixed backend for everybody: clients hash apart.
+    assert!(chosen.len() > 1, "four clients all on {chosen:?}");
 }
 
 #[test]
@@ -245,6 +249,8 @@ fn no_backends_refuses_within_ten_ms() {
     let lab = lab_up_with("sn", &pods, &web(vip, &[], &[], ""), &[]);
     wait_ready(&lab, "node1", 2);
     wait_services(&lab, "node1", "empty frontend", |r| all_programmed(r, 1));
+    let refused = || metric(&lab, "node1", "comb_lb_refused_no_backend_total");
+    let before = refused();
     for _ in 0..3 {
         let (ok, out) = probe(&lab, "t/client", &["connect", "--to", &format!("{vip}:80")]);
         assert!(ok, "{out}");
@@ -253,6 +259,7 @@ fn no_backends_refuses_within_ten_ms() {
         let us: u64 = us.parse().unwrap();
         assert!(us < 10_000, "refused after {us} us");
     }
+    assert_eq!(refused(), before + 3.0, "the socket LB refused them");
 }
 
 #[test]
@@ -393,6 +400,18 @@ fn endpoint_change_keeps_streams_and_steers_new_connections() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "connected 50");
+    // Some of the streams go to be3 (probability of none: (2/3)^50).
+    let ss = lab
+        .command(
+            "t/be3",
+            "ss",
+            &["-Htn", "state", "established", "sport = :9090"],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+    let on_be3 = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert!(on_be3 > 0, "no stream reached be3");
     // be3 leaves the slice while the streams run.
     write_resources(&lab, &res(&ips[..2]));
     wait_services(&lab, "node1", "be3 removed", |r| {
