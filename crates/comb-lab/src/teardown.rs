@@ -117,6 +117,8 @@ fn remove_pins(matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
             removed.push(e.path().display().to_string());
         }
     }
+    // The shared parent goes too once nothing else is pinned there (fails harmlessly if so).
+    let _ = std::fs::remove_dir(PIN_ROOT);
     Ok(removed)
 }
 
