@@ -98,12 +98,7 @@ impl Datapath {
         let mut open = SpliceSkelBuilder::default()
             .open(&mut storage)
             .context("opening the embedded BPF object")?;
-        // libbpf reuses a map already pinned at its pin path, else creates and pins it.
-        for mut m in open.open_object_mut().maps_mut() {
-            let path = maps_dir.join(m.name());
-            m.set_pin_path(&path)
-                .with_context(|| format!("setting pin path {}", path.display()))?;
-        }
+        set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
         let skel = open.load().with_context(|| {
             format!(
                 "loading BPF programs and maps (if a map pinned under {} has an older layout, remove it)",
@@ -111,13 +106,10 @@ impl Datapath {
             )
         })?;
 
-        let handle = |m: &libbpf_rs::Map<'_>| {
-            MapHandle::try_from(m).with_context(|| format!("map {:?}", m.name()))
-        };
-        let config = handle(&skel.maps.comb_config)?;
-        let endpoints = handle(&skel.maps.comb_endpoints)?;
-        let sock_hash = handle(&skel.maps.comb_sock_hash)?;
-        let stats = handle(&skel.maps.comb_splice_stats)?;
+        let config = map_handle(&skel.maps.comb_config)?;
+        let endpoints = map_handle(&skel.maps.comb_endpoints)?;
+        let sock_hash = map_handle(&skel.maps.comb_sock_hash)?;
+        let stats = map_handle(&skel.maps.comb_splice_stats)?;
         let sockops =
             ProgramHandle::try_from(&skel.progs.comb_sockops).context("sockops program")?;
         let sk_msg = ProgramHandle::try_from(&skel.progs.comb_sk_msg).context("sk_msg program")?;
@@ -422,6 +414,22 @@ pub(crate) fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
+/// Point every map of an opened object at `<maps_dir>/<name>`: libbpf reuses a map already
+/// pinned at its pin path, else creates and pins it.
+fn set_map_pin_paths(obj: &mut libbpf_rs::OpenObject, maps_dir: &Path) -> Result<()> {
+    for mut m in obj.maps_mut() {
+        let path = maps_dir.join(m.name());
+        m.set_pin_path(&path)
+            .with_context(|| format!("setting pin path {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A handle on one of a loaded object's maps.
+fn map_handle(m: &libbpf_rs::Map<'_>) -> Result<MapHandle> {
+    MapHandle::try_from(m).with_context(|| format!("map {:?}", m.name()))
+}
+
 /// The closest existing ancestor of `p` (itself included).
 fn first_existing(p: &Path) -> Option<PathBuf> {
     p.ancestors().find(|a| a.exists()).map(Path::to_path_buf)
@@ -435,20 +443,13 @@ fn load_socket_lb(pin_dir: &Path) -> Result<SocketLb> {
     let mut open = SockSkelBuilder::default()
         .open(&mut storage)
         .context("opening the embedded socket-LB object")?;
-    for mut m in open.open_object_mut().maps_mut() {
-        let path = maps_dir.join(m.name());
-        m.set_pin_path(&path)
-            .with_context(|| format!("setting pin path {}", path.display()))?;
-    }
+    set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
     let skel = open.load().with_context(|| {
         format!(
             "loading socket-LB programs and maps (if a map pinned under {} has an older layout, remove it)",
             maps_dir.display()
         )
     })?;
-    let handle = |m: &libbpf_rs::Map<'_>| {
-        MapHandle::try_from(m).with_context(|| format!("map {:?}", m.name()))
-    };
     let sp = &skel.progs;
     // In HOOKS order (checked by a unit test).
     let ours = [
@@ -476,11 +477,11 @@ fn load_socket_lb(pin_dir: &Path) -> Result<SocketLb> {
         progs.push(h);
     }
     Ok(SocketLb {
-        services: handle(&skel.maps.comb_lb_services)?,
-        backends: handle(&skel.maps.comb_lb_backends)?,
-        maglev: handle(&skel.maps.comb_lb_maglev)?,
-        config: handle(&skel.maps.comb_lb_config)?,
-        stats: handle(&skel.maps.comb_lb_stats)?,
+        services: map_handle(&skel.maps.comb_lb_services)?,
+        backends: map_handle(&skel.maps.comb_lb_backends)?,
+        maglev: map_handle(&skel.maps.comb_lb_maglev)?,
+        config: map_handle(&skel.maps.comb_lb_config)?,
+        stats: map_handle(&skel.maps.comb_lb_stats)?,
         progs,
         ids: std::sync::Mutex::new(IdAlloc::default()),
         attached: None,

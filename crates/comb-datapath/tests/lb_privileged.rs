@@ -3,15 +3,17 @@
 //! (local, so an untranslated connect fails fast instead of hanging). Needs root; without it
 //! fails under CI=true and is skipped with a notice otherwise.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::Duration;
 
 use comb_datapath::{Datapath, DatapathOptions, LbService, SocketLbMode, host};
+use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 use serde_json::{Value, json};
 
 const CLIENT: &str = r#"
@@ -90,55 +92,12 @@ for line in sys.stdin:
     print(json.dumps(out), flush=True)
 "#;
 
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let msg = "socket-LB privileged test needs root (BPF, cgroup2, bpffs)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("NOTICE: skipping: {msg}");
-    false
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
-struct CgroupGuard(PathBuf);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.0.display());
-    }
-}
-
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A throwaway network namespace (`ip netns add`), deleted on drop.
 struct NetnsGuard(String);
 
 impl NetnsGuard {
     fn new() -> Self {
-        let name = unique("comb-lbt");
+        let name = common::unique("comb-lbt");
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -169,12 +128,16 @@ struct Lab {
 }
 
 impl Lab {
+    /// The lab for a privileged test; None (skip) without root, see [`common::privileged`].
+    fn privileged(mode: SocketLbMode) -> Option<Self> {
+        common::privileged("socket-LB").then(|| Self::new(mode))
+    }
+
     fn new(mode: SocketLbMode) -> Self {
         host::ensure_bpffs().expect("bpffs");
         let mount = host::cgroup2_mount().expect("cgroup2 mount");
-        let cg = CgroupGuard(mount.join(unique("comb-test")));
-        std::fs::create_dir(&cg.0).expect("creating cgroup");
-        let pins = PinGuard(Path::new(host::BPFFS).join(unique("comb-test")));
+        let cg = CgroupGuard::new(&mount);
+        let pins = PinGuard::fresh();
         let mut dp = Datapath::load(DatapathOptions {
             pin_dir: pins.0.clone(),
             cgroup_root: mount.clone(),
@@ -196,6 +159,15 @@ impl Lab {
     fn client(&self) -> Client {
         Client::spawn(&self.cg.0, None)
     }
+
+    /// The test cgroup, relative to the cgroup2 mount.
+    fn cg_rel(&self) -> PathBuf {
+        self.cg
+            .0
+            .strip_prefix(host::cgroup2_mount().unwrap())
+            .unwrap()
+            .to_path_buf()
+    }
 }
 
 impl Drop for Lab {
@@ -209,65 +181,20 @@ impl Drop for Lab {
 }
 
 /// The python client, joined to the cgroup (and optionally a netns); killed on drop.
-struct Client {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
+struct Client(CgroupChild);
 
 impl Client {
     fn spawn(cgroup: &Path, netns: Option<&str>) -> Self {
-        let python = if Path::new("/usr/bin/python3").exists() {
-            "/usr/bin/python3"
-        } else {
-            "python3"
-        };
-        let mut cmd = Command::new("sh");
-        // Join the cgroup first: `ip netns exec` remounts /sys, hiding the cgroup fs.
-        cmd.arg("-c")
-            .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
-            .arg("sh")
-            .arg(cgroup.join("cgroup.procs"));
-        if let Some(ns) = netns {
-            cmd.args(["ip", "netns", "exec", ns]);
-        }
-        let mut child = cmd
-            .arg(python)
-            .arg("-c")
-            .arg(CLIENT)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning client");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take().unwrap();
-        Self {
-            child,
-            stdin,
-            lines,
-        }
+        Self(CgroupChild::spawn(cgroup, netns, CLIENT, &[]))
     }
 
     fn ask(&mut self, cmd: Value) -> Value {
-        writeln!(self.stdin, "{cmd}").expect("writing to client");
-        self.stdin.flush().unwrap();
-        let line = self
-            .lines
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "client gave no answer to {cmd} (exit: {:?})",
-                    self.child.try_wait()
-                )
-            });
+        writeln!(self.0.stdin, "{cmd}").expect("writing to client");
+        self.0.stdin.flush().unwrap();
+        let line = self.0.line(
+            Duration::from_secs(60),
+            &format!("client gave no answer to {cmd}"),
+        );
         let v: Value = serde_json::from_str(&line).expect("client JSON");
         assert!(v.get("error").is_none(), "{cmd} -> {v}");
         v
@@ -296,13 +223,6 @@ fn counts_peers(v: &Value) -> (BTreeMap<String, u64>, Vec<String>) {
     (counts, peers)
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A TCP backend in this process: sends its name on accept, then echoes lines.
 fn tcp_backend(ip: &str, name: &str) -> (IpAddr, u16) {
     let l = TcpListener::bind((ip, 0)).expect("backend bind");
@@ -326,6 +246,13 @@ fn tcp_backend(ip: &str, name: &str) -> (IpAddr, u16) {
         }
     });
     (addr.ip(), addr.port())
+}
+
+/// `n` TCP backends on 127.0.0.1, named b0, b1, ...
+fn tcp_backends(n: usize) -> Vec<(IpAddr, u16)> {
+    (0..n)
+        .map(|i| tcp_backend("127.0.0.1", &format!("b{i}")))
+        .collect()
 }
 
 /// A UDP backend in this process: answers every datagram with its name.
@@ -353,22 +280,11 @@ fn svc(vip: &str, port: u16, proto: u8, backends: Vec<(IpAddr, u16)>) -> LbServi
     }
 }
 
-fn bpftool_cgroup_show(cg: &Path) -> String {
-    let out = Command::new("bpftool")
-        .arg("cgroup")
-        .arg("show")
-        .arg(cg)
-        .output()
-        .expect("running bpftool");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
+    };
     let shown = bpftool_cgroup_show(&lab.cg.0);
     for hook in [
         "connect4",
@@ -387,12 +303,7 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
     let s = svc("127.77.0.1", 80, 6, vec![b]);
     lab.dp().upsert_service(&s).unwrap();
     assert_eq!(lab.dp().services().unwrap(), vec![s.clone()]);
-    let rel = lab
-        .cg
-        .0
-        .strip_prefix(host::cgroup2_mount().unwrap())
-        .unwrap()
-        .to_path_buf();
+    let rel = lab.cg_rel();
     lab.dp()
         .attach_socket_lb(&rel, SocketLbMode::All)
         .expect("attach is idempotent");
@@ -432,10 +343,9 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
 
 #[test]
 fn tcp_ipv6_service() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
+    };
     let b = tcp_backend("::1", "b6");
     lab.dp()
         .upsert_service(&svc("fd00:77::1", 443, 6, vec![b]))
@@ -448,10 +358,9 @@ fn tcp_ipv6_service() {
 
 #[test]
 fn udp_replies_come_from_the_vip() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
+    };
     let b = udp_backend("127.0.0.1", "u0");
     lab.dp()
         .upsert_service(&svc("127.77.0.2", 53, 17, vec![b]))
@@ -471,10 +380,9 @@ fn udp_replies_come_from_the_vip() {
 
 #[test]
 fn no_backends_refuses_at_once() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
+    };
     lab.dp()
         .upsert_service(&svc("127.77.0.3", 80, 6, vec![]))
         .unwrap();
@@ -494,13 +402,10 @@ fn no_backends_refuses_at_once() {
 
 #[test]
 fn random_spreads_over_all_backends() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
-    let backends: Vec<_> = (0..4)
-        .map(|i| tcp_backend("127.0.0.1", &format!("b{i}")))
-        .collect();
+    };
+    let backends = tcp_backends(4);
     lab.dp()
         .upsert_service(&svc("127.77.0.4", 80, 6, backends))
         .unwrap();
@@ -514,13 +419,10 @@ fn random_spreads_over_all_backends() {
 
 #[test]
 fn maglev_same_client_same_backend() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
-    let backends: Vec<_> = (0..4)
-        .map(|i| tcp_backend("127.0.0.1", &format!("b{i}")))
-        .collect();
+    };
+    let backends = tcp_backends(4);
     let mut s = svc("127.77.0.5", 80, 6, backends);
     s.maglev = true;
     lab.dp().upsert_service(&s).unwrap();
@@ -542,13 +444,10 @@ fn maglev_same_client_same_backend() {
 
 #[test]
 fn affinity_keeps_the_backend() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
-    let mut backends: Vec<_> = (0..4)
-        .map(|i| tcp_backend("127.0.0.1", &format!("b{i}")))
-        .collect();
+    };
+    let mut backends = tcp_backends(4);
     let mut s = svc("127.77.0.6", 80, 6, backends.clone());
     s.affinity_timeout_secs = 60;
     lab.dp().upsert_service(&s).unwrap();
@@ -581,10 +480,9 @@ fn affinity_keeps_the_backend() {
 
 #[test]
 fn backend_update_keeps_established_connections() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::All) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::All);
+    };
     let b0 = tcp_backend("127.0.0.1", "b0");
     let b1 = tcp_backend("127.0.0.1", "b1");
     lab.dp()
@@ -612,10 +510,9 @@ fn backend_update_keeps_established_connections() {
 
 #[test]
 fn host_only_leaves_other_netns_alone() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::HostOnly) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::HostOnly);
+    };
     let b = tcp_backend("127.0.0.1", "b0");
     lab.dp()
         .upsert_service(&svc("127.77.0.9", 80, 6, vec![b]))
@@ -634,12 +531,7 @@ fn host_only_leaves_other_netns_alone() {
     assert_eq!(lab.dp().lb_stats().unwrap().connects_translated, 3);
     drop(other);
     // Mode All translates the other netns too.
-    let rel = lab
-        .cg
-        .0
-        .strip_prefix(host::cgroup2_mount().unwrap())
-        .unwrap()
-        .to_path_buf();
+    let rel = lab.cg_rel();
     lab.dp().attach_socket_lb(&rel, SocketLbMode::All).unwrap();
     // The backend (127.0.0.1:port of this netns) does not exist in that netns: refused, where
     // untranslated it would have reached the "native" listener.
@@ -652,10 +544,9 @@ fn host_only_leaves_other_netns_alone() {
 
 #[test]
 fn restart_adopts_services_and_links() {
-    if !privileged() {
+    let Some(mut lab) = Lab::privileged(SocketLbMode::HostOnly) else {
         return;
-    }
-    let mut lab = Lab::new(SocketLbMode::HostOnly);
+    };
     let b = tcp_backend("127.0.0.1", "b0");
     let mut a = svc("127.77.0.10", 80, 6, vec![b]);
     a.maglev = true;

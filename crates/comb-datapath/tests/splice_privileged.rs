@@ -2,15 +2,16 @@
 //! cgroup. Needs root (BPF, cgroup2, bpffs). Without privileges it fails under CI=true and is
 //! skipped with a notice otherwise.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use comb_datapath::maps::SockKey;
 use comb_datapath::{Datapath, DatapathOptions, EndpointInfo, host};
+use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 
 const SERVER: &str = r#"
 import socket, sys, threading
@@ -58,131 +59,31 @@ c.close()
 print("closed", flush=True)
 "#;
 
-/// Ok(true) when privileged; Ok(false) = skip; panics under CI.
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return true;
-    }
-    let msg = "splice privileged test needs root (BPF, cgroup2, bpffs)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("NOTICE: skipping: {msg}");
-    false
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
-/// A child cgroup, removed on drop (after its processes are gone).
-struct CgroupGuard(PathBuf);
-
-impl CgroupGuard {
-    fn new(mount: &Path) -> Self {
-        let p = mount.join(unique("comb-test"));
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", p.display()));
-        Self(p)
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        // rmdir fails with EBUSY while a killed process is still exiting.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.0.display());
-    }
-}
-
-/// A bpffs directory, removed on drop whatever the test left in it.
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    common::privileged("splice")
 }
 
 /// A helper process joined to the test cgroup; killed on drop.
-struct Helper {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
+struct Helper(CgroupChild);
 
 impl Helper {
     fn spawn(cgroup: &Path, script: &str, args: &[&str]) -> Self {
-        let python = if Path::new("/usr/bin/python3").exists() {
-            "/usr/bin/python3"
-        } else {
-            "python3"
-        };
-        // The shell joins the cgroup first, so python and every socket it opens live there.
-        let procs = cgroup.join("cgroup.procs");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
-            .arg("sh")
-            .arg(&procs)
-            .arg(python)
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning helper");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            child,
-            stdin,
-            lines,
-        }
+        Self(CgroupChild::spawn(cgroup, None, script, args))
     }
 
     fn line(&mut self) -> String {
-        match self.lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => panic!(
-                "helper gave no output line in time (exit status: {:?})",
-                self.child.try_wait()
-            ),
-        }
+        self.0.line(
+            Duration::from_secs(30),
+            "helper gave no output line in time",
+        )
     }
 
     fn go(&mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin");
+        let stdin = &mut self.0.stdin;
         stdin
             .write_all(b"\n")
             .and_then(|()| stdin.flush())
             .expect("writing to helper");
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -195,21 +96,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn bpftool_cgroup_show(cg: &Path) -> String {
-    let out = Command::new("bpftool")
-        .arg("cgroup")
-        .arg("show")
-        .arg(cg)
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool cgroup show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -232,7 +118,7 @@ fn splice_echo(lo: IpAddr) {
     let mount = host::cgroup2_mount().expect("cgroup2 mount");
     // Declaration order = reverse drop order: helpers die first, the cgroup goes last.
     let cg = CgroupGuard::new(&mount);
-    let pins = PinGuard(Path::new(host::BPFFS).join(unique("comb-test")));
+    let pins = PinGuard::fresh();
     let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
 
     let mut dp = Datapath::load(DatapathOptions {
@@ -326,7 +212,7 @@ fn restart_adopts_pins() {
     host::ensure_bpffs().expect("bpffs");
     let mount = host::cgroup2_mount().expect("cgroup2 mount");
     let cg = CgroupGuard::new(&mount);
-    let pins = PinGuard(Path::new(host::BPFFS).join(unique("comb-test")));
+    let pins = PinGuard::fresh();
     let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
     let opts = || DatapathOptions {
         pin_dir: pins.0.clone(),
@@ -377,7 +263,7 @@ fn tcp_first_is_sticky() {
     }
     host::ensure_bpffs().expect("bpffs");
     let mount = host::cgroup2_mount().expect("cgroup2 mount");
-    let pins = PinGuard(Path::new(host::BPFFS).join(unique("comb-test")));
+    let pins = PinGuard::fresh();
     let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
         cgroup_root: mount,
