@@ -16,6 +16,21 @@ fn attached_programs(cgroup: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// For a privileged test (None = skip): a lab with pods t/a and t/b on node1, its agent
+/// (started with `agent_args`) ready with both attached.
+fn two_pod_lab(prefix: &str, agent_args: &[&str]) -> Option<comb_lab::Lab> {
+    if !privileged() {
+        return None;
+    }
+    let lab = lab_up(
+        prefix,
+        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
+        agent_args,
+    );
+    wait_ready(&lab, "node1", 2);
+    Some(lab)
+}
+
 #[test]
 fn cli_without_agent_says_so() {
     let out = comb(&["status", "--socket", "/nonexistent/comb.sock"]);
@@ -29,15 +44,9 @@ fn cli_without_agent_says_so() {
 
 #[test]
 fn agent_stop_leaves_no_attachment_pin_or_process() {
-    if !privileged() {
+    let Some(lab) = two_pod_lab("ag", &[]) else {
         return;
-    }
-    let lab = lab_up(
-        "ag",
-        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
-        &[],
-    );
-    wait_ready(&lab, "node1", 2);
+    };
     let s = status(&lab, "node1");
     let cg = lab.pod("t/a").unwrap().cgroup.clone();
     assert!(
@@ -71,15 +80,9 @@ fn agent_stop_leaves_no_attachment_pin_or_process() {
 
 #[test]
 fn keep_pins_keeps_splicing_across_a_restart() {
-    if !privileged() {
+    let Some(lab) = two_pod_lab("ak", &["--keep-pins"]) else {
         return;
-    }
-    let lab = lab_up(
-        "ak",
-        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
-        &["--keep-pins"],
-    );
-    wait_ready(&lab, "node1", 2);
+    };
     let pin_dir = status(&lab, "node1").pin_dir;
     let _srv = serve(&lab, "t/b", 7500, "echo");
     let to = format!("{}:7500", ip(&lab, "t/b"));
@@ -117,15 +120,9 @@ const GOOD_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, nam
 
 #[test]
 fn bad_manifests_are_reported_and_the_last_good_state_stays() {
-    if !privileged() {
+    let Some(lab) = two_pod_lab("ab", &[]) else {
         return;
-    }
-    let lab = lab_up(
-        "ab",
-        &(pod("t", "a", "node1", &[]) + &pod("t", "b", "node1", &[])),
-        &[],
-    );
-    wait_ready(&lab, "node1", 2);
+    };
     let good = status(&lab, "node1");
     let eps = endpoints(&lab, "node1");
     let dir = lab.manifests_dir();

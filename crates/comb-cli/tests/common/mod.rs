@@ -33,33 +33,44 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{:04x}", rand::random::<u16>())
 }
 
-/// A pod manifest for the lab.
-pub fn pod(ns: &str, name: &str, node: &str, annotations: &[(&str, &str)]) -> String {
-    let ann: String = annotations
-        .iter()
-        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
-        .collect();
-    let ann = if ann.is_empty() {
+/// A `metadata.annotations` block from `key: value` entries (empty when there are none).
+fn annotations_yaml(entries: impl Iterator<Item = String>) -> String {
+    let ann: String = entries.map(|e| format!("    {e}\n")).collect();
+    if ann.is_empty() {
         String::new()
     } else {
         format!("  annotations:\n{ann}")
-    };
+    }
+}
+
+/// A pod manifest for the lab.
+pub fn pod(ns: &str, name: &str, node: &str, annotations: &[(&str, &str)]) -> String {
+    let ann = annotations_yaml(annotations.iter().map(|(k, v)| format!("{k}: \"{v}\"")));
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{ann}spec:\n  nodeName: {node}\n  containers: [{{name: c, image: none}}]\n---\n"
     )
 }
 
 pub fn lab_up(prefix: &str, pods: &str, agent_args: &[&str]) -> Lab {
+    lab_up_files(prefix, &[("pods.yaml", pods)], agent_args)
+}
+
+/// A lab named after `prefix` whose agents get `agent_args`, with manifest `files` (name, text).
+fn lab_up_files(prefix: &str, files: &[(&str, &str)], agent_args: &[&str]) -> Lab {
     let agent = AgentOptions {
         combd: PathBuf::from(COMBD),
         extra_args: agent_args.iter().map(|s| s.to_string()).collect(),
     };
+    let files: Vec<_> = files
+        .iter()
+        .map(|(name, text)| (PathBuf::from(name), text.to_string()))
+        .collect();
     Lab::up(
         LabOptions {
             name: unique(prefix),
             agent: Some(agent),
         },
-        &[(PathBuf::from("pods.yaml"), pods.to_string())],
+        &files,
     )
     .expect("lab up")
 }
@@ -97,18 +108,22 @@ pub fn set_splice(lab: &Lab, node: &str, on: bool) {
     call(&lab.agent_socket(node), &Request::SetSplice { enabled: on }).unwrap();
 }
 
+/// `node`'s agent answers and has applied the newest manifests.
+fn applied(lab: &Lab, node: &str) -> bool {
+    let Ok(v) = call(&lab.agent_socket(node), &Request::Status) else {
+        return false;
+    };
+    let s: Status = serde_json::from_value(v).unwrap();
+    s.generation > 0 && s.applied_generation == s.generation
+}
+
 /// Wait until `node`'s agent applied the manifests and attached to `attached` pod cgroups.
 pub fn wait_ready(lab: &Lab, node: &str, attached: usize) {
     wait_for(
         Duration::from_secs(20),
         &format!("agent on {node} ready with {attached} attached pods"),
         || {
-            let Ok(v) = call(&lab.agent_socket(node), &Request::Status) else {
-                return false;
-            };
-            let s: Status = serde_json::from_value(v).unwrap();
-            s.generation > 0
-                && s.applied_generation == s.generation
+            applied(lab, node)
                 && endpoints(lab, node)
                     .iter()
                     .filter(|r| r.local && r.cgroup.is_some())
@@ -231,15 +246,11 @@ pub fn pod_with(
     ports: &[(&str, u16)],
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap();
-    let ann: String = annotations
-        .iter()
-        .map(|(k, v)| format!("    {}: {}\n", q(k), q(v)))
-        .collect();
-    let ann = if ann.is_empty() {
-        String::new()
-    } else {
-        format!("  annotations:\n{ann}")
-    };
+    let ann = annotations_yaml(
+        annotations
+            .iter()
+            .map(|(k, v)| format!("{}: {}", q(k), q(v))),
+    );
     let cmd = if command.is_empty() {
         String::new()
     } else {
@@ -292,15 +303,7 @@ pub fn service_yaml(
     ports: &[(&str, u16, &str, &str)],
     extra: &str,
 ) -> String {
-    let ann: String = annotations
-        .iter()
-        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
-        .collect();
-    let ann = if ann.is_empty() {
-        String::new()
-    } else {
-        format!("  annotations:\n{ann}")
-    };
+    let ann = annotations_yaml(annotations.iter().map(|(k, v)| format!("{k}: \"{v}\"")));
     let p: Vec<String> = ports
         .iter()
         .map(|(n, port, target, proto)| {
@@ -358,21 +361,11 @@ pub fn slice_yaml(
 
 /// A lab from Pods plus Services/EndpointSlices (copied to manifests/resources.yaml).
 pub fn lab_up_with(prefix: &str, pods: &str, resources: &str, agent_args: &[&str]) -> Lab {
-    let agent = AgentOptions {
-        combd: PathBuf::from(COMBD),
-        extra_args: agent_args.iter().map(|s| s.to_string()).collect(),
-    };
-    Lab::up(
-        LabOptions {
-            name: unique(prefix),
-            agent: Some(agent),
-        },
-        &[
-            (PathBuf::from("pods.yaml"), pods.to_string()),
-            (PathBuf::from("services.yaml"), resources.to_string()),
-        ],
+    lab_up_files(
+        prefix,
+        &[("pods.yaml", pods), ("services.yaml", resources)],
+        agent_args,
     )
-    .expect("lab up")
 }
 
 /// Replace the lab's Services and EndpointSlices (atomically, as an API server update would).
@@ -408,11 +401,7 @@ pub fn wait_services(
     mut check: impl FnMut(&[serde_json::Value]) -> bool,
 ) {
     wait_for(Duration::from_secs(20), what, || {
-        let Ok(v) = call(&lab.agent_socket(node), &Request::Status) else {
-            return false;
-        };
-        let s: Status = serde_json::from_value(v).unwrap();
-        s.generation > 0 && s.applied_generation == s.generation && check(&services(lab, node))
+        applied(lab, node) && check(&services(lab, node))
     });
 }
 
