@@ -1,6 +1,7 @@
 //! `comb bench`: each scenario builds its own lab, runs the baseline and Comb's path
 //! interleaved, and reports medians and ratios measured in the same run.
 
+mod lab;
 mod report;
 mod service_lb;
 mod splice;

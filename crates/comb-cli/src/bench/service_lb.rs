@@ -10,16 +10,16 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use comb_agent::api::{Request, Status};
-use comb_lab::{AgentOptions, Lab, LabOptions};
+use comb_lab::Lab;
 
 use super::report::{Metric, Report, median};
-use super::{Common, splice::wait_attached};
+use super::{Common, lab};
 use crate::client;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -267,20 +267,14 @@ pub fn run(a: &Args) -> Result<Report> {
         bail!("--pairs must be at least 1");
     }
     let comb = std::env::current_exe()?;
-    let name = format!("bl{:04x}", rand::random::<u16>());
-    let combd = crate::lab_cmds::combd_path()?;
     // Splice off: both sides run plain TCP over the veths, so only the Service path differs.
-    let lab = Lab::up(
-        LabOptions {
-            name,
-            agent: Some(AgentOptions {
-                combd,
-                extra_args: vec!["--splice".into(), "off".into()],
-            }),
-        },
-        &[(PathBuf::from("bench-service-lb.yaml"), pods(&comb))],
+    let lab = lab::up(
+        "bl",
+        &["--splice", "off"],
+        "bench-service-lb.yaml",
+        pods(&comb),
+        3,
     )?;
-    wait_attached(&lab.agent_socket("node1"), 3)?;
     let backends: Vec<Ipv4Addr> = ["be1", "be2"]
         .iter()
         .map(|p| Ok(lab.pod(&format!("{NS}/{p}"))?.ip))

@@ -1,15 +1,11 @@
 //! `comb bench splice`: local pod-to-pod TCP with the splice off (plain TCP over the veths,
 //! the baseline) and on, interleaved in one lab.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
 use anyhow::{Result, bail};
-use comb_agent::api::{Request, Status};
-use comb_lab::{AgentOptions, Lab, LabOptions};
+use comb_agent::api::Request;
 
 use super::report::{Metric, Report};
-use super::{Common, tools};
+use super::{Common, lab, tools};
 use crate::client;
 
 const PODS: &str = r#"
@@ -31,20 +27,8 @@ pub fn run(c: &Common) -> Result<Report> {
     if c.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let name = format!("bs{:04x}", rand::random::<u16>());
-    let combd = crate::lab_cmds::combd_path()?;
-    let lab = Lab::up(
-        LabOptions {
-            name,
-            agent: Some(AgentOptions {
-                combd,
-                extra_args: vec![],
-            }),
-        },
-        &[(PathBuf::from("bench-splice.yaml"), PODS.to_string())],
-    )?;
+    let lab = lab::up("bs", &[], "bench-splice.yaml", PODS.to_string(), 2)?;
     let socket = lab.agent_socket("node1");
-    wait_attached(&socket, 2)?;
     let server_ip = lab.pod("bench/server")?.ip.to_string();
     let _rr = tools::start_server(
         &lab,
@@ -135,30 +119,4 @@ pub fn run(c: &Common) -> Result<Report> {
         baseline_label: "plain TCP over veths (splice off)".into(),
         comb_label: "sockops + sk_msg socket splice".into(),
     })
-}
-
-/// Wait until the agent applied State and attached to `pods` pod cgroups.
-pub fn wait_attached(socket: &std::path::Path, pods: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        if let Ok(v) = client::call(socket, &Request::Status) {
-            let s: Status = serde_json::from_value(v)?;
-            let rows: Vec<comb_agent::api::EndpointRow> =
-                serde_json::from_value(client::call(socket, &Request::Endpoints)?)?;
-            let attached = rows
-                .iter()
-                .filter(|r| r.local && r.cgroup.is_some())
-                .count();
-            if s.generation > 0 && s.applied_generation == s.generation && attached >= pods {
-                return Ok(());
-            }
-            last = format!(
-                "generation {} applied {} attached {attached}; errors {:?} {:?}",
-                s.generation, s.applied_generation, s.config_errors, s.datapath_errors
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("agent at {} not ready after 15 s: {last}", socket.display())
 }
