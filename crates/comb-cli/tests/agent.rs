@@ -240,4 +240,17 @@ fn cli_reports_endpoints_and_splice_stats() {
         metrics.contains("comb_splice_redirected_bytes_total"),
         "{metrics}"
     );
+    // Prometheus scrapes /metrics over HTTP on the loopback of the agent's (node) namespace.
+    let out = lab
+        .node_command("node1", "curl", &["-sf", "http://127.0.0.1:9962/metrics"])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET /metrics failed: {out:?}");
+    let scraped = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        scraped.contains("# TYPE comb_state_generation gauge")
+            && scraped.contains("comb_local_endpoints 2"),
+        "{scraped}"
+    );
 }
