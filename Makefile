@@ -1,5 +1,5 @@
 # Comb: the two commands a newcomer needs are `make demo` and `make test`.
-.PHONY: deps build release demo test lint unit clean-lab
+.PHONY: deps build release demo test lint fuzz clean-lab
 
 CARGO ?= cargo
 
@@ -22,6 +22,10 @@ lint: deps
 # Everything: style, unit tests and the privileged lab tests (run as root).
 test: lint
 	$(CARGO) test --workspace
+
+# Fuzz the manifest parser and converter (needs the nightly toolchain and cargo-fuzz).
+fuzz:
+	cd fuzz && cargo +nightly fuzz run manifest -- -max_total_time=$${FUZZ_SECS:-60}
 
 clean-lab:
 	-target/debug/comb lab down --all 2>/dev/null || target/release/comb lab down --all
