@@ -163,19 +163,29 @@ fn random_spread_over_ten_backends_passes_chi_square() {
     wait_services(&lab, "node1", "web programmed", |r| all_programmed(r, 1));
     wait_idents(&lab, 10);
     const N: u64 = 10_000;
-    let counts = spread(&lab, "t/client", &format!("{vip}:80"), N as usize);
-    assert_eq!(counts.values().sum::<u64>(), N);
-    assert!(counts.keys().all(|k| names(10).contains(k)), "{counts:?}");
     let expected = N as f64 / 10.0;
-    let chi2: f64 = names(10)
-        .iter()
-        .map(|k| {
-            let o = counts.get(k).copied().unwrap_or(0) as f64;
-            (o - expected).powi(2) / expected
-        })
-        .sum();
-    // df = 9, p = 0.01.
-    assert!(chi2 < 21.666, "chi-square {chi2:.2} ≥ 21.666: {counts:?}");
+    // A uniform spread fails a p = 0.01 test once in a hundred samples by definition; a second,
+    // independent sample keeps that from failing CI (1 in 10,000) while a biased LB still fails
+    // both.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let counts = spread(&lab, "t/client", &format!("{vip}:80"), N as usize);
+        assert_eq!(counts.values().sum::<u64>(), N);
+        assert!(counts.keys().all(|k| names(10).contains(k)), "{counts:?}");
+        let chi2: f64 = names(10)
+            .iter()
+            .map(|k| {
+                let o = counts.get(k).copied().unwrap_or(0) as f64;
+                (o - expected).powi(2) / expected
+            })
+            .sum();
+        // df = 9, p = 0.01.
+        if chi2 < 21.666 {
+            return;
+        }
+        seen.push(format!("chi-square {chi2:.2} ≥ 21.666: {counts:?}"));
+    }
+    panic!("two samples failed the chi-square test: {seen:#?}");
 }
 
 #[test]
