@@ -98,6 +98,12 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(dp) = dp {
         dp.shutdown(args.keep_pins)
             .context("shutting the datapath down")?;
+        if !args.keep_pins
+            && let Some(parent) = args.pin_dir().parent()
+        {
+            // The shared parent (/sys/fs/bpf/comb) goes too once the last agent left it.
+            let _ = std::fs::remove_dir(parent);
+        }
         tracing::info!(keep_pins = args.keep_pins, "datapath shut down");
     }
     result
