@@ -118,6 +118,22 @@ fn keep_pins_keeps_splicing_across_a_restart() {
 const BROKEN: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: abc}]\n";
 const GOOD_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: 80, targetPort: 8080}]\n";
 
+/// `comb VERB -f FILE --manifests DIR`, which must succeed.
+fn manifests_cmd(verb: &str, file: &std::path::Path, dir: &std::path::Path) {
+    let out = comb(&[
+        verb,
+        "-f",
+        file.to_str().unwrap(),
+        "--manifests",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "comb {verb}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn bad_manifests_are_reported_and_the_last_good_state_stays() {
     let Some(lab) = two_pod_lab("ab", &[]) else {
@@ -177,33 +193,11 @@ fn bad_manifests_are_reported_and_the_last_good_state_stays() {
 
     // A valid apply is picked up without restart; delete removes it again.
     std::fs::write(&bad, GOOD_SVC).unwrap();
-    let out = comb(&[
-        "apply",
-        "-f",
-        bad.to_str().unwrap(),
-        "--manifests",
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    manifests_cmd("apply", &bad, &dir);
     wait_for(Duration::from_secs(10), "the new generation", || {
         status(&lab, "node1").generation > good.generation
     });
-    let out = comb(&[
-        "delete",
-        "-f",
-        bad.to_str().unwrap(),
-        "--manifests",
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    manifests_cmd("delete", &bad, &dir);
     assert!(!dir.join("svc.yaml").exists());
 }
 

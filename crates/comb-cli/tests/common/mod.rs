@@ -156,19 +156,10 @@ impl Drop for PodProc {
 
 /// `comb probe serve` in a pod; returns once it listens.
 pub fn serve(lab: &Lab, pod: &str, port: u16, mode: &str) -> PodProc {
+    let cmd = serve_cmd(port, mode);
+    let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
     let mut child = lab
-        .command(
-            pod,
-            COMB,
-            &[
-                "probe",
-                "serve",
-                "--port",
-                &port.to_string(),
-                "--mode",
-                mode,
-            ],
-        )
+        .command(pod, &cmd[0], &args)
         .unwrap()
         .stdout(Stdio::piped())
         .spawn()
