@@ -14,17 +14,21 @@ pub type SourceUpdate = Result<Snapshot, ConfigErrors>;
 
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
+/// The same files the loader reads (comb_config::manifest_files), so temporary files of
+/// `comb apply` or an editor do not trigger a reload.
 fn fingerprint(dir: &Path) -> Option<Fingerprint> {
-    let mut fp: Fingerprint = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((e.path(), meta.len(), meta.modified().ok()))
-        })
-        .collect();
-    fp.sort();
-    Some(fp)
+    let files = comb_config::manifest_files(dir).ok()?;
+    Some(
+        files
+            .into_iter()
+            .map(|f| {
+                let meta = std::fs::metadata(&f).ok();
+                let len = meta.as_ref().map_or(0, |m| m.len());
+                let modified = meta.and_then(|m| m.modified().ok());
+                (f, len, modified)
+            })
+            .collect(),
+    )
 }
 
 /// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes.

@@ -54,14 +54,8 @@ pub fn object_key(o: &Object) -> (String, String, String) {
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading manifests directory {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    Ok(files)
+    comb_config::manifest_files(dir)
+        .with_context(|| format!("reading manifests directory {}", dir.display()))
 }
 
 fn report(errors: &ConfigErrors) -> ExitCode {
