@@ -75,9 +75,26 @@ pub(crate) fn node(o: &core::Node, s: &mut Sink<'_>) -> Option<model::Node> {
                 Err(_) => s.field(field, format!("{text:?} is not a valid CIDR")),
             }
         }
+        let mut addresses = Vec::new();
+        let listed = o.status.as_ref().and_then(|st| st.addresses.as_ref());
+        for (i, a) in listed.into_iter().flatten().enumerate() {
+            // Hostname and DNS entries are names, not addresses.
+            if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
+                continue;
+            }
+            match a.address.parse::<IpAddr>() {
+                Ok(ip) if !addresses.contains(&ip) => addresses.push(ip),
+                Ok(_) => {}
+                Err(_) => s.field(
+                    format!("status.addresses[{i}].address"),
+                    format!("{:?} is not a valid IP address", a.address),
+                ),
+            }
+        }
         model::Node {
             name: o.metadata.name.clone().unwrap_or_default(),
             pod_cidrs,
+            addresses,
         }
     })
 }
@@ -146,13 +163,53 @@ pub(crate) fn pod(o: &core::Pod, key: model::ObjKey, s: &mut Sink<'_>) -> Option
             key,
             labels: map_or_empty(&o.metadata.labels),
             cgroup: annotations.get(model::ANNOTATION_CGROUP).cloned(),
+            interface: annotations.get(model::ANNOTATION_INTERFACE).cloned(),
             annotations,
             node_name: spec.and_then(|sp| non_empty(&sp.node_name)),
             service_account,
             ips: pod_ips(o, s).into_iter().map(|(ip, _)| ip).collect(),
             splice,
+            ports: container_ports(o, s),
         }
     })
+}
+
+/// Every container's `ports`, named ones checked for IANA_SVC_NAME syntax and uniqueness
+/// per protocol (what NetworkPolicy named ports resolve to).
+fn container_ports(o: &core::Pod, s: &mut Sink<'_>) -> Vec<model::ContainerPort> {
+    let mut out: Vec<model::ContainerPort> = Vec::new();
+    let containers = o
+        .spec
+        .as_ref()
+        .map(|sp| sp.containers.as_slice())
+        .unwrap_or(&[]);
+    for (ci, c) in containers.iter().enumerate() {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let at = format!("spec.containers[{ci}].ports[{pi}]");
+            let port = port_number(p.container_port, &format!("{at}.containerPort"), s);
+            let protocol = protocol(&p.protocol, &format!("{at}.protocol"), s);
+            let name = non_empty(&p.name);
+            if let Some(n) = &name {
+                if !is_port_name(n) {
+                    s.field(
+                        format!("{at}.name"),
+                        format!("{n:?} is not a valid port name (IANA_SVC_NAME: at most 15 lowercase letters, digits and '-')"),
+                    );
+                } else if out.iter().any(|q| q.name.as_deref() == Some(n)) {
+                    s.field(
+                        format!("{at}.name"),
+                        format!("port name {n:?} is used twice"),
+                    );
+                }
+            }
+            out.push(model::ContainerPort {
+                name,
+                protocol,
+                port,
+            });
+        }
+    }
+    out
 }
 
 fn port_number(v: i32, field: &str, s: &mut Sink<'_>) -> u16 {

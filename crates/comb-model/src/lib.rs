@@ -13,3 +13,4 @@ pub use state::{Generation, State};
 
 pub mod lb;
 pub mod maglev;
+pub mod policy;

@@ -12,6 +12,9 @@ pub const ANNOTATION_SPLICE: &str = "comb.dev/splice";
 /// Annotation naming a pod's cgroup v2 path relative to the cgroup2 mount (written by the lab;
 /// in a cluster it would be derived from the pod UID and the kubelet's cgroup layout).
 pub const ANNOTATION_CGROUP: &str = "comb.dev/cgroup";
+/// Annotation naming the pod's host-side interface in the node's network namespace (written
+/// by the lab, as a CNI plugin would report it); policy programs attach there.
+pub const ANNOTATION_INTERFACE: &str = "comb.dev/interface";
 
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -46,6 +49,18 @@ pub struct Namespace {
 pub struct Node {
     pub name: String,
     pub pod_cidrs: Vec<IpNet>,
+    /// `status.addresses` of type InternalIP and ExternalIP: the node's own addresses, which
+    /// policy sees as `host` (this node) or `remote-node` (the others).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A named container port (`spec.containers[].ports[]`), what NetworkPolicy port names
+/// resolve to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +76,10 @@ pub struct Pod {
     pub cgroup: Option<String>,
     /// False when the pod opted out of the splice (see [`ANNOTATION_SPLICE`]).
     pub splice: bool,
+    /// Host-side interface in the node's network namespace (see [`ANNOTATION_INTERFACE`]).
+    pub interface: Option<String>,
+    /// Every container's ports.
+    pub ports: Vec<ContainerPort>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -133,4 +152,6 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjKey, Pod>,
     pub services: BTreeMap<ObjKey, Service>,
     pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
+    pub network_policies: BTreeMap<ObjKey, crate::policy::NetworkPolicy>,
+    pub authorization_policies: BTreeMap<ObjKey, crate::policy::AuthorizationPolicy>,
 }

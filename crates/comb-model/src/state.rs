@@ -60,6 +60,8 @@ mod tests {
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             cgroup: None,
             splice: true,
+            interface: None,
+            ports: Vec::new(),
         }
     }
 

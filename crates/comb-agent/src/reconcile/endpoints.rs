@@ -89,6 +89,8 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             cgroup: Some(format!("/lab/{name}")),
             splice,
+            interface: None,
+            ports: Vec::new(),
         }
     }
 

@@ -1,0 +1,202 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Types of the identity policy datapath (bpf/policy.c), shared with
+ * userspace. Every struct has a #[repr(C)] twin in
+ * crates/comb-datapath/src/policy_maps.rs, checked against the object's BTF
+ * by a unit test: change both together. Maps are pinned and adopted across
+ * agent restarts, so layouts are part of the on-node ABI.
+ *
+ * Addresses use struct comb_addr (comb_types.h): 16 bytes, network order,
+ * IPv4 v4-mapped (::ffff:a.b.c.d).
+ */
+#ifndef COMB_POLICY_TYPES_H
+#define COMB_POLICY_TYPES_H
+
+#include <linux/types.h>
+
+#include "comb_types.h"
+
+/* Reserved security identities (the same numbers Cilium uses). Identities
+ * of pods start at COMB_ID_FIRST_POD; identities of CIDRs named by policies
+ * (ipBlock) at COMB_ID_FIRST_CIDR. 0 never names a peer: in a policy key it
+ * means "any identity". */
+#define COMB_ID_ANY 0
+#define COMB_ID_HOST 1
+#define COMB_ID_WORLD 2
+#define COMB_ID_UNMANAGED 3
+#define COMB_ID_REMOTE_NODE 6
+#define COMB_ID_FIRST_POD 256
+#define COMB_ID_FIRST_CIDR (1U << 24)
+
+/* Direction, from the local endpoint's point of view. */
+#define COMB_DIR_INGRESS 0 /* to the pod: tc egress of the host-side veth */
+#define COMB_DIR_EGRESS 1  /* from the pod: tc ingress of the host-side veth */
+
+/* comb_ipcache: LPM_TRIE, address prefix -> identity.
+ * prefixlen counts bits of addr (IPv4: 96 + the v4 prefix length). */
+struct comb_ipcache_key {
+	__u32 prefixlen;
+	struct comb_addr addr;
+};
+
+struct comb_ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* comb_policy_endpoints: HASH, host-side veth ifindex -> the local endpoint.
+ * A packet on an interface without an entry passes untouched. */
+struct comb_policy_endpoint {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+	struct comb_addr addrs[2]; /* the pod's addresses (v4, v6; zero = none) */
+};
+
+/* comb_policy: LPM_TRIE, one table for all endpoints on the node.
+ * Fields after prefixlen are compared as bytes, in order; endpoint, identity
+ * and direction are always matched whole (prefixlen >= 72), protocol whole
+ * or not at all (72 = any protocol, 80 = this protocol, any port), the port
+ * (network order) by its leading bits (80 + k: a block of 2^(16-k) ports).
+ *
+ * Lookup for a new flow: {ep, peer identity, dir, proto, port} first; on a
+ * miss {ep, COMB_ID_ANY, dir, proto, port}; on a second miss the endpoint is
+ * not enforced in that direction and the flow is allowed. Userspace
+ * (comb-model policy compiler) makes each identity's entries complete, so the
+ * first hit is the whole answer: no precedence logic in the kernel. */
+struct comb_policy_key {
+	__u32 prefixlen;
+	__u32 endpoint;  /* host-side veth ifindex */
+	__u32 identity;  /* peer identity; COMB_ID_ANY = every other identity */
+	__u8 direction;  /* COMB_DIR_* */
+	__u8 protocol;   /* IPPROTO_*; 0 with prefixlen 72 */
+	__be16 port;     /* destination port, network order */
+};
+#define COMB_POLICY_PREFIX_ANY_PROTO 72
+#define COMB_POLICY_PREFIX_PROTO 80
+#define COMB_POLICY_PREFIX_FULL 96
+
+/* Verdicts. */
+#define COMB_VERDICT_ALLOW 1
+#define COMB_VERDICT_DENY 2
+/* The flow needs the node L7 proxy. With proxy_port 0 (no proxy yet) it is
+ * dropped with COMB_REASON_PROXY_UNAVAILABLE: fail closed, never widened. */
+#define COMB_VERDICT_REDIRECT 3
+
+/* Reasons, for counters and flow events. < 128: forwarded; >= 128: dropped. */
+#define COMB_REASON_POLICY_ALLOW 1   /* a rule allows the new flow */
+#define COMB_REASON_NO_POLICY 2      /* no policy selects the endpoint here */
+#define COMB_REASON_CT_ESTABLISHED 3 /* conntrack: a known flow */
+#define COMB_REASON_CT_REPLY 4       /* conntrack: reply of a known flow */
+#define COMB_REASON_HOST 5           /* from the node itself (health checks) */
+#define COMB_REASON_NOT_IP 6         /* ARP and the like: no policy applies */
+#define COMB_REASON_FRAGMENT 7       /* later fragment of an allowed datagram */
+#define COMB_REASON_POLICY_DENIED 128 /* NetworkPolicy selects, nothing allows */
+#define COMB_REASON_AUTHZ_DENY 129    /* an AuthorizationPolicy DENY rule matched */
+#define COMB_REASON_AUTHZ_NO_ALLOW 130 /* ALLOW policies exist, none matched */
+#define COMB_REASON_PROXY_UNAVAILABLE 131 /* L7 needed, no node proxy */
+#define COMB_REASON_FRAG_UNKNOWN 132 /* later fragment, first one not seen */
+#define COMB_REASON_MALFORMED 133    /* truncated or invalid IP header */
+
+struct comb_policy_value {
+	__u8 verdict;     /* COMB_VERDICT_* */
+	__u8 reason;      /* COMB_REASON_* reported with it */
+	__u16 proxy_port; /* COMB_VERDICT_REDIRECT: node proxy port, 0 = none */
+	__u32 policy;     /* userspace index of the deciding policy, 0 = none */
+};
+
+/* comb_ct: LRU_HASH. One entry per flow and direction it was judged in:
+ * a local pod-to-pod flow has two (the client's egress, the server's
+ * ingress). The tuple is the flow's original direction; a packet matches
+ * {its tuple, dir} (established) or {its reversed tuple, the other dir}
+ * (reply). Ports are network order; 0 for protocols without ports. */
+struct comb_ct_key {
+	struct comb_addr saddr;
+	struct comb_addr daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 direction;
+	__u8 pad[2];
+};
+
+#define COMB_CT_F_SEEN_REPLY (1U << 0)
+#define COMB_CT_F_CLOSING (1U << 1) /* FIN or RST seen: close timeout */
+struct comb_ct_value {
+	__u64 expires_ns; /* bpf_ktime_get_boot_ns() deadline */
+	__u64 created_ns;
+	__u32 flags;
+	__u32 endpoint; /* ifindex of the judging endpoint */
+	__u32 policy;   /* deciding policy, as in comb_policy_value */
+	__u8 reason;    /* reason of the verdict that created the entry */
+	__u8 pad[3];
+};
+
+/* comb_policy_config: ARRAY with one entry at index 0. */
+#define COMB_POLICY_CFG_F_EVENTS (1U << 0) /* emit flow events */
+struct comb_policy_config {
+	__u32 flags;
+	__u32 reserved;
+	__u64 ct_tcp_ns;   /* established TCP lifetime */
+	__u64 ct_close_ns; /* TCP after FIN/RST, and SYN not answered */
+	__u64 ct_other_ns; /* UDP, ICMP, ... */
+};
+
+/* comb_policy_metrics: PERCPU_HASH {ep, dir, reason} -> packets, bytes.
+ * The verdict follows from the reason (< 128 forwarded). */
+struct comb_policy_metric_key {
+	__u32 endpoint;
+	__u8 direction;
+	__u8 reason;
+	__u8 pad[2];
+};
+struct comb_policy_metric_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* comb_flow_events: RINGBUF. One event per new flow judged (allowed or
+ * dropped) and per dropped packet, when COMB_POLICY_CFG_F_EVENTS is set.
+ * Events that do not fit are counted in comb_policy_events_lost. */
+struct comb_flow_event {
+	__u64 time_ns; /* bpf_ktime_get_boot_ns() */
+	struct comb_addr saddr;
+	struct comb_addr daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 direction;
+	__u8 verdict;
+	__u8 reason;
+	__u32 endpoint;     /* host-side veth ifindex */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 policy;
+	__u32 len;          /* packet length */
+	__u32 reserved;
+};
+
+/* comb_frag: LRU_HASH, IPv4/IPv6 fragment id -> ports of its first
+ * fragment, so later fragments of an allowed datagram follow it. */
+struct comb_frag_key {
+	struct comb_addr saddr;
+	struct comb_addr daddr;
+	__u32 id;
+	__u8 protocol;
+	__u8 pad[3];
+};
+struct comb_frag_value {
+	__be16 sport;
+	__be16 dport;
+	__u8 verdict; /* COMB_VERDICT_ALLOW or DENY, as for the first fragment */
+	__u8 reason;
+	__u8 pad[2];
+};
+
+#define COMB_MAX_IPCACHE 65536
+#define COMB_MAX_POLICY 262144
+#define COMB_MAX_CT 262144
+#define COMB_MAX_FRAGS 8192
+#define COMB_MAX_POLICY_METRICS 16384
+#define COMB_FLOW_RINGBUF_BYTES (1U << 22)
+
+#endif /* COMB_POLICY_TYPES_H */
