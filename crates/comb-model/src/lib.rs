@@ -11,6 +11,8 @@ mod state;
 pub use objects::*;
 pub use state::{Generation, State};
 
+pub mod identity;
 pub mod lb;
 pub mod maglev;
 pub mod policy;
+pub mod policy_compile;
