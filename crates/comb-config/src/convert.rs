@@ -21,7 +21,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10800;
 const MAX_AFFINITY_TIMEOUT_SECS: i32 = 86400;
 
 /// Runs `f` and turns "reported any error" into `None`.
-fn checked<T>(s: &mut Sink<'_>, f: impl FnOnce(&mut Sink<'_>) -> T) -> Option<T> {
+pub(crate) fn checked<T>(s: &mut Sink<'_>, f: impl FnOnce(&mut Sink<'_>) -> T) -> Option<T> {
     let before = s.errors.len();
     let out = f(s);
     (s.errors.len() == before).then_some(out)
@@ -227,7 +227,7 @@ fn port_number(v: i32, field: &str, s: &mut Sink<'_>) -> u16 {
     }
 }
 
-fn protocol(p: &Option<String>, field: &str, s: &mut Sink<'_>) -> model::Protocol {
+pub(crate) fn protocol(p: &Option<String>, field: &str, s: &mut Sink<'_>) -> model::Protocol {
     match p.as_deref() {
         None | Some("" | "TCP") => model::Protocol::Tcp,
         Some("UDP") => model::Protocol::Udp,
@@ -241,7 +241,7 @@ fn protocol(p: &Option<String>, field: &str, s: &mut Sink<'_>) -> model::Protoco
 
 /// IANA_SVC_NAME as Kubernetes checks it: ≤15 chars, lowercase alphanumerics and '-', at least
 /// one letter, no leading/trailing/double '-'.
-fn is_port_name(n: &str) -> bool {
+pub(crate) fn is_port_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 15
         && n.bytes()

@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+mod convert_policy;
 mod error;
+pub mod istio;
 mod object;
 mod parse;
 mod snapshot;

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+
+use crate::istio;
 
 /// A parsed, not yet cross-validated object.
 // Unboxed on purpose: callers match and construct these directly, and a few kilobytes per
@@ -19,6 +22,8 @@ pub enum Object {
     Pod(core::Pod),
     Service(core::Service),
     EndpointSlice(discovery::EndpointSlice),
+    NetworkPolicy(networking::NetworkPolicy),
+    AuthorizationPolicy(istio::AuthorizationPolicy),
 }
 
 /// One object and where it came from, kept so later errors can still name the document.
@@ -30,13 +35,16 @@ pub struct Document {
     pub object: Object,
 }
 
-/// The kinds we accept, with the apiVersion each must carry.
-pub(crate) const KINDS: &[(&str, &str)] = &[
-    ("Namespace", "v1"),
-    ("Node", "v1"),
-    ("Pod", "v1"),
-    ("Service", "v1"),
-    ("EndpointSlice", "discovery.k8s.io/v1"),
+/// The kinds we accept, with the apiVersions each may carry (several when a CRD serves the
+/// same schema under more than one version).
+pub(crate) const KINDS: &[(&str, &[&str])] = &[
+    ("Namespace", &["v1"]),
+    ("Node", &["v1"]),
+    ("Pod", &["v1"]),
+    ("Service", &["v1"]),
+    ("EndpointSlice", &["discovery.k8s.io/v1"]),
+    ("NetworkPolicy", &["networking.k8s.io/v1"]),
+    (istio::KIND, istio::API_VERSIONS),
 ];
 
 impl Object {
@@ -47,6 +55,8 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
+            Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::AuthorizationPolicy(_) => istio::KIND,
         }
     }
 
@@ -57,6 +67,8 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -81,5 +93,7 @@ from_k8s!(
     Node(core::Node),
     Pod(core::Pod),
     Service(core::Service),
-    EndpointSlice(discovery::EndpointSlice)
+    EndpointSlice(discovery::EndpointSlice),
+    NetworkPolicy(networking::NetworkPolicy),
+    AuthorizationPolicy(istio::AuthorizationPolicy)
 );

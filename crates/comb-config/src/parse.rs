@@ -224,7 +224,7 @@ fn parse_object(
     };
     let (api_version, kind) = (header("apiVersion"), header("kind"));
     let (api_version, kind) = (api_version?, kind?);
-    let Some(&(_, want)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+    let Some(&(_, versions)) = KINDS.iter().find(|(k, _)| *k == kind) else {
         let supported: Vec<_> = KINDS.iter().map(|(k, _)| *k).collect();
         errors.push(err(
             Some("kind"),
@@ -235,10 +235,13 @@ fn parse_object(
         ));
         return None;
     };
-    if api_version != want {
+    if !versions.contains(&api_version.as_str()) {
         errors.push(err(
             Some("apiVersion"),
-            format!("unsupported apiVersion {api_version:?} for {kind} (expected {want})"),
+            format!(
+                "unsupported apiVersion {api_version:?} for {kind} (expected {})",
+                versions.join(" or ")
+            ),
         ));
         return None;
     }
@@ -247,6 +250,8 @@ fn parse_object(
         "Node" => typed(json).map(Object::Node),
         "Pod" => typed(json).map(Object::Pod),
         "Service" => typed(json).map(Object::Service),
+        "NetworkPolicy" => typed(json).map(Object::NetworkPolicy),
+        "AuthorizationPolicy" => typed(json).map(Object::AuthorizationPolicy),
         _ => typed(json).map(Object::EndpointSlice),
     };
     match object {

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use comb_model::{ObjKey, Snapshot};
 
-use crate::convert;
 use crate::error::{ConfigError, ConfigErrors, Sink};
 use crate::object::{Document, Object};
 use crate::parse::load_dir_partial;
+use crate::{convert, convert_policy};
 
 /// Namespace for namespaced objects that name none, as `kubectl apply` would use.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -140,6 +140,16 @@ fn build_partial(docs: &[Document], errors: &mut Vec<ConfigError>) -> Snapshot {
             Object::EndpointSlice(o) => {
                 if let Some(v) = convert::endpoint_slice(o, key.clone(), &mut s) {
                     snap.endpoint_slices.insert(key, v);
+                }
+            }
+            Object::NetworkPolicy(o) => {
+                if let Some(v) = convert_policy::network_policy(o, key.clone(), &mut s) {
+                    snap.network_policies.insert(key, v);
+                }
+            }
+            Object::AuthorizationPolicy(o) => {
+                if let Some(v) = convert_policy::authorization_policy(o, key.clone(), &mut s) {
+                    snap.authorization_policies.insert(key, v);
                 }
             }
             Object::Pod(o) => {
