@@ -206,6 +206,24 @@ impl Lab {
         Ok(cmd)
     }
 
+    /// A command in the router namespace of a multi-node lab: a host outside the cluster
+    /// (its address, 198.18.254.254, is neither a pod nor a node).
+    pub fn router_command(&self, program: &str, args: &[&str]) -> Result<Command> {
+        let router = self
+            .state
+            .router_netns
+            .as_ref()
+            .with_context(|| format!("lab {} has one node and so no router", self.state.name))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", router, program]).args(args);
+        Ok(cmd)
+    }
+
+    /// Where the node's agent keeps what must survive its restarts (identity numbers).
+    pub fn agent_state_dir(&self, node: &str) -> PathBuf {
+        self.state_dir().join(format!("{node}-agent"))
+    }
+
     /// Start the node's combd and wait for its admin socket.
     pub fn start_agent(&self, node: &str) -> Result<()> {
         let agent = self
@@ -233,6 +251,7 @@ impl Lab {
             .arg(Path::new("/").join(naming::node_cgroup(&self.state.name, node)));
         cmd.arg("--pin-dir")
             .arg(naming::pin_dir(&self.state.name, node));
+        cmd.arg("--state-dir").arg(self.agent_state_dir(node));
         cmd.args(&agent.extra_args);
         let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
         self.children.lock().unwrap().push(pid);

@@ -114,6 +114,11 @@ pub fn pods_yaml(state: &State, specs: &[PodSpec]) -> Result<String> {
             .annotations
             .get_or_insert_default()
             .insert("comb.dev/cgroup".into(), rel.display().to_string());
+        // What a CNI plugin would report: the pod's interface on the node side.
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("comb.dev/interface".into(), lab_pod.host_veth.clone());
         let ip = lab_pod.ip.to_string();
         let status = pod.status.get_or_insert_with(PodStatus::default);
         status.phase = Some("Running".into());
@@ -147,11 +152,18 @@ pub fn nodes_yaml(state: &State) -> Result<String> {
                 pod_cidrs: Some(vec![n.pod_cidr.clone()]),
                 ..Default::default()
             }),
-            status: n.uplink_ip.map(|ip| NodeStatus {
-                addresses: Some(vec![NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: ip.to_string(),
-                }]),
+            // The node's addresses: the pods' gateway (the node's address on every pod veth,
+            // the source of node-to-pod traffic) and the uplink when there is a router.
+            status: Some(NodeStatus {
+                addresses: Some(
+                    std::iter::once(crate::naming::node_gateway(n.index))
+                        .chain(n.uplink_ip)
+                        .map(|ip| NodeAddress {
+                            type_: "InternalIP".into(),
+                            address: ip.to_string(),
+                        })
+                        .collect(),
+                ),
                 ..Default::default()
             }),
         })
