@@ -80,3 +80,19 @@ pub fn slice_yaml(body: &str) -> String {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: apps\n  labels: {{kubernetes.io/service-name: web}}\n{body}"
     )
 }
+
+/// A NetworkPolicy `np` in namespace `apps` with the given `spec` body (indented by two
+/// spaces).
+pub fn np_yaml(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: apps}}\nspec:\n{spec}"
+    )
+}
+
+/// An Istio AuthorizationPolicy `ap` in namespace `apps` with the given `spec` body
+/// (indented by two spaces).
+pub fn ap_yaml(spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap, namespace: apps}}\nspec:\n{spec}"
+    )
+}

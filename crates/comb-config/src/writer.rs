@@ -49,12 +49,20 @@ mod tests {
 
     fn sample() -> Vec<Object> {
         let text = format!(
-            "{NODE_A}---\n{}---\n{}---\n{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: apps}}\n",
+            "{NODE_A}---\n{}---\n{}---\n{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: apps}}\n---\n{}---\n{}",
             pod_yaml("p", "198.18.1.2", "comb.dev/splice: \"off\""),
             service_yaml("  clusterIP: None\n  ports: [{port: 80, targetPort: http}]\n"),
             slice_yaml(
                 "addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [198.18.1.2], conditions: {ready: true}}]\n"
             ),
+            np_yaml(
+                "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}], ports: [{port: http}, {port: 80, endPort: 90, protocol: UDP}]}]\n  egress: []\n"
+            ),
+            // v1beta1 must be written back as v1beta1.
+            ap_yaml(
+                "  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{from: [{source: {principals: [a], ipBlocks: []}}], to: [{operation: {ports: [\"80\"]}}], when: [{key: source.ip, notValues: [10.0.0.1]}]}]\n"
+            )
+            .replace("security.istio.io/v1", "security.istio.io/v1beta1"),
         );
         parse_file_text(Path::new(FILE), &text)
             .unwrap()
@@ -72,6 +80,11 @@ mod tests {
         let back: Vec<_> = back.into_iter().map(|d| d.object).collect();
         assert_eq!(back, objects);
         assert!(to_yaml_documents(&[]).is_empty());
+        assert!(
+            yaml.contains("apiVersion: security.istio.io/v1beta1"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("kind: NetworkPolicy"), "{yaml}");
     }
 
     #[test]
