@@ -5,6 +5,10 @@ pub mod host;
 mod lb;
 pub mod lb_maps;
 pub mod maps;
+pub mod policy;
+mod policy_dp;
+pub mod policy_events;
+pub mod policy_maps;
 mod splice;
 mod sys;
 
@@ -12,6 +16,11 @@ pub use lb::{
     IPPROTO_TCP, IPPROTO_UDP, LbService, LbStats, MAX_BACKENDS_PER_SERVICE, SocketLbMode,
     current_netns_cookie,
 };
+pub use policy::{
+    CtEntry, Direction, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, Reason,
+    Verdict,
+};
+pub use policy_events::{FlowEvent, FlowEventReader};
 pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};
 
 #[allow(
@@ -34,4 +43,15 @@ mod skel {
 )]
 mod sock_skel {
     include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+mod policy_skel {
+    include!(concat!(env!("OUT_DIR"), "/policy.skel.rs"));
 }

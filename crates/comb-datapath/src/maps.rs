@@ -37,6 +37,11 @@ pub unsafe trait Pod: Copy + Default + 'static {
     }
 }
 
+// SAFETY: plain integers (map keys like ifindexes, per-CPU counters).
+unsafe impl Pod for u32 {}
+// SAFETY: as above.
+unsafe impl Pod for u64 {}
+
 /// `struct comb_addr`: 16 bytes in network order, IPv4 as `::ffff:a.b.c.d`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -25,6 +25,7 @@ use crate::maps::{
     COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, CombAddr, ConfigValue, EndpointValue, Pod, SockKey,
     SpliceStatsValue,
 };
+use crate::policy_dp::{PolicyDp, is_policy_link_name};
 use crate::skel::SpliceSkelBuilder;
 use crate::sock_skel::SockSkelBuilder;
 use crate::sys;
@@ -74,6 +75,7 @@ pub struct Datapath {
     sk_msg: ProgramHandle,
     links: BTreeMap<String, CgroupLink>,
     pub(crate) lb: SocketLb,
+    pub(crate) policy: PolicyDp,
 }
 
 const PROG_SOCKOPS: &str = "comb_sockops";
@@ -128,6 +130,7 @@ impl Datapath {
             .context("attaching sk_msg to the sockhash")?;
         drop(skel);
         let lb = load_socket_lb(&opts.pin_dir)?;
+        let policy = crate::policy_dp::load(&opts.pin_dir)?;
 
         let mut dp = Self {
             opts,
@@ -139,12 +142,19 @@ impl Datapath {
             sk_msg,
             links: BTreeMap::new(),
             lb,
+            policy,
         };
         dp.lb.adopt_links(&dp.opts.pin_dir, &dp.opts.cgroup_root)?;
         *dp.lb.ids.lock().unwrap_or_else(|p| p.into_inner()) =
             crate::lb::adopt(&dp.lb).context("adopting socket-LB services")?;
         dp.adopt_links()?;
-        info!(pin_dir = %dp.opts.pin_dir.display(), adopted_links = dp.links.len(), "splice datapath loaded");
+        dp.policy.adopt_links(&dp.opts.pin_dir)?;
+        info!(
+            pin_dir = %dp.opts.pin_dir.display(),
+            adopted_links = dp.links.len(),
+            adopted_policy_links = dp.policy_attachments().len(),
+            "datapath loaded"
+        );
         Ok(dp)
     }
 
@@ -154,8 +164,8 @@ impl Datapath {
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let id = entry.file_name().to_string_lossy().into_owned();
-            if is_lb_link_name(&id) {
-                continue; // the socket LB's, adopted by SocketLb
+            if is_lb_link_name(&id) || is_policy_link_name(&id) {
+                continue; // the socket LB's and the policy's, adopted by their owners
             }
             let path = entry.path();
             let fd = sys::obj_get(&path)
@@ -367,6 +377,7 @@ impl Datapath {
         if let Err(e) = self.detach_socket_lb() {
             errors.push(format!("socket LB: {e:#}"));
         }
+        errors.extend(self.shutdown_policy());
         for id in self.links.keys().cloned().collect::<Vec<_>>() {
             if let Err(e) = self.detach_cgroup(&id) {
                 errors.push(format!("{e:#}"));
@@ -416,7 +427,7 @@ pub(crate) fn remove_pin(path: &Path) -> Result<()> {
 
 /// Point every map of an opened object at `<maps_dir>/<name>`: libbpf reuses a map already
 /// pinned at its pin path, else creates and pins it.
-fn set_map_pin_paths(obj: &mut libbpf_rs::OpenObject, maps_dir: &Path) -> Result<()> {
+pub(crate) fn set_map_pin_paths(obj: &mut libbpf_rs::OpenObject, maps_dir: &Path) -> Result<()> {
     for mut m in obj.maps_mut() {
         let path = maps_dir.join(m.name());
         m.set_pin_path(&path)
@@ -426,7 +437,7 @@ fn set_map_pin_paths(obj: &mut libbpf_rs::OpenObject, maps_dir: &Path) -> Result
 }
 
 /// A handle on one of a loaded object's maps.
-fn map_handle(m: &libbpf_rs::Map<'_>) -> Result<MapHandle> {
+pub(crate) fn map_handle(m: &libbpf_rs::Map<'_>) -> Result<MapHandle> {
     MapHandle::try_from(m).with_context(|| format!("map {:?}", m.name()))
 }
 
@@ -495,8 +506,8 @@ fn validate_id(id: &str) -> Result<()> {
         "invalid link id {id:?}"
     );
     ensure!(
-        !is_lb_link_name(id),
-        "link id {id:?} is reserved for the socket LB"
+        !is_lb_link_name(id) && !is_policy_link_name(id),
+        "link id {id:?} is reserved for the socket LB or the policy programs"
     );
     Ok(())
 }

@@ -1,0 +1,275 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Identity policy logic; entry points and the design are in policy.c. */
+#ifndef COMB_POLICY_H
+#define COMB_POLICY_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "comb_policy_types.h"
+#include "policy_maps.h"
+#include "policy_parse.h"
+#include "policy_ct.h"
+
+/* The outcome for one packet. */
+struct comb_verdict {
+	__u32 peer_identity; /* 0 = not looked up (malformed) */
+	__u32 policy;
+	__u8 verdict;        /* COMB_VERDICT_*, for flow events */
+	__u8 reason;         /* COMB_REASON_*; >= 128 drops */
+	__u8 event;          /* emit a flow event (when enabled) */
+};
+
+static __always_inline int comb_reason_drops(__u8 reason)
+{
+	return reason >= 128;
+}
+
+static __always_inline void comb_policy_count(__u32 ifindex, __u8 dir, __u8 reason, __u32 len)
+{
+	struct comb_policy_metric_key k = {
+		.endpoint = ifindex,
+		.direction = dir,
+		.reason = reason,
+	};
+	struct comb_policy_metric_value *v = bpf_map_lookup_elem(&comb_policy_metrics, &k);
+
+	if (!v) {
+		struct comb_policy_metric_value zero = {};
+
+		/* Creates the entry zeroed on every CPU; a racing creator wins. */
+		bpf_map_update_elem(&comb_policy_metrics, &k, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&comb_policy_metrics, &k);
+		if (!v)
+			return; /* map full */
+	}
+	/* Atomic even though per-CPU: both programs can interleave on one CPU. */
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, len);
+}
+
+/* A real (not inlined) function: its signature puts struct comb_flow_event
+ * into the object's BTF, which the Rust twin is checked against. */
+static __attribute__((noinline)) int comb_flow_submit(struct comb_flow_event *e)
+{
+	__u32 zero = 0;
+	__u64 *lost;
+
+	if (bpf_ringbuf_output(&comb_flow_events, e, sizeof(*e), 0) < 0) {
+		lost = bpf_map_lookup_elem(&comb_policy_events_lost, &zero);
+		if (lost)
+			__sync_fetch_and_add(lost, 1);
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline void comb_flow_emit(struct __sk_buff *skb, const struct comb_pkt *p,
+					   __u8 dir, __u32 ep_identity,
+					   const struct comb_verdict *vd)
+{
+	struct comb_flow_event e = {};
+
+	e.time_ns = bpf_ktime_get_boot_ns();
+	e.saddr = p->saddr;
+	e.daddr = p->daddr;
+	e.sport = p->sport;
+	e.dport = p->dport;
+	e.protocol = p->protocol;
+	e.direction = dir;
+	e.verdict = vd->verdict;
+	e.reason = vd->reason;
+	e.endpoint = skb->ifindex;
+	if (dir == COMB_DIR_INGRESS) {
+		e.src_identity = vd->peer_identity;
+		e.dst_identity = ep_identity;
+	} else {
+		e.src_identity = ep_identity;
+		e.dst_identity = vd->peer_identity;
+	}
+	e.policy = vd->policy;
+	e.len = skb->len;
+	comb_flow_submit(&e);
+}
+
+/* Count, report, and turn the outcome into a tc return code. */
+static __always_inline int comb_policy_finish(struct __sk_buff *skb, const struct comb_pkt *p,
+					      __u8 dir, __u32 ep_identity,
+					      const struct comb_policy_settings *s,
+					      const struct comb_verdict *vd)
+{
+	int drop = comb_reason_drops(vd->reason);
+
+	comb_policy_count(skb->ifindex, dir, vd->reason, skb->len);
+	if ((vd->event || drop) && (s->flags & COMB_POLICY_CFG_F_EVENTS))
+		comb_flow_emit(skb, p, dir, ep_identity, vd);
+	return drop ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+static __always_inline __u32 comb_ipcache_identity(const struct comb_addr *a)
+{
+	struct comb_ipcache_key k = { .prefixlen = 128, .addr = *a };
+	struct comb_ipcache_value *v = bpf_map_lookup_elem(&comb_ipcache, &k);
+
+	return v && v->identity ? v->identity : COMB_ID_WORLD;
+}
+
+/* Judge a new flow: {ep, peer, dir, proto, port}, then {ep, ANY, ...}; no
+ * entry = not enforced here. Values are sanitised so that the reason always
+ * agrees with the verdict (reasons >= 128 drop): a bad entry fails closed. */
+static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const struct comb_pkt *p,
+					      struct comb_verdict *vd)
+{
+	struct comb_policy_key k = {
+		.prefixlen = COMB_POLICY_PREFIX_FULL,
+		.endpoint = ifindex,
+		.identity = vd->peer_identity,
+		.direction = dir,
+		.protocol = p->protocol,
+		.port = p->dport,
+	};
+	struct comb_policy_value *v = bpf_map_lookup_elem(&comb_policy, &k);
+	__u8 reason;
+
+	if (!v) {
+		k.identity = COMB_ID_ANY;
+		v = bpf_map_lookup_elem(&comb_policy, &k);
+	}
+	if (!v) {
+		vd->verdict = COMB_VERDICT_ALLOW;
+		vd->reason = COMB_REASON_NO_POLICY;
+		return;
+	}
+	vd->verdict = v->verdict;
+	vd->policy = v->policy;
+	reason = v->reason;
+	switch (vd->verdict) {
+	case COMB_VERDICT_ALLOW:
+		vd->reason = reason && !comb_reason_drops(reason) ? reason : COMB_REASON_POLICY_ALLOW;
+		break;
+	case COMB_VERDICT_REDIRECT:
+		/* No node proxy in this datapath yet (whatever proxy_port says):
+		 * fail closed, never widen to ALLOW. */
+		vd->reason = COMB_REASON_PROXY_UNAVAILABLE;
+		break;
+	default:
+		vd->verdict = COMB_VERDICT_DENY;
+		vd->reason = comb_reason_drops(reason) ? reason : COMB_REASON_POLICY_DENIED;
+		break;
+	}
+}
+
+static __always_inline void comb_frag_key_fill(struct comb_frag_key *k, const struct comb_pkt *p)
+{
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->id = p->frag_id;
+	k->protocol = p->frag_proto;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
+	k->pad[2] = 0;
+}
+
+/* First fragment judged: later ones of the datagram follow it. */
+static __always_inline void comb_frag_remember(const struct comb_pkt *p,
+					       const struct comb_verdict *vd)
+{
+	struct comb_frag_key k;
+	struct comb_frag_value v = {};
+
+	comb_frag_key_fill(&k, p);
+	v.sport = p->sport;
+	v.dport = p->dport;
+	v.verdict = comb_reason_drops(vd->reason) ? COMB_VERDICT_DENY : COMB_VERDICT_ALLOW;
+	v.reason = vd->reason;
+	bpf_map_update_elem(&comb_frag, &k, &v, BPF_ANY);
+}
+
+/* A later fragment: the first fragment's ports and verdict, or unknown. */
+static __always_inline void comb_frag_follow(struct comb_pkt *p, struct comb_verdict *vd)
+{
+	struct comb_frag_key k;
+	struct comb_frag_value *v;
+
+	comb_frag_key_fill(&k, p);
+	v = bpf_map_lookup_elem(&comb_frag, &k);
+	if (!v) {
+		vd->verdict = COMB_VERDICT_DENY;
+		vd->reason = COMB_REASON_FRAG_UNKNOWN;
+		return;
+	}
+	p->sport = v->sport;
+	p->dport = v->dport;
+	if (v->verdict == COMB_VERDICT_ALLOW) {
+		vd->verdict = COMB_VERDICT_ALLOW;
+		vd->reason = COMB_REASON_FRAGMENT;
+	} else {
+		vd->verdict = COMB_VERDICT_DENY;
+		vd->reason = comb_reason_drops(v->reason) ? v->reason : COMB_REASON_POLICY_DENIED;
+	}
+}
+
+/* One packet on a local endpoint's host-side veth. `dir` is the endpoint's
+ * view: COMB_DIR_EGRESS for packets from the pod (peer = destination),
+ * COMB_DIR_INGRESS for packets to it (peer = source). */
+static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
+{
+	struct comb_policy_settings s;
+	struct comb_policy_endpoint *ep;
+	struct comb_verdict vd = {};
+	struct comb_pkt p = {};
+	__u32 ifindex = skb->ifindex;
+	__u32 ep_identity;
+	__u64 now;
+	int r;
+
+	ep = bpf_map_lookup_elem(&comb_policy_endpoints, &ifindex);
+	if (!ep)
+		return TC_ACT_OK;
+	ep_identity = ep->identity;
+	comb_policy_settings_read(&s);
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		r = comb_parse_ipv4(skb, &p);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		r = comb_parse_ipv6(skb, &p);
+	} else {
+		vd.reason = COMB_REASON_NOT_IP;
+		vd.verdict = COMB_VERDICT_ALLOW;
+		return comb_policy_finish(skb, &p, dir, ep_identity, &s, &vd);
+	}
+	if (r < 0) {
+		vd.verdict = COMB_VERDICT_DENY;
+		vd.reason = COMB_REASON_MALFORMED;
+		return comb_policy_finish(skb, &p, dir, ep_identity, &s, &vd);
+	}
+
+	if (p.frag == COMB_FRAG_LATER) {
+		comb_frag_follow(&p, &vd);
+		if (comb_reason_drops(vd.reason))
+			vd.peer_identity = comb_ipcache_identity(dir == COMB_DIR_EGRESS ? &p.daddr
+											 : &p.saddr);
+		return comb_policy_finish(skb, &p, dir, ep_identity, &s, &vd);
+	}
+
+	now = bpf_ktime_get_boot_ns();
+	vd.reason = comb_ct_lookup(&p, dir, now, &s);
+	if (vd.reason) {
+		vd.verdict = COMB_VERDICT_ALLOW;
+	} else {
+		vd.peer_identity =
+			comb_ipcache_identity(dir == COMB_DIR_EGRESS ? &p.daddr : &p.saddr);
+		comb_policy_judge(ifindex, dir, &p, &vd);
+		if (!comb_reason_drops(vd.reason))
+			comb_ct_create(&p, dir, now, &s, ifindex, vd.reason, vd.policy);
+		vd.event = 1;
+	}
+	if (p.frag == COMB_FRAG_FIRST)
+		comb_frag_remember(&p, &vd);
+	return comb_policy_finish(skb, &p, dir, ep_identity, &s, &vd);
+}
+
+#endif /* COMB_POLICY_H */

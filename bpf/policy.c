@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Comb identity policy: NetworkPolicy-style enforcement on the host side of
+ * every local pod's veth, in both directions, without iptables.
+ *
+ * Programs (tcx links pinned by the agent as <pin_dir>/links/policy-<ifindex>-from
+ * and -to, see crates/comb-datapath/src/policy.rs):
+ *   comb_policy_from_pod  tcx ingress of the host veth: packets FROM the pod,
+ *                         direction COMB_DIR_EGRESS, peer = destination.
+ *   comb_policy_to_pod    tcx egress of the host veth: packets TO the pod,
+ *                         direction COMB_DIR_INGRESS, peer = source.
+ * The local endpoint is skb->ifindex (the host veth), so one program serves
+ * every pod and needs no per-pod rebuild.
+ *
+ * Per packet (bpf/lib/policy.h):
+ *   1. comb_policy_endpoints[ifindex]; no entry: TC_ACT_OK, untouched and
+ *      uncounted (an interface the agent does not enforce yet).
+ *   2. Not IPv4/IPv6 (ARP, ...): pass, COMB_REASON_NOT_IP.
+ *   3. Parse (bpf/lib/policy_parse.h): IPv4, or IPv6 skipping up to 8
+ *      hop-by-hop/routing/destination-options headers and reading the
+ *      fragment header; ports of TCP/UDP/SCTP (0 otherwise). A truncated or
+ *      invalid header drops with COMB_REASON_MALFORMED.
+ *   4. Fragments: the first one (offset 0, more-fragments) is judged like any
+ *      packet and its ports + outcome go to comb_frag {saddr, daddr, id,
+ *      proto}; later ones take them from there (allowed: pass,
+ *      COMB_REASON_FRAGMENT; denied: drop with the stored reason; unknown:
+ *      drop, COMB_REASON_FRAG_UNKNOWN). The key has no direction: for a
+ *      pod-to-pod datagram the receiver's verdict on the first fragment
+ *      replaces the sender's, which can only turn later fragments into drops
+ *      of a datagram the receiver refused anyway.
+ *   5. Conntrack (bpf/lib/policy_ct.h): {tuple, dir} live: pass,
+ *      CT_ESTABLISHED; {reversed tuple, other dir} live: pass, CT_REPLY, and
+ *      the entry gets SEEN_REPLY. Deadlines are bpf_ktime_get_boot_ns()
+ *      based and rewritten only when they move by more than 1 s. TCP: the
+ *      close timeout until a reply is seen, then the established one; FIN or
+ *      RST sets CLOSING and the close timeout; a bare SYN on a CLOSING entry
+ *      is judged again (tuple reuse). Other protocols: the "other" timeout,
+ *      refreshed. An expired entry is a miss and is overwritten. Timeouts
+ *      come from comb_policy_config[0]; a field left 0 takes its default
+ *      (21600 s / 10 s / 60 s). Policy changes apply to new flows only.
+ *   6. Policy: peer identity = comb_ipcache LPM lookup of the peer address
+ *      (miss: COMB_ID_WORLD); comb_policy {ep, peer, dir, proto, dport} with
+ *      prefixlen 96, then {ep, COMB_ID_ANY, ...}; a second miss allows with
+ *      COMB_REASON_NO_POLICY. The first hit is the whole answer (userspace
+ *      compiles precedence into the entries; none here). ALLOW and NO_POLICY
+ *      create a conntrack entry, DENY drops with the entry's reason.
+ *      REDIRECT drops with COMB_REASON_PROXY_UNAVAILABLE: the node L7 proxy
+ *      does not exist yet, so such flows fail closed; a REDIRECT is never
+ *      widened to ALLOW. A value whose reason disagrees with its verdict is
+ *      sanitised the same way (never forwarded with a drop reason).
+ *      Identities and reasons for node traffic (COMB_ID_HOST, COMB_REASON_HOST)
+ *      come from userspace entries; the kernel has no special case.
+ *   7. Every judged packet is counted in comb_policy_metrics {ep, dir,
+ *      reason} (packets, bytes = skb->len, the L2 frame).
+ *   8. With COMB_POLICY_CFG_F_EVENTS, a struct comb_flow_event goes to
+ *      comb_flow_events for every new-flow decision (allowed or not; not for
+ *      conntrack hits) and every dropped packet; src/dst identity are the
+ *      endpoint's and the peer's, by direction. verdict is the policy verdict
+ *      (DENY for drops without one); whether the packet passed follows from
+ *      the reason. Events that do not fit are counted in
+ *      comb_policy_events_lost.
+ *
+ * Passing returns TC_ACT_OK (TCX_PASS), dropping TC_ACT_SHOT (TCX_DROP).
+ * Maps are pinned under <pin_dir>/maps/ and adopted by a restarted agent, so
+ * enforcement and conntrack survive it.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "policy.h"
+
+SEC("tcx/ingress")
+int comb_policy_from_pod(struct __sk_buff *skb)
+{
+	return comb_policy_run(skb, COMB_DIR_EGRESS);
+}
+
+SEC("tcx/egress")
+int comb_policy_to_pod(struct __sk_buff *skb)
+{
+	return comb_policy_run(skb, COMB_DIR_INGRESS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

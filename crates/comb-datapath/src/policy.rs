@@ -1,0 +1,721 @@
+//! The identity policy's vocabulary (`bpf/policy.c`): directions, verdicts, reasons, policy
+//! keys and values, and their encodings into the map types of [`crate::policy_maps`]. Pure:
+//! the map access is in `policy_dp.rs`, flow events in `policy_events.rs`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Result, bail, ensure};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Serialize, Serializer};
+
+use crate::maps::CombAddr;
+use crate::policy_maps::{
+    DIR_EGRESS, DIR_INGRESS, IpcacheKey, PREFIX_ANY_PROTO, PREFIX_FULL, PREFIX_PROTO,
+    PolicyConfigValue, PolicyLpmKey, PolicyLpmValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_REDIRECT,
+};
+
+/// Seen from the local endpoint (pod).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// To the pod (tc egress of its host-side veth).
+    Ingress,
+    /// From the pod (tc ingress of its host-side veth).
+    Egress,
+}
+
+impl Direction {
+    pub fn to_raw(self) -> u8 {
+        match self {
+            Direction::Ingress => DIR_INGRESS,
+            Direction::Egress => DIR_EGRESS,
+        }
+    }
+
+    pub fn from_raw(d: u8) -> Result<Self> {
+        match d {
+            DIR_INGRESS => Ok(Direction::Ingress),
+            DIR_EGRESS => Ok(Direction::Egress),
+            _ => bail!("invalid direction {d}"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Needs the node L7 proxy. Until it exists the datapath drops such flows with
+    /// [`Reason::PROXY_UNAVAILABLE`] (fail closed).
+    Redirect,
+}
+
+impl Verdict {
+    pub fn to_raw(self) -> u8 {
+        match self {
+            Verdict::Allow => VERDICT_ALLOW,
+            Verdict::Deny => VERDICT_DENY,
+            Verdict::Redirect => VERDICT_REDIRECT,
+        }
+    }
+
+    pub fn from_raw(v: u8) -> Result<Self> {
+        match v {
+            VERDICT_ALLOW => Ok(Verdict::Allow),
+            VERDICT_DENY => Ok(Verdict::Deny),
+            VERDICT_REDIRECT => Ok(Verdict::Redirect),
+            _ => bail!("invalid verdict {v}"),
+        }
+    }
+}
+
+/// `COMB_REASON_*`: why a packet passed (< 128) or was dropped (>= 128). A newtype so values
+/// a newer datapath writes still round-trip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Reason(pub u8);
+
+impl Reason {
+    pub const POLICY_ALLOW: Reason = Reason(1);
+    pub const NO_POLICY: Reason = Reason(2);
+    pub const CT_ESTABLISHED: Reason = Reason(3);
+    pub const CT_REPLY: Reason = Reason(4);
+    pub const HOST: Reason = Reason(5);
+    pub const NOT_IP: Reason = Reason(6);
+    pub const FRAGMENT: Reason = Reason(7);
+    pub const POLICY_DENIED: Reason = Reason(128);
+    pub const AUTHZ_DENY: Reason = Reason(129);
+    pub const AUTHZ_NO_ALLOW: Reason = Reason(130);
+    pub const PROXY_UNAVAILABLE: Reason = Reason(131);
+    pub const FRAG_UNKNOWN: Reason = Reason(132);
+    pub const MALFORMED: Reason = Reason(133);
+
+    /// Every reason the datapath knows, in numeric order.
+    pub const ALL: [Reason; 13] = [
+        Reason::POLICY_ALLOW,
+        Reason::NO_POLICY,
+        Reason::CT_ESTABLISHED,
+        Reason::CT_REPLY,
+        Reason::HOST,
+        Reason::NOT_IP,
+        Reason::FRAGMENT,
+        Reason::POLICY_DENIED,
+        Reason::AUTHZ_DENY,
+        Reason::AUTHZ_NO_ALLOW,
+        Reason::PROXY_UNAVAILABLE,
+        Reason::FRAG_UNKNOWN,
+        Reason::MALFORMED,
+    ];
+
+    /// The metrics label; "unknown" for a value this build does not know.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::POLICY_ALLOW => "policy-allow",
+            Reason::NO_POLICY => "no-policy",
+            Reason::CT_ESTABLISHED => "ct-established",
+            Reason::CT_REPLY => "ct-reply",
+            Reason::HOST => "host",
+            Reason::NOT_IP => "not-ip",
+            Reason::FRAGMENT => "fragment",
+            Reason::POLICY_DENIED => "policy-denied",
+            Reason::AUTHZ_DENY => "authz-deny",
+            Reason::AUTHZ_NO_ALLOW => "authz-no-allow",
+            Reason::PROXY_UNAVAILABLE => "proxy-unavailable",
+            Reason::FRAG_UNKNOWN => "frag-unknown",
+            Reason::MALFORMED => "malformed",
+            _ => "unknown",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    /// Packets with this reason are dropped.
+    pub fn is_drop(self) -> bool {
+        self.0 >= 128
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            "unknown" => write!(f, "reason-{}", self.0),
+            n => f.write_str(n),
+        }
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One entry of the node's policy table (`comb_policy`, an LPM trie).
+///
+/// `protocol == 0` matches every protocol (port and `port_prefix` are ignored); otherwise the
+/// first `port_prefix` bits of `port` must match (16 = exactly this port, 0 = any port of the
+/// protocol, k = the aligned block of 2^(16-k) ports containing `port`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyKey {
+    /// Host-side veth ifindex of the local endpoint.
+    pub endpoint: u32,
+    /// Peer identity; [`crate::policy_maps::ID_ANY`] (0) = every identity without its own
+    /// entries.
+    pub identity: u32,
+    pub direction: Direction,
+    /// IP protocol number; 0 = any.
+    pub protocol: u8,
+    /// Destination port, host order.
+    pub port: u16,
+    /// Leading significant bits of `port`, 0..=16.
+    pub port_prefix: u8,
+}
+
+impl PolicyKey {
+    /// Every protocol and port.
+    pub fn any(endpoint: u32, identity: u32, direction: Direction) -> Self {
+        Self {
+            endpoint,
+            identity,
+            direction,
+            protocol: 0,
+            port: 0,
+            port_prefix: 0,
+        }
+    }
+
+    /// One protocol, one port (or every port of it with `port = None`).
+    pub fn port(
+        endpoint: u32,
+        identity: u32,
+        direction: Direction,
+        protocol: u8,
+        port: Option<u16>,
+    ) -> Self {
+        Self {
+            endpoint,
+            identity,
+            direction,
+            protocol,
+            port: port.unwrap_or(0),
+            port_prefix: if port.is_some() { 16 } else { 0 },
+        }
+    }
+
+    /// The form this key reads back as from the map: port bits beyond the prefix zeroed, and
+    /// port fields zero for "any protocol".
+    pub fn canonical(&self) -> Result<Self> {
+        Self::from_lpm(&self.to_lpm()?)
+    }
+
+    pub fn to_lpm(&self) -> Result<PolicyLpmKey> {
+        ensure!(
+            self.port_prefix <= 16,
+            "port prefix {} is longer than 16 bits",
+            self.port_prefix
+        );
+        let (prefixlen, port) = if self.protocol == 0 {
+            (PREFIX_ANY_PROTO, 0)
+        } else {
+            (
+                PREFIX_PROTO + u32::from(self.port_prefix),
+                self.port & port_mask(self.port_prefix),
+            )
+        };
+        Ok(PolicyLpmKey {
+            prefixlen,
+            endpoint: self.endpoint,
+            identity: self.identity,
+            direction: self.direction.to_raw(),
+            protocol: self.protocol,
+            port: port.to_be(),
+        })
+    }
+
+    pub fn from_lpm(k: &PolicyLpmKey) -> Result<Self> {
+        let direction = Direction::from_raw(k.direction)?;
+        let (protocol, port, port_prefix) = match k.prefixlen {
+            PREFIX_ANY_PROTO => (0, 0, 0),
+            p @ PREFIX_PROTO..=PREFIX_FULL if k.protocol != 0 => {
+                let bits = (p - PREFIX_PROTO) as u8;
+                (k.protocol, u16::from_be(k.port) & port_mask(bits), bits)
+            }
+            p => bail!(
+                "policy key with prefix length {p} and protocol {}",
+                k.protocol
+            ),
+        };
+        Ok(Self {
+            endpoint: k.endpoint,
+            identity: k.identity,
+            direction,
+            protocol,
+            port,
+            port_prefix,
+        })
+    }
+}
+
+/// The leading `bits` bits of a port.
+fn port_mask(bits: u8) -> u16 {
+    match bits {
+        0 => 0,
+        b => u16::MAX << (16 - u32::from(b.min(16))),
+    }
+}
+
+/// What a [`PolicyKey`] decides for a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyValue {
+    pub verdict: Verdict,
+    /// Reported with the verdict. The datapath forwards only with a reason < 128 and drops
+    /// only with one >= 128; a value that disagrees is reported as
+    /// [`Reason::POLICY_ALLOW`] / [`Reason::POLICY_DENIED`].
+    pub reason: Reason,
+    /// [`Verdict::Redirect`]: the node proxy's port; 0 = none.
+    pub proxy_port: u16,
+    /// Userspace index of the deciding policy, 0 = none; reported in flow events.
+    pub policy: u32,
+}
+
+impl PolicyValue {
+    pub fn allow(policy: u32) -> Self {
+        Self {
+            verdict: Verdict::Allow,
+            reason: Reason::POLICY_ALLOW,
+            proxy_port: 0,
+            policy,
+        }
+    }
+
+    pub fn deny(reason: Reason, policy: u32) -> Self {
+        Self {
+            verdict: Verdict::Deny,
+            reason,
+            proxy_port: 0,
+            policy,
+        }
+    }
+
+    pub fn to_raw(&self) -> PolicyLpmValue {
+        PolicyLpmValue {
+            verdict: self.verdict.to_raw(),
+            reason: self.reason.0,
+            proxy_port: self.proxy_port,
+            policy: self.policy,
+        }
+    }
+
+    pub fn from_raw(v: &PolicyLpmValue) -> Result<Self> {
+        Ok(Self {
+            verdict: Verdict::from_raw(v.verdict)?,
+            reason: Reason(v.reason),
+            proxy_port: v.proxy_port,
+            policy: v.policy,
+        })
+    }
+}
+
+/// The ipcache LPM key of a prefix: IPv4 as v4-mapped with 96 + its length. Host bits are
+/// cleared.
+pub fn ipcache_key(net: IpNet) -> IpcacheKey {
+    match net.trunc() {
+        IpNet::V4(n) => IpcacheKey {
+            prefixlen: 96 + u32::from(n.prefix_len()),
+            addr: CombAddr::from(IpAddr::V4(n.network())),
+        },
+        IpNet::V6(n) => IpcacheKey {
+            prefixlen: u32::from(n.prefix_len()),
+            addr: CombAddr::from(IpAddr::V6(n.network())),
+        },
+    }
+}
+
+/// The prefix an ipcache key names (inverse of [`ipcache_key`]).
+pub fn ipcache_net(k: &IpcacheKey) -> Result<IpNet> {
+    ensure!(k.prefixlen <= 128, "ipcache prefix length {}", k.prefixlen);
+    let len = k.prefixlen as u8;
+    let v6 = std::net::Ipv6Addr::from(k.addr.octets());
+    Ok(match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => IpNet::V4(Ipv4Net::new(v4, len - 96)?),
+        _ => IpNet::V6(Ipv6Net::new(v6, len)?),
+    })
+}
+
+/// Conntrack lifetimes and flow events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyConfig {
+    /// Emit flow events into the ring buffer.
+    pub events: bool,
+    /// Established TCP.
+    pub ct_tcp: Duration,
+    /// TCP after FIN/RST, and before a reply is seen.
+    pub ct_close: Duration,
+    /// UDP, ICMP, everything else.
+    pub ct_other: Duration,
+}
+
+impl Default for PolicyConfig {
+    /// What the datapath uses while the config was never written.
+    fn default() -> Self {
+        Self {
+            events: false,
+            ct_tcp: Duration::from_secs(21600),
+            ct_close: Duration::from_secs(10),
+            ct_other: Duration::from_secs(60),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl PolicyConfig {
+    pub fn to_raw(&self) -> PolicyConfigValue {
+        PolicyConfigValue {
+            flags: if self.events {
+                crate::policy_maps::POLICY_CFG_F_EVENTS
+            } else {
+                0
+            },
+            reserved: 0,
+            ct_tcp_ns: nanos(self.ct_tcp),
+            ct_close_ns: nanos(self.ct_close),
+            ct_other_ns: nanos(self.ct_other),
+        }
+    }
+
+    /// As the datapath applies it: a zero lifetime takes its default.
+    pub fn from_raw(v: &PolicyConfigValue) -> Self {
+        let d = Self::default();
+        let or = |ns: u64, def: Duration| {
+            if ns == 0 {
+                def
+            } else {
+                Duration::from_nanos(ns)
+            }
+        };
+        Self {
+            events: v.flags & crate::policy_maps::POLICY_CFG_F_EVENTS != 0,
+            ct_tcp: or(v.ct_tcp_ns, d.ct_tcp),
+            ct_close: or(v.ct_close_ns, d.ct_close),
+            ct_other: or(v.ct_other_ns, d.ct_other),
+        }
+    }
+}
+
+/// A local endpoint the policy programs enforce (`comb_policy_endpoints`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyEndpoint {
+    pub identity: u32,
+    /// At most one IPv4 and one IPv6 address, v4 first.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// One conntrack entry: a flow judged in one direction at one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CtEntry {
+    /// The flow's original direction (the packet that created it).
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub protocol: u8,
+    pub direction: Direction,
+    pub seen_reply: bool,
+    pub closing: bool,
+    /// Raw `COMB_CT_F_*` bits.
+    pub flags: u32,
+    /// Reason of the verdict that created it.
+    pub reason: Reason,
+    /// Host-side veth ifindex of the judging endpoint.
+    pub endpoint: u32,
+    pub policy: u32,
+    /// Time left; zero once expired (the datapath ignores it, `ct_gc` removes it).
+    pub remaining: Duration,
+    pub age: Duration,
+}
+
+impl CtEntry {
+    pub fn expired(&self) -> bool {
+        self.remaining.is_zero()
+    }
+}
+
+/// Packets and bytes (the L2 frame length) counted for one (endpoint, direction, reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyMetric {
+    pub endpoint: u32,
+    pub direction: Direction,
+    pub reason: Reason,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::Pod;
+    use crate::policy_maps::*;
+
+    const HEADER: &str = include_str!("../../../bpf/include/comb_policy_types.h");
+
+    /// `#define NAME value` of the contract header; values are integers or `(1U << n)`.
+    fn define(name: &str) -> u64 {
+        for line in HEADER.lines() {
+            let mut w = line.split_whitespace();
+            if w.next() != Some("#define") || w.next() != Some(name) {
+                continue;
+            }
+            let rest: String = w.take_while(|t| !t.starts_with("/*")).collect();
+            let rest = rest.trim_matches(|c| c == '(' || c == ')');
+            if let Some((a, b)) = rest.split_once("<<") {
+                let a: u64 = a.trim_end_matches('U').parse().unwrap();
+                return a << b.parse::<u64>().unwrap();
+            }
+            return rest.trim_end_matches('U').parse().unwrap();
+        }
+        panic!("{name} not defined in comb_policy_types.h");
+    }
+
+    #[test]
+    fn constants_match_the_contract() {
+        let pairs: &[(&str, u64)] = &[
+            ("COMB_ID_ANY", ID_ANY.into()),
+            ("COMB_ID_HOST", ID_HOST.into()),
+            ("COMB_ID_WORLD", ID_WORLD.into()),
+            ("COMB_ID_UNMANAGED", ID_UNMANAGED.into()),
+            ("COMB_ID_REMOTE_NODE", ID_REMOTE_NODE.into()),
+            ("COMB_ID_FIRST_POD", ID_FIRST_POD.into()),
+            ("COMB_ID_FIRST_CIDR", ID_FIRST_CIDR.into()),
+            ("COMB_DIR_INGRESS", DIR_INGRESS.into()),
+            ("COMB_DIR_EGRESS", DIR_EGRESS.into()),
+            ("COMB_VERDICT_ALLOW", VERDICT_ALLOW.into()),
+            ("COMB_VERDICT_DENY", VERDICT_DENY.into()),
+            ("COMB_VERDICT_REDIRECT", VERDICT_REDIRECT.into()),
+            ("COMB_POLICY_PREFIX_ANY_PROTO", PREFIX_ANY_PROTO.into()),
+            ("COMB_POLICY_PREFIX_PROTO", PREFIX_PROTO.into()),
+            ("COMB_POLICY_PREFIX_FULL", PREFIX_FULL.into()),
+            ("COMB_CT_F_SEEN_REPLY", CT_F_SEEN_REPLY.into()),
+            ("COMB_CT_F_CLOSING", CT_F_CLOSING.into()),
+            ("COMB_POLICY_CFG_F_EVENTS", POLICY_CFG_F_EVENTS.into()),
+            ("COMB_MAX_IPCACHE", MAX_IPCACHE.into()),
+            ("COMB_MAX_POLICY", MAX_POLICY.into()),
+            ("COMB_MAX_CT", MAX_CT.into()),
+            ("COMB_MAX_FRAGS", MAX_FRAGS.into()),
+            ("COMB_MAX_POLICY_METRICS", MAX_POLICY_METRICS.into()),
+            ("COMB_FLOW_RINGBUF_BYTES", FLOW_RINGBUF_BYTES.into()),
+        ];
+        for (name, v) in pairs {
+            assert_eq!(define(name), *v, "{name}");
+        }
+        for (r, name) in Reason::ALL.iter().zip([
+            "POLICY_ALLOW",
+            "NO_POLICY",
+            "CT_ESTABLISHED",
+            "CT_REPLY",
+            "HOST",
+            "NOT_IP",
+            "FRAGMENT",
+            "POLICY_DENIED",
+            "AUTHZ_DENY",
+            "AUTHZ_NO_ALLOW",
+            "PROXY_UNAVAILABLE",
+            "FRAG_UNKNOWN",
+            "MALFORMED",
+        ]) {
+            assert_eq!(
+                define(&format!("COMB_REASON_{name}")),
+                u64::from(r.0),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn reason_names_and_drops() {
+        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "policy-allow",
+                "no-policy",
+                "ct-established",
+                "ct-reply",
+                "host",
+                "not-ip",
+                "fragment",
+                "policy-denied",
+                "authz-deny",
+                "authz-no-allow",
+                "proxy-unavailable",
+                "frag-unknown",
+                "malformed"
+            ]
+        );
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_name(r.name()), Some(r));
+            assert_eq!(r.is_drop(), r.0 >= 128);
+        }
+        assert!(!Reason::CT_REPLY.is_drop());
+        assert!(Reason::PROXY_UNAVAILABLE.is_drop());
+        assert_eq!(Reason(77).to_string(), "reason-77");
+        assert_eq!(
+            serde_json::to_string(&Reason::NO_POLICY).unwrap(),
+            "\"no-policy\""
+        );
+    }
+
+    fn key(protocol: u8, port: u16, port_prefix: u8) -> PolicyKey {
+        PolicyKey {
+            endpoint: 7,
+            identity: 300,
+            direction: Direction::Egress,
+            protocol,
+            port,
+            port_prefix,
+        }
+    }
+
+    #[test]
+    fn any_protocol_is_prefix_72_without_port() {
+        let k = key(0, 8080, 16).to_lpm().unwrap();
+        assert_eq!(k.prefixlen, 72);
+        assert_eq!((k.protocol, k.port), (0, 0));
+        assert_eq!(
+            PolicyKey::from_lpm(&k).unwrap(),
+            PolicyKey::any(7, 300, Direction::Egress)
+        );
+    }
+
+    #[test]
+    fn exact_port_is_prefix_96_network_order() {
+        let k = key(6, 8080, 16).to_lpm().unwrap();
+        assert_eq!(k.prefixlen, 96);
+        let b = k.as_bytes();
+        assert_eq!(b.len(), 16);
+        assert_eq!(&b[0..4], &96u32.to_ne_bytes());
+        assert_eq!(&b[4..8], &7u32.to_ne_bytes());
+        assert_eq!(&b[8..12], &300u32.to_ne_bytes());
+        assert_eq!(b[12], DIR_EGRESS);
+        assert_eq!(b[13], 6);
+        // The port is big-endian, so an LPM prefix covers its high bits.
+        assert_eq!(&b[14..16], &[0x1f, 0x90]);
+        assert_eq!(PolicyKey::from_lpm(&k).unwrap(), key(6, 8080, 16));
+    }
+
+    #[test]
+    fn port_ranges_mask_the_host_bits() {
+        // 8000-8063: 8000 = 0x1f40, a block of 64 ports = 10 leading bits.
+        let k = key(17, 8005, 10).to_lpm().unwrap();
+        assert_eq!(k.prefixlen, 90);
+        assert_eq!(u16::from_be(k.port), 8000);
+        assert_eq!(PolicyKey::from_lpm(&k).unwrap(), key(17, 8000, 10));
+        assert_eq!(key(17, 8005, 10).canonical().unwrap(), key(17, 8000, 10));
+        // Any port of a protocol: prefix 80, port zeroed.
+        let k = key(6, 443, 0).to_lpm().unwrap();
+        assert_eq!((k.prefixlen, k.port), (80, 0));
+        assert_eq!(
+            PolicyKey::from_lpm(&k).unwrap(),
+            PolicyKey::port(7, 300, Direction::Egress, 6, None)
+        );
+        // One bit: the upper half of the port space.
+        let k = key(6, 40000, 1).to_lpm().unwrap();
+        assert_eq!((k.prefixlen, u16::from_be(k.port)), (81, 32768));
+        assert!(key(6, 1, 17).to_lpm().is_err());
+    }
+
+    #[test]
+    fn bad_lpm_keys_are_refused() {
+        let mut k = key(6, 80, 16).to_lpm().unwrap();
+        k.direction = 2;
+        assert!(PolicyKey::from_lpm(&k).is_err());
+        for (prefixlen, protocol) in [(71, 0), (97, 6), (80, 0), (72, 6)] {
+            let k = PolicyLpmKey {
+                prefixlen,
+                protocol,
+                ..Default::default()
+            };
+            if (prefixlen, protocol) == (72, 6) {
+                // Protocol bits beyond the prefix are ignored by the trie: reads back as "any".
+                assert_eq!(PolicyKey::from_lpm(&k).unwrap().protocol, 0);
+            } else {
+                assert!(PolicyKey::from_lpm(&k).is_err(), "{prefixlen}/{protocol}");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_sort_for_diffing() {
+        let mut v = [key(6, 80, 16), key(0, 0, 0), key(6, 79, 16)];
+        v.sort();
+        assert_eq!(v, [key(0, 0, 0), key(6, 79, 16), key(6, 80, 16)]);
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let v = PolicyValue {
+            verdict: Verdict::Redirect,
+            reason: Reason::PROXY_UNAVAILABLE,
+            proxy_port: 15001,
+            policy: 9,
+        };
+        assert_eq!(PolicyValue::from_raw(&v.to_raw()).unwrap(), v);
+        let raw = PolicyLpmValue {
+            verdict: 9,
+            ..Default::default()
+        };
+        assert!(PolicyValue::from_raw(&raw).is_err());
+    }
+
+    #[test]
+    fn ipcache_keys() {
+        let k = ipcache_key("198.18.1.7/24".parse().unwrap());
+        assert_eq!(k.prefixlen, 120);
+        assert_eq!(
+            k.addr.octets(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 1, 0]
+        );
+        assert_eq!(ipcache_net(&k).unwrap(), "198.18.1.0/24".parse().unwrap());
+        let k = ipcache_key("0.0.0.0/0".parse().unwrap());
+        assert_eq!(k.prefixlen, 96);
+        assert_eq!(ipcache_net(&k).unwrap(), "0.0.0.0/0".parse().unwrap());
+        let k = ipcache_key("fd00::1/64".parse().unwrap());
+        assert_eq!(k.prefixlen, 64);
+        assert_eq!(ipcache_net(&k).unwrap(), "fd00::/64".parse().unwrap());
+        let k = ipcache_key("::/0".parse().unwrap());
+        assert_eq!(ipcache_net(&k).unwrap(), "::/0".parse().unwrap());
+    }
+
+    #[test]
+    fn config_defaults_fill_zero_lifetimes() {
+        let raw = PolicyConfigValue::default();
+        assert_eq!(PolicyConfig::from_raw(&raw), PolicyConfig::default());
+        let c = PolicyConfig {
+            events: true,
+            ct_tcp: Duration::from_millis(5),
+            ct_close: Duration::from_millis(6),
+            ct_other: Duration::from_millis(7),
+        };
+        let raw = c.to_raw();
+        assert_eq!(raw.flags, POLICY_CFG_F_EVENTS);
+        assert_eq!(raw.ct_other_ns, 7_000_000);
+        assert_eq!(PolicyConfig::from_raw(&raw), c);
+    }
+}

@@ -1,0 +1,671 @@
+//! Loading, attaching and map access of the identity policy datapath (`bpf/policy.c`).
+//!
+//! Two tcx programs per local pod on its host-side veth (in the node's network namespace):
+//! `comb_policy_from_pod` on ingress, `comb_policy_to_pod` on egress, pinned as
+//! `<pin_dir>/links/policy-<ifindex>-from` / `-to`. The endpoint id everywhere is that ifindex.
+//! Maps are pinned under `<pin_dir>/maps/` and adopted by the next load together with the
+//! links, which are switched to the new programs, so enforcement and conntrack survive an
+//! agent restart.
+//!
+//! Interfaces are resolved in the network namespace of the calling thread: call
+//! [`Datapath::attach_policy`] from the node's namespace.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use ipnet::IpNet;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
+use tracing::{debug, info, warn};
+
+use crate::Datapath;
+use crate::maps::{CombAddr, Pod};
+use crate::policy::{
+    CtEntry, Direction, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, Reason,
+    ipcache_key, ipcache_net,
+};
+use crate::policy_events::FlowEventReader;
+use crate::policy_maps::{
+    CT_F_CLOSING, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue, MetricKey,
+    MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
+};
+use crate::policy_skel::PolicySkelBuilder;
+use crate::splice::{map_handle, remove_pin, set_map_pin_paths};
+use crate::sys;
+
+pub(crate) const PROG_FROM_POD: &str = "comb_policy_from_pod";
+pub(crate) const PROG_TO_POD: &str = "comb_policy_to_pod";
+const LINK_PREFIX: &str = "policy-";
+
+/// The two attach points on a host-side veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Hook {
+    /// tcx ingress: packets from the pod.
+    From,
+    /// tcx egress: packets to the pod.
+    To,
+}
+
+impl Hook {
+    const BOTH: [Hook; 2] = [Hook::From, Hook::To];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Hook::From => "from",
+            Hook::To => "to",
+        }
+    }
+
+    fn attach_type(self) -> libbpf_sys::bpf_attach_type {
+        match self {
+            Hook::From => libbpf_sys::BPF_TCX_INGRESS,
+            Hook::To => libbpf_sys::BPF_TCX_EGRESS,
+        }
+    }
+
+    fn link_name(self, ifindex: u32) -> String {
+        format!("{LINK_PREFIX}{ifindex}-{}", self.suffix())
+    }
+}
+
+/// True for a pin name under `links/` that belongs to the policy programs. Pod link ids of
+/// the splice datapath are `<namespace>_<pod>` and always contain `_`; these never do.
+pub(crate) fn is_policy_link_name(name: &str) -> bool {
+    name.starts_with(LINK_PREFIX)
+}
+
+fn parse_link_name(name: &str) -> Option<(u32, Hook)> {
+    let rest = name.strip_prefix(LINK_PREFIX)?;
+    let (idx, hook) = rest.split_once('-')?;
+    let hook = Hook::BOTH.into_iter().find(|h| h.suffix() == hook)?;
+    let ifindex: u32 = idx.parse().ok().filter(|&i| i != 0)?;
+    (ifindex.to_string() == idx).then_some((ifindex, hook))
+}
+
+/// The policy part of [`Datapath`].
+pub(crate) struct PolicyDp {
+    ipcache: MapHandle,
+    endpoints: MapHandle,
+    policy: MapHandle,
+    ct: MapHandle,
+    config: MapHandle,
+    metrics: MapHandle,
+    events: MapHandle,
+    events_lost: MapHandle,
+    from_pod: ProgramHandle,
+    to_pod: ProgramHandle,
+    links: BTreeMap<(u32, Hook), OwnedFd>,
+}
+
+/// Load `bpf/policy.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
+/// programs pinned under `<pin_dir>/progs/`.
+pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
+    let maps_dir = pin_dir.join("maps");
+    let mut storage = MaybeUninit::uninit();
+    let mut open = PolicySkelBuilder::default()
+        .open(&mut storage)
+        .context("opening the embedded policy object")?;
+    set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
+    let skel = open.load().with_context(|| {
+        format!(
+            "loading policy programs and maps (if a map pinned under {} has an older layout, remove it)",
+            maps_dir.display()
+        )
+    })?;
+    let m = &skel.maps;
+    let from_pod = ProgramHandle::try_from(&skel.progs.comb_policy_from_pod)
+        .context("program comb_policy_from_pod")?;
+    let to_pod = ProgramHandle::try_from(&skel.progs.comb_policy_to_pod)
+        .context("program comb_policy_to_pod")?;
+    for (name, p) in [(PROG_FROM_POD, &from_pod), (PROG_TO_POD, &to_pod)] {
+        let path = pin_dir.join("progs").join(name);
+        remove_pin(&path)?;
+        p.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+    }
+    Ok(PolicyDp {
+        ipcache: map_handle(&m.comb_ipcache)?,
+        endpoints: map_handle(&m.comb_policy_endpoints)?,
+        policy: map_handle(&m.comb_policy)?,
+        ct: map_handle(&m.comb_ct)?,
+        config: map_handle(&m.comb_policy_config)?,
+        metrics: map_handle(&m.comb_policy_metrics)?,
+        events: map_handle(&m.comb_flow_events)?,
+        events_lost: map_handle(&m.comb_policy_events_lost)?,
+        from_pod,
+        to_pod,
+        links: BTreeMap::new(),
+    })
+}
+
+/// Deleting a missing key is not an error.
+fn delete(map: &MapHandle, key: &[u8], what: &str) -> Result<()> {
+    match map.delete(key) {
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| format!("removing {what}")),
+    }
+}
+
+fn decode<T: Pod>(b: &[u8], what: &str) -> Result<T> {
+    T::from_bytes(b).with_context(|| format!("{what} has an unexpected size"))
+}
+
+/// Every (key, value) of a map; entries deleted meanwhile are skipped.
+fn entries(map: &MapHandle) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for k in map.keys() {
+        if let Some(v) = map.lookup(&k, MapFlags::ANY)? {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+/// Detach a link now; a link whose interface is gone may refuse, which is fine.
+fn detach_link(fd: &OwnedFd, name: &str) {
+    if let Err(e) = sys::link_detach(fd.as_fd()) {
+        debug!(name, error = %e, "detaching policy link");
+    }
+}
+
+impl PolicyDp {
+    fn prog(&self, hook: Hook) -> &ProgramHandle {
+        match hook {
+            Hook::From => &self.from_pod,
+            Hook::To => &self.to_pod,
+        }
+    }
+
+    /// Take over links pinned by a previous agent and switch them to our programs; drop the
+    /// pins of links whose interface is gone.
+    pub(crate) fn adopt_links(&mut self, pin_dir: &Path) -> Result<()> {
+        let dir = pin_dir.join("links");
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((ifindex, hook)) = parse_link_name(&name) else {
+                continue;
+            };
+            let path = entry.path();
+            let fd = sys::obj_get(&path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?;
+            let alive = matches!(sys::link_tcx(fd.as_fd()),
+                Ok((i, t)) if i == ifindex && t == hook.attach_type());
+            if !alive || sys::link_update(fd.as_fd(), self.prog(hook).as_fd()).is_err() {
+                warn!(
+                    name,
+                    "pinned policy link is defunct (interface gone?), removing it"
+                );
+                detach_link(&fd, &name);
+                remove_pin(&path)?;
+                continue;
+            }
+            debug!(name, "adopted pinned policy link");
+            self.links.insert((ifindex, hook), fd);
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
+        ensure!(ifindex != 0, "ifindex 0 names no interface");
+        let mut created = Vec::new();
+        for hook in Hook::BOTH {
+            if let Some(fd) = self.links.get(&(ifindex, hook)) {
+                // Idempotent; also makes sure it runs the current program.
+                if sys::link_update(fd.as_fd(), self.prog(hook).as_fd()).is_ok() {
+                    continue;
+                }
+                // Its interface is gone (an ifindex seen again is another interface).
+                if let Some(fd) = self.links.remove(&(ifindex, hook)) {
+                    detach_link(&fd, &hook.link_name(ifindex));
+                }
+            }
+            match self.create_link(pin_dir, ifindex, hook) {
+                Ok(fd) => created.push((hook, fd)),
+                Err(e) => {
+                    // All or nothing for this call: undo the link made before the failure.
+                    for (h, fd) in created {
+                        detach_link(&fd, &h.link_name(ifindex));
+                        let _ = remove_pin(&pin_dir.join("links").join(h.link_name(ifindex)));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (hook, fd) in created {
+            self.links.insert((ifindex, hook), fd);
+        }
+        Ok(())
+    }
+
+    fn create_link(&self, pin_dir: &Path, ifindex: u32, hook: Hook) -> Result<OwnedFd> {
+        let name = hook.link_name(ifindex);
+        let fd = sys::link_create_tcx(self.prog(hook).as_fd(), ifindex, hook.attach_type())
+            .with_context(|| {
+                format!("attaching policy ({}) to ifindex {ifindex}", hook.suffix())
+            })?;
+        let pin = pin_dir.join("links").join(&name);
+        remove_pin(&pin)?;
+        if let Err(e) = sys::obj_pin(fd.as_fd(), &pin) {
+            detach_link(&fd, &name);
+            return Err(e).with_context(|| format!("pinning {}", pin.display()));
+        }
+        debug!(name, "policy link attached");
+        Ok(fd)
+    }
+
+    fn detach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
+        for hook in Hook::BOTH {
+            let name = hook.link_name(ifindex);
+            let pin = pin_dir.join("links").join(&name);
+            match self.links.remove(&(ifindex, hook)) {
+                Some(fd) => detach_link(&fd, &name),
+                // Pinned by someone else under our dir (not adopted): detach it too.
+                None => {
+                    if let Ok(fd) = sys::obj_get(&pin) {
+                        detach_link(&fd, &name);
+                    }
+                }
+            }
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn detach_all(&mut self, pin_dir: &Path) -> Vec<String> {
+        let mut ifs: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
+        ifs.dedup();
+        ifs.into_iter()
+            .filter_map(|i| self.detach(pin_dir, i).err().map(|e| format!("{e:#}")))
+            .collect()
+    }
+}
+
+/// The `struct __sk_buff` passed to BPF_PROG_TEST_RUN: zero but for ifindex (offset 40).
+fn test_skb_ctx(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+impl Datapath {
+    /// Attach both policy programs to the host-side veth `ifindex` (in the calling thread's
+    /// network namespace). Idempotent: attached links are switched to the current programs.
+    /// Packets pass untouched until the endpoint has an entry ([`Self::set_policy_endpoint`]).
+    pub fn attach_policy(&mut self, ifindex: u32) -> Result<()> {
+        self.policy.attach(&self.opts.pin_dir, ifindex)?;
+        info!(ifindex, "policy attached");
+        Ok(())
+    }
+
+    /// Detach both programs and remove their pins. An interface that is already gone (pod
+    /// deleted) is not an error.
+    pub fn detach_policy(&mut self, ifindex: u32) -> Result<()> {
+        self.policy.detach(&self.opts.pin_dir, ifindex)?;
+        info!(ifindex, "policy detached");
+        Ok(())
+    }
+
+    /// The ifindexes with policy links, including links whose interface is gone (detach
+    /// those).
+    pub fn policy_attachments(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.policy.links.keys().map(|(i, _)| *i).collect();
+        v.dedup();
+        v
+    }
+
+    /// Enforce policy on the endpoint behind host veth `ifindex`, with its identity and
+    /// addresses (at most one IPv4 and one IPv6).
+    pub fn set_policy_endpoint(&self, ifindex: u32, identity: u32, addrs: &[IpAddr]) -> Result<()> {
+        ensure!(ifindex != 0, "ifindex 0 names no interface");
+        ensure!(
+            identity != ID_ANY,
+            "identity 0 is reserved (any); endpoint {ifindex}"
+        );
+        let mut v = PolicyEndpointValue {
+            identity,
+            ..Default::default()
+        };
+        let (mut v4, mut v6) = (false, false);
+        for ip in addrs {
+            let a = CombAddr::from(*ip);
+            let (slot, seen) = if a.ip().is_ipv4() {
+                (0, &mut v4)
+            } else {
+                (1, &mut v6)
+            };
+            ensure!(
+                !*seen,
+                "endpoint {ifindex}: more than one address of a family ({addrs:?})"
+            );
+            *seen = true;
+            v.addrs[slot] = a;
+        }
+        self.policy
+            .endpoints
+            .update(&ifindex.to_ne_bytes(), v.as_bytes(), MapFlags::ANY)
+            .with_context(|| format!("writing policy endpoint {ifindex}"))
+    }
+
+    /// Stop enforcing on `ifindex` (its packets pass untouched) and drop its counters.
+    pub fn remove_policy_endpoint(&self, ifindex: u32) -> Result<()> {
+        delete(
+            &self.policy.endpoints,
+            &ifindex.to_ne_bytes(),
+            &format!("policy endpoint {ifindex}"),
+        )?;
+        let keys: Vec<Vec<u8>> = self.policy.metrics.keys().collect();
+        for k in keys {
+            if MetricKey::from_bytes(&k).is_some_and(|m| m.endpoint == ifindex) {
+                delete(&self.policy.metrics, &k, "policy metric")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn policy_endpoints(&self) -> Result<BTreeMap<u32, PolicyEndpoint>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in entries(&self.policy.endpoints)? {
+            let ifindex: u32 = decode::<u32>(&k, "comb_policy_endpoints key")?;
+            let v: PolicyEndpointValue = decode(&v, "comb_policy_endpoints value")?;
+            let addrs = v
+                .addrs
+                .iter()
+                .filter(|a| **a != CombAddr::default())
+                .map(CombAddr::ip)
+                .collect();
+            out.insert(
+                ifindex,
+                PolicyEndpoint {
+                    identity: v.identity,
+                    addrs,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The node's policy table, keys canonical ([`PolicyKey::canonical`]).
+    pub fn policy_entries(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in entries(&self.policy.policy)? {
+            let k: PolicyLpmKey = decode(&k, "comb_policy key")?;
+            let v: PolicyLpmValue = decode(&v, "comb_policy value")?;
+            out.insert(PolicyKey::from_lpm(&k)?, PolicyValue::from_raw(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Write one policy entry; the key is stored canonical.
+    pub fn upsert_policy_entry(&self, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+        let k = key.to_lpm()?;
+        self.policy
+            .policy
+            .update(k.as_bytes(), value.to_raw().as_bytes(), MapFlags::ANY)
+            .with_context(|| format!("writing policy entry {key:?}"))
+    }
+
+    /// Remove one policy entry (the exact prefix); missing is fine.
+    pub fn remove_policy_entry(&self, key: &PolicyKey) -> Result<()> {
+        let k = key.to_lpm()?;
+        delete(
+            &self.policy.policy,
+            k.as_bytes(),
+            &format!("policy entry {key:?}"),
+        )
+    }
+
+    /// Prefix → identity. IPv4 prefixes are stored v4-mapped, so an IPv6 prefix covering
+    /// `::ffff:0:0/96` (e.g. `::/0`) also covers IPv4 addresses.
+    pub fn ipcache(&self) -> Result<BTreeMap<IpNet, u32>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in entries(&self.policy.ipcache)? {
+            let k: IpcacheKey = decode(&k, "comb_ipcache key")?;
+            let v: IpcacheValue = decode(&v, "comb_ipcache value")?;
+            out.insert(ipcache_net(&k)?, v.identity);
+        }
+        Ok(out)
+    }
+
+    /// Map a prefix (host bits ignored) to an identity.
+    pub fn upsert_ipcache(&self, net: IpNet, identity: u32) -> Result<()> {
+        ensure!(identity != ID_ANY, "identity 0 is reserved (any); {net}");
+        let v = IpcacheValue { identity, flags: 0 };
+        self.policy
+            .ipcache
+            .update(ipcache_key(net).as_bytes(), v.as_bytes(), MapFlags::ANY)
+            .with_context(|| format!("writing ipcache entry {net}"))
+    }
+
+    pub fn remove_ipcache(&self, net: IpNet) -> Result<()> {
+        delete(
+            &self.policy.ipcache,
+            ipcache_key(net).as_bytes(),
+            &format!("ipcache entry {net}"),
+        )
+    }
+
+    /// Conntrack lifetimes (zero = the default) and whether flow events are emitted.
+    pub fn set_policy_config(&self, cfg: &PolicyConfig) -> Result<()> {
+        self.policy
+            .config
+            .update(&0u32.to_ne_bytes(), cfg.to_raw().as_bytes(), MapFlags::ANY)
+            .context("updating comb_policy_config")
+    }
+
+    /// The configuration in effect (defaults while never written).
+    pub fn policy_config(&self) -> Result<PolicyConfig> {
+        let v = self
+            .policy
+            .config
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .and_then(|v| PolicyConfigValue::from_bytes(&v))
+            .unwrap_or_default();
+        Ok(PolicyConfig::from_raw(&v))
+    }
+
+    /// Every conntrack entry, expired ones included (with zero `remaining`).
+    pub fn ct_entries(&self) -> Result<Vec<CtEntry>> {
+        let now = sys::boot_time_ns();
+        let mut out = Vec::new();
+        for (k, v) in entries(&self.policy.ct)? {
+            let k: CtKey = decode(&k, "comb_ct key")?;
+            let v: CtValue = decode(&v, "comb_ct value")?;
+            out.push(CtEntry {
+                src: SocketAddr::new(k.saddr.ip(), u16::from_be(k.sport)),
+                dst: SocketAddr::new(k.daddr.ip(), u16::from_be(k.dport)),
+                protocol: k.protocol,
+                direction: Direction::from_raw(k.direction)?,
+                seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
+                closing: v.flags & CT_F_CLOSING != 0,
+                flags: v.flags,
+                reason: Reason(v.reason),
+                endpoint: v.endpoint,
+                policy: v.policy,
+                remaining: Duration::from_nanos(v.expires_ns.saturating_sub(now)),
+                age: Duration::from_nanos(now.saturating_sub(v.created_ns)),
+            });
+        }
+        out.sort_by(|a, b| {
+            (a.endpoint, a.direction, a.src, a.dst, a.protocol).cmp(&(
+                b.endpoint,
+                b.direction,
+                b.src,
+                b.dst,
+                b.protocol,
+            ))
+        });
+        Ok(out)
+    }
+
+    /// Delete expired conntrack entries (the datapath already ignores them; this frees the
+    /// slots). Returns how many were deleted.
+    pub fn ct_gc(&self) -> Result<usize> {
+        let mut n = 0;
+        // Collected first: iterating while deleting restarts a hash map's iteration.
+        let keys: Vec<Vec<u8>> = self.policy.ct.keys().collect();
+        for k in keys {
+            // Read again right before deleting: the datapath may have replaced the entry.
+            let Some(v) = self.policy.ct.lookup(&k, MapFlags::ANY)? else {
+                continue;
+            };
+            let v: CtValue = decode(&v, "comb_ct value")?;
+            if v.expires_ns <= sys::boot_time_ns() {
+                delete(&self.policy.ct, &k, "conntrack entry")?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Counters per (endpoint, direction, reason), summed over CPUs, sorted.
+    pub fn policy_metrics(&self) -> Result<Vec<PolicyMetric>> {
+        let mut out = Vec::new();
+        for k in self.policy.metrics.keys() {
+            let Some(per_cpu) = self.policy.metrics.lookup_percpu(&k, MapFlags::ANY)? else {
+                continue;
+            };
+            let key: MetricKey = decode(&k, "comb_policy_metrics key")?;
+            let mut sum = MetricValue::default();
+            for v in per_cpu {
+                let v: MetricValue = decode(&v, "comb_policy_metrics value")?;
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            out.push(PolicyMetric {
+                endpoint: key.endpoint,
+                direction: Direction::from_raw(key.direction)?,
+                reason: Reason(key.reason),
+                packets: sum.packets,
+                bytes: sum.bytes,
+            });
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Flow events that did not fit into the ring buffer.
+    pub fn events_lost(&self) -> Result<u64> {
+        let per_cpu = self
+            .policy
+            .events_lost
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default();
+        per_cpu
+            .iter()
+            .map(|v| decode::<u64>(v, "comb_policy_events_lost value"))
+            .sum()
+    }
+
+    /// A consumer of the flow events (enable them with [`PolicyConfig::events`]). Run one at a
+    /// time.
+    pub fn flow_events(&self) -> Result<FlowEventReader> {
+        let map = MapHandle::try_from(&self.policy.events).context("comb_flow_events")?;
+        FlowEventReader::new(map)
+    }
+
+    /// Run one policy program on `packet` (Ethernet frame) with BPF_PROG_TEST_RUN, as if it
+    /// crossed host veth `ifindex` (which must exist in the calling thread's network
+    /// namespace). Returns the tc verdict: 0 = pass, 2 = drop. For tests.
+    #[doc(hidden)]
+    pub fn policy_test_run(
+        &self,
+        direction: Direction,
+        ifindex: u32,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<u32> {
+        let prog = match direction {
+            Direction::Egress => &self.policy.from_pod,
+            Direction::Ingress => &self.policy.to_pod,
+        };
+        if packet.len() < 14 {
+            bail!("a test packet needs at least an Ethernet header");
+        }
+        Ok(sys::prog_test_run(
+            prog.as_fd(),
+            packet,
+            &test_skb_ctx(ifindex),
+            repeat,
+        )?)
+    }
+
+    pub(crate) fn shutdown_policy(&mut self) -> Vec<String> {
+        self.policy.detach_all(&self.opts.pin_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_round_trip() {
+        for hook in Hook::BOTH {
+            let n = hook.link_name(42);
+            assert!(is_policy_link_name(&n));
+            assert_eq!(parse_link_name(&n), Some((42, hook)));
+        }
+        assert_eq!(Hook::From.link_name(7), "policy-7-from");
+        assert_eq!(Hook::To.link_name(7), "policy-7-to");
+        for bad in [
+            "policy-0-from",
+            "policy-x-to",
+            "policy-7-sideways",
+            "policy-07-to",
+            "default_web",
+        ] {
+            assert_eq!(parse_link_name(bad), None, "{bad}");
+        }
+        assert!(!is_policy_link_name("default_web-1"));
+        assert!(!crate::lb::is_lb_link_name("policy-7-from"));
+    }
+
+    #[test]
+    fn program_names_match_the_object() {
+        let mut storage = MaybeUninit::uninit();
+        let open = PolicySkelBuilder::default()
+            .open(&mut storage)
+            .expect("open embedded object");
+        let mut progs: Vec<String> = open
+            .open_object()
+            .progs()
+            .map(|p| p.name().to_string_lossy().into_owned())
+            .collect();
+        progs.sort();
+        assert_eq!(progs, [PROG_FROM_POD, PROG_TO_POD]);
+        let mut maps: Vec<String> = open
+            .open_object()
+            .maps()
+            .map(|m| m.name().to_string_lossy().into_owned())
+            .collect();
+        maps.sort();
+        use crate::policy_maps::*;
+        let mut want = [
+            MAP_IPCACHE,
+            MAP_POLICY_ENDPOINTS,
+            MAP_POLICY,
+            MAP_CT,
+            MAP_FRAG,
+            MAP_POLICY_CONFIG,
+            MAP_POLICY_METRICS,
+            MAP_FLOW_EVENTS,
+            MAP_POLICY_EVENTS_LOST,
+        ];
+        want.sort();
+        assert_eq!(maps, want);
+    }
+
+    #[test]
+    fn test_ctx_puts_ifindex_where_the_kernel_reads_it() {
+        let ctx = test_skb_ctx(0x01020304);
+        assert_eq!(&ctx[40..44], &0x01020304u32.to_ne_bytes());
+        assert!(ctx[..40].iter().chain(&ctx[44..]).all(|b| *b == 0));
+    }
+}
