@@ -10,7 +10,8 @@ use tokio::net::{UnixListener, UnixStream};
 use comb_datapath::SocketLbMode;
 use comb_model::lb::compile_frontends;
 
-use crate::api::{EndpointRow, Request, Response, Status};
+use crate::api::{EndpointRow, MonitorLine, Request, Response, Status, VerdictFilter};
+use crate::flows::{self, FlowMsg};
 use crate::shared::Shared;
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
@@ -40,6 +41,10 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Monitor { pod, verdict }) => {
+                monitor(&mut w, &shared, pod, verdict).await;
+                return;
+            }
             Ok(req) => {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || handle(&shared, req))
@@ -56,6 +61,47 @@ async fn connection(stream: UnixStream, shared: Arc<Shared>) {
         out.push(b'\n');
         if w.write_all(&out).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Streams flow events to one client until it goes away.
+async fn monitor(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    shared: &Arc<Shared>,
+    pod: Option<String>,
+    verdict: Option<VerdictFilter>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let pod = pod.map(|p| crate::policy_rows::pod_key(&p).to_string());
+    let mut rx = shared.flows.subscribe();
+    let node = shared.args.node.clone();
+    loop {
+        let line = match rx.recv().await {
+            Ok(FlowMsg::Event(ev)) => {
+                let row = {
+                    let index = shared.flow_index.read().expect("flow index lock");
+                    flows::row(&ev, &index, &node)
+                };
+                if !flows::wanted(&row, pod.as_deref(), verdict) {
+                    continue;
+                }
+                MonitorLine::Flow(row)
+            }
+            Ok(FlowMsg::KernelLost(n)) => MonitorLine::Lost {
+                kernel: n,
+                agent: 0,
+            },
+            Err(RecvError::Lagged(n)) => MonitorLine::Lost {
+                kernel: 0,
+                agent: n,
+            },
+            Err(RecvError::Closed) => return,
+        };
+        let mut out = serde_json::to_vec(&ok(line)).expect("serializable");
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            return; // client gone: dropping rx unsubscribes
         }
     }
 }
@@ -109,6 +155,13 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
                 local_endpoints: inner.state.local_pods(node).count(),
                 config_errors: inner.config_errors.clone(),
                 datapath_errors: inner.datapath_errors.clone(),
+                policy: shared.args.policy == crate::args::OnOff::On,
+                identities: inner.identity_table.identities.len(),
+                policy_endpoints: inner
+                    .datapath
+                    .as_ref()
+                    .map_or(0, |d| d.policy_attachments().len()),
+                policy_unenforced: inner.policy.unenforced.clone(),
             })
         }
         Request::Services => {
@@ -189,5 +242,35 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
             drop(inner);
             ok(crate::metrics::render(shared))
         }
+        Request::Identities => ok(crate::policy_rows::identities(&inner.identity_table)),
+        Request::EndpointPolicy { pod } => {
+            let Some(dp) = inner.datapath.as_ref() else {
+                return Response::Error {
+                    message: "datapath is shut down".into(),
+                };
+            };
+            let key = crate::policy_rows::pod_key(&pod);
+            let interface = inner
+                .state
+                .snapshot()
+                .pods
+                .get(&key)
+                .and_then(|p| p.interface.clone());
+            let index = shared.flow_index.read().expect("flow index lock");
+            match crate::policy_rows::endpoint_policy(
+                dp,
+                &pod,
+                &inner.policy,
+                &inner.identity_table,
+                &index,
+                interface.as_deref(),
+            ) {
+                Ok(v) => ok(v),
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::Monitor { .. } => Response::Error {
+            message: "monitor streams; it is served by the connection loop".into(),
+        },
     }
 }

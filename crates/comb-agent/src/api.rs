@@ -20,6 +20,105 @@ pub enum Request {
     Metrics,
     /// Service frontends of this node: `Vec<ServiceRow>`.
     Services,
+    /// Security identities known to this node: `Vec<IdentityRow>`.
+    Identities,
+    /// A local pod's policy as the datapath holds it: `EndpointPolicy`.
+    EndpointPolicy {
+        /// `namespace/name`, or `name` in namespace `default`.
+        pod: String,
+    },
+    /// Streams `MonitorLine`s (one response line each, `{"result":"ok","data":...}`) until
+    /// the client goes away. Filters: a pod (either end), and forwarded or dropped only.
+    Monitor {
+        pod: Option<String>,
+        verdict: Option<VerdictFilter>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerdictFilter {
+    Forwarded,
+    Dropped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRow {
+    pub id: u32,
+    /// Cilium-style labels: `reserved:host`, `k8s:app=web`, `cidr:10.0.0.0/8`.
+    pub labels: Vec<String>,
+    /// The ipcache prefixes that resolve to it.
+    pub prefixes: Vec<String>,
+    /// `namespace/name` of the pods that have it.
+    pub pods: Vec<String>,
+}
+
+/// `comb endpoint policy get`: what the kernel holds for one local pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPolicy {
+    pub pod: String,
+    pub interface: String,
+    pub ifindex: u32,
+    pub identity: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// `Kind namespace/name` of every policy selecting the pod.
+    pub policies: Vec<String>,
+    /// Read back from the kernel's policy map, most specific first within an identity.
+    pub entries: Vec<PolicyEntryRow>,
+    /// Whether the map holds exactly what the compiler wants for this pod.
+    pub in_sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyEntryRow {
+    pub direction: String,
+    /// 0 = every identity without entries of its own.
+    pub identity: u32,
+    pub identity_labels: Vec<String>,
+    /// `any`, `TCP`, `UDP`, `SCTP` or a number.
+    pub protocol: String,
+    /// `any`, `80`, `8000-8063`.
+    pub ports: String,
+    pub verdict: String,
+    pub reason: String,
+    /// `Kind namespace/name` of the deciding policy.
+    pub policy: Option<String>,
+}
+
+/// One line of `comb monitor`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)] // one line at a time; boxing buys nothing
+pub enum MonitorLine {
+    Flow(FlowRow),
+    /// Events that never reached this client: `kernel` (ring buffer full) and `agent` (this
+    /// client read too slowly), counted since the previous notice.
+    Lost {
+        kernel: u64,
+        agent: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRow {
+    /// Unix time, seconds.
+    pub time: f64,
+    pub node: String,
+    /// Of the local pod: `ingress` (to it) or `egress` (from it).
+    pub direction: String,
+    /// `forwarded` or `dropped`.
+    pub verdict: String,
+    pub reason: String,
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub policy: Option<String>,
+    pub bytes: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +156,13 @@ pub struct Status {
     pub config_errors: Vec<String>,
     /// Errors the reconciler met making the datapath match State (retried on next change).
     pub datapath_errors: Vec<String>,
+    /// Identity policy programs on the pods' interfaces.
+    pub policy: bool,
+    pub identities: usize,
+    /// Local pods with policy programs attached.
+    pub policy_endpoints: usize,
+    /// Local pods whose traffic policy cannot judge, with why.
+    pub policy_unenforced: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,6 +81,25 @@ pub struct Args {
     pub poll_ms: u64,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Where the agent keeps what must survive its restarts (identity numbers)
+    /// [default: /var/lib/comb/NODE].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Identity policy programs on the pods' host-side interfaces.
+    #[arg(long, value_enum, default_value = "on")]
+    pub policy: OnOff,
+    /// Conntrack lifetime of an established TCP flow without packets, in seconds.
+    #[arg(long, default_value = "21600")]
+    pub ct_tcp_timeout: f64,
+    /// Conntrack lifetime after FIN/RST and of an unanswered SYN, in seconds.
+    #[arg(long, default_value = "10")]
+    pub ct_close_timeout: f64,
+    /// Conntrack lifetime of UDP and other flows without packets, in seconds.
+    #[arg(long, default_value = "60")]
+    pub ct_other_timeout: f64,
+    /// How often expired conntrack entries are removed, in seconds.
+    #[arg(long, default_value = "10")]
+    pub ct_gc_interval: f64,
 }
 
 impl Args {
@@ -100,6 +119,12 @@ impl Args {
             return Err("no --lb-cgroup given (use `/` for the whole node)".into());
         };
         Ok((normalize_cgroup(cg), self.socket_lb))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/comb/{}", self.node)))
     }
 
     pub fn pin_dir(&self) -> PathBuf {

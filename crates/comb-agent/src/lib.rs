@@ -7,7 +7,10 @@
 mod admin;
 pub mod api;
 mod args;
+mod flows;
+mod identity_store;
 mod metrics;
+mod policy_rows;
 mod reconcile;
 mod run;
 mod service_rows;

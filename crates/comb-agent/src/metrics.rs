@@ -146,6 +146,7 @@ pub fn render(shared: &Shared) -> String {
         u8::from(inner.splice_enabled),
     );
     lb_metrics(&mut o, &inner);
+    policy_metrics(&mut o, &inner);
     if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice_stats()) {
         metric(
             &mut o,
@@ -208,6 +209,101 @@ pub fn render(shared: &Shared) -> String {
 }
 
 /// Socket-LB gauges and the datapath's `comb_lb_*` counters.
+/// A metric family with several samples: HELP and TYPE once.
+fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(o, "{name}{labels} {v}");
+    }
+}
+
+fn policy_metrics(o: &mut String, inner: &Inner) {
+    metric(
+        o,
+        "comb_identities",
+        "gauge",
+        "Security identities known to this node (reserved, workloads, CIDRs).",
+        "",
+        inner.identity_table.identities.len(),
+    );
+    metric(
+        o,
+        "comb_ipcache_entries",
+        "gauge",
+        "Prefixes in the ipcache.",
+        "",
+        inner.policy.ipcache.len(),
+    );
+    metric(
+        o,
+        "comb_policy_entries",
+        "gauge",
+        "Entries in the policy table (all local endpoints).",
+        "",
+        inner.policy.entries.len(),
+    );
+    metric(
+        o,
+        "comb_policy_unenforced_pods",
+        "gauge",
+        "Local pods whose traffic policy cannot judge (see comb status).",
+        "",
+        inner.policy.unenforced.len(),
+    );
+    let Some(dp) = inner.datapath.as_ref() else {
+        return;
+    };
+    if let Ok(lost) = dp.events_lost() {
+        metric(
+            o,
+            "comb_flow_events_lost_total",
+            "counter",
+            "Flow events the ring buffer had no room for.",
+            "",
+            lost,
+        );
+    }
+    let Ok(rows) = dp.policy_metrics() else {
+        return;
+    };
+    let (mut packets, mut bytes) = (Vec::new(), Vec::new());
+    for m in rows {
+        // Counters of an endpoint that is gone stay in the map until it is reused; they
+        // no longer name a pod.
+        let Some(ep) = inner.policy.endpoints.get(&m.endpoint) else {
+            continue;
+        };
+        let labels = format!(
+            "{{namespace=\"{}\",pod=\"{}\",direction=\"{}\",verdict=\"{}\",reason=\"{}\"}}",
+            ep.pod.namespace,
+            ep.pod.name,
+            m.direction.name(),
+            if m.reason.is_drop() {
+                "dropped"
+            } else {
+                "forwarded"
+            },
+            m.reason
+        );
+        packets.push((labels.clone(), m.packets));
+        bytes.push((labels, m.bytes));
+    }
+    family(
+        o,
+        "comb_policy_packets_total",
+        "counter",
+        "Packets judged by the identity policy programs, by pod, direction, verdict and reason.",
+        &packets,
+    );
+    family(
+        o,
+        "comb_policy_bytes_total",
+        "counter",
+        "Bytes (L2 frames) judged by the identity policy programs.",
+        &bytes,
+    );
+}
+
 fn lb_metrics(o: &mut String, inner: &Inner) {
     let dp = inner.datapath.as_ref();
     metric(

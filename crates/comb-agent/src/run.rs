@@ -11,9 +11,21 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::args::{Args, LogFormat, OnOff, SocketLb};
+use crate::identity_store::IdentityStore;
 use crate::shared::{Inner, Shared};
 use crate::source::{self, SourceUpdate};
-use crate::{admin, metrics, reconcile};
+use crate::{admin, flows, metrics, reconcile};
+use comb_datapath::policy::PolicyConfig;
+use comb_model::policy_compile::{
+    KIND_AUTHORIZATION_POLICY, KIND_NETWORK_POLICY, policy_cidrs, policy_id,
+};
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+}
 
 /// Entry point of the `combd` binary.
 pub fn main() -> std::process::ExitCode {
@@ -69,6 +81,15 @@ pub async fn run(args: Args) -> Result<()> {
         Err(why) => tracing::warn!("socket LB off: {why}"),
     }
 
+    let policy_cfg = PolicyConfig {
+        events: false,
+        ct_tcp: secs(args.ct_tcp_timeout, "--ct-tcp-timeout")?,
+        ct_close: secs(args.ct_close_timeout, "--ct-close-timeout")?,
+        ct_other: secs(args.ct_other_timeout, "--ct-other-timeout")?,
+    };
+    datapath.set_policy_config(&policy_cfg)?;
+    let (identity_store, identities) = IdentityStore::open(&args.state_dir())?;
+
     let admin_path = args.admin_socket();
     let shared = Arc::new(Shared {
         args: args.clone(),
@@ -85,8 +106,21 @@ pub async fn run(args: Args) -> Result<()> {
             reconciled_once: false,
             config_reloads: 0,
             config_rejects: 0,
+            identities,
+            identity_store,
+            identity_table: Default::default(),
+            policy: Default::default(),
         }),
+        flows: tokio::sync::broadcast::channel(flows::CHANNEL_EVENTS).0,
+        flow_index: Default::default(),
     });
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("flow-events".into())
+            .spawn(move || flows::pump(shared))
+            .context("starting the flow event thread")?;
+    }
     let result = serve(&shared).await;
     let _ = std::fs::remove_file(&admin_path);
     let dp = shared
@@ -126,6 +160,7 @@ async fn serve(shared: &Arc<Shared>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(Duration::from_secs(2));
+    let mut ct_gc = tokio::time::interval(secs(args.ct_gc_interval, "--ct-gc-interval")?);
     tracing::info!(admin = %args.admin_socket().display(), metrics = %args.metrics_addr, "combd ready");
     loop {
         tokio::select! {
@@ -140,6 +175,19 @@ async fn serve(shared: &Arc<Shared>) -> Result<()> {
                     let mut inner = shared.inner.lock().expect("agent lock poisoned");
                     if !inner.datapath_errors.is_empty() {
                         reconcile_now(&shared, &mut inner);
+                    }
+                }).await?;
+            }
+            _ = ct_gc.tick() => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let inner = shared.inner.lock().expect("agent lock poisoned");
+                    if let Some(dp) = inner.datapath.as_ref() {
+                        match dp.ct_gc() {
+                            Ok(n) if n > 0 => tracing::debug!(removed = n, "conntrack gc"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),
+                        }
                     }
                 }).await?;
             }
@@ -174,11 +222,35 @@ fn apply_update(shared: &Shared, update: SourceUpdate) {
 }
 
 fn reconcile_now(shared: &Shared, inner: &mut Inner) {
-    let want = reconcile::desired(
+    let node = &shared.args.node;
+    let snapshot = inner.state.snapshot();
+    let table = inner
+        .identities
+        .resolve(snapshot, node, &policy_cidrs(snapshot));
+    // Numbers are saved before any map holds them, so a crash cannot orphan them.
+    let mut store_error = None;
+    if let Err(e) = inner.identity_store.save(&inner.identities) {
+        store_error = Some(format!("saving identities: {e:#}"));
+    }
+    let policy = if shared.args.policy == OnOff::On {
+        reconcile::policy::desired(&inner.state, node, &table, &ifindex)
+    } else {
+        Default::default()
+    };
+    if policy.unenforced != inner.policy.unenforced {
+        for s in &policy.unenforced {
+            tracing::warn!(pod = %s, "policy not enforced");
+        }
+    }
+    *shared.flow_index.write().expect("flow index lock") = flow_index(inner, &table, &policy);
+    inner.identity_table = table;
+    inner.policy = policy;
+    let mut want = reconcile::desired(
         &inner.state,
         &shared.args.node,
         shared.socket_lb.as_ref().ok(),
     );
+    want.policy = inner.policy.clone();
     if want.lb_skipped != inner.lb_skipped {
         for s in &want.lb_skipped {
             tracing::warn!(frontend = %s, "service frontend not programmed");
@@ -190,7 +262,8 @@ fn reconcile_now(shared: &Shared, inner: &mut Inner) {
     let Some(dp) = inner.datapath.as_mut() else {
         return;
     };
-    let errors = reconcile::apply(dp, &want);
+    let mut errors = reconcile::apply(dp, &want);
+    errors.extend(store_error);
     for e in &errors {
         tracing::warn!(error = %e, generation, "datapath reconcile");
     }
@@ -198,4 +271,40 @@ fn reconcile_now(shared: &Shared, inner: &mut Inner) {
         inner.applied_generation = generation;
     }
     inner.datapath_errors = errors;
+}
+
+/// The index of the agent's network namespace's interface `name`.
+fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+fn flow_index(
+    inner: &Inner,
+    table: &comb_model::identity::IdentityTable,
+    policy: &reconcile::policy::DesiredPolicy,
+) -> flows::FlowIndex {
+    let snap = inner.state.snapshot();
+    let mut index = flows::FlowIndex::default();
+    for p in snap.pods.values() {
+        for ip in &p.ips {
+            index.pod_by_ip.insert(*ip, p.key.to_string());
+        }
+    }
+    for (ifindex, ep) in &policy.endpoints {
+        index.pod_by_ifindex.insert(*ifindex, ep.pod.to_string());
+    }
+    for key in snap.network_policies.keys() {
+        index.policy_names.insert(
+            policy_id(KIND_NETWORK_POLICY, key),
+            format!("{KIND_NETWORK_POLICY} {key}"),
+        );
+    }
+    for key in snap.authorization_policies.keys() {
+        index.policy_names.insert(
+            policy_id(KIND_AUTHORIZATION_POLICY, key),
+            format!("{KIND_AUTHORIZATION_POLICY} {key}"),
+        );
+    }
+    let _ = table;
+    index
 }

@@ -8,6 +8,10 @@ use comb_datapath::Datapath;
 use comb_model::State;
 
 use crate::args::{Args, SocketLb};
+use crate::flows::{FlowMsg, SharedIndex};
+use crate::identity_store::IdentityStore;
+use crate::reconcile::policy::DesiredPolicy;
+use comb_model::identity::{IdentityAllocator, IdentityTable};
 
 pub struct Shared {
     pub args: Args,
@@ -16,6 +20,10 @@ pub struct Shared {
     /// fixed by the flags for the agent's life.
     pub socket_lb: Result<(PathBuf, SocketLb), String>,
     pub inner: Mutex<Inner>,
+    /// Flow events for `comb monitor` subscribers.
+    pub flows: tokio::sync::broadcast::Sender<FlowMsg>,
+    /// Names for flow events, rebuilt at each reconcile (read without the agent lock).
+    pub flow_index: SharedIndex,
 }
 
 pub struct Inner {
@@ -34,4 +42,11 @@ pub struct Inner {
     pub reconciled_once: bool,
     pub config_reloads: u64,
     pub config_rejects: u64,
+    /// Identity numbers (persisted through `identity_store`).
+    pub identities: IdentityAllocator,
+    pub identity_store: IdentityStore,
+    /// The identities of the State in force.
+    pub identity_table: IdentityTable,
+    /// What the last reconcile wanted of the policy datapath.
+    pub policy: DesiredPolicy,
 }

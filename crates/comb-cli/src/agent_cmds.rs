@@ -13,6 +13,11 @@ use crate::{Output, Target, client, table};
 pub enum EndpointCmd {
     /// Pod, namespace, IP, node, cgroup and whether its local traffic is spliced.
     List,
+    /// A local pod's compiled policy as the datapath holds it.
+    Policy {
+        #[command(subcommand)]
+        cmd: crate::policy_cmds::EndpointPolicyCmd,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,6 +88,15 @@ pub fn status(t: &Target) -> Result<ExitCode> {
             println!("  - {e}");
         }
     }
+    println!(
+        "policy:          {} ({} identities, programs on {} pods)",
+        if s.policy { "on" } else { "off" },
+        s.identities,
+        s.policy_endpoints
+    );
+    for u in &s.policy_unenforced {
+        println!("  not enforced: {u}");
+    }
     for e in &s.datapath_errors {
         println!("datapath error:  {e}");
     }
@@ -90,7 +104,9 @@ pub fn status(t: &Target) -> Result<ExitCode> {
 }
 
 pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
-    let EndpointCmd::List = cmd;
+    if let EndpointCmd::Policy { cmd } = cmd {
+        return crate::policy_cmds::endpoint_policy(t, cmd);
+    }
     let v = ask(t, Request::Endpoints)?;
     if t.output == Output::Json {
         print_json(&v);

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod lab_cmds;
 mod manifest_cmds;
+mod policy_cmds;
 mod probe;
 mod service_cmds;
 mod table;
@@ -57,6 +58,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: agent_cmds::EndpointCmd,
     },
+    /// Security identities of the policy datapath.
+    Identity {
+        #[command(subcommand)]
+        cmd: policy_cmds::IdentityCmd,
+    },
+    /// Live flow verdicts of the identity policy (until interrupted).
+    Monitor(policy_cmds::MonitorArgs),
     /// Services load-balanced at the socket.
     Service {
         #[command(subcommand)]
@@ -98,6 +106,8 @@ fn main() -> ExitCode {
         Cmd::Status => agent_cmds::status(t),
         Cmd::Endpoint { cmd } => agent_cmds::endpoint(t, cmd),
         Cmd::Service { cmd } => service_cmds::run(t, cmd),
+        Cmd::Identity { cmd } => policy_cmds::identity(t, cmd),
+        Cmd::Monitor(a) => policy_cmds::monitor(t, a),
         Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),

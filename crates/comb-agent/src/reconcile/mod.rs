@@ -4,6 +4,7 @@
 //! adopted pinned state converge the same way.
 
 mod endpoints;
+pub mod policy;
 pub mod services;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub struct Desired {
     pub lb_skipped: Vec<String>,
     /// Where the socket-LB programs attach (cgroup relative to the cgroup root) and how.
     pub socket_lb: Option<(PathBuf, SocketLb)>,
+    /// Identity policy; filled by the caller, which owns the identity allocator.
+    pub policy: policy::DesiredPolicy,
 }
 
 /// `socket_lb`: the agent's resolved `--socket-lb`/`--lb-cgroup` (None = off).
@@ -41,6 +44,7 @@ pub fn desired(state: &State, node: &str, socket_lb: Option<&(PathBuf, SocketLb)
         },
         lb_skipped: lb.skipped,
         socket_lb: socket_lb.cloned(),
+        policy: Default::default(),
     }
 }
 
@@ -72,6 +76,7 @@ fn same_attachment(
 pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
     let mut errors = Vec::new();
     endpoints::apply(dp, &want.pods, &mut errors);
+    policy::apply(dp, &want.policy, &mut errors);
 
     let attached_ok = same_attachment(dp.socket_lb(), want.socket_lb.as_ref());
     // Turning off: stop translating before the maps are emptied, so no socket meets a VIP
