@@ -1,14 +1,18 @@
 //! The manifests-directory source: notices changes and parses the directory into snapshots.
 //!
-//! Polling a fingerprint (names, sizes, mtimes) is cheap for a directory of manifests and
-//! catches every way an editor or `comb apply` may replace a file.
+//! inotify wakes the watcher as soon as a file is written (closed) or renamed in or out, so
+//! a change takes effect within milliseconds; polling a fingerprint (names, sizes, mtimes)
+//! stays as the fallback for what inotify misses (e.g. a ConfigMap volume's symlink swap,
+//! or a filesystem without inotify).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use comb_config::ConfigErrors;
 use comb_model::Snapshot;
-use tokio::sync::mpsc;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::sync::{Notify, mpsc};
 
 pub type SourceUpdate = Result<Snapshot, ConfigErrors>;
 
@@ -31,8 +35,47 @@ fn fingerprint(dir: &Path) -> Option<Fingerprint> {
     )
 }
 
+/// Wakes `notify` on every finished change in `dir`, on a thread of its own. Creation and
+/// plain writes are not events here: a file being written is read once it is closed, never
+/// half-written. Returns false when inotify is unavailable (polling still works).
+fn spawn_inotify(dir: &Path, notify: Arc<Notify>) -> bool {
+    let ino = match Inotify::init(InitFlags::IN_CLOEXEC) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; polling only");
+            return false;
+        }
+    };
+    let mask = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_ONLYDIR;
+    if let Err(e) = ino.add_watch(dir, mask) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the manifests directory; polling only");
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("manifests-inotify".into())
+        .spawn(move || {
+            loop {
+                match ino.read_events() {
+                    Ok(_) => notify.notify_one(),
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inotify read failed; polling only");
+                        return;
+                    }
+                }
+            }
+        })
+        .is_ok()
+}
+
 /// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes.
 pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
+    let notify = Arc::new(Notify::new());
+    spawn_inotify(&dir, notify.clone());
     let mut last: Option<Option<Fingerprint>> = None;
     loop {
         let fp = fingerprint(&dir);
@@ -41,12 +84,17 @@ pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>
             let update = tokio::task::spawn_blocking(move || comb_config::load_snapshot(&d))
                 .await
                 .expect("manifest loader panicked");
-            // A file may change again while it is read; the next poll sees that.
+            // A file may change again while it is read; the next wake-up or poll sees that.
             last = Some(fp);
             if tx.send(update).await.is_err() {
                 return;
             }
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            // Reload even when the fingerprint looks the same: a rewrite within one mtime
+            // tick with the same size would otherwise go unnoticed.
+            _ = notify.notified() => last = None,
+        }
     }
 }
