@@ -31,10 +31,11 @@
  *   5. Conntrack (bpf/lib/policy_ct.h): {tuple, dir} live: pass,
  *      CT_ESTABLISHED; {reversed tuple, other dir} live: pass, CT_REPLY, and
  *      the entry gets SEEN_REPLY. Deadlines are bpf_ktime_get_boot_ns()
- *      based and rewritten only when they move by more than 1 s. TCP: the
- *      close timeout until a reply is seen, then the established one; FIN or
- *      RST sets CLOSING and the close timeout; a bare SYN on a CLOSING entry
- *      is judged again (tuple reuse). Other protocols: the "other" timeout,
+ *      based and rewritten only when they move by more than 1 s (an eighth
+ *      of the lifetime if that is shorter). TCP: the close timeout until a
+ *      reply is seen, then the established one; FIN or RST sets CLOSING and
+ *      the close timeout; a bare SYN on a CLOSING entry is judged again
+ *      (tuple reuse). Other protocols: the "other" timeout,
  *      refreshed. An expired entry is a miss and is overwritten. Timeouts
  *      come from comb_policy_config[0]; a field left 0 takes its default
  *      (21600 s / 10 s / 60 s). Policy changes apply to new flows only.

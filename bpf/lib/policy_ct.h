@@ -16,8 +16,9 @@
 #define COMB_CT_TCP_DEFAULT_NS (21600ULL * COMB_NSEC_PER_SEC)
 #define COMB_CT_CLOSE_DEFAULT_NS (10ULL * COMB_NSEC_PER_SEC)
 #define COMB_CT_OTHER_DEFAULT_NS (60ULL * COMB_NSEC_PER_SEC)
-/* A deadline is rewritten only when it moves by more than this: no map
- * write per packet of a busy flow. */
+/* A deadline is rewritten only when it moves by more than this (or by more
+ * than an eighth of the lifetime, for lifetimes under 8 s): no map write per
+ * packet of a busy flow. */
 #define COMB_CT_REFRESH_SLACK_NS COMB_NSEC_PER_SEC
 
 /* Settings read once per packet. */
@@ -88,13 +89,14 @@ static __always_inline void comb_ct_touch(struct comb_ct_value *v, const struct 
 	__u32 flags = v->flags;
 	__u32 want = flags | comb_ct_closing(p) | (reply ? COMB_CT_F_SEEN_REPLY : 0);
 	__u64 old = v->expires_ns;
-	__u64 exp = now + comb_ct_lifetime(p, want, s);
+	__u64 life = comb_ct_lifetime(p, want, s);
+	__u64 slack = life / 8 < COMB_CT_REFRESH_SLACK_NS ? life / 8 : COMB_CT_REFRESH_SLACK_NS;
+	__u64 exp = now + life;
 
 	/* Flags only ever gain bits; two CPUs racing write the same ones. */
 	if (want != flags)
 		v->flags = want;
-	if (want != flags || exp > old + COMB_CT_REFRESH_SLACK_NS ||
-	    exp + COMB_CT_REFRESH_SLACK_NS < old)
+	if (want != flags || exp > old + slack || exp + slack < old)
 		v->expires_ns = exp;
 }
 

@@ -90,13 +90,16 @@ static __always_inline int comb_parse_ipv4(struct __sk_buff *skb, struct comb_pk
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return -1;
+	if (ip.version != 4)
+		return -1;
+	/* Before the checks below: flow events of malformed packets name them. */
+	comb_addr_from_v4(&p->saddr, ip.saddr);
+	comb_addr_from_v4(&p->daddr, ip.daddr);
 	hlen = ip.ihl * 4;
 	tot = bpf_ntohs(ip.tot_len);
 	/* tot_len 0 is a BIG TCP GSO packet (length from the skb). */
-	if (ip.version != 4 || hlen < sizeof(ip) || (tot && tot < hlen))
+	if (hlen < sizeof(ip) || (tot && tot < hlen))
 		return -1;
-	comb_addr_from_v4(&p->saddr, ip.saddr);
-	comb_addr_from_v4(&p->daddr, ip.daddr);
 	p->protocol = ip.protocol;
 	p->frag_proto = ip.protocol;
 	frag = bpf_ntohs(ip.frag_off);

@@ -218,7 +218,7 @@ pub(crate) mod tests {
 
     /// (size, [(field, byte offset)]) of a C struct, from BTF. Searched by kind because map
     /// variables share names with their value structs (`comb_config`).
-    fn c_layout(btf: &Btf<'_>, name: &str) -> (usize, Vec<(String, usize)>) {
+    pub(crate) fn c_layout(btf: &Btf<'_>, name: &str) -> (usize, Vec<(String, usize)>) {
         let ty: Composite<'_> = btf
             .type_by_kind::<Composite<'_>>()
             .find(|c| c.is_struct && c.name().is_some_and(|n| n == name))

@@ -287,10 +287,14 @@ impl PolicyDp {
     }
 }
 
-/// The `struct __sk_buff` passed to BPF_PROG_TEST_RUN: zero but for ifindex (offset 40).
-fn test_skb_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+/// Size of `struct __sk_buff` and the offset of its ifindex (checked against BTF by a test).
+pub(crate) const TEST_SKB_CTX_LEN: usize = 192;
+pub(crate) const TEST_SKB_IFINDEX: usize = 40;
+
+/// The `struct __sk_buff` passed to BPF_PROG_TEST_RUN: zero but for ifindex.
+fn test_skb_ctx(ifindex: u32) -> [u8; TEST_SKB_CTX_LEN] {
+    let mut ctx = [0u8; TEST_SKB_CTX_LEN];
+    ctx[TEST_SKB_IFINDEX..TEST_SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 

@@ -319,4 +319,18 @@ mod tests {
             [sport, dport, verdict, reason, pad]
         );
     }
+
+    /// policy_test_run hands the kernel a zeroed `struct __sk_buff` with only ifindex set.
+    #[test]
+    fn sk_buff_ifindex_offset() {
+        let btf = Btf::from_raw("policy", OBJ)
+            .expect("parse BTF")
+            .expect("object has BTF");
+        let (size, fields) = crate::maps::tests::c_layout(&btf, "__sk_buff");
+        assert_eq!(size, crate::policy_dp::TEST_SKB_CTX_LEN);
+        assert!(
+            fields.contains(&("ifindex".to_string(), crate::policy_dp::TEST_SKB_IFINDEX)),
+            "{fields:?}"
+        );
+    }
 }
