@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::maps::CombAddr;
 use crate::policy_maps::{
@@ -17,7 +17,7 @@ use crate::policy_maps::{
 };
 
 /// Seen from the local endpoint (pod).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// To the pod (tc egress of its host-side veth).
@@ -56,7 +56,7 @@ impl fmt::Display for Direction {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Allow,
@@ -161,9 +161,31 @@ impl fmt::Display for Reason {
     }
 }
 
+impl std::str::FromStr for Reason {
+    type Err = anyhow::Error;
+
+    /// A name, or `reason-<n>` as [`Reason`]'s Display writes unknown values.
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(r) = Reason::from_name(s) {
+            return Ok(r);
+        }
+        match s.strip_prefix("reason-").map(str::parse::<u8>) {
+            Some(Ok(n)) => Ok(Reason(n)),
+            _ => bail!("unknown reason {s:?}"),
+        }
+    }
+}
+
 impl Serialize for Reason {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Reason {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -172,7 +194,7 @@ impl Serialize for Reason {
 /// `protocol == 0` matches every protocol (port and `port_prefix` are ignored); otherwise the
 /// first `port_prefix` bits of `port` must match (16 = exactly this port, 0 = any port of the
 /// protocol, k = the aligned block of 2^(16-k) ports containing `port`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyKey {
     /// Host-side veth ifindex of the local endpoint.
     pub endpoint: u32,
@@ -282,7 +304,7 @@ fn port_mask(bits: u8) -> u16 {
 }
 
 /// What a [`PolicyKey`] decides for a new flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyValue {
     pub verdict: Verdict,
     /// Reported with the verdict. The datapath forwards only with a reason < 128 and drops
@@ -360,7 +382,7 @@ pub fn ipcache_net(k: &IpcacheKey) -> Result<IpNet> {
 }
 
 /// Conntrack lifetimes and flow events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Emit flow events into the ring buffer.
     pub events: bool,
@@ -423,7 +445,7 @@ impl PolicyConfig {
 }
 
 /// A local endpoint the policy programs enforce (`comb_policy_endpoints`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyEndpoint {
     pub identity: u32,
     /// At most one IPv4 and one IPv6 address, v4 first.
@@ -431,7 +453,7 @@ pub struct PolicyEndpoint {
 }
 
 /// One conntrack entry: a flow judged in one direction at one endpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtEntry {
     /// The flow's original direction (the packet that created it).
     pub src: SocketAddr,
@@ -459,7 +481,7 @@ impl CtEntry {
 }
 
 /// Packets and bytes (the L2 frame length) counted for one (endpoint, direction, reason).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyMetric {
     pub endpoint: u32,
     pub direction: Direction,
@@ -580,6 +602,11 @@ mod tests {
             serde_json::to_string(&Reason::NO_POLICY).unwrap(),
             "\"no-policy\""
         );
+        for r in [Reason::NO_POLICY, Reason(77)] {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Reason>(&json).unwrap(), r);
+        }
+        assert!("bogus".parse::<Reason>().is_err());
     }
 
     fn key(protocol: u8, port: u16, port_prefix: u8) -> PolicyKey {

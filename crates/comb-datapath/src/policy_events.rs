@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapHandle, libbpf_sys};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::maps::Pod;
 use crate::policy::{Direction, Reason, Verdict};
 use crate::policy_maps::FlowEventRaw;
 
 /// One decision of the policy datapath: a new flow (allowed or not) or a dropped packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
     /// CLOCK_BOOTTIME, nanoseconds.
     pub time_ns: u64,

@@ -883,6 +883,25 @@ fn connect(pod: &Netns, dst: &str, port: u16, timeout_s: f32) -> String {
     .to_string()
 }
 
+fn bpftool_json(args: &[&str], path: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool json")
+}
+
+fn bpftool_id(args: &[&str], path: &std::path::Path) -> u64 {
+    bpftool_json(args, path)["id"].as_u64().expect("an id")
+}
+
 /// The python server in a pod, killed on drop.
 struct Server(std::process::Child);
 
@@ -1036,6 +1055,34 @@ fn tcp_between_pods_is_enforced() {
             .iter()
             .any(|e| e.dport == 7070 && e.endpoint == ci && e.reason == Reason::AUTHZ_DENY)
     );
+
+    // The agent goes away (pins kept): the pinned links keep enforcing.
+    let old_prog = bpftool_id(
+        &["prog", "show", "pinned"],
+        &pins.0.join("progs/comb_policy_to_pod"),
+    );
+    drop(dp);
+    assert_eq!(connect(&client.0, server.1, 9090, 1.0), "timeout");
+    assert_eq!(connect(&client.0, server.1, 8080, 5.0), "hello 8080");
+    // A new agent adopts maps and links and switches the links to its programs.
+    let dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: host::cgroup2_mount().unwrap(),
+    })
+    .expect("reloading the datapath");
+    assert_eq!(dp.policy_attachments().len(), 2);
+    let new_prog = bpftool_id(
+        &["prog", "show", "pinned"],
+        &pins.0.join("progs/comb_policy_to_pod"),
+    );
+    assert_ne!(old_prog, new_prog, "a new program was loaded");
+    let link = pins.0.join(format!("links/policy-{si}-to"));
+    assert_eq!(
+        bpftool_json(&["link", "show", "pinned"], &link)["prog_id"].as_u64(),
+        Some(new_prog)
+    );
+    assert_eq!(connect(&client.0, server.1, 9090, 1.0), "timeout");
+    assert_eq!(connect(&client.0, server.1, 8080, 5.0), "hello 8080");
 
     // Everything goes away at shutdown; traffic flows unenforced again.
     dp.shutdown(false).unwrap();
