@@ -359,7 +359,7 @@ fn agents_start_and_stop() {
         );
         assert!(
             log.contains(&format!(
-                "--pin-dir /sys/fs/bpf/comb/{name}-{node} --splice on"
+                "--pin-dir /sys/fs/bpf/comb/{name}-{node} --state-dir /run/comb/lab/{name}/{node}-agent --splice on"
             )),
             "{log}"
         );
