@@ -466,3 +466,43 @@ pub fn probe_json(lab: &Lab, pod: &str, args: &[&str]) -> serde_json::Value {
 pub fn status_json(lab: &Lab, node: &str) -> serde_json::Value {
     call(&lab.agent_socket(node), &Request::Status).unwrap()
 }
+
+// ---- Identity policy ----
+
+/// Replace the whole content of manifest `file` (e.g. `policies.yaml`) in the lab's manifests
+/// directory, atomically, as an API server update would.
+pub fn write_manifest(lab: &Lab, file: &str, text: &str) {
+    let dir = lab.manifests_dir();
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+/// Every `comb_policy_packets_total{...}` series of `node`'s agent, by its full name.
+pub fn policy_packet_counters(lab: &Lab, node: &str) -> std::collections::BTreeMap<String, f64> {
+    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
+    let text = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    text.lines()
+        .filter(|l| l.starts_with("comb_policy_packets_total{"))
+        .filter_map(|l| {
+            let (n, val) = l.rsplit_once(' ')?;
+            Some((n.to_string(), val.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `comb_policy_packets_total` series name of one pod, direction and reason.
+pub fn policy_packets_series(
+    namespace: &str,
+    pod: &str,
+    direction: &str,
+    verdict: &str,
+    reason: &str,
+) -> String {
+    format!(
+        "comb_policy_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\",reason=\"{reason}\"}}"
+    )
+}
