@@ -1805,6 +1805,30 @@ mod tests {
         );
     }
 
+    /// The committed fuzz seeds are meant to start the fuzzer from valid policies; keep them
+    /// so (and cover them here on the stable toolchain).
+    #[test]
+    fn fuzz_seeds_are_valid_policies() {
+        let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        let snap = crate::load_snapshot(&fuzz.join("manifest")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            snap.network_policies.len() + snap.authorization_policies.len(),
+            5
+        );
+        // The policy target's seeds are the same specs, without the document header.
+        for f in crate::manifest_files(&fuzz.join("policy")).unwrap() {
+            let spec = std::fs::read_to_string(&f).unwrap();
+            let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+            let name = f.file_name().unwrap().to_str().unwrap();
+            let text = if name.starts_with("np-") {
+                np_yaml(&spec)
+            } else {
+                ap_yaml(&spec)
+            };
+            load(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
     /// Stable-toolchain stand-in for the fuzz targets: every prefix of a policy file, and
     /// single-character mutations of it, must not panic.
     #[test]
