@@ -3,6 +3,19 @@
 //!
 //! Like [`crate::convert`], every problem goes to the [`Sink`] and an object with any problem
 //! converts to `None`: a half-understood policy must never be enforced.
+//!
+//! Mapping, where it is not one to one:
+//! - NetworkPolicy `spec` is required (Kubernetes would treat a missing one as deny-all
+//!   ingress); `podSelector` absent = `{}`. `policyTypes` defaulting is Kubernetes' (see
+//!   [`policy_types`]); rules of a direction that is not enforced are validated, then dropped.
+//! - A port without `port` is every port of its protocol (`port: None`); a numeric port is
+//!   `Range { port, end }` with `end = endPort` or `port`. CIDRs with host bits are truncated
+//!   to the network.
+//! - AuthorizationPolicy: no `spec` = `{}` (allow nothing); `action` defaults to ALLOW;
+//!   an empty `matchLabels` is `selector: None`; single addresses in ip lists become /32 or
+//!   /128; ports are parsed to numbers; `when` values are kept as written (checked only).
+//! - Not supported yet, refused by name: action CUSTOM, `targetRef(s)`, `serviceAccounts`,
+//!   `notServiceAccounts` and the `source.serviceAccount` condition.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,7 +1,7 @@
 //! Comb's config sources: a directory of Kubernetes manifests (later the Kubernetes API).
 //!
-//! Pipeline: text → YAML documents → JSON data model → k8s-openapi types (with field paths in
-//! errors and unknown fields refused) → cross-object validation → [`comb_model::Snapshot`].
+//! Pipeline: text → YAML documents → JSON data model → k8s-openapi types, or our own
+//! [`istio`] types for Istio CRDs (with field paths in errors and unknown fields refused) → cross-object validation → [`comb_model::Snapshot`].
 //! Every step collects all errors so one run shows every problem, each naming file, document
 //! number and field.
 #![forbid(unsafe_code)]
