@@ -23,9 +23,11 @@ lint: deps
 test: lint
 	$(CARGO) test --workspace
 
-# Fuzz the manifest parser and converter (needs the nightly toolchain and cargo-fuzz).
+# Fuzz the manifest parser and converter, and the policy conversions (needs the nightly
+# toolchain and cargo-fuzz). FUZZ_SECS per target.
 fuzz:
 	cd fuzz && cargo +nightly fuzz run manifest -- -max_total_time=$${FUZZ_SECS:-60}
+	cd fuzz && mkdir -p corpus/policy && cargo +nightly fuzz run policy corpus/policy seeds/policy -- -dict=policy.dict -max_total_time=$${FUZZ_SECS:-60}
 
 clean-lab:
 	-target/debug/comb lab down --all 2>/dev/null || target/release/comb lab down --all
