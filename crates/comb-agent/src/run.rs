@@ -242,7 +242,7 @@ fn reconcile_now(shared: &Shared, inner: &mut Inner) {
             tracing::warn!(pod = %s, "policy not enforced");
         }
     }
-    *shared.flow_index.write().expect("flow index lock") = flow_index(inner, &table, &policy);
+    *shared.flow_index.write().expect("flow index lock") = flow_index(inner, &policy);
     inner.identity_table = table;
     inner.policy = policy;
     let mut want = reconcile::desired(
@@ -278,11 +278,7 @@ fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
 
-fn flow_index(
-    inner: &Inner,
-    table: &comb_model::identity::IdentityTable,
-    policy: &reconcile::policy::DesiredPolicy,
-) -> flows::FlowIndex {
+fn flow_index(inner: &Inner, policy: &reconcile::policy::DesiredPolicy) -> flows::FlowIndex {
     let snap = inner.state.snapshot();
     let mut index = flows::FlowIndex::default();
     for p in snap.pods.values() {
@@ -305,6 +301,5 @@ fn flow_index(
             format!("{KIND_AUTHORIZATION_POLICY} {key}"),
         );
     }
-    let _ = table;
     index
 }
