@@ -101,6 +101,9 @@ pub enum ProbeCmd {
     Connect {
         #[arg(long)]
         to: SocketAddr,
+        /// Give up after this long (a dropped SYN is never answered).
+        #[arg(long, default_value = "5000")]
+        timeout_ms: u64,
     },
     /// Short connections (connect, 1 byte to a `pong` server, read the reply, close) to
     /// uniformly random targets for SECS seconds; prints JSON rate and latency percentiles.
@@ -144,8 +147,8 @@ pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
         ProbeCmd::Spread { to, count } => spread(to, count),
         ProbeCmd::Udp { to } => udp(to),
         ProbeCmd::Peer { to } => peer(to),
-        ProbeCmd::Connect { to } => {
-            println!("{}", connect_outcome(to));
+        ProbeCmd::Connect { to, timeout_ms } => {
+            println!("{}", connect_outcome(to, Duration::from_millis(timeout_ms)));
             Ok(ExitCode::SUCCESS)
         }
         ProbeCmd::Connrate {
@@ -491,9 +494,9 @@ fn peer(to: SocketAddr) -> Result<ExitCode> {
 }
 
 /// `connected|refused|timeout|error:KIND` and the elapsed microseconds.
-fn connect_outcome(to: SocketAddr) -> String {
+fn connect_outcome(to: SocketAddr, timeout: Duration) -> String {
     let start = Instant::now();
-    let r = TcpStream::connect_timeout(&to, Duration::from_secs(5));
+    let r = TcpStream::connect_timeout(&to, timeout);
     let us = start.elapsed().as_micros();
     let what = match r {
         Ok(_) => "connected".to_string(),

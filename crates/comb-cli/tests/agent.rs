@@ -248,3 +248,81 @@ fn cli_reports_endpoints_and_splice_stats() {
         "{scraped}"
     );
 }
+
+/// Denies every connection into namespace t.
+const DENY_INGRESS_T: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: t}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+
+fn identities(lab: &comb_lab::Lab) -> Vec<(u64, String)> {
+    let v = call(
+        &lab.agent_socket("node1"),
+        &comb_agent::api::Request::Identities,
+    )
+    .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_u64().unwrap(), r["labels"].to_string()))
+        .collect()
+}
+
+fn connect(lab: &comb_lab::Lab, from: &str, to: &str) -> String {
+    let (_, out) = probe(lab, from, &["connect", "--to", to, "--timeout-ms", "400"]);
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn policy_keeps_enforcing_and_identities_stay_across_a_restart() {
+    let Some(lab) = two_pod_lab("ap", &["--keep-pins"]) else {
+        return;
+    };
+    let _srv = serve(&lab, "t/b", 7600, "echo");
+    let to = format!("{}:7600", ip(&lab, "t/b"));
+    assert_eq!(connect(&lab, "t/a", &to), "connected", "no policy yet");
+    write_resources(&lab, DENY_INGRESS_T);
+    wait_for(Duration::from_secs(10), "the policy to apply", || {
+        let s = status(&lab, "node1");
+        s.generation >= 2 && s.applied_generation == s.generation
+    });
+    assert_eq!(connect(&lab, "t/a", &to), "timeout", "denied");
+    let before = identities(&lab);
+    assert!(before.iter().any(|(id, _)| *id >= 256), "{before:?}");
+
+    // No agent: the pinned programs and maps keep enforcing.
+    lab.stop_agent("node1").unwrap();
+    assert_eq!(
+        connect(&lab, "t/a", &to),
+        "timeout",
+        "still denied without an agent"
+    );
+
+    // A new agent adopts the pins and keeps every identity number.
+    lab.start_agent("node1").unwrap();
+    wait_ready(&lab, "node1", 2);
+    wait_for(
+        Duration::from_secs(10),
+        "the restarted agent to reconcile",
+        || {
+            let s = status(&lab, "node1");
+            s.generation >= 1 && s.applied_generation == s.generation
+        },
+    );
+    assert_eq!(
+        identities(&lab),
+        before,
+        "identity numbers survive a restart"
+    );
+    let ep = call(
+        &lab.agent_socket("node1"),
+        &comb_agent::api::Request::EndpointPolicy { pod: "t/b".into() },
+    )
+    .unwrap();
+    assert_eq!(ep["in_sync"], true, "{ep}");
+    assert_eq!(ep["ingress_enforced"], true, "{ep}");
+    assert_eq!(
+        connect(&lab, "t/a", &to),
+        "timeout",
+        "denied after the restart"
+    );
+    drop(_srv);
+    lab.down().unwrap();
+}
