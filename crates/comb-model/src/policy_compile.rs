@@ -186,6 +186,48 @@ struct Ctx<'a> {
     np_ingress: Vec<(u32, &'a NetworkPolicy)>,
     np_egress: Vec<(u32, &'a NetworkPolicy)>,
     authz: Vec<(u32, &'a AuthorizationPolicy)>,
+    /// Namespace labels as namespace selectors see them, computed once.
+    ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The rules that can matter for one identity in one direction, with the parts that depend
+/// only on the identity already judged. Building it is the only per-identity cost when an
+/// identity turns out to behave like every other one.
+struct View<'a> {
+    /// NetworkPolicy rules whose peers select the identity (or every peer), in policy order.
+    np: Vec<(u32, &'a NpRule)>,
+    authz: Vec<AuthzView<'a>>,
+    /// An egress rule names a port: its numbers depend on the identity's pods.
+    named_egress: bool,
+}
+
+/// Same rules (by address: they are the snapshot's) with the same identity-only matches.
+impl PartialEq for View<'_> {
+    fn eq(&self, o: &Self) -> bool {
+        self.named_egress == o.named_egress
+            && self.np.len() == o.np.len()
+            && self
+                .np
+                .iter()
+                .zip(&o.np)
+                .all(|(a, b)| a.0 == b.0 && std::ptr::eq(a.1, b.1))
+            && self.authz.len() == o.authz.len()
+            && self.authz.iter().zip(&o.authz).all(|(a, b)| {
+                a.policy == b.policy
+                    && a.action == b.action
+                    && std::ptr::eq(a.rule, b.rule)
+                    && a.ident == b.ident
+            })
+    }
+}
+
+struct AuthzView<'a> {
+    policy: u32,
+    action: AuthzAction,
+    rule: &'a AuthzRule,
+    l7: bool,
+    /// `from` and the identity-only `when` conditions.
+    ident: M,
 }
 
 impl<'a> Ctx<'a> {
@@ -213,6 +255,65 @@ impl<'a> Ctx<'a> {
 
     fn enforced(&self, dir: Direction) -> bool {
         !self.nps(dir).is_empty() || self.authz_governs(dir)
+    }
+
+    fn view(&self, dir: Direction, ident: Option<&Identity>) -> View<'a> {
+        let mut view = View {
+            np: vec![],
+            authz: vec![],
+            named_egress: false,
+        };
+        for (id, np) in self.nps(dir) {
+            for rule in Self::rules(np, dir) {
+                let selected = rule.peers.is_empty()
+                    || rule
+                        .peers
+                        .iter()
+                        .any(|p| np_peer(p, &np.key.namespace, ident, &self.ns_labels) == M::Yes);
+                if selected {
+                    view.np.push((*id, rule));
+                    view.named_egress |= dir == Direction::Egress
+                        && rule
+                            .ports
+                            .iter()
+                            .any(|p| matches!(p.port, Some(NpPortSpec::Name(_))));
+                }
+            }
+        }
+        if self.authz_governs(dir) {
+            for (id, ap) in &self.authz {
+                if ap.action == AuthzAction::Audit {
+                    continue;
+                }
+                for rule in &ap.rules {
+                    let from = if rule.from.is_empty() {
+                        M::Yes
+                    } else {
+                        rule.from
+                            .iter()
+                            .map(|s| authz_source(s, ident))
+                            .fold(M::No, M::or)
+                    };
+                    let when = rule
+                        .when
+                        .iter()
+                        .filter(|c| c.key != "destination.port")
+                        .map(|c| authz_condition(c, ident, 0))
+                        .fold(M::Yes, M::and);
+                    let m = from.and(when);
+                    if m != M::No {
+                        view.authz.push(AuthzView {
+                            policy: *id,
+                            action: ap.action,
+                            rule,
+                            l7: rule.needs_l7(),
+                            ident: m,
+                        });
+                    }
+                }
+            }
+        }
+        view
     }
 
     /// Ports a named port stands for: the pod's own for ingress, the peer identity's pods'
@@ -275,34 +376,36 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The port boundaries that matter for `ident` and `proto`.
-    fn boundaries(&self, dir: Direction, ident: Option<&Identity>, proto: u8) -> Boundaries {
+    /// The port boundaries that matter for the view's rules and `proto`.
+    fn boundaries(
+        &self,
+        dir: Direction,
+        view: &View<'_>,
+        ident: Option<&Identity>,
+        proto: u8,
+    ) -> Boundaries {
         let mut b = Boundaries::default();
-        for (_, np) in self.nps(dir) {
-            for rule in Self::rules(np, dir) {
-                for p in &rule.ports {
-                    for (lo, hi) in self
-                        .np_port_ranges(dir, ident, p, proto)
-                        .unwrap_or_default()
-                    {
-                        b.add(lo, hi);
-                    }
+        for (_, rule) in &view.np {
+            for p in &rule.ports {
+                for (lo, hi) in self
+                    .np_port_ranges(dir, ident, p, proto)
+                    .unwrap_or_default()
+                {
+                    b.add(lo, hi);
                 }
             }
         }
-        if self.authz_governs(dir) && proto == PROTO_TCP {
-            for (_, ap) in &self.authz {
-                for rule in &ap.rules {
-                    for op in &rule.to {
-                        for port in op.ports.iter().chain(&op.not_ports) {
-                            b.add(*port, *port);
-                        }
+        if proto == PROTO_TCP {
+            for av in &view.authz {
+                for op in &av.rule.to {
+                    for port in op.ports.iter().chain(&op.not_ports) {
+                        b.add(*port, *port);
                     }
-                    for c in rule.when.iter().filter(|c| c.key == "destination.port") {
-                        for v in c.values.iter().chain(&c.not_values) {
-                            if let Ok(port) = v.parse::<u16>() {
-                                b.add(port, port);
-                            }
+                }
+                for c in av.rule.when.iter().filter(|c| c.key == "destination.port") {
+                    for v in c.values.iter().chain(&c.not_values) {
+                        if let Ok(port) = v.parse::<u16>() {
+                            b.add(port, port);
                         }
                     }
                 }
@@ -311,41 +414,27 @@ impl<'a> Ctx<'a> {
         b
     }
 
-    fn np_rule_matches(
+    fn np_port_ok(
         &self,
-        ns: &str,
         dir: Direction,
         rule: &NpRule,
         ident: Option<&Identity>,
         proto: u8,
         port: u16,
     ) -> bool {
-        let peer_ok = rule.peers.is_empty()
-            || rule
-                .peers
-                .iter()
-                .any(|p| np_peer(p, ns, ident, self.snapshot) == M::Yes);
-        let port_ok = rule.ports.is_empty()
+        rule.ports.is_empty()
             || rule
                 .ports
                 .iter()
                 .any(|p| match self.np_port_ranges(dir, ident, p, proto) {
                     None => true,
                     Some(ranges) => ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)),
-                });
-        peer_ok && port_ok
+                })
     }
 
-    /// The L4 part of an AuthorizationPolicy rule at `port`.
-    fn authz_rule(&self, rule: &AuthzRule, ident: Option<&Identity>, port: u16) -> M {
-        let from = if rule.from.is_empty() {
-            M::Yes
-        } else {
-            rule.from
-                .iter()
-                .map(|s| authz_source(s, ident))
-                .fold(M::No, M::or)
-        };
+    /// An AuthorizationPolicy rule of the view at `port`.
+    fn authz_rule(av: &AuthzView<'_>, ident: Option<&Identity>, port: u16) -> M {
+        let rule = av.rule;
         let to = if rule.to.is_empty() {
             M::Yes
         } else {
@@ -357,14 +446,22 @@ impl<'a> Ctx<'a> {
         let when = rule
             .when
             .iter()
+            .filter(|c| c.key == "destination.port")
             .map(|c| authz_condition(c, ident, port))
             .fold(M::Yes, M::and);
-        from.and(to).and(when)
+        av.ident.and(to).and(when)
     }
 
     /// The verdict for one (identity, direction, protocol, port); `proto` 0 = a protocol
     /// without ports.
-    fn eval(&self, dir: Direction, ident: Option<&Identity>, proto: u8, port: u16) -> EntryValue {
+    fn eval(
+        &self,
+        dir: Direction,
+        view: &View<'_>,
+        ident: Option<&Identity>,
+        proto: u8,
+        port: u16,
+    ) -> EntryValue {
         let v = |verdict, reason, policy| EntryValue {
             verdict,
             reason,
@@ -376,47 +473,43 @@ impl<'a> Ctx<'a> {
         let mut allowed_by = 0;
         let nps = self.nps(dir);
         if !nps.is_empty() {
-            let allowing = nps.iter().find(|(_, np)| {
-                Self::rules(np, dir)
-                    .iter()
-                    .any(|r| self.np_rule_matches(&np.key.namespace, dir, r, ident, proto, port))
-            });
+            let allowing = view
+                .np
+                .iter()
+                .find(|(_, r)| self.np_port_ok(dir, r, ident, proto, port));
             match allowing {
                 Some((id, _)) => allowed_by = *id,
                 None => return v(Verdict::Deny, Reason::PolicyDenied, nps[0].0),
             }
         }
         if self.authz_governs(dir) && proto == PROTO_TCP {
-            let of = |action| self.authz.iter().filter(move |(_, ap)| ap.action == action);
-            let rule_hit = |ap: &AuthorizationPolicy, l7: bool, want: fn(M) -> bool| {
-                ap.rules
-                    .iter()
-                    .any(|r| r.needs_l7() == l7 && want(self.authz_rule(r, ident, port)))
+            let hit = |action, l7, want: fn(M) -> bool| {
+                view.authz.iter().find(|av| {
+                    av.action == action && av.l7 == l7 && want(Self::authz_rule(av, ident, port))
+                })
             };
-            if let Some((id, _)) =
-                of(AuthzAction::Deny).find(|(_, ap)| rule_hit(ap, false, M::maybe))
-            {
-                return v(Verdict::Deny, Reason::AuthzDeny, *id);
+            if let Some(av) = hit(AuthzAction::Deny, false, M::maybe) {
+                return v(Verdict::Deny, Reason::AuthzDeny, av.policy);
             }
             let mut redirect = None;
-            let mut allows = of(AuthzAction::Allow).peekable();
-            if let Some((first, _)) = allows.peek().copied() {
+            let first_allow = self
+                .authz
+                .iter()
+                .find(|(_, ap)| ap.action == AuthzAction::Allow);
+            if let Some((first, _)) = first_allow {
                 let yes = |m: M| m == M::Yes;
-                let all: Vec<_> = allows.collect();
-                if let Some((id, _)) = all.iter().find(|(_, ap)| rule_hit(ap, false, yes)) {
+                if let Some(av) = hit(AuthzAction::Allow, false, yes) {
                     if allowed_by == 0 {
-                        allowed_by = *id;
+                        allowed_by = av.policy;
                     }
-                } else if let Some((id, _)) = all.iter().find(|(_, ap)| rule_hit(ap, true, yes)) {
-                    redirect = Some(*id);
+                } else if let Some(av) = hit(AuthzAction::Allow, true, yes) {
+                    redirect = Some(av.policy);
                 } else {
                     return v(Verdict::Deny, Reason::AuthzNoAllow, *first);
                 }
             }
-            if let Some((id, _)) =
-                of(AuthzAction::Deny).find(|(_, ap)| rule_hit(ap, true, M::maybe))
-            {
-                redirect = Some(*id);
+            if let Some(av) = hit(AuthzAction::Deny, true, M::maybe) {
+                redirect = Some(av.policy);
             }
             if let Some(id) = redirect {
                 return v(Verdict::Redirect, Reason::ProxyRequired, id);
@@ -427,14 +520,14 @@ impl<'a> Ctx<'a> {
 
     /// The complete function of one identity in one direction: the any-protocol value and,
     /// per ported protocol, the merged intervals.
-    fn function(&self, dir: Direction, ident: Option<&Identity>) -> Function {
-        let other = self.eval(dir, ident, 0, 0);
+    fn function(&self, dir: Direction, view: &View<'_>, ident: Option<&Identity>) -> Function {
+        let other = self.eval(dir, view, ident, 0, 0);
         let protos = PORTED
             .iter()
             .map(|&proto| {
                 let mut pieces: Vec<Piece> = Vec::new();
-                for (lo, hi) in self.boundaries(dir, ident, proto).intervals() {
-                    let val = self.eval(dir, ident, proto, lo);
+                for (lo, hi) in self.boundaries(dir, view, ident, proto).intervals() {
+                    let val = self.eval(dir, view, ident, proto, lo);
                     match pieces.last_mut() {
                         Some(last) if last.2 == val => last.1 = hi,
                         _ => pieces.push((lo, hi, val)),
@@ -503,48 +596,72 @@ fn proto_number(p: Protocol) -> u8 {
 }
 
 /// Compiles what applies to `pod` (a local pod with an identity table entry).
-pub fn compile_endpoint(snapshot: &Snapshot, table: &IdentityTable, pod: &Pod) -> CompiledEndpoint {
-    let mut ctx = Ctx {
-        snapshot,
-        table,
-        pod,
-        np_ingress: vec![],
-        np_egress: vec![],
-        authz: vec![],
-    };
-    let mut policies = Vec::new();
-    for np in snapshot
-        .network_policies
-        .values()
-        .filter(|np| np_selects(np, pod))
-    {
-        let id = policy_id(KIND_NETWORK_POLICY, &np.key);
-        if np.ingress_enforced {
-            ctx.np_ingress.push((id, np));
+impl<'a> Ctx<'a> {
+    /// What applies to `pod`, and the policies that select it.
+    fn new(
+        snapshot: &'a Snapshot,
+        table: &'a IdentityTable,
+        pod: &'a Pod,
+    ) -> (Self, Vec<PolicyRef>) {
+        let mut ns_labels = BTreeMap::new();
+        let namespaces = snapshot
+            .namespaces
+            .keys()
+            .map(String::as_str)
+            .chain(table.identities.values().filter_map(Identity::namespace));
+        for ns in namespaces {
+            ns_labels
+                .entry(ns.to_owned())
+                .or_insert_with(|| IdentityTable::namespace_labels(snapshot, ns));
         }
-        if np.egress_enforced {
-            ctx.np_egress.push((id, np));
+        let mut ctx = Ctx {
+            snapshot,
+            table,
+            pod,
+            np_ingress: vec![],
+            np_egress: vec![],
+            authz: vec![],
+            ns_labels,
+        };
+        let mut policies = Vec::new();
+        for np in snapshot
+            .network_policies
+            .values()
+            .filter(|np| np_selects(np, pod))
+        {
+            let id = policy_id(KIND_NETWORK_POLICY, &np.key);
+            if np.ingress_enforced {
+                ctx.np_ingress.push((id, np));
+            }
+            if np.egress_enforced {
+                ctx.np_egress.push((id, np));
+            }
+            policies.push(PolicyRef {
+                kind: KIND_NETWORK_POLICY.into(),
+                key: np.key.clone(),
+                id,
+            });
         }
-        policies.push(PolicyRef {
-            kind: KIND_NETWORK_POLICY.into(),
-            key: np.key.clone(),
-            id,
-        });
+        for ap in snapshot
+            .authorization_policies
+            .values()
+            .filter(|ap| authz_selects(ap, pod))
+        {
+            let id = policy_id(KIND_AUTHORIZATION_POLICY, &ap.key);
+            ctx.authz.push((id, ap));
+            policies.push(PolicyRef {
+                kind: KIND_AUTHORIZATION_POLICY.into(),
+                key: ap.key.clone(),
+                id,
+            });
+        }
+        (ctx, policies)
     }
-    for ap in snapshot
-        .authorization_policies
-        .values()
-        .filter(|ap| authz_selects(ap, pod))
-    {
-        let id = policy_id(KIND_AUTHORIZATION_POLICY, &ap.key);
-        ctx.authz.push((id, ap));
-        policies.push(PolicyRef {
-            kind: KIND_AUTHORIZATION_POLICY.into(),
-            key: ap.key.clone(),
-            id,
-        });
-    }
+}
 
+/// Compiles what applies to `pod` (a local pod with an identity table entry).
+pub fn compile_endpoint(snapshot: &Snapshot, table: &IdentityTable, pod: &Pod) -> CompiledEndpoint {
+    let (ctx, policies) = Ctx::new(snapshot, table, pod);
     let mut out = CompiledEndpoint {
         ingress_enforced: ctx.enforced(Direction::Ingress),
         egress_enforced: ctx.enforced(Direction::Egress),
@@ -555,10 +672,18 @@ pub fn compile_endpoint(snapshot: &Snapshot, table: &IdentityTable, pod: &Pod) -
         if !ctx.enforced(dir) {
             continue;
         }
-        let any = ctx.function(dir, None);
+        let any_view = ctx.view(dir, None);
+        let any = ctx.function(dir, &any_view, None);
         any.emit(ID_ANY, dir, &mut out.entries);
         for ident in table.identities.values() {
-            let f = ctx.function(dir, Some(ident));
+            let view = ctx.view(dir, Some(ident));
+            // Same rules with the same identity-only matches: the same function as every
+            // other identity, unless something else depends on who the peer is.
+            let special = ident.id == ID_HOST || view.named_egress;
+            if !special && view == any_view {
+                continue;
+            }
+            let f = ctx.function(dir, &view, Some(ident));
             if f != any {
                 f.emit(ident.id, dir, &mut out.entries);
             }

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::identity::{Identity, IdentityTable};
-use crate::objects::Snapshot;
+use std::collections::BTreeMap;
+
+use crate::identity::Identity;
 use crate::policy::{AuthzCondition, AuthzSource, NpPeer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,11 +62,12 @@ fn prefixes_in(ident: Option<&Identity>, nets: &[IpNet], except: &[IpNet]) -> M 
     result.unwrap_or(M::No)
 }
 
+/// `ns_labels`: every namespace's labels as selectors see them.
 pub(crate) fn np_peer(
     peer: &NpPeer,
     policy_ns: &str,
     ident: Option<&Identity>,
-    snapshot: &Snapshot,
+    ns_labels: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> M {
     match peer {
         NpPeer::IpBlock { cidr, except } => prefixes_in(ident, std::slice::from_ref(cidr), except),
@@ -81,7 +83,7 @@ pub(crate) fn np_peer(
             };
             let ns_ok = match namespaces {
                 None => namespace == policy_ns,
-                Some(sel) => sel.matches(&IdentityTable::namespace_labels(snapshot, namespace)),
+                Some(sel) => ns_labels.get(namespace).is_some_and(|l| sel.matches(l)),
             };
             M::from_bool(ns_ok && pods.as_ref().is_none_or(|sel| sel.matches(labels)))
         }
@@ -210,7 +212,6 @@ pub(crate) fn authz_condition(c: &AuthzCondition, ident: Option<&Identity>, port
 mod tests {
     use super::*;
     use crate::identity::IdentityKind;
-    use std::collections::BTreeMap;
 
     fn ident(prefixes: &[&str]) -> Identity {
         Identity {

@@ -147,9 +147,10 @@ impl World {
                     ] {
                         let eval_proto = if PORTED.contains(&proto) { proto } else { 0 };
                         let eval_port = if eval_proto == 0 { 0 } else { port };
+                        let view = ctx.view(dir, *ident);
                         let want = ctx
                             .enforced(dir)
-                            .then(|| ctx.eval(dir, *ident, eval_proto, eval_port));
+                            .then(|| ctx.eval(dir, &view, *ident, eval_proto, eval_port));
                         let got = lookup(&c.entries, id, dir, proto, port);
                         assert_eq!(got, want, "identity {id} {dir:?} proto {proto} port {port}");
                     }
@@ -161,36 +162,7 @@ impl World {
 }
 
 fn ctx_for<'a>(snap: &'a Snapshot, table: &'a IdentityTable, pod: &'a Pod) -> Ctx<'a> {
-    let mut ctx = Ctx {
-        snapshot: snap,
-        table,
-        pod,
-        np_ingress: vec![],
-        np_egress: vec![],
-        authz: vec![],
-    };
-    for np in snap
-        .network_policies
-        .values()
-        .filter(|np| np_selects(np, pod))
-    {
-        let id = policy_id(KIND_NETWORK_POLICY, &np.key);
-        if np.ingress_enforced {
-            ctx.np_ingress.push((id, np));
-        }
-        if np.egress_enforced {
-            ctx.np_egress.push((id, np));
-        }
-    }
-    for ap in snap
-        .authorization_policies
-        .values()
-        .filter(|ap| authz_selects(ap, pod))
-    {
-        ctx.authz
-            .push((policy_id(KIND_AUTHORIZATION_POLICY, &ap.key), ap));
-    }
-    ctx
+    Ctx::new(snap, table, pod).0
 }
 
 struct Compiled {
