@@ -6,13 +6,15 @@
 //! A case is a set of policy manifests plus connection attempts written as
 //!
 //! ```text
-//! SOURCE -> TARGET:PORT[/udp] ok|blocked [ingress/REASON|egress/REASON]
+//! SOURCE -> TARGET:PORT[/udp|/bigudp] ok|refused|blocked [ingress/REASON|egress/REASON]
+//! SOURCE -> TARGET:icmp ok|blocked [...]
 //! ```
 //!
 //! SOURCE is a pod (`ns/name`), `router` (198.18.254.254: a host outside the cluster) or
 //! `node:NAME` (the node itself); TARGET is a pod, `router` or `svc` (the ClusterIP of
 //! Service prod/web-svc, whose only backend is prod/web). `ok` means a TCP connection that
-//! echoes a few bytes, or a UDP datagram echoed back; `blocked` means no answer within
+//! echoes a few bytes, a UDP datagram echoed back (`bigudp`: 3 KiB, so IP fragments both
+//! ways), or an ICMP echo reply; `refused` a TCP RST or, for UDP, an ICMP port unreachable; `blocked` means no answer within
 //! [`BLOCKED_AFTER`]. A reason names where the drop must be counted
 //! (`comb_policy_packets_total` of the target pod for `ingress`, of the source pod for
 //! `egress`). Between cases the policies file is replaced and the test waits until both agents
@@ -81,6 +83,7 @@ const PODS: &[PodDef] = &[
             (9000, "echo"),
             (9005, "echo"),
             (9010, "echo"),
+            (7000, "pong"),
             (5353, "udp-echo"),
         ],
     },
@@ -172,24 +175,24 @@ fn pod_yaml(p: &PodDef) -> String {
 }
 
 /// Namespaces with labels, and Service prod/web-svc.
-fn resources_yaml() -> String {
-    let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: prod\n  labels: {env: prod, team: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: dev\n  labels: {env: dev, team: shop}\n---\n";
+fn resources_yaml(dev_env: &str) -> String {
+    let ns = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: prod\n  labels: {{env: prod, team: shop}}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: dev\n  labels: {{env: {dev_env}, team: shop}}\n---\n"
+    );
     let web_ip = lab_ip(1, 0);
-    ns.to_string()
-        + &service_yaml(
-            "prod",
-            "web-svc",
-            VIP,
-            &[],
-            &[("http", 80, "8080", "TCP"), ("dns", 53, "5353", "UDP")],
-            "",
-        )
-        + &slice_yaml(
-            "prod",
-            "web-svc",
-            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-            &[(web_ip, Cond::Ready)],
-        )
+    ns + &service_yaml(
+        "prod",
+        "web-svc",
+        VIP,
+        &[],
+        &[("http", 80, "8080", "TCP"), ("dns", 53, "5353", "UDP")],
+        "",
+    ) + &slice_yaml(
+        "prod",
+        "web-svc",
+        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        &[(web_ip, Cond::Ready)],
+    )
 }
 
 /// A running lab with its servers, and what the cases need to reach it.
@@ -229,7 +232,7 @@ impl Env {
     fn up(prefix: &str) -> Env {
         let t = Instant::now();
         let pods: String = PODS.iter().map(pod_yaml).collect();
-        let lab = lab_up_with(prefix, &pods, &resources_yaml(), &[]);
+        let lab = lab_up_with(prefix, &pods, &resources_yaml("dev"), &[]);
         for n in NODES {
             let local = PODS.iter().filter(|p| p.node == n).count();
             wait_ready(&lab, n, local);
@@ -298,15 +301,25 @@ impl Env {
     /// Replace the policies with `text` and wait until both agents run the new generation
     /// with the datapath applied. A marker Namespace makes every change a new State.
     fn apply(&self, case: &str, text: &str) {
-        let before: Vec<u64> = NODES
-            .iter()
-            .map(|n| status(&self.lab, n).generation)
-            .collect();
+        let before = self.generations();
         let n = self.changes.fetch_add(1, Ordering::Relaxed);
         let marker =
             format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: zz-change-{n}\n---\n");
         write_manifest(&self.lab, POLICY_FILE, &(marker + text));
-        for (node, gen0) in NODES.iter().zip(before) {
+        self.wait_applied(case, &before);
+    }
+
+    fn generations(&self) -> Vec<u64> {
+        NODES
+            .iter()
+            .map(|n| status(&self.lab, n).generation)
+            .collect()
+    }
+
+    /// Wait until both agents run a generation newer than `before` (theirs, in NODES order)
+    /// with the datapath applied.
+    fn wait_applied(&self, case: &str, before: &[u64]) {
+        for (node, &gen0) in NODES.iter().zip(before) {
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 let s = status(&self.lab, node);
@@ -360,16 +373,59 @@ impl Env {
 /// `ok` (TCP: connected and the echo came back; UDP: the datagram came back), `timeout`
 /// (no answer), `refused`, `noecho` (TCP connected, no echo) or `error:...`.
 const CLIENT: &str = r#"
-import json, socket, sys, threading
+import json, socket, struct, sys, threading, time
 timeout = float(sys.argv[1])
 specs = sys.argv[2:]
 out = [None] * len(specs)
 MSG = b"comb-policy-probe"
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xFFFF)
+    t += t >> 16
+    return ~t & 0xFFFF
+def ping(s, ip, ident):
+    body = struct.pack("!HH", ident, 1) + MSG
+    s.sendto(struct.pack("!BBH", 8, 0, csum(b"\x08\0\0\0" + body)) + body, (ip, 0))
+    deadline = time.time() + timeout
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return "timeout"
+        s.settimeout(left)
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            return "timeout"
+        ihl = (data[0] & 0xF) * 4
+        typ, _, _, rid = struct.unpack("!BBHH", data[ihl:ihl + 6])
+        if typ == 0 and rid == ident and addr[0] == ip:
+            return "ok"
 def run(i, spec):
     proto, ip, port, sport = spec.split(":")
     s = None
     try:
-        if proto == "tcp":
+        if proto == "icmp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            out[i] = ping(s, ip, int(sport))
+        elif proto == "pong":
+            # One byte to a `pong` server, which answers and closes first.
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", int(sport)))
+            s.settimeout(timeout)
+            try:
+                s.connect((ip, int(port)))
+                s.sendall(b"p")
+                got = s.recv(1)
+                eof = s.recv(1)
+                out[i] = "ok" if got == b"p" and eof == b"" else "bad-pong"
+            except socket.timeout:
+                out[i] = "timeout"
+            except ConnectionRefusedError:
+                out[i] = "refused"
+        elif proto == "tcp":
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("0.0.0.0", int(sport)))
@@ -394,15 +450,20 @@ def run(i, spec):
             except socket.timeout:
                 out[i] = "noecho"
         else:
+            # Connected, so an ICMP port unreachable shows as ECONNREFUSED.
+            msg = MSG if proto == "udp" else bytes(range(256)) * 12
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind(("0.0.0.0", int(sport)))
             s.settimeout(timeout)
-            s.sendto(MSG, (ip, int(port)))
+            s.connect((ip, int(port)))
+            s.send(msg)
             try:
-                data, _ = s.recvfrom(2048)
-                out[i] = "ok" if data == MSG else "garbled"
+                data = s.recv(65536)
+                out[i] = "ok" if data == msg else "garbled"
             except socket.timeout:
                 out[i] = "timeout"
+            except ConnectionRefusedError:
+                out[i] = "refused"
     except OSError as e:
         out[i] = "error:%s" % e
     finally:
@@ -426,6 +487,8 @@ enum Src {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Expect {
     Ok,
+    /// TCP: a RST; UDP: an ICMP port unreachable.
+    Refused,
     /// Optionally: the direction (`ingress`/`egress`) and reason the drop is counted under.
     Blocked(Option<(String, String)>),
 }
@@ -438,7 +501,9 @@ struct Check {
     dst_pod: Option<String>,
     ip: String,
     port: u16,
-    udp: bool,
+    /// `tcp`, `udp`, `bigudp` (3 KiB datagrams, fragmented on the way) or `icmp` (an echo
+    /// request; no port).
+    proto: &'static str,
     expect: Expect,
 }
 
@@ -455,11 +520,13 @@ fn parse_check(env: &Env, line: &str) -> Check {
         _ => bad(),
     };
     let (target, port_proto) = w[2].rsplit_once(':').unwrap_or_else(|| bad());
-    let (port, udp) = match port_proto.split_once('/') {
-        Some((p, "udp")) => (p, true),
-        Some((p, "tcp")) | Some((p, "")) => (p, false),
+    let (port, proto) = match port_proto.split_once('/') {
+        _ if port_proto == "icmp" => ("0", "icmp"),
+        Some((p, "udp")) => (p, "udp"),
+        Some((p, "bigudp")) => (p, "bigudp"),
+        Some((p, "tcp")) => (p, "tcp"),
         Some(_) => bad(),
-        None => (port_proto, false),
+        None => (port_proto, "tcp"),
     };
     let port: u16 = port.parse().unwrap_or_else(|_| bad());
     let (ip, dst_pod) = match target {
@@ -470,6 +537,7 @@ fn parse_check(env: &Env, line: &str) -> Check {
     };
     let expect = match (w[3], w.get(4)) {
         ("ok", None) => Expect::Ok,
+        ("refused", None) => Expect::Refused,
         ("blocked", None) => Expect::Blocked(None),
         ("blocked", Some(r)) => {
             let (dir, reason) = r.split_once('/').unwrap_or_else(|| bad());
@@ -486,14 +554,13 @@ fn parse_check(env: &Env, line: &str) -> Check {
         dst_pod,
         ip,
         port,
-        udp,
+        proto,
         expect,
     }
 }
 
 fn spec(c: &Check, sport: u16) -> String {
-    let proto = if c.udp { "udp" } else { "tcp" };
-    format!("{proto}:{}:{}:{sport}", c.ip, c.port)
+    format!("{}:{}:{}:{sport}", c.proto, c.ip, c.port)
 }
 
 fn outcomes(child: Child, what: &str) -> Vec<String> {
@@ -569,12 +636,14 @@ fn run_checks(env: &Env, case: &str, lines: &[&str]) -> Vec<String> {
         }
         let pass = match &c.expect {
             Expect::Ok => o == "ok",
+            Expect::Refused => o == "refused",
             Expect::Blocked(_) => o == "timeout",
         };
         if !pass {
             let want = match &c.expect {
-                Expect::Ok => "ok".to_string(),
-                Expect::Blocked(_) => "blocked (no answer)".to_string(),
+                Expect::Ok => "ok",
+                Expect::Refused => "refused",
+                Expect::Blocked(_) => "blocked (no answer)",
             };
             failures.push(format!(
                 "case {case:?}: {}: expected {want}, got {o}",
@@ -587,10 +656,14 @@ fn run_checks(env: &Env, case: &str, lines: &[&str]) -> Vec<String> {
         .iter()
         .map(|n| (*n, policy_packet_counters(&env.lab, n)))
         .collect();
-    for c in &checks {
+    // (Only for attempts that were blocked: the others failed already.)
+    for (c, o) in checks.iter().zip(&got) {
         let Expect::Blocked(Some((dir, reason))) = &c.expect else {
             continue;
         };
+        if o != "timeout" {
+            continue;
+        }
         let judge = match (dir.as_str(), &c.src, &c.dst_pod) {
             ("ingress", _, Some(dst)) => dst.clone(),
             ("egress", Src::Pod(src), _) => src.clone(),
@@ -628,6 +701,34 @@ fn run_checks(env: &Env, case: &str, lines: &[&str]) -> Vec<String> {
     failures
 }
 
+/// Every pod's policy entries in the kernel are what the compiler wants, nothing is left
+/// unenforced and the reconciler met no error.
+fn datapath_in_sync(env: &Env) -> Result<(), String> {
+    for n in NODES {
+        let s = status(&env.lab, n);
+        if !s.datapath_errors.is_empty() || !s.policy_unenforced.is_empty() {
+            return Err(format!(
+                "{n}: datapath errors {:?}, unenforced {:?}",
+                s.datapath_errors, s.policy_unenforced
+            ));
+        }
+    }
+    for p in PODS {
+        let key = format!("{}/{}", p.ns, p.name);
+        let v = call(
+            &env.lab.agent_socket(p.node),
+            &comb_agent::api::Request::EndpointPolicy { pod: key.clone() },
+        )
+        .map_err(|e| format!("endpoint policy of {key}: {e}"))?;
+        if v["in_sync"] != true {
+            return Err(format!(
+                "the kernel's entries of {key} are not in sync: {v:#}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn run_cases(env: &Env, cases: &[Case]) {
     let start = Instant::now();
     let mut failures = Vec::new();
@@ -636,6 +737,9 @@ fn run_cases(env: &Env, cases: &[Case]) {
         let t = Instant::now();
         env.apply(c.name, &c.policies);
         let applied = t.elapsed();
+        if let Err(e) = datapath_in_sync(env) {
+            failures.push(format!("case {:?}: {e}", c.name));
+        }
         failures.extend(run_checks(env, c.name, &c.checks));
         checks += c.checks.len();
         if let Some(Err(e)) = c.extra.map(|extra| extra(env)) {
@@ -665,8 +769,12 @@ fn run_cases(env: &Env, cases: &[Case]) {
 // Manifests
 
 fn np(name: &str, spec: &str) -> String {
+    np_in("prod", name, spec)
+}
+
+fn np_in(ns: &str, name: &str, spec: &str) -> String {
     format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: prod\nspec:\n{}---\n",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{}---\n",
         indent(spec)
     )
 }
@@ -712,6 +820,12 @@ fn np_cases() -> Vec<Case> {
                 "prod/client -> router:5353/udp ok",
                 "prod/web -> dev/web:8080 ok",
                 "prod/client -> svc:80 ok",
+                "prod/client -> prod/web:icmp ok",
+                "router -> prod/db:icmp ok",
+                "prod/client -> prod/web:5353/bigudp ok",
+                // Nothing listens there: the probes can tell a refusal from a drop.
+                "prod/client -> prod/web:5354/udp refused",
+                "prod/client -> prod/web:5354 refused",
             ],
         ),
         case(
@@ -728,8 +842,10 @@ ingress:
                 "prod/client -> prod/web:8080 ok",
                 "prod/client -> prod/web:9090 ok",
                 "prod/client -> prod/web:5353/udp ok",
+                "prod/client -> prod/web:5353/bigudp ok",
                 "prod/other -> prod/web:8080 blocked ingress/policy-denied",
                 "prod/other -> prod/web:5353/udp blocked ingress/policy-denied",
+                "prod/other -> prod/web:5353/bigudp blocked ingress/policy-denied",
                 // A podSelector alone means the policy's own namespace.
                 "dev/client -> prod/web:8080 blocked ingress/policy-denied",
                 "router -> prod/web:8080 blocked ingress/policy-denied",
@@ -1047,6 +1163,10 @@ egress:
                 "dev/web -> router:8080 ok",
                 "node:n1 -> prod/web:8080 ok",
                 "node:n2 -> prod/db:8080 ok",
+                // Only a pod's own node is always allowed.
+                "node:n2 -> prod/web:8080 blocked ingress/policy-denied",
+                "prod/client -> prod/web:icmp blocked egress/policy-denied",
+                "dev/client -> prod/web:icmp blocked ingress/policy-denied",
             ],
         ),
         case(
@@ -1113,6 +1233,193 @@ egress:
                 "prod/web -> prod/db:8080 blocked egress/policy-denied",
                 "prod/web -> router:8080 blocked egress/policy-denied",
                 "prod/web -> prod/client:8080 blocked egress/policy-denied",
+                "prod/client -> prod/web:icmp ok",
+                "prod/web -> prod/db:icmp blocked egress/policy-denied",
+                "prod/client -> prod/web:5353/bigudp ok",
+                // The RST of a closed port is a reply.
+                "prod/client -> prod/web:5354 refused",
+                // So is the ICMP port unreachable of a closed UDP port (RELATED). (From
+                // pods that did not ping web: an ICMP echo flow would let it through.)
+                "dev/client -> prod/web:5354/udp refused",
+                "prod/db -> prod/web:5354/udp refused",
+            ],
+        ),
+        case(
+            "port ranges of several policies, per peer and not aligned",
+            np(
+                "web-low-from-client",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: client}}}]
+  ports: [{port: 9000, endPort: 9005}]
+"#,
+            ) + &np(
+                "web-high-from-other",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: other}}}]
+  ports: [{port: 9005, endPort: 9010}]
+"#,
+            ) + &np(
+                "web-middle-from-router",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{ipBlock: {cidr: 198.18.254.254/32}}]
+  ports: [{port: 9001, endPort: 9009}]
+"#,
+            ),
+            &[
+                "prod/client -> prod/web:9000 ok",
+                "prod/client -> prod/web:9005 ok",
+                "prod/client -> prod/web:9010 blocked ingress/policy-denied",
+                "prod/client -> prod/web:8080 blocked ingress/policy-denied",
+                "prod/other -> prod/web:9000 blocked ingress/policy-denied",
+                "prod/other -> prod/web:9005 ok",
+                "prod/other -> prod/web:9010 ok",
+                "router -> prod/web:9000 blocked ingress/policy-denied",
+                "router -> prod/web:9005 ok",
+                "router -> prod/web:9010 blocked ingress/policy-denied",
+            ],
+        ),
+        case(
+            "a port entry without port covers its protocol; a named port must match the protocol",
+            np(
+                "web-udp-and-dns",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- ports: [{protocol: UDP}]
+- from: [{podSelector: {matchLabels: {app: client}}}]
+  ports: [{port: dns}]
+"#,
+            ),
+            &[
+                "prod/other -> prod/web:5353/udp ok",
+                "router -> prod/web:5353/udp ok",
+                // `dns` is a UDP port of web: a TCP `dns` opens nothing (not even 5353/TCP,
+                // where nothing listens: an allowed SYN would be refused, not time out).
+                "prod/client -> prod/web:5353 blocked ingress/policy-denied",
+                "prod/client -> prod/web:8080 blocked ingress/policy-denied",
+                "prod/other -> prod/web:9090 blocked ingress/policy-denied",
+            ],
+        ),
+        case(
+            "ipBlock except of exactly one pod's address",
+            np(
+                "web-from-node1-but-client",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{ipBlock: {cidr: 198.18.1.0/24, except: [198.18.1.3/32]}}]
+"#,
+            ),
+            &[
+                "prod/client -> prod/web:8080 blocked ingress/policy-denied",
+                "prod/other -> prod/web:8080 ok",
+                "dev/client -> prod/web:8080 ok",
+            ],
+        ),
+        case(
+            "rules without ports cover every protocol (ICMP); rules with ports do not",
+            np("web-from-client", WEB_FROM_CLIENT)
+                + &np(
+                    "db-http-only",
+                    "podSelector: {matchLabels: {app: db}}\ningress: [{ports: [{port: 8080}]}]\n",
+                ),
+            &[
+                "prod/client -> prod/web:icmp ok",
+                "prod/other -> prod/web:icmp blocked ingress/policy-denied",
+                "node:n1 -> prod/web:icmp ok",
+                "prod/client -> prod/db:8080 ok",
+                "prod/client -> prod/db:icmp blocked ingress/policy-denied",
+                "router -> prod/db:icmp blocked ingress/policy-denied",
+            ],
+        ),
+        case(
+            "a new ICMP echo after a deny is a new flow, in both directions",
+            default_deny_prod(),
+            &[
+                // prod/client pinged prod/web in the case before: those echoes are over.
+                "prod/client -> prod/web:icmp blocked egress/policy-denied",
+                "prod/web -> prod/client:icmp blocked egress/policy-denied",
+                "node:n1 -> prod/web:icmp ok",
+            ],
+        ),
+        case(
+            "a policy selects pods of its own namespace only",
+            np_in(
+                "dev",
+                "web-from-client",
+                r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: client}}}]
+"#,
+            ),
+            &[
+                "dev/client -> dev/web:8080 ok",
+                "prod/client -> dev/web:8080 blocked ingress/policy-denied",
+                "prod/other -> prod/web:8080 ok",
+                "dev/client -> prod/web:8080 ok",
+            ],
+        ),
+        case(
+            "one policy with ingress and egress rules",
+            np(
+                "client-both",
+                r#"
+podSelector: {matchLabels: {app: client}}
+policyTypes: [Ingress, Egress]
+ingress:
+- from: [{podSelector: {matchLabels: {app: other}}}]
+  ports: [{port: 8080}]
+egress:
+- to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]
+  ports: [{port: http}]
+"#,
+            ),
+            &[
+                "prod/other -> prod/client:8080 ok",
+                "dev/client -> prod/client:8080 blocked ingress/policy-denied",
+                "router -> prod/client:8080 blocked ingress/policy-denied",
+                "prod/client -> prod/web:8080 ok",
+                "prod/client -> dev/web:9090 ok",
+                "prod/client -> dev/web:8080 blocked egress/policy-denied",
+                "prod/client -> prod/db:8080 blocked egress/policy-denied",
+            ],
+        ),
+        case(
+            "policyTypes omitted: Ingress always, Egress because there are egress rules",
+            np(
+                "client-implicit-types",
+                r#"
+podSelector: {matchLabels: {app: client}}
+egress:
+- to: [{podSelector: {matchLabels: {app: web}}}]
+"#,
+            ),
+            &[
+                "prod/other -> prod/client:8080 blocked ingress/policy-denied",
+                "prod/client -> prod/web:8080 ok",
+                "prod/client -> prod/db:8080 blocked egress/policy-denied",
+            ],
+        ),
+        case(
+            "an empty ingress rule allows everything despite a default deny",
+            default_deny_prod()
+                + &np(
+                    "web-open",
+                    "podSelector: {matchLabels: {app: web}}\ningress: [{}]\n",
+                ),
+            &[
+                "dev/client -> prod/web:8080 ok",
+                "router -> prod/web:9090 ok",
+                "dev/client -> prod/web:5353/udp ok",
+                "prod/client -> prod/web:8080 blocked egress/policy-denied",
+                "dev/client -> prod/db:8080 blocked ingress/policy-denied",
             ],
         ),
         case(
@@ -1142,6 +1449,23 @@ egress:
                 "prod/other -> svc:80 blocked ingress/policy-denied",
                 "prod/other -> svc:53/udp blocked ingress/policy-denied",
                 "dev/client -> svc:80 blocked ingress/policy-denied",
+            ],
+        ),
+        case(
+            "egress to a Service is judged on the backend, not on the ClusterIP",
+            np(
+                "client-to-service-cidr",
+                r#"
+podSelector: {matchLabels: {app: client}}
+policyTypes: [Egress]
+egress:
+- to: [{ipBlock: {cidr: 198.19.0.0/16}}]
+"#,
+            ),
+            &[
+                "prod/client -> svc:80 blocked egress/policy-denied",
+                "prod/client -> svc:53/udp blocked egress/policy-denied",
+                "prod/other -> svc:80 ok",
             ],
         ),
     ]
@@ -1314,6 +1638,21 @@ rules:
             ],
         ),
         case(
+            "ALLOW to.operation.notPorts",
+            ap_web(
+                "allow-but-http",
+                r#"
+action: ALLOW
+rules:
+- to: [{operation: {notPorts: ["8080"]}}]
+"#,
+            ),
+            &[
+                "prod/client -> prod/web:9090 ok",
+                "prod/client -> prod/web:8080 blocked ingress/authz-no-allow",
+            ],
+        ),
+        case(
             "DENY wins over ALLOW",
             ap_web(
                 "allow-mesh",
@@ -1380,6 +1719,73 @@ rules:
                 "prod/client -> prod/web:8080 blocked ingress/authz-deny",
                 "prod/other -> prod/web:9090 blocked ingress/policy-denied",
                 "dev/client -> prod/web:9090 blocked ingress/policy-denied",
+            ],
+        ),
+        case(
+            "DENY counts a partly covered identity (fail closed)",
+            ap_web(
+                "deny-node1",
+                r#"
+action: DENY
+rules:
+- from: [{source: {ipBlocks: ["198.18.1.0/24"]}}]
+"#,
+            ),
+            &[
+                "prod/client -> prod/web:8080 blocked ingress/authz-deny",
+                // Half of rep's identity is on node 1: it might be inside, so DENY.
+                "prod/rep-b -> prod/web:8080 blocked ingress/authz-deny",
+                "prod/db -> prod/web:8080 ok",
+                "router -> prod/web:8080 ok",
+            ],
+        ),
+        case(
+            "ALLOW with L4 when conditions is judged in the kernel",
+            ap_web(
+                "allow-dev-not-8080",
+                r#"
+action: ALLOW
+rules:
+- when:
+  - {key: source.namespace, values: [dev]}
+  - {key: destination.port, notValues: ["8080"]}
+"#,
+            ),
+            &[
+                "dev/client -> prod/web:9090 ok",
+                "dev/web -> prod/web:9000 ok",
+                "dev/client -> prod/web:8080 blocked ingress/authz-no-allow",
+                "prod/client -> prod/web:9090 blocked ingress/authz-no-allow",
+            ],
+        ),
+        case(
+            "ALLOW by notNamespaces and notPrincipals",
+            ap_web(
+                "allow-not-dev",
+                r#"
+action: ALLOW
+rules:
+- from:
+  - source:
+      notNamespaces: [dev]
+      notPrincipals: ["cluster.local/ns/prod/sa/client"]
+"#,
+            ),
+            &[
+                "prod/other -> prod/web:8080 ok",
+                "prod/db -> prod/web:8080 ok",
+                "prod/client -> prod/web:8080 blocked ingress/authz-no-allow",
+                "dev/client -> prod/web:8080 blocked ingress/authz-no-allow",
+            ],
+        ),
+        case(
+            "a policy without selector covers every workload of its namespace",
+            ap("prod", "allow-nothing-prod", "action: ALLOW\n"),
+            &[
+                "prod/client -> prod/web:8080 blocked ingress/authz-no-allow",
+                "prod/web -> prod/db:8080 blocked ingress/authz-no-allow",
+                "prod/web -> prod/client:8080 blocked ingress/authz-no-allow",
+                "prod/client -> dev/web:8080 ok",
             ],
         ),
         case(
@@ -1794,7 +2200,30 @@ fn changes_under_traffic(env: &Env) {
         );
         (child, out)
     };
+    // A UDP flow: one socket, one exchange now and one after the deny.
+    let mut udp = env
+        .lab
+        .command(
+            "prod/client",
+            &env.python,
+            &["-c", UDP_FLOW, &web, "5353", &env.sport().to_string()],
+        )
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut udp_out = BufReader::new(udp.stdout.take().unwrap());
+    let mut line = String::new();
+    udp_out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "first ok",
+        "case {case:?}: UDP flow before the deny"
+    );
+    let mut udp = PodProc(udp);
     // One stream opened while nothing was enforced, one under an allowing policy.
+    let started = Instant::now();
     let s1 = stream("6");
     env.apply(
         case,
@@ -1829,6 +2258,22 @@ egress:
             "dev/client -> prod/web:8080 blocked ingress/policy-denied",
         ],
     );
+    // The deny must have been in force while both streams still ran, or this proves nothing.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "case {case:?}: the machine is too slow: the deny took {:?} after the streams started",
+        started.elapsed()
+    );
+    let mut stdin = udp.0.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"again\n").unwrap();
+    line.clear();
+    udp_out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "again ok",
+        "case {case:?}: the UDP flow established before the deny goes on"
+    );
+    drop(udp);
     let ct_series = policy_packets_series("prod", "web", "ingress", "forwarded", "ct-established");
     let ct_before = metric(&env.lab, "n1", &ct_series);
     for (name, (child, mut out)) in [("opened without policy", s1), ("opened under an allow", s2)] {
@@ -1854,6 +2299,138 @@ egress:
         metric(&env.lab, "n1", &ct_series) > ct_before,
         "case {case:?}: the streams' packets after the deny were passed as ct-established"
     );
+}
+
+/// A TCP tuple (same source port) used again after its connection closed is a new
+/// connection: judged by the policy in force, not passed by the old conntrack entry.
+fn tuple_reuse(env: &Env) {
+    let case = "a closed connection's tuple used again";
+    env.apply(case, &np("web-from-client", WEB_FROM_CLIENT));
+    let web = env.pod("prod/web").ip.to_string();
+    let spec = format!("pong:{web}:7000:{}", env.sport());
+    let once = |timeout: f64| {
+        let child = env.attempt(&Src::Pod("prod/client".into()), timeout, &[spec.clone()]);
+        outcomes(child, case).remove(0)
+    };
+    assert_eq!(once(SLOW_RETRY), "ok", "case {case:?}: first connection");
+    assert_eq!(
+        once(SLOW_RETRY),
+        "ok",
+        "case {case:?}: the same tuple again under the same policy"
+    );
+    env.apply(
+        case,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny, namespace: prod}\nspec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}\n---\n",
+    );
+    assert_eq!(
+        once(BLOCKED_AFTER),
+        "timeout",
+        "case {case:?}: the same tuple after a deny must be judged again"
+    );
+}
+
+/// A UDP flow from one socket: an exchange, then another once a line arrives on stdin.
+const UDP_FLOW: &str = r#"
+import socket, sys
+ip, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", sport))
+s.settimeout(3)
+def ask():
+    s.sendto(b"flow", (ip, port))
+    try:
+        return "ok" if s.recvfrom(64)[0] == b"flow" else "garbled"
+    except socket.timeout:
+        return "timeout"
+print("first", ask(), flush=True)
+sys.stdin.readline()
+print("again", ask(), flush=True)
+"#;
+
+/// Namespace labels are what namespaceSelectors see: relabeling a namespace re-decides.
+fn namespace_relabel(env: &Env) {
+    let case = "namespace relabeled";
+    env.apply(
+        case,
+        &np(
+            "web-from-dev-env",
+            r#"
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{namespaceSelector: {matchLabels: {env: dev}}}]
+"#,
+        ),
+    );
+    expect_checks(
+        env,
+        case,
+        &[
+            "dev/client -> prod/web:8080 ok",
+            "prod/client -> prod/web:8080 blocked ingress/policy-denied",
+        ],
+    );
+    let before = env.generations();
+    write_resources(&env.lab, &resources_yaml("staging"));
+    env.wait_applied(case, &before);
+    expect_checks(
+        env,
+        case,
+        &[
+            "dev/client -> prod/web:8080 blocked ingress/policy-denied",
+            "dev/web -> prod/web:8080 blocked ingress/policy-denied",
+        ],
+    );
+    let before = env.generations();
+    write_resources(&env.lab, &resources_yaml("dev"));
+    env.wait_applied(case, &before);
+    expect_checks(env, case, &["dev/client -> prod/web:8080 ok"]);
+}
+
+/// `comb apply -f` and `comb delete -f` change what is enforced.
+fn apply_and_delete(env: &Env) {
+    let case = "comb apply / comb delete";
+    env.apply(case, "");
+    let path = env.lab.state_dir().join("cli-policy.yaml");
+    std::fs::write(
+        &path,
+        np(
+            "cli-web-deny",
+            "podSelector: {matchLabels: {app: web}}\npolicyTypes: [Ingress]\n",
+        ),
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    for (verb, expect) in [
+        (
+            "apply",
+            "prod/client -> prod/web:8080 blocked ingress/policy-denied",
+        ),
+        ("delete", "prod/client -> prod/web:8080 ok"),
+    ] {
+        let before = env.generations();
+        let out = comb(&[verb, "-f", file, "--lab", env.lab.name()]);
+        assert!(
+            out.status.success(),
+            "case {case:?}: comb {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env.wait_applied(case, &before);
+        expect_checks(env, &format!("{case}: {verb}"), &[expect]);
+        let out = env.comb(
+            "n1",
+            &["endpoint", "policy", "get", "prod/web", "-o", "json"],
+        );
+        let ep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let listed = ep["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x == "NetworkPolicy prod/cli-web-deny"));
+        assert_eq!(
+            listed,
+            verb == "apply",
+            "case {case:?}: after {verb}: {ep:#}"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Write a bad policies file; the agents report it and keep enforcing the last good State.
@@ -1976,4 +2553,13 @@ fn policy_observability_changes_and_bad_input() {
     let t = Instant::now();
     bad_inputs(&env);
     eprintln!("bad input: {:?}", t.elapsed());
+    let t = Instant::now();
+    tuple_reuse(&env);
+    eprintln!("tuple reuse: {:?}", t.elapsed());
+    let t = Instant::now();
+    namespace_relabel(&env);
+    eprintln!("namespace relabeled: {:?}", t.elapsed());
+    let t = Instant::now();
+    apply_and_delete(&env);
+    eprintln!("comb apply / delete: {:?}", t.elapsed());
 }
