@@ -2309,7 +2309,11 @@ fn tuple_reuse(env: &Env) {
     let web = env.pod("prod/web").ip.to_string();
     let spec = format!("pong:{web}:7000:{}", env.sport());
     let once = |timeout: f64| {
-        let child = env.attempt(&Src::Pod("prod/client".into()), timeout, &[spec.clone()]);
+        let child = env.attempt(
+            &Src::Pod("prod/client".into()),
+            timeout,
+            std::slice::from_ref(&spec),
+        );
         outcomes(child, case).remove(0)
     };
     assert_eq!(once(SLOW_RETRY), "ok", "case {case:?}: first connection");
