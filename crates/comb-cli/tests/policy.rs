@@ -2105,6 +2105,36 @@ egress:
     assert_eq!(v["src_identity"], row_of("prod/other")["id"], "{v}");
     assert_eq!(v["dst_identity"], web["id"], "{v}");
     let v = mon.expect(
+        "ingress drop of the world -> prod/web",
+        Duration::from_secs(10),
+        || poke(env, "router", "prod/web:8080"),
+        |v| {
+            v["type"] == "flow"
+                && v["src"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{ROUTER_IP}:")))
+        },
+    );
+    assert_eq!(v["src_pod"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["dst_pod"], "prod/web", "{v}");
+    assert_eq!(v["direction"], "ingress", "{v}");
+    assert_eq!(v["reason"], "policy-denied", "{v}");
+    let world = rows
+        .iter()
+        .find(|r| r["id"] == v["src_identity"])
+        .unwrap_or_else(|| {
+            panic!(
+                "the world's identity {} is listed: {rows:#?}",
+                v["src_identity"]
+            )
+        });
+    assert!(
+        labels(world)
+            .iter()
+            .any(|l| l.starts_with("reserved:world")),
+        "the router is the world: {world}"
+    );
+    let v = mon.expect(
         "egress drop of prod/client -> prod/db",
         Duration::from_secs(10),
         || poke(env, "prod/client", "prod/db:8080"),
@@ -2390,6 +2420,101 @@ ingress:
     expect_checks(env, case, &["dev/client -> prod/web:8080 ok"]);
 }
 
+/// The lab's pods.yaml (what a kubelet reports) with `app: FROM` → `app: TO` in the document
+/// of pod `ns/name` for every edit.
+fn relabeled_pods(original: &str, edits: &[(&str, &str, &str)]) -> String {
+    let mut docs: Vec<String> = original.split("---\n").map(str::to_string).collect();
+    for (key, from, to) in edits {
+        let (ns, name) = key.split_once('/').unwrap();
+        let doc = docs
+            .iter_mut()
+            .find(|d| {
+                d.lines().any(|l| l.trim() == format!("name: {name}"))
+                    && d.lines().any(|l| l.trim() == format!("namespace: {ns}"))
+            })
+            .unwrap_or_else(|| panic!("no document of {key} in pods.yaml:\n{original}"));
+        let (old, new) = (format!("app: {from}\n"), format!("app: {to}\n"));
+        assert!(doc.contains(&old), "{key} has no label app={from}:\n{doc}");
+        *doc = doc.replace(&old, &new);
+    }
+    docs.join("---\n")
+}
+
+/// Pod labels are identities: relabeling a pod (as `kubectl label` would) re-decides.
+fn pod_relabel(env: &Env) {
+    let case = "pods relabeled";
+    env.apply(
+        case,
+        &(np("web-from-client", WEB_FROM_CLIENT)
+            + &np(
+                "db-from-node1",
+                r#"
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{ipBlock: {cidr: 198.18.1.0/24}}]
+"#,
+            )),
+    );
+    expect_checks(
+        env,
+        case,
+        &[
+            "prod/other -> prod/web:8080 blocked ingress/policy-denied",
+            "prod/rep-a -> prod/db:8080 blocked ingress/policy-denied",
+            "prod/client -> prod/db:8080 ok",
+        ],
+    );
+    let path = env.lab.manifests_dir().join("pods.yaml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    // prod/other becomes a client; rep-b stops being rep-a's twin, so rep-a's identity is
+    // now all inside node 1's block.
+    let before = env.generations();
+    write_manifest(
+        &env.lab,
+        "pods.yaml",
+        &relabeled_pods(
+            &original,
+            &[
+                ("prod/other", "other", "client"),
+                ("prod/rep-b", "rep", "rep2"),
+            ],
+        ),
+    );
+    env.wait_applied(case, &before);
+    expect_checks(
+        env,
+        case,
+        &[
+            "prod/other -> prod/web:8080 ok",
+            "prod/rep-a -> prod/db:8080 ok",
+            "prod/rep-b -> prod/db:8080 blocked ingress/policy-denied",
+        ],
+    );
+    let out = env.comb("n1", &["identity", "list", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // (Its own identity still: its service account differs from prod/client's.)
+    assert!(
+        rows.iter().any(|r| {
+            r["pods"] == serde_json::json!(["prod/other"])
+                && r["labels"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|x| x == "k8s:app=client"))
+        }),
+        "case {case:?}: prod/other's identity has its new label: {rows:#?}"
+    );
+    let before = env.generations();
+    write_manifest(&env.lab, "pods.yaml", &original);
+    env.wait_applied(case, &before);
+    expect_checks(
+        env,
+        case,
+        &[
+            "prod/other -> prod/web:8080 blocked ingress/policy-denied",
+            "prod/rep-a -> prod/db:8080 blocked ingress/policy-denied",
+        ],
+    );
+}
+
 /// `comb apply -f` and `comb delete -f` change what is enforced.
 fn apply_and_delete(env: &Env) {
     let case = "comb apply / comb delete";
@@ -2560,6 +2685,9 @@ fn policy_observability_changes_and_bad_input() {
     let t = Instant::now();
     tuple_reuse(&env);
     eprintln!("tuple reuse: {:?}", t.elapsed());
+    let t = Instant::now();
+    pod_relabel(&env);
+    eprintln!("pods relabeled: {:?}", t.elapsed());
     let t = Instant::now();
     namespace_relabel(&env);
     eprintln!("namespace relabeled: {:?}", t.elapsed());
