@@ -2,8 +2,14 @@
 //! against real agents and the eBPF datapath (privileged: run as root; under CI=true without
 //! root they fail).
 //!
-//! Each test function builds one two-node lab (below) and runs a table of cases against it.
-//! A case is a set of policy manifests plus connection attempts written as
+//! Each test function builds one two-node lab (`PODS`, namespaces prod and dev with labels,
+//! Service prod/web-svc, servers in the pods and in the router) and runs its cases against it:
+//! `network_policy_conformance` and `authorization_policy_conformance` are tables;
+//! `policy_observability_changes_and_bad_input` checks `comb identity list`, `comb endpoint
+//! policy get`, `comb monitor`, metrics, connections across policy changes, tuple reuse,
+//! relabeled pods and namespaces, `comb apply`/`delete` and rejected manifests.
+//!
+//! A table case is a set of policy manifests plus connection attempts written as
 //!
 //! ```text
 //! SOURCE -> TARGET:PORT[/udp|/bigudp] ok|refused|blocked [ingress/REASON|egress/REASON]
@@ -14,8 +20,9 @@
 //! `node:NAME` (the node itself); TARGET is a pod, `router` or `svc` (the ClusterIP of
 //! Service prod/web-svc, whose only backend is prod/web). `ok` means a TCP connection that
 //! echoes a few bytes, a UDP datagram echoed back (`bigudp`: 3 KiB, so IP fragments both
-//! ways), or an ICMP echo reply; `refused` a TCP RST or, for UDP, an ICMP port unreachable; `blocked` means no answer within
-//! [`BLOCKED_AFTER`]. A reason names where the drop must be counted
+//! ways), or an ICMP echo reply; `refused` a TCP RST or, for UDP, an ICMP port unreachable;
+//! `blocked` means no answer within [`BLOCKED_AFTER`] (the attempts of a source run
+//! concurrently, by a small Python client: `comb probe` clients wait 5 s). A reason names where the drop must be counted
 //! (`comb_policy_packets_total` of the target pod for `ingress`, of the source pod for
 //! `egress`). Between cases the policies file is replaced and the test waits until both agents
 //! applied the new generation; every attempt uses a source port of its own so no conntrack
@@ -283,7 +290,8 @@ impl Env {
 
     fn sport(&self) -> u16 {
         let p = self.next_sport.fetch_add(1, Ordering::Relaxed);
-        assert!(p < 60000, "out of source ports");
+        // Below the ephemeral range, so no socket of another client in the pod holds it.
+        assert!(p < 32000, "out of source ports");
         p
     }
 
@@ -1836,10 +1844,29 @@ rules:
 - from: [{source: {namespaces: [dev]}}]
   to: [{operation: {paths: ["/admin*"]}}]
 "#,
-            ),
+            ) + &ap_web("allow-all", "action: ALLOW\nrules: [{}]\n"),
             &[
+                // An L4 ALLOW does not widen it: the DENY needs the proxy.
                 "dev/client -> prod/web:8080 blocked ingress/proxy-unavailable",
                 "prod/client -> prod/web:8080 ok",
+                "router -> prod/web:8080 ok",
+            ],
+        ),
+        case(
+            "an ALLOW rule without L7 fields needs no proxy, next to one with them",
+            ap_web(
+                "allow-prod-or-get",
+                r#"
+action: ALLOW
+rules:
+- from: [{source: {namespaces: [prod]}}]
+- to: [{operation: {methods: [GET]}}]
+"#,
+            ),
+            &[
+                "prod/client -> prod/web:8080 ok",
+                "dev/client -> prod/web:8080 blocked ingress/proxy-unavailable",
+                "router -> prod/web:9090 blocked ingress/proxy-unavailable",
             ],
         ),
         case(
