@@ -2,6 +2,7 @@
 //! interleaved, and reports medians and ratios measured in the same run.
 
 mod lab;
+mod policy;
 mod report;
 mod service_lb;
 mod splice;
@@ -33,6 +34,9 @@ pub enum BenchCmd {
     Splice(Common),
     /// Service load balancing: kube-proxy-style iptables DNAT (baseline) against the socket LB.
     ServiceLb(service_lb::Args),
+    /// Identity policy: 1,000 rules over 200 identities against no policy (request/response,
+    /// connection rate), and the time from a manifest change to enforcement.
+    Policy(policy::Args),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
@@ -44,6 +48,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::ServiceLb(a) => {
             let r = service_lb::run(&a)?;
+            (a.common, r)
+        }
+        BenchCmd::Policy(a) => {
+            let r = policy::run(&a)?;
             (a.common, r)
         }
     };
