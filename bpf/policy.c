@@ -18,8 +18,14 @@
  *   2. Not IPv4/IPv6 (ARP, ...): pass, COMB_REASON_NOT_IP.
  *   3. Parse (bpf/lib/policy_parse.h): IPv4, or IPv6 skipping up to 8
  *      hop-by-hop/routing/destination-options headers and reading the
- *      fragment header; ports of TCP/UDP/SCTP (0 otherwise). A truncated or
- *      invalid header drops with COMB_REASON_MALFORMED.
+ *      fragment header; ports of TCP/UDP/SCTP (0 otherwise). ICMP (ICMPv6
+ *      in IPv6) has no ports, but an echo's identifier stands in for them
+ *      in conntrack: an echo request (type 8 / 128) has sport = id, dport 0;
+ *      an echo reply (0 / 129) sport 0, dport = id, so a reply's reversed
+ *      tuple is its request's and each ping (identifier) is a flow of its
+ *      own. Other ICMP messages keep ports 0. A truncated or invalid header
+ *      (an ICMP header under 8 bytes included) drops with
+ *      COMB_REASON_MALFORMED.
  *   4. Fragments: the first one (offset 0, more-fragments) is judged like any
  *      packet and its ports + outcome go to comb_frag {saddr, daddr, id,
  *      proto}; later ones take them from there (allowed: pass,
@@ -39,9 +45,24 @@
  *      refreshed. An expired entry is a miss and is overwritten. Timeouts
  *      come from comb_policy_config[0]; a field left 0 takes its default
  *      (21600 s / 10 s / 60 s). Policy changes apply to new flows only.
+ *      ICMP errors (ICMPv4 destination unreachable, time exceeded, parameter
+ *      problem: types 3, 11, 12; ICMPv6 types 1-4, packet too big included)
+ *      skip the lookup above and are RELATED instead: the packet they quote
+ *      (its IP header, IPv4 options skipped, and the first 8 bytes after it:
+ *      ports, or an echo's identifier mapped as in 3) went the other way
+ *      through this hook, so it is looked up as {quoted tuple, other dir}
+ *      and {reversed quoted tuple, dir}, and only if it was sent by the
+ *      error's destination. A live entry passes the error with
+ *      COMB_REASON_CT_RELATED (the entry is not refreshed): port
+ *      unreachable reaches a UDP client, PMTU discovery works. Otherwise the
+ *      error is judged by policy like a new ICMP packet but never creates
+ *      an entry. Behind IPv6 extension headers in the quoted packet the ports
+ *      are not read, so such errors are judged by policy.
  *   6. Policy: peer identity = comb_ipcache LPM lookup of the peer address
  *      (miss: COMB_ID_WORLD); comb_policy {ep, peer, dir, proto, dport} with
- *      prefixlen 96, then {ep, COMB_ID_ANY, ...}; a second miss allows with
+ *      prefixlen 96 (dport 0 for protocols other than TCP/UDP/SCTP: ICMP
+ *      meets the any-protocol entries whatever its echo identifier), then
+ *      {ep, COMB_ID_ANY, ...}; a second miss allows with
  *      COMB_REASON_NO_POLICY. The first hit is the whole answer (userspace
  *      compiles precedence into the entries; none here). ALLOW and NO_POLICY
  *      create a conntrack entry, DENY drops with the entry's reason.

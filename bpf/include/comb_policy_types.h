@@ -90,6 +90,7 @@ struct comb_policy_key {
 #define COMB_REASON_HOST 5           /* from the node itself (health checks) */
 #define COMB_REASON_NOT_IP 6         /* ARP and the like: no policy applies */
 #define COMB_REASON_FRAGMENT 7       /* later fragment of an allowed datagram */
+#define COMB_REASON_CT_RELATED 8     /* conntrack: ICMP error about a known flow */
 #define COMB_REASON_POLICY_DENIED 128 /* NetworkPolicy selects, nothing allows */
 #define COMB_REASON_AUTHZ_DENY 129    /* an AuthorizationPolicy DENY rule matched */
 #define COMB_REASON_AUTHZ_NO_ALLOW 130 /* ALLOW policies exist, none matched */
@@ -108,7 +109,10 @@ struct comb_policy_value {
  * a local pod-to-pod flow has two (the client's egress, the server's
  * ingress). The tuple is the flow's original direction; a packet matches
  * {its tuple, dir} (established) or {its reversed tuple, the other dir}
- * (reply). Ports are network order; 0 for protocols without ports. */
+ * (reply). Ports are network order; 0 for protocols without ports. ICMP and
+ * ICMPv6 echoes use the echo identifier: a request has sport = id, dport = 0,
+ * a reply sport = 0, dport = id (so a reply's reversed tuple is its
+ * request's); other ICMP messages 0 and 0. ICMP errors create no entry. */
 struct comb_ct_key {
 	struct comb_addr saddr;
 	struct comb_addr daddr;

@@ -118,8 +118,12 @@ static __always_inline __u32 comb_ipcache_identity(const struct comb_addr *a)
 }
 
 /* Judge a new flow: {ep, peer, dir, proto, port}, then {ep, ANY, ...}; no
- * entry = not enforced here. Values are sanitised so that the reason always
- * agrees with the verdict (reasons >= 128 drop): a bad entry fails closed. */
+ * entry = not enforced here. The port is the destination port of TCP, UDP
+ * and SCTP, 0 for everything else: an ICMP echo identifier is a conntrack
+ * "port" only, so ICMP meets the any-protocol entries (prefix 72) and
+ * protocol-wide ones, whatever its identifier. Values are sanitised so that
+ * the reason always agrees with the verdict (reasons >= 128 drop): a bad
+ * entry fails closed. */
 static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const struct comb_pkt *p,
 					      struct comb_verdict *vd)
 {
@@ -129,7 +133,7 @@ static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const str
 		.identity = vd->peer_identity,
 		.direction = dir,
 		.protocol = p->protocol,
-		.port = p->dport,
+		.port = comb_has_ports(p->protocol) ? p->dport : 0,
 	};
 	struct comb_policy_value *v = bpf_map_lookup_elem(&comb_policy, &k);
 	__u8 reason;
@@ -256,14 +260,19 @@ static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
 	}
 
 	now = bpf_ktime_get_boot_ns();
-	vd.reason = comb_ct_lookup(&p, dir, now, &s);
+	/* An ICMP error is never a flow of its own: related to the flow it
+	 * quotes, or judged as a new ICMP packet without being tracked. */
+	if (p.icmp_error)
+		vd.reason = comb_ct_related(skb, &p, dir, now);
+	else
+		vd.reason = comb_ct_lookup(&p, dir, now, &s);
 	if (vd.reason) {
 		vd.verdict = COMB_VERDICT_ALLOW;
 	} else {
 		vd.peer_identity =
 			comb_ipcache_identity(dir == COMB_DIR_EGRESS ? &p.daddr : &p.saddr);
 		comb_policy_judge(ifindex, dir, &p, &vd);
-		if (!comb_reason_drops(vd.reason))
+		if (!comb_reason_drops(vd.reason) && !p.icmp_error)
 			comb_ct_create(&p, dir, now, &s, ifindex, vd.reason, vd.policy);
 		vd.event = 1;
 	}

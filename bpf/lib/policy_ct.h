@@ -138,6 +138,40 @@ static __always_inline __u8 comb_ct_lookup(const struct comb_pkt *p, __u8 dir, _
 	return 0;
 }
 
+static __always_inline int comb_addr_eq(const struct comb_addr *a, const struct comb_addr *b)
+{
+	return a->a[0] == b->a[0] && a->a[1] == b->a[1] && a->a[2] == b->a[2] &&
+	       a->a[3] == b->a[3];
+}
+
+/* An ICMP error (p->icmp_error): COMB_REASON_CT_RELATED when the packet it
+ * quotes belongs to a live flow, else 0 (judge the error by policy, and
+ * track nothing). The quoted packet is as its sender sent it and crossed
+ * this hook in the other direction (the error goes back the way it came):
+ * it is established in {quoted tuple, other dir} (an error about a packet in
+ * the flow's original direction) or a reply in {reversed quoted tuple, dir}
+ * (about a reply). An error goes to the sender of the quoted packet; one
+ * that does not is not related to anything. The entry is not refreshed: an
+ * error neither keeps a flow alive nor counts as its reply. */
+static __always_inline __u8 comb_ct_related(struct __sk_buff *skb, const struct comb_pkt *p,
+					    __u8 dir, __u64 now)
+{
+	struct comb_pkt q = {};
+	struct comb_ct_key k;
+
+	if (comb_parse_quoted(skb, p->l4_off + COMB_ICMP_HLEN, p->v6, &q) < 0)
+		return 0;
+	if (!comb_addr_eq(&q.saddr, &p->daddr))
+		return 0;
+	comb_ct_key_fill(&k, &q, dir ^ 1, 0);
+	if (comb_ct_live(&k, &q, now))
+		return COMB_REASON_CT_RELATED;
+	comb_ct_key_fill(&k, &q, dir ^ 1, 1);
+	if (comb_ct_live(&k, &q, now))
+		return COMB_REASON_CT_RELATED;
+	return 0;
+}
+
 /* A new flow was allowed: remember it (replacing an expired entry). */
 static __always_inline void comb_ct_create(const struct comb_pkt *p, __u8 dir, __u64 now,
 					   const struct comb_policy_settings *s, __u32 ifindex,

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Packet parsing for the identity policy (policy.c): the IPv4/IPv6 header,
- * IPv6 extension headers, fragments and the ports of TCP/UDP/SCTP. Reads go
- * through bpf_skb_load_bytes, so non-linear skbs parse like linear ones and
- * a truncated header is a failed load, never an out-of-bounds read. */
+ * IPv6 extension headers, fragments, the ports of TCP/UDP/SCTP, the echo
+ * identifier of ICMP/ICMPv6 echoes and the packet an ICMP error quotes.
+ * Reads go through bpf_skb_load_bytes, so non-linear skbs parse like linear
+ * ones and a truncated header is a failed load, never an out-of-bounds read. */
 #ifndef COMB_POLICY_PARSE_H
 #define COMB_POLICY_PARSE_H
 
@@ -16,10 +17,12 @@
 #include "comb_types.h"
 
 #define COMB_IPPROTO_HOPOPTS 0
+#define COMB_IPPROTO_ICMP 1
 #define COMB_IPPROTO_TCP 6
 #define COMB_IPPROTO_UDP 17
 #define COMB_IPPROTO_ROUTING 43
 #define COMB_IPPROTO_FRAGMENT 44
+#define COMB_IPPROTO_ICMPV6 58
 #define COMB_IPPROTO_DSTOPTS 60
 #define COMB_IPPROTO_SCTP 132
 
@@ -35,6 +38,20 @@
 #define COMB_FRAG_FIRST 1 /* offset 0, more fragments follow */
 #define COMB_FRAG_LATER 2 /* offset > 0: no L4 header */
 
+#define COMB_ICMP_ECHO_REPLY 0
+#define COMB_ICMP_DEST_UNREACH 3
+#define COMB_ICMP_ECHO 8
+#define COMB_ICMP_TIME_EXCEEDED 11
+#define COMB_ICMP_PARAMETERPROB 12
+#define COMB_ICMPV6_DEST_UNREACH 1
+#define COMB_ICMPV6_PARAMPROB 4
+#define COMB_ICMPV6_ECHO_REQUEST 128
+#define COMB_ICMPV6_ECHO_REPLY 129
+/* An ICMP/ICMPv6 header is 8 bytes (type, code, checksum, 4 bytes that depend
+ * on the type: an echo's identifier and sequence, unused in errors); an error
+ * quotes the offending packet right after it. */
+#define COMB_ICMP_HLEN 8
+
 /* What the policy needs of one packet. */
 struct comb_pkt {
 	struct comb_addr saddr;
@@ -46,6 +63,10 @@ struct comb_pkt {
 	__u8 frag;       /* COMB_FRAG_* */
 	__u8 frag_proto; /* IPv4 protocol / IPv6 fragment header next header */
 	__u32 frag_id;   /* host order; IPv4 ids are 16 bits */
+	__u32 l4_off;    /* ICMP errors: offset of the ICMP header */
+	__u8 v6;         /* IPv6 (ICMPv6 is the ICMP of the family) */
+	__u8 icmp_error; /* an ICMP/ICMPv6 error message (see comb_icmp_is_error) */
+	__u8 pad[2];
 };
 
 static __always_inline void comb_addr_from_v4(struct comb_addr *a, __be32 ip4)
@@ -56,7 +77,39 @@ static __always_inline void comb_addr_from_v4(struct comb_addr *a, __be32 ip4)
 	a->a[3] = ip4;
 }
 
-/* Ports (and TCP flags) at `off`; < 0 when the header is truncated. */
+static __always_inline int comb_is_icmp(__u8 protocol, int v6)
+{
+	return protocol == (v6 ? COMB_IPPROTO_ICMPV6 : COMB_IPPROTO_ICMP);
+}
+
+/* Errors quote the packet they are about: ICMPv4 destination unreachable,
+ * time exceeded, parameter problem; ICMPv6 destination unreachable, packet
+ * too big, time exceeded, parameter problem. */
+static __always_inline int comb_icmp_is_error(__u8 type, int v6)
+{
+	if (v6)
+		return type >= COMB_ICMPV6_DEST_UNREACH && type <= COMB_ICMPV6_PARAMPROB;
+	return type == COMB_ICMP_DEST_UNREACH || type == COMB_ICMP_TIME_EXCEEDED ||
+	       type == COMB_ICMP_PARAMETERPROB;
+}
+
+/* The "ports" of an ICMP message `h` (its 8-byte header): an echo request's
+ * identifier is its source port, an echo reply's its destination port, so a
+ * reply's reversed tuple is its request's. Other messages keep 0 and 0. */
+static __always_inline void comb_icmp_ports(const __u8 *h, int v6, struct comb_pkt *p)
+{
+	__u8 req = v6 ? COMB_ICMPV6_ECHO_REQUEST : COMB_ICMP_ECHO;
+	__u8 rep = v6 ? COMB_ICMPV6_ECHO_REPLY : COMB_ICMP_ECHO_REPLY;
+
+	if (h[0] == req)
+		__builtin_memcpy(&p->sport, &h[4], 2);
+	else if (h[0] == rep)
+		__builtin_memcpy(&p->dport, &h[4], 2);
+}
+
+/* Ports (and TCP flags) at `off`; < 0 when the header is truncated. ICMP of
+ * the packet's family: the echo identifier (comb_icmp_ports), and errors are
+ * flagged for the conntrack lookup of the packet they quote. */
 static __always_inline int comb_parse_l4(struct __sk_buff *skb, __u32 off, struct comb_pkt *p)
 {
 	__u8 h[14];
@@ -75,11 +128,29 @@ static __always_inline int comb_parse_l4(struct __sk_buff *skb, __u32 off, struc
 			return -1;
 		break;
 	default:
+		if (!comb_is_icmp(p->protocol, p->v6))
+			return 0;
+		if (bpf_skb_load_bytes(skb, off, h, COMB_ICMP_HLEN) < 0)
+			return -1;
+		if (comb_icmp_is_error(h[0], p->v6)) {
+			p->icmp_error = 1;
+			p->l4_off = off;
+		} else {
+			comb_icmp_ports(h, p->v6, p);
+		}
 		return 0;
 	}
 	__builtin_memcpy(&p->sport, &h[0], 2);
 	__builtin_memcpy(&p->dport, &h[2], 2);
 	return 0;
+}
+
+/* Protocols whose destination port the policy matches; ICMP "ports" (echo
+ * identifiers) are for conntrack only. */
+static __always_inline int comb_has_ports(__u8 protocol)
+{
+	return protocol == COMB_IPPROTO_TCP || protocol == COMB_IPPROTO_UDP ||
+	       protocol == COMB_IPPROTO_SCTP;
 }
 
 static __always_inline int comb_parse_ipv4(struct __sk_buff *skb, struct comb_pkt *p)
@@ -135,6 +206,7 @@ static __always_inline int comb_parse_ipv6(struct __sk_buff *skb, struct comb_pk
 		return -1;
 	if (ip.version != 6)
 		return -1;
+	p->v6 = 1;
 	__builtin_memcpy(&p->saddr, &ip.saddr, sizeof(p->saddr));
 	__builtin_memcpy(&p->daddr, &ip.daddr, sizeof(p->daddr));
 	nexthdr = ip.nexthdr;
@@ -173,6 +245,54 @@ static __always_inline int comb_parse_ipv6(struct __sk_buff *skb, struct comb_pk
 		}
 	}
 	return -1; /* more extension headers than we follow */
+}
+
+/* The packet an ICMP error quotes, at `off`: its IP header (IPv4 with
+ * options, IPv6 without extension headers) and the first 8 bytes of what
+ * follows (all ICMPv4 guarantees). Addresses, protocol and ports as that
+ * packet carried them, an echo's identifier mapped like comb_icmp_ports.
+ * Ports stay 0 for an IPv4 later fragment and behind IPv6 extension headers
+ * (then `protocol` is the extension header's, which no flow has). < 0 when
+ * it cannot be read or is not of the error's family. */
+static __always_inline int comb_parse_quoted(struct __sk_buff *skb, __u32 off, int v6,
+					     struct comb_pkt *q)
+{
+	__u8 h[COMB_ICMP_HLEN];
+
+	q->v6 = v6;
+	if (v6) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+			return -1;
+		__builtin_memcpy(&q->saddr, &ip6.saddr, sizeof(q->saddr));
+		__builtin_memcpy(&q->daddr, &ip6.daddr, sizeof(q->daddr));
+		q->protocol = ip6.nexthdr;
+		off += sizeof(ip6);
+	} else {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 ||
+		    ip.ihl < 5)
+			return -1;
+		comb_addr_from_v4(&q->saddr, ip.saddr);
+		comb_addr_from_v4(&q->daddr, ip.daddr);
+		q->protocol = ip.protocol;
+		if (bpf_ntohs(ip.frag_off) & 0x1fff)
+			return 0;
+		off += ip.ihl * 4;
+	}
+	if (comb_has_ports(q->protocol)) {
+		if (bpf_skb_load_bytes(skb, off, h, 4) < 0)
+			return -1;
+		__builtin_memcpy(&q->sport, &h[0], 2);
+		__builtin_memcpy(&q->dport, &h[2], 2);
+	} else if (comb_is_icmp(q->protocol, v6)) {
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+			return -1;
+		comb_icmp_ports(h, v6, q);
+	}
+	return 0;
 }
 
 #endif /* COMB_POLICY_PARSE_H */

@@ -98,6 +98,8 @@ impl Reason {
     pub const HOST: Reason = Reason(5);
     pub const NOT_IP: Reason = Reason(6);
     pub const FRAGMENT: Reason = Reason(7);
+    /// An ICMP error about a tracked flow (port unreachable, fragmentation needed, ...).
+    pub const CT_RELATED: Reason = Reason(8);
     pub const POLICY_DENIED: Reason = Reason(128);
     pub const AUTHZ_DENY: Reason = Reason(129);
     pub const AUTHZ_NO_ALLOW: Reason = Reason(130);
@@ -106,7 +108,7 @@ impl Reason {
     pub const MALFORMED: Reason = Reason(133);
 
     /// Every reason the datapath knows, in numeric order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::POLICY_ALLOW,
         Reason::NO_POLICY,
         Reason::CT_ESTABLISHED,
@@ -114,6 +116,7 @@ impl Reason {
         Reason::HOST,
         Reason::NOT_IP,
         Reason::FRAGMENT,
+        Reason::CT_RELATED,
         Reason::POLICY_DENIED,
         Reason::AUTHZ_DENY,
         Reason::AUTHZ_NO_ALLOW,
@@ -132,6 +135,7 @@ impl Reason {
             Reason::HOST => "host",
             Reason::NOT_IP => "not-ip",
             Reason::FRAGMENT => "fragment",
+            Reason::CT_RELATED => "ct-related",
             Reason::POLICY_DENIED => "policy-denied",
             Reason::AUTHZ_DENY => "authz-deny",
             Reason::AUTHZ_NO_ALLOW => "authz-no-allow",
@@ -455,7 +459,8 @@ pub struct PolicyEndpoint {
 /// One conntrack entry: a flow judged in one direction at one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtEntry {
-    /// The flow's original direction (the packet that created it).
+    /// The flow's original direction (the packet that created it). Ports are 0 for protocols
+    /// without ports, except ICMP/ICMPv6 echoes: the identifier is the request's source port.
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub protocol: u8,
@@ -555,6 +560,7 @@ mod tests {
             "HOST",
             "NOT_IP",
             "FRAGMENT",
+            "CT_RELATED",
             "POLICY_DENIED",
             "AUTHZ_DENY",
             "AUTHZ_NO_ALLOW",
@@ -583,6 +589,7 @@ mod tests {
                 "host",
                 "not-ip",
                 "fragment",
+                "ct-related",
                 "policy-denied",
                 "authz-deny",
                 "authz-no-allow",

@@ -25,7 +25,8 @@ pub struct FlowEvent {
     pub time_ns: u64,
     pub src: IpAddr,
     pub dst: IpAddr,
-    /// Host order; 0 for protocols without ports.
+    /// Host order; 0 for protocols without ports, except ICMP/ICMPv6 echoes: the identifier
+    /// is a request's `sport` and a reply's `dport`.
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,

@@ -471,6 +471,318 @@ fn ipv6_extension_headers_and_fragments() {
     fx.finish();
 }
 
+fn sa(s: String) -> std::net::SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn icmp_echo_identifier_makes_each_ping_a_flow() {
+    if !privileged() {
+        return;
+    }
+    let fx = Fixture::new();
+    setup(&fx);
+    let i = fx.ifindex;
+    allow(&fx, PolicyKey::any(i, ID_A, Egress), 1);
+    deny(
+        &fx,
+        PolicyKey::any(i, ID_ANY, Egress),
+        Reason::POLICY_DENIED,
+        2,
+    );
+    allow(&fx, PolicyKey::any(i, ID_B, Ingress), 3);
+    deny_other_ingress(&fx, 4);
+
+    // An allowed ping: the request creates the entry (identifier = source port), the reply
+    // passes as its reply.
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_A, false, 0x1111)), PASS);
+    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(ct.len(), 1, "{ct:#?}");
+    assert_eq!(
+        (ct[0].src, ct[0].dst, ct[0].protocol, ct[0].direction),
+        (
+            sa(format!("{EP}:{}", 0x1111)),
+            sa(format!("{PEER_A}:0")),
+            ICMP,
+            Egress
+        )
+    );
+    assert_eq!((ct[0].reason, ct[0].policy), (Reason::POLICY_ALLOW, 1));
+    assert_eq!(fx.run(Ingress, &icmp4_echo(PEER_A, EP, true, 0x1111)), PASS);
+    assert!(fx.dp().ct_entries().unwrap()[0].seen_reply);
+    // A reply to another ping is no reply; a request the other way with the same identifier
+    // is a new flow, not a reply: both judged by policy (ingress from A is denied).
+    assert_eq!(fx.run(Ingress, &icmp4_echo(PEER_A, EP, true, 0x2222)), DROP);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_echo(PEER_A, EP, false, 0x1111)),
+        DROP
+    );
+
+    // The policy turns to deny: the running ping goes on, a new one (identifier) is denied.
+    deny(
+        &fx,
+        PolicyKey::any(i, ID_A, Egress),
+        Reason::POLICY_DENIED,
+        5,
+    );
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_A, false, 0x1111)), PASS);
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_A, false, 0x3333)), DROP);
+
+    // B may ping the endpoint, and gets its replies although egress to B is denied; the
+    // endpoint's own ping to B (even with B's identifier) is a new flow, and denied.
+    assert_eq!(
+        fx.run(Ingress, &icmp4_echo(PEER_B, EP, false, 0x5555)),
+        PASS
+    );
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_B, true, 0x5555)), PASS);
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_B, false, 0x5555)), DROP);
+
+    // The identifier is no policy port: an ICMP entry for "port" 0x6666 (which no userspace
+    // writes) catches neither a reply nor a request with that identifier; the any-protocol
+    // entry decides.
+    deny(
+        &fx,
+        ports(&fx, ID_NET, Egress, ICMP, 0x6666, 16),
+        Reason::AUTHZ_DENY,
+        6,
+    );
+    allow(&fx, PolicyKey::any(i, ID_NET, Egress), 7);
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_C, true, 0x6666)), PASS);
+    assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_C, false, 0x6666)), PASS);
+
+    // An ICMP header shorter than 8 bytes.
+    let mut cut = icmp4_echo(EP, PEER_A, false, 0x7777);
+    cut.truncate(14 + 20 + 6);
+    assert_eq!(fx.run(Egress, &cut), DROP);
+
+    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 3);
+    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
+    assert_eq!(fx.count(Egress, Reason::CT_REPLY), 1);
+    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 2);
+    assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 0);
+    assert_eq!(fx.count(Egress, Reason::MALFORMED), 1);
+    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 1);
+    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 1);
+    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 2);
+    let ct = fx.dp().ct_entries().unwrap();
+    let flows: Vec<_> = ct.iter().map(|e| (e.src, e.dst, e.direction)).collect();
+    assert_eq!(ct.len(), 4, "{ct:#?}");
+    for want in [
+        (
+            sa(format!("{PEER_B}:{}", 0x5555)),
+            sa(format!("{EP}:0")),
+            Ingress,
+        ),
+        (
+            sa(format!("{EP}:0")),
+            sa(format!("{PEER_C}:{}", 0x6666)),
+            Egress,
+        ),
+        (
+            sa(format!("{EP}:{}", 0x6666)),
+            sa(format!("{PEER_C}:0")),
+            Egress,
+        ),
+    ] {
+        assert!(flows.contains(&want), "{want:?} in {ct:#?}");
+    }
+    fx.finish();
+}
+
+#[test]
+fn icmp_errors_of_tracked_flows_pass_as_related() {
+    if !privileged() {
+        return;
+    }
+    let fx = Fixture::new();
+    setup(&fx);
+    let i = fx.ifindex;
+    allow(&fx, PolicyKey::port(i, ID_A, Egress, UDP, Some(53)), 1);
+    allow(&fx, PolicyKey::port(i, ID_A, Egress, TCP, Some(443)), 2);
+    deny(
+        &fx,
+        PolicyKey::any(i, ID_ANY, Egress),
+        Reason::POLICY_DENIED,
+        3,
+    );
+    allow(&fx, PolicyKey::any(i, ID_B, Ingress), 4);
+    deny_other_ingress(&fx, 5);
+
+    // An allowed UDP flow out; A answers with a port unreachable quoting it.
+    let dns = udp4(EP, 5000, PEER_A, 53);
+    assert_eq!(fx.run(Egress, &dns), PASS);
+    assert_eq!(fx.run(Ingress, &icmp4_error(PEER_A, EP, 3, 3, &dns)), PASS);
+    // TCP: fragmentation needed from a router (the world: denied as a peer), quoting a
+    // header with IP options; time exceeded without options.
+    let syn = tcp4(EP, 40000, PEER_A, 443, SYN);
+    assert_eq!(fx.run(Egress, &syn), PASS);
+    let frag_needed = icmp4_error(OUTSIDE, EP, 3, 4, &ipv4_with_options(&syn, 3));
+    assert_eq!(fx.run(Ingress, &frag_needed), PASS);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(OUTSIDE, EP, 11, 0, &syn)),
+        PASS
+    );
+    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(ct.len(), 2, "{ct:#?}");
+    assert!(
+        ct.iter().all(|e| !e.seen_reply),
+        "an error is no reply: {ct:#?}"
+    );
+
+    // Errors quoting no flow are judged like any new ICMP packet, and never tracked: denied
+    // from A and from the world, allowed from B.
+    let other_port = udp4(EP, 5001, PEER_A, 53);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(PEER_A, EP, 3, 3, &other_port)),
+        DROP
+    );
+    let other_dst = tcp4(EP, 40000, PEER_A, 444, SYN);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(OUTSIDE, EP, 3, 4, &other_dst)),
+        DROP
+    );
+    let to_b = udp4(EP, 5001, PEER_B, 53);
+    assert_eq!(fx.run(Ingress, &icmp4_error(PEER_B, EP, 3, 3, &to_b)), PASS);
+    // A tracked packet quoted to someone who did not send it, or with its roles swapped.
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(PEER_A, PEER_C, 3, 3, &dns)),
+        DROP
+    );
+    let swapped = udp4(PEER_A, 53, EP, 5000);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(PEER_A, EP, 3, 3, &swapped)),
+        DROP
+    );
+    // A quoted header cut short.
+    let mut cut = icmp4_error(PEER_A, EP, 3, 3, &dns);
+    cut.truncate(14 + 20 + 8 + 12);
+    assert_eq!(fx.run(Ingress, &cut), DROP);
+    assert_eq!(
+        fx.dp().ct_entries().unwrap().len(),
+        2,
+        "errors create no entries"
+    );
+
+    // The endpoint as the server: its port unreachable for B's datagram goes out although
+    // egress to B is denied.
+    let query = udp4(PEER_B, 7000, EP, 5353);
+    assert_eq!(fx.run(Ingress, &query), PASS);
+    assert_eq!(fx.run(Egress, &icmp4_error(EP, PEER_B, 3, 3, &query)), PASS);
+    // An error about a reply: a router drops the endpoint's answer to B's ping. One about
+    // another ping (identifier) is not related.
+    assert_eq!(fx.run(Ingress, &icmp4_echo(PEER_B, EP, false, 0x99)), PASS);
+    let reply = icmp4_echo(EP, PEER_B, true, 0x99);
+    assert_eq!(fx.run(Egress, &reply), PASS);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(OUTSIDE, EP, 11, 0, &reply)),
+        PASS
+    );
+    let other_reply = icmp4_echo(EP, PEER_B, true, 0x98);
+    assert_eq!(
+        fx.run(Ingress, &icmp4_error(OUTSIDE, EP, 11, 0, &other_reply)),
+        DROP
+    );
+
+    assert_eq!(fx.count(Ingress, Reason::CT_RELATED), 4);
+    assert_eq!(fx.count(Egress, Reason::CT_RELATED), 1);
+    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 6);
+    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 3);
+    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 2);
+    assert_eq!(fx.count(Egress, Reason::CT_REPLY), 1);
+    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 0);
+    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(ct.len(), 4, "{ct:#?}");
+    assert!(
+        ct.iter()
+            .all(|e| e.protocol != ICMP || e.src.port() == 0x99)
+    );
+    fx.finish();
+}
+
+#[test]
+fn icmpv6_echo_identifiers_and_errors() {
+    if !privileged() {
+        return;
+    }
+    let fx = Fixture::new();
+    let (ep6, a6, router6) = ("fd00::2", "fd00::3", "fd00:99::1");
+    let i = fx.ifindex;
+    fx.dp().set_policy_endpoint(i, EP_ID, &[ip(ep6)]).unwrap();
+    fx.dp()
+        .upsert_ipcache(format!("{a6}/128").parse().unwrap(), ID_A)
+        .unwrap();
+    allow(&fx, PolicyKey::any(i, ID_A, Egress), 1);
+    deny(
+        &fx,
+        PolicyKey::any(i, ID_ANY, Egress),
+        Reason::POLICY_DENIED,
+        2,
+    );
+    deny_other_ingress(&fx, 3);
+
+    let ping = icmp6_echo(ep6, a6, false, 0x10);
+    assert_eq!(fx.run(Egress, &ping), PASS);
+    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(ct.len(), 1, "{ct:#?}");
+    assert_eq!(
+        (ct[0].src, ct[0].dst, ct[0].protocol),
+        (sa(format!("[{ep6}]:16")), sa(format!("[{a6}]:0")), ICMPV6)
+    );
+    assert_eq!(fx.run(Ingress, &icmp6_echo(a6, ep6, true, 0x10)), PASS);
+    assert_eq!(fx.run(Ingress, &icmp6_echo(a6, ep6, true, 0x11)), DROP);
+    assert_eq!(fx.run(Ingress, &icmp6_echo(a6, ep6, false, 0x10)), DROP);
+    let dns = ipv6(ep6, a6, &[], UDP, &udp_hdr(5000, 53, b"q"));
+    assert_eq!(fx.run(Egress, &dns), PASS);
+
+    deny(
+        &fx,
+        PolicyKey::any(i, ID_A, Egress),
+        Reason::POLICY_DENIED,
+        4,
+    );
+    assert_eq!(fx.run(Egress, &icmp6_echo(ep6, a6, false, 0x12)), DROP);
+    assert_eq!(fx.run(Egress, &ping), PASS, "established");
+
+    // Errors: packet too big from a router, port unreachable from A, time exceeded about
+    // the ping; about the denied ping, unrelated.
+    assert_eq!(
+        fx.run(Ingress, &icmp6_error(router6, ep6, 2, 0, &dns)),
+        PASS
+    );
+    assert_eq!(fx.run(Ingress, &icmp6_error(a6, ep6, 1, 4, &dns)), PASS);
+    assert_eq!(
+        fx.run(Ingress, &icmp6_error(router6, ep6, 3, 0, &ping)),
+        PASS
+    );
+    let denied = icmp6_echo(ep6, a6, false, 0x12);
+    assert_eq!(
+        fx.run(Ingress, &icmp6_error(router6, ep6, 3, 0, &denied)),
+        DROP
+    );
+    // A quoted packet behind an extension header: its ports are not read, so the error is
+    // judged by policy (denied here).
+    let fragmented = ipv6(
+        ep6,
+        a6,
+        &[(44, v6_frag(0, true, 9))],
+        UDP,
+        &udp_hdr(5000, 53, b"q"),
+    );
+    assert_eq!(
+        fx.run(Ingress, &icmp6_error(router6, ep6, 2, 0, &fragmented)),
+        DROP
+    );
+
+    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 2);
+    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 1);
+    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
+    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 1);
+    assert_eq!(fx.count(Ingress, Reason::CT_RELATED), 3);
+    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 4);
+    assert_eq!(fx.dp().ct_entries().unwrap().len(), 2);
+    fx.finish();
+}
+
 #[test]
 fn non_ip_malformed_and_redirect() {
     if !privileged() {

@@ -10,6 +10,7 @@ pub const ACK: u8 = 0x10;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
 
 /// IPv4 "more fragments" flag in the frag_off field.
 pub const MF: u16 = 0x2000;
@@ -96,6 +97,77 @@ pub fn icmp4(src: &str, dst: &str) -> Vec<u8> {
     let c = checksum(&m);
     m[2..4].copy_from_slice(&c.to_be_bytes());
     ipv4(v4(src), v4(dst), ICMP, 1, 0, &m)
+}
+
+/// An ICMP message: type, code, the 4 type-specific bytes, then `body` (checksum filled in).
+pub fn icmp_msg(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An ICMP echo request (`reply` false) or reply with identifier `id` (sequence 1).
+pub fn icmp4_echo(src: &str, dst: &str, reply: bool, id: u16) -> Vec<u8> {
+    let [a, b] = id.to_be_bytes();
+    let m = icmp_msg(if reply { 0 } else { 8 }, 0, [a, b, 0, 1], b"ping");
+    ipv4(v4(src), v4(dst), ICMP, 1, 0, &m)
+}
+
+/// An ICMP error (`ty`/`code`, e.g. 3/3 port unreachable, 3/4 fragmentation needed) quoting
+/// the IPv4 packet of the frame `quoted` as routers do: its IP header and the first 8 bytes
+/// after it.
+pub fn icmp4_error(src: &str, dst: &str, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let quoted = &quoted[14..];
+    let ihl = usize::from(quoted[0] & 0x0f) * 4;
+    let cut = &quoted[..quoted.len().min(ihl + 8)];
+    let rest = if (ty, code) == (3, 4) {
+        [0, 0, 0x05, 0xdc] // next-hop MTU 1500
+    } else {
+        [0; 4]
+    };
+    ipv4(v4(src), v4(dst), ICMP, 2, 0, &icmp_msg(ty, code, rest, cut))
+}
+
+/// The IPv4 frame `frame` (from the builders here: no options) with `words` 4-byte words of IP
+/// options (NOPs, then end of list) after the fixed header.
+pub fn ipv4_with_options(frame: &[u8], words: u8) -> Vec<u8> {
+    assert!((1..=10).contains(&words));
+    let hdr = &frame[14..];
+    let mut p = hdr[..20].to_vec();
+    let mut opts = vec![1u8; usize::from(words) * 4];
+    *opts.last_mut().unwrap() = 0;
+    p.extend_from_slice(&opts);
+    p.extend_from_slice(&hdr[20..]);
+    p[0] = 0x45 + words;
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let hl = 20 + usize::from(words) * 4;
+    let c = checksum(&p[..hl]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    eth(ETH_IP, &p)
+}
+
+/// An ICMPv6 echo request (`reply` false) or reply with identifier `id` (checksum left 0).
+pub fn icmp6_echo(src: &str, dst: &str, reply: bool, id: u16) -> Vec<u8> {
+    let mut m = vec![if reply { 129 } else { 128 }, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    m.extend_from_slice(b"ping");
+    ipv6(src, dst, &[], ICMPV6, &m)
+}
+
+/// An ICMPv6 error (`ty`: 1 unreachable, 2 packet too big, 3 time exceeded, 4 parameter
+/// problem) quoting the whole of `quoted` (an IPv6 frame from [`ipv6`]; its Ethernet header
+/// is dropped).
+pub fn icmp6_error(src: &str, dst: &str, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&if ty == 2 { 1280u32 } else { 0 }.to_be_bytes());
+    m.extend_from_slice(&quoted[14..]);
+    ipv6(src, dst, &[], ICMPV6, &m)
 }
 
 /// The first fragment of a UDP datagram (its header and some payload, MF set).
