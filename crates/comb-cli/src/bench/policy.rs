@@ -43,10 +43,10 @@
 //!
 //! The run also reports (on stderr, not in `--json`) where the update time goes: when the
 //! agent logged that the change replaced its State (read from its log afterwards; nothing
-//! asks the agent anything during a sample), and this process's own
-//! timing of the agent's steps on the same directory: reading and parsing it (`load_dir`),
-//! validating and converting it (`build_snapshot`), resolving identities and compiling the
-//! local pods' entries.
+//! asks the agent anything during a sample), and this process's own timing of the agent's
+//! steps on the same directory: reading and parsing it (`load_dir`), validating and
+//! converting it (`build_snapshot`), resolving identities and compiling the local pods'
+//! entries.
 //!
 //! Knobs: `--pairs` (default 5), `--secs` per measurement (default 3), `--samples` for the
 //! update latency (default 40), `--parallel` connrate threads (default 2), `--poll-ms` to pass
