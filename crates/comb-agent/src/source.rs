@@ -60,7 +60,16 @@ fn spawn_inotify(dir: &Path, notify: Arc<Notify>) -> bool {
         .spawn(move || {
             loop {
                 match ino.read_events() {
-                    Ok(_) => notify.notify_one(),
+                    // Only names the loader reads: `comb apply` and editors write dotfiles
+                    // first, and waking for those would parse before the rename lands.
+                    Ok(events)
+                        if events
+                            .iter()
+                            .any(|e| e.name.as_deref().is_some_and(is_manifest_name)) =>
+                    {
+                        notify.notify_one()
+                    }
+                    Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "inotify read failed; polling only");
@@ -72,18 +81,31 @@ fn spawn_inotify(dir: &Path, notify: Arc<Notify>) -> bool {
         .is_ok()
 }
 
-/// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes.
+/// The rule of comb_config::manifest_files, for inotify event names.
+fn is_manifest_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml")))
+}
+
+/// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes. Files
+/// are parsed again only when they changed (comb_config::DirCache).
 pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
     let notify = Arc::new(Notify::new());
     spawn_inotify(&dir, notify.clone());
     let mut last: Option<Option<Fingerprint>> = None;
+    let mut cache = Some(comb_config::DirCache::new());
     loop {
         let fp = fingerprint(&dir);
         if last.as_ref() != Some(&fp) {
             let d = dir.clone();
-            let update = tokio::task::spawn_blocking(move || comb_config::load_snapshot(&d))
-                .await
-                .expect("manifest loader panicked");
+            let mut c = cache.take().expect("cache is returned after each load");
+            let (c, update) = tokio::task::spawn_blocking(move || {
+                let r = c.load(&d, false);
+                (c, r)
+            })
+            .await
+            .expect("manifest loader panicked");
+            cache = Some(c);
             // A file may change again while it is read; the next wake-up or poll sees that.
             last = Some(fp);
             if tx.send(update).await.is_err() {

@@ -8,6 +8,7 @@
 
 mod convert;
 mod convert_policy;
+mod dir_cache;
 mod error;
 pub mod istio;
 mod object;
@@ -17,6 +18,7 @@ mod unknown_fields;
 pub mod writer;
 
 pub use convert::{DEFAULT_AFFINITY_TIMEOUT_SECS, LABEL_SERVICE_NAME};
+pub use dir_cache::DirCache;
 pub use error::{ConfigError, ConfigErrors};
 pub use object::{Document, Object};
 pub use parse::{load_dir, manifest_files, parse_file_text};

@@ -17,7 +17,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Validates across objects and converts to Comb's model. All errors are collected.
 pub fn build_snapshot(docs: &[Document]) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
-    let snapshot = build_partial(docs, &mut errors);
+    let snapshot = build_partial(docs.iter(), &mut errors);
     if errors.is_empty() {
         Ok(snapshot)
     } else {
@@ -30,7 +30,7 @@ pub fn build_snapshot(docs: &[Document]) -> Result<Snapshot, ConfigErrors> {
 pub fn load_snapshot(dir: &Path) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
     let docs = load_dir_partial(dir, &mut errors);
-    let snapshot = build_partial(&docs, &mut errors);
+    let snapshot = build_partial(docs.iter(), &mut errors);
     if errors.is_empty() {
         Ok(snapshot)
     } else {
@@ -61,7 +61,10 @@ fn identity(doc: &Document, errors: &mut Vec<ConfigError>) -> Option<ObjKey> {
     Some(ObjKey { namespace, name })
 }
 
-fn build_partial(docs: &[Document], errors: &mut Vec<ConfigError>) -> Snapshot {
+pub(crate) fn build_partial<'d>(
+    docs: impl IntoIterator<Item = &'d Document>,
+    errors: &mut Vec<ConfigError>,
+) -> Snapshot {
     let mut seen: HashMap<(&'static str, ObjKey), (&PathBuf, usize)> = HashMap::new();
     let mut unique = Vec::new();
     for doc in docs {
