@@ -209,11 +209,10 @@ impl Lab {
     /// A command in the router namespace of a multi-node lab: a host outside the cluster
     /// (its address, 198.18.254.254, is neither a pod nor a node).
     pub fn router_command(&self, program: &str, args: &[&str]) -> Result<Command> {
-        let router = self
-            .state
-            .router_netns
-            .as_ref()
-            .with_context(|| format!("lab {} has one node and so no router", self.state.name))?;
+        let router =
+            self.state.router_netns.as_ref().with_context(|| {
+                format!("lab {} has one node and so no router", self.state.name)
+            })?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", router, program]).args(args);
         Ok(cmd)
