@@ -29,10 +29,27 @@ step "   legacy -> web (not spliced: legacy opted out)"
 step "5. Splice counters: bytes went socket to socket, not through the veths"
 "$comb" splice stats --node node1
 
-step "6. A short splice benchmark (1 pair, 1 s each; 'comb bench splice' runs 5 pairs x 3 s)"
+step "6. Identity policy: only cart may reach web (examples/demo/policy.yaml)"
+"$comb" apply -f examples/demo/policy.yaml --node node1
+# Watch verdicts while two clients try; the monitor streams until stopped.
+"$comb" monitor --node node1 --pod shop/web > "/tmp/comb-demo-monitor.$$" 2>&1 &
+mon=$!
+sleep 0.5
+"$comb" lab exec --name "$lab" shop/cart -- curl -s -o /dev/null -w 'cart -> web: HTTP %{http_code}\n' "http://$web:8080/"
+"$comb" lab exec --name "$lab" shop/legacy -- curl -s -o /dev/null --max-time 1 -w 'legacy -> web: HTTP %{http_code} (dropped)\n' "http://$web:8080/" || true
+sleep 0.5
+kill "$mon" 2>/dev/null || true
+wait "$mon" 2>/dev/null || true
+step "   comb monitor --pod shop/web"
+cat "/tmp/comb-demo-monitor.$$"
+rm -f "/tmp/comb-demo-monitor.$$"
+step "   comb endpoint policy get shop/web (the kernel's table for web)"
+"$comb" endpoint policy get shop/web --node node1
+
+step "7. A short splice benchmark (1 pair, 1 s each; 'comb bench splice' runs 5 pairs x 3 s)"
 "$comb" bench splice --pairs 1 --secs 1
 
-step "7. Teardown"
+step "8. Teardown"
 "$comb" lab down --name "$lab"
 trap - EXIT INT TERM
 echo "done: no namespaces, cgroups, pins or processes left behind"
