@@ -433,10 +433,7 @@ impl LbStore for SocketLb {
         Ok(self.map(map).update(key, value, MapFlags::ANY)?)
     }
     fn del(&self, map: LbMap, key: &[u8]) -> Result<()> {
-        match self.map(map).delete(key) {
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            r => Ok(r?),
-        }
+        Ok(crate::maps::delete_if_present(self.map(map), key)?)
     }
     fn keys(&self, map: LbMap) -> Result<Vec<Vec<u8>>> {
         Ok(self.map(map).keys().collect())

@@ -25,7 +25,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use tracing::{debug, info, warn};
 
 use crate::Datapath;
-use crate::maps::{CombAddr, Pod};
+use crate::maps::{CombAddr, Pod, delete_if_present, entries};
 use crate::policy::{
     CtEntry, Direction, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, Reason,
     ipcache_key, ipcache_net,
@@ -146,25 +146,11 @@ pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
 
 /// Deleting a missing key is not an error.
 fn delete(map: &MapHandle, key: &[u8], what: &str) -> Result<()> {
-    match map.delete(key) {
-        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-        r => r.with_context(|| format!("removing {what}")),
-    }
+    delete_if_present(map, key).with_context(|| format!("removing {what}"))
 }
 
 fn decode<T: Pod>(b: &[u8], what: &str) -> Result<T> {
     T::from_bytes(b).with_context(|| format!("{what} has an unexpected size"))
-}
-
-/// Every (key, value) of a map; entries deleted meanwhile are skipped.
-fn entries(map: &MapHandle) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
-    for k in map.keys() {
-        if let Some(v) = map.lookup(&k, MapFlags::ANY)? {
-            out.push((k, v));
-        }
-    }
-    Ok(out)
 }
 
 /// Detach a link now; a link whose interface is gone may refuse, which is fine.
@@ -512,6 +498,7 @@ impl Datapath {
     /// slots). Returns how many were deleted.
     pub fn ct_gc(&self) -> Result<usize> {
         let mut n = 0;
+        let now = sys::boot_time_ns();
         // Collected first: iterating while deleting restarts a hash map's iteration.
         let keys: Vec<Vec<u8>> = self.policy.ct.keys().collect();
         for k in keys {
@@ -520,7 +507,7 @@ impl Datapath {
                 continue;
             };
             let v: CtValue = decode(&v, "comb_ct value")?;
-            if v.expires_ns <= sys::boot_time_ns() {
+            if v.expires_ns <= now {
                 delete(&self.policy.ct, &k, "conntrack entry")?;
                 n += 1;
             }

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::lb::{HOOKS, IdAlloc, SocketLb, is_lb_link_name};
 use crate::maps::{
     COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, CombAddr, ConfigValue, EndpointValue, Pod, SockKey,
-    SpliceStatsValue,
+    SpliceStatsValue, delete_if_present, entries,
 };
 use crate::policy_dp::{PolicyDp, is_policy_link_name};
 use crate::skel::SpliceSkelBuilder;
@@ -223,19 +223,13 @@ impl Datapath {
     }
 
     pub fn remove_endpoint(&self, ip: IpAddr) -> Result<()> {
-        match self.endpoints.delete(CombAddr::from(ip).as_bytes()) {
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            r => r.with_context(|| format!("removing endpoint {ip}")),
-        }
+        delete_if_present(&self.endpoints, CombAddr::from(ip).as_bytes())
+            .with_context(|| format!("removing endpoint {ip}"))
     }
 
     pub fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointInfo)>> {
         let mut out = Vec::new();
-        for k in self.endpoints.keys() {
-            // An entry deleted between iteration and lookup is simply skipped.
-            let Some(v) = self.endpoints.lookup(&k, MapFlags::ANY)? else {
-                continue;
-            };
+        for (k, v) in entries(&self.endpoints)? {
             let (Some(k), Some(v)) = (CombAddr::from_bytes(&k), EndpointValue::from_bytes(&v))
             else {
                 bail!("comb_endpoints entry has an unexpected size");
