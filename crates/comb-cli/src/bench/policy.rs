@@ -675,37 +675,6 @@ fn probe_flip(to: &SockaddrIn, tmp: &Path, dst: &Path, want: bool) -> Result<Fli
 
 // ---------------------------------------------------------------------------------------
 
-/// (connections per second) of one `comb probe connrate` run against one target.
-fn connrate(lab: &Lab, comb: &Path, to: &str, secs: u32, parallel: usize) -> Result<f64> {
-    let out = lab
-        .command(
-            &format!("{NS}/client"),
-            comb.to_str().context("comb path")?,
-            &[
-                "probe",
-                "connrate",
-                "--to",
-                to,
-                "--secs",
-                &secs.to_string(),
-                "--parallel",
-                &parallel.to_string(),
-            ],
-        )?
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "connrate output: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    if !out.status.success() || v["errors"].as_u64() != Some(0) {
-        bail!("connrate had errors against {to}: {v}");
-    }
-    v["conn_per_sec"].as_f64().context("conn_per_sec")
-}
-
 /// What one update sample measured, in milliseconds from the rename.
 struct Sample {
     /// The client saw the new verdict.
@@ -977,7 +946,15 @@ pub fn run(a: &Args) -> Result<Report> {
                 c.secs,
                 logs.path(),
             )?;
-            let rate = connrate(&lab, &comb, &server_addr, c.secs, a.parallel)?;
+            let rate = tools::connrate(
+                &lab,
+                &format!("{NS}/client"),
+                &comb,
+                &["--to", &server_addr],
+                c.secs,
+                a.parallel,
+            )?
+            .per_sec;
             for (i, v) in [p50, p99, rate].into_iter().enumerate() {
                 if with_policy {
                     runs[i].1.push(v)

@@ -19,7 +19,7 @@ use comb_agent::api::{Request, Status};
 use comb_lab::Lab;
 
 use super::report::{Metric, Report, median};
-use super::{Common, lab};
+use super::{Common, lab, tools};
 use crate::client;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -183,40 +183,6 @@ fn pods(comb: &Path) -> String {
     )
 }
 
-/// (connections per second, p99 µs) of one `comb probe connrate` run.
-fn connrate(lab: &Lab, comb: &Path, vips: &Path, secs: u32, parallel: usize) -> Result<(f64, f64)> {
-    let out = lab
-        .command(
-            &format!("{NS}/client"),
-            comb.to_str().context("comb path")?,
-            &[
-                "probe",
-                "connrate",
-                "--vips",
-                vips.to_str().context("vips path")?,
-                "--secs",
-                &secs.to_string(),
-                "--parallel",
-                &parallel.to_string(),
-            ],
-        )?
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "connrate output: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    if !out.status.success() || v["errors"].as_u64() != Some(0) {
-        bail!("connrate had errors against {}: {v}", vips.display());
-    }
-    Ok((
-        v["conn_per_sec"].as_f64().context("conn_per_sec")?,
-        v["p99_us"].as_f64().context("p99_us")?,
-    ))
-}
-
 /// Write the Services for set A and wait until the agent applied them and the last VIP
 /// answers through the socket LB.
 fn apply_services(lab: &Lab, comb: &Path, n: usize, backends: &[Ipv4Addr]) -> Result<()> {
@@ -332,20 +298,26 @@ pub fn run(a: &Args) -> Result<Report> {
             };
             for comb_side in order {
                 let tracked = conntrack_count(&lab);
-                let (rate, p99) = if comb_side {
-                    connrate(&lab, &comb, &file_a, c.secs, a.parallel)?
+                let client = format!("{NS}/client");
+                let connrate = |vips: &Path| {
+                    let vips = vips.to_str().context("vips path")?;
+                    tools::connrate(&lab, &client, &comb, &["--vips", vips], c.secs, a.parallel)
+                };
+                let m = if comb_side {
+                    connrate(&file_a)?
                 } else {
                     let t = Instant::now();
                     iptables_restore(&lab, &rules)?;
                     let loaded = nat_rules(&lab)?;
                     let load_secs = t.elapsed().as_secs_f64();
-                    let m = connrate(&lab, &comb, &file_b, c.secs, a.parallel);
+                    let m = connrate(&file_b);
                     iptables_restore(&lab, EMPTY_NAT)?;
                     if !c.json {
                         eprintln!("  iptables: {loaded} nat rules loaded in {load_secs:.1} s");
                     }
                     m?
                 };
+                let (rate, p99) = (m.per_sec, m.p99_us);
                 let i = usize::from(comb_side);
                 r[i].push(rate);
                 r[2 + i].push(p99);

@@ -9,6 +9,45 @@ use comb_lab::Lab;
 
 use super::report::percentile;
 
+/// What one `comb probe connrate` run measured.
+pub struct ConnRate {
+    pub per_sec: f64,
+    pub p99_us: f64,
+}
+
+/// One `comb probe connrate` run in `pod` with `targets` (e.g. `["--to", "IP:PORT"]` or
+/// `["--vips", FILE]`); any failed connection fails the run.
+pub fn connrate(
+    lab: &Lab,
+    pod: &str,
+    comb: &Path,
+    targets: &[&str],
+    secs: u32,
+    parallel: usize,
+) -> Result<ConnRate> {
+    let (secs, parallel) = (secs.to_string(), parallel.to_string());
+    let mut args = vec!["probe", "connrate"];
+    args.extend_from_slice(targets);
+    args.extend(["--secs", &secs, "--parallel", &parallel]);
+    let out = lab
+        .command(pod, comb.to_str().context("comb path")?, &args)?
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "connrate output: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if !out.status.success() || v["errors"].as_u64() != Some(0) {
+        bail!("connrate had errors against {}: {v}", targets.join(" "));
+    }
+    Ok(ConnRate {
+        per_sec: v["conn_per_sec"].as_f64().context("conn_per_sec")?,
+        p99_us: v["p99_us"].as_f64().context("p99_us")?,
+    })
+}
+
 /// A server process in a pod, killed when dropped.
 pub struct Server(Child);
 
