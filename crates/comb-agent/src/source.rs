@@ -38,7 +38,10 @@ fn fingerprint(dir: &Path) -> Option<Fingerprint> {
 /// Wakes `notify` on every finished change in `dir`, on a thread of its own. Creation and
 /// plain writes are not events here: a file being written is read once it is closed, never
 /// half-written. Returns false when inotify is unavailable (polling still works).
-fn spawn_inotify(dir: &Path, notify: Arc<Notify>) -> bool {
+/// Names of files inotify reported, for the watcher to parse again whatever their stamps say.
+type Dirty = Arc<std::sync::Mutex<Vec<PathBuf>>>;
+
+fn spawn_inotify(dir: &Path, notify: Arc<Notify>, dirty: Dirty) -> bool {
     let ino = match Inotify::init(InitFlags::IN_CLOEXEC) {
         Ok(i) => i,
         Err(e) => {
@@ -55,21 +58,27 @@ fn spawn_inotify(dir: &Path, notify: Arc<Notify>) -> bool {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the manifests directory; polling only");
         return false;
     }
+    let dir = dir.to_path_buf();
     std::thread::Builder::new()
         .name("manifests-inotify".into())
         .spawn(move || {
             loop {
                 match ino.read_events() {
-                    // Only names the loader reads: `comb apply` and editors write dotfiles
-                    // first, and waking for those would parse before the rename lands.
-                    Ok(events)
-                        if events
+                    Ok(events) => {
+                        // Only names the loader reads: `comb apply` and editors write
+                        // dotfiles first, and waking for those would parse before the rename
+                        // lands.
+                        let names: Vec<PathBuf> = events
                             .iter()
-                            .any(|e| e.name.as_deref().is_some_and(is_manifest_name)) =>
-                    {
-                        notify.notify_one()
+                            .filter_map(|e| e.name.as_deref())
+                            .filter(|n| is_manifest_name(n))
+                            .map(|n| dir.join(n))
+                            .collect();
+                        if !names.is_empty() {
+                            dirty.lock().expect("dirty lock").extend(names);
+                            notify.notify_one();
+                        }
                     }
-                    Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "inotify read failed; polling only");
@@ -91,7 +100,8 @@ fn is_manifest_name(name: &std::ffi::OsStr) -> bool {
 /// are parsed again only when they changed (comb_config::DirCache).
 pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
     let notify = Arc::new(Notify::new());
-    spawn_inotify(&dir, notify.clone());
+    let dirty = Dirty::default();
+    spawn_inotify(&dir, notify.clone(), dirty.clone());
     let mut last: Option<Option<Fingerprint>> = None;
     let mut cache = Some(comb_config::DirCache::new());
     loop {
@@ -99,8 +109,13 @@ pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>
         if last.as_ref() != Some(&fp) {
             let d = dir.clone();
             let mut c = cache.take().expect("cache is returned after each load");
+            // A file rewritten within one mtime tick at the same size keeps its stamp: what
+            // inotify named is parsed again regardless.
+            for f in std::mem::take(&mut *dirty.lock().expect("dirty lock")) {
+                c.forget(&f);
+            }
             let (c, update) = tokio::task::spawn_blocking(move || {
-                let r = c.load(&d, false);
+                let r = c.load(&d);
                 (c, r)
             })
             .await
@@ -114,8 +129,7 @@ pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            // Reload even when the fingerprint looks the same: a rewrite within one mtime
-            // tick with the same size would otherwise go unnoticed.
+            // Reload even when the fingerprint looks the same (see `forget` above).
             _ = notify.notified() => last = None,
         }
     }

@@ -38,9 +38,14 @@ impl DirCache {
         Self::default()
     }
 
-    /// Files whose stamp is unchanged are not read again; `force` re-reads everything (for a
-    /// rewrite that kept size and mtime).
-    pub fn load(&mut self, dir: &Path, force: bool) -> Result<Snapshot, ConfigErrors> {
+    /// Parse `file` again at the next load even if its stamp is unchanged (a rewrite that
+    /// kept inode, size and mtime).
+    pub fn forget(&mut self, file: &Path) {
+        self.files.remove(file);
+    }
+
+    /// Files whose stamp is unchanged are not read again.
+    pub fn load(&mut self, dir: &Path) -> Result<Snapshot, ConfigErrors> {
         let mut errors = Vec::new();
         let files = match manifest_files(dir) {
             Ok(f) => f,
@@ -53,9 +58,6 @@ impl DirCache {
                 )]));
             }
         };
-        if force {
-            self.files.clear();
-        }
         self.files.retain(|p, _| files.contains(p));
         for file in &files {
             let stamp = match std::fs::metadata(file) {
@@ -119,20 +121,22 @@ mod tests {
         )
         .unwrap();
         let mut cache = DirCache::new();
-        let first = cache.load(dir.path(), false).unwrap();
+        let first = cache.load(dir.path()).unwrap();
         assert_eq!(first, crate::load_snapshot(dir.path()).unwrap());
 
         // A broken file: the same errors as a full load; the good file's parse is reused.
         std::fs::write(dir.path().join("b.yaml"), "kind: Namespace\nmetadata: [\n").unwrap();
-        let cached = cache.load(dir.path(), false).unwrap_err().to_string();
+        let cached = cache.load(dir.path()).unwrap_err().to_string();
         let full = crate::load_snapshot(dir.path()).unwrap_err().to_string();
         assert_eq!(cached, full);
 
         // Removed files are forgotten.
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
-        let again = cache.load(dir.path(), false).unwrap();
+        let again = cache.load(dir.path()).unwrap();
         assert_eq!(again, crate::load_snapshot(dir.path()).unwrap());
         assert_eq!(cache.files.len(), 1);
-        assert_eq!(cache.load(dir.path(), true).unwrap(), again);
+        cache.forget(&dir.path().join("a.yaml"));
+        assert!(cache.files.is_empty());
+        assert_eq!(cache.load(dir.path()).unwrap(), again);
     }
 }
