@@ -693,7 +693,7 @@ pub fn compile_endpoint(snapshot: &Snapshot, table: &IdentityTable, pod: &Pod) -
 }
 
 /// The verdict the kernel would reach for a new flow, by the same lookup it does; for tests
-/// and `comb endpoint policy get`-style explanations.
+/// (here and in the policy bench) that check compiled tables.
 pub fn lookup(
     entries: &BTreeMap<EntryKey, EntryValue>,
     identity: IdentityId,
