@@ -12,6 +12,7 @@ pub use objects::*;
 pub use state::{Generation, State};
 
 pub mod identity;
+pub mod l7;
 pub mod lb;
 pub mod maglev;
 pub mod policy;

@@ -1,0 +1,152 @@
+//! What the node L7 proxy needs, compiled from State for one node: who a source address is,
+//! which local pods the proxy serves, the Services in front of them and each pod's
+//! AuthorizationPolicy rules in a form the proxy evaluates per request (or per opaque TCP
+//! connection). Pure, no I/O: the agent builds a [`ProxyTable`] on every State change and the
+//! proxy swaps it in atomically; a request keeps the table it started with.
+//!
+//! Semantics follow Istio's authorization (docs/l7.md): DENY policies first (any matching
+//! rule denies), then ALLOW (if any ALLOW policy selects the workload, a request needs a
+//! matching ALLOW rule), AUDIT only marks. For opaque TCP, HTTP-only fields make an ALLOW
+//! rule never match and are ignored in a DENY rule (which therefore matches more), as Istio
+//! does.
+
+mod authz;
+mod compile;
+mod matchers;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::objects::ObjKey;
+
+pub use authz::Authz;
+pub use compile::compile_proxy_table;
+
+/// Pod or namespace annotation asking for L7 visibility: every TCP flow to the pod goes
+/// through the node proxy (telemetry, access log) even when no L7 policy needs it.
+pub const ANNOTATION_L7: &str = "comb.dev/l7";
+
+/// Everything the proxy knows, for one node. Cheap to share (`Arc`), never mutated.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyTable {
+    /// State generation it was compiled from.
+    pub generation: u64,
+    /// Every pod of the cluster with an address (all nodes): who a peer address is.
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Local pods (this node) by each of their addresses: the destinations the proxy serves.
+    pub endpoints: HashMap<IpAddr, Arc<L7Endpoint>>,
+}
+
+impl ProxyTable {
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    pub fn endpoint(&self, ip: IpAddr) -> Option<&Arc<L7Endpoint>> {
+        self.endpoints.get(&ip)
+    }
+}
+
+/// A pod as telemetry and policy name it (Istio's workload labels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub pod: ObjKey,
+    /// Istio's workload name: the owning Deployment (ReplicaSet owner with its
+    /// pod-template-hash stripped), StatefulSet, DaemonSet or Job; else the pod's name.
+    pub workload: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// `cluster.local/ns/<ns>/sa/<sa>` (what `source.principal` matches).
+    pub principal: String,
+    /// Canonical service and revision (`service.istio.io/canonical-name`/`-revision`, else
+    /// `app.kubernetes.io/name`/`version` or `app`/`version`, else the workload / `latest`).
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    /// Security identity number (comb identity table).
+    pub identity: u32,
+}
+
+/// A local pod the proxy may serve.
+#[derive(Clone, Debug)]
+pub struct L7Endpoint {
+    pub workload: Arc<Workload>,
+    /// Services whose selector picks the pod (non-headless and headless), for
+    /// `destination_service`.
+    pub services: Vec<ServiceRef>,
+    /// The pod's AuthorizationPolicies (selector and root-namespace ones), compiled.
+    pub authz: Authz,
+    /// `comb.dev/l7: "true"` on the pod or its namespace.
+    pub visibility: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub key: ObjKey,
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub host: String,
+    /// Pod ports the Service's ports resolve to on this pod (target ports, names resolved).
+    pub target_ports: Vec<u16>,
+}
+
+impl L7Endpoint {
+    /// Istio's `destination_service` for a request to `port` of this pod: the Service whose
+    /// target ports include `port`; with several, the one whose name or host the `Host`
+    /// header names (`web`, `web.shop`, `web.shop.svc`, `web.shop.svc.cluster.local`, with
+    /// or without `:port`); else the first by name. None when no Service fronts the port.
+    pub fn destination_service(&self, port: u16, host_header: Option<&str>) -> Option<&ServiceRef> {
+        compile::destination_service(self, port, host_header)
+    }
+}
+
+/// Request headers by lowercase name; several values of one header joined with `,` (as
+/// Envoy presents them to RBAC).
+pub trait Headers {
+    fn header(&self, lowercase_name: &str) -> Option<Cow<'_, str>>;
+}
+
+/// The attributes of one request (or one opaque TCP connection: `http: None`).
+pub struct Request<'a> {
+    pub source_ip: IpAddr,
+    /// None: not a known pod (world, a node, another cluster).
+    pub source: Option<&'a Workload>,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    pub http: Option<HttpRequest<'a>>,
+}
+
+pub struct HttpRequest<'a> {
+    /// `:authority` / `Host`, as sent (port included if present).
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub headers: &'a dyn Headers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecisionReason {
+    /// No ALLOW or DENY policy selects the workload.
+    NoPolicy,
+    /// An ALLOW rule matched.
+    Allowed,
+    /// A DENY rule matched.
+    Denied,
+    /// ALLOW policies select the workload and none of their rules matched.
+    NoAllowMatched,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allow: bool,
+    pub reason: DecisionReason,
+    /// The deciding policy: the DENY or ALLOW policy whose rule matched, or for
+    /// `NoAllowMatched` the first ALLOW policy (by namespace/name).
+    pub policy: Option<ObjKey>,
+    /// An AUDIT policy whose rule matched (the request is to be logged as audited).
+    pub audit: Option<ObjKey>,
+}

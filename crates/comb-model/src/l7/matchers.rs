@@ -1,0 +1,1 @@
+//! Istio string matchers (exact, `prefix*`, `*suffix`, `*`), hosts and paths.
