@@ -14,6 +14,9 @@ need=(
   "iperf3:iperf3" "sockperf:sockperf" "make:make" "cc:gcc" "curl:curl" "python3:python3"
   "ping:iputils-ping" "ss:iproute2"
   "iptables-restore:iptables"
+  "haproxy:haproxy" "h2load:nghttp2-client" "wrk:wrk"
+  "/usr/lib/python3/dist-packages/grpc/__init__.py:python3-grpcio"
+  "/usr/lib/python3/dist-packages/websockets/__init__.py:python3-websockets"
   "/usr/include/libelf.h:libelf-dev" "/usr/include/zlib.h:zlib1g-dev"
   "/usr/include/bpf/bpf_helpers.h:libbpf-dev" "/usr/include/linux/bpf.h:linux-libc-dev"
 )
