@@ -7,6 +7,7 @@ mod lab_cmds;
 mod manifest_cmds;
 mod policy_cmds;
 mod probe;
+mod probe_http;
 mod service_cmds;
 mod table;
 

@@ -118,6 +118,13 @@ pub enum ProbeCmd {
         #[arg(long, default_value = "1")]
         parallel: usize,
     },
+    /// HTTP/1.1 + HTTP/2 (prior knowledge) test backend (see `probe_http`).
+    HttpServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "1")]
+        threads: usize,
+    },
     /// CONNS long-lived connections streaming verified data to an echo server for SECS
     /// seconds; prints `connected N` once all are up, then JSON bytes and failures.
     Stream {
@@ -158,6 +165,7 @@ pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
             parallel,
         } => connrate(vips, to, secs, parallel),
         ProbeCmd::Stream { to, conns, secs } => stream(to, conns, secs),
+        ProbeCmd::HttpServe { port, threads } => crate::probe_http::serve(port, threads),
     }
 }
 
