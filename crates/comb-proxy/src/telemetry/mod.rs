@@ -62,6 +62,8 @@ pub struct RequestRecord {
     pub path: String,
     pub authority: String,
     pub user_agent: Option<String>,
+    /// The request's `x-forwarded-for` header as received (access log).
+    pub x_forwarded_for: Option<String>,
     pub request_id: Option<String>,
     /// 0 when no response was sent (downstream went away first).
     pub response_code: u16,
