@@ -35,11 +35,62 @@ fn non_empty(s: &Option<String>) -> Option<String> {
     s.clone().filter(|s| !s.is_empty())
 }
 
-pub(crate) fn namespace(o: &core::Namespace) -> model::Namespace {
-    model::Namespace {
-        name: o.metadata.name.clone().unwrap_or_default(),
-        labels: map_or_empty(&o.metadata.labels),
+pub(crate) fn namespace(o: &core::Namespace, s: &mut Sink<'_>) -> Option<model::Namespace> {
+    checked(s, |s| {
+        let annotations = map_or_empty(&o.metadata.annotations);
+        l7_annotation(&annotations, s);
+        model::Namespace {
+            name: o.metadata.name.clone().unwrap_or_default(),
+            labels: map_or_empty(&o.metadata.labels),
+            annotations,
+        }
+    })
+}
+
+/// `comb.dev/l7` takes `"true"` or `"false"` (the pod's `"false"` overrides its namespace's
+/// `"true"`, so both words mean something).
+fn l7_annotation(annotations: &BTreeMap<String, String>, s: &mut Sink<'_>) {
+    if let Some(v) = annotations.get(model::l7::ANNOTATION_L7)
+        && v != "true"
+        && v != "false"
+    {
+        s.field(
+            format!("metadata.annotations[\"{}\"]", model::l7::ANNOTATION_L7),
+            format!("{v:?} must be \"true\" or \"false\""),
+        );
     }
+}
+
+/// The controller owner reference; Kubernetes allows at most one.
+fn pod_owner(o: &core::Pod, s: &mut Sink<'_>) -> Option<model::PodOwner> {
+    let refs = o.metadata.owner_references.as_deref().unwrap_or(&[]);
+    let mut out: Option<model::PodOwner> = None;
+    for (i, r) in refs.iter().enumerate() {
+        if r.controller != Some(true) {
+            continue;
+        }
+        let at = format!("metadata.ownerReferences[{i}]");
+        for (field, v) in [("kind", &r.kind), ("name", &r.name)] {
+            if v.is_empty() {
+                s.field(format!("{at}.{field}"), "required field is missing");
+            }
+        }
+        if let Some(first) = &out {
+            s.field(
+                format!("{at}.controller"),
+                format!(
+                    "only one owner reference can be the controller (already {} {})",
+                    first.kind, first.name
+                ),
+            );
+            continue;
+        }
+        out = Some(model::PodOwner {
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        });
+    }
+    out
 }
 
 pub(crate) fn node(o: &core::Node, s: &mut Sink<'_>) -> Option<model::Node> {
@@ -153,6 +204,7 @@ pub(crate) fn pod(o: &core::Pod, key: model::ObjKey, s: &mut Sink<'_>) -> Option
                 true
             }
         };
+        l7_annotation(&annotations, s);
         let spec = o.spec.as_ref();
         let service_account = spec
             .and_then(|sp| {
@@ -170,6 +222,7 @@ pub(crate) fn pod(o: &core::Pod, key: model::ObjKey, s: &mut Sink<'_>) -> Option
             ips: pod_ips(o, s).into_iter().map(|(ip, _)| ip).collect(),
             splice,
             ports: container_ports(o, s),
+            owner: pod_owner(o, s),
         }
     })
 }
@@ -562,6 +615,91 @@ mod tests {
             Some("metadata.annotations[\"comb.dev/splice\"]"),
         );
         assert!(e.message.contains("on, off, true, false"), "{e}");
+    }
+
+    #[test]
+    fn l7_annotation_on_pods_and_namespaces() {
+        let ns = |a: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps, annotations: {{{a}}}}}\n"
+            )
+        };
+        let snap = load(&format!(
+            "{}---\n{}",
+            ns("comb.dev/l7: \"true\""),
+            pod_yaml("p", "198.18.1.2", "comb.dev/l7: \"false\"")
+        ))
+        .unwrap();
+        assert_eq!(snap.namespaces["apps"].annotations["comb.dev/l7"], "true");
+        assert_eq!(
+            snap.pods[&ObjKey::new("apps", "p")].annotations["comb.dev/l7"],
+            "false"
+        );
+        let field = Some("metadata.annotations[\"comb.dev/l7\"]");
+        let e = one_error(
+            &pod_yaml("p", "198.18.1.2", "comb.dev/l7: \"yes\""),
+            1,
+            field,
+        );
+        assert!(
+            e.message.contains("\"yes\" must be \"true\" or \"false\""),
+            "{e}"
+        );
+        let e = one_error(&ns("comb.dev/l7: \"on\""), 1, field);
+        assert!(e.message.contains("\"on\""), "{e}");
+        let e = one_error(
+            &format!("{NODE_A}---\n{}", ns("comb.dev/l7: \"TRUE\"")),
+            2,
+            field,
+        );
+        assert!(e.to_string().starts_with("m.yaml: document 2: "), "{e}");
+    }
+
+    fn owned_pod(refs: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-5d9c-x2x\n  namespace: apps\n  ownerReferences:\n{refs}spec: {{containers: []}}\n"
+        )
+    }
+
+    #[test]
+    fn pod_owner_is_the_controller_reference() {
+        let text = owned_pod(
+            "  - {apiVersion: v1, kind: Node, name: n1, uid: a}\n  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-5d9c, uid: b, controller: true}\n",
+        );
+        let snap = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            snap.pods[&ObjKey::new("apps", "web-5d9c-x2x")].owner,
+            Some(model::PodOwner {
+                kind: "ReplicaSet".into(),
+                name: "web-5d9c".into()
+            })
+        );
+        let text = owned_pod("  - {apiVersion: v1, kind: Node, name: n1, uid: a}\n");
+        let snap = load(&text).unwrap();
+        assert_eq!(snap.pods[&ObjKey::new("apps", "web-5d9c-x2x")].owner, None);
+        // Hand-written manifests may leave out the uid.
+        let text = owned_pod("  - {kind: StatefulSet, name: db, controller: true}\n");
+        let snap = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            snap.pods[&ObjKey::new("apps", "web-5d9c-x2x")]
+                .owner
+                .as_ref()
+                .map(|o| o.name.as_str()),
+            Some("db")
+        );
+        let e = one_error(
+            &owned_pod(
+                "  - {kind: A, name: a, controller: true}\n  - {kind: B, name: b, controller: true}\n",
+            ),
+            1,
+            Some("metadata.ownerReferences[1].controller"),
+        );
+        assert!(e.message.contains("only one"), "{e}");
+        one_error(
+            &owned_pod("  - {kind: A, name: \"\", controller: true}\n"),
+            1,
+            Some("metadata.ownerReferences[0].name"),
+        );
     }
 
     #[test]

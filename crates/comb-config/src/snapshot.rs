@@ -110,7 +110,9 @@ pub(crate) fn build_partial<'d>(
         };
         match &doc.object {
             Object::Namespace(o) => {
-                snap.namespaces.insert(key.name, convert::namespace(o));
+                if let Some(ns) = convert::namespace(o, &mut s) {
+                    snap.namespaces.insert(key.name, ns);
+                }
             }
             Object::Node(o) => {
                 if let Some(n) = convert::node(o, &mut s) {

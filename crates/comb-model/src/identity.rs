@@ -355,6 +355,7 @@ mod tests {
             splice: true,
             interface: None,
             ports: vec![],
+            owner: None,
         }
     }
 

@@ -42,6 +42,8 @@ impl fmt::Display for ObjKey {
 pub struct Namespace {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Read for namespace-wide settings (`comb.dev/l7`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A node and the pod address ranges it owns (`spec.podCIDRs`).
@@ -63,6 +65,15 @@ pub struct ContainerPort {
     pub port: u16,
 }
 
+/// The controller of a pod (`metadata.ownerReferences[]` with `controller: true`): what
+/// Istio's workload name is derived from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodOwner {
+    /// `ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, ...
+    pub kind: String,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub key: ObjKey,
@@ -80,6 +91,8 @@ pub struct Pod {
     pub interface: Option<String>,
     /// Every container's ports.
     pub ports: Vec<ContainerPort>,
+    /// The controller owner reference, if any.
+    pub owner: Option<PodOwner>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

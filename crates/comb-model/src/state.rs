@@ -62,6 +62,7 @@ mod tests {
             splice: true,
             interface: None,
             ports: Vec::new(),
+            owner: None,
         }
     }
 

@@ -91,6 +91,7 @@ mod tests {
             splice,
             interface: None,
             ports: Vec::new(),
+            owner: None,
         }
     }
 

@@ -236,6 +236,7 @@ mod tests {
             splice: true,
             interface: iface.map(Into::into),
             ports: vec![],
+            owner: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn pod(ns: &str, name: &str, kv: &[(&str, &str)], ip: &str) -> Pod {
         splice: true,
         interface: None,
         ports: vec![],
+        owner: None,
     }
 }
 
@@ -72,6 +73,7 @@ impl World {
                 Namespace {
                     name: ns.into(),
                     labels: labels(&kv),
+                    annotations: BTreeMap::new(),
                 },
             );
         }
