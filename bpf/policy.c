@@ -66,12 +66,44 @@
  *      COMB_REASON_NO_POLICY. The first hit is the whole answer (userspace
  *      compiles precedence into the entries; none here). ALLOW and NO_POLICY
  *      create a conntrack entry, DENY drops with the entry's reason.
- *      REDIRECT drops with COMB_REASON_PROXY_UNAVAILABLE: the node L7 proxy
- *      does not exist yet, so such flows fail closed; a REDIRECT is never
- *      widened to ALLOW. A value whose reason disagrees with its verdict is
- *      sanitised the same way (never forwarded with a drop reason).
- *      Identities and reasons for node traffic (COMB_ID_HOST, COMB_REASON_HOST)
- *      come from userspace entries; the kernel has no special case.
+ *      REDIRECT (needs the node L7 proxy) is redirected where it can be (6b);
+ *      where it cannot, its value's reason decides: COMB_REASON_L7_VISIBILITY
+ *      forwards (and is tracked) with that reason, anything else drops with
+ *      COMB_REASON_PROXY_UNAVAILABLE (fail closed; never widened to ALLOW).
+ *      At tcx egress (comb_policy_to_pod) it never can. A value whose reason
+ *      disagrees with its verdict is sanitised the same way (never forwarded
+ *      with a drop reason). Identities and reasons for node traffic
+ *      (COMB_ID_HOST, COMB_REASON_HOST) come from userspace entries; the
+ *      kernel has no special case.
+ *  6b. Redirect to the node proxy (bpf/lib/policy_redirect.h), in
+ *      comb_policy_from_pod only (bpf_sk_assign works on the ingress path;
+ *      the destination's hook is too late), for new TCP flows (unfragmented):
+ *      a. The flow is a REDIRECT when the pod's own egress verdict is, or
+ *         when that verdict forwards and the destination's ipcache value has
+ *         an `endpoint` (a local pod with ingress REDIRECT entries) whose
+ *         entry {endpoint, this pod's identity, INGRESS, tcp, dport} (then
+ *         {.., COMB_ID_ANY, ..}) is a REDIRECT: that value (verdict, reason,
+ *         policy) becomes the flow's.
+ *      b. A SYN of a REDIRECT flow is bpf_sk_assign'ed to the listening
+ *         socket in comb_proxy_listeners[COMB_PROXY_LISTENER_V4 / _V6] of its
+ *         family and gets skb->mark COMB_PROXY_MARK under
+ *         COMB_PROXY_MARK_MASK; the node's policy routing (fwmark 0xb00/0xf00
+ *         -> table 2005: local 0.0.0.0/0 and ::/0 dev lo, installed by
+ *         crates/comb-datapath/src/proxy_routing.rs) delivers it locally
+ *         instead of forwarding it, and the transparent (IP_TRANSPARENT)
+ *         listener accepts a socket whose local address is the original
+ *         destination. Counted COMB_REASON_PROXY_REDIRECT; the conntrack
+ *         entry (EGRESS) gets COMB_CT_F_PROXY.
+ *      c. No listener (empty slot, or not listening), not a SYN, or the
+ *         kernel refuses the assignment: "cannot redirect", as in 6.
+ *      d. Later packets from the client matching a COMB_CT_F_PROXY entry
+ *         get the mark only (the kernel's socket demux finds the proxy's
+ *         socket by its 4-tuple); a SYN among them (retransmitted) is
+ *         assigned to the listener again.
+ *      e. The proxy's packets to the client (source = the original
+ *         destination) leave through the client's veth and are replies of
+ *         that entry (CT_REPLY) in comb_policy_to_pod. The proxy's own
+ *         connection to the destination comes from the node (COMB_ID_HOST).
  *   7. Every judged packet is counted in comb_policy_metrics {ep, dir,
  *      reason} (packets, bytes = skb->len, the L2 frame).
  *   8. With COMB_POLICY_CFG_F_EVENTS, a struct comb_flow_event goes to

@@ -41,7 +41,10 @@ struct comb_ipcache_key {
 
 struct comb_ipcache_value {
 	__u32 identity;
-	__u32 flags; /* reserved, 0 */
+	/* Host-side veth ifindex of the local pod with this address when it has
+	 * ingress REDIRECT entries (the source's hook consults them to redirect
+	 * to the node proxy), 0 otherwise. */
+	__u32 endpoint;
 };
 
 /* comb_policy_endpoints: HASH, host-side veth ifindex -> the local endpoint.
@@ -78,8 +81,10 @@ struct comb_policy_key {
 /* Verdicts. */
 #define COMB_VERDICT_ALLOW 1
 #define COMB_VERDICT_DENY 2
-/* The flow needs the node L7 proxy. With proxy_port 0 (no proxy yet) it is
- * dropped with COMB_REASON_PROXY_UNAVAILABLE: fail closed, never widened. */
+/* The flow needs the node L7 proxy (TCP only). The value's reason says what
+ * happens when it cannot be redirected (no listener, not TCP, at the
+ * destination's hook): COMB_REASON_L7_VISIBILITY forwards, anything else
+ * drops with COMB_REASON_PROXY_UNAVAILABLE (fail closed, never widened). */
 #define COMB_VERDICT_REDIRECT 3
 
 /* Reasons, for counters and flow events. < 128: forwarded; >= 128: dropped. */
@@ -91,17 +96,19 @@ struct comb_policy_key {
 #define COMB_REASON_NOT_IP 6         /* ARP and the like: no policy applies */
 #define COMB_REASON_FRAGMENT 7       /* later fragment of an allowed datagram */
 #define COMB_REASON_CT_RELATED 8     /* conntrack: ICMP error about a known flow */
+#define COMB_REASON_L7_VISIBILITY 9  /* visibility REDIRECT, not redirected */
+#define COMB_REASON_PROXY_REDIRECT 10 /* sent to the node proxy */
 #define COMB_REASON_POLICY_DENIED 128 /* NetworkPolicy selects, nothing allows */
 #define COMB_REASON_AUTHZ_DENY 129    /* an AuthorizationPolicy DENY rule matched */
 #define COMB_REASON_AUTHZ_NO_ALLOW 130 /* ALLOW policies exist, none matched */
-#define COMB_REASON_PROXY_UNAVAILABLE 131 /* L7 needed, no node proxy */
+#define COMB_REASON_PROXY_UNAVAILABLE 131 /* L7 needed, cannot redirect */
 #define COMB_REASON_FRAG_UNKNOWN 132 /* later fragment, first one not seen */
 #define COMB_REASON_MALFORMED 133    /* truncated or invalid IP header */
 
 struct comb_policy_value {
 	__u8 verdict;     /* COMB_VERDICT_* */
 	__u8 reason;      /* COMB_REASON_* reported with it */
-	__u16 proxy_port; /* COMB_VERDICT_REDIRECT: node proxy port, 0 = none */
+	__u16 proxy_port; /* unused: the listener comes from comb_proxy_listeners */
 	__u32 policy;     /* userspace index of the deciding policy, 0 = none */
 };
 
@@ -125,6 +132,7 @@ struct comb_ct_key {
 
 #define COMB_CT_F_SEEN_REPLY (1U << 0)
 #define COMB_CT_F_CLOSING (1U << 1) /* FIN or RST seen: close timeout */
+#define COMB_CT_F_PROXY (1U << 2)   /* redirected to the node proxy (EGRESS) */
 struct comb_ct_value {
 	__u64 expires_ns; /* bpf_ktime_get_boot_ns() deadline */
 	__u64 created_ns;
@@ -195,6 +203,17 @@ struct comb_frag_value {
 	__u8 reason;
 	__u8 pad[2];
 };
+
+/* comb_proxy_listeners: SOCKMAP of the node proxy's transparent listeners,
+ * one per family. A redirected SYN is bpf_sk_assign'ed to it; every packet of
+ * a redirected flow from the client gets COMB_PROXY_MARK (under the mask),
+ * which the node's policy routing (fwmark 0xb00/0xf00 -> table 2005, local
+ * default route) delivers locally. */
+#define COMB_PROXY_LISTENER_V4 0
+#define COMB_PROXY_LISTENER_V6 1
+#define COMB_PROXY_LISTENERS 2
+#define COMB_PROXY_MARK 0x0B00
+#define COMB_PROXY_MARK_MASK 0x0F00
 
 #define COMB_MAX_IPCACHE 65536
 #define COMB_MAX_POLICY 262144

@@ -13,6 +13,7 @@
 #include "policy_maps.h"
 #include "policy_parse.h"
 #include "policy_ct.h"
+#include "policy_redirect.h"
 
 /* The outcome for one packet. */
 struct comb_verdict {
@@ -109,12 +110,22 @@ static __always_inline int comb_policy_finish(struct __sk_buff *skb, const struc
 	return drop ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
-static __always_inline __u32 comb_ipcache_identity(const struct comb_addr *a)
+/* The peer's identity (COMB_ID_WORLD when unknown); `*endpoint` gets its
+ * local endpoint with ingress REDIRECT entries, 0 for none. */
+static __always_inline __u32 comb_ipcache_peer(const struct comb_addr *a, __u32 *endpoint)
 {
 	struct comb_ipcache_key k = { .prefixlen = 128, .addr = *a };
 	struct comb_ipcache_value *v = bpf_map_lookup_elem(&comb_ipcache, &k);
 
+	*endpoint = v ? v->endpoint : 0;
 	return v && v->identity ? v->identity : COMB_ID_WORLD;
+}
+
+static __always_inline __u32 comb_ipcache_identity(const struct comb_addr *a)
+{
+	__u32 endpoint;
+
+	return comb_ipcache_peer(a, &endpoint);
 }
 
 /* Judge a new flow: {ep, peer, dir, proto, port}, then {ep, ANY, ...}; no
@@ -124,46 +135,92 @@ static __always_inline __u32 comb_ipcache_identity(const struct comb_addr *a)
  * protocol-wide ones, whatever its identifier. Values are sanitised so that
  * the reason always agrees with the verdict (reasons >= 128 drop): a bad
  * entry fails closed. */
-static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const struct comb_pkt *p,
-					      struct comb_verdict *vd)
+static __always_inline struct comb_policy_value *
+comb_policy_lookup(__u32 endpoint, __u32 identity, __u8 dir, const struct comb_pkt *p)
 {
 	struct comb_policy_key k = {
 		.prefixlen = COMB_POLICY_PREFIX_FULL,
-		.endpoint = ifindex,
-		.identity = vd->peer_identity,
+		.endpoint = endpoint,
+		.identity = identity,
 		.direction = dir,
 		.protocol = p->protocol,
 		.port = comb_has_ports(p->protocol) ? p->dport : 0,
 	};
 	struct comb_policy_value *v = bpf_map_lookup_elem(&comb_policy, &k);
-	__u8 reason;
 
 	if (!v) {
 		k.identity = COMB_ID_ANY;
 		v = bpf_map_lookup_elem(&comb_policy, &k);
 	}
-	if (!v) {
-		vd->verdict = COMB_VERDICT_ALLOW;
-		vd->reason = COMB_REASON_NO_POLICY;
-		return;
-	}
+	return v;
+}
+
+/* An entry's value as the outcome, sanitised. A REDIRECT gets the reason for
+ * "cannot redirect": L7_VISIBILITY forwards, anything else drops with
+ * PROXY_UNAVAILABLE; comb_redirect_new replaces it when it redirects. */
+static __always_inline void comb_policy_apply(const struct comb_policy_value *v,
+					      struct comb_verdict *vd)
+{
+	__u8 reason = v->reason;
+
 	vd->verdict = v->verdict;
 	vd->policy = v->policy;
-	reason = v->reason;
 	switch (vd->verdict) {
 	case COMB_VERDICT_ALLOW:
 		vd->reason = reason && !comb_reason_drops(reason) ? reason : COMB_REASON_POLICY_ALLOW;
 		break;
 	case COMB_VERDICT_REDIRECT:
-		/* No node proxy in this datapath yet (whatever proxy_port says):
-		 * fail closed, never widen to ALLOW. */
-		vd->reason = COMB_REASON_PROXY_UNAVAILABLE;
+		vd->reason = reason == COMB_REASON_L7_VISIBILITY ? COMB_REASON_L7_VISIBILITY
+								 : COMB_REASON_PROXY_UNAVAILABLE;
 		break;
 	default:
 		vd->verdict = COMB_VERDICT_DENY;
 		vd->reason = comb_reason_drops(reason) ? reason : COMB_REASON_POLICY_DENIED;
 		break;
 	}
+}
+
+static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const struct comb_pkt *p,
+					      struct comb_verdict *vd)
+{
+	struct comb_policy_value *v = comb_policy_lookup(ifindex, vd->peer_identity, dir, p);
+
+	if (!v) {
+		vd->verdict = COMB_VERDICT_ALLOW;
+		vd->reason = COMB_REASON_NO_POLICY;
+		return;
+	}
+	comb_policy_apply(v, vd);
+}
+
+/* A new flow from a local pod (tcx ingress of its veth), judged in `vd` by
+ * the pod's egress. Not denied and to a local endpoint with ingress REDIRECT
+ * entries (`peer_endpoint`): that endpoint's ingress entry for the pod's
+ * identity decides whether it is a REDIRECT. A REDIRECT of a TCP SYN whose
+ * family has a listener is assigned to it and marked: COMB_CT_F_PROXY is
+ * returned and the reason becomes PROXY_REDIRECT. Otherwise the flow keeps
+ * the "cannot redirect" reason (drop or L7_VISIBILITY) and 0 is returned. */
+static __always_inline __u32 comb_redirect_new(struct __sk_buff *skb, const struct comb_pkt *p,
+					       __u32 ep_identity, __u32 peer_endpoint,
+					       struct comb_verdict *vd)
+{
+	struct comb_policy_value *v;
+
+	if (p->protocol != COMB_IPPROTO_TCP || p->frag != COMB_FRAG_NONE)
+		return 0;
+	if (vd->verdict != COMB_VERDICT_REDIRECT) {
+		if (comb_reason_drops(vd->reason) || !peer_endpoint)
+			return 0;
+		v = comb_policy_lookup(peer_endpoint, ep_identity, COMB_DIR_INGRESS, p);
+		if (!v || v->verdict != COMB_VERDICT_REDIRECT)
+			return 0;
+		comb_policy_apply(v, vd);
+	}
+	if (!comb_is_syn(p) || comb_proxy_assign(skb, p) < 0)
+		return 0;
+	comb_proxy_mark(skb);
+	vd->reason = COMB_REASON_PROXY_REDIRECT;
+	return COMB_CT_F_PROXY;
 }
 
 static __always_inline void comb_frag_key_fill(struct comb_frag_key *k, const struct comb_pkt *p)
@@ -226,7 +283,7 @@ static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
 	struct comb_verdict vd = {};
 	struct comb_pkt p = {};
 	__u32 ifindex = skb->ifindex;
-	__u32 ep_identity;
+	__u32 ep_identity, peer_endpoint, ct_flags = 0;
 	__u64 now;
 	int r;
 
@@ -265,15 +322,22 @@ static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
 	if (p.icmp_error)
 		vd.reason = comb_ct_related(skb, &p, dir, now);
 	else
-		vd.reason = comb_ct_lookup(&p, dir, now, &s);
+		vd.reason = comb_ct_lookup(&p, dir, now, &s, &ct_flags);
 	if (vd.reason) {
 		vd.verdict = COMB_VERDICT_ALLOW;
+		/* PROXY entries exist in the egress direction only. */
+		if (dir == COMB_DIR_EGRESS && (ct_flags & COMB_CT_F_PROXY))
+			comb_redirect_established(skb, &p);
 	} else {
-		vd.peer_identity =
-			comb_ipcache_identity(dir == COMB_DIR_EGRESS ? &p.daddr : &p.saddr);
+		vd.peer_identity = comb_ipcache_peer(dir == COMB_DIR_EGRESS ? &p.daddr : &p.saddr,
+						     &peer_endpoint);
 		comb_policy_judge(ifindex, dir, &p, &vd);
+		/* tcx egress (to the pod) cannot redirect: REDIRECT keeps its
+		 * "cannot redirect" reason there. */
+		if (dir == COMB_DIR_EGRESS && !p.icmp_error)
+			ct_flags = comb_redirect_new(skb, &p, ep_identity, peer_endpoint, &vd);
 		if (!comb_reason_drops(vd.reason) && !p.icmp_error)
-			comb_ct_create(&p, dir, now, &s, ifindex, vd.reason, vd.policy);
+			comb_ct_create(&p, dir, now, &s, ifindex, vd.reason, vd.policy, ct_flags);
 		vd.event = 1;
 	}
 	if (p.frag == COMB_FRAG_FIRST)

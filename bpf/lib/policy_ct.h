@@ -116,17 +116,21 @@ static __always_inline struct comb_ct_value *comb_ct_live(const struct comb_ct_k
 	return v;
 }
 
-/* COMB_REASON_CT_ESTABLISHED, COMB_REASON_CT_REPLY, or 0 (judge it). */
+/* COMB_REASON_CT_ESTABLISHED, COMB_REASON_CT_REPLY, or 0 (judge it).
+ * `*flags` gets the entry's flags on CT_ESTABLISHED (COMB_CT_F_PROXY: the
+ * packet goes to the node proxy), 0 otherwise. */
 static __always_inline __u8 comb_ct_lookup(const struct comb_pkt *p, __u8 dir, __u64 now,
-					   const struct comb_policy_settings *s)
+					   const struct comb_policy_settings *s, __u32 *flags)
 {
 	struct comb_ct_key k;
 	struct comb_ct_value *v;
 
+	*flags = 0;
 	comb_ct_key_fill(&k, p, dir, 0);
 	v = comb_ct_live(&k, p, now);
 	if (v) {
 		comb_ct_touch(v, p, now, s, 0);
+		*flags = v->flags;
 		return COMB_REASON_CT_ESTABLISHED;
 	}
 	comb_ct_key_fill(&k, p, dir, 1);
@@ -172,16 +176,17 @@ static __always_inline __u8 comb_ct_related(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
-/* A new flow was allowed: remember it (replacing an expired entry). */
+/* A new flow was allowed: remember it (replacing an expired entry). `flags`:
+ * COMB_CT_F_PROXY for a flow redirected to the node proxy, else 0. */
 static __always_inline void comb_ct_create(const struct comb_pkt *p, __u8 dir, __u64 now,
 					   const struct comb_policy_settings *s, __u32 ifindex,
-					   __u8 reason, __u32 policy)
+					   __u8 reason, __u32 policy, __u32 flags)
 {
 	struct comb_ct_key k;
 	struct comb_ct_value v = {};
 
 	comb_ct_key_fill(&k, p, dir, 0);
-	v.flags = comb_ct_closing(p);
+	v.flags = comb_ct_closing(p) | flags;
 	v.expires_ns = now + comb_ct_lifetime(p, v.flags, s);
 	v.created_ns = now;
 	v.endpoint = ifindex;

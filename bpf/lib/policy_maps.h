@@ -76,4 +76,13 @@ struct {
 	__type(value, __u64);
 } comb_policy_events_lost SEC(".maps");
 
+/* Values are sockets (userspace writes an fd, reads the socket cookie); a
+ * closed socket leaves the map by itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, COMB_PROXY_LISTENERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} comb_proxy_listeners SEC(".maps");
+
 #endif /* COMB_POLICY_MAPS_H */

@@ -9,6 +9,7 @@ pub mod policy;
 mod policy_dp;
 pub mod policy_events;
 pub mod policy_maps;
+pub mod proxy_routing;
 mod splice;
 mod sys;
 
@@ -17,8 +18,8 @@ pub use lb::{
     current_netns_cookie,
 };
 pub use policy::{
-    CtEntry, Direction, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, Reason,
-    Verdict,
+    CtEntry, Direction, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric,
+    PolicyValue, ProxyFamily, Reason, Verdict,
 };
 pub use policy_events::{FlowEvent, FlowEventReader};
 pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};

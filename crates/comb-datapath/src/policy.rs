@@ -61,7 +61,9 @@ impl fmt::Display for Direction {
 pub enum Verdict {
     Allow,
     Deny,
-    /// Needs the node L7 proxy. Until it exists the datapath drops such flows with
+    /// Needs the node L7 proxy: TCP flows from a local pod are redirected to its listener
+    /// ([`Reason::PROXY_REDIRECT`]). When they cannot be, the value's reason decides:
+    /// [`Reason::L7_VISIBILITY`] forwards, anything else drops with
     /// [`Reason::PROXY_UNAVAILABLE`] (fail closed).
     Redirect,
 }
@@ -100,6 +102,10 @@ impl Reason {
     pub const FRAGMENT: Reason = Reason(7);
     /// An ICMP error about a tracked flow (port unreachable, fragmentation needed, ...).
     pub const CT_RELATED: Reason = Reason(8);
+    /// A visibility REDIRECT that was not redirected (no proxy, not TCP, destination's hook).
+    pub const L7_VISIBILITY: Reason = Reason(9);
+    /// Sent to the node proxy.
+    pub const PROXY_REDIRECT: Reason = Reason(10);
     pub const POLICY_DENIED: Reason = Reason(128);
     pub const AUTHZ_DENY: Reason = Reason(129);
     pub const AUTHZ_NO_ALLOW: Reason = Reason(130);
@@ -108,7 +114,7 @@ impl Reason {
     pub const MALFORMED: Reason = Reason(133);
 
     /// Every reason the datapath knows, in numeric order.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::POLICY_ALLOW,
         Reason::NO_POLICY,
         Reason::CT_ESTABLISHED,
@@ -117,6 +123,8 @@ impl Reason {
         Reason::NOT_IP,
         Reason::FRAGMENT,
         Reason::CT_RELATED,
+        Reason::L7_VISIBILITY,
+        Reason::PROXY_REDIRECT,
         Reason::POLICY_DENIED,
         Reason::AUTHZ_DENY,
         Reason::AUTHZ_NO_ALLOW,
@@ -136,6 +144,8 @@ impl Reason {
             Reason::NOT_IP => "not-ip",
             Reason::FRAGMENT => "fragment",
             Reason::CT_RELATED => "ct-related",
+            Reason::L7_VISIBILITY => "l7-visibility",
+            Reason::PROXY_REDIRECT => "proxy-redirect",
             Reason::POLICY_DENIED => "policy-denied",
             Reason::AUTHZ_DENY => "authz-deny",
             Reason::AUTHZ_NO_ALLOW => "authz-no-allow",
@@ -385,6 +395,44 @@ pub fn ipcache_net(k: &IpcacheKey) -> Result<IpNet> {
     })
 }
 
+/// What the ipcache holds for one prefix.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    /// Host-side veth ifindex of the local pod with this address when it has ingress REDIRECT
+    /// entries (a new TCP flow to it from another local pod is checked against them at the
+    /// source, to be redirected to the node proxy); 0 otherwise.
+    pub endpoint: u32,
+}
+
+/// The address family of a node proxy listener (`comb_proxy_listeners` slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ProxyFamily {
+    V4,
+    V6,
+}
+
+impl ProxyFamily {
+    pub const BOTH: [ProxyFamily; 2] = [ProxyFamily::V4, ProxyFamily::V6];
+
+    /// The listener's slot in `comb_proxy_listeners`.
+    pub fn slot(self) -> u32 {
+        match self {
+            ProxyFamily::V4 => crate::policy_maps::PROXY_LISTENER_V4,
+            ProxyFamily::V6 => crate::policy_maps::PROXY_LISTENER_V6,
+        }
+    }
+
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => ProxyFamily::V4,
+            IpAddr::V6(_) => ProxyFamily::V6,
+        }
+    }
+}
+
 /// Conntrack lifetimes and flow events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyConfig {
@@ -467,6 +515,8 @@ pub struct CtEntry {
     pub direction: Direction,
     pub seen_reply: bool,
     pub closing: bool,
+    /// Redirected to the node proxy.
+    pub proxy: bool,
     /// Raw `COMB_CT_F_*` bits.
     pub flags: u32,
     /// Reason of the verdict that created it.
@@ -503,7 +553,8 @@ mod tests {
 
     const HEADER: &str = include_str!("../../../bpf/include/comb_policy_types.h");
 
-    /// `#define NAME value` of the contract header; values are integers or `(1U << n)`.
+    /// `#define NAME value` of the contract header; values are integers (decimal or `0x`
+    /// hex) or `(1U << n)`.
     fn define(name: &str) -> u64 {
         for line in HEADER.lines() {
             let mut w = line.split_whitespace();
@@ -516,7 +567,11 @@ mod tests {
                 let a: u64 = a.trim_end_matches('U').parse().unwrap();
                 return a << b.parse::<u64>().unwrap();
             }
-            return rest.trim_end_matches('U').parse().unwrap();
+            let rest = rest.trim_end_matches('U');
+            return match rest.strip_prefix("0x").or_else(|| rest.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+                None => rest.parse().unwrap(),
+            };
         }
         panic!("{name} not defined in comb_policy_types.h");
     }
@@ -541,6 +596,12 @@ mod tests {
             ("COMB_POLICY_PREFIX_FULL", PREFIX_FULL.into()),
             ("COMB_CT_F_SEEN_REPLY", CT_F_SEEN_REPLY.into()),
             ("COMB_CT_F_CLOSING", CT_F_CLOSING.into()),
+            ("COMB_CT_F_PROXY", CT_F_PROXY.into()),
+            ("COMB_PROXY_LISTENER_V4", PROXY_LISTENER_V4.into()),
+            ("COMB_PROXY_LISTENER_V6", PROXY_LISTENER_V6.into()),
+            ("COMB_PROXY_LISTENERS", PROXY_LISTENERS.into()),
+            ("COMB_PROXY_MARK", PROXY_MARK.into()),
+            ("COMB_PROXY_MARK_MASK", PROXY_MARK_MASK.into()),
             ("COMB_POLICY_CFG_F_EVENTS", POLICY_CFG_F_EVENTS.into()),
             ("COMB_MAX_IPCACHE", MAX_IPCACHE.into()),
             ("COMB_MAX_POLICY", MAX_POLICY.into()),
@@ -561,6 +622,8 @@ mod tests {
             "NOT_IP",
             "FRAGMENT",
             "CT_RELATED",
+            "L7_VISIBILITY",
+            "PROXY_REDIRECT",
             "POLICY_DENIED",
             "AUTHZ_DENY",
             "AUTHZ_NO_ALLOW",
@@ -590,6 +653,8 @@ mod tests {
                 "not-ip",
                 "fragment",
                 "ct-related",
+                "l7-visibility",
+                "proxy-redirect",
                 "policy-denied",
                 "authz-deny",
                 "authz-no-allow",

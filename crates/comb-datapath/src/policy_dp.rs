@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,13 +27,13 @@ use tracing::{debug, info, warn};
 use crate::Datapath;
 use crate::maps::{CombAddr, Pod, delete_if_present, entries};
 use crate::policy::{
-    CtEntry, Direction, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, Reason,
-    ipcache_key, ipcache_net,
+    CtEntry, Direction, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric,
+    PolicyValue, ProxyFamily, Reason, ipcache_key, ipcache_net,
 };
 use crate::policy_events::FlowEventReader;
 use crate::policy_maps::{
-    CT_F_CLOSING, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue, MetricKey,
-    MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
+    CT_F_CLOSING, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue,
+    MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
 };
 use crate::policy_skel::PolicySkelBuilder;
 use crate::splice::{map_handle, remove_pin, set_map_pin_paths};
@@ -98,6 +98,7 @@ pub(crate) struct PolicyDp {
     metrics: MapHandle,
     events: MapHandle,
     events_lost: MapHandle,
+    proxy_listeners: MapHandle,
     from_pod: ProgramHandle,
     to_pod: ProgramHandle,
     links: BTreeMap<(u32, Hook), OwnedFd>,
@@ -138,6 +139,7 @@ pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
         metrics: map_handle(&m.comb_policy_metrics)?,
         events: map_handle(&m.comb_flow_events)?,
         events_lost: map_handle(&m.comb_policy_events_lost)?,
+        proxy_listeners: map_handle(&m.comb_proxy_listeners)?,
         from_pod,
         to_pod,
         links: BTreeMap::new(),
@@ -414,23 +416,91 @@ impl Datapath {
     /// Prefix → identity. IPv4 prefixes are stored v4-mapped, so an IPv6 prefix covering
     /// `::ffff:0:0/96` (e.g. `::/0`) also covers IPv4 addresses.
     pub fn ipcache(&self) -> Result<BTreeMap<IpNet, u32>> {
+        Ok(self
+            .ipcache_entries()?
+            .into_iter()
+            .map(|(net, e)| (net, e.identity))
+            .collect())
+    }
+
+    /// Prefix → identity and redirect endpoint.
+    pub fn ipcache_entries(&self) -> Result<BTreeMap<IpNet, IpcacheEntry>> {
         let mut out = BTreeMap::new();
         for (k, v) in entries(&self.policy.ipcache)? {
             let k: IpcacheKey = decode(&k, "comb_ipcache key")?;
             let v: IpcacheValue = decode(&v, "comb_ipcache value")?;
-            out.insert(ipcache_net(&k)?, v.identity);
+            out.insert(
+                ipcache_net(&k)?,
+                IpcacheEntry {
+                    identity: v.identity,
+                    endpoint: v.endpoint,
+                },
+            );
         }
         Ok(out)
     }
 
-    /// Map a prefix (host bits ignored) to an identity.
+    /// Map a prefix (host bits ignored) to an identity, without a redirect endpoint.
     pub fn upsert_ipcache(&self, net: IpNet, identity: u32) -> Result<()> {
-        ensure!(identity != ID_ANY, "identity 0 is reserved (any); {net}");
-        let v = IpcacheValue { identity, flags: 0 };
+        self.upsert_ipcache_entry(
+            net,
+            IpcacheEntry {
+                identity,
+                endpoint: 0,
+            },
+        )
+    }
+
+    /// Map a prefix (host bits ignored) to an identity and the local endpoint whose ingress
+    /// REDIRECT entries new TCP flows to it are checked against ([`IpcacheEntry::endpoint`]).
+    pub fn upsert_ipcache_entry(&self, net: IpNet, e: IpcacheEntry) -> Result<()> {
+        ensure!(e.identity != ID_ANY, "identity 0 is reserved (any); {net}");
+        let v = IpcacheValue {
+            identity: e.identity,
+            endpoint: e.endpoint,
+        };
         self.policy
             .ipcache
             .update(ipcache_key(net).as_bytes(), v.as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing ipcache entry {net}"))
+    }
+
+    /// Make `fd`, a listening TCP socket of `family` in the node's network namespace (with
+    /// `IP_TRANSPARENT`, so it may accept connections to any address), the node proxy's
+    /// listener: redirected flows of that family go to it. Replaces the previous one (a
+    /// restarted agent's new listener); a listener that is closed leaves the map by itself,
+    /// and redirected flows then fail closed or go on unredirected (by their reason).
+    pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
+        let raw = u64::try_from(fd.as_raw_fd()).context("negative fd")?;
+        self.policy
+            .proxy_listeners
+            .update(
+                &family.slot().to_ne_bytes(),
+                &raw.to_ne_bytes(),
+                MapFlags::ANY,
+            )
+            .with_context(|| {
+                format!("putting the {family:?} proxy listener into comb_proxy_listeners (a listening TCP socket?)")
+            })
+    }
+
+    /// No listener for `family`: its redirects cannot happen. Missing is fine.
+    pub fn clear_proxy_listener(&self, family: ProxyFamily) -> Result<()> {
+        delete(
+            &self.policy.proxy_listeners,
+            &family.slot().to_ne_bytes(),
+            &format!("the {family:?} proxy listener"),
+        )
+    }
+
+    /// Whether `family` has a listener (false once it was closed).
+    pub fn proxy_listener_present(&self, family: ProxyFamily) -> Result<bool> {
+        Ok(self
+            .policy
+            .proxy_listeners
+            .lookup(&family.slot().to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| format!("reading the {family:?} proxy listener"))?
+            .is_some())
     }
 
     pub fn remove_ipcache(&self, net: IpNet) -> Result<()> {
@@ -474,6 +544,7 @@ impl Datapath {
                 direction: Direction::from_raw(k.direction)?,
                 seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
                 closing: v.flags & CT_F_CLOSING != 0,
+                proxy: v.flags & CT_F_PROXY != 0,
                 flags: v.flags,
                 reason: Reason(v.reason),
                 endpoint: v.endpoint,
@@ -648,6 +719,7 @@ mod tests {
             MAP_POLICY_METRICS,
             MAP_FLOW_EVENTS,
             MAP_POLICY_EVENTS_LOST,
+            MAP_PROXY_LISTENERS,
         ];
         want.sort();
         assert_eq!(maps, want);

@@ -12,6 +12,7 @@ pub const MAP_POLICY_CONFIG: &str = "comb_policy_config";
 pub const MAP_POLICY_METRICS: &str = "comb_policy_metrics";
 pub const MAP_FLOW_EVENTS: &str = "comb_flow_events";
 pub const MAP_POLICY_EVENTS_LOST: &str = "comb_policy_events_lost";
+pub const MAP_PROXY_LISTENERS: &str = "comb_proxy_listeners";
 
 /// Reserved identities (`COMB_ID_*`).
 pub const ID_ANY: u32 = 0;
@@ -35,7 +36,18 @@ pub const PREFIX_FULL: u32 = 96;
 
 pub const CT_F_SEEN_REPLY: u32 = 1 << 0;
 pub const CT_F_CLOSING: u32 = 1 << 1;
+/// Redirected to the node proxy (an EGRESS entry).
+pub const CT_F_PROXY: u32 = 1 << 2;
 pub const POLICY_CFG_F_EVENTS: u32 = 1 << 0;
+
+/// Slots of `comb_proxy_listeners`.
+pub const PROXY_LISTENER_V4: u32 = 0;
+pub const PROXY_LISTENER_V6: u32 = 1;
+pub const PROXY_LISTENERS: u32 = 2;
+/// `skb->mark` of packets for the node proxy, under [`PROXY_MARK_MASK`]; the node's policy
+/// routing ([`crate::proxy_routing`]) delivers them locally.
+pub const PROXY_MARK: u32 = 0x0B00;
+pub const PROXY_MARK_MASK: u32 = 0x0F00;
 
 pub const MAX_IPCACHE: u32 = 65536;
 pub const MAX_POLICY: u32 = 262144;
@@ -59,7 +71,8 @@ unsafe impl Pod for IpcacheKey {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {
     pub identity: u32,
-    pub flags: u32,
+    /// Host-side veth ifindex of a local pod with ingress REDIRECT entries, 0 otherwise.
+    pub endpoint: u32,
 }
 // SAFETY: repr(C), two u32.
 unsafe impl Pod for IpcacheValue {}
@@ -240,7 +253,7 @@ mod tests {
         let b = &btf;
         twin!(b, "comb_addr", CombAddr, [a]);
         twin!(b, "comb_ipcache_key", IpcacheKey, [prefixlen, addr]);
-        twin!(b, "comb_ipcache_value", IpcacheValue, [identity, flags]);
+        twin!(b, "comb_ipcache_value", IpcacheValue, [identity, endpoint]);
         twin!(
             b,
             "comb_policy_endpoint",
