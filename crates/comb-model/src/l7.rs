@@ -21,14 +21,35 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::objects::ObjKey;
+use crate::objects::{ObjKey, Pod, Snapshot};
 
-pub use authz::Authz;
+pub use authz::{Authz, DecisionRef};
 pub use compile::compile_proxy_table;
 
 /// Pod or namespace annotation asking for L7 visibility: every TCP flow to the pod goes
 /// through the node proxy (telemetry, access log) even when no L7 policy needs it.
 pub const ANNOTATION_L7: &str = "comb.dev/l7";
+
+/// Whether `pod` asked for L7 visibility: its own [`ANNOTATION_L7`] (`"true"` or `"false"`)
+/// wins over its namespace's. comb-config rejects other values; here they count as unset.
+pub fn visibility(snapshot: &Snapshot, pod: &Pod) -> bool {
+    let flag = |a: &std::collections::BTreeMap<String, String>| match a
+        .get(ANNOTATION_L7)
+        .map(String::as_str)
+    {
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        _ => None,
+    };
+    flag(&pod.annotations)
+        .or_else(|| {
+            snapshot
+                .namespaces
+                .get(&pod.key.namespace)
+                .and_then(|ns| flag(&ns.annotations))
+        })
+        .unwrap_or(false)
+}
 
 /// Everything the proxy knows, for one node. Cheap to share (`Arc`), never mutated.
 #[derive(Clone, Debug, Default)]
@@ -56,7 +77,8 @@ impl ProxyTable {
 pub struct Workload {
     pub pod: ObjKey,
     /// Istio's workload name: the owning Deployment (ReplicaSet owner with its
-    /// pod-template-hash stripped), StatefulSet, DaemonSet or Job; else the pod's name.
+    /// pod-template-hash stripped), StatefulSet, DaemonSet or Job (a CronJob's Job with its
+    /// `-<timestamp>` stripped), any other controller's name; else the pod's name.
     pub workload: String,
     pub namespace: String,
     pub service_account: String,
@@ -66,7 +88,7 @@ pub struct Workload {
     /// `app.kubernetes.io/name`/`version` or `app`/`version`, else the workload / `latest`).
     pub canonical_service: String,
     pub canonical_revision: String,
-    /// Security identity number (comb identity table).
+    /// Security identity number (comb identity table); 0 when the table has none.
     pub identity: u32,
 }
 
@@ -75,7 +97,8 @@ pub struct Workload {
 pub struct L7Endpoint {
     pub workload: Arc<Workload>,
     /// Services whose selector picks the pod (non-headless and headless), for
-    /// `destination_service`.
+    /// `destination_service`: those whose EndpointSlices list one of the pod's addresses
+    /// (the model keeps no Service selectors), by key.
     pub services: Vec<ServiceRef>,
     /// The pod's AuthorizationPolicies (selector and root-namespace ones), compiled.
     pub authz: Authz,
@@ -88,7 +111,8 @@ pub struct ServiceRef {
     pub key: ObjKey,
     /// `<name>.<namespace>.svc.cluster.local`.
     pub host: String,
-    /// Pod ports the Service's ports resolve to on this pod (target ports, names resolved).
+    /// Pod ports the Service's TCP ports resolve to on this pod (target ports, names
+    /// resolved through the pod's container ports), sorted.
     pub target_ports: Vec<u16>,
 }
 
@@ -130,7 +154,8 @@ pub struct HttpRequest<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecisionReason {
-    /// No ALLOW or DENY policy selects the workload.
+    /// No policy decided: no ALLOW policy selects the workload and no DENY rule matched
+    /// (also when no policy selects it at all).
     NoPolicy,
     /// An ALLOW rule matched.
     Allowed,

@@ -18,6 +18,9 @@
 //!   L4 part matches to the node proxy (REDIRECT), for ALLOW and DENY alike: never decided,
 //!   widened or dropped on the L4 part alone.
 //! - Both layers must allow. The node itself may always reach its pods (health checks).
+//! - L7 visibility (`comb.dev/l7: "true"` on the pod or its namespace): every ingress TCP flow
+//!   that would be allowed is a REDIRECT with reason [`Reason::L7Visibility`] instead (the
+//!   node's own flows excepted); the pod's ingress is then enforced even without policies.
 
 mod ports;
 mod select;
@@ -64,6 +67,9 @@ pub enum Verdict {
 pub enum Reason {
     PolicyAllow = 1,
     Host = 5,
+    /// The pod asked for L7 visibility (`comb.dev/l7`): an allowed TCP flow goes through the
+    /// node proxy (REDIRECT), and is forwarded as allowed where it cannot be redirected.
+    L7Visibility = 9,
     PolicyDenied = 128,
     AuthzDeny = 129,
     AuthzNoAllow = 130,
@@ -105,6 +111,19 @@ pub struct CompiledEndpoint {
     pub egress_enforced: bool,
     /// Policies that select this endpoint.
     pub policies: Vec<PolicyRef>,
+    /// `comb.dev/l7` visibility: allowed ingress TCP flows are REDIRECT entries.
+    pub l7_visibility: bool,
+}
+
+impl CompiledEndpoint {
+    /// Some ingress entry sends flows to the node proxy: the ipcache value of the pod's
+    /// addresses must carry its host-veth ifindex (`endpoint`, docs/l7.md), so the source
+    /// pod's hook looks the entry up and redirects there.
+    pub fn redirects_ingress(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|(k, v)| k.direction == Direction::Ingress && v.verdict == Verdict::Redirect)
+    }
 }
 
 pub const KIND_NETWORK_POLICY: &str = "NetworkPolicy";
@@ -169,7 +188,8 @@ fn np_selects(np: &NetworkPolicy, pod: &Pod) -> bool {
     np.key.namespace == pod.key.namespace && np.pod_selector.matches(&pod.labels)
 }
 
-fn authz_selects(ap: &AuthorizationPolicy, pod: &Pod) -> bool {
+/// Whether an AuthorizationPolicy applies to `pod` (also used by the L7 proxy table).
+pub(crate) fn authz_selects(ap: &AuthorizationPolicy, pod: &Pod) -> bool {
     (ap.key.namespace == pod.key.namespace || ap.key.namespace == ISTIO_ROOT_NAMESPACE)
         && ap
             .selector
@@ -186,6 +206,8 @@ struct Ctx<'a> {
     np_ingress: Vec<(u32, &'a NetworkPolicy)>,
     np_egress: Vec<(u32, &'a NetworkPolicy)>,
     authz: Vec<(u32, &'a AuthorizationPolicy)>,
+    /// `comb.dev/l7` visibility of the pod.
+    visibility: bool,
     /// Namespace labels as namespace selectors see them, computed once.
     ns_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -254,7 +276,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn enforced(&self, dir: Direction) -> bool {
-        !self.nps(dir).is_empty() || self.authz_governs(dir)
+        !self.nps(dir).is_empty()
+            || self.authz_governs(dir)
+            || (dir == Direction::Ingress && self.visibility)
     }
 
     fn view(&self, dir: Direction, ident: Option<&Identity>) -> View<'a> {
@@ -515,6 +539,9 @@ impl<'a> Ctx<'a> {
                 return v(Verdict::Redirect, Reason::ProxyRequired, id);
             }
         }
+        if dir == Direction::Ingress && proto == PROTO_TCP && self.visibility {
+            return v(Verdict::Redirect, Reason::L7Visibility, allowed_by);
+        }
         v(Verdict::Allow, Reason::PolicyAllow, allowed_by)
     }
 
@@ -621,6 +648,7 @@ impl<'a> Ctx<'a> {
             np_ingress: vec![],
             np_egress: vec![],
             authz: vec![],
+            visibility: crate::l7::visibility(snapshot, pod),
             ns_labels,
         };
         let mut policies = Vec::new();
@@ -665,6 +693,7 @@ pub fn compile_endpoint(snapshot: &Snapshot, table: &IdentityTable, pod: &Pod) -
     let mut out = CompiledEndpoint {
         ingress_enforced: ctx.enforced(Direction::Ingress),
         egress_enforced: ctx.enforced(Direction::Egress),
+        l7_visibility: ctx.visibility,
         policies,
         ..Default::default()
     };

@@ -1,25 +1,216 @@
 //! State → [`ProxyTable`].
-// INTERFACE PLACEHOLDER: helper A replaces the bodies.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Authz, L7Endpoint, ProxyTable, ServiceRef, Workload, visibility};
 use crate::identity::IdentityTable;
-use crate::objects::Snapshot;
+use crate::objects::{Pod, Protocol, Service, Snapshot, TargetPort};
+use crate::policy::TRUST_DOMAIN;
+use crate::policy_compile::authz_selects;
 
-use super::{L7Endpoint, ProxyTable, ServiceRef};
+/// Label the Deployment controller puts on its pods and appends to its ReplicaSets' names.
+const LABEL_POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
 /// The proxy table of node `node`.
 pub fn compile_proxy_table(
-    _snapshot: &Snapshot,
-    _generation: u64,
-    _identities: &IdentityTable,
-    _node: &str,
+    snapshot: &Snapshot,
+    generation: u64,
+    identities: &IdentityTable,
+    node: &str,
 ) -> ProxyTable {
-    todo!()
+    let mut out = ProxyTable {
+        generation,
+        workloads: HashMap::new(),
+        endpoints: HashMap::new(),
+    };
+    for pod in snapshot.pods.values().filter(|p| !p.ips.is_empty()) {
+        let w = Arc::new(workload(pod, identities));
+        for ip in &pod.ips {
+            out.workloads.insert(*ip, Arc::clone(&w));
+        }
+        if pod.node_name.as_deref() != Some(node) {
+            continue;
+        }
+        let ep = Arc::new(L7Endpoint {
+            workload: w,
+            services: services_of(snapshot, pod),
+            authz: Authz::new(
+                snapshot
+                    .authorization_policies
+                    .values()
+                    .filter(|ap| authz_selects(ap, pod)),
+            ),
+            visibility: visibility(snapshot, pod),
+        });
+        for ip in &pod.ips {
+            out.endpoints.insert(*ip, Arc::clone(&ep));
+        }
+    }
+    out
+}
+
+/// A pod's telemetry and policy names. `identity` 0 when the table has none for it.
+pub(super) fn workload(pod: &Pod, identities: &IdentityTable) -> Workload {
+    let ns = &pod.key.namespace;
+    let name = workload_name(pod);
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| pod.labels.get(*k).filter(|v| !v.is_empty()))
+            .cloned()
+    };
+    Workload {
+        pod: pod.key.clone(),
+        namespace: ns.clone(),
+        service_account: pod.service_account.clone(),
+        principal: format!("{TRUST_DOMAIN}/ns/{ns}/sa/{}", pod.service_account),
+        canonical_service: label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| name.clone()),
+        canonical_revision: label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_owned()),
+        identity: identities.pod_identity.get(&pod.key).copied().unwrap_or(0),
+        workload: name,
+    }
+}
+
+/// Istio's heuristic (`GetDeployMetaFromPod`): the controller's name, a ReplicaSet's with its
+/// `-<pod-template-hash>` stripped (the Deployment), a Job's with a CronJob's
+/// `-<8 to 10 digits>` schedule suffix stripped; the pod's own name without a controller.
+pub(super) fn workload_name(pod: &Pod) -> String {
+    let Some(owner) = &pod.owner else {
+        return pod.key.name.clone();
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => pod
+            .labels
+            .get(LABEL_POD_TEMPLATE_HASH)
+            .filter(|h| !h.is_empty())
+            .and_then(|h| owner.name.strip_suffix(h.as_str()))
+            .and_then(|n| n.strip_suffix('-'))
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&owner.name)
+            .to_owned(),
+        "Job" => owner
+            .name
+            .rsplit_once('-')
+            .filter(|(base, ts)| {
+                !base.is_empty()
+                    && (8..=10).contains(&ts.len())
+                    && ts.bytes().all(|b| b.is_ascii_digit())
+            })
+            .map_or(&*owner.name, |(base, _)| base)
+            .to_owned(),
+        _ => owner.name.clone(),
+    }
+}
+
+/// Services whose EndpointSlices list one of the pod's addresses (what a Service's selector
+/// amounts to once the EndpointSlice controller has run; Comb's model keeps no selectors),
+/// by key, with the TCP ports they reach on this pod.
+fn services_of(snapshot: &Snapshot, pod: &Pod) -> Vec<ServiceRef> {
+    let mut out = Vec::new();
+    for svc in snapshot.services.values() {
+        let listed = snapshot.endpoint_slices.values().any(|s| {
+            s.key.namespace == svc.key.namespace
+                && s.service_name == svc.key.name
+                && s.endpoints
+                    .iter()
+                    .any(|e| e.addresses.iter().any(|a| pod.ips.contains(a)))
+        });
+        if !listed {
+            continue;
+        }
+        out.push(ServiceRef {
+            key: svc.key.clone(),
+            host: format!("{}.{}.svc.{TRUST_DOMAIN}", svc.key.name, svc.key.namespace),
+            target_ports: target_ports(snapshot, svc, pod),
+        });
+    }
+    out
+}
+
+/// The pod ports a Service's TCP ports reach: numbers as given, names through the pod's
+/// container ports, else through the slices' port of the same name (hand-written slices).
+fn target_ports(snapshot: &Snapshot, svc: &Service, pod: &Pod) -> Vec<u16> {
+    let mut out: Vec<u16> = svc
+        .ports
+        .iter()
+        .filter(|sp| sp.protocol == Protocol::Tcp)
+        .filter_map(|sp| match &sp.target_port {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => pod
+                .ports
+                .iter()
+                .find(|c| c.protocol == Protocol::Tcp && c.name.as_deref() == Some(name))
+                .map(|c| c.port)
+                .or_else(|| {
+                    snapshot
+                        .endpoint_slices
+                        .values()
+                        .filter(|s| {
+                            s.key.namespace == svc.key.namespace && s.service_name == svc.key.name
+                        })
+                        .flat_map(|s| &s.ports)
+                        .find(|p| p.protocol == Protocol::Tcp && p.name == sp.name)
+                        .map(|p| p.port)
+                }),
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 pub(super) fn destination_service<'a>(
-    _ep: &'a L7Endpoint,
-    _port: u16,
-    _host_header: Option<&str>,
+    ep: &'a L7Endpoint,
+    port: u16,
+    host_header: Option<&str>,
 ) -> Option<&'a ServiceRef> {
-    todo!()
+    let mut fronting = ep
+        .services
+        .iter()
+        .filter(|s| s.target_ports.contains(&port));
+    let first = fronting.next()?;
+    let Some(host) = host_header.map(|h| super::matchers::split_port(h).0) else {
+        return Some(first);
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if names_service(host, first) {
+        return Some(first);
+    }
+    Some(fronting.find(|s| names_service(host, s)).unwrap_or(first))
+}
+
+/// `web`, `web.shop`, `web.shop.svc` or `web.shop.svc.cluster.local` (any case) for Service
+/// shop/web. Compares bytes in place: this runs per request.
+fn names_service(host: &str, s: &ServiceRef) -> bool {
+    let (label, rest) = match host.split_once('.') {
+        Some((l, r)) => (l, Some(r)),
+        None => (host, None),
+    };
+    if !label.eq_ignore_ascii_case(&s.key.name) {
+        return false;
+    }
+    let Some(rest) = rest.map(str::as_bytes) else {
+        return true;
+    };
+    let ns = s.key.namespace.as_bytes();
+    if !rest
+        .get(..ns.len())
+        .is_some_and(|h| h.eq_ignore_ascii_case(ns))
+    {
+        return false;
+    }
+    let tail = rest.get(ns.len()..).unwrap_or_default();
+    tail.is_empty()
+        || tail.eq_ignore_ascii_case(b".svc")
+        || tail.eq_ignore_ascii_case(b".svc.cluster.local")
 }

@@ -671,3 +671,135 @@ fn entries_stay_few_for_many_identities() {
         c.c.entries.len()
     );
 }
+
+fn annotate_l7(w: &mut World, ns: Option<&str>, pod: Option<&str>, value: &str) {
+    let a = (crate::l7::ANNOTATION_L7.to_string(), value.to_string());
+    if let Some(ns) = ns {
+        w.snap
+            .namespaces
+            .get_mut(ns)
+            .unwrap()
+            .annotations
+            .extend([a.clone()]);
+    }
+    if let Some(pod) = pod {
+        let key = ObjKey::new("shop", pod);
+        w.snap.pods.get_mut(&key).unwrap().annotations.extend([a]);
+    }
+}
+
+#[test]
+fn visibility_without_policies_redirects_tcp_only() {
+    let mut w = World::new();
+    annotate_l7(&mut w, None, Some("server"), "true");
+    let c = w.compile("server");
+    assert!(c.c.ingress_enforced && !c.c.egress_enforced);
+    assert!(c.c.l7_visibility && c.c.redirects_ingress());
+    let client = c.of("shop", "client");
+    for id in [client, c.of("ops", "admin"), ID_WORLD_IPV4, 123_456] {
+        let v = lookup(&c.c.entries, id, Direction::Ingress, PROTO_TCP, 8080).unwrap();
+        assert_eq!(
+            (v.verdict, v.reason, v.policy),
+            (Verdict::Redirect, Reason::L7Visibility, 0),
+            "identity {id}"
+        );
+        assert_eq!(c.verdict(id, Direction::Ingress, PROTO_UDP, 53), ALLOW);
+        assert_eq!(c.verdict(id, Direction::Ingress, 1, 0), ALLOW, "ICMP");
+    }
+    let host = lookup(&c.c.entries, ID_HOST, Direction::Ingress, PROTO_TCP, 8080).unwrap();
+    assert_eq!((host.verdict, host.reason), (Verdict::Allow, Reason::Host));
+    assert!(
+        c.c.entries.len() <= 4,
+        "one function for everyone plus the host: {:?}",
+        c.c.entries
+    );
+    // Other pods are untouched.
+    let other = w.compile("server2");
+    assert!(other.c.entries.is_empty() && !other.c.l7_visibility);
+}
+
+#[test]
+fn visibility_from_the_namespace_and_the_pods_false_wins() {
+    let mut w = World::new();
+    annotate_l7(&mut w, Some("shop"), None, "true");
+    let c = w.compile("server2");
+    assert_eq!(c.ingress(c.of("shop", "client"), 80), REDIRECT);
+    annotate_l7(&mut w, None, Some("server2"), "false");
+    let c = w.compile("server2");
+    assert!(c.c.entries.is_empty() && !c.c.ingress_enforced);
+    // An invalid value (comb-config rejects it) counts as unset: the namespace decides.
+    annotate_l7(&mut w, None, Some("server2"), "yes");
+    assert_eq!(
+        w.compile("server2").ingress(c.of("shop", "client"), 80),
+        REDIRECT
+    );
+    annotate_l7(&mut w, Some("shop"), None, "false");
+    annotate_l7(&mut w, None, Some("server"), "true");
+    assert!(w.compile("server2").c.entries.is_empty());
+    assert!(w.compile("server").c.l7_visibility);
+}
+
+#[test]
+fn visibility_only_turns_allows_into_redirects() {
+    let mut w = World::new();
+    annotate_l7(&mut w, None, Some("server"), "true");
+    w.np("allow-client", |np| {
+        np.ingress = vec![NpRule {
+            peers: vec![pods_peer(None, Some(sel(&[("app", "client")])))],
+            ports: vec![tcp(80), tcp(8080)],
+        }];
+    });
+    w.ap(
+        "deny-admin",
+        AuthzAction::Deny,
+        vec![rule(
+            vec![AuthzSource {
+                namespaces: vec!["ops".into()],
+                ..Default::default()
+            }],
+            vec![],
+            vec![],
+        )],
+    );
+    let get = AuthzOperation {
+        ports: vec![8080],
+        methods: vec!["GET".into()],
+        ..Default::default()
+    };
+    w.ap(
+        "allow",
+        AuthzAction::Allow,
+        vec![
+            rule(vec![], vec![ports_op(&[80])], vec![]),
+            rule(vec![], vec![get], vec![]),
+        ],
+    );
+    let c = w.compile("server");
+    let client = c.of("shop", "client");
+    let at = |id, port| lookup(&c.c.entries, id, Direction::Ingress, PROTO_TCP, port).unwrap();
+    let np_id = policy_id(KIND_NETWORK_POLICY, &ObjKey::new("shop", "allow-client"));
+    let allow_id = policy_id(KIND_AUTHORIZATION_POLICY, &ObjKey::new("shop", "allow"));
+    assert_eq!(
+        (
+            at(client, 80).verdict,
+            at(client, 80).reason,
+            at(client, 80).policy
+        ),
+        (Verdict::Redirect, Reason::L7Visibility, np_id),
+        "allowed by both layers, keeps the allowing policy"
+    );
+    assert_eq!(
+        (
+            at(client, 8080).verdict,
+            at(client, 8080).reason,
+            at(client, 8080).policy
+        ),
+        (Verdict::Redirect, Reason::ProxyRequired, allow_id),
+        "an L7 rule still needs the proxy (fail closed)"
+    );
+    assert_eq!(at(client, 81).verdict, Verdict::Deny);
+    assert_eq!(at(c.of("ops", "admin"), 80).verdict, Verdict::Deny);
+    assert_eq!(at(c.of("ops", "admin"), 80).reason, Reason::PolicyDenied);
+    assert_eq!(at(ID_HOST, 80).reason, Reason::Host);
+    assert_eq!(c.verdict(client, Direction::Ingress, PROTO_UDP, 80), DENY);
+}
