@@ -486,11 +486,18 @@ impl Datapath {
 
     /// No listener for `family`: its redirects cannot happen. Missing is fine.
     pub fn clear_proxy_listener(&self, family: ProxyFamily) -> Result<()> {
-        delete(
-            &self.policy.proxy_listeners,
-            &family.slot().to_ne_bytes(),
-            &format!("the {family:?} proxy listener"),
-        )
+        if !self.proxy_listener_present(family)? {
+            return Ok(());
+        }
+        match self
+            .policy
+            .proxy_listeners
+            .delete(&family.slot().to_ne_bytes())
+        {
+            // A sockmap answers EINVAL for an empty slot: closed since we looked.
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput => Ok(()),
+            r => r.with_context(|| format!("removing the {family:?} proxy listener")),
+        }
     }
 
     /// Whether `family` has a listener (false once it was closed).

@@ -809,7 +809,8 @@ fn non_ip_malformed_and_redirect() {
     assert_eq!(fx.run(Ingress, &bad_version), DROP);
     assert_eq!(fx.count(Ingress, Reason::MALFORMED), 4);
 
-    // REDIRECT: no node proxy yet, so the flow fails closed.
+    // REDIRECT at tcx egress (to the pod) can never redirect: not visibility-only, so the
+    // flow fails closed.
     let k = PolicyKey::port(fx.ifindex, ID_A, Ingress, TCP, Some(8080));
     let redirect = PolicyValue {
         verdict: Verdict::Redirect,
@@ -858,6 +859,139 @@ fn non_ip_malformed_and_redirect() {
         .unwrap();
     assert_eq!(fx.run(Ingress, &tcp4("198.18.1.1", 1, EP, 80, SYN)), PASS);
     assert_eq!(fx.count(Ingress, Reason::HOST), 1);
+    fx.finish();
+}
+
+fn redirect_value(reason: Reason, policy: u32) -> PolicyValue {
+    PolicyValue {
+        verdict: Verdict::Redirect,
+        reason,
+        proxy_port: 0,
+        policy,
+    }
+}
+
+/// REDIRECT that cannot be redirected (no listener in comb_proxy_listeners): the value's
+/// reason decides, at the source's hook (its own egress entry, or the destination endpoint's
+/// ingress entry found through the ipcache `endpoint`) and at the destination's.
+/// tcp_is_redirected_to_the_node_proxy (redirect_privileged.rs) redirects for real.
+#[test]
+fn redirect_without_a_proxy_follows_its_reason() {
+    if !privileged() {
+        return;
+    }
+    let fx = Fixture::new();
+    setup(&fx);
+    let (ep, dst) = (fx.ifindex, fx.other);
+    // PEER_B is a local endpoint (on v1) with ingress REDIRECT entries.
+    fx.dp()
+        .set_policy_endpoint(dst, ID_B, &[ip(PEER_B)])
+        .unwrap();
+    fx.dp()
+        .upsert_ipcache_entry(
+            format!("{PEER_B}/32").parse().unwrap(),
+            comb_datapath::IpcacheEntry {
+                identity: ID_B,
+                endpoint: dst,
+            },
+        )
+        .unwrap();
+    for (k, v) in [
+        (
+            PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8080)),
+            redirect_value(Reason::PROXY_UNAVAILABLE, 1),
+        ),
+        (
+            PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8081)),
+            redirect_value(Reason::L7_VISIBILITY, 2),
+        ),
+        (
+            PolicyKey::port(dst, ID_ANY, Ingress, TCP, Some(8082)),
+            redirect_value(Reason::PROXY_UNAVAILABLE, 3),
+        ),
+        (
+            PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8083)),
+            PolicyValue::allow(4),
+        ),
+        (
+            PolicyKey::port(dst, ID_ANY, Ingress, TCP, Some(8084)),
+            redirect_value(Reason::PROXY_UNAVAILABLE, 5),
+        ),
+        (
+            PolicyKey::port(dst, ID_ANY, Ingress, UDP, Some(8080)),
+            redirect_value(Reason::PROXY_UNAVAILABLE, 6),
+        ),
+        // The source's own egress: deny wins over the destination's REDIRECT, and its own
+        // REDIRECTs follow their reason.
+        (
+            PolicyKey::port(ep, ID_B, Egress, TCP, Some(8084)),
+            PolicyValue::deny(Reason::AUTHZ_DENY, 7),
+        ),
+        (
+            PolicyKey::port(ep, ID_A, Egress, TCP, Some(9000)),
+            redirect_value(Reason::L7_VISIBILITY, 8),
+        ),
+        (
+            PolicyKey::port(ep, ID_A, Egress, UDP, Some(53)),
+            redirect_value(Reason::PROXY_UNAVAILABLE, 9),
+        ),
+        // Ingress at the source: tcx egress never redirects.
+        (
+            PolicyKey::port(ep, ID_A, Ingress, TCP, Some(7000)),
+            redirect_value(Reason::L7_VISIBILITY, 10),
+        ),
+        (
+            PolicyKey::port(ep, ID_A, Ingress, TCP, Some(7001)),
+            redirect_value(Reason(200), 11),
+        ),
+    ] {
+        fx.dp().upsert_policy_entry(&k, &v).unwrap();
+    }
+    assert!(
+        !fx.dp()
+            .proxy_listener_present(comb_datapath::ProxyFamily::V4)
+            .unwrap()
+    );
+
+    let out = |port: u16| fx.run(Egress, &tcp4(EP, 40000 + port, PEER_B, port, SYN));
+    assert_eq!(out(8080), DROP);
+    assert_eq!(out(8081), PASS);
+    assert_eq!(out(8082), DROP, "the destination's ANY entry");
+    assert_eq!(out(8083), PASS);
+    assert_eq!(out(8084), DROP);
+    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 2);
+    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 1);
+    // Only TCP is looked up at the source; the destination's hook judges the rest.
+    assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_B, 8080)), PASS);
+    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 2);
+    // The source's own REDIRECTs: visibility forwards, UDP cannot be redirected.
+    assert_eq!(fx.run(Egress, &tcp4(EP, 41000, PEER_A, 9000, SYN)), PASS);
+    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 2);
+    assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_A, 53)), DROP);
+    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 3);
+    // At tcx egress: visibility forwards, any other reason drops as proxy-unavailable.
+    assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42000, EP, 7000, SYN)), PASS);
+    assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42001, EP, 7001, SYN)), DROP);
+    assert_eq!(fx.count(Ingress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(fx.count(Ingress, Reason::PROXY_UNAVAILABLE), 1);
+
+    // Forwarded flows are tracked as usual, none as redirected.
+    let ct = fx.dp().ct_entries().unwrap();
+    assert!(ct.iter().all(|e| !e.proxy), "{ct:#?}");
+    let mut vis: Vec<u16> = ct
+        .iter()
+        .filter(|e| e.reason == Reason::L7_VISIBILITY)
+        .map(|e| e.dst.port())
+        .collect();
+    vis.sort();
+    assert_eq!(vis, [7000, 8081, 9000], "{ct:#?}");
+    // Later packets of a visibility flow are established, not judged again.
+    assert_eq!(
+        fx.run(Egress, &tcp4(EP, 40000 + 8081, PEER_B, 8081, ACK)),
+        PASS
+    );
+    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
     fx.finish();
 }
 
