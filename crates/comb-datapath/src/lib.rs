@@ -10,6 +10,7 @@ mod policy_dp;
 pub mod policy_events;
 pub mod policy_maps;
 pub mod proxy_routing;
+pub mod proxy_splice;
 mod splice;
 mod sys;
 
@@ -22,6 +23,7 @@ pub use policy::{
     PolicyValue, ProxyFamily, Reason, Verdict,
 };
 pub use policy_events::{FlowEvent, FlowEventReader};
+pub use proxy_splice::{PairHandle, ProxySplice, ProxySpliceStats};
 pub use splice::{Datapath, DatapathOptions, EndpointInfo, SpliceStats};
 
 #[allow(
@@ -55,4 +57,15 @@ mod sock_skel {
 )]
 mod policy_skel {
     include!(concat!(env!("OUT_DIR"), "/policy.skel.rs"));
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+mod proxy_splice_skel {
+    include!(concat!(env!("OUT_DIR"), "/proxy_splice.skel.rs"));
 }
