@@ -417,3 +417,6 @@ impl Condition {
         (!self.has_values || hit(&self.values)) && (!self.has_not_values || !hit(&self.not_values))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -214,3 +214,6 @@ fn names_service(host: &str, s: &ServiceRef) -> bool {
         || tail.eq_ignore_ascii_case(b".svc")
         || tail.eq_ignore_ascii_case(b".svc.cluster.local")
 }
+
+#[cfg(test)]
+mod tests;
