@@ -5,7 +5,25 @@
 //! HTTP/1.1, HTTP/2 and gRPC requests, forwards over pooled upstream connections, records
 //! Istio-standard telemetry, and relays anything else as opaque TCP (spliced in the kernel
 //! once allowed).
+//!
+//! Entry points: [`Proxy::start`] (runtime + listeners, for the agent) and
+//! [`serve_connection`] with a [`ProxyContext`] (one accepted connection; tests, fuzzing).
 #![deny(rust_2018_idioms)]
 
+mod conn;
+mod context;
+pub mod detect;
+pub mod http;
+pub mod listener;
+mod options;
 pub mod relay;
+mod server;
+mod tcp;
 pub mod telemetry;
+pub mod upstream;
+
+pub use conn::serve_connection;
+pub use context::ProxyContext;
+pub use listener::Family;
+pub use options::{DEFAULT_PORT, Limits, ProxyOptions};
+pub use server::{Proxy, ProxyHandle};

@@ -1,0 +1,88 @@
+//! What every connection of one proxy shares: the current table (swapped atomically), the
+//! limits, the upstream pools, telemetry and the prepared server builders.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use comb_model::l7::ProxyTable;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+
+use crate::options::{Limits, ProxyOptions};
+use crate::telemetry::Telemetry;
+use crate::upstream::Upstreams;
+
+/// hyper refuses a read buffer under 8 KiB.
+const MIN_BUF: usize = 8192;
+
+pub struct ProxyContext {
+    table: ArcSwap<ProxyTable>,
+    pub(crate) limits: Limits,
+    pub(crate) detect_timeout: Duration,
+    pub(crate) splice: Option<Arc<comb_datapath::ProxySplice>>,
+    pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) h1: http1::Builder,
+    pub(crate) h2: http2::Builder<TokioExecutor>,
+    /// Set once on shutdown: HTTP connections finish their requests and close.
+    stop: watch::Sender<bool>,
+}
+
+impl ProxyContext {
+    /// Everything but the listeners (tests drive [`crate::serve_connection`] with it).
+    pub fn new(opts: &ProxyOptions, table: Arc<ProxyTable>) -> Arc<Self> {
+        let l = &opts.limits;
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(l.header_read_timeout)
+            .max_headers(l.max_headers)
+            .max_header_size(l.max_header_bytes)
+            // The read buffer bounds a connection's memory; headers must fit in it.
+            .max_buf_size((l.max_header_bytes + 1024).max(MIN_BUF));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_header_list_size(l.max_header_bytes as u32)
+            .initial_stream_window_size(l.h2_stream_window)
+            .initial_connection_window_size(l.h2_connection_window)
+            .max_send_buf_size(l.h2_stream_window as usize)
+            .keep_alive_interval(l.idle_timeout)
+            .keep_alive_timeout(Duration::from_secs(20));
+        Arc::new(Self {
+            table: ArcSwap::new(table),
+            limits: l.clone(),
+            detect_timeout: opts.detect_timeout,
+            splice: opts.splice.clone(),
+            telemetry: opts.telemetry.clone(),
+            upstreams: Upstreams::new(l),
+            h1,
+            h2,
+            stop: watch::Sender::new(false),
+        })
+    }
+
+    /// The table new requests and connections see; one taken keeps being used by its request.
+    pub fn table(&self) -> Arc<ProxyTable> {
+        self.table.load_full()
+    }
+
+    pub fn update(&self, table: Arc<ProxyTable>) {
+        self.table.store(table);
+    }
+
+    /// Asks every HTTP connection to finish its requests in flight and close.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+}

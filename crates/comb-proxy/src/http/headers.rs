@@ -1,0 +1,162 @@
+//! Header handling: the authorization view over an `http::HeaderMap`, hop-by-hop removal, and
+//! the few request facts (authority, gRPC) the proxy derives from headers.
+
+use std::borrow::Cow;
+
+use comb_model::l7::Headers;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Request headers as AuthorizationPolicy sees them: lowercase names, repeated values joined
+/// with `,` (Envoy's view), plus the pseudo headers `:authority`, `:method`, `:path`.
+pub struct HeaderView<'a> {
+    pub map: &'a HeaderMap,
+    pub authority: &'a str,
+    pub method: &'a str,
+    /// Path and query, as received.
+    pub path: &'a str,
+}
+
+impl Headers for HeaderView<'_> {
+    fn header(&self, lowercase_name: &str) -> Option<Cow<'_, str>> {
+        match lowercase_name {
+            ":authority" | "host" if !self.authority.is_empty() => {
+                return Some(Cow::Borrowed(self.authority));
+            }
+            ":method" => return Some(Cow::Borrowed(self.method)),
+            ":path" => return Some(Cow::Borrowed(self.path)),
+            _ => {}
+        }
+        let mut values = self.map.get_all(lowercase_name).iter();
+        let first = values.next()?;
+        let Some(second) = values.next() else {
+            return Some(value_str(first));
+        };
+        let mut joined = String::with_capacity(first.len() + second.len() + 1);
+        joined.push_str(&value_str(first));
+        for v in std::iter::once(second).chain(values) {
+            joined.push(',');
+            joined.push_str(&value_str(v));
+        }
+        Some(Cow::Owned(joined))
+    }
+}
+
+/// Non-UTF-8 bytes (obs-text) shown lossily: a policy cannot name them anyway.
+fn value_str(v: &HeaderValue) -> Cow<'_, str> {
+    match v.to_str() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()),
+    }
+}
+
+/// `:authority` (HTTP/2, absolute-form HTTP/1) else `Host`, as sent; "" when neither.
+pub fn authority<B>(req: &http::Request<B>) -> &str {
+    if let Some(a) = req.uri().authority() {
+        return a.as_str();
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+}
+
+/// `content-type: application/grpc`, `application/grpc+proto`, ...
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `Connection: upgrade` with an `Upgrade` header (HTTP/1 only).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Drops hop-by-hop headers (RFC 9110 7.6.1): `Connection` and what it names,
+/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding` (hyper frames the body again), `TE`
+/// except `trailers` (gRPC needs it), and `Upgrade` unless the exchange is an upgrade.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Names listed in Connection are hop-by-hop too; collect first (borrow), rarely any.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_repeated_values_and_strips_hop_by_hop() {
+        let mut m = HeaderMap::new();
+        m.append("x-a", HeaderValue::from_static("1"));
+        m.append("x-a", HeaderValue::from_static("2"));
+        m.append("connection", HeaderValue::from_static("close, x-b"));
+        m.append("x-b", HeaderValue::from_static("secret"));
+        m.append("te", HeaderValue::from_static("trailers"));
+        m.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        let v = HeaderView {
+            map: &m,
+            authority: "web:80",
+            method: "GET",
+            path: "/a?b",
+        };
+        assert_eq!(v.header("x-a").as_deref(), Some("1,2"));
+        assert_eq!(v.header(":authority").as_deref(), Some("web:80"));
+        assert_eq!(v.header("x-none"), None);
+        strip_hop_by_hop(&mut m, false);
+        assert!(m.get("x-b").is_none() && m.get("connection").is_none());
+        assert!(m.get("transfer-encoding").is_none());
+        assert_eq!(m.get("te").unwrap(), "trailers");
+        assert_eq!(m.get_all("x-a").iter().count(), 2);
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let mut m = HeaderMap::new();
+        m.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&m));
+        m.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(is_upgrade(&m));
+        strip_hop_by_hop(&mut m, true);
+        assert_eq!(m.get("upgrade").unwrap(), "websocket");
+        assert_eq!(m.get("connection").unwrap(), "upgrade");
+    }
+}

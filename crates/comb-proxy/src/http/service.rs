@@ -1,0 +1,308 @@
+//! One HTTP request through the proxy: authorize, forward to the original destination,
+//! stream the response back, and record it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use comb_model::l7::{Decision, HttpRequest, ProxyTable, Request as AuthzRequest};
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
+use super::headers::{HeaderView, authority, is_grpc, is_upgrade, strip_hop_by_hop};
+use super::{responses, upgrade};
+use crate::context::ProxyContext;
+use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
+
+/// The connection a request arrived on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Original destination.
+    pub dst: SocketAddr,
+    pub h2: bool,
+}
+
+/// hyper service of one downstream connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    pub ctx: Arc<ProxyContext>,
+    pub conn: Arc<ConnInfo>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let ctx = self.ctx.clone();
+        let conn = self.conn.clone();
+        Box::pin(async move { Ok(handle(ctx, conn, req).await) })
+    }
+}
+
+static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+static TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
+
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let t0 = Instant::now();
+    // Held until the response is built: a request in flight keeps the table it started with.
+    let table = ctx.table();
+    let source = table.workload(conn.peer.ip()).cloned();
+    let endpoint = table.endpoint(conn.dst.ip()).cloned();
+    let grpc = is_grpc(req.headers());
+    let upgrade = !conn.h2 && is_upgrade(req.headers());
+    let trace = trace::incoming(header_str(&req, &TRACEPARENT));
+    let request_id = match header_str(&req, &X_REQUEST_ID) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = new_request_id();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert(X_REQUEST_ID.clone(), v);
+            }
+            id
+        }
+    };
+    let decision = authorize(&table, &conn, &req);
+    let destination_service = endpoint.as_ref().and_then(|ep| {
+        ep.destination_service(conn.dst.port(), Some(authority(&req)))
+            .map(|s| s.host.clone())
+    });
+    let record = RequestRecord {
+        start: SystemTime::now(),
+        duration: Duration::ZERO,
+        downstream: conn.peer,
+        upstream: conn.dst,
+        source,
+        destination: endpoint.as_ref().map(|e| e.workload.clone()),
+        destination_service,
+        protocol: if grpc {
+            RequestProtocol::Grpc
+        } else {
+            RequestProtocol::Http
+        },
+        http_version: version_str(req.version()),
+        method: req.method().as_str().to_owned(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
+        authority: authority(&req).to_owned(),
+        user_agent: header_str(&req, &header::USER_AGENT).map(str::to_owned),
+        x_forwarded_for: header_str(&req, &header::HeaderName::from_static("x-forwarded-for"))
+            .map(str::to_owned),
+        request_id: Some(request_id),
+        response_code: 0,
+        grpc_status: None,
+        response_flags: ResponseFlags::NONE,
+        request_bytes: 0,
+        response_bytes: 0,
+        trace: Some(trace),
+        authz_policy: decision
+            .as_ref()
+            .and_then(|d| d.policy.as_ref())
+            .map(|k| k.to_string()),
+        denied: decision.as_ref().is_some_and(|d| !d.allow),
+        audited: decision
+            .as_ref()
+            .and_then(|d| d.audit.as_ref())
+            .map(|k| k.to_string()),
+    };
+    drop(endpoint);
+    let progress = Arc::new(RequestProgress::default());
+    let mut rec = Box::new(Recorder::new(
+        record,
+        t0,
+        ctx.telemetry.clone(),
+        progress.clone(),
+    ));
+    if rec.record.denied {
+        return responses::denied(grpc, Some(rec));
+    }
+    let limit = ctx.limits.max_body_bytes;
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return responses::status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload too large",
+            Some(rec),
+        );
+    }
+
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // hyper answers `Expect: 100-continue` downstream when the body is first read.
+    parts.headers.remove(header::EXPECT);
+    if let Ok(v) = HeaderValue::from_str(&trace.traceparent()) {
+        parts.headers.insert(TRACEPARENT.clone(), v);
+    }
+    let upstream_req = |parts: http::request::Parts| {
+        Request::from_parts(parts, RequestBody::new(body, progress.clone(), limit))
+    };
+    let sent = if conn.h2 {
+        parts.uri = h2_uri(&parts.uri, conn.dst);
+        ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await
+    } else {
+        // The URI's authority keys the pool by destination; Host goes as received.
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&conn.dst.to_string())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.uri = dst_uri(&parts.uri, conn.dst);
+        parts.version = Version::HTTP_11;
+        ctx.upstreams.send_h1(upstream_req(parts)).await
+    };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(_) if progress.too_large.load(Ordering::Relaxed) => {
+            return responses::status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload too large",
+                Some(rec),
+            );
+        }
+        Err(f) => {
+            rec.flag(f.flag);
+            return responses::upstream_failure(f.reason, Some(rec));
+        }
+    };
+    drop(table);
+    rec.record.response_code = resp.status().as_u16();
+    if grpc {
+        rec.grpc_status_from(resp.headers());
+    }
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && let Some(down) = down_upgrade {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(upgrade::tunnel(down, up, ctx.clone()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+    Response::from_parts(parts, ResponseBody::upstream(body, Some(rec)))
+}
+
+/// The endpoint's decision; None when the destination is not a local endpoint (steered here
+/// anyway: forwarded, nothing to enforce).
+fn authorize(table: &ProxyTable, conn: &ConnInfo, req: &Request<Incoming>) -> Option<Decision> {
+    let ep = table.endpoint(conn.dst.ip())?;
+    let host = authority(req);
+    let method = req.method().as_str();
+    let full_path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path(), |p| p.as_str());
+    let view = HeaderView {
+        map: req.headers(),
+        authority: host,
+        method,
+        path: full_path,
+    };
+    let areq = AuthzRequest {
+        source_ip: conn.peer.ip(),
+        source: table.workload(conn.peer.ip()).map(|w| &**w),
+        destination_ip: conn.dst.ip(),
+        destination_port: conn.dst.port(),
+        http: Some(HttpRequest {
+            host,
+            method,
+            path: req.uri().path(),
+            headers: &view,
+        }),
+    };
+    Some(ep.authz.evaluate(&areq))
+}
+
+fn header_str<'a, B>(req: &'a Request<B>, name: &header::HeaderName) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// `http://<dst><path?query>`: what the HTTP/1 pool is keyed by.
+fn dst_uri(uri: &Uri, dst: SocketAddr) -> Uri {
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Authority::try_from(dst.to_string()).ok();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// HTTP/2 keeps the client's `:authority` (the destination address when it sent none).
+fn h2_uri(uri: &Uri, dst: SocketAddr) -> Uri {
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return uri.clone();
+    }
+    let mut parts = uri.clone().into_parts();
+    if parts.authority.is_none() {
+        parts.authority = Authority::try_from(dst.to_string()).ok();
+    }
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// A UUIDv4, as Envoy generates for `x-request-id`.
+fn new_request_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h =
+        |r: std::ops::Range<usize>| -> String { b[r].iter().map(|x| format!("{x:02x}")).collect() };
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let dst: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let u: Uri = "/a/b?c=d".parse().unwrap();
+        assert_eq!(dst_uri(&u, dst).to_string(), "http://10.0.0.5:8080/a/b?c=d");
+        let u2: Uri = "http://web.shop:80/x".parse().unwrap();
+        assert_eq!(h2_uri(&u2, dst).to_string(), "http://web.shop:80/x");
+        assert_eq!(h2_uri(&u, dst).to_string(), "http://10.0.0.5:8080/a/b?c=d");
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+    }
+}

@@ -1,0 +1,66 @@
+//! Upgraded connections (WebSocket): after the upstream's 101 both sides are raw byte streams;
+//! handed to the relay as sockets (so they can be spliced), or copied here if hyper's IO
+//! cannot be unwrapped to a socket.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::context::ProxyContext;
+use crate::relay::relay;
+
+/// One side of the tunnel.
+enum Side {
+    Socket(TcpStream, Bytes),
+    Other(TokioIo<Upgraded>),
+}
+
+fn unwrap(u: Upgraded) -> Side {
+    match u.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Side::Socket(parts.io.into_inner(), parts.read_buf),
+        Err(u) => Side::Other(TokioIo::new(u)),
+    }
+}
+
+pub async fn tunnel(down: OnUpgrade, up: OnUpgrade, ctx: Arc<ProxyContext>) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    match (unwrap(down), unwrap(up)) {
+        (Side::Socket(d, db), Side::Socket(u, ub)) => {
+            relay(d, db, u, ub, ctx.splice.as_deref()).await;
+        }
+        (d, u) => copy(d, u).await,
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Userspace fallback: what either side had buffered goes to the other first.
+async fn copy(down: Side, up: Side) {
+    let split = |s: Side| -> (Box<dyn Io>, Bytes) {
+        match s {
+            Side::Socket(t, b) => (Box::new(t), b),
+            Side::Other(o) => (Box::new(o), Bytes::new()),
+        }
+    };
+    let (mut d, db) = split(down);
+    let (mut u, ub) = split(up);
+    if (!db.is_empty() && u.write_all(&db).await.is_err())
+        || (!ub.is_empty() && d.write_all(&ub).await.is_err())
+    {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+        tracing::debug!("upgraded tunnel: {e}");
+    }
+}

@@ -1,0 +1,94 @@
+//! What the proxy is configured with: listener, workers and the per-connection limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::telemetry::Telemetry;
+
+/// The port the datapath steers redirected flows to (docs/l7.md).
+pub const DEFAULT_PORT: u16 = 15006;
+
+/// Bounds that keep one client from taking more than its share (memory, time, sockets).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Request line + headers of one HTTP/1 request, and the HTTP/2 header list size (431
+    /// beyond). Default 64 KiB (Envoy's 60 KiB, rounded).
+    pub max_header_bytes: usize,
+    /// Header count of one request (431 beyond). Default 100 (Envoy's).
+    pub max_headers: usize,
+    /// Request body size (413 beyond; a Content-Length over it is refused before forwarding,
+    /// a chunked body over it is cut). Default 1 GiB: gRPC streams are long, the point is a
+    /// bound, not a policy.
+    pub max_body_bytes: u64,
+    /// Time a client has to send a complete request head once it started one (slowloris):
+    /// the connection is closed after it. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Idle upstream pooled connections are closed after this; HTTP/2 downstream and upstream
+    /// connections are pinged at this interval. Default 300 s.
+    pub idle_timeout: Duration,
+    /// Connecting to the original destination. Default 5 s (UF/UT beyond).
+    pub upstream_connect_timeout: Duration,
+    /// Accepted connections served at once; further ones wait in the listen backlog.
+    /// Default 16384.
+    pub max_connections: usize,
+    /// HTTP/2 streams one downstream connection may have open. Default 256.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows (stream, connection): the most a peer can make us buffer.
+    /// Defaults 256 KiB and 1 MiB.
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+    /// Idle upstream HTTP/1 connections kept per destination. Default 64.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 1 << 30,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            upstream_connect_timeout: Duration::from_secs(5),
+            max_connections: 16384,
+            max_concurrent_streams: 256,
+            h2_stream_window: 256 * 1024,
+            h2_connection_window: 1024 * 1024,
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+/// How to run the proxy ([`crate::Proxy::start`]).
+#[derive(Clone)]
+pub struct ProxyOptions {
+    /// Listening port on 127.0.0.1 and [::1]. 0 = any (tests).
+    pub port: u16,
+    /// Worker threads of the proxy's own tokio runtime.
+    pub workers: usize,
+    /// Set IP_TRANSPARENT on the listeners so `bpf_sk_assign`ed flows are accepted with their
+    /// original destination as local address (needs CAP_NET_ADMIN).
+    pub transparent: bool,
+    pub limits: Limits,
+    /// How long to wait for the client's first bytes before treating the connection as
+    /// opaque TCP (server-first protocols). Default 500 ms.
+    pub detect_timeout: Duration,
+    /// Kernel splicing of opaque and upgraded connections; None = relay in userspace.
+    pub splice: Option<Arc<comb_datapath::ProxySplice>>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl ProxyOptions {
+    /// Defaults: port 15006, 2 workers, transparent, default limits, 500 ms detection.
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            port: DEFAULT_PORT,
+            workers: 2,
+            transparent: true,
+            limits: Limits::default(),
+            detect_timeout: Duration::from_millis(500),
+            splice: None,
+            telemetry,
+        }
+    }
+}

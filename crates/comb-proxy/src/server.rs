@@ -1,0 +1,171 @@
+//! The running proxy: its own tokio runtime, the listeners and their accept loops.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use comb_model::l7::ProxyTable;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::{Semaphore, watch};
+
+use crate::context::ProxyContext;
+use crate::listener::{self, Family};
+use crate::options::ProxyOptions;
+use crate::telemetry::Telemetry;
+
+pub struct Proxy;
+
+impl Proxy {
+    /// Starts the runtime (`workers` threads) and binds 127.0.0.1:port and, if the host has
+    /// IPv6, [::1]:port (the same port; with port 0 IPv6 takes the one IPv4 got).
+    pub fn start(opts: ProxyOptions, table: Arc<ProxyTable>) -> Result<ProxyHandle> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.workers.max(1))
+            .thread_name("comb-proxy")
+            .enable_all()
+            .build()
+            .context("proxy runtime")?;
+        let v4 = listener::bind(Family::V4, opts.port, opts.transparent)
+            .with_context(|| format!("proxy listener 127.0.0.1:{}", opts.port))?;
+        let port = v4.local_addr()?.port();
+        let mut std_listeners = vec![(Family::V4, v4)];
+        match listener::bind(Family::V6, port, opts.transparent) {
+            Ok(l) => std_listeners.push((Family::V6, l)),
+            Err(e) if listener::ipv6_unavailable(&e) => {
+                tracing::info!("proxy: no IPv6 listener ({e})");
+            }
+            Err(e) => return Err(e).with_context(|| format!("proxy listener [::1]:{port}")),
+        }
+        let ctx = ProxyContext::new(&opts, table);
+        let conns = Arc::new(Semaphore::new(opts.limits.max_connections));
+        let (stop, stopped) = watch::channel(false);
+        let _enter = rt.enter();
+        let mut listeners = Vec::new();
+        for (family, l) in std_listeners {
+            let l = Arc::new(TcpListener::from_std(l)?);
+            rt.spawn(accept_loop(
+                l.clone(),
+                ctx.clone(),
+                conns.clone(),
+                stopped.clone(),
+            ));
+            listeners.push((family, l));
+        }
+        Ok(ProxyHandle {
+            rt: Some(rt),
+            ctx,
+            listeners,
+            conns,
+            max_connections: opts.limits.max_connections,
+            stop,
+        })
+    }
+}
+
+pub struct ProxyHandle {
+    rt: Option<Runtime>,
+    ctx: Arc<ProxyContext>,
+    listeners: Vec<(Family, Arc<TcpListener>)>,
+    conns: Arc<Semaphore>,
+    max_connections: usize,
+    stop: watch::Sender<bool>,
+}
+
+impl ProxyHandle {
+    /// The listening sockets, for the datapath's `comb_proxy_listeners` SOCKMAP.
+    pub fn listener_fds(&self) -> Vec<(Family, BorrowedFd<'_>)> {
+        self.listeners
+            .iter()
+            .map(|(f, l)| (*f, l.as_fd()))
+            .collect()
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Swaps the table atomically; requests in flight keep the one they started with.
+    pub fn update(&self, table: Arc<ProxyTable>) {
+        self.ctx.update(table);
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        self.ctx.telemetry()
+    }
+
+    pub fn context(&self) -> &Arc<ProxyContext> {
+        &self.ctx
+    }
+
+    /// Connections being served now.
+    pub fn active_connections(&self) -> usize {
+        self.max_connections - self.conns.available_permits()
+    }
+
+    /// Stops accepting, lets HTTP connections finish their requests (up to `grace`), then
+    /// drops whatever is left (opaque relays included) with the runtime.
+    pub fn shutdown(mut self, grace: Duration) {
+        self.stop.send_replace(true);
+        self.ctx.stop();
+        self.listeners.clear();
+        let deadline = Instant::now() + grace;
+        while self.active_connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: Arc<TcpListener>,
+    ctx: Arc<ProxyContext>,
+    conns: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        // At the connection limit, stop accepting: the backlog holds the rest.
+        let permit = tokio::select! {
+            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning on the ready listener.
+                tracing::warn!("proxy accept: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        // Transparent: the original destination; plain: the listener's own address.
+        let dst = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            crate::serve_connection(stream, peer, dst, ctx).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,103 @@
+//! Opaque TCP: authorize the connection as a whole (TCP semantics), then relay it to the
+//! original destination (spliced in the kernel when a splice is configured).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use comb_model::l7::Request;
+use tokio::net::TcpStream;
+
+use crate::context::ProxyContext;
+use crate::relay::relay;
+use crate::telemetry::{ResponseFlags, TcpRecord};
+use crate::upstream::Failure;
+
+pub async fn serve_opaque(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    ctx: Arc<ProxyContext>,
+) {
+    let t0 = Instant::now();
+    let table = ctx.table();
+    let source = table.workload(peer.ip()).cloned();
+    let endpoint = table.endpoint(dst.ip()).cloned();
+    let decision = endpoint.as_ref().map(|ep| {
+        ep.authz.evaluate(&Request {
+            source_ip: peer.ip(),
+            source: source.as_deref(),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            http: None,
+        })
+    });
+    drop(table);
+    let mut rec = TcpRecord {
+        start: SystemTime::now(),
+        duration: Default::default(),
+        downstream: peer,
+        upstream: dst,
+        source,
+        destination: endpoint.as_ref().map(|e| e.workload.clone()),
+        destination_service: endpoint
+            .as_ref()
+            .and_then(|ep| ep.destination_service(dst.port(), None))
+            .map(|s| s.host.clone()),
+        sent_bytes: 0,
+        received_bytes: 0,
+        response_flags: ResponseFlags::NONE,
+        spliced: false,
+        authz_policy: decision
+            .as_ref()
+            .and_then(|d| d.policy.as_ref())
+            .map(|k| k.to_string()),
+        denied: decision.as_ref().is_some_and(|d| !d.allow),
+    };
+    if rec.denied {
+        reset(stream);
+        rec.duration = t0.elapsed();
+        ctx.telemetry.record_tcp(&rec);
+        return;
+    }
+    let up =
+        match tokio::time::timeout(ctx.limits.upstream_connect_timeout, TcpStream::connect(dst))
+            .await
+        {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => return fail(stream, rec, Failure::classify(&e, true), t0, &ctx),
+            Err(_) => return fail(stream, rec, Failure::CONNECT_TIMEOUT, t0, &ctx),
+        };
+    let _ = up.set_nodelay(true);
+    let out = relay(
+        stream,
+        Bytes::new(),
+        up,
+        Bytes::new(),
+        ctx.splice.as_deref(),
+    )
+    .await;
+    rec.sent_bytes = out.sent;
+    rec.received_bytes = out.received;
+    rec.spliced = out.spliced;
+    if out.error.is_some() {
+        rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
+    }
+    rec.duration = t0.elapsed();
+    ctx.telemetry.record_tcp(&rec);
+}
+
+fn fail(stream: TcpStream, mut rec: TcpRecord, f: Failure, t0: Instant, ctx: &ProxyContext) {
+    // The client sees what it would have seen from the destination: a reset.
+    reset(stream);
+    rec.response_flags.0 |= f.flag;
+    rec.duration = t0.elapsed();
+    ctx.telemetry.record_tcp(&rec);
+}
+
+/// Close with RST (SO_LINGER 0), not FIN: a denied client must not read it as a clean end.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}

@@ -1,0 +1,204 @@
+//! Pooled upstream connections to original destinations: one HTTP/1.1 pool (hyper-util's
+//! legacy client, keyed by the destination address in the URI) and one HTTP/2 pool (one
+//! multiplexed connection per destination, so `:authority` can stay what the client sent
+//! while the connection is chosen by address).
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::http::body::RequestBody;
+use crate::options::Limits;
+use crate::telemetry::ResponseFlags;
+
+/// Why an upstream exchange failed before response headers: the Envoy flag and reset reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub flag: u32,
+    pub reason: &'static str,
+}
+
+impl Failure {
+    pub const CONNECT: Failure = Failure {
+        flag: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+        reason: "connection failure",
+    };
+    pub const CONNECT_TIMEOUT: Failure = Failure {
+        flag: ResponseFlags::UPSTREAM_CONNECTION_FAILURE | ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+        reason: "connection timeout",
+    };
+    pub const TERMINATION: Failure = Failure {
+        flag: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        reason: "connection termination",
+    };
+    pub const PROTOCOL: Failure = Failure {
+        flag: ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
+        reason: "protocol error",
+    };
+
+    /// Classifies an error chain. `connecting`: the error happened while establishing the
+    /// connection (so it is UF, never UC).
+    pub fn classify(err: &(dyn StdError + 'static), connecting: bool) -> Failure {
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return match io.kind() {
+                    io::ErrorKind::TimedOut => Failure::CONNECT_TIMEOUT,
+                    _ if connecting => Failure::CONNECT,
+                    io::ErrorKind::ConnectionRefused => Failure::CONNECT,
+                    _ => Failure::TERMINATION,
+                };
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>()
+                && h.is_parse()
+            {
+                return Failure::PROTOCOL;
+            }
+            cur = e.source();
+        }
+        if connecting {
+            Failure::CONNECT
+        } else {
+            Failure::TERMINATION
+        }
+    }
+}
+
+pub struct Upstreams {
+    h1: Client<HttpConnector, RequestBody>,
+    h2: H2Pool,
+}
+
+impl Upstreams {
+    pub fn new(limits: &Limits) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.idle_timeout)
+            .pool_max_idle_per_host(limits.pool_max_idle_per_host)
+            // The client's Host is forwarded as received; the URI carries the destination.
+            .set_host(false)
+            .build(connector);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .keep_alive_interval(limits.idle_timeout)
+            .keep_alive_while_idle(false);
+        Self {
+            h1,
+            h2: H2Pool {
+                slots: ArcSwap::default(),
+                builder: h2,
+                connect_timeout: limits.upstream_connect_timeout,
+            },
+        }
+    }
+
+    /// HTTP/1.1 exchange; the request URI must be absolute with the destination as authority.
+    pub async fn send_h1(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
+        self.h1.request(req).await.map_err(|e| {
+            let connecting = e.is_connect();
+            Failure::classify(&e, connecting)
+        })
+    }
+
+    /// HTTP/2 exchange on the destination's shared connection.
+    pub async fn send_h2(
+        &self,
+        dst: SocketAddr,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let mut sender = self.h2.sender(dst).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::classify(&e, false))
+    }
+}
+
+struct H2Pool {
+    slots: ArcSwap<HashMap<SocketAddr, Arc<H2Slot>>>,
+    builder: http2::Builder<TokioExecutor>,
+    connect_timeout: Duration,
+}
+
+#[derive(Default)]
+struct H2Slot {
+    conn: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// Held only while (re)connecting so concurrent requests share one new connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Pool {
+    fn slot(&self, dst: SocketAddr) -> Arc<H2Slot> {
+        if let Some(s) = self.slots.load().get(&dst) {
+            return s.clone();
+        }
+        // First request to this destination: copy-on-write insert (rare).
+        let mut created: Option<Arc<H2Slot>> = None;
+        self.slots.rcu(|m| {
+            if m.contains_key(&dst) {
+                return Arc::clone(m);
+            }
+            let mut m = HashMap::clone(m);
+            m.insert(dst, created.get_or_insert_with(Arc::default).clone());
+            Arc::new(m)
+        });
+        self.slots.load().get(&dst).cloned().unwrap_or_default()
+    }
+
+    async fn sender(&self, dst: SocketAddr) -> Result<http2::SendRequest<RequestBody>, Failure> {
+        let slot = self.slot(dst);
+        if let Some(s) = live(&slot) {
+            return Ok(s);
+        }
+        let _g = slot.connecting.lock().await;
+        if let Some(s) = live(&slot) {
+            return Ok(s);
+        }
+        let connect = async {
+            let tcp = TcpStream::connect(dst)
+                .await
+                .map_err(|e| Failure::classify(&e, true))?;
+            let _ = tcp.set_nodelay(true);
+            let (sender, conn) = self
+                .builder
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| Failure::classify(&e, true))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%dst, "upstream h2 connection: {e}");
+                }
+            });
+            Ok(sender)
+        };
+        let sender = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| Failure::CONNECT_TIMEOUT)??;
+        slot.conn.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+}
+
+fn live(slot: &H2Slot) -> Option<http2::SendRequest<RequestBody>> {
+    let guard = slot.conn.load();
+    let s = guard.as_ref()?;
+    (!s.is_closed()).then(|| http2::SendRequest::clone(s))
+}
