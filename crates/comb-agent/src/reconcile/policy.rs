@@ -29,6 +29,10 @@ pub struct PolicyEndpoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredPolicy {
     pub ipcache: BTreeMap<IpNet, IdentityId>,
+    /// Host prefixes of local pods with ingress REDIRECT entries → their host-side interface
+    /// index: the ipcache value's `endpoint`, whose entries the source pod's hook consults to
+    /// redirect a flow to the node proxy.
+    pub redirect_endpoints: BTreeMap<IpNet, u32>,
     /// By host-side interface index.
     pub endpoints: BTreeMap<u32, PolicyEndpoint>,
     pub entries: BTreeMap<(u32, EntryKey), EntryValue>,
@@ -77,6 +81,15 @@ pub fn desired(
             continue;
         }
         let compiled = compile_endpoint(snap, table, pod);
+        let redirects = compiled
+            .entries
+            .iter()
+            .any(|(k, v)| k.direction == Direction::Ingress && v.verdict == Verdict::Redirect);
+        if redirects {
+            for ip in &pod.ips {
+                out.redirect_endpoints.insert(IpNet::from(*ip), index);
+            }
+        }
         for (k, v) in compiled.entries {
             out.entries.insert((index, k), v);
         }
@@ -137,15 +150,19 @@ pub fn datapath_direction(d: Direction) -> dp::Direction {
 pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
     let mut fail = |what: String, e: anyhow::Error| errors.push(format!("{what}: {e:#}"));
 
-    let have_ipcache = d.ipcache().unwrap_or_else(|e| {
+    let have_ipcache = d.ipcache_entries().unwrap_or_else(|e| {
         fail("reading the ipcache".into(), e);
         BTreeMap::new()
     });
     for (net, id) in &want.ipcache {
-        if have_ipcache.get(net) != Some(id)
-            && let Err(e) = d.upsert_ipcache(*net, *id)
+        let entry = dp::IpcacheEntry {
+            identity: *id,
+            endpoint: want.redirect_endpoints.get(net).copied().unwrap_or(0),
+        };
+        if have_ipcache.get(net) != Some(&entry)
+            && let Err(e) = d.upsert_ipcache_entry(*net, entry)
         {
-            fail(format!("ipcache {net} -> {id}"), e);
+            fail(format!("ipcache {net} -> {entry:?}"), e);
         }
     }
 
@@ -275,5 +292,43 @@ mod tests {
         assert!(!d.entries.is_empty());
         assert_eq!(d.unenforced.len(), 2, "{:?}", d.unenforced);
         assert_eq!(d.ipcache.len(), table.ipcache.len());
+        assert!(d.redirect_endpoints.is_empty(), "no REDIRECT entries");
+    }
+
+    #[test]
+    fn pods_with_ingress_redirects_name_their_interface_in_the_ipcache() {
+        let mut snap = Snapshot::default();
+        let mut web = pod("web", "198.18.1.2", Some("lxc2"));
+        web.annotations
+            .insert(comb_model::l7::ANNOTATION_L7.into(), "true".into());
+        for p in [web, pod("client", "198.18.1.3", Some("lxc3"))] {
+            snap.pods.insert(p.key.clone(), p);
+        }
+        let mut state = State::new();
+        state.replace(snap);
+        let table = IdentityAllocator::default().resolve(
+            state.snapshot(),
+            "n1",
+            &policy_cidrs(state.snapshot()),
+        );
+        let d = desired(&state, "n1", &table, &|n| match n {
+            "lxc2" => Some(7),
+            "lxc3" => Some(8),
+            _ => None,
+        });
+        assert!(
+            d.entries.iter().any(|((i, k), v)| *i == 7
+                && k.direction == Direction::Ingress
+                && v.verdict == Verdict::Redirect),
+            "visibility compiles to ingress REDIRECT entries: {:?}",
+            d.entries
+        );
+        let web_net: IpNet = "198.18.1.2/32".parse().unwrap();
+        assert_eq!(
+            d.redirect_endpoints,
+            BTreeMap::from([(web_net, 7)]),
+            "only the pod with REDIRECT entries"
+        );
+        assert!(d.ipcache.contains_key(&web_net));
     }
 }
