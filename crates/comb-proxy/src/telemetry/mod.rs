@@ -7,12 +7,158 @@
 //! and call [`Telemetry::record_request`] / [`Telemetry::record_tcp`]; the agent renders
 //! [`Telemetry::render_prometheus`] into its /metrics and serves [`Telemetry::stats`].
 
+mod access_log;
+mod flags;
+mod labels;
+mod metrics;
+mod otlp;
+mod stats;
+mod timefmt;
+pub mod trace;
+
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use comb_model::l7::Workload;
 use serde::{Deserialize, Serialize};
+
+pub use access_log::AccessLogTarget;
+pub use metrics::DEFAULT_MAX_SERIES;
+pub use stats::{ProxyStats, RowStats, TcpStats, TelemetryHealth, render_table};
+
+#[derive(Clone, Debug)]
+pub struct TelemetryOptions {
+    pub access_log: Option<AccessLogTarget>,
+    /// OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (spans go to `{endpoint}/v1/traces`).
+    pub otlp_endpoint: Option<String>,
+    /// Node name (span attribute `node_id`, stats header).
+    pub node: String,
+    /// OTLP `service.name`, normally `comb-proxy`.
+    pub service_name: String,
+    /// Distinct routes (and destinations) kept in [`ProxyStats`]; the rest count as `other`.
+    pub max_stats_routes: usize,
+}
+
+/// The proxy's telemetry sink: cheap to call from every request task.
+pub struct Telemetry {
+    opts: TelemetryOptions,
+    metrics: metrics::Metrics,
+    stats: stats::Stats,
+    access_log: Option<access_log::AccessLog>,
+    exporter: Option<otlp::Exporter>,
+}
+
+impl Telemetry {
+    /// Spawns nothing: the access log thread starts with the first line, the OTLP task in
+    /// [`Telemetry::start_exporter`].
+    pub fn new(opts: TelemetryOptions) -> Arc<Telemetry> {
+        Self::with_max_series(opts, DEFAULT_MAX_SERIES)
+    }
+
+    /// [`Telemetry::new`] with a different cap on Istio metric series (HTTP + TCP).
+    pub fn with_max_series(opts: TelemetryOptions, max_series: usize) -> Arc<Telemetry> {
+        Arc::new(Telemetry {
+            metrics: metrics::Metrics::new(max_series),
+            stats: stats::Stats::new(opts.max_stats_routes),
+            access_log: opts.access_log.clone().map(access_log::AccessLog::new),
+            exporter: opts
+                .otlp_endpoint
+                .as_deref()
+                .map(|e| otlp::Exporter::new(e, &opts.service_name, &opts.node)),
+            opts,
+        })
+    }
+
+    /// Starts the OTLP batch exporter on `rt`, if an endpoint is set (idempotent).
+    pub fn start_exporter(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        if let Some(e) = &self.exporter {
+            e.start(rt);
+        }
+    }
+
+    pub fn record_request(&self, r: &RequestRecord) {
+        self.metrics.record_request(r);
+        self.stats.record_request(r);
+        if let Some(log) = &self.access_log {
+            log.http(r);
+        }
+        if let Some(e) = &self.exporter
+            && let Some(span) = otlp::span_of(r, &self.opts.node)
+        {
+            e.push(span);
+        }
+    }
+
+    pub fn record_tcp(&self, r: &TcpRecord) {
+        self.metrics.record_tcp(r);
+        self.stats.record_tcp(r);
+        if let Some(log) = &self.access_log {
+            log.tcp(r);
+        }
+    }
+
+    /// Appends the Istio families and the proxy's telemetry counters.
+    pub fn render_prometheus(&self, out: &mut String) {
+        let h = self.health();
+        self.metrics.render(
+            out,
+            &[
+                (
+                    "comb_proxy_access_log_dropped_total",
+                    "Access log lines dropped (writer queue full or write error).",
+                    h.access_log_dropped,
+                ),
+                (
+                    "comb_proxy_spans_exported_total",
+                    "Spans accepted by the OTLP collector.",
+                    h.spans_exported,
+                ),
+                (
+                    "comb_proxy_spans_dropped_total",
+                    "Spans dropped (export queue full or export failed).",
+                    h.spans_dropped,
+                ),
+                (
+                    "comb_proxy_span_export_failures_total",
+                    "Failed OTLP export requests.",
+                    h.span_export_failures,
+                ),
+            ],
+        );
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        self.stats.snapshot(&self.opts.node, self.health())
+    }
+
+    /// Waits until every access log line recorded so far is written (tests, shutdown).
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
+    }
+
+    fn health(&self) -> TelemetryHealth {
+        let spans = self.exporter.as_ref().map(|e| &e.counters);
+        let span = |f: fn(&otlp::ExportCounters) -> u64| spans.map_or(0, |c| f(c));
+        TelemetryHealth {
+            metric_series: self.metrics.budget.used() as u64,
+            metric_series_dropped: self.metrics.budget.dropped.load(Relaxed),
+            access_log_dropped: self
+                .access_log
+                .as_ref()
+                .map_or(0, |l| l.dropped.load(Relaxed)),
+            spans_exported: span(|c| c.exported.load(Relaxed)),
+            spans_dropped: span(|c| c.dropped.load(Relaxed)),
+            span_export_failures: span(|c| c.failures.load(Relaxed)),
+        }
+    }
+}
 
 /// `request_protocol` label values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
