@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::matchers::{
-    HostMatch, Star, StrMatch, any_str, hosts, in_nets, parse_net, path_only, patterns,
+    HostMatch, Star, StrMatch, any_str, hosts, in_nets, parse_net, path_only, patterns, split_port,
 };
 use super::{Decision, DecisionReason, HttpRequest, Request};
 use crate::objects::ObjKey;
@@ -128,6 +128,8 @@ struct Ctx<'a> {
     principal: Option<&'a str>,
     http: Option<&'a HttpRequest<'a>>,
     path: &'a str,
+    /// The host without its `:port`.
+    bare_host: &'a str,
 }
 
 impl<'a> Ctx<'a> {
@@ -142,6 +144,7 @@ impl<'a> Ctx<'a> {
             principal: req.source.map(|w| w.principal.as_str()),
             http,
             path: http.map_or("", |h| path_only(h.path)),
+            bare_host: http.map_or("", |h| split_port(h.host).0),
         }
     }
 }
@@ -284,20 +287,19 @@ impl Operation {
             && not_field(self.not_ports.len(), || self.not_ports.contains(&port));
         // HTTP-only: on opaque TCP only DENY rules get here, and they ignore them.
         let Some(h) = ctx.http else { return l4 };
-        let host = |l: &[HostMatch]| l.iter().any(|m| m.matches(h.host));
+        let host = |l: &[HostMatch]| l.iter().any(|m| m.matches(h.host, ctx.bare_host));
         let path = ctx.path;
-        l4 && field(self.hosts.len(), || host(&self.hosts))
-            && not_field(self.not_hosts.len(), || host(&self.not_hosts))
-            && field(self.methods.len(), || {
-                any_str(&self.methods, Some(h.method))
-            })
-            && not_field(self.not_methods.len(), || {
-                any_str(&self.not_methods, Some(h.method))
-            })
-            && field(self.paths.len(), || any_str(&self.paths, Some(path)))
+        // Cheapest comparisons first.
+        l4 && field(self.methods.len(), || {
+            any_str(&self.methods, Some(h.method))
+        }) && not_field(self.not_methods.len(), || {
+            any_str(&self.not_methods, Some(h.method))
+        }) && field(self.paths.len(), || any_str(&self.paths, Some(path)))
             && not_field(self.not_paths.len(), || {
                 any_str(&self.not_paths, Some(path))
             })
+            && field(self.hosts.len(), || host(&self.hosts))
+            && not_field(self.not_hosts.len(), || host(&self.not_hosts))
     }
 }
 
