@@ -39,6 +39,9 @@ const PROXY_PORT: u16 = 15006;
 const L7_PORT: u16 = 8080;
 const PLAIN_PORT: u16 = 9090;
 const MIB: usize = 1 << 20;
+const GW6: &str = "fd00:5::1";
+const POD_A6: &str = "fd00:5::2";
+const POD_B6: &str = "fd00:5::3";
 
 fn ip4(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -105,6 +108,62 @@ impl Lab {
         let a = pods.pop().unwrap();
         Self { a, b, node }
     }
+
+    /// The same with IPv6 only: `GW6` (nodad) on every host veth, pods with a /128.
+    fn new_v6() -> Self {
+        let node = Netns::new("comb-rdn6");
+        for kv in [
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            node.sysctl(kv);
+        }
+        let mut pods = Vec::new();
+        for (i, addr) in [(1, POD_A6), (2, POD_B6)] {
+            let pod = Netns::new("comb-rdp6");
+            pod.sysctl("net.ipv6.conf.all.accept_dad=0");
+            pod.sysctl("net.ipv6.conf.default.accept_dad=0");
+            let host_if = format!("lxc{i}");
+            node.ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+            ]);
+            node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{GW6}/128"),
+                "dev",
+                &host_if,
+                "nodad",
+            ]);
+            node.ip(&["link", "set", &host_if, "up"]);
+            node.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{addr}/128"),
+                "dev",
+                &host_if,
+            ]);
+            pod.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["-6", "route", "add", GW6, "dev", "eth0"]);
+            pod.ip(&["-6", "route", "add", "default", "via", GW6, "dev", "eth0"]);
+            pods.push(pod);
+        }
+        let b = pods.pop().unwrap();
+        let a = pods.pop().unwrap();
+        Self { a, b, node }
+    }
 }
 
 /// Servers in pod B on some ports: each connection gets `hello <port>\n` and is counted.
@@ -116,7 +175,8 @@ struct PodServer {
 }
 
 impl PodServer {
-    fn start(ns: &Netns, ports: &[u16]) -> Self {
+    /// `any`: the wildcard address to bind ("0.0.0.0" or "::").
+    fn start(ns: &Netns, any: &'static str, ports: &[u16]) -> Self {
         let accepted: Arc<Vec<(u16, AtomicUsize)>> =
             Arc::new(ports.iter().map(|p| (*p, AtomicUsize::new(0))).collect());
         let stop = Arc::new(AtomicBool::new(false));
@@ -127,7 +187,7 @@ impl PodServer {
             let listeners: Vec<TcpListener> = acc
                 .iter()
                 .map(|(p, _)| {
-                    let l = TcpListener::bind(("0.0.0.0", *p)).expect("server bind");
+                    let l = TcpListener::bind((any, *p)).expect("server bind");
                     l.set_nonblocking(true).unwrap();
                     l
                 })
@@ -199,18 +259,25 @@ fn hello(ns: &Netns, dst: SocketAddr, timeout: Duration) -> String {
     })
 }
 
-/// A listening TCP socket with IP_TRANSPARENT on `addr`, in the calling thread's namespace.
-fn transparent_listener(addr: SocketAddrV4) -> TcpListener {
-    // SAFETY: plain socket syscalls on an fd we own; the sockaddr is fully initialised.
+/// A listening TCP socket with IP_TRANSPARENT (IPV6_TRANSPARENT) on `addr`, in the calling
+/// thread's namespace.
+fn transparent_listener(addr: SocketAddr) -> TcpListener {
+    let one: libc::c_int = 1;
+    let (family, level, opt) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::SOL_IP, libc::IP_TRANSPARENT),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
+    };
+    // SAFETY: plain socket syscalls on an fd we own; the sockaddrs are fully initialised and
+    // their sizes passed along.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let owned = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        for (level, opt) in [
-            (libc::SOL_IP, libc::IP_TRANSPARENT),
-            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        ] {
+        let mut opts = vec![(level, opt), (libc::SOL_SOCKET, libc::SO_REUSEADDR)];
+        if family == libc::AF_INET6 {
+            opts.push((libc::SOL_IPV6, libc::IPV6_V6ONLY));
+        }
+        for (level, opt) in opts {
             let r = libc::setsockopt(
                 fd,
                 level,
@@ -220,19 +287,34 @@ fn transparent_listener(addr: SocketAddrV4) -> TcpListener {
             );
             assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
         }
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: addr.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*addr.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
+        let r = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(
+                    fd,
+                    (&sin as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+            SocketAddr::V6(a) => {
+                let mut sin6: libc::sockaddr_in6 = std::mem::zeroed();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                libc::bind(
+                    fd,
+                    (&sin6 as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
         };
-        let r = libc::bind(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
         assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
         assert_eq!(
             libc::listen(fd, 128),
@@ -288,13 +370,17 @@ fn redirect(reason: Reason, policy: u32) -> PolicyValue {
 
 /// A redirected connection from A to B:8080: the client's view (its local address, bytes
 /// received back) on one side, the proxy's accepted socket on the other.
-fn proxied_exchange(lab: &Lab, listener: &TcpListener) -> (SocketAddr, SocketAddr, SocketAddr) {
+fn proxied_exchange(
+    lab: &Lab,
+    listener: &TcpListener,
+    dst: SocketAddr,
+) -> (SocketAddr, SocketAddr, SocketAddr) {
     let (up, down) = (pattern(0x5a), pattern(0xa5));
     let (up2, down2) = (up.clone(), down.clone());
     let a = lab.a.0.clone();
     let client = std::thread::spawn(move || {
         join_netns(&a);
-        let mut c = TcpStream::connect_timeout(&sa(POD_B, L7_PORT), Duration::from_secs(5))
+        let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
             .expect("connect through the proxy");
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let local = c.local_addr().unwrap();
@@ -325,7 +411,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new();
-    let server = PodServer::start(&lab.b, &[L7_PORT, PLAIN_PORT]);
+    let server = PodServer::start(&lab.b, "0.0.0.0", &[L7_PORT, PLAIN_PORT]);
     // Plain routing works before anything is attached.
     assert_eq!(
         hello(&lab.a, sa(POD_B, PLAIN_PORT), Duration::from_secs(5)),
@@ -396,7 +482,10 @@ fn tcp_is_redirected_to_the_node_proxy() {
     );
 
     // The listener, in the node namespace (this thread is in it).
-    let listener = transparent_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT));
+    let listener = transparent_listener(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        PROXY_PORT,
+    )));
     assert!(!dp.proxy_listener_present(ProxyFamily::V4).unwrap());
     dp.set_proxy_listener(ProxyFamily::V4, listener.as_fd())
         .unwrap();
@@ -421,13 +510,14 @@ fn tcp_is_redirected_to_the_node_proxy() {
 
     // A -> B:8080 lands on the proxy: local address B:8080, peer A; 1 MiB each way.
     let t = Instant::now();
-    let (client_local, proxy_local, proxy_peer) = proxied_exchange(&lab, &listener);
+    let (client_local, proxy_local, proxy_peer) =
+        proxied_exchange(&lab, &listener, sa(POD_B, L7_PORT));
     let elapsed = t.elapsed();
     assert_eq!(proxy_local, sa(POD_B, L7_PORT));
     assert_eq!(proxy_peer, client_local);
     assert_eq!(proxy_peer.ip(), POD_A.parse::<std::net::IpAddr>().unwrap());
     // A second one, right after.
-    let (c2, _, p2) = proxied_exchange(&lab, &listener);
+    let (c2, _, p2) = proxied_exchange(&lab, &listener, sa(POD_B, L7_PORT));
     assert_eq!(p2, c2);
     assert_eq!(server.count(L7_PORT), 0, "B's server never sees them");
     eprintln!("redirected connection, 1 MiB each way, took {elapsed:?}");
@@ -484,10 +574,13 @@ fn tcp_is_redirected_to_the_node_proxy() {
     assert_eq!(metric(&dp, bi, Ingress, Reason::L7_VISIBILITY), 1);
 
     // With a listener again, visibility flows are redirected too; clear takes it out.
-    let listener = transparent_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT));
+    let listener = transparent_listener(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        PROXY_PORT,
+    )));
     dp.set_proxy_listener(ProxyFamily::V4, listener.as_fd())
         .unwrap();
-    let (c3, _, p3) = proxied_exchange(&lab, &listener);
+    let (c3, _, p3) = proxied_exchange(&lab, &listener, sa(POD_B, L7_PORT));
     assert_eq!(p3, c3);
     assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_REDIRECT), 3);
     assert_eq!(server.count(L7_PORT), 2);
@@ -508,6 +601,83 @@ fn tcp_is_redirected_to_the_node_proxy() {
     proxy_routing::remove().unwrap();
     assert!(!proxy_routing::installed().unwrap());
     proxy_routing::remove().expect("removing is idempotent");
+    dp.shutdown(false).unwrap();
+    assert!(!pins.0.exists());
+    drop(inside);
+}
+
+/// IPv6: the listener in slot 1, the IPv6 half of the routing.
+#[test]
+fn tcp6_is_redirected_to_the_node_proxy() {
+    if !common::privileged("redirect") {
+        return;
+    }
+    host::ensure_bpffs().unwrap();
+    let pins = common::PinGuard::fresh();
+    let lab = Lab::new_v6();
+    let b = SocketAddr::new(POD_B6.parse().unwrap(), L7_PORT);
+    let server = PodServer::start(&lab.b, "::", &[L7_PORT]);
+    assert_eq!(hello(&lab.a, b, Duration::from_secs(5)), "hello 8080");
+
+    let inside = InNetns::enter(&lab.node);
+    let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
+    let mut dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: host::cgroup2_mount().unwrap(),
+    })
+    .expect("loading the datapath");
+    dp.set_policy_endpoint(ai, ID_A, &[POD_A6.parse().unwrap()])
+        .unwrap();
+    dp.set_policy_endpoint(bi, ID_B, &[POD_B6.parse().unwrap()])
+        .unwrap();
+    dp.upsert_ipcache(format!("{POD_A6}/128").parse().unwrap(), ID_A)
+        .unwrap();
+    dp.upsert_ipcache_entry(
+        format!("{POD_B6}/128").parse().unwrap(),
+        IpcacheEntry {
+            identity: ID_B,
+            endpoint: bi,
+        },
+    )
+    .unwrap();
+    dp.upsert_policy_entry(
+        &PolicyKey::port(bi, ID_A, Ingress, TCP, Some(L7_PORT)),
+        &redirect(Reason::PROXY_UNAVAILABLE, 1),
+    )
+    .unwrap();
+    dp.attach_policy(ai).unwrap();
+    dp.attach_policy(bi).unwrap();
+    proxy_routing::install().unwrap();
+    assert!(proxy_routing::installed().unwrap());
+
+    // No IPv6 listener: fails closed (an IPv4 one does not serve IPv6).
+    let l4 = transparent_listener(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        PROXY_PORT,
+    )));
+    dp.set_proxy_listener(ProxyFamily::V4, l4.as_fd()).unwrap();
+    assert_eq!(hello(&lab.a, b, Duration::from_secs(1)), "timeout");
+    assert!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE) >= 1);
+
+    let listener = transparent_listener(SocketAddr::new(
+        std::net::Ipv6Addr::LOCALHOST.into(),
+        PROXY_PORT,
+    ));
+    dp.set_proxy_listener(ProxyFamily::V6, listener.as_fd())
+        .unwrap();
+    assert!(dp.proxy_listener_present(ProxyFamily::V6).unwrap());
+    let (client_local, proxy_local, proxy_peer) = proxied_exchange(&lab, &listener, b);
+    assert_eq!(proxy_local, b);
+    assert_eq!(proxy_peer, client_local);
+    assert_eq!(
+        server.count(L7_PORT),
+        1,
+        "only the unpoliced first connection"
+    );
+    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_REDIRECT), 1);
+    assert!(metric(&dp, ai, Ingress, Reason::CT_REPLY) > 10);
+
+    proxy_routing::remove().unwrap();
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
     drop(inside);
