@@ -33,6 +33,7 @@ async fn keep_alive_requests_share_one_upstream_connection() {
             .header("x-drop", "hop")
             .body(body(format!("req-{i}")))
             .unwrap();
+        c.ready().await.unwrap();
         let r = c.send_request(req).await.unwrap();
         assert_eq!(r.status(), 200);
         let h = |n: &str| r.headers()[n].to_str().unwrap().to_owned();
@@ -213,6 +214,7 @@ async fn upstream_refused_is_503_uf() {
     let dst = closed_port().await;
     let proxy = TestProxy::start(dst, ProxyTable::default(), options(Limits::default())).await;
     let mut c = h1_client(proxy.addr).await;
+    c.ready().await.unwrap();
     let r = c
         .send_request(
             Request::get("/x")
@@ -296,6 +298,7 @@ async fn oversized_body_is_413() {
     };
     let proxy = TestProxy::start(backend.addr, ProxyTable::default(), options(limits)).await;
     let mut c = h1_client(proxy.addr).await;
+    c.ready().await.unwrap();
     let r = c
         .send_request(
             Request::post("/echo")
@@ -341,6 +344,7 @@ async fn slowloris_is_closed_while_others_are_served() {
         let mut served = 0;
         while t0.elapsed() < Duration::from_millis(700) {
             let mut c = h1_client(addr).await;
+            c.ready().await.unwrap();
             let r = c
                 .send_request(
                     Request::get("/echo")

@@ -309,3 +309,32 @@ pub fn body(b: impl Into<Bytes>) -> TestBody {
 pub async fn text(r: Response<Incoming>) -> String {
     String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
+
+/// The proxy table of node `n1` for `manifests` (YAML, as `comb apply` reads them).
+pub fn table(manifests: &str) -> ProxyTable {
+    let docs = comb_config::parse_file_text(std::path::Path::new("m.yaml"), manifests)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snap = comb_config::build_snapshot(&docs).unwrap_or_else(|e| panic!("{e}"));
+    let ids = comb_model::identity::IdentityAllocator::default().resolve(
+        &snap,
+        "n1",
+        &comb_model::policy_compile::policy_cidrs(&snap),
+    );
+    comb_model::l7::compile_proxy_table(&snap, 1, &ids, "n1")
+}
+
+/// A pod `shop/web` (app=web) on n1 at 127.0.0.1: both the tests' client and backend
+/// address, so it is the source and the destination workload.
+pub const WEB_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web, containers: []}
+status: {podIP: 127.0.0.1}
+";
+
+/// A policy document selecting the web pod.
+pub fn policy(name: &str, action: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  action: {action}\n  rules:\n{rules}"
+    )
+}
