@@ -138,6 +138,7 @@ async fn accept_loop(
     conns: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let own = listener.local_addr().ok();
     loop {
         // At the connection limit, stop accepting: the backlog holds the rest.
         let permit = tokio::select! {
@@ -159,8 +160,9 @@ async fn accept_loop(
         };
         // Transparent: the original destination; plain: the listener's own address.
         let dst = match stream.local_addr() {
-            Ok(a) => a,
-            Err(_) => continue,
+            Ok(a) if Some(a) != own => a,
+            // A client that dialled the proxy port itself: forwarding would loop back here.
+            _ => continue,
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {

@@ -1,0 +1,205 @@
+//! A real IP_TRANSPARENT listener (privileged): in a throwaway network namespace, an
+//! iptables TPROXY rule hands connections for 10.231.0.2:8080 to the proxy's 127.0.0.1
+//! listener (what `bpf_sk_assign` does in the datapath); the proxy must accept them with the
+//! original destination as local address and forward there.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use comb_model::l7::ProxyTable;
+use comb_proxy::telemetry::{Telemetry, TelemetryOptions};
+use comb_proxy::{Family, Proxy, ProxyOptions};
+
+fn privileged(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = format!("{what} privileged test needs root (netns, iptables TPROXY)");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("NOTICE: skipping: {msg}");
+    false
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth; deleting them removes the veth, rules and routes.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `name`.
+fn enter(name: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn tproxy_to_transparent_listener_keeps_original_destination() {
+    if !privileged("transparent listener") {
+        return;
+    }
+    let tag = format!("{:x}", std::process::id() & 0xffff);
+    let (cli, prx) = (format!("ctc-{tag}"), format!("ctp-{tag}"));
+    let (vc, vp) = (format!("vc{tag}"), format!("vp{tag}"));
+    sh(&["ip", "netns", "add", &cli]);
+    let _guard = Netns(vec![cli.clone(), prx.clone()]);
+    sh(&["ip", "netns", "add", &prx]);
+    sh(&[
+        "ip", "link", "add", &vc, "netns", &cli, "type", "veth", "peer", "name", &vp, "netns", &prx,
+    ]);
+    let nx = |ns: &str, a: &[&str]| {
+        let mut v = vec!["ip", "netns", "exec", ns];
+        v.extend_from_slice(a);
+        sh(&v);
+    };
+    nx(&cli, &["ip", "addr", "add", "10.231.0.1/24", "dev", &vc]);
+    nx(&cli, &["ip", "link", "set", &vc, "up"]);
+    nx(&prx, &["ip", "addr", "add", "10.231.0.2/24", "dev", &vp]);
+    nx(&prx, &["ip", "link", "set", &vp, "up"]);
+    nx(&prx, &["ip", "link", "set", "lo", "up"]);
+
+    // The proxy and the backend live in the proxy namespace (threads inherit it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prx2 = prx.clone();
+    let proxy_thread = std::thread::spawn(move || {
+        enter(&prx2);
+        let backend = TcpListener::bind("10.231.0.2:8080").unwrap();
+        let tel = Telemetry::new(TelemetryOptions {
+            access_log: None,
+            otlp_endpoint: None,
+            node: "n1".into(),
+            service_name: "comb-proxy".into(),
+            max_stats_routes: 10,
+        });
+        let mut opts = ProxyOptions::new(tel);
+        opts.port = 0;
+        opts.transparent = true;
+        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        let v4 = h.local_addrs()[0];
+        // The listener really is transparent.
+        let fds = h.listener_fds();
+        let (fam, fd) = fds[0];
+        assert_eq!(fam, Family::V4);
+        let mut val: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, out-pointers to a c_int and its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, val), (0, 1));
+        tx.send(v4).unwrap();
+        // Backend: one request, answers with the peer it saw.
+        let (mut s, peer) = backend.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = format!("peer={}", peer.ip());
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut m = String::new();
+        h.telemetry().render_prometheus(&mut m);
+        h.shutdown(Duration::from_secs(1));
+        m
+    });
+    let v4: SocketAddr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let port = v4.port().to_string();
+    nx(
+        &prx,
+        &["ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+    );
+    nx(
+        &prx,
+        &[
+            "ip",
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ],
+    );
+    nx(
+        &prx,
+        &[
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-i",
+            &vp,
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "TPROXY",
+            "--on-ip",
+            "127.0.0.1",
+            "--on-port",
+            &port,
+            "--tproxy-mark",
+            "0x1/0x1",
+        ],
+    );
+
+    let cli2 = cli.clone();
+    let reply = std::thread::spawn(move || {
+        enter(&cli2);
+        let mut s =
+            TcpStream::connect_timeout(&"10.231.0.2:8080".parse().unwrap(), Duration::from_secs(5))
+                .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /t HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .join()
+    .unwrap();
+    let metrics = proxy_thread.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // The backend was reached by the proxy (from its own namespace), not by the client.
+    assert!(reply.ends_with("peer=10.231.0.2"), "{reply}");
+    assert!(metrics.contains("response_code=\"200\""), "{metrics}");
+}
