@@ -7,10 +7,12 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use comb_datapath::SocketLbMode;
+use comb_datapath::{ProxyFamily, SocketLbMode};
 use comb_model::lb::compile_frontends;
 
-use crate::api::{EndpointRow, MonitorLine, Request, Response, Status, VerdictFilter};
+use crate::api::{
+    EndpointRow, MonitorLine, ProxyStatsReply, Request, Response, Status, VerdictFilter,
+};
 use crate::flows::{self, FlowMsg};
 use crate::shared::Shared;
 
@@ -162,6 +164,12 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
                     .as_ref()
                     .map_or(0, |d| d.policy_attachments().len()),
                 policy_unenforced: inner.policy.unenforced.clone(),
+                proxy: shared
+                    .proxy
+                    .lock()
+                    .expect("proxy lock poisoned")
+                    .as_ref()
+                    .map(|p| format!("127.0.0.1:{}", p.port())),
             })
         }
         Request::Services => {
@@ -241,6 +249,29 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
         Request::Metrics => {
             drop(inner);
             ok(crate::metrics::render(shared))
+        }
+        Request::ProxyStats => {
+            let listener_registered = inner
+                .datapath
+                .as_ref()
+                .is_some_and(|d| d.proxy_listener_present(ProxyFamily::V4).unwrap_or(false));
+            drop(inner);
+            let guard = shared.proxy.lock().expect("proxy lock poisoned");
+            let Some(p) = guard.as_ref() else {
+                return Response::Error {
+                    message: "the node proxy is off (--proxy off)".into(),
+                };
+            };
+            let splice = p.splice().and_then(|s| s.stats().ok());
+            ok(ProxyStatsReply {
+                port: p.port(),
+                listener_registered,
+                routing_installed: comb_datapath::proxy_routing::installed().unwrap_or(false),
+                active_connections: p.active_connections(),
+                spliced_sockets: splice.as_ref().map(|s| s.sockets),
+                spliced_bytes: splice.as_ref().map(|s| s.redirected_bytes),
+                stats: p.telemetry().stats(),
+            })
         }
         Request::Identities => ok(crate::policy_rows::identities(&inner.identity_table)),
         Request::EndpointPolicy { pod } => {

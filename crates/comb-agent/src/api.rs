@@ -33,6 +33,23 @@ pub enum Request {
         pod: Option<String>,
         verdict: Option<VerdictFilter>,
     },
+    /// The node proxy's summary: `ProxyStatsReply`.
+    ProxyStats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProxyStatsReply {
+    /// Transparent listener port.
+    pub port: u16,
+    /// The datapath's listener slot holds the proxy's IPv4 listener.
+    pub listener_registered: bool,
+    /// The node's policy routing for redirected flows is in place.
+    pub routing_installed: bool,
+    pub active_connections: usize,
+    /// Sockets handed to the kernel now and the bytes it moved; None without the splice.
+    pub spliced_sockets: Option<u64>,
+    pub spliced_bytes: Option<u64>,
+    pub stats: comb_proxy::telemetry::ProxyStats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +180,9 @@ pub struct Status {
     pub policy_endpoints: usize,
     /// Local pods whose traffic policy cannot judge, with why.
     pub policy_unenforced: Vec<String>,
+    /// The node proxy's listener (`127.0.0.1:PORT`), None when it is off.
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

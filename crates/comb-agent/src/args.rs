@@ -100,6 +100,42 @@ pub struct Args {
     /// How often expired conntrack entries are removed, in seconds.
     #[arg(long, default_value = "10")]
     pub ct_gc_interval: f64,
+    /// The node L7 proxy (flows whose policy needs L7, or with `comb.dev/l7: "true"`).
+    /// Off: such flows fail closed (L7 policy) or keep the kernel path (visibility).
+    #[arg(long, value_enum, default_value = "on")]
+    pub proxy: OnOff,
+    /// The proxy's transparent listener port (127.0.0.1 and [::1]).
+    #[arg(long, default_value = "15006")]
+    pub proxy_port: u16,
+    /// Worker threads of the proxy.
+    #[arg(long, default_value = "2")]
+    pub proxy_workers: usize,
+    /// Hand allowed opaque TCP and upgraded (WebSocket) connections to the kernel (sockmap)
+    /// once the proxy has decided, so their bytes stop crossing userspace.
+    #[arg(long, value_enum, default_value = "on")]
+    pub proxy_splice: OnOff,
+    /// JSON access log of the proxy: `stdout`, `stderr` or a file path (appended).
+    #[arg(long)]
+    pub access_log: Option<String>,
+    /// OTLP/HTTP collector for the proxy's spans, e.g. http://127.0.0.1:4318.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Time a client has to send a complete request head (slowloris), in milliseconds.
+    #[arg(long, default_value = "10000")]
+    pub proxy_header_timeout_ms: u64,
+    /// Largest request head (request line + headers), in bytes (431 beyond).
+    #[arg(long, default_value = "65536")]
+    pub proxy_max_header_bytes: usize,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, default_value = "1073741824")]
+    pub proxy_max_body_bytes: u64,
+    /// Upstream connect timeout, in milliseconds (503 UF beyond).
+    #[arg(long, default_value = "5000")]
+    pub proxy_connect_timeout_ms: u64,
+    /// How long the proxy waits for a client's first bytes before relaying the connection as
+    /// opaque TCP (server-first protocols), in milliseconds.
+    #[arg(long, default_value = "500")]
+    pub proxy_detect_timeout_ms: u64,
 }
 
 impl Args {

@@ -10,6 +10,7 @@ mod args;
 mod flows;
 mod identity_store;
 mod metrics;
+mod node_proxy;
 mod policy_rows;
 mod reconcile;
 mod run;

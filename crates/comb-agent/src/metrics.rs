@@ -205,7 +205,49 @@ pub fn render(shared: &Shared) -> String {
             s.add_failures,
         );
     }
+    drop(inner);
+    proxy_metrics(shared, &mut o);
     o
+}
+
+/// The node proxy's Istio-standard metrics and its own gauges/counters.
+fn proxy_metrics(shared: &Shared, o: &mut String) {
+    let (telemetry, active, splice) = {
+        let guard = shared.proxy.lock().expect("proxy lock poisoned");
+        let Some(p) = guard.as_ref() else { return };
+        (
+            p.telemetry(),
+            p.active_connections(),
+            p.splice().and_then(|s| s.stats().ok()),
+        )
+    };
+    metric(
+        o,
+        "comb_proxy_active_connections",
+        "gauge",
+        "Downstream connections the node proxy serves now.",
+        "",
+        active,
+    );
+    if let Some(s) = splice {
+        metric(
+            o,
+            "comb_proxy_spliced_sockets",
+            "gauge",
+            "Proxy sockets handed to the kernel (two per spliced connection).",
+            "",
+            s.sockets,
+        );
+        metric(
+            o,
+            "comb_proxy_spliced_bytes_total",
+            "counter",
+            "Bytes the kernel moved between spliced proxy sockets.",
+            "",
+            s.redirected_bytes,
+        );
+    }
+    telemetry.render_prometheus(o);
 }
 
 /// Socket-LB gauges and the datapath's `comb_lb_*` counters.

@@ -12,10 +12,12 @@ use tokio::sync::mpsc;
 
 use crate::args::{Args, LogFormat, OnOff, SocketLb};
 use crate::identity_store::IdentityStore;
+use crate::node_proxy::NodeProxy;
 use crate::shared::{Inner, Shared};
 use crate::source::{self, SourceUpdate};
 use crate::{admin, flows, metrics, reconcile};
 use comb_datapath::policy::PolicyConfig;
+use comb_model::l7::compile_proxy_table;
 use comb_model::policy_compile::{
     KIND_AUTHORIZATION_POLICY, KIND_NETWORK_POLICY, policy_cidrs, policy_id,
 };
@@ -89,6 +91,12 @@ pub async fn run(args: Args) -> Result<()> {
     };
     datapath.set_policy_config(&policy_cfg)?;
     let (identity_store, identities) = IdentityStore::open(&args.state_dir())?;
+    let proxy = if args.proxy == OnOff::On {
+        Some(NodeProxy::start(&args, &datapath)?)
+    } else {
+        tracing::info!("node proxy off: L7 policy flows fail closed");
+        None
+    };
 
     let admin_path = args.admin_socket();
     let shared = Arc::new(Shared {
@@ -113,6 +121,7 @@ pub async fn run(args: Args) -> Result<()> {
         }),
         flows: tokio::sync::broadcast::channel(flows::CHANNEL_EVENTS).0,
         flow_index: Default::default(),
+        proxy: Mutex::new(proxy),
     });
     {
         let shared = shared.clone();
@@ -123,6 +132,12 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let result = serve(&shared).await;
     let _ = std::fs::remove_file(&admin_path);
+    let proxy = shared.proxy.lock().expect("proxy lock poisoned").take();
+    if let Some(proxy) = proxy {
+        let inner = shared.inner.lock().expect("agent lock poisoned");
+        proxy.shutdown(inner.datapath.as_ref(), args.keep_pins);
+        tracing::info!("node proxy stopped");
+    }
     let dp = shared
         .inner
         .lock()
@@ -243,6 +258,14 @@ fn reconcile_now(shared: &Shared, inner: &mut Inner) {
         }
     }
     *shared.flow_index.write().expect("flow index lock") = flow_index(inner, &policy);
+    if let Some(proxy) = shared.proxy.lock().expect("proxy lock poisoned").as_ref() {
+        proxy.update(compile_proxy_table(
+            snapshot,
+            inner.state.generation(),
+            &table,
+            node,
+        ));
+    }
     inner.identity_table = table;
     inner.policy = policy;
     let mut want = reconcile::desired(

@@ -10,6 +10,7 @@ use comb_model::State;
 use crate::args::{Args, SocketLb};
 use crate::flows::{FlowMsg, SharedIndex};
 use crate::identity_store::IdentityStore;
+use crate::node_proxy::NodeProxy;
 use crate::reconcile::policy::DesiredPolicy;
 use comb_model::identity::{IdentityAllocator, IdentityTable};
 
@@ -24,6 +25,9 @@ pub struct Shared {
     pub flows: tokio::sync::broadcast::Sender<FlowMsg>,
     /// Names for flow events, rebuilt at each reconcile (read without the agent lock).
     pub flow_index: SharedIndex,
+    /// The node L7 proxy (None with `--proxy off`, or once shut down). A lock of its own:
+    /// metrics and stats read it without the agent lock.
+    pub proxy: Mutex<Option<NodeProxy>>,
 }
 
 pub struct Inner {

@@ -97,6 +97,10 @@ pub fn status(t: &Target) -> Result<ExitCode> {
     for u in &s.policy_unenforced {
         println!("  not enforced: {u}");
     }
+    match &s.proxy {
+        Some(addr) => println!("L7 proxy:        on ({addr}; see `comb proxy stats`)"),
+        None => println!("L7 proxy:        off"),
+    }
     for e in &s.datapath_errors {
         println!("datapath error:  {e}");
     }

@@ -8,6 +8,7 @@ mod manifest_cmds;
 mod policy_cmds;
 mod probe;
 mod probe_http;
+mod proxy_cmds;
 mod service_cmds;
 mod table;
 
@@ -76,6 +77,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: agent_cmds::SpliceCmd,
     },
+    /// The node L7 proxy.
+    Proxy {
+        #[command(subcommand)]
+        cmd: proxy_cmds::ProxyCmd,
+    },
     /// The agent's Prometheus metrics.
     Metrics,
     /// Validate manifests and write them into the manifests directory.
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Identity { cmd } => policy_cmds::identity(t, cmd),
         Cmd::Monitor(a) => policy_cmds::monitor(t, a),
         Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
+        Cmd::Proxy { cmd } => proxy_cmds::proxy(t, cmd),
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),

@@ -1,0 +1,134 @@
+//! The node L7 proxy's life inside combd (docs/l7.md): started with the datapath, fed a new
+//! `ProxyTable` by every reconcile (an atomic swap), its listeners registered in the
+//! datapath's `comb_proxy_listeners` map, the node's policy routing installed while it runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use comb_datapath::{Datapath, ProxyFamily, ProxySplice, proxy_routing};
+use comb_model::l7::ProxyTable;
+use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
+use comb_proxy::{Family, Limits, Proxy, ProxyHandle, ProxyOptions};
+
+use crate::args::{Args, OnOff};
+
+pub struct NodeProxy {
+    handle: ProxyHandle,
+    splice: Option<Arc<ProxySplice>>,
+    port: u16,
+}
+
+fn access_log_target(spec: &str) -> AccessLogTarget {
+    match spec {
+        "stdout" | "-" => AccessLogTarget::Stdout,
+        "stderr" => AccessLogTarget::Stderr,
+        path => AccessLogTarget::File(path.into()),
+    }
+}
+
+fn family(f: Family) -> ProxyFamily {
+    match f {
+        Family::V4 => ProxyFamily::V4,
+        Family::V6 => ProxyFamily::V6,
+    }
+}
+
+impl NodeProxy {
+    /// Start the proxy (empty table until the first reconcile), register its listeners with
+    /// the datapath and install the policy routing of the agent's network namespace.
+    pub fn start(args: &Args, datapath: &Datapath) -> Result<Self> {
+        let telemetry = Telemetry::new(TelemetryOptions {
+            access_log: args.access_log.as_deref().map(access_log_target),
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            node: args.node.clone(),
+            service_name: "comb-proxy".into(),
+            max_stats_routes: 100,
+        });
+        telemetry.start_exporter(&tokio::runtime::Handle::current());
+        let splice = if args.proxy_splice == OnOff::On {
+            match ProxySplice::open(&args.pin_dir()) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "proxy splice unavailable; relaying in userspace");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut opts = ProxyOptions::new(telemetry);
+        opts.port = args.proxy_port;
+        opts.workers = args.proxy_workers.max(1);
+        opts.splice = splice.clone();
+        opts.detect_timeout = Duration::from_millis(args.proxy_detect_timeout_ms);
+        opts.limits = Limits {
+            max_header_bytes: args.proxy_max_header_bytes,
+            max_body_bytes: args.proxy_max_body_bytes,
+            header_read_timeout: Duration::from_millis(args.proxy_header_timeout_ms),
+            upstream_connect_timeout: Duration::from_millis(args.proxy_connect_timeout_ms),
+            ..Limits::default()
+        };
+        let handle = Proxy::start(opts, Arc::new(ProxyTable::default()))
+            .context("starting the node proxy")?;
+        for (f, fd) in handle.listener_fds() {
+            datapath
+                .set_proxy_listener(family(f), fd)
+                .with_context(|| format!("registering the proxy's {f:?} listener"))?;
+        }
+        proxy_routing::install().context("installing the proxy's policy routing")?;
+        tracing::info!(
+            port = args.proxy_port,
+            splice = splice.is_some(),
+            "node proxy listening"
+        );
+        Ok(Self {
+            handle,
+            splice,
+            port: args.proxy_port,
+        })
+    }
+
+    pub fn update(&self, table: ProxyTable) {
+        self.handle.update(Arc::new(table));
+    }
+
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.handle.telemetry().clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.handle.active_connections()
+    }
+
+    pub fn splice(&self) -> Option<&Arc<ProxySplice>> {
+        self.splice.as_ref()
+    }
+
+    /// Unregister the listeners (redirected flows then fail closed or keep the kernel path,
+    /// by reason), let requests in flight finish, and remove the routing unless the datapath
+    /// is kept for a restarting agent.
+    pub fn shutdown(self, datapath: Option<&Datapath>, keep_pins: bool) {
+        if let Some(dp) = datapath {
+            for f in [ProxyFamily::V4, ProxyFamily::V6] {
+                if let Err(e) = dp.clear_proxy_listener(f) {
+                    tracing::warn!(error = %format!("{e:#}"), "clearing the proxy listener");
+                }
+            }
+        }
+        self.handle.shutdown(Duration::from_secs(2));
+        if !keep_pins && let Err(e) = proxy_routing::remove() {
+            tracing::warn!(error = %format!("{e:#}"), "removing the proxy's policy routing");
+        }
+        if let Some(s) = self.splice
+            && let Ok(s) = Arc::try_unwrap(s)
+            && let Err(e) = s.shutdown(keep_pins)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "proxy splice shutdown");
+        }
+    }
+}
