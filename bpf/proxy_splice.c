@@ -10,8 +10,9 @@
  *     Runs from the socket's data_ready (tcp_read_skb, in order) for each skb
  *     received; looks up the socket's peer by cookie (comb_px_peers) and
  *     redirects the skb to the peer's egress (found in comb_px_redir).
- *     Counts bytes per socket. Never drops: anything it cannot redirect is
- *     passed to the socket's own queue, where the proxy reads and forwards it.
+ *     Counts bytes per socket. Drops only empty skbs (a pure FIN, already
+ *     recorded by TCP): anything else it cannot redirect is passed to the
+ *     socket's own queue, where the proxy reads and forwards it.
  *
  * Pairing order (userspace, crates/comb-datapath/src/proxy_splice.rs):
  * peers entries, then both sockets into comb_px_redir, then both into

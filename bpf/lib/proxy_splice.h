@@ -56,7 +56,7 @@ static __always_inline void comb_px_stat_add(__u32 idx, __u64 v)
 		__sync_fetch_and_add(&s[idx], v);
 }
 
-/* Always SK_PASS: with a redirect set that means "to the peer's egress",
+/* SK_PASS (or SK_DROP for an empty skb): with a redirect set that means "to the peer's egress",
  * without one "to this socket's own receive queue" (userspace reads it). */
 static __always_inline int comb_px_verdict_skb(struct __sk_buff *skb)
 {
@@ -65,6 +65,13 @@ static __always_inline int comb_px_verdict_skb(struct __sk_buff *skb)
 	struct comb_px_peer *p;
 	__u64 peer;
 
+	/* A pure FIN (no payload) is dropped: nothing is lost, tcp_fin() has
+	 * already marked the socket (userspace reads EOF). Redirected or passed
+	 * (when the psock queue is busy it waits there behind the peer's bytes)
+	 * the psock worker handles an empty skb as a broken pipe: sk_err = EPIPE
+	 * and transmission stops (measured on 6.18). */
+	if (len == 0)
+		return SK_DROP;
 	p = bpf_map_lookup_elem(&comb_px_peers, &cookie);
 	if (!p) {
 		comb_px_stat_add(COMB_PX_STAT(unpaired_skbs), 1);
