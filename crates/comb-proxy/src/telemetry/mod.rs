@@ -17,6 +17,8 @@ mod timefmt;
 pub mod trace;
 
 #[cfg(test)]
+mod otlp_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

@@ -24,7 +24,7 @@ use super::trace::to_hex;
 use super::{RequestProtocol, RequestRecord};
 
 /// Spans waiting for export before new ones are dropped.
-const QUEUE: usize = 4096;
+pub(super) const QUEUE: usize = 4096;
 /// Largest batch per POST.
 const MAX_BATCH: usize = 512;
 /// How long a span may wait for companions before its batch is posted.

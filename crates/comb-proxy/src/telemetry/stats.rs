@@ -5,12 +5,14 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use super::access_log::path_only;
+use super::metrics::FxHasher;
 use super::{RequestRecord, TcpRecord};
 
 /// What `comb proxy stats` shows (sent as JSON over the agent's admin socket).
@@ -177,7 +179,9 @@ fn quantile(counts: &[u64], q: f64) -> f64 {
     lat_value(counts.len() - 1)
 }
 
-type RowMap = HashMap<Box<str>, HashMap<Box<str>, Arc<Row>>>;
+/// Fx-hashed: route keys are short and this runs per request.
+type Fx = BuildHasherDefault<FxHasher>;
+type RowMap = HashMap<Box<str>, HashMap<Box<str>, Arc<Row>, Fx>, Fx>;
 
 /// Rows by a two-part key, looked up with borrowed parts (no allocation once a row exists).
 struct Rows {

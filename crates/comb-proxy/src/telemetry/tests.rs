@@ -478,7 +478,7 @@ fn access_log_tcp_connection() {
 
 #[test]
 fn access_log_full_queue_drops_and_counts() {
-    // Stderr target: the writer may fall behind 50k lines; nothing blocks, drops are counted.
+    // The writer may fall behind 50k back-to-back lines: nothing blocks, drops are counted.
     let t = Telemetry::new(TelemetryOptions {
         access_log: Some(AccessLogTarget::File("/dev/null".into())),
         ..options()
@@ -611,12 +611,28 @@ fn stats_aggregation() {
     println!("{table}");
 }
 
-/// Several threads on the hot path lose no counts; prints the per-record cost.
+/// Several threads on the hot path lose no counts; prints the per-record cost, bare and
+/// with the access log (to /dev/null) and span building on.
 #[test]
 fn concurrent_records_and_cost() {
-    let t = Telemetry::new(options());
-    let threads = 2;
-    let per = 200_000u64;
+    concurrent_run("metrics + stats", options(), None);
+    concurrent_run(
+        "metrics + stats + access log + span",
+        TelemetryOptions {
+            access_log: Some(AccessLogTarget::File("/dev/null".into())),
+            // No exporter task: spans are built and queued (then dropped when full).
+            otlp_endpoint: Some("http://127.0.0.1:9".into()),
+            ..options()
+        },
+        Some(trace::incoming(None)),
+    );
+}
+
+fn concurrent_run(what: &str, opts: TelemetryOptions, trace: Option<SpanContext>) {
+    let t = Telemetry::new(opts);
+    let threads: u64 = std::env::var("TEL_THREADS").map_or(2, |v| v.parse().unwrap());
+    // Fewer in debug builds (the timing only means something in release).
+    let per: u64 = if cfg!(debug_assertions) { 20_000 } else { 200_000 };
     let began = Instant::now();
     std::thread::scope(|sc| {
         for i in 0..threads {
@@ -627,6 +643,7 @@ fn concurrent_records_and_cost() {
                     .map(|k| RequestRecord {
                         path: format!("/r{k}?q={i}"),
                         response_code: if k % 4 == 0 { 503 } else { 200 },
+                        trace,
                         ..request()
                     })
                     .collect();
@@ -639,8 +656,7 @@ fn concurrent_records_and_cost() {
     let elapsed = began.elapsed();
     let total = threads * per;
     println!(
-        "record_request (metrics + stats, no log/spans): {} records on {threads} threads in {:?} = {:.0} ns/record/thread",
-        total,
+        "record_request ({what}): {total} records on {threads} threads in {:?} = {:.0} ns/record/thread",
         elapsed,
         elapsed.as_nanos() as f64 * threads as f64 / total as f64
     );
