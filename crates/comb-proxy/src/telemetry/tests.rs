@@ -632,7 +632,11 @@ fn concurrent_run(what: &str, opts: TelemetryOptions, trace: Option<SpanContext>
     let t = Telemetry::new(opts);
     let threads: u64 = std::env::var("TEL_THREADS").map_or(2, |v| v.parse().unwrap());
     // Fewer in debug builds (the timing only means something in release).
-    let per: u64 = if cfg!(debug_assertions) { 20_000 } else { 200_000 };
+    let per: u64 = if cfg!(debug_assertions) {
+        20_000
+    } else {
+        200_000
+    };
     let began = Instant::now();
     std::thread::scope(|sc| {
         for i in 0..threads {
