@@ -1,6 +1,9 @@
 //! `comb bench`: each scenario builds its own lab, runs the baseline and Comb's path
 //! interleaved, and reports medians and ratios measured in the same run.
 
+mod l7;
+mod l7_splice;
+mod l7_tools;
 mod lab;
 mod policy;
 mod report;
@@ -37,6 +40,9 @@ pub enum BenchCmd {
     /// Identity policy: 1,000 rules over 200 identities against no policy (request/response,
     /// connection rate), and the time from a manifest change to enforcement.
     Policy(policy::Args),
+    /// Node L7 proxy against a pair of haproxy sidecars (added latency at 1,000 req/s,
+    /// requests per CPU second, memory), and what the kernel splice buys for opaque TCP.
+    L7(l7::Args),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
@@ -52,6 +58,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::Policy(a) => {
             let r = policy::run(&a)?;
+            (a.common, r)
+        }
+        BenchCmd::L7(a) => {
+            let r = l7::run(&a)?;
             (a.common, r)
         }
     };

@@ -51,6 +51,12 @@ pub fn connrate(
 /// A server process in a pod, killed when dropped.
 pub struct Server(Child);
 
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -77,7 +83,7 @@ pub fn start_server(
 }
 
 /// Wait until something in the pod listens on `port` (ss inside the pod).
-fn wait_listening(lab: &Lab, pod: &str, port: u16) -> Result<()> {
+pub fn wait_listening(lab: &Lab, pod: &str, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let out = lab
