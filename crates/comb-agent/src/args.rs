@@ -110,9 +110,12 @@ pub struct Args {
     /// Worker threads of the proxy.
     #[arg(long, default_value = "2")]
     pub proxy_workers: usize,
-    /// Hand allowed opaque TCP and upgraded (WebSocket) connections to the kernel (sockmap)
-    /// once the proxy has decided, so their bytes stop crossing userspace.
-    #[arg(long, value_enum, default_value = "on")]
+    /// Hand allowed opaque TCP and upgraded (WebSocket) connections to the kernel (sockmap,
+    /// sk_skb verdict) once the proxy has decided, so their bytes stop crossing userspace.
+    /// Off by default: on kernel 6.18 the kernel's redirect path moved bulk data slower and
+    /// with more CPU than the userspace relay, and it has no backpressure towards the sender
+    /// (docs/l7.md, docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "off")]
     pub proxy_splice: OnOff,
     /// JSON access log of the proxy: `stdout`, `stderr` or a file path (appended).
     #[arg(long)]

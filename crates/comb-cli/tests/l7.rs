@@ -227,7 +227,7 @@ fn protocols_through_the_redirect() {
     if !privileged() {
         return;
     }
-    let lab = lab("l7p", &[], "");
+    let lab = lab("l7p", &["--proxy-splice", "on"], "");
     apply_policies(&lab, BASE_POLICY);
 
     // HTTP/1.1: a large body, keep-alive over three requests, chunked response.
