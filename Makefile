@@ -28,6 +28,7 @@ test: lint
 fuzz:
 	cd fuzz && cargo +nightly fuzz run manifest -- -max_total_time=$${FUZZ_SECS:-60}
 	cd fuzz && mkdir -p corpus/policy && cargo +nightly fuzz run policy corpus/policy seeds/policy -- -dict=policy.dict -max_total_time=$${FUZZ_SECS:-60}
+	cd fuzz && mkdir -p corpus/http1_stream && cargo +nightly fuzz run http1_stream corpus/http1_stream seeds/http1_stream -- -max_total_time=$${FUZZ_SECS:-60}
 
 clean-lab:
 	-target/debug/comb lab down --all 2>/dev/null || target/release/comb lab down --all
