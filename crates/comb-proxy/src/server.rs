@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -41,6 +42,7 @@ impl Proxy {
         }
         let ctx = ProxyContext::new(&opts, table);
         let conns = Arc::new(Semaphore::new(opts.limits.max_connections));
+        let active = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
         let _enter = rt.enter();
         let mut listeners = Vec::new();
@@ -50,6 +52,7 @@ impl Proxy {
                 l.clone(),
                 ctx.clone(),
                 conns.clone(),
+                active.clone(),
                 stopped.clone(),
             ));
             listeners.push((family, l));
@@ -58,8 +61,7 @@ impl Proxy {
             rt: Some(rt),
             ctx,
             listeners,
-            conns,
-            max_connections: opts.limits.max_connections,
+            active,
             stop,
         })
     }
@@ -69,8 +71,8 @@ pub struct ProxyHandle {
     rt: Option<Runtime>,
     ctx: Arc<ProxyContext>,
     listeners: Vec<(Family, Arc<TcpListener>)>,
-    conns: Arc<Semaphore>,
-    max_connections: usize,
+    /// Connections being served (not the permits: each accept loop holds one while it waits).
+    active: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
 
@@ -105,7 +107,7 @@ impl ProxyHandle {
 
     /// Connections being served now.
     pub fn active_connections(&self) -> usize {
-        self.max_connections - self.conns.available_permits()
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, lets HTTP connections finish their requests (up to `grace`), then
@@ -136,6 +138,7 @@ async fn accept_loop(
     listener: Arc<TcpListener>,
     ctx: Arc<ProxyContext>,
     conns: Arc<Semaphore>,
+    active: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
@@ -165,8 +168,11 @@ async fn accept_loop(
             _ => continue,
         };
         let ctx = ctx.clone();
+        let active = active.clone();
+        active.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             crate::serve_connection(stream, peer, dst, ctx).await;
+            active.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
