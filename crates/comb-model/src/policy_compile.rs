@@ -23,7 +23,7 @@
 //!   node's own flows excepted); the pod's ingress is then enforced even without policies.
 
 mod ports;
-mod select;
+pub(crate) mod select;
 
 use std::collections::{BTreeMap, BTreeSet};
 

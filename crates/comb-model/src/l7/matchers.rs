@@ -130,13 +130,9 @@ pub(crate) fn path_only(path: &str) -> &str {
     path.split_once('?').map_or(path, |(p, _)| p)
 }
 
-/// Istio's `ipBlocks` and IP condition values: a CIDR or one address. None when neither.
-pub(crate) fn parse_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-        .map(|n| n.trunc())
-}
+/// Istio's `ipBlocks` and IP condition values: a CIDR or one address (the L4 compiler's
+/// reading, so both layers agree).
+pub(crate) use crate::policy_compile::select::parse_net;
 
 pub(crate) fn in_nets(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))

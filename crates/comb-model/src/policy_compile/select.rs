@@ -98,10 +98,11 @@ pub(crate) fn istio_str(pattern: &str, value: Option<&str>) -> bool {
     };
     if pattern == "*" {
         !v.is_empty()
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        // Istio checks a leading `*` first: `*foo*` is a suffix match, as in the proxy.
+        v.ends_with(suffix)
     } else if let Some(prefix) = pattern.strip_suffix('*') {
         v.starts_with(prefix)
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        v.ends_with(suffix)
     } else {
         pattern == v
     }
