@@ -134,8 +134,15 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = std::fs::remove_file(&admin_path);
     let proxy = shared.proxy.lock().expect("proxy lock poisoned").take();
     if let Some(proxy) = proxy {
-        let inner = shared.inner.lock().expect("agent lock poisoned");
-        proxy.shutdown(inner.datapath.as_ref(), args.keep_pins);
+        // The proxy's own runtime may only be shut down where blocking is allowed.
+        let shared = shared.clone();
+        let keep_pins = args.keep_pins;
+        tokio::task::spawn_blocking(move || {
+            let inner = shared.inner.lock().expect("agent lock poisoned");
+            proxy.shutdown(inner.datapath.as_ref(), keep_pins);
+        })
+        .await
+        .context("stopping the node proxy")?;
         tracing::info!("node proxy stopped");
     }
     let dp = shared
