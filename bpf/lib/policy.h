@@ -198,12 +198,14 @@ static __always_inline void comb_policy_judge(__u32 ifindex, __u8 dir, const str
  * entries (`peer_endpoint`): that endpoint's ingress entry for the pod's
  * identity decides whether it is a REDIRECT. A REDIRECT of a TCP SYN whose
  * family has a listener is assigned to it and marked: COMB_CT_F_PROXY is
- * returned and the reason becomes PROXY_REDIRECT. Otherwise the flow keeps
- * the "cannot redirect" reason (drop or L7_VISIBILITY) and 0 is returned. */
+ * returned and the reason becomes PROXY_REDIRECT. Otherwise 0 is returned:
+ * the pod's own REDIRECT keeps its "cannot redirect" reason (drop or
+ * L7_VISIBILITY); the destination's leaves `vd` as the pod's egress judged it. */
 static __always_inline __u32 comb_redirect_new(struct __sk_buff *skb, const struct comb_pkt *p,
 					       __u32 ep_identity, __u32 peer_endpoint,
 					       struct comb_verdict *vd)
 {
+	struct comb_verdict own = *vd;
 	struct comb_policy_value *v;
 
 	if (p->protocol != COMB_IPPROTO_TCP || p->frag != COMB_FRAG_NONE)
@@ -216,8 +218,14 @@ static __always_inline __u32 comb_redirect_new(struct __sk_buff *skb, const stru
 			return 0;
 		comb_policy_apply(v, vd);
 	}
-	if (!comb_is_syn(p) || comb_proxy_assign(skb, p) < 0)
+	if (!comb_is_syn(p) || comb_proxy_assign(skb, p) < 0) {
+		/* The destination's REDIRECT that cannot be redirected here is
+		 * judged again by the destination's own hook (tcx egress of its
+		 * veth), so its drop or visibility pass is counted there, on the
+		 * endpoint whose policy it is. */
+		*vd = own;
 		return 0;
+	}
 	comb_proxy_mark(skb);
 	vd->reason = COMB_REASON_PROXY_REDIRECT;
 	return COMB_CT_F_PROXY;

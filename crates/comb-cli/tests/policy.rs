@@ -1,6 +1,7 @@
 //! Identity policy conformance in the lab: NetworkPolicy and AuthorizationPolicy manifests
 //! against real agents and the eBPF datapath (privileged: run as root; under CI=true without
-//! root they fail).
+//! root they fail). The agents run with `--proxy off`, so flows whose policy needs L7 must fail
+//! closed in the kernel; tests/l7.rs covers them with the node proxy.
 //!
 //! Each test function builds one two-node lab (`PODS`, namespaces prod and dev with labels,
 //! Service prod/web-svc, servers in the pods and in the router) and runs its cases against it:
@@ -239,7 +240,9 @@ impl Env {
     fn up(prefix: &str) -> Env {
         let t = Instant::now();
         let pods: String = PODS.iter().map(pod_yaml).collect();
-        let lab = lab_up_with(prefix, &pods, &resources_yaml("dev"), &[]);
+        // Without the node proxy: the L4 layer alone, where flows that need L7 fail closed
+        // (`proxy-unavailable`). The proxy's own behaviour is tests/l7.rs.
+        let lab = lab_up_with(prefix, &pods, &resources_yaml("dev"), &["--proxy", "off"]);
         for n in NODES {
             let local = PODS.iter().filter(|p| p.node == n).count();
             wait_ready(&lab, n, local);

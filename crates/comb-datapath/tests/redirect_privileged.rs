@@ -552,17 +552,20 @@ fn tcp_is_redirected_to_the_node_proxy() {
     assert!(metric(&dp, bi, Ingress, Reason::POLICY_ALLOW) >= 2);
 
     // Proxy gone (listener closed): the sockmap entry goes with it and proxy-required flows
-    // fail closed at the source.
+    // fail closed, counted at the destination whose policy it is (its own hook judges the
+    // REDIRECT the source could not carry out).
     drop(listener);
     assert!(!dp.proxy_listener_present(ProxyFamily::V4).unwrap());
     assert_eq!(
         hello(&lab.a, sa(POD_B, L7_PORT), Duration::from_secs(1)),
         "timeout"
     );
-    assert!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE) >= 1);
+    assert!(metric(&dp, bi, Ingress, Reason::PROXY_UNAVAILABLE) >= 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE), 0);
     assert_eq!(server.count(L7_PORT), 1);
 
-    // Visibility only: without a proxy the flow goes on to B, forwarded at both hooks.
+    // Visibility only: without a proxy the flow goes on to B, whose hook forwards it with
+    // l7-visibility (the source's hook counts its own egress verdict).
     dp.upsert_policy_entry(&l7_key, &redirect(Reason::L7_VISIBILITY, 1))
         .unwrap();
     assert_eq!(
@@ -570,7 +573,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
         "hello 8080"
     );
     assert_eq!(server.count(L7_PORT), 2);
-    assert_eq!(metric(&dp, ai, Egress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::L7_VISIBILITY), 0);
     assert_eq!(metric(&dp, bi, Ingress, Reason::L7_VISIBILITY), 1);
 
     // With a listener again, visibility flows are redirected too; clear takes it out.
@@ -657,7 +660,8 @@ fn tcp6_is_redirected_to_the_node_proxy() {
     )));
     dp.set_proxy_listener(ProxyFamily::V4, l4.as_fd()).unwrap();
     assert_eq!(hello(&lab.a, b, Duration::from_secs(1)), "timeout");
-    assert!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE) >= 1);
+    assert!(metric(&dp, bi, Ingress, Reason::PROXY_UNAVAILABLE) >= 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE), 0);
 
     let listener = transparent_listener(SocketAddr::new(
         std::net::Ipv6Addr::LOCALHOST.into(),
