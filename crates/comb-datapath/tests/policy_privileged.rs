@@ -954,22 +954,23 @@ fn redirect_without_a_proxy_follows_its_reason() {
     );
 
     let out = |port: u16| fx.run(Egress, &tcp4(EP, 40000 + port, PEER_B, port, SYN));
-    assert_eq!(out(8080), DROP);
+    // The destination's REDIRECTs that cannot be carried out leave the flow to the
+    // destination's own hook: the source forwards it under its own egress verdict.
+    assert_eq!(out(8080), PASS);
     assert_eq!(out(8081), PASS);
-    assert_eq!(out(8082), DROP, "the destination's ANY entry");
+    assert_eq!(out(8082), PASS, "the destination's ANY entry");
     assert_eq!(out(8083), PASS);
-    assert_eq!(out(8084), DROP);
-    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 2);
-    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(out(8084), DROP, "the source's own deny wins");
+    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 0);
+    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 0);
     assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 1);
-    // Only TCP is looked up at the source; the destination's hook judges the rest.
     assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_B, 8080)), PASS);
-    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 2);
+    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 5);
     // The source's own REDIRECTs: visibility forwards, UDP cannot be redirected.
     assert_eq!(fx.run(Egress, &tcp4(EP, 41000, PEER_A, 9000, SYN)), PASS);
-    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 2);
+    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 1);
     assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_A, 53)), DROP);
-    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 3);
+    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 1);
     // At tcx egress: visibility forwards, any other reason drops as proxy-unavailable.
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42000, EP, 7000, SYN)), PASS);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42001, EP, 7001, SYN)), DROP);
@@ -985,7 +986,7 @@ fn redirect_without_a_proxy_follows_its_reason() {
         .map(|e| e.dst.port())
         .collect();
     vis.sort();
-    assert_eq!(vis, [7000, 8081, 9000], "{ct:#?}");
+    assert_eq!(vis, [7000, 9000], "{ct:#?}");
     // Later packets of a visibility flow are established, not judged again.
     assert_eq!(
         fx.run(Egress, &tcp4(EP, 40000 + 8081, PEER_B, 8081, ACK)),
