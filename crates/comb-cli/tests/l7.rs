@@ -415,10 +415,7 @@ fn protocols_through_the_redirect() {
     let moved = metric(&lab, "n1", "comb_proxy_spliced_bytes_total") - bytes_before;
     // What arrived before the hand-over (much of a payload the client sends at once) was
     // relayed by the proxy itself; the rest by the kernel.
-    assert!(
-        moved > 0.0,
-        "bytes moved by the kernel: {moved}"
-    );
+    assert!(moved > 0.0, "bytes moved by the kernel: {moved}");
 
     // Pod to Service: the VIP is translated at connect, the flow then redirected.
     let (body, w) = curl(&lab, "shop/client", &[&format!("http://{VIP}/who")]);
