@@ -310,17 +310,7 @@ pub fn http_status(lab: &Lab, pod: &str, method: &str, url: &str) -> Result<u16>
 /// iperf3 (one stream, `secs`) from `pod` to `server`: (bytes the sender wrote, bytes the
 /// receiver got within the test).
 pub fn iperf3_bytes(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<(u64, u64)> {
-    let out = lab
-        .command(
-            pod,
-            "iperf3",
-            &["-c", server, "-t", &secs.to_string(), "-J"],
-        )?
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    if let Some(e) = v.get("error") {
-        bail!("iperf3: {e}");
-    }
+    let v = super::tools::iperf3_json(lab, pod, server, secs)?;
     let bytes = |k: &str| {
         v["end"][k]["bytes"]
             .as_u64()

@@ -164,8 +164,8 @@ pub fn sockperf_rr(
     ))
 }
 
-/// Bulk throughput in Gbit/s (iperf3, one stream, receiver side).
-pub fn iperf3_gbps(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<f64> {
+/// One iperf3 client run (one stream, `secs`) from `pod` to `server`: its `-J` report.
+pub fn iperf3_json(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<serde_json::Value> {
     let out = lab
         .command(
             pod,
@@ -177,6 +177,12 @@ pub fn iperf3_gbps(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<f64>
     if let Some(e) = v.get("error") {
         bail!("iperf3: {e}");
     }
+    Ok(v)
+}
+
+/// Bulk throughput in Gbit/s (iperf3, one stream, receiver side).
+pub fn iperf3_gbps(lab: &Lab, pod: &str, server: &str, secs: u32) -> Result<f64> {
+    let v = iperf3_json(lab, pod, server, secs)?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3: no sum_received")?;
