@@ -71,6 +71,22 @@ fn unescape_mount_path(s: &str) -> String {
     out
 }
 
+/// The gate of every privileged test in the workspace: true as root; otherwise a failure
+/// under `CI=true` (those tests must run there, never skip) and a skip with a notice
+/// elsewhere. `what` names the test and what it needs in the messages.
+pub fn privileged_test(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = format!("{what} privileged test needs root");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("NOTICE: skipping: {msg}");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,16 +11,7 @@ use serde::Deserialize;
 
 /// Not root: fail under CI (the tests must run there), otherwise skip with a notice.
 fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "comb-lab tests need root (network namespaces, cgroups); CI=true so this is a failure"
-        );
-    }
-    eprintln!("notice: skipping privileged comb-lab test (not root)");
-    false
+    comb_datapath::host::privileged_test("comb-lab (network namespaces, cgroups)")
 }
 
 fn python() -> &'static str {

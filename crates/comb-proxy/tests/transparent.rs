@@ -15,16 +15,7 @@ use comb_proxy::telemetry::{Telemetry, TelemetryOptions};
 use comb_proxy::{Family, Proxy, ProxyOptions};
 
 fn privileged(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let msg = format!("{what} privileged test needs root (netns, iptables TPROXY)");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("NOTICE: skipping: {msg}");
-    false
+    comb_datapath::host::privileged_test(&format!("{what} (netns, iptables TPROXY)"))
 }
 
 fn sh(args: &[&str]) {

@@ -17,16 +17,7 @@ pub const COMBD: &str = env!("CARGO_BIN_EXE_combd");
 
 /// Privileged tests need root. Under CI they must fail without it, never skip.
 pub fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "this test needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN) and CI=true: refusing to skip"
-        );
-    }
-    eprintln!("notice: not root; skipping a privileged test (it runs in CI as root)");
-    false
+    comb_datapath::host::privileged_test("lab end-to-end (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)")
 }
 
 pub fn unique(prefix: &str) -> String {

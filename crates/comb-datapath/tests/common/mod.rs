@@ -12,16 +12,7 @@ use comb_datapath::host;
 /// True when privileged; false = skip (with a notice); panics under CI=true. `what` names the
 /// test in the message.
 pub fn privileged(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let msg = format!("{what} privileged test needs root (BPF, cgroup2, bpffs)");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true, so this is a failure, not a skip");
-    }
-    eprintln!("NOTICE: skipping: {msg}");
-    false
+    host::privileged_test(&format!("{what} (BPF, cgroup2, bpffs)"))
 }
 
 pub fn unique(prefix: &str) -> String {
