@@ -22,7 +22,7 @@ use comb_datapath::{
     Verdict, host,
 };
 use policy_support::packets::*;
-use policy_support::{DROP, Fixture, InNetns, Netns, PASS, ifindex};
+use policy_support::{DROP, Fixture, InNetns, Netns, PASS, ifindex, two_pod_node};
 
 use Direction::{Egress, Ingress};
 
@@ -1253,28 +1253,12 @@ const GW: &str = "198.18.1.1";
 
 impl Lab {
     fn new() -> Self {
-        let node = Netns::new("comb-poln");
-        node.sysctl("net.ipv4.ip_forward=1");
-        node.sysctl("net.ipv4.conf.all.rp_filter=0");
-        node.sysctl("net.ipv6.conf.all.disable_ipv6=1");
-        let mut pods = Vec::new();
-        for (i, addr) in [(1, EP), (2, PEER_A)] {
-            let pod = Netns::new("comb-polp");
-            pod.sysctl("net.ipv6.conf.all.disable_ipv6=1");
-            let host_if = format!("lxc{i}");
-            node.ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-            ]);
-            node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
-            node.ip(&["addr", "add", &format!("{GW}/32"), "dev", &host_if]);
-            node.ip(&["link", "set", &host_if, "up"]);
-            node.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_if]);
-            pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["route", "add", GW, "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", GW, "dev", "eth0"]);
-            pods.push((pod, addr, host_if));
-        }
+        let (node, pods) = two_pod_node("comb-poln", "comb-polp", GW, [EP, PEER_A]);
+        let pods = pods
+            .into_iter()
+            .zip([EP, PEER_A])
+            .map(|((pod, host_if), addr)| (pod, addr, host_if))
+            .collect();
         Self { pods, node }
     }
 }

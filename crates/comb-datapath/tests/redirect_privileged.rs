@@ -24,7 +24,7 @@ use comb_datapath::{
     Datapath, DatapathOptions, Direction, IpcacheEntry, PolicyKey, PolicyMetric, PolicyValue,
     ProxyFamily, Reason, Verdict, host, proxy_routing,
 };
-use policy_support::{InNetns, Netns, ifindex};
+use policy_support::{InNetns, Netns, ifindex, two_pod_node};
 
 use Direction::{Egress, Ingress};
 
@@ -82,30 +82,8 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        let node = Netns::new("comb-rdn");
-        node.sysctl("net.ipv4.ip_forward=1");
-        node.sysctl("net.ipv4.conf.all.rp_filter=0");
-        node.sysctl("net.ipv6.conf.all.disable_ipv6=1");
-        let mut pods = Vec::new();
-        for (i, addr) in [(1, POD_A), (2, POD_B)] {
-            let pod = Netns::new("comb-rdp");
-            pod.sysctl("net.ipv6.conf.all.disable_ipv6=1");
-            let host_if = format!("lxc{i}");
-            node.ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-            ]);
-            node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
-            node.ip(&["addr", "add", &format!("{GW}/32"), "dev", &host_if]);
-            node.ip(&["link", "set", &host_if, "up"]);
-            node.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_if]);
-            pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["route", "add", GW, "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", GW, "dev", "eth0"]);
-            pods.push(pod);
-        }
-        let b = pods.pop().unwrap();
-        let a = pods.pop().unwrap();
+        let (node, pods) = two_pod_node("comb-rdn", "comb-rdp", GW, [POD_A, POD_B]);
+        let [(a, _), (b, _)] = <[_; 2]>::try_from(pods).ok().unwrap();
         Self { a, b, node }
     }
 

@@ -118,6 +118,40 @@ impl Drop for InNetns {
     }
 }
 
+/// A node namespace with two pods (namespaces) on veths `lxc1`/`lxc2`, routed like the lab:
+/// pod `eth0` with a /32 and a default route via `gw`, which every host veth carries; IPv6 off
+/// everywhere. Returns the node and (pod, host-side interface) in `addrs` order.
+pub fn two_pod_node(
+    node_prefix: &str,
+    pod_prefix: &str,
+    gw: &str,
+    addrs: [&str; 2],
+) -> (Netns, Vec<(Netns, String)>) {
+    let node = Netns::new(node_prefix);
+    node.sysctl("net.ipv4.ip_forward=1");
+    node.sysctl("net.ipv4.conf.all.rp_filter=0");
+    node.sysctl("net.ipv6.conf.all.disable_ipv6=1");
+    let mut pods = Vec::new();
+    for (i, addr) in (1..).zip(addrs) {
+        let pod = Netns::new(pod_prefix);
+        pod.sysctl("net.ipv6.conf.all.disable_ipv6=1");
+        let host_if = format!("lxc{i}");
+        node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+        ]);
+        node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter=0"));
+        node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if]);
+        node.ip(&["link", "set", &host_if, "up"]);
+        node.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_if]);
+        pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["route", "add", gw, "dev", "eth0", "scope", "link"]);
+        pod.ip(&["route", "add", "default", "via", gw, "dev", "eth0"]);
+        pods.push((pod, host_if));
+    }
+    (node, pods)
+}
+
 /// The ifindex of `name` in the calling thread's namespace.
 pub fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).unwrap();
