@@ -32,30 +32,12 @@ async fn http_deny_is_403_rbac_access_denied() {
     )
     .await;
     let mut c = h1_client(proxy.addr).await;
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::get("/admin/users?x=1")
-                .header("host", "web")
-                .body(body(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "GET", "/admin/users?x=1", "").await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.headers()["content-type"], "text/plain");
     assert_eq!(text(r).await, "RBAC: access denied");
     // Same connection, allowed path.
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::get("/echo")
-                .header("host", "web")
-                .body(body("ok"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "GET", "/echo", "ok").await;
     assert_eq!(r.status(), 200);
     assert_eq!(text(r).await, "ok");
     assert_eq!(
@@ -124,27 +106,9 @@ async fn opaque_tcp_denied_by_http_only_allow_is_reset() {
     );
     // HTTP GET is allowed, POST is not.
     let mut c = h1_client(proxy.addr).await;
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::get("/echo")
-                .header("host", "web")
-                .body(body(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "GET", "/echo", "").await;
     assert_eq!(r.status(), 200);
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::post("/echo")
-                .header("host", "web")
-                .body(body("x"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "POST", "/echo", "x").await;
     assert_eq!(r.status(), 403);
 }
 
@@ -155,16 +119,7 @@ async fn table_swap_keeps_requests_in_flight() {
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move {
         let mut c = h1_client(addr).await;
-        c.ready().await.unwrap();
-        let r = c
-            .send_request(
-                Request::get("/slow")
-                    .header("host", "web")
-                    .body(body(""))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let r = h1_send(&mut c, "GET", "/slow", "").await;
         (r.status(), text(r).await)
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -179,16 +134,7 @@ async fn table_swap_keeps_requests_in_flight() {
     proxy.ctx.update(std::sync::Arc::new(table(&deny_slow)));
     // New requests see the new table at once...
     let mut c = h1_client(addr).await;
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::get("/slow")
-                .header("host", "web")
-                .body(body(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "GET", "/slow", "").await;
     assert_eq!(r.status(), 403);
     // ...the one in flight finishes under the table it started with.
     let (status, body) = in_flight.await.unwrap();

@@ -214,16 +214,7 @@ async fn upstream_refused_is_503_uf() {
     let dst = closed_port().await;
     let proxy = TestProxy::start(dst, ProxyTable::default(), options(Limits::default())).await;
     let mut c = h1_client(proxy.addr).await;
-    c.ready().await.unwrap();
-    let r = c
-        .send_request(
-            Request::get("/x")
-                .header("host", "web")
-                .body(body(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = h1_send(&mut c, "GET", "/x", "").await;
     assert_eq!(r.status(), 503);
     assert_eq!(
         text(r).await,
@@ -344,16 +335,7 @@ async fn slowloris_is_closed_while_others_are_served() {
         let mut served = 0;
         while t0.elapsed() < Duration::from_millis(700) {
             let mut c = h1_client(addr).await;
-            c.ready().await.unwrap();
-            let r = c
-                .send_request(
-                    Request::get("/echo")
-                        .header("host", "web")
-                        .body(body(""))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+            let r = h1_send(&mut c, "GET", "/echo", "").await;
             assert_eq!(r.status(), 200);
             served += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;

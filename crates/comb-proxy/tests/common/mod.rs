@@ -293,6 +293,23 @@ pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequ
     tx
 }
 
+/// One request with `Host: web` on an HTTP/1.1 connection, once it is ready.
+pub async fn h1_send(
+    c: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    method: &str,
+    path: &str,
+    b: &str,
+) -> Response<Incoming> {
+    c.ready().await.unwrap();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "web")
+        .body(body(b.to_string()))
+        .unwrap();
+    c.send_request(req).await.unwrap()
+}
+
 pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
     let s = TcpStream::connect(addr).await.unwrap();
     let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
