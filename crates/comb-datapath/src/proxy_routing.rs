@@ -100,63 +100,52 @@ fn route_installed(f: Family) -> Result<bool> {
     }))
 }
 
-fn install_family(f: Family) -> Result<()> {
+/// `ip [-6] route VERB local default dev lo table TABLE`.
+fn local_route(f: Family, verb: &str) -> Result<String> {
     let table = TABLE.to_string();
     ip(&[
         f.flag(),
         "route",
-        "replace",
+        verb,
         "local",
         f.default_net(),
         "dev",
         "lo",
         "table",
         &table,
-    ])?;
+    ])
+}
+
+/// `ip [-6] rule VERB fwmark MARK/MASK lookup TABLE pref PREF`.
+fn mark_rule(f: Family, verb: &str) -> Result<String> {
+    ip(&[
+        f.flag(),
+        "rule",
+        verb,
+        "fwmark",
+        &fwmark(),
+        "lookup",
+        &TABLE.to_string(),
+        "pref",
+        &RULE_PREF.to_string(),
+    ])
+}
+
+fn install_family(f: Family) -> Result<()> {
+    local_route(f, "replace")?;
     if !rule_installed(f)? {
-        ip(&[
-            f.flag(),
-            "rule",
-            "add",
-            "fwmark",
-            &fwmark(),
-            "lookup",
-            &table,
-            "pref",
-            &RULE_PREF.to_string(),
-        ])?;
+        mark_rule(f, "add")?;
     }
     Ok(())
 }
 
 fn remove_family(f: Family) -> Result<()> {
-    let table = TABLE.to_string();
     // `ip rule del` removes one matching rule per call; loop in case one was added twice.
     while rule_installed(f)? {
-        ip(&[
-            f.flag(),
-            "rule",
-            "del",
-            "fwmark",
-            &fwmark(),
-            "lookup",
-            &table,
-            "pref",
-            &RULE_PREF.to_string(),
-        ])?;
+        mark_rule(f, "del")?;
     }
     if route_installed(f)? {
-        ip(&[
-            f.flag(),
-            "route",
-            "del",
-            "local",
-            f.default_net(),
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ])?;
+        local_route(f, "del")?;
     }
     Ok(())
 }
