@@ -144,24 +144,16 @@ pub fn response_code_details(r: &RequestRecord) -> Option<String> {
         return Some(rbac_details(r.authz_policy.as_deref()));
     }
     let f = r.response_flags;
-    let detail = if f.contains(ResponseFlags::NO_HEALTHY_UPSTREAM) {
-        "no_healthy_upstream"
-    } else if f.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE) {
+    let detail = if f.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE) {
         "upstream_reset_before_response_started{connection_failure}"
     } else if f.contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT) {
         "upstream_response_timeout"
-    } else if f.contains(ResponseFlags::UPSTREAM_OVERFLOW) {
-        "upstream_reset_before_response_started{overflow}"
     } else if f.contains(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION) {
         "upstream_reset_before_response_started{connection_termination}"
     } else if f.contains(ResponseFlags::UPSTREAM_PROTOCOL_ERROR) {
         "upstream_reset_before_response_started{protocol_error}"
-    } else if f.contains(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR) {
-        "codec_error"
     } else if f.contains(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION) {
         "downstream_remote_disconnect"
-    } else if f.contains(ResponseFlags::LOCAL_RESET) {
-        "local_reset"
     } else if r.response_code == 0 {
         return None;
     } else {

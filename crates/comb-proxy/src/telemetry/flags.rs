@@ -4,16 +4,11 @@
 use super::ResponseFlags;
 
 /// Envoy's order (its `ResponseFlag` enum order), which is also the order it prints them in.
-const CODES: [(u32, &str); 10] = [
-    (ResponseFlags::NO_HEALTHY_UPSTREAM, "UH"),
+const CODES: [(u32, &str); 5] = [
     (ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "UT"),
-    (ResponseFlags::LOCAL_RESET, "LR"),
     (ResponseFlags::UPSTREAM_CONNECTION_FAILURE, "UF"),
     (ResponseFlags::UPSTREAM_CONNECTION_TERMINATION, "UC"),
-    (ResponseFlags::UPSTREAM_OVERFLOW, "UO"),
     (ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
-    (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
-    (ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
     (ResponseFlags::UPSTREAM_PROTOCOL_ERROR, "UPE"),
 ];
 
@@ -58,13 +53,12 @@ mod tests {
     fn renders_in_envoy_order() {
         assert_eq!(ResponseFlags::NONE.render(), "-");
         let f = ResponseFlags(
-            ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED
-                | ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE | ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
         );
-        assert_eq!(f.render(), "UF,URX");
+        assert_eq!(f.render(), "UT,UF");
         assert_eq!(
-            ResponseFlags(ResponseFlags::NO_HEALTHY_UPSTREAM).to_string(),
-            "UH"
+            ResponseFlags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION).to_string(),
+            "DC"
         );
         assert_eq!(ResponseFlags(1 << 30).render(), "-");
     }

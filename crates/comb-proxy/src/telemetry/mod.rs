@@ -231,15 +231,14 @@ pub struct RequestRecord {
     pub audited: Option<String>,
 }
 
-/// Envoy's response flag set, rendered `-` when empty and comma-joined otherwise
-/// (Envoy's order), e.g. "UF,URX".
+/// The Envoy response flags the proxy sets, rendered `-` when empty and comma-joined
+/// otherwise (Envoy's order), e.g. "UT,UF". (Envoy has more: UH, UO, URX, LR, DPE, ...; add
+/// them with the code that sets them.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ResponseFlags(pub u32);
 
 impl ResponseFlags {
     pub const NONE: ResponseFlags = ResponseFlags(0);
-    /// UH: no healthy upstream (no destination pod for the original address).
-    pub const NO_HEALTHY_UPSTREAM: u32 = 1 << 0;
     /// UF: upstream connection failure.
     pub const UPSTREAM_CONNECTION_FAILURE: u32 = 1 << 1;
     /// UC: upstream connection termination.
@@ -248,16 +247,8 @@ impl ResponseFlags {
     pub const UPSTREAM_REQUEST_TIMEOUT: u32 = 1 << 3;
     /// DC: downstream connection termination.
     pub const DOWNSTREAM_CONNECTION_TERMINATION: u32 = 1 << 4;
-    /// DPE: downstream protocol error (malformed request, 400).
-    pub const DOWNSTREAM_PROTOCOL_ERROR: u32 = 1 << 6;
     /// UPE: upstream protocol error.
     pub const UPSTREAM_PROTOCOL_ERROR: u32 = 1 << 7;
-    /// URX: upstream retry limit exceeded.
-    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u32 = 1 << 8;
-    /// UO: upstream overflow (connection pool full / limits).
-    pub const UPSTREAM_OVERFLOW: u32 = 1 << 9;
-    /// LR: connection local reset.
-    pub const LOCAL_RESET: u32 = 1 << 10;
 }
 
 /// One finished opaque TCP connection.
