@@ -940,26 +940,11 @@ mod tests {
     #[test]
     fn hooks_match_the_object() {
         use crate::sock_skel::SockSkelBuilder;
-        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         let mut storage = std::mem::MaybeUninit::uninit();
-        let open = SockSkelBuilder::default()
-            .open(&mut storage)
-            .expect("open embedded object");
-        let mut progs: Vec<String> = open
-            .open_object()
-            .progs()
-            .map(|p| p.name().to_string_lossy().into_owned())
-            .collect();
-        progs.sort();
+        let (progs, maps) = crate::splice::object_names(SockSkelBuilder::default(), &mut storage);
         let mut want: Vec<String> = HOOKS.iter().map(|h| h.0.to_string()).collect();
         want.sort();
         assert_eq!(progs, want);
-        let mut maps: Vec<String> = open
-            .open_object()
-            .maps()
-            .map(|m| m.name().to_string_lossy().into_owned())
-            .collect();
-        maps.sort();
         use crate::lb_maps::*;
         let mut want = vec![
             MAP_LB_SERVICES,

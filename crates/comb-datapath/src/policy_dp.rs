@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use ipnet::IpNet;
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use tracing::{debug, info, warn};
 
@@ -36,7 +35,7 @@ use crate::policy_maps::{
     MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
 };
 use crate::policy_skel::PolicySkelBuilder;
-use crate::splice::{map_handle, remove_pin, set_map_pin_paths};
+use crate::splice::{load_pinned, map_handle, remove_pin};
 use crate::sys;
 
 pub(crate) const PROG_FROM_POD: &str = "comb_policy_from_pod";
@@ -109,16 +108,12 @@ pub(crate) struct PolicyDp {
 pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
     let maps_dir = pin_dir.join("maps");
     let mut storage = MaybeUninit::uninit();
-    let mut open = PolicySkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the embedded policy object")?;
-    set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
-    let skel = open.load().with_context(|| {
-        format!(
-            "loading policy programs and maps (if a map pinned under {} has an older layout, remove it)",
-            maps_dir.display()
-        )
-    })?;
+    let skel = load_pinned(
+        PolicySkelBuilder::default(),
+        &mut storage,
+        &maps_dir,
+        "policy",
+    )?;
     let m = &skel.maps;
     let from_pod = ProgramHandle::try_from(&skel.progs.comb_policy_from_pod)
         .context("program comb_policy_from_pod")?;
@@ -699,22 +694,8 @@ mod tests {
     #[test]
     fn program_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let open = PolicySkelBuilder::default()
-            .open(&mut storage)
-            .expect("open embedded object");
-        let mut progs: Vec<String> = open
-            .open_object()
-            .progs()
-            .map(|p| p.name().to_string_lossy().into_owned())
-            .collect();
-        progs.sort();
+        let (progs, maps) = crate::splice::object_names(PolicySkelBuilder::default(), &mut storage);
         assert_eq!(progs, [PROG_FROM_POD, PROG_TO_POD]);
-        let mut maps: Vec<String> = open
-            .open_object()
-            .maps()
-            .map(|m| m.name().to_string_lossy().into_owned())
-            .collect();
-        maps.sort();
         use crate::policy_maps::*;
         let mut want = [
             MAP_IPCACHE,

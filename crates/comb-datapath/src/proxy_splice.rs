@@ -21,14 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::maps::{Pod, delete_if_present};
 use crate::proxy_splice_skel::ProxySpliceSkelBuilder;
-use crate::splice::{map_handle, remove_pin, set_map_pin_paths};
+use crate::splice::{load_pinned, map_handle, remove_pin};
 use crate::sys;
 
 /// Map names, which are also their pin names under `<pin_dir>/maps/`.
@@ -119,16 +118,12 @@ impl ProxySplice {
         }
         let maps_dir = pin_dir.join("maps");
         let mut storage = MaybeUninit::uninit();
-        let mut open = ProxySpliceSkelBuilder::default()
-            .open(&mut storage)
-            .context("opening the embedded proxy splice object")?;
-        set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
-        let skel = open.load().with_context(|| {
-            format!(
-                "loading the proxy splice (if a map pinned under {} has an older layout, remove it)",
-                maps_dir.display()
-            )
-        })?;
+        let skel = load_pinned(
+            ProxySpliceSkelBuilder::default(),
+            &mut storage,
+            &maps_dir,
+            "proxy splice",
+        )?;
         let m = &skel.maps;
         let inner = Inner {
             pin_dir: pin_dir.to_owned(),
@@ -497,15 +492,8 @@ mod tests {
     #[test]
     fn map_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let open = ProxySpliceSkelBuilder::default()
-            .open(&mut storage)
-            .expect("open embedded object");
-        let mut names: Vec<String> = open
-            .open_object()
-            .maps()
-            .map(|m| m.name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let (_, names) =
+            crate::splice::object_names(ProxySpliceSkelBuilder::default(), &mut storage);
         let mut want = [MAP_PX_SOCKS, MAP_PX_REDIR, MAP_PX_PEERS, MAP_PX_STATS];
         want.sort();
         assert_eq!(names, want);

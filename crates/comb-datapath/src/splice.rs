@@ -15,7 +15,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -97,16 +96,12 @@ impl Datapath {
         let maps_dir = opts.pin_dir.join("maps");
 
         let mut storage = MaybeUninit::uninit();
-        let mut open = SpliceSkelBuilder::default()
-            .open(&mut storage)
-            .context("opening the embedded BPF object")?;
-        set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
-        let skel = open.load().with_context(|| {
-            format!(
-                "loading BPF programs and maps (if a map pinned under {} has an older layout, remove it)",
-                maps_dir.display()
-            )
-        })?;
+        let skel = load_pinned(
+            SpliceSkelBuilder::default(),
+            &mut storage,
+            &maps_dir,
+            "splice",
+        )?;
 
         let config = map_handle(&skel.maps.comb_config)?;
         let endpoints = map_handle(&skel.maps.comb_endpoints)?;
@@ -421,6 +416,50 @@ pub(crate) fn remove_pin(path: &Path) -> Result<()> {
 
 /// Point every map of an opened object at `<maps_dir>/<name>`: libbpf reuses a map already
 /// pinned at its pin path, else creates and pins it.
+/// Open an embedded skeleton, point its maps at `<maps_dir>/<name>` (so existing pins are
+/// adopted and new maps pinned there) and load it. `what` names the object in errors.
+pub(crate) fn load_pinned<'obj, B: libbpf_rs::skel::SkelBuilder<'obj>>(
+    builder: B,
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    maps_dir: &Path,
+    what: &str,
+) -> Result<<B::Output as libbpf_rs::skel::OpenSkel<'obj>>::Output> {
+    use libbpf_rs::skel::OpenSkel;
+    let mut open = builder
+        .open(storage)
+        .with_context(|| format!("opening the embedded {what} object"))?;
+    set_map_pin_paths(open.open_object_mut(), maps_dir)?;
+    open.load().with_context(|| {
+        format!(
+            "loading {what} programs and maps (if a map pinned under {} has an older layout, remove it)",
+            maps_dir.display()
+        )
+    })
+}
+
+/// Sorted (program, map) names of an embedded object, for the tests that check the Rust
+/// constants against it.
+#[cfg(test)]
+pub(crate) fn object_names<'obj, B: libbpf_rs::skel::SkelBuilder<'obj>>(
+    builder: B,
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> (Vec<String>, Vec<String>) {
+    use libbpf_rs::skel::OpenSkel;
+    let open = builder.open(storage).expect("open embedded object");
+    let obj = open.open_object();
+    let mut progs: Vec<String> = obj
+        .progs()
+        .map(|p| p.name().to_string_lossy().into_owned())
+        .collect();
+    let mut maps: Vec<String> = obj
+        .maps()
+        .map(|m| m.name().to_string_lossy().into_owned())
+        .collect();
+    progs.sort();
+    maps.sort();
+    (progs, maps)
+}
+
 pub(crate) fn set_map_pin_paths(obj: &mut libbpf_rs::OpenObject, maps_dir: &Path) -> Result<()> {
     for mut m in obj.maps_mut() {
         let path = maps_dir.join(m.name());
@@ -445,16 +484,12 @@ fn first_existing(p: &Path) -> Option<PathBuf> {
 fn load_socket_lb(pin_dir: &Path) -> Result<SocketLb> {
     let maps_dir = pin_dir.join("maps");
     let mut storage = MaybeUninit::uninit();
-    let mut open = SockSkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the embedded socket-LB object")?;
-    set_map_pin_paths(open.open_object_mut(), &maps_dir)?;
-    let skel = open.load().with_context(|| {
-        format!(
-            "loading socket-LB programs and maps (if a map pinned under {} has an older layout, remove it)",
-            maps_dir.display()
-        )
-    })?;
+    let skel = load_pinned(
+        SockSkelBuilder::default(),
+        &mut storage,
+        &maps_dir,
+        "socket-LB",
+    )?;
     let sp = &skel.progs;
     // In HOOKS order (checked by a unit test).
     let ours = [
@@ -575,15 +610,7 @@ mod tests {
     #[test]
     fn map_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let open = SpliceSkelBuilder::default()
-            .open(&mut storage)
-            .expect("open embedded object");
-        let mut names: Vec<String> = open
-            .open_object()
-            .maps()
-            .map(|m| m.name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let (_, names) = object_names(SpliceSkelBuilder::default(), &mut storage);
         let mut want = [
             MAP_CONFIG,
             MAP_ENDPOINTS,
