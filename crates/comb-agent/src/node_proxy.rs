@@ -124,11 +124,18 @@ impl NodeProxy {
         if !keep_pins && let Err(e) = proxy_routing::remove() {
             tracing::warn!(error = %format!("{e:#}"), "removing the proxy's policy routing");
         }
-        if let Some(s) = self.splice
-            && let Ok(s) = Arc::try_unwrap(s)
-            && let Err(e) = s.shutdown(keep_pins)
-        {
-            tracing::warn!(error = %format!("{e:#}"), "proxy splice shutdown");
+        if let Some(s) = self.splice {
+            // The proxy (and with it every clone) is gone by now.
+            match Arc::try_unwrap(s) {
+                Ok(s) => {
+                    if let Err(e) = s.shutdown(keep_pins) {
+                        tracing::warn!(error = %format!("{e:#}"), "proxy splice shutdown");
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!("proxy splice still referenced at shutdown; its pins stay")
+                }
+            }
         }
     }
 }

@@ -111,7 +111,8 @@ impl ProxyHandle {
     }
 
     /// Stops accepting, lets HTTP connections finish their requests (up to `grace`), then
-    /// drops whatever is left (opaque relays included) with the runtime.
+    /// drops whatever is left (opaque relays included) with the runtime. Blocks: call it from
+    /// a thread where blocking is allowed (not from inside another tokio runtime's tasks).
     pub fn shutdown(mut self, grace: Duration) {
         self.stop.send_replace(true);
         self.ctx.stop();
