@@ -173,11 +173,6 @@ fn proxy_stats(lab: &Lab) -> serde_json::Value {
     .unwrap()
 }
 
-fn metrics_text(lab: &Lab) -> String {
-    let v = call(&lab.agent_socket("n1"), &comb_agent::api::Request::Metrics).unwrap();
-    v.as_str().unwrap().to_string()
-}
-
 /// Requests the proxy recorded for destination workload `dest`.
 fn proxied_requests(lab: &Lab, dest: &str) -> u64 {
     let stats = proxy_stats(lab);
@@ -426,7 +421,7 @@ fn protocols_through_the_redirect() {
         seen["headers"]["traceparent"].is_string(),
         "via the proxy: {seen}"
     );
-    let text = metrics_text(&lab);
+    let text = metrics_text(&lab, "n1");
     assert!(
         text.lines().any(|l| l.starts_with("istio_requests_total{")
             && l.contains("destination_service=\"web-svc.shop.svc.cluster.local\"")
@@ -817,9 +812,9 @@ fn telemetry_and_robustness() {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     wait_for(Duration::from_secs(5), "the requests' metrics", || {
-        requests_by_code(&metrics_text(&lab), "mclient") == want
+        requests_by_code(&metrics_text(&lab, "n1"), "mclient") == want
     });
-    let text = metrics_text(&lab);
+    let text = metrics_text(&lab, "n1");
     let series = text
         .lines()
         .find(|l| {
@@ -974,7 +969,7 @@ fn telemetry_and_robustness() {
         String::from_utf8_lossy(&body)
     );
     wait_for(Duration::from_secs(5), "a UF series", || {
-        metrics_text(&lab).lines().any(|l| {
+        metrics_text(&lab, "n1").lines().any(|l| {
             l.starts_with("istio_requests_total{")
                 && l.contains("destination_workload=\"closed\"")
                 && l.contains("response_code=\"503\"")

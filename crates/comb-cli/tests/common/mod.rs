@@ -392,14 +392,18 @@ pub fn all_programmed(rows: &[serde_json::Value], n: usize) -> bool {
     rows.len() == n && rows.iter().all(|r| r["programmed"] == true)
 }
 
+/// `node`'s agent's Prometheus exposition text.
+pub fn metrics_text(lab: &Lab, node: &str) -> String {
+    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
 /// A counter from the agent's Prometheus metrics (0 when absent).
 pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
-    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
-    let text = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
-    text.lines()
+    metrics_text(lab, node)
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (n, val) = l.rsplit_once(' ')?;
@@ -471,12 +475,8 @@ pub fn write_manifest(lab: &Lab, file: &str, text: &str) {
 
 /// Every `comb_policy_packets_total{...}` series of `node`'s agent, by its full name.
 pub fn policy_packet_counters(lab: &Lab, node: &str) -> std::collections::BTreeMap<String, f64> {
-    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
-    let text = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
-    text.lines()
+    metrics_text(lab, node)
+        .lines()
         .filter(|l| l.starts_with("comb_policy_packets_total{"))
         .filter_map(|l| {
             let (n, val) = l.rsplit_once(' ')?;
