@@ -14,6 +14,7 @@
 import json
 import random
 import socket
+import struct
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -39,6 +40,10 @@ def exchange(host, port, data, timeout=5.0):
         pass
     except OSError:
         closed = True
+    # Abortive close (RST): neither side keeps a TIME_WAIT. A later connection from the same
+    # 4-tuple would otherwise meet the proxy's TIME_WAIT socket, which a SYN to a redirected
+    # flow cannot reopen (docs/l7.md, known limits); this client tests the parser, not that.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     line = got.split(b"\r\n", 1)[0].decode("latin-1") if got else ""
     return line, closed
