@@ -4,8 +4,9 @@
 //! State through its one mutator, and the datapath reconciler makes the kernel match State.
 //! The admin API and `/metrics` only read.
 
+#![forbid(unsafe_code)]
+
 mod admin;
-pub mod api;
 mod args;
 mod flows;
 mod identity_store;
@@ -18,5 +19,7 @@ mod service_rows;
 mod shared;
 mod source;
 
+/// The admin API's wire types live in comb-api so the CLI need not link the agent.
+pub use comb_api as api;
 pub use args::Args;
 pub use run::{main, run};

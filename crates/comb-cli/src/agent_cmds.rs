@@ -4,10 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
-use comb_agent::api::{EndpointRow, Request, Status};
-use comb_datapath::SpliceStats;
+use comb_api::{EndpointRow, Request, Status};
+use comb_api::SpliceStats;
 
-use crate::{Output, Target, client, table};
+use comb_api::{client, table};
+
+use crate::{Output, Target};
 
 #[derive(Subcommand)]
 pub enum EndpointCmd {

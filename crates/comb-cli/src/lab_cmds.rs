@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
-use crate::table;
+use comb_api::table;
 
 #[derive(Subcommand)]
 pub enum LabCmd {
@@ -45,19 +45,6 @@ pub enum LabCmd {
     },
     /// Labs on this machine and their pods.
     List,
-}
-
-/// The combd binary shipped beside this one.
-pub fn combd_path() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the comb binary")?;
-    let p = exe.with_file_name("combd");
-    if !p.exists() {
-        bail!(
-            "combd not found next to {} (build it with `cargo build`)",
-            exe.display()
-        );
-    }
-    Ok(p)
 }
 
 fn pick(name: Option<String>) -> Result<Lab> {
@@ -117,7 +104,7 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
                 None
             } else {
                 Some(AgentOptions {
-                    combd: combd_path()?,
+                    combd: comb_lab::combd_path()?,
                     extra_args: agent_args,
                 })
             };

@@ -1,16 +1,14 @@
-//! comb: Comb's command line.
+//! comb: Comb's command line. It parses and dispatches: agents are asked through comb-api,
+//! labs are comb-lab, benchmarks and probes are comb-testkit.
+
+#![forbid(unsafe_code)]
 
 mod agent_cmds;
-mod bench;
-mod client;
 mod lab_cmds;
 mod manifest_cmds;
 mod policy_cmds;
-mod probe;
-mod probe_http;
 mod proxy_cmds;
 mod service_cmds;
-mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,13 +94,13 @@ enum Cmd {
     /// Benchmarks comparing Comb against a baseline in the same run.
     Bench {
         #[command(subcommand)]
-        cmd: bench::BenchCmd,
+        cmd: comb_testkit::bench::BenchCmd,
     },
     /// Traffic tool used by tests and benchmarks inside lab pods.
     #[command(hide = true)]
     Probe {
         #[command(subcommand)]
-        cmd: probe::ProbeCmd,
+        cmd: comb_testkit::probe::ProbeCmd,
     },
 }
 
@@ -121,8 +119,8 @@ fn main() -> ExitCode {
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),
         Cmd::Lab { cmd } => lab_cmds::run(cmd),
-        Cmd::Bench { cmd } => bench::run(cmd),
-        Cmd::Probe { cmd } => probe::run(cmd),
+        Cmd::Bench { cmd } => comb_testkit::bench::run(cmd),
+        Cmd::Probe { cmd } => comb_testkit::probe::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -6,12 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
-use comb_agent::api::{
+use comb_api::{
     EndpointPolicy, FlowRow, IdentityRow, MonitorLine, Request, Response, VerdictFilter,
 };
 
 use crate::agent_cmds::{ask, print_json};
-use crate::{Output, Target, client, table};
+use comb_api::{client, table};
+
+use crate::{Output, Target};
 
 #[derive(Subcommand)]
 pub enum IdentityCmd {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use comb_agent::api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Request};
 
 use crate::agent_cmds::{ask, print_json};
 use crate::{Output, Target};
@@ -36,7 +36,7 @@ pub fn proxy(t: &Target, cmd: ProxyCmd) -> Result<ExitCode> {
             if let (Some(s), Some(b)) = (r.spliced_sockets, r.spliced_bytes) {
                 println!("kernel splice: {s} sockets now, {b} bytes moved");
             }
-            print!("{}", comb_proxy::telemetry::render_table(&r.stats));
+            print!("{}", comb_api::proxy::render_table(&r.stats));
         }
     }
     Ok(ExitCode::SUCCESS)

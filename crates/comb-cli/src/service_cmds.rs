@@ -4,11 +4,13 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use comb_agent::api::{BackendRow, Request, ServiceRow};
+use comb_api::{BackendRow, Request, ServiceRow};
 use comb_model::lb::{BackendState, LbAlgorithm};
 
 use crate::agent_cmds::{ask, print_json};
-use crate::{Output, Target, table};
+use comb_api::table;
+
+use crate::{Output, Target};
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {

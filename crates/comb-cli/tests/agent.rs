@@ -255,7 +255,7 @@ const DENY_INGRESS_T: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPol
 fn identities(lab: &comb_lab::Lab) -> Vec<(u64, String)> {
     let v = call(
         &lab.agent_socket("node1"),
-        &comb_agent::api::Request::Identities,
+        &comb_api::Request::Identities,
     )
     .unwrap();
     v.as_array()
@@ -313,7 +313,7 @@ fn policy_keeps_enforcing_and_identities_stay_across_a_restart() {
     );
     let ep = call(
         &lab.agent_socket("node1"),
-        &comb_agent::api::Request::EndpointPolicy { pod: "t/b".into() },
+        &comb_api::Request::EndpointPolicy { pod: "t/b".into() },
     )
     .unwrap();
     assert_eq!(ep["in_sync"], true, "{ep}");

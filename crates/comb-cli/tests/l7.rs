@@ -168,7 +168,7 @@ fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_json::V
 fn proxy_stats(lab: &Lab) -> serde_json::Value {
     call(
         &lab.agent_socket("n1"),
-        &comb_agent::api::Request::ProxyStats,
+        &comb_api::Request::ProxyStats,
     )
     .unwrap()
 }

@@ -6,12 +6,19 @@
 //! unwinding from a panic), by the signal handler of `install_signal_cleanup`, or by
 //! `down_all` after a crash.
 
+// Unsafe code only where std/nix offer no safe form: pre_exec (process) and the signal
+// handler (teardown).
+#![deny(unsafe_code)]
+
 mod cgroup;
+mod locate;
 pub mod naming;
 mod netns;
+#[allow(unsafe_code)]
 mod process;
 mod spec;
 mod state;
+#[allow(unsafe_code)]
 mod teardown;
 
 use std::path::{Path, PathBuf};
@@ -21,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use locate::combd_path;
 pub use spec::{PodSpec, parse as parse_manifests};
-pub use state::{AgentOptions, LabNode, LabPod, State};
+pub use state::{AgentOptions, LabNode, LabPod, LabState};
 pub use teardown::install_signal_cleanup;
 
 #[derive(Debug, Clone, Default)]
@@ -36,7 +44,7 @@ pub struct LabOptions {
 /// A running lab. Dropping it tears everything down unless it was `detach`ed or `open`ed.
 #[derive(Debug)]
 pub struct Lab {
-    state: State,
+    state: LabState,
     /// Drop does nothing when set.
     detached: bool,
     /// Processes this handle started, reaped after teardown so they don't linger as zombies.
@@ -77,7 +85,7 @@ impl Lab {
         if !path.exists() {
             bail!("no lab named {name:?} (no {})", path.display());
         }
-        let state = State::load(&path)?;
+        let state = LabState::load(&path)?;
         Ok(Lab {
             state,
             detached: true,
@@ -115,7 +123,7 @@ impl Lab {
         &self.state.name
     }
 
-    pub fn state(&self) -> &State {
+    pub fn state(&self) -> &LabState {
         &self.state
     }
 
@@ -361,7 +369,7 @@ impl Drop for Lab {
 }
 
 /// Decide names, addresses and cgroups for every node and pod; no side effects.
-fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<State> {
+fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabState> {
     let lab = &opts.name;
     let mut nodes: Vec<LabNode> = Vec::new();
     let mut per_node: Vec<usize> = Vec::new();
@@ -434,7 +442,7 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<State> 
             bail!("{prev} and {what} would share network namespace {ns}; rename one");
         }
     }
-    Ok(State {
+    Ok(LabState {
         name: lab.clone(),
         cgroup2,
         nodes,
@@ -446,7 +454,7 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<State> 
 
 /// Namespaces, veths, addresses and routes. Pure routing, no bridges: each pod's host veth
 /// carries the gateway address and a /32 route to the pod.
-fn build_network(st: &State) -> Result<()> {
+fn build_network(st: &LabState) -> Result<()> {
     // IPv6 off everywhere: the lab is IPv4, and DAD/router solicitations only add noise.
     const NO_V6: [(&str, &str); 2] = [
         ("net/ipv6/conf/all/disable_ipv6", "1"),

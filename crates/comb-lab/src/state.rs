@@ -57,7 +57,7 @@ pub struct LabNode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
+pub struct LabState {
     pub name: String,
     pub cgroup2: PathBuf,
     pub nodes: Vec<LabNode>,
@@ -66,8 +66,8 @@ pub struct State {
     pub agent: Option<AgentOptions>,
 }
 
-impl State {
-    pub fn load(path: &Path) -> Result<State> {
+impl LabState {
+    pub fn load(path: &Path) -> Result<LabState> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
@@ -96,7 +96,7 @@ fn multi_doc<T: Serialize>(objects: &[T]) -> Result<String> {
 
 /// The Pod manifests as given, plus what a kubelet would report: IPs and phase; and the pod
 /// cgroup (relative to the cgroup2 mount) as annotation `comb.dev/cgroup`.
-pub fn pods_yaml(state: &State, specs: &[PodSpec]) -> Result<String> {
+pub fn pods_yaml(state: &LabState, specs: &[PodSpec]) -> Result<String> {
     let mut pods = Vec::new();
     for spec in specs {
         let lab_pod = state
@@ -134,7 +134,7 @@ pub fn pods_yaml(state: &State, specs: &[PodSpec]) -> Result<String> {
     multi_doc(&pods)
 }
 
-pub fn nodes_yaml(state: &State) -> Result<String> {
+pub fn nodes_yaml(state: &LabState) -> Result<String> {
     let nodes: Vec<Node> = state
         .nodes
         .iter()

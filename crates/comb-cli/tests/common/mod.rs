@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use comb_agent::api::{EndpointRow, Request, Response, Status};
-use comb_datapath::SpliceStats;
+use comb_api::{EndpointRow, Request, Response, Status};
+use comb_api::SpliceStats;
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
 pub const COMB: &str = env!("CARGO_BIN_EXE_comb");
-pub const COMBD: &str = env!("CARGO_BIN_EXE_combd");
 
 /// Privileged tests need root. Under CI they must fail without it, never skip.
 pub fn privileged() -> bool {
@@ -49,7 +48,8 @@ pub fn lab_up(prefix: &str, pods: &str, agent_args: &[&str]) -> Lab {
 /// A lab named after `prefix` whose agents get `agent_args`, with manifest `files` (name, text).
 fn lab_up_files(prefix: &str, files: &[(&str, &str)], agent_args: &[&str]) -> Lab {
     let agent = AgentOptions {
-        combd: PathBuf::from(COMBD),
+        // combd is another package's binary: found in target/<profile>/ at run time.
+        combd: comb_lab::combd_path().unwrap_or_else(|e| panic!("{e:#}")),
         extra_args: agent_args.iter().map(|s| s.to_string()).collect(),
     };
     let files: Vec<_> = files

@@ -22,13 +22,13 @@
 //! visible rather than hides.
 
 use anyhow::{Context, Result, bail};
-use comb_agent::api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Request};
 use comb_lab::Lab;
 
 use super::l7_tools as t;
 use super::report::Metric;
 use super::{Common, lab};
-use crate::client;
+use comb_api::client;
 
 const NS: &str = "bench";
 const PORT: u16 = 5201;

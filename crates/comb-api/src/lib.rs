@@ -1,6 +1,13 @@
-//! The admin API's wire types, shared with the `comb` CLI.
+//! The agent's admin API: its wire types and a blocking client, shared by `combd` and the
+//! `comb` CLI (and the testkit), so neither side links the other.
 //!
 //! One JSON request per line on the unix socket, one JSON response line back.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod proxy;
+pub mod table;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -49,7 +56,24 @@ pub struct ProxyStatsReply {
     /// Sockets handed to the kernel now and the bytes it moved; None without the splice.
     pub spliced_sockets: Option<u64>,
     pub spliced_bytes: Option<u64>,
-    pub stats: comb_proxy::telemetry::ProxyStats,
+    pub stats: proxy::ProxyStats,
+}
+
+/// The socket splice's counters (`Request::SpliceStats`), summed over CPUs. The agent sends
+/// the datapath's own counters; this is their shape on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpliceStats {
+    /// Current sockhash entries.
+    pub sockets: u64,
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    pub passed_msgs: u64,
+    pub passed_bytes: u64,
+    pub sockets_added: u64,
+    pub add_failures: u64,
+    /// Sockets that could not be marked TCP-first (no memory); 0 unless something is wrong.
+    pub sticky_failures: u64,
+    pub sockets_closed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,7 +62,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use comb_agent::api::{EndpointPolicy, Request, Status};
+use comb_api::{EndpointPolicy, Request, Status};
 use comb_lab::Lab;
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -72,7 +72,7 @@ use rand::Rng;
 
 use super::report::{Metric, Report, median, percentile};
 use super::{Common, lab, tools};
-use crate::client;
+use comb_api::client;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
@@ -602,9 +602,8 @@ fn wait_attempts<'a>(
         })
         .collect();
     let ms = timeout.as_micros().div_ceil(1000).min(1000) as libc::c_int;
-    // SAFETY: `fds` is an exclusively borrowed array of `fds.len()` initialised pollfd structs
-    // for the whole call; the descriptors stay open (owned by `pending`) until it returns.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    // The descriptors stay open (owned by `pending`) until it returns.
+    let n = crate::sys::poll(&mut fds, ms);
     if n < 0 && Errno::last() != Errno::EINTR {
         bail!("poll: {}", Errno::last());
     }
@@ -970,7 +969,7 @@ pub fn run(a: &Args) -> Result<Report> {
             ));
         }
     }
-    let stats: comb_datapath::SpliceStats =
+    let stats: comb_api::SpliceStats =
         serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
     if stats.redirected_bytes != 0 {
         bail!(

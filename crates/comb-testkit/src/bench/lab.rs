@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use comb_agent::api::{Request, Status};
+use comb_api::{Request, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
-use crate::client;
+use comb_api::client;
 
 /// Bring up a lab named `<prefix><random>` whose agent gets `agent_args`, with the manifest
 /// `pods` as `file`, and wait until its agent applied it and attached to `attached` pods.
@@ -19,7 +19,7 @@ pub fn up(
     attached: usize,
 ) -> Result<Lab> {
     let name = format!("{prefix}{:04x}", rand::random::<u16>());
-    let combd = crate::lab_cmds::combd_path()?;
+    let combd = comb_lab::combd_path()?;
     let lab = Lab::up(
         LabOptions {
             name,
@@ -41,7 +41,7 @@ fn wait_attached(socket: &std::path::Path, pods: usize) -> Result<()> {
     while Instant::now() < deadline {
         if let Ok(v) = client::call(socket, &Request::Status) {
             let s: Status = serde_json::from_value(v)?;
-            let rows: Vec<comb_agent::api::EndpointRow> =
+            let rows: Vec<comb_api::EndpointRow> =
                 serde_json::from_value(client::call(socket, &Request::Endpoints)?)?;
             let attached = rows
                 .iter()

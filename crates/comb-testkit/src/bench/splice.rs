@@ -2,11 +2,11 @@
 //! the baseline) and on, interleaved in one lab.
 
 use anyhow::{Result, bail};
-use comb_agent::api::Request;
+use comb_api::Request;
 
 use super::report::{Metric, Report};
 use super::{Common, lab, tools};
-use crate::client;
+use comb_api::client;
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -93,7 +93,7 @@ pub fn run(c: &Common) -> Result<Report> {
             }
         }
     }
-    let stats: comb_datapath::SpliceStats =
+    let stats: comb_api::SpliceStats =
         serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
     if stats.redirected_bytes == 0 {
         bail!(

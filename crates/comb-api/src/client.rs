@@ -1,4 +1,5 @@
-//! Finding and talking to an agent's admin socket.
+//! Finding and talking to an agent's admin socket (blocking: the CLI and the testkit ask
+//! one question at a time).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -6,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use comb_agent::api::{Request, Response};
+use crate::{Request, Response};
 
 const RUN_DIR: &str = "/run/comb";
 

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::table;
+use comb_api::table;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Metric {

@@ -1,4 +1,4 @@
-//! Plain aligned tables for people; scripts use `-o json`.
+//! Plain aligned tables of API answers for people; scripts use `-o json`.
 
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

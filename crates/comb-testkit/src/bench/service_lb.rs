@@ -15,12 +15,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use comb_agent::api::{Request, Status};
+use comb_api::{Request, Status};
 use comb_lab::Lab;
 
 use super::report::{Metric, Report, median};
 use super::{Common, lab, tools};
-use crate::client;
+use comb_api::client;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {

@@ -43,13 +43,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use comb_agent::api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Request};
 use comb_lab::Lab;
 
 use super::l7_tools::{self as t, H2load};
 use super::report::{Metric, Report, median};
 use super::{Common, l7_splice, lab, tools};
-use crate::client;
+use comb_api::client;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
