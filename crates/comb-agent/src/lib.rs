@@ -19,7 +19,7 @@ mod service_rows;
 mod shared;
 mod source;
 
+pub use args::Args;
 /// The admin API's wire types live in comb-api so the CLI need not link the agent.
 pub use comb_api as api;
-pub use args::Args;
 pub use run::{main, run};

@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
 use crate::{Request, Response};
+use anyhow::{Context, Result, anyhow, bail};
 
 const RUN_DIR: &str = "/run/comb";
 

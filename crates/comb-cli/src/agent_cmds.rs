@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
-use comb_api::{EndpointRow, Request, Status};
 use comb_api::SpliceStats;
+use comb_api::{EndpointRow, Request, Status};
 
 use comb_api::{client, table};
 

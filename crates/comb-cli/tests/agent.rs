@@ -253,11 +253,7 @@ fn cli_reports_endpoints_and_splice_stats() {
 const DENY_INGRESS_T: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: t}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 
 fn identities(lab: &comb_lab::Lab) -> Vec<(u64, String)> {
-    let v = call(
-        &lab.agent_socket("node1"),
-        &comb_api::Request::Identities,
-    )
-    .unwrap();
+    let v = call(&lab.agent_socket("node1"), &comb_api::Request::Identities).unwrap();
     v.as_array()
         .unwrap()
         .iter()

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 /// `target/<profile>/deps/`, so its parent directory is tried too.
 pub fn combd_path() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the running binary")?;
-    let dir = exe.parent().context("the running binary has no directory")?;
+    let dir = exe
+        .parent()
+        .context("the running binary has no directory")?;
     let candidates = candidates(dir);
     if let Some(p) = candidates.iter().find(|p| p.is_file()) {
         return Ok(p.clone());

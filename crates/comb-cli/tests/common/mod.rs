@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use comb_api::{EndpointRow, Request, Response, Status};
 use comb_api::SpliceStats;
+use comb_api::{EndpointRow, Request, Response, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
 pub const COMB: &str = env!("CARGO_BIN_EXE_comb");
