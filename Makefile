@@ -9,8 +9,9 @@ deps:
 build: deps
 	$(CARGO) build --workspace
 
+# comb (the CLI) and combd (the agent, in comb-agent) land side by side in target/release/.
 release: deps
-	$(CARGO) build --release -p comb-cli
+	$(CARGO) build --release -p comb-cli -p comb-agent
 
 demo: release
 	@bash scripts/demo.sh target/release
@@ -20,7 +21,9 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Everything: style, unit tests and the privileged lab tests (run as root).
+# combd is built first: comb-cli's lab tests start it from target/<profile>/.
 test: lint
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 # Fuzz the manifest parser and converter, and the policy conversions (needs the nightly
