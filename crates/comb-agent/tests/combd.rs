@@ -58,5 +58,8 @@ fn missing_required_flags_fail() {
     let out = combd(&[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("--node") && err.contains("--manifests"), "{err}");
+    assert!(
+        err.contains("--node") && err.contains("--manifests"),
+        "{err}"
+    );
 }
