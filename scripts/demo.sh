@@ -4,6 +4,8 @@ set -euo pipefail
 bin=${1:-target/release}
 comb="$bin/comb"
 lab=demo
+# This lab's agent by its socket: other labs (tests, other users) may have a node1 too.
+at=(--socket "/run/comb/lab/$lab/node1.sock")
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 cleanup() { "$comb" lab down --name "$lab" >/dev/null 2>&1 || true; }
@@ -15,24 +17,25 @@ step "1. Bring up node1 with three pods (namespaces, veths, cgroups) and combd"
 sleep 1
 
 step "2. The agent's view: comb status"
-"$comb" status --node node1
+"$comb" status "${at[@]}"
 
 step "3. Endpoints: legacy opted out (comb.dev/splice: off)"
-"$comb" endpoint list --node node1
+"$comb" endpoint list "${at[@]}"
 
-web=$("$comb" lab list | awk '$1=="web"{print $4}')
+# Only this lab's section: other labs (tests, other users) may run on the machine too.
+web=$("$comb" lab list | awk -v lab="$lab:" '$1=="lab"{mine=($2==lab)} mine && $1=="web"{print $4}')
 step "4. cart -> web over HTTP (spliced): curl http://$web:8080/"
 "$comb" lab exec --name "$lab" shop/cart -- curl -s -o /dev/null -w 'HTTP %{http_code}, %{size_download} bytes in %{time_total}s\n' "http://$web:8080/"
 step "   legacy -> web (not spliced: legacy opted out)"
 "$comb" lab exec --name "$lab" shop/legacy -- curl -s -o /dev/null -w 'HTTP %{http_code}, %{size_download} bytes in %{time_total}s\n' "http://$web:8080/"
 
 step "5. Splice counters: bytes went socket to socket, not through the veths"
-"$comb" splice stats --node node1
+"$comb" splice stats "${at[@]}"
 
 step "6. Identity policy: only cart may reach web (examples/demo/policy.yaml)"
-"$comb" apply -f examples/demo/policy.yaml --node node1
+"$comb" apply -f examples/demo/policy.yaml --lab "$lab" "${at[@]}"
 # Watch verdicts while two clients try; the monitor streams until stopped.
-"$comb" monitor --node node1 --pod shop/web > "/tmp/comb-demo-monitor.$$" 2>&1 &
+"$comb" monitor "${at[@]}" --pod shop/web > "/tmp/comb-demo-monitor.$$" 2>&1 &
 mon=$!
 sleep 0.5
 "$comb" lab exec --name "$lab" shop/cart -- curl -s -o /dev/null -w 'cart -> web: HTTP %{http_code}\n' "http://$web:8080/"
@@ -44,7 +47,7 @@ step "   comb monitor --pod shop/web"
 cat "/tmp/comb-demo-monitor.$$"
 rm -f "/tmp/comb-demo-monitor.$$"
 step "   comb endpoint policy get shop/web (the kernel's table for web)"
-"$comb" endpoint policy get shop/web --node node1
+"$comb" endpoint policy get shop/web "${at[@]}"
 
 step "7. A short splice benchmark (1 pair, 1 s each; 'comb bench splice' runs 5 pairs x 3 s)"
 "$comb" bench splice --pairs 1 --secs 1
