@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use comb_datapath::{Datapath, DatapathOptions, host};
+use comb_datapath::{Datapath, DatapathOptions};
 use comb_model::State;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -60,10 +60,10 @@ fn init_logging(format: LogFormat) {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    host::ensure_bpffs()?;
+    comb_host::ensure_bpffs()?;
     let cgroup_root = match &args.cgroup_root {
         Some(p) => p.clone(),
-        None => host::cgroup2_mount()?,
+        None => comb_host::cgroup2_mount()?,
     };
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: args.pin_dir(),

@@ -1,7 +1,6 @@
 //! Comb's eBPF datapath: the programs under `bpf/`, compiled at build time and embedded,
 //! loaded, attached and pinned under bpffs; typed access to their maps.
 
-pub mod host;
 mod lb;
 pub mod lb_maps;
 pub mod maps;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use comb_datapath::{Datapath, DatapathOptions, LbService, SocketLbMode, host};
+use comb_datapath::{Datapath, DatapathOptions, LbService, SocketLbMode};
 use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 use serde_json::{Value, json};
 
@@ -134,8 +134,8 @@ impl Lab {
     }
 
     fn new(mode: SocketLbMode) -> Self {
-        host::ensure_bpffs().expect("bpffs");
-        let mount = host::cgroup2_mount().expect("cgroup2 mount");
+        comb_host::ensure_bpffs().expect("bpffs");
+        let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
         let cg = CgroupGuard::new(&mount);
         let pins = PinGuard::fresh();
         let mut dp = Datapath::load(DatapathOptions {
@@ -164,7 +164,7 @@ impl Lab {
     fn cg_rel(&self) -> PathBuf {
         self.cg
             .0
-            .strip_prefix(host::cgroup2_mount().unwrap())
+            .strip_prefix(comb_host::cgroup2_mount().unwrap())
             .unwrap()
             .to_path_buf()
     }
@@ -564,7 +564,7 @@ fn restart_adopts_services_and_links() {
         "pinned programs keep working without an agent"
     );
 
-    let mount = host::cgroup2_mount().unwrap();
+    let mount = comb_host::cgroup2_mount().unwrap();
     let dp = Datapath::load(DatapathOptions {
         pin_dir: lab.pins.0.clone(),
         cgroup_root: mount,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use comb_datapath::policy_maps::{ID_ANY, ID_HOST, ID_WORLD};
 use comb_datapath::{
     Datapath, DatapathOptions, Direction, FlowEvent, PolicyConfig, PolicyKey, PolicyValue, Reason,
-    Verdict, host,
+    Verdict,
 };
 use policy_support::packets::*;
 use policy_support::{DROP, Fixture, InNetns, Netns, PASS, ifindex, two_pod_node};
@@ -1204,7 +1204,7 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
     fx.ns.ip(&["link", "del", "v2"]);
     let dp = Datapath::load(DatapathOptions {
         pin_dir: fx.pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("reload");
     fx.dp = Some(dp);
@@ -1369,7 +1369,7 @@ fn tcp_between_pods_is_enforced() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new();
     let (client, server) = (&lab.pods[0], &lab.pods[1]);
@@ -1381,7 +1381,7 @@ fn tcp_between_pods_is_enforced() {
     let (ci, si) = (ifindex(&client.2), ifindex(&server.2));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
     let (cid, sid) = (EP_ID, ID_A);
@@ -1498,7 +1498,7 @@ fn tcp_between_pods_is_enforced() {
     // A new agent adopts maps and links and switches the links to its programs.
     let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("reloading the datapath");
     assert_eq!(dp.policy_attachments().len(), 2);

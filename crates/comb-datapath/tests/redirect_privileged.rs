@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use comb_datapath::policy_maps::{ID_ANY, ID_HOST};
 use comb_datapath::{
     Datapath, DatapathOptions, Direction, IpcacheEntry, PolicyKey, PolicyMetric, PolicyValue,
-    ProxyFamily, Reason, Verdict, host, proxy_routing,
+    ProxyFamily, Reason, Verdict, proxy_routing,
 };
 use policy_support::{InNetns, Netns, ifindex, two_pod_node};
 
@@ -386,7 +386,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     if !common::privileged("redirect") {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new();
     let server = PodServer::start(&lab.b, "0.0.0.0", &[L7_PORT, PLAIN_PORT]);
@@ -400,7 +400,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
     dp.set_policy_endpoint(ai, ID_A, &[POD_A.parse().unwrap()])
@@ -593,7 +593,7 @@ fn tcp6_is_redirected_to_the_node_proxy() {
     if !common::privileged("redirect") {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new_v6();
     let b = SocketAddr::new(POD_B6.parse().unwrap(), L7_PORT);
@@ -604,7 +604,7 @@ fn tcp6_is_redirected_to_the_node_proxy() {
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
     dp.set_policy_endpoint(ai, ID_A, &[POD_A6.parse().unwrap()])

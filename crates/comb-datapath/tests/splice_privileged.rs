@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use comb_datapath::maps::SockKey;
-use comb_datapath::{Datapath, DatapathOptions, EndpointInfo, host};
+use comb_datapath::{Datapath, DatapathOptions, EndpointInfo};
 use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 
 const SERVER: &str = r#"
@@ -114,8 +114,8 @@ fn splice_echo_on_loopback_v6() {
 }
 
 fn splice_echo(lo: IpAddr) {
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     // Declaration order = reverse drop order: helpers die first, the cgroup goes last.
     let cg = CgroupGuard::new(&mount);
     let pins = PinGuard::fresh();
@@ -209,8 +209,8 @@ fn restart_adopts_pins() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     let cg = CgroupGuard::new(&mount);
     let pins = PinGuard::fresh();
     let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
@@ -261,8 +261,8 @@ fn tcp_first_is_sticky() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     let pins = PinGuard::fresh();
     let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),

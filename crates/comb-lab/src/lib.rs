@@ -54,7 +54,7 @@ impl Lab {
         if inputs.pods.is_empty() {
             bail!("no Pod in the lab manifests");
         }
-        let cgroup2 = comb_datapath::host::cgroup2_mount()?;
+        let cgroup2 = comb_host::cgroup2_mount()?;
         let state = plan(&opts, &inputs.pods, cgroup2)?;
         teardown::refuse_existing(&opts.name)?;
         // Registered before the first object exists so a signal mid-build cleans up too.
@@ -236,7 +236,7 @@ impl Lab {
         if cgroup::populated(&cg) {
             bail!("agent of node {node} is already running");
         }
-        comb_datapath::host::ensure_bpffs()?;
+        comb_host::ensure_bpffs()?;
         let socket = self.agent_socket(node);
         let _ = std::fs::remove_file(&socket); // stale from a killed agent
         let log = self.agent_log(node);

@@ -31,7 +31,7 @@ pub fn unregister(name: &str) {
 
 /// Building over an existing lab would tear the other one down on failure: refuse instead.
 pub fn refuse_existing(name: &str) -> Result<()> {
-    let cg = comb_datapath::host::cgroup2_mount()?.join(naming::lab_cgroup(name));
+    let cg = comb_host::cgroup2_mount()?.join(naming::lab_cgroup(name));
     let leftovers = !netns::list(&naming::lab_netns_prefix(name))?.is_empty()
         || naming::state_dir(name).exists()
         || cg.exists();
@@ -50,7 +50,7 @@ pub fn teardown(name: &str) -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     };
-    match comb_datapath::host::cgroup2_mount() {
+    match comb_host::cgroup2_mount() {
         Ok(root) => {
             let lab_cg = root.join(naming::lab_cgroup(name));
             stop_agents(&lab_cg);
@@ -137,7 +137,7 @@ pub fn state_dirs() -> Result<Vec<String>> {
 
 pub fn down_all() -> Result<Vec<String>> {
     let mut labs: BTreeSet<String> = state_dirs()?.into_iter().collect();
-    let root = comb_datapath::host::cgroup2_mount()?;
+    let root = comb_host::cgroup2_mount()?;
     labs.extend(cgroup::list_labs(&root));
     labs.extend(
         netns::list(NETNS_PREFIX)?

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 /// Not root: fail under CI (the tests must run there), otherwise skip with a notice.
 fn privileged() -> bool {
-    comb_datapath::host::privileged_test("comb-lab (network namespaces, cgroups)")
+    comb_host::privileged_test("comb-lab (network namespaces, cgroups)")
 }
 
 fn python() -> &'static str {
@@ -62,7 +62,7 @@ fn leftovers(name: &str) -> Vec<String> {
                 .filter(|n| n.starts_with(&prefix)),
         );
     }
-    let cg = comb_datapath::host::cgroup2_mount()
+    let cg = comb_host::cgroup2_mount()
         .unwrap()
         .join(format!("comb-lab-{name}"));
     if cg.exists() {
@@ -169,7 +169,7 @@ fn two_nodes_two_pods_each() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0::/comb-lab-t2n/n2/default_b2"));
     assert_eq!(
         a1.cgroup,
-        comb_datapath::host::cgroup2_mount()
+        comb_host::cgroup2_mount()
             .unwrap()
             .join("comb-lab-t2n/n1/default_a1")
     );

@@ -17,7 +17,7 @@ pub const COMBD: &str = env!("CARGO_BIN_EXE_combd");
 
 /// Privileged tests need root. Under CI they must fail without it, never skip.
 pub fn privileged() -> bool {
-    comb_datapath::host::privileged_test("lab end-to-end (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)")
+    comb_host::privileged_test("lab end-to-end (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)")
 }
 
 pub fn unique(prefix: &str) -> String {

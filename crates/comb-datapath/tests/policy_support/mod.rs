@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
-use comb_datapath::{Datapath, DatapathOptions, Direction, PolicyMetric, Reason, host};
+use comb_datapath::{Datapath, DatapathOptions, Direction, PolicyMetric, Reason};
 
 use crate::common::{self, PinGuard};
 
@@ -180,14 +180,14 @@ pub const DROP: u32 = 2;
 
 impl Fixture {
     pub fn new() -> Self {
-        host::ensure_bpffs().expect("bpffs");
+        comb_host::ensure_bpffs().expect("bpffs");
         let pins = PinGuard::fresh();
         let ns = Netns::new("comb-pol");
         ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
         let inside = InNetns::enter(&ns);
         let dp = Datapath::load(DatapathOptions {
             pin_dir: pins.0.clone(),
-            cgroup_root: host::cgroup2_mount().expect("cgroup2 mount"),
+            cgroup_root: comb_host::cgroup2_mount().expect("cgroup2 mount"),
         })
         .expect("loading the datapath");
         Self {
