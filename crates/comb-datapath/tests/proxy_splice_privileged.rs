@@ -13,8 +13,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use comb_datapath::proxy_splice::tcp_bytes_written;
 use comb_datapath::ProxySplice;
+use comb_datapath::proxy_splice::tcp_bytes_written;
 use common::PinGuard;
 
 fn privileged() -> bool {

@@ -7,7 +7,6 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-
 /// True when privileged; false = skip (with a notice); panics under CI=true. `what` names the
 /// test in the message.
 pub fn privileged(what: &str) -> bool {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::maps::{CombAddr, Pod};
+use crate::abi::{CombAddr, Pod};
 
 pub const MAP_LB_SERVICES: &str = "comb_lb_services";
 pub const MAP_LB_BACKENDS: &str = "comb_lb_backends";
@@ -41,18 +41,6 @@ impl SvcKey {
             proto,
             pad: 0,
         }
-    }
-}
-
-impl PartialOrd for CombAddr {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for CombAddr {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.octets().cmp(&other.octets())
     }
 }
 
@@ -213,7 +201,7 @@ impl std::ops::AddAssign for LbStatsValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::tests::check;
+    use crate::abi::tests::check;
     use libbpf_rs::btf::Btf;
     use std::mem::offset_of;
 

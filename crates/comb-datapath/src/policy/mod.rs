@@ -1,4 +1,6 @@
-//! Loading, attaching and map access of the identity policy datapath (`bpf/policy.c`).
+//! The identity policy (`bpf/policy.c`): loading, attaching and map access. Its vocabulary
+//! is in [`types`], its ABI twins in [`abi`], flow events in [`events`], the node proxy's
+//! policy routing in [`routing`].
 //!
 //! Two tcx programs per local pod on its host-side veth (in the node's network namespace):
 //! `comb_policy_from_pod` on ingress, `comb_policy_to_pod` on egress, pinned as
@@ -8,35 +10,42 @@
 //! agent restart.
 //!
 //! Interfaces are resolved in the network namespace of the calling thread: call
-//! [`Datapath::attach_policy`] from the node's namespace.
+//! [`Policy::attach`] from the node's namespace.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ipnet::IpNet;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use tracing::{debug, info, warn};
 
-use crate::Datapath;
-use crate::maps::{CombAddr, Pod, delete_if_present, entries};
-use crate::policy::{
-    CtEntry, Direction, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric,
-    PolicyValue, ProxyFamily, Reason, ipcache_key, ipcache_net,
+pub mod abi;
+pub mod events;
+pub mod routing;
+pub mod types;
+
+pub use comb_model::terms::{Direction, Reason, ReasonCode, Verdict};
+pub use events::{FlowEvent, FlowEventReader};
+pub use types::{
+    CtEntry, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue,
+    ProxyFamily, ipcache_key, ipcache_net,
 };
-use crate::policy_events::FlowEventReader;
-use crate::policy_maps::{
+
+use crate::abi::{CombAddr, Pod};
+use crate::map_io::{delete_if_present, entries};
+use crate::pin::{load_pinned, map_handle, remove_pin};
+use crate::skel::policy::PolicySkelBuilder;
+use crate::sys;
+use abi::{
     CT_F_CLOSING, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue,
     MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
 };
-use crate::policy_skel::PolicySkelBuilder;
-use crate::splice::{load_pinned, map_handle, remove_pin};
-use crate::sys;
 
 pub(crate) const PROG_FROM_POD: &str = "comb_policy_from_pod";
 pub(crate) const PROG_TO_POD: &str = "comb_policy_to_pod";
@@ -75,7 +84,7 @@ impl Hook {
 
 /// True for a pin name under `links/` that belongs to the policy programs. Pod link ids of
 /// the splice datapath are `<namespace>_<pod>` and always contain `_`; these never do.
-pub(crate) fn is_policy_link_name(name: &str) -> bool {
+pub(crate) fn is_link_name(name: &str) -> bool {
     name.starts_with(LINK_PREFIX)
 }
 
@@ -87,8 +96,10 @@ fn parse_link_name(name: &str) -> Option<(u32, Hook)> {
     (ifindex.to_string() == idx).then_some((ifindex, hook))
 }
 
-/// The policy part of [`Datapath`].
-pub(crate) struct PolicyDp {
+/// The identity policy feature of [`crate::Datapath`]: its maps, the two tc programs and
+/// their links per host-side veth.
+pub struct Policy {
+    pin_dir: PathBuf,
     ipcache: MapHandle,
     endpoints: MapHandle,
     policy: MapHandle,
@@ -105,7 +116,7 @@ pub(crate) struct PolicyDp {
 
 /// Load `bpf/policy.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
 /// programs pinned under `<pin_dir>/progs/`.
-pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
+fn load(pin_dir: &Path) -> Result<Policy> {
     let maps_dir = pin_dir.join("maps");
     let mut storage = MaybeUninit::uninit();
     let skel = load_pinned(
@@ -125,7 +136,8 @@ pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
         p.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
-    Ok(PolicyDp {
+    Ok(Policy {
+        pin_dir: pin_dir.to_owned(),
         ipcache: map_handle(&m.comb_ipcache)?,
         endpoints: map_handle(&m.comb_policy_endpoints)?,
         policy: map_handle(&m.comb_policy)?,
@@ -157,7 +169,11 @@ fn detach_link(fd: &OwnedFd, name: &str) {
     }
 }
 
-impl PolicyDp {
+impl Policy {
+    pub(crate) fn load(pin_dir: &Path) -> Result<Self> {
+        load(pin_dir)
+    }
+
     fn prog(&self, hook: Hook) -> &ProgramHandle {
         match hook {
             Hook::From => &self.from_pod,
@@ -167,8 +183,8 @@ impl PolicyDp {
 
     /// Take over links pinned by a previous agent and switch them to our programs; drop the
     /// pins of links whose interface is gone.
-    pub(crate) fn adopt_links(&mut self, pin_dir: &Path) -> Result<()> {
-        let dir = pin_dir.join("links");
+    pub(crate) fn adopt_links(&mut self) -> Result<()> {
+        let dir = self.pin_dir.join("links");
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -195,7 +211,9 @@ impl PolicyDp {
         Ok(())
     }
 
-    fn attach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
+    fn attach_links(&mut self, ifindex: u32) -> Result<()> {
+        let pin_dir = self.pin_dir.clone();
+        let pin_dir = pin_dir.as_path();
         ensure!(ifindex != 0, "ifindex 0 names no interface");
         let mut created = Vec::new();
         for hook in Hook::BOTH {
@@ -243,7 +261,9 @@ impl PolicyDp {
         Ok(fd)
     }
 
-    fn detach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
+    fn detach_links(&mut self, ifindex: u32) -> Result<()> {
+        let pin_dir = self.pin_dir.clone();
+        let pin_dir = pin_dir.as_path();
         for hook in Hook::BOTH {
             let name = hook.link_name(ifindex);
             let pin = pin_dir.join("links").join(&name);
@@ -261,55 +281,59 @@ impl PolicyDp {
         Ok(())
     }
 
-    pub(crate) fn detach_all(&mut self, pin_dir: &Path) -> Vec<String> {
+    /// Detach every policy link (for a shutdown without pins); returns the errors.
+    pub(crate) fn detach_all(&mut self) -> Vec<String> {
         let mut ifs: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
         ifs.dedup();
         ifs.into_iter()
-            .filter_map(|i| self.detach(pin_dir, i).err().map(|e| format!("{e:#}")))
+            .filter_map(|i| self.detach_links(i).err().map(|e| format!("{e:#}")))
             .collect()
     }
 }
 
 /// Size of `struct __sk_buff` and the offset of its ifindex (checked against BTF by a test).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const TEST_SKB_CTX_LEN: usize = 192;
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const TEST_SKB_IFINDEX: usize = 40;
 
 /// The `struct __sk_buff` passed to BPF_PROG_TEST_RUN: zero but for ifindex.
+#[cfg(any(test, feature = "testing"))]
 fn test_skb_ctx(ifindex: u32) -> [u8; TEST_SKB_CTX_LEN] {
     let mut ctx = [0u8; TEST_SKB_CTX_LEN];
     ctx[TEST_SKB_IFINDEX..TEST_SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 
-impl Datapath {
+impl Policy {
     /// Attach both policy programs to the host-side veth `ifindex` (in the calling thread's
     /// network namespace). Idempotent: attached links are switched to the current programs.
-    /// Packets pass untouched until the endpoint has an entry ([`Self::set_policy_endpoint`]).
-    pub fn attach_policy(&mut self, ifindex: u32) -> Result<()> {
-        self.policy.attach(&self.opts.pin_dir, ifindex)?;
+    /// Packets pass untouched until the endpoint has an entry ([`Self::set_endpoint`]).
+    pub fn attach(&mut self, ifindex: u32) -> Result<()> {
+        self.attach_links(ifindex)?;
         info!(ifindex, "policy attached");
         Ok(())
     }
 
     /// Detach both programs and remove their pins. An interface that is already gone (pod
     /// deleted) is not an error.
-    pub fn detach_policy(&mut self, ifindex: u32) -> Result<()> {
-        self.policy.detach(&self.opts.pin_dir, ifindex)?;
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        self.detach_links(ifindex)?;
         info!(ifindex, "policy detached");
         Ok(())
     }
 
     /// The ifindexes with policy links, including links whose interface is gone (detach
     /// those).
-    pub fn policy_attachments(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.policy.links.keys().map(|(i, _)| *i).collect();
+    pub fn attachments(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
         v.dedup();
         v
     }
 
     /// Enforce policy on the endpoint behind host veth `ifindex`, with its identity and
     /// addresses (at most one IPv4 and one IPv6).
-    pub fn set_policy_endpoint(&self, ifindex: u32, identity: u32, addrs: &[IpAddr]) -> Result<()> {
+    pub fn set_endpoint(&self, ifindex: u32, identity: u32, addrs: &[IpAddr]) -> Result<()> {
         ensure!(ifindex != 0, "ifindex 0 names no interface");
         ensure!(
             identity != ID_ANY,
@@ -334,31 +358,30 @@ impl Datapath {
             *seen = true;
             v.addrs[slot] = a;
         }
-        self.policy
-            .endpoints
+        self.endpoints
             .update(&ifindex.to_ne_bytes(), v.as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing policy endpoint {ifindex}"))
     }
 
     /// Stop enforcing on `ifindex` (its packets pass untouched) and drop its counters.
-    pub fn remove_policy_endpoint(&self, ifindex: u32) -> Result<()> {
+    pub fn remove_endpoint(&self, ifindex: u32) -> Result<()> {
         delete(
-            &self.policy.endpoints,
+            &self.endpoints,
             &ifindex.to_ne_bytes(),
             &format!("policy endpoint {ifindex}"),
         )?;
-        let keys: Vec<Vec<u8>> = self.policy.metrics.keys().collect();
+        let keys: Vec<Vec<u8>> = self.metrics.keys().collect();
         for k in keys {
             if MetricKey::from_bytes(&k).is_some_and(|m| m.endpoint == ifindex) {
-                delete(&self.policy.metrics, &k, "policy metric")?;
+                delete(&self.metrics, &k, "policy metric")?;
             }
         }
         Ok(())
     }
 
-    pub fn policy_endpoints(&self) -> Result<BTreeMap<u32, PolicyEndpoint>> {
+    pub fn endpoints(&self) -> Result<BTreeMap<u32, PolicyEndpoint>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.endpoints)? {
+        for (k, v) in entries(&self.endpoints)? {
             let ifindex: u32 = decode::<u32>(&k, "comb_policy_endpoints key")?;
             let v: PolicyEndpointValue = decode(&v, "comb_policy_endpoints value")?;
             let addrs = v
@@ -379,9 +402,9 @@ impl Datapath {
     }
 
     /// The node's policy table, keys canonical ([`PolicyKey::canonical`]).
-    pub fn policy_entries(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>> {
+    pub fn entries(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.policy)? {
+        for (k, v) in entries(&self.policy)? {
             let k: PolicyLpmKey = decode(&k, "comb_policy key")?;
             let v: PolicyLpmValue = decode(&v, "comb_policy value")?;
             out.insert(PolicyKey::from_lpm(&k)?, PolicyValue::from_raw(&v)?);
@@ -390,22 +413,17 @@ impl Datapath {
     }
 
     /// Write one policy entry; the key is stored canonical.
-    pub fn upsert_policy_entry(&self, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+    pub fn upsert_entry(&self, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
         let k = key.to_lpm()?;
         self.policy
-            .policy
             .update(k.as_bytes(), value.to_raw().as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing policy entry {key:?}"))
     }
 
     /// Remove one policy entry (the exact prefix); missing is fine.
-    pub fn remove_policy_entry(&self, key: &PolicyKey) -> Result<()> {
+    pub fn remove_entry(&self, key: &PolicyKey) -> Result<()> {
         let k = key.to_lpm()?;
-        delete(
-            &self.policy.policy,
-            k.as_bytes(),
-            &format!("policy entry {key:?}"),
-        )
+        delete(&self.policy, k.as_bytes(), &format!("policy entry {key:?}"))
     }
 
     /// Prefix → identity. IPv4 prefixes are stored v4-mapped, so an IPv6 prefix covering
@@ -421,7 +439,7 @@ impl Datapath {
     /// Prefix → identity and redirect endpoint.
     pub fn ipcache_entries(&self) -> Result<BTreeMap<IpNet, IpcacheEntry>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.ipcache)? {
+        for (k, v) in entries(&self.ipcache)? {
             let k: IpcacheKey = decode(&k, "comb_ipcache key")?;
             let v: IpcacheValue = decode(&v, "comb_ipcache value")?;
             out.insert(
@@ -454,8 +472,7 @@ impl Datapath {
             identity: e.identity,
             endpoint: e.endpoint,
         };
-        self.policy
-            .ipcache
+        self.ipcache
             .update(ipcache_key(net).as_bytes(), v.as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing ipcache entry {net}"))
     }
@@ -467,8 +484,7 @@ impl Datapath {
     /// and redirected flows then fail closed or go on unredirected (by their reason).
     pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
         let raw = u64::try_from(fd.as_raw_fd()).context("negative fd")?;
-        self.policy
-            .proxy_listeners
+        self.proxy_listeners
             .update(
                 &family.slot().to_ne_bytes(),
                 &raw.to_ne_bytes(),
@@ -484,11 +500,7 @@ impl Datapath {
         if !self.proxy_listener_present(family)? {
             return Ok(());
         }
-        match self
-            .policy
-            .proxy_listeners
-            .delete(&family.slot().to_ne_bytes())
-        {
+        match self.proxy_listeners.delete(&family.slot().to_ne_bytes()) {
             // A sockmap answers EINVAL for an empty slot: closed since we looked.
             Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput => Ok(()),
             r => r.with_context(|| format!("removing the {family:?} proxy listener")),
@@ -498,7 +510,6 @@ impl Datapath {
     /// Whether `family` has a listener (false once it was closed).
     pub fn proxy_listener_present(&self, family: ProxyFamily) -> Result<bool> {
         Ok(self
-            .policy
             .proxy_listeners
             .lookup(&family.slot().to_ne_bytes(), MapFlags::ANY)
             .with_context(|| format!("reading the {family:?} proxy listener"))?
@@ -507,24 +518,22 @@ impl Datapath {
 
     pub fn remove_ipcache(&self, net: IpNet) -> Result<()> {
         delete(
-            &self.policy.ipcache,
+            &self.ipcache,
             ipcache_key(net).as_bytes(),
             &format!("ipcache entry {net}"),
         )
     }
 
     /// Conntrack lifetimes (zero = the default) and whether flow events are emitted.
-    pub fn set_policy_config(&self, cfg: &PolicyConfig) -> Result<()> {
-        self.policy
-            .config
+    pub fn set_config(&self, cfg: &PolicyConfig) -> Result<()> {
+        self.config
             .update(&0u32.to_ne_bytes(), cfg.to_raw().as_bytes(), MapFlags::ANY)
             .context("updating comb_policy_config")
     }
 
     /// The configuration in effect (defaults while never written).
-    pub fn policy_config(&self) -> Result<PolicyConfig> {
+    pub fn config(&self) -> Result<PolicyConfig> {
         let v = self
-            .policy
             .config
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
             .and_then(|v| PolicyConfigValue::from_bytes(&v))
@@ -534,21 +543,22 @@ impl Datapath {
 
     /// Every conntrack entry, expired ones included (with zero `remaining`).
     pub fn ct_entries(&self) -> Result<Vec<CtEntry>> {
-        let now = sys::boot_time_ns();
+        let now = comb_host::boot_time_ns();
         let mut out = Vec::new();
-        for (k, v) in entries(&self.policy.ct)? {
+        for (k, v) in entries(&self.ct)? {
             let k: CtKey = decode(&k, "comb_ct key")?;
             let v: CtValue = decode(&v, "comb_ct value")?;
             out.push(CtEntry {
                 src: SocketAddr::new(k.saddr.ip(), u16::from_be(k.sport)),
                 dst: SocketAddr::new(k.daddr.ip(), u16::from_be(k.dport)),
                 protocol: k.protocol,
-                direction: Direction::from_raw(k.direction)?,
+                direction: Direction::from_raw(k.direction)
+                    .with_context(|| format!("invalid direction {}", k.direction))?,
                 seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
                 closing: v.flags & CT_F_CLOSING != 0,
                 proxy: v.flags & CT_F_PROXY != 0,
                 flags: v.flags,
-                reason: Reason(v.reason),
+                reason: ReasonCode(v.reason),
                 endpoint: v.endpoint,
                 policy: v.policy,
                 remaining: Duration::from_nanos(v.expires_ns.saturating_sub(now)),
@@ -571,17 +581,17 @@ impl Datapath {
     /// slots). Returns how many were deleted.
     pub fn ct_gc(&self) -> Result<usize> {
         let mut n = 0;
-        let now = sys::boot_time_ns();
+        let now = comb_host::boot_time_ns();
         // Collected first: iterating while deleting restarts a hash map's iteration.
-        let keys: Vec<Vec<u8>> = self.policy.ct.keys().collect();
+        let keys: Vec<Vec<u8>> = self.ct.keys().collect();
         for k in keys {
             // Read again right before deleting: the datapath may have replaced the entry.
-            let Some(v) = self.policy.ct.lookup(&k, MapFlags::ANY)? else {
+            let Some(v) = self.ct.lookup(&k, MapFlags::ANY)? else {
                 continue;
             };
             let v: CtValue = decode(&v, "comb_ct value")?;
             if v.expires_ns <= now {
-                delete(&self.policy.ct, &k, "conntrack entry")?;
+                delete(&self.ct, &k, "conntrack entry")?;
                 n += 1;
             }
         }
@@ -589,10 +599,10 @@ impl Datapath {
     }
 
     /// Counters per (endpoint, direction, reason), summed over CPUs, sorted.
-    pub fn policy_metrics(&self) -> Result<Vec<PolicyMetric>> {
+    pub fn metrics(&self) -> Result<Vec<PolicyMetric>> {
         let mut out = Vec::new();
-        for k in self.policy.metrics.keys() {
-            let Some(per_cpu) = self.policy.metrics.lookup_percpu(&k, MapFlags::ANY)? else {
+        for k in self.metrics.keys() {
+            let Some(per_cpu) = self.metrics.lookup_percpu(&k, MapFlags::ANY)? else {
                 continue;
             };
             let key: MetricKey = decode(&k, "comb_policy_metrics key")?;
@@ -604,8 +614,9 @@ impl Datapath {
             }
             out.push(PolicyMetric {
                 endpoint: key.endpoint,
-                direction: Direction::from_raw(key.direction)?,
-                reason: Reason(key.reason),
+                direction: Direction::from_raw(key.direction)
+                    .with_context(|| format!("invalid direction {}", key.direction))?,
+                reason: ReasonCode(key.reason),
                 packets: sum.packets,
                 bytes: sum.bytes,
             });
@@ -617,7 +628,6 @@ impl Datapath {
     /// Flow events that did not fit into the ring buffer.
     pub fn events_lost(&self) -> Result<u64> {
         let per_cpu = self
-            .policy
             .events_lost
             .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
             .unwrap_or_default();
@@ -630,15 +640,15 @@ impl Datapath {
     /// A consumer of the flow events (enable them with [`PolicyConfig::events`]). Run one at a
     /// time.
     pub fn flow_events(&self) -> Result<FlowEventReader> {
-        let map = MapHandle::try_from(&self.policy.events).context("comb_flow_events")?;
+        let map = MapHandle::try_from(&self.events).context("comb_flow_events")?;
         FlowEventReader::new(map)
     }
 
     /// Run one policy program on `packet` (Ethernet frame) with BPF_PROG_TEST_RUN, as if it
     /// crossed host veth `ifindex` (which must exist in the calling thread's network
     /// namespace). Returns the tc verdict: 0 = pass, 2 = drop. For tests.
-    #[doc(hidden)]
-    pub fn policy_test_run(
+    #[cfg(feature = "testing")]
+    pub fn test_run(
         &self,
         direction: Direction,
         ifindex: u32,
@@ -646,11 +656,11 @@ impl Datapath {
         repeat: u32,
     ) -> Result<u32> {
         let prog = match direction {
-            Direction::Egress => &self.policy.from_pod,
-            Direction::Ingress => &self.policy.to_pod,
+            Direction::Egress => &self.from_pod,
+            Direction::Ingress => &self.to_pod,
         };
         if packet.len() < 14 {
-            bail!("a test packet needs at least an Ethernet header");
+            anyhow::bail!("a test packet needs at least an Ethernet header");
         }
         Ok(sys::prog_test_run(
             prog.as_fd(),
@@ -658,10 +668,6 @@ impl Datapath {
             &test_skb_ctx(ifindex),
             repeat,
         )?)
-    }
-
-    pub(crate) fn shutdown_policy(&mut self) -> Vec<String> {
-        self.policy.detach_all(&self.opts.pin_dir)
     }
 }
 
@@ -673,7 +679,7 @@ mod tests {
     fn link_names_round_trip() {
         for hook in Hook::BOTH {
             let n = hook.link_name(42);
-            assert!(is_policy_link_name(&n));
+            assert!(is_link_name(&n));
             assert_eq!(parse_link_name(&n), Some((42, hook)));
         }
         assert_eq!(Hook::From.link_name(7), "policy-7-from");
@@ -687,16 +693,15 @@ mod tests {
         ] {
             assert_eq!(parse_link_name(bad), None, "{bad}");
         }
-        assert!(!is_policy_link_name("default_web-1"));
-        assert!(!crate::lb::is_lb_link_name("policy-7-from"));
+        assert!(!is_link_name("default_web-1"));
     }
 
     #[test]
     fn program_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let (progs, maps) = crate::splice::object_names(PolicySkelBuilder::default(), &mut storage);
+        let (progs, maps) = crate::pin::object_names(PolicySkelBuilder::default(), &mut storage);
         assert_eq!(progs, [PROG_FROM_POD, PROG_TO_POD]);
-        use crate::policy_maps::*;
+        use abi::*;
         let mut want = [
             MAP_IPCACHE,
             MAP_POLICY_ENDPOINTS,
