@@ -19,7 +19,7 @@ pub(crate) mod splice {
     missing_docs
 )]
 pub(crate) mod lb {
-    include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
+    include!(concat!(env!("OUT_DIR"), "/lb_sock.skel.rs"));
 }
 
 #[allow(

@@ -36,8 +36,7 @@ use crate::policy::{
     AuthorizationPolicy, AuthzAction, AuthzRule, ISTIO_ROOT_NAMESPACE, NetworkPolicy, NpPort,
     NpPortSpec, NpRule,
 };
-pub use crate::terms::{Direction, Reason, Verdict};
-use crate::terms::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::terms::{Direction, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict};
 use ports::{Boundaries, blocks};
 use select::{M, authz_condition, authz_source, np_peer, parse_net};
 

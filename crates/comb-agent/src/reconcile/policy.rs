@@ -9,9 +9,8 @@ use std::net::IpAddr;
 use comb_datapath::Datapath;
 use comb_datapath::policy as dp;
 use comb_model::identity::{IdentityId, IdentityTable};
-use comb_model::policy_compile::{
-    Direction, EntryKey, EntryValue, PolicyRef, Verdict, compile_endpoint,
-};
+use comb_model::policy_compile::{EntryKey, EntryValue, PolicyRef, compile_endpoint};
+use comb_model::terms::{Direction, Verdict};
 use comb_model::{ObjKey, State};
 use ipnet::IpNet;
 

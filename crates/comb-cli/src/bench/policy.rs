@@ -1109,8 +1109,8 @@ pub fn run(a: &Args) -> Result<Report> {
 mod tests {
     use super::*;
     use comb_model::identity::{IdentityAllocator, IdentityKey};
-    use comb_model::policy_compile::{Direction, Verdict, compile_endpoint, lookup, policy_cidrs};
-    use comb_model::terms::IPPROTO_TCP;
+    use comb_model::policy_compile::{compile_endpoint, lookup, policy_cidrs};
+    use comb_model::terms::{Direction, IPPROTO_TCP, Verdict};
     use comb_model::{ObjKey, Snapshot};
 
     /// The real pods as the lab writes them (IPs, node1 and its CIDR).

@@ -1,5 +1,5 @@
 //! `#[repr(C)]` twins of the socket LB map types in `bpf/include/comb_lb_types.h`. A unit test
-//! checks each against the BTF of the embedded `sock.bpf.o`.
+//! checks each against the BTF of the embedded `lb_sock.bpf.o`.
 
 use std::net::IpAddr;
 
@@ -205,7 +205,7 @@ mod tests {
     use libbpf_rs::btf::Btf;
     use std::mem::offset_of;
 
-    static OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sock.bpf.o"));
+    static OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lb_sock.bpf.o"));
 
     macro_rules! twin {
         ($btf:expr, $c:literal, $t:ty, [$($f:ident),* $(,)?]) => {
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn rust_twins_match_btf() {
-        let btf = Btf::from_raw("sock", OBJ)
+        let btf = Btf::from_raw("lb_sock", OBJ)
             .expect("parse BTF")
             .expect("object has BTF");
         let b = &btf;

@@ -1,7 +1,7 @@
-//! The socket load balancer (`bpf/sock.c`): Service VIP:port → one backend at connect() /
+//! The socket load balancer (`bpf/lb_sock.c`): Service VIP:port → one backend at connect() /
 //! sendmsg() time, in the cgroup sock_addr hooks.
 //!
-//! Update protocol (see the header of `bpf/sock.c`): a Service's backends (and Maglev table)
+//! Update protocol (see the header of `bpf/lb_sock.c`): a Service's backends (and Maglev table)
 //! are written under a new version, then the service entry is flipped to that version with one
 //! map update, then the old version's entries are deleted. A BPF reader that finds its version
 //! retired reads the service entry again. Service ids are allocated here (smallest free id) and
@@ -25,7 +25,7 @@ use crate::abi::Pod;
 use crate::cgroup;
 use crate::map_io::delete_if_present;
 use crate::pin::{load_pinned, map_handle, remove_pin};
-use crate::skel::lb::SockSkelBuilder;
+use crate::skel::lb::LbSockSkelBuilder;
 use crate::sys;
 use abi::{COMB_LB_CFG_F_HOST_ONLY, LbConfigValue, LbStatsValue, SvcKey};
 use update::{IdAlloc, LbMap, LbStore};
@@ -162,14 +162,14 @@ impl LbStore for SocketLb {
 }
 
 impl SocketLb {
-    /// Load `bpf/sock.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
+    /// Load `bpf/lb_sock.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
     /// programs pinned under `<pin_dir>/progs/`. Pinned links and services are adopted by
     /// [`Self::adopt`].
     pub(crate) fn load(pin_dir: &Path, cgroup_root: &Path) -> Result<Self> {
         let maps_dir = pin_dir.join("maps");
         let mut storage = MaybeUninit::uninit();
         let skel = load_pinned(
-            SockSkelBuilder::default(),
+            LbSockSkelBuilder::default(),
             &mut storage,
             &maps_dir,
             "socket-LB",
@@ -479,7 +479,7 @@ mod tests {
     #[test]
     fn hooks_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let (progs, maps) = crate::pin::object_names(SockSkelBuilder::default(), &mut storage);
+        let (progs, maps) = crate::pin::object_names(LbSockSkelBuilder::default(), &mut storage);
         let mut want: Vec<String> = HOOKS.iter().map(|h| h.0.to_string()).collect();
         want.sort();
         assert_eq!(progs, want);
