@@ -152,7 +152,7 @@ pub fn endpoint_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comb_datapath::policy::Direction;
+    use comb_model::terms::Direction;
 
     #[test]
     fn port_blocks_print_as_ranges() {
