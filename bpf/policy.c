@@ -89,7 +89,7 @@
  *         family and gets skb->mark COMB_PROXY_MARK under
  *         COMB_PROXY_MARK_MASK; the node's policy routing (fwmark 0xb00/0xf00
  *         -> table 2005: local 0.0.0.0/0 and ::/0 dev lo, installed by
- *         crates/comb-datapath/src/proxy_routing.rs) delivers it locally
+ *         crates/comb-datapath/src/policy/routing.rs) delivers it locally
  *         instead of forwarding it, and the transparent (IP_TRANSPARENT)
  *         listener accepts a socket whose local address is the original
  *         destination. Counted COMB_REASON_PROXY_REDIRECT; the conntrack

@@ -49,8 +49,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "comb_types.h"
-#include "maps.h"
+#include "comb_splice_types.h"
+#include "splice_maps.h"
 #include "sock_key.h"
 #include "splice.h"
 

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Socket load balancer types (bpf/sock.c), shared with userspace. Every
- * struct here has a #[repr(C)] twin in crates/comb-datapath/src/lb_maps.rs,
+ * Socket load balancer types (bpf/lb_sock.c), shared with userspace. Every
+ * struct here has a #[repr(C)] twin in crates/comb-datapath/src/lb/abi.rs,
  * checked against the BTF of sock.bpf.o by a unit test: change both
  * together. The maps are pinned and adopted across agent restarts, so these
  * sizes are part of the on-node ABI.
@@ -11,7 +11,7 @@
 
 #include <linux/types.h>
 
-#include "comb_types.h"
+#include "comb_addr.h"
 
 /* Maglev lookup table size; must equal comb_model::maglev::M. */
 #define COMB_LB_MAGLEV_M 16381

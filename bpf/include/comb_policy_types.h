@@ -2,11 +2,11 @@
 /*
  * Types of the identity policy datapath (bpf/policy.c), shared with
  * userspace. Every struct has a #[repr(C)] twin in
- * crates/comb-datapath/src/policy_maps.rs, checked against the object's BTF
+ * crates/comb-datapath/src/policy/abi.rs, checked against the object's BTF
  * by a unit test: change both together. Maps are pinned and adopted across
  * agent restarts, so layouts are part of the on-node ABI.
  *
- * Addresses use struct comb_addr (comb_types.h): 16 bytes, network order,
+ * Addresses use struct comb_addr (comb_addr.h): 16 bytes, network order,
  * IPv4 v4-mapped (::ffff:a.b.c.d).
  */
 #ifndef COMB_POLICY_TYPES_H
@@ -14,7 +14,7 @@
 
 #include <linux/types.h>
 
-#include "comb_types.h"
+#include "comb_addr.h"
 
 /* Reserved security identities (the same numbers Cilium uses). Identities
  * of pods start at COMB_ID_FIRST_POD; identities of CIDRs named by policies

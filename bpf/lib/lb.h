@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Socket load balancer logic; entry points and the design are in sock.c. */
+/* Socket load balancer logic; entry points and the design are in lb_sock.c. */
 #ifndef COMB_LB_H
 #define COMB_LB_H
 
@@ -9,7 +9,7 @@
 
 #include "comb_lb_types.h"
 #include "lb_maps.h"
-#include "sock_key.h"
+#include "addr.h"
 
 #define COMB_IPPROTO_TCP 6
 #define COMB_IPPROTO_UDP 17

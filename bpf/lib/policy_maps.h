@@ -7,7 +7,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "comb_types.h"
+#include "comb_addr.h"
+#include "comb_limits.h"
 #include "comb_policy_types.h"
 
 /* LPM tries must be NO_PREALLOC; replaced values are freed after RCU, so a

@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "comb_types.h"
+#include "comb_addr.h"
 
 #define COMB_IPPROTO_HOPOPTS 0
 #define COMB_IPPROTO_ICMP 1

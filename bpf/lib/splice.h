@@ -6,8 +6,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "comb_types.h"
-#include "maps.h"
+#include "comb_splice_types.h"
+#include "splice_maps.h"
 #include "sock_key.h"
 
 /* Counter indices into struct comb_splice_stats, as u64 offsets. */

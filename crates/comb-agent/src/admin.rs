@@ -120,7 +120,10 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
     match req {
         Request::Status => {
             let (socket_lb, lb_services) = match inner.datapath.as_ref() {
-                Some(dp) => (dp.socket_lb(), dp.services().map(|s| s.len()).unwrap_or(0)),
+                Some(dp) => (
+                    dp.lb().attachment(),
+                    dp.lb().services().map(|s| s.len()).unwrap_or(0),
+                ),
                 None => (None, 0),
             };
             let (socket_lb, lb_cgroup) = match socket_lb {
@@ -162,7 +165,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
                 policy_endpoints: inner
                     .datapath
                     .as_ref()
-                    .map_or(0, |d| d.policy_attachments().len()),
+                    .map_or(0, |d| d.policy().attachments().len()),
                 policy_unenforced: inner.policy.unenforced.clone(),
                 proxy: shared
                     .proxy
@@ -174,7 +177,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
         }
         Request::Services => {
             let frontends = compile_frontends(inner.state.snapshot(), node);
-            let have = match inner.datapath.as_ref().map(|d| d.services()) {
+            let have = match inner.datapath.as_ref().map(|d| d.lb().services()) {
                 Some(Ok(v)) => v,
                 Some(Err(e)) => {
                     return Response::Error {
@@ -189,7 +192,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
             let attached: std::collections::BTreeMap<String, std::path::PathBuf> = inner
                 .datapath
                 .as_ref()
-                .map(|d| d.attached().into_iter().collect())
+                .map(|d| d.splice().attached().into_iter().collect())
                 .unwrap_or_default();
             let rows: Vec<EndpointRow> = inner
                 .state
@@ -220,7 +223,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
                 .collect();
             ok(rows)
         }
-        Request::SpliceStats => match inner.datapath.as_ref().map(|d| d.splice_stats()) {
+        Request::SpliceStats => match inner.datapath.as_ref().map(|d| d.splice().stats()) {
             Some(Ok(s)) => ok(s),
             Some(Err(e)) => Response::Error {
                 message: format!("reading splice stats: {e:#}"),
@@ -232,7 +235,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
         Request::SetSplice { enabled } => match inner
             .datapath
             .as_ref()
-            .map(|d| d.set_splice_enabled(enabled))
+            .map(|d| d.splice().set_enabled(enabled))
         {
             Some(Ok(())) => {
                 inner.splice_enabled = enabled;
@@ -251,10 +254,11 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
             ok(crate::metrics::render(shared))
         }
         Request::ProxyStats => {
-            let listener_registered = inner
-                .datapath
-                .as_ref()
-                .is_some_and(|d| d.proxy_listener_present(ProxyFamily::V4).unwrap_or(false));
+            let listener_registered = inner.datapath.as_ref().is_some_and(|d| {
+                d.policy()
+                    .proxy_listener_present(ProxyFamily::V4)
+                    .unwrap_or(false)
+            });
             drop(inner);
             let guard = shared.proxy.lock().expect("proxy lock poisoned");
             let Some(p) = guard.as_ref() else {
@@ -266,7 +270,7 @@ pub fn handle(shared: &Shared, req: Request) -> Response {
             ok(ProxyStatsReply {
                 port: p.port(),
                 listener_registered,
-                routing_installed: comb_datapath::proxy_routing::installed().unwrap_or(false),
+                routing_installed: comb_datapath::policy::routing::installed().unwrap_or(false),
                 active_connections: p.active_connections(),
                 spliced_sockets: splice.as_ref().map(|s| s.sockets),
                 spliced_bytes: splice.as_ref().map(|s| s.redirected_bytes),

@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use comb_datapath::FlowEvent;
+use comb_host::boot_time_ns;
+use comb_model::terms::{has_ports, protocol_name};
 
 use crate::api::{FlowRow, VerdictFilter};
 use crate::shared::Shared;
@@ -37,31 +39,14 @@ pub type SharedIndex = Arc<RwLock<FlowIndex>>;
 /// Broadcast capacity: a client more than this many events behind loses the oldest.
 pub const CHANNEL_EVENTS: usize = 16384;
 
-fn boot_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-fn protocol_name(p: u8) -> String {
-    match p {
-        1 => "ICMP".into(),
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        58 => "ICMPv6".into(),
-        132 => "SCTP".into(),
-        n => n.to_string(),
-    }
-}
-
 pub fn row(ev: &FlowEvent, index: &FlowIndex, node: &str) -> FlowRow {
     let now_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let age = boot_ns().saturating_sub(ev.time_ns) as f64 / 1e9;
+    let age = boot_time_ns().saturating_sub(ev.time_ns) as f64 / 1e9;
     let addr = |ip: IpAddr, port: u16| {
-        if matches!(ev.protocol, 6 | 17 | 132) {
+        if has_ports(ev.protocol) {
             SocketAddr::new(ip, port).to_string()
         } else {
             ip.to_string()
@@ -107,7 +92,7 @@ pub fn wanted(row: &FlowRow, pod: Option<&str>, verdict: Option<VerdictFilter>) 
 pub fn pump(shared: Arc<Shared>) {
     let reader = {
         let inner = shared.inner.lock().expect("agent lock poisoned");
-        inner.datapath.as_ref().map(|d| d.flow_events())
+        inner.datapath.as_ref().map(|d| d.policy().flow_events())
     };
     let mut reader = match reader {
         Some(Ok(r)) => r,
@@ -137,10 +122,10 @@ pub fn pump(shared: Arc<Shared>) {
             return; // shut down
         };
         if want != enabled {
-            match dp.policy_config() {
+            match dp.policy().config() {
                 Ok(mut cfg) => {
                     cfg.events = want;
-                    match dp.set_policy_config(&cfg) {
+                    match dp.policy().set_config(&cfg) {
                         Ok(()) => enabled = want,
                         Err(e) => {
                             tracing::warn!(error = %format!("{e:#}"), "switching flow events")
@@ -150,7 +135,7 @@ pub fn pump(shared: Arc<Shared>) {
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading policy config"),
             }
         }
-        if let Ok(lost) = dp.events_lost() {
+        if let Ok(lost) = dp.policy().events_lost() {
             if let Some(prev) = lost_seen
                 && lost > prev
             {
@@ -164,11 +149,11 @@ pub fn pump(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comb_datapath::policy::{Direction, Reason, Verdict};
+    use comb_model::terms::{Direction, Reason, Verdict};
 
     fn event() -> FlowEvent {
         FlowEvent {
-            time_ns: boot_ns(),
+            time_ns: boot_time_ns(),
             src: "198.18.1.2".parse().unwrap(),
             dst: "198.18.1.3".parse().unwrap(),
             sport: 40000,
@@ -176,7 +161,7 @@ mod tests {
             protocol: 6,
             direction: Direction::Ingress,
             verdict: Verdict::Deny,
-            reason: Reason::POLICY_DENIED,
+            reason: Reason::PolicyDenied.into(),
             endpoint: 7,
             src_identity: 300,
             dst_identity: 301,

@@ -3,6 +3,7 @@
 //! Data flows one way: the manifests source produces snapshots, the agent swaps them into
 //! State through its one mutator, and the datapath reconciler makes the kernel match State.
 //! The admin API and `/metrics` only read.
+#![forbid(unsafe_code)]
 
 #![forbid(unsafe_code)]
 

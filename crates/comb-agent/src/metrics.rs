@@ -147,7 +147,7 @@ pub fn render(shared: &Shared) -> String {
     );
     lb_metrics(&mut o, &inner);
     policy_metrics(&mut o, &inner);
-    if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice_stats()) {
+    if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice().stats()) {
         metric(
             &mut o,
             "comb_splice_sockets",
@@ -295,7 +295,7 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
     let Some(dp) = inner.datapath.as_ref() else {
         return;
     };
-    if let Ok(lost) = dp.events_lost() {
+    if let Ok(lost) = dp.policy().events_lost() {
         metric(
             o,
             "comb_flow_events_lost_total",
@@ -305,7 +305,7 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
             lost,
         );
     }
-    let Ok(rows) = dp.policy_metrics() else {
+    let Ok(rows) = dp.policy().metrics() else {
         return;
     };
     let (mut packets, mut bytes) = (Vec::new(), Vec::new());
@@ -354,7 +354,7 @@ fn lb_metrics(o: &mut String, inner: &Inner) {
         "gauge",
         "Whether the socket-LB programs are attached.",
         "",
-        u8::from(dp.is_some_and(|d| d.socket_lb().is_some())),
+        u8::from(dp.is_some_and(|d| d.lb().attachment().is_some())),
     );
     metric(
         o,
@@ -364,7 +364,7 @@ fn lb_metrics(o: &mut String, inner: &Inner) {
         "",
         inner.lb_skipped.len(),
     );
-    if let Some(Ok(n)) = dp.map(|d| d.services()) {
+    if let Some(Ok(n)) = dp.map(|d| d.lb().services()) {
         metric(
             o,
             "comb_lb_services",
@@ -374,7 +374,7 @@ fn lb_metrics(o: &mut String, inner: &Inner) {
             n.len(),
         );
     }
-    let Some(Ok(s)) = dp.map(|d| d.lb_stats()) else {
+    let Some(Ok(s)) = dp.map(|d| d.lb().stats()) else {
         return;
     };
     for (name, help, value) in [

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use comb_datapath::{Datapath, ProxyFamily, ProxySplice, proxy_routing};
+use comb_datapath::policy::routing as proxy_routing;
+use comb_datapath::{Datapath, ProxyFamily, ProxySplice};
 use comb_model::l7::ProxyTable;
 use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
 use comb_proxy::{Family, Limits, Proxy, ProxyHandle, ProxyOptions};
@@ -73,6 +74,7 @@ impl NodeProxy {
             .context("starting the node proxy")?;
         for (f, fd) in handle.listener_fds() {
             datapath
+                .policy()
                 .set_proxy_listener(family(f), fd)
                 .with_context(|| format!("registering the proxy's {f:?} listener"))?;
         }
@@ -115,7 +117,7 @@ impl NodeProxy {
     pub fn shutdown(self, datapath: Option<&Datapath>, keep_pins: bool) {
         if let Some(dp) = datapath {
             for f in [ProxyFamily::V4, ProxyFamily::V6] {
-                if let Err(e) = dp.clear_proxy_listener(f) {
+                if let Err(e) = dp.policy().clear_proxy_listener(f) {
                     tracing::warn!(error = %format!("{e:#}"), "clearing the proxy listener");
                 }
             }

@@ -7,6 +7,7 @@ use comb_datapath::Datapath;
 use comb_datapath::policy::{PolicyKey, PolicyValue};
 use comb_model::ObjKey;
 use comb_model::identity::IdentityTable;
+use comb_model::terms::protocol_name;
 
 use crate::api::{EndpointPolicy, IdentityRow, PolicyEntryRow};
 use crate::flows::FlowIndex;
@@ -37,13 +38,11 @@ pub fn pod_key(s: &str) -> ObjKey {
     }
 }
 
+/// 0 is "any protocol" in policy entries.
 fn protocol(p: u8) -> String {
     match p {
         0 => "any".into(),
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        132 => "SCTP".into(),
-        n => n.to_string(),
+        n => protocol_name(n),
     }
 }
 
@@ -81,7 +80,8 @@ pub fn endpoint_policy(
         return Err(why);
     };
     let have: BTreeMap<PolicyKey, PolicyValue> = dp
-        .policy_entries()
+        .policy()
+        .entries()
         .map_err(|e| format!("reading the policy map: {e:#}"))?
         .into_iter()
         .filter(|(k, _)| k.endpoint == ifindex)
@@ -152,7 +152,7 @@ pub fn endpoint_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comb_datapath::policy::Direction;
+    use comb_model::terms::Direction;
 
     #[test]
     fn port_blocks_print_as_ranges() {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use comb_datapath::{Datapath, DatapathOptions, host};
+use comb_datapath::{Datapath, DatapathOptions};
 use comb_model::State;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -60,10 +60,10 @@ fn init_logging(format: LogFormat) {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    host::ensure_bpffs()?;
+    comb_host::ensure_bpffs()?;
     let cgroup_root = match &args.cgroup_root {
         Some(p) => p.clone(),
-        None => host::cgroup2_mount()?,
+        None => comb_host::cgroup2_mount()?,
     };
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: args.pin_dir(),
@@ -71,7 +71,7 @@ pub async fn run(args: Args) -> Result<()> {
     })
     .context("loading the datapath")?;
     let splice_enabled = args.splice == OnOff::On;
-    datapath.set_splice_enabled(splice_enabled)?;
+    datapath.splice().set_enabled(splice_enabled)?;
     tracing::info!(node = %args.node, pin_dir = %args.pin_dir().display(), "datapath loaded");
 
     let socket_lb = args.socket_lb_plan();
@@ -89,7 +89,7 @@ pub async fn run(args: Args) -> Result<()> {
         ct_close: secs(args.ct_close_timeout, "--ct-close-timeout")?,
         ct_other: secs(args.ct_other_timeout, "--ct-other-timeout")?,
     };
-    datapath.set_policy_config(&policy_cfg)?;
+    datapath.policy().set_config(&policy_cfg)?;
     let (identity_store, identities) = IdentityStore::open(&args.state_dir())?;
     let proxy = if args.proxy == OnOff::On {
         Some(NodeProxy::start(&args, &datapath)?)
@@ -205,7 +205,7 @@ async fn serve(shared: &Arc<Shared>) -> Result<()> {
                 tokio::task::spawn_blocking(move || {
                     let inner = shared.inner.lock().expect("agent lock poisoned");
                     if let Some(dp) = inner.datapath.as_ref() {
-                        match dp.ct_gc() {
+                        match dp.policy().ct_gc() {
                             Ok(n) if n > 0 => tracing::debug!(removed = n, "conntrack gc"),
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),

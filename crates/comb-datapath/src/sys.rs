@@ -1,10 +1,15 @@
-//! Thin wrappers over the libbpf syscalls libbpf-rs does not expose for raw fds.
+//! The crate's one FFI module: thin safe wrappers over the libbpf calls libbpf-rs does not
+//! expose for raw fds, a libbpf ring buffer consumer, and the socket options and ioctls the
+//! features need. Every `unsafe` block of the crate's own code is here (besides the
+//! [`crate::abi::Pod`] contract and the generated skeletons).
 
-use std::ffi::CString;
+use std::ffi::{CString, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
 
 use libbpf_rs::libbpf_sys;
 
@@ -111,6 +116,7 @@ pub fn link_tcx(link: BorrowedFd<'_>) -> io::Result<(u32, libbpf_sys::bpf_attach
 /// BPF_PROG_TEST_RUN of a tc program on `packet` (starting with its Ethernet header), with
 /// `ctx` as the `struct __sk_buff` given to the kernel (e.g. to set ifindex). Returns the
 /// program's return value (of the last of `repeat` runs).
+#[cfg(any(test, feature = "testing"))]
 pub fn prog_test_run(
     prog: BorrowedFd<'_>,
     packet: &[u8],
@@ -128,17 +134,6 @@ pub fn prog_test_run(
     // SAFETY: the input buffers outlive the call; no output buffers are given.
     check(unsafe { libbpf_sys::bpf_prog_test_run_opts(prog.as_raw_fd(), &mut opts) })?;
     Ok(opts.retval)
-}
-
-/// CLOCK_BOOTTIME in nanoseconds, the clock of bpf_ktime_get_boot_ns().
-pub fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
@@ -206,4 +201,150 @@ pub fn netns_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// getsockopt of a plain-data option (the kernel may fill less than `T`; the rest stays 0).
+/// Only for integer and plain C struct types, for which all-zero is valid.
+pub fn getsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> io::Result<T> {
+    // SAFETY: only used with integer and plain C struct types, for which all-zero is valid.
+    let mut v: T = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: v and len are live locals of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&mut v as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// setsockopt of an int option.
+pub fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: valid fd, pointer to a live c_int of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes in a socket's send queue not yet acknowledged (SIOCOUTQ).
+pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SIOCOUTQ: libc::c_ulong = 0x5411;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: valid fd, pointer to a live c_int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQ, &mut outq) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(outq.max(0) as u64)
+}
+
+/// Records decoded between the libbpf callback and [`RingBuffer::poll`]'s caller.
+struct Inbox<T> {
+    decode: fn(&[u8]) -> Option<T>,
+    items: Vec<T>,
+    malformed: u64,
+}
+
+/// A consumer of a BPF ring buffer map that decodes each record with a safe function.
+pub struct RingBuffer<T> {
+    rb: NonNull<libbpf_sys::ring_buffer>,
+    /// The callback's context; boxed so its address is stable.
+    inbox: Box<Inbox<T>>,
+}
+
+// SAFETY: the ring buffer manager is a plain heap object with no thread affinity; it is used
+// from one thread at a time (poll takes &mut self), and the inbox is owned by it.
+unsafe impl<T: Send> Send for RingBuffer<T> {}
+
+unsafe extern "C" fn on_sample<T>(
+    ctx: *mut c_void,
+    data: *mut c_void,
+    size: libbpf_sys::size_t,
+) -> i32 {
+    // SAFETY: ctx is the Inbox owned by the RingBuffer that is polling (see RingBuffer::new);
+    // libbpf hands us `size` readable bytes at `data`.
+    let (inbox, bytes) = unsafe {
+        (
+            &mut *ctx.cast::<Inbox<T>>(),
+            std::slice::from_raw_parts(data.cast::<u8>(), size as usize),
+        )
+    };
+    match (inbox.decode)(bytes) {
+        Some(e) => inbox.items.push(e),
+        None => inbox.malformed += 1,
+    }
+    0
+}
+
+impl<T> RingBuffer<T> {
+    /// A consumer of the ring buffer map `map` (which must stay open while this lives).
+    pub fn new(map: BorrowedFd<'_>, decode: fn(&[u8]) -> Option<T>) -> io::Result<Self> {
+        let mut inbox = Box::new(Inbox {
+            decode,
+            items: Vec::new(),
+            malformed: 0,
+        });
+        let ctx: *mut Inbox<T> = &mut *inbox;
+        // SAFETY: valid ringbuf map fd; the callback context outlives the ring buffer (both are
+        // owned by Self, and Drop frees the ring buffer first).
+        let rb = unsafe {
+            libbpf_sys::ring_buffer__new(
+                map.as_raw_fd(),
+                Some(on_sample::<T>),
+                ctx.cast(),
+                std::ptr::null(),
+            )
+        };
+        let rb = NonNull::new(rb).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { rb, inbox })
+    }
+
+    /// Wait up to `timeout` for records; returns those decoded, oldest first (none after a
+    /// timeout or an interrupted wait).
+    pub fn poll(&mut self, timeout: Duration) -> io::Result<Vec<T>> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: rb is live; the callback writes into self.inbox, which we hold exclusively.
+        let n = unsafe { libbpf_sys::ring_buffer__poll(self.rb.as_ptr(), ms) };
+        if n < 0 && n != -libc::EINTR {
+            return Err(io::Error::from_raw_os_error(-n));
+        }
+        Ok(std::mem::take(&mut self.inbox.items))
+    }
+
+    /// Records the decoder refused.
+    pub fn malformed(&self) -> u64 {
+        self.inbox.malformed
+    }
+}
+
+impl<T> Drop for RingBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: created by ring_buffer__new, freed once.
+        unsafe { libbpf_sys::ring_buffer__free(self.rb.as_ptr()) };
+    }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use comb_datapath::{Datapath, DatapathOptions, LbService, SocketLbMode, host};
+use comb_datapath::{Datapath, DatapathOptions, LbService, SocketLbMode};
 use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 use serde_json::{Value, json};
 
@@ -134,8 +134,8 @@ impl Lab {
     }
 
     fn new(mode: SocketLbMode) -> Self {
-        host::ensure_bpffs().expect("bpffs");
-        let mount = host::cgroup2_mount().expect("cgroup2 mount");
+        comb_host::ensure_bpffs().expect("bpffs");
+        let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
         let cg = CgroupGuard::new(&mount);
         let pins = PinGuard::fresh();
         let mut dp = Datapath::load(DatapathOptions {
@@ -144,7 +144,7 @@ impl Lab {
         })
         .expect("loading datapath");
         let rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
-        dp.attach_socket_lb(&rel, mode).expect("attach socket LB");
+        dp.lb_mut().attach(&rel, mode).expect("attach socket LB");
         Self {
             dp: Some(dp),
             pins,
@@ -164,7 +164,7 @@ impl Lab {
     fn cg_rel(&self) -> PathBuf {
         self.cg
             .0
-            .strip_prefix(host::cgroup2_mount().unwrap())
+            .strip_prefix(comb_host::cgroup2_mount().unwrap())
             .unwrap()
             .to_path_buf()
     }
@@ -301,13 +301,14 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
     }
     let b = tcp_backend("127.0.0.1", "b0");
     let s = svc("127.77.0.1", 80, 6, vec![b]);
-    lab.dp().upsert_service(&s).unwrap();
-    assert_eq!(lab.dp().services().unwrap(), vec![s.clone()]);
+    lab.dp().lb().upsert_service(&s).unwrap();
+    assert_eq!(lab.dp().lb().services().unwrap(), vec![s.clone()]);
     let rel = lab.cg_rel();
     lab.dp()
-        .attach_socket_lb(&rel, SocketLbMode::All)
+        .lb_mut()
+        .attach(&rel, SocketLbMode::All)
         .expect("attach is idempotent");
-    assert_eq!(lab.dp().socket_lb(), Some((rel, SocketLbMode::All)));
+    assert_eq!(lab.dp().lb().attachment(), Some((rel, SocketLbMode::All)));
     assert_eq!(
         bpftool_cgroup_show(&lab.cg.0).matches("connect4").count(),
         1
@@ -325,18 +326,19 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
     let (counts, peers) = c.tcp("::ffff:127.77.0.1", 80, 3);
     assert_eq!(counts, BTreeMap::from([("b0".to_string(), 3)]));
     assert_eq!(peers, vec!["[::ffff:127.77.0.1]:80".to_string()]);
-    let st = lab.dp().lb_stats().unwrap();
+    let st = lab.dp().lb().stats().unwrap();
     assert_eq!(st.connects_translated, 8, "{st:?}");
     assert!(st.replies_reversed >= 8, "{st:?}");
 
     lab.dp()
+        .lb()
         .remove_service("127.77.0.1".parse().unwrap(), 80, 6)
         .unwrap();
-    assert!(lab.dp().services().unwrap().is_empty());
+    assert!(lab.dp().lb().services().unwrap().is_empty());
     let pins = lab.pins.0.clone();
     let cg = lab.cg.0.clone();
-    lab.dp().detach_socket_lb().unwrap();
-    assert!(lab.dp().socket_lb().is_none());
+    lab.dp().lb_mut().detach().unwrap();
+    assert!(lab.dp().lb().attachment().is_none());
     assert!(!pins.join("links/lb-connect4").exists());
     assert!(!bpftool_cgroup_show(&cg).contains("connect4"));
 }
@@ -348,6 +350,7 @@ fn tcp_ipv6_service() {
     };
     let b = tcp_backend("::1", "b6");
     lab.dp()
+        .lb()
         .upsert_service(&svc("fd00:77::1", 443, 6, vec![b]))
         .unwrap();
     let mut c = lab.client();
@@ -363,6 +366,7 @@ fn udp_replies_come_from_the_vip() {
     };
     let b = udp_backend("127.0.0.1", "u0");
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.2", 53, 17, vec![b]))
         .unwrap();
     let mut c = lab.client();
@@ -372,7 +376,7 @@ fn udp_replies_come_from_the_vip() {
     assert_eq!(v["creply"], "u0", "{v}");
     assert_eq!(v["csrc"], "127.77.0.2:53", "{v}");
     assert_eq!(v["cpeer"], "127.77.0.2:53", "{v}");
-    let st = lab.dp().lb_stats().unwrap();
+    let st = lab.dp().lb().stats().unwrap();
     assert_eq!(st.sendmsgs_translated, 1, "{st:?}");
     assert_eq!(st.connects_translated, 1, "{st:?}");
     assert!(st.replies_reversed >= 3, "{st:?}");
@@ -384,9 +388,11 @@ fn no_backends_refuses_at_once() {
         return;
     };
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.3", 80, 6, vec![]))
         .unwrap();
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.3", 53, 17, vec![]))
         .unwrap();
     let mut c = lab.client();
@@ -397,7 +403,7 @@ fn no_backends_refuses_at_once() {
         assert_eq!(v["errno"], libc::ECONNREFUSED, "{proto}: {v}");
         assert!(v["ms"].as_f64().unwrap() < 10.0, "{proto}: {v}");
     }
-    assert_eq!(lab.dp().lb_stats().unwrap().refused_no_backend, 2);
+    assert_eq!(lab.dp().lb().stats().unwrap().refused_no_backend, 2);
 }
 
 #[test]
@@ -407,6 +413,7 @@ fn random_spreads_over_all_backends() {
     };
     let backends = tcp_backends(4);
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.4", 80, 6, backends))
         .unwrap();
     let mut c = lab.client();
@@ -414,7 +421,7 @@ fn random_spreads_over_all_backends() {
     eprintln!("2000 random connects: {counts:?}");
     assert_eq!(counts.len(), 4, "{counts:?}");
     assert!(counts.values().all(|&n| n > 350), "{counts:?}");
-    assert_eq!(lab.dp().lb_stats().unwrap().connects_translated, 2000);
+    assert_eq!(lab.dp().lb().stats().unwrap().connects_translated, 2000);
 }
 
 #[test]
@@ -425,8 +432,8 @@ fn maglev_same_client_same_backend() {
     let backends = tcp_backends(4);
     let mut s = svc("127.77.0.5", 80, 6, backends);
     s.maglev = true;
-    lab.dp().upsert_service(&s).unwrap();
-    assert_eq!(lab.dp().services().unwrap(), vec![s.clone()]);
+    lab.dp().lb().upsert_service(&s).unwrap();
+    assert_eq!(lab.dp().lb().services().unwrap(), vec![s.clone()]);
     let mut c = lab.client();
     let (counts, _) = c.tcp("127.77.0.5", 80, 100);
     assert_eq!(
@@ -450,32 +457,36 @@ fn affinity_keeps_the_backend() {
     let mut backends = tcp_backends(4);
     let mut s = svc("127.77.0.6", 80, 6, backends.clone());
     s.affinity_timeout_secs = 60;
-    lab.dp().upsert_service(&s).unwrap();
+    lab.dp().lb().upsert_service(&s).unwrap();
     let mut c = lab.client();
     let (counts, _) = c.tcp("127.77.0.6", 80, 50);
     assert_eq!(counts.len(), 1, "{counts:?}");
-    assert_eq!(lab.dp().lb_stats().unwrap().affinity_hits, 49);
+    assert_eq!(lab.dp().lb().stats().unwrap().affinity_hits, 49);
     let chosen = counts.keys().next().unwrap().clone();
     // A new backend set that still holds the chosen one (at another index): kept.
     backends.insert(0, tcp_backend("127.0.0.1", "b4"));
     backends.reverse();
     s.backends = backends;
-    lab.dp().upsert_service(&s).unwrap();
+    lab.dp().lb().upsert_service(&s).unwrap();
     let (counts, _) = c.tcp("127.77.0.6", 80, 20);
     assert_eq!(counts, BTreeMap::from([(chosen, 20)]));
-    assert_eq!(lab.dp().lb_stats().unwrap().affinity_hits, 69);
+    assert_eq!(lab.dp().lb().stats().unwrap().affinity_hits, 69);
 
     // Expiry: after the timeout the remembered backend is not used.
     let mut short = svc("127.77.0.7", 80, 6, s.backends.clone());
     short.affinity_timeout_secs = 1;
-    lab.dp().upsert_service(&short).unwrap();
+    lab.dp().lb().upsert_service(&short).unwrap();
     c.tcp("127.77.0.7", 80, 1);
     std::thread::sleep(Duration::from_millis(1200));
-    let hits = lab.dp().lb_stats().unwrap().affinity_hits;
+    let hits = lab.dp().lb().stats().unwrap().affinity_hits;
     c.tcp("127.77.0.7", 80, 1);
-    assert_eq!(lab.dp().lb_stats().unwrap().affinity_hits, hits, "expired");
+    assert_eq!(
+        lab.dp().lb().stats().unwrap().affinity_hits,
+        hits,
+        "expired"
+    );
     c.tcp("127.77.0.7", 80, 1);
-    assert_eq!(lab.dp().lb_stats().unwrap().affinity_hits, hits + 1);
+    assert_eq!(lab.dp().lb().stats().unwrap().affinity_hits, hits + 1);
 }
 
 #[test]
@@ -486,6 +497,7 @@ fn backend_update_keeps_established_connections() {
     let b0 = tcp_backend("127.0.0.1", "b0");
     let b1 = tcp_backend("127.0.0.1", "b1");
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.8", 80, 6, vec![b0]))
         .unwrap();
     let mut c = lab.client();
@@ -493,6 +505,7 @@ fn backend_update_keeps_established_connections() {
     assert_eq!(v["backend"], "b0");
     // Replace the set: b0 leaves, b1 arrives. New connects go to b1, the held one keeps b0.
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.8", 80, 6, vec![b1]))
         .unwrap();
     let (counts, _) = c.tcp("127.77.0.8", 80, 10);
@@ -502,6 +515,7 @@ fn backend_update_keeps_established_connections() {
     assert_eq!(v["peer"], "127.77.0.8:80", "{v}");
     // Even with the Service gone.
     lab.dp()
+        .lb()
         .remove_service("127.77.0.8".parse().unwrap(), 80, 6)
         .unwrap();
     let v = c.ask(json!({"op": "ping"}));
@@ -515,6 +529,7 @@ fn host_only_leaves_other_netns_alone() {
     };
     let b = tcp_backend("127.0.0.1", "b0");
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.9", 80, 6, vec![b]))
         .unwrap();
     // Same netns as this process (the "node"): translated.
@@ -528,17 +543,17 @@ fn host_only_leaves_other_netns_alone() {
     let (counts, peers) = other.tcp("127.77.0.9", 80, 3);
     assert_eq!(counts, BTreeMap::from([("native".to_string(), 3)]));
     assert_eq!(peers, vec!["127.77.0.9:80".to_string()]);
-    assert_eq!(lab.dp().lb_stats().unwrap().connects_translated, 3);
+    assert_eq!(lab.dp().lb().stats().unwrap().connects_translated, 3);
     drop(other);
     // Mode All translates the other netns too.
     let rel = lab.cg_rel();
-    lab.dp().attach_socket_lb(&rel, SocketLbMode::All).unwrap();
+    lab.dp().lb_mut().attach(&rel, SocketLbMode::All).unwrap();
     // The backend (127.0.0.1:port of this netns) does not exist in that netns: refused, where
     // untranslated it would have reached the "native" listener.
     let mut other = Client::spawn(&lab.cg.0, Some(&ns.0));
     let v = other.ask(json!({"op": "refused", "proto": "tcp", "host": "127.77.0.9", "port": 80}));
     assert_eq!(v["errno"], libc::ECONNREFUSED, "{v}");
-    assert_eq!(lab.dp().lb_stats().unwrap().connects_translated, 4);
+    assert_eq!(lab.dp().lb().stats().unwrap().connects_translated, 4);
     drop(other);
 }
 
@@ -551,10 +566,10 @@ fn restart_adopts_services_and_links() {
     let mut a = svc("127.77.0.10", 80, 6, vec![b]);
     a.maglev = true;
     let bsvc = svc("127.77.0.11", 80, 6, vec![]);
-    lab.dp().upsert_service(&a).unwrap();
-    lab.dp().upsert_service(&bsvc).unwrap();
-    let before = lab.dp().services().unwrap();
-    let attached = lab.dp().socket_lb();
+    lab.dp().lb().upsert_service(&a).unwrap();
+    lab.dp().lb().upsert_service(&bsvc).unwrap();
+    let before = lab.dp().lb().services().unwrap();
+    let attached = lab.dp().lb().attachment();
     lab.dp.take().unwrap().shutdown(true).unwrap();
     let mut c = lab.client();
     let (counts, _) = c.tcp("127.77.0.10", 80, 2);
@@ -564,18 +579,19 @@ fn restart_adopts_services_and_links() {
         "pinned programs keep working without an agent"
     );
 
-    let mount = host::cgroup2_mount().unwrap();
+    let mount = comb_host::cgroup2_mount().unwrap();
     let dp = Datapath::load(DatapathOptions {
         pin_dir: lab.pins.0.clone(),
         cgroup_root: mount,
     })
     .expect("reload adopts pins");
     lab.dp = Some(dp);
-    assert_eq!(lab.dp().services().unwrap(), before);
-    assert_eq!(lab.dp().socket_lb(), attached);
+    assert_eq!(lab.dp().lb().services().unwrap(), before);
+    assert_eq!(lab.dp().lb().attachment(), attached);
     // Ids were adopted: a new Service does not reuse a live id (checked through behaviour:
     // both old Services still resolve after adding a third).
     lab.dp()
+        .lb()
         .upsert_service(&svc("127.77.0.12", 80, 6, vec![b]))
         .unwrap();
     let (counts, _) = c.tcp("127.77.0.10", 80, 2);

@@ -16,11 +16,9 @@ use std::net::IpAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use comb_datapath::policy_maps::{ID_ANY, ID_HOST, ID_WORLD};
-use comb_datapath::{
-    Datapath, DatapathOptions, Direction, FlowEvent, PolicyConfig, PolicyKey, PolicyValue, Reason,
-    Verdict, host,
-};
+use comb_datapath::policy::abi::{ID_ANY, ID_HOST, ID_WORLD};
+use comb_datapath::{Datapath, DatapathOptions, FlowEvent, PolicyConfig, PolicyKey, PolicyValue};
+use comb_model::terms::{Direction, Reason, ReasonCode, Verdict};
 use policy_support::packets::*;
 use policy_support::{DROP, Fixture, InNetns, Netns, PASS, ifindex, two_pod_node};
 
@@ -48,25 +46,31 @@ fn ip(s: &str) -> IpAddr {
 /// The endpoint on v0 with the usual ipcache.
 fn setup(fx: &Fixture) {
     let dp = fx.dp();
-    dp.set_policy_endpoint(fx.ifindex, EP_ID, &[ip(EP)])
+    dp.policy()
+        .set_endpoint(fx.ifindex, EP_ID, &[ip(EP)])
         .unwrap();
-    dp.upsert_ipcache(format!("{PEER_A}/32").parse().unwrap(), ID_A)
+    dp.policy()
+        .upsert_ipcache(format!("{PEER_A}/32").parse().unwrap(), ID_A)
         .unwrap();
-    dp.upsert_ipcache(format!("{PEER_B}/32").parse().unwrap(), ID_B)
+    dp.policy()
+        .upsert_ipcache(format!("{PEER_B}/32").parse().unwrap(), ID_B)
         .unwrap();
-    dp.upsert_ipcache("198.18.1.0/24".parse().unwrap(), ID_NET)
+    dp.policy()
+        .upsert_ipcache("198.18.1.0/24".parse().unwrap(), ID_NET)
         .unwrap();
 }
 
 fn allow(fx: &Fixture, key: PolicyKey, policy: u32) {
     fx.dp()
-        .upsert_policy_entry(&key, &PolicyValue::allow(policy))
+        .policy()
+        .upsert_entry(&key, &PolicyValue::allow(policy))
         .unwrap();
 }
 
 fn deny(fx: &Fixture, key: PolicyKey, reason: Reason, policy: u32) {
     fx.dp()
-        .upsert_policy_entry(&key, &PolicyValue::deny(reason, policy))
+        .policy()
+        .upsert_entry(&key, &PolicyValue::deny(reason, policy))
         .unwrap();
 }
 
@@ -75,7 +79,7 @@ fn deny_other_ingress(fx: &Fixture, policy: u32) {
     deny(
         fx,
         PolicyKey::any(fx.ifindex, ID_ANY, Ingress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         policy,
     );
 }
@@ -112,17 +116,17 @@ fn identity_rules_allow_and_deny() {
         ),
         (
             PolicyKey::any(i, ID_ANY, Ingress),
-            PolicyValue::deny(Reason::POLICY_DENIED, 3),
+            PolicyValue::deny(Reason::PolicyDenied, 3),
         ),
         (
             PolicyKey::any(i, ID_NET, Egress),
-            PolicyValue::deny(Reason::AUTHZ_DENY, 4),
+            PolicyValue::deny(Reason::AuthzDeny, 4),
         ),
     ] {
-        fx.dp().upsert_policy_entry(&k, &v).unwrap();
+        fx.dp().policy().upsert_entry(&k, &v).unwrap();
         want.insert(k.canonical().unwrap(), v);
     }
-    assert_eq!(fx.dp().policy_entries().unwrap(), want);
+    assert_eq!(fx.dp().policy().entries().unwrap(), want);
 
     // Ingress: identity + exact port.
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40000, EP, 8080, SYN)), PASS);
@@ -142,11 +146,11 @@ fn identity_rules_allow_and_deny() {
     assert_eq!(fx.run(Egress, &icmp4(EP, PEER_C)), DROP);
     assert_eq!(fx.run(Egress, &tcp4(EP, 40000, PEER_A, 443, SYN)), PASS);
 
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 3);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 6);
-    assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 3);
-    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 1);
-    let m = fx.metric(Ingress, Reason::POLICY_ALLOW).unwrap();
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 3);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 6);
+    assert_eq!(fx.count(Egress, Reason::AuthzDeny), 3);
+    assert_eq!(fx.count(Egress, Reason::NoPolicy), 1);
+    let m = fx.metric(Ingress, Reason::PolicyAllow).unwrap();
     let sizes = [
         tcp4(PEER_A, 40000, EP, 8080, SYN).len(),
         udp4(PEER_B, 5353, EP, 4995).len(),
@@ -159,7 +163,7 @@ fn identity_rules_allow_and_deny() {
     );
 
     // Allowed flows are tracked with the deciding policy; denied ones are not.
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 4, "{ct:#?}");
     let tcp = ct
         .iter()
@@ -174,23 +178,25 @@ fn identity_rules_allow_and_deny() {
             tcp.policy,
             tcp.endpoint
         ),
-        (TCP, Ingress, Reason::POLICY_ALLOW, 1, fx.ifindex)
+        (TCP, Ingress, Reason::PolicyAllow.into(), 1, fx.ifindex)
     );
     assert!(!tcp.seen_reply && !tcp.closing);
     // A TCP flow without a reply lives for the close timeout.
     assert!(tcp.remaining <= Duration::from_secs(10) && !tcp.expired());
     let out = ct.iter().find(|e| e.direction == Egress).unwrap();
-    assert_eq!(out.reason, Reason::NO_POLICY);
+    assert_eq!(out.reason, Reason::NoPolicy);
 
     // Removing an entry takes effect for new flows.
     fx.dp()
-        .remove_policy_entry(&PolicyKey::any(i, ID_NET, Egress))
+        .policy()
+        .remove_entry(&PolicyKey::any(i, ID_NET, Egress))
         .unwrap();
     fx.dp()
-        .remove_policy_entry(&PolicyKey::any(i, ID_NET, Egress))
+        .policy()
+        .remove_entry(&PolicyKey::any(i, ID_NET, Egress))
         .expect("removing a missing entry is fine");
     assert_eq!(fx.run(Egress, &udp4(EP, 40000, PEER_C, 53)), PASS);
-    assert_eq!(fx.dp().policy_entries().unwrap().len(), 3);
+    assert_eq!(fx.dp().policy().entries().unwrap().len(), 3);
     fx.finish();
 }
 
@@ -202,7 +208,7 @@ fn no_entries_allow_and_untracked_interfaces_pass_uncounted() {
     let fx = Fixture::new();
     setup(&fx);
     assert_eq!(
-        fx.dp().policy_endpoints().unwrap(),
+        fx.dp().policy().endpoints().unwrap(),
         BTreeMap::from([(
             fx.ifindex,
             comb_datapath::PolicyEndpoint {
@@ -212,10 +218,10 @@ fn no_entries_allow_and_untracked_interfaces_pass_uncounted() {
         )])
     );
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40000, EP, 22, SYN)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::NO_POLICY), 1);
-    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(fx.count(Ingress, Reason::NoPolicy), 1);
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1);
-    assert_eq!(ct[0].reason, Reason::NO_POLICY);
+    assert_eq!(ct[0].reason, Reason::NoPolicy);
 
     // v1 has no endpoint entry: untouched, not counted, not tracked.
     assert_eq!(
@@ -223,25 +229,25 @@ fn no_entries_allow_and_untracked_interfaces_pass_uncounted() {
         PASS
     );
     assert_eq!(fx.run_on(fx.other, Egress, &ipv4_options_cut()), PASS);
-    let metrics = fx.dp().policy_metrics().unwrap();
+    let metrics = fx.dp().policy().metrics().unwrap();
     assert!(
         metrics.iter().all(|m| m.endpoint == fx.ifindex),
         "{metrics:?}"
     );
-    assert_eq!(fx.dp().ct_entries().unwrap().len(), 1);
+    assert_eq!(fx.dp().policy().ct_entries().unwrap().len(), 1);
 
     // A policy added later applies to new flows; the established one keeps going.
     deny_other_ingress(&fx, 1);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40000, EP, 22, ACK)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::CT_ESTABLISHED), 1);
+    assert_eq!(fx.count(Ingress, Reason::CtEstablished), 1);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40001, EP, 22, SYN)), DROP);
 
     // Without its endpoint entry the interface is not enforced, and its counters are gone.
-    fx.dp().remove_policy_endpoint(fx.ifindex).unwrap();
-    fx.dp().remove_policy_endpoint(fx.ifindex).unwrap();
+    fx.dp().policy().remove_endpoint(fx.ifindex).unwrap();
+    fx.dp().policy().remove_endpoint(fx.ifindex).unwrap();
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40001, EP, 22, SYN)), PASS);
-    assert!(fx.dp().policy_metrics().unwrap().is_empty());
-    assert!(fx.dp().policy_endpoints().unwrap().is_empty());
+    assert!(fx.dp().policy().metrics().unwrap().is_empty());
+    assert!(fx.dp().policy().endpoints().unwrap().is_empty());
     fx.finish();
 }
 
@@ -264,7 +270,7 @@ fn replies_pass_via_conntrack_but_reverse_new_flows_are_judged() {
         fx.run(Ingress, &tcp4(PEER_A, 80, EP, 40000, SYN | ACK)),
         PASS
     );
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1, "replies create no entry of their own");
     assert!(ct[0].seen_reply && !ct[0].closing);
     assert_eq!(ct[0].policy, 5);
@@ -286,21 +292,21 @@ fn replies_pass_via_conntrack_but_reverse_new_flows_are_judged() {
         fx.run(Egress, &tcp4(EP, 40000, PEER_A, 80, FIN | ACK)),
         PASS
     );
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert!(ct[0].closing);
     assert!(ct[0].remaining <= Duration::from_secs(10));
     // A reused tuple (bare SYN on a closing entry) is judged again: still allowed here.
     assert_eq!(fx.run(Egress, &tcp4(EP, 40000, PEER_A, 80, SYN)), PASS);
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert!(!ct[0].closing && !ct[0].seen_reply);
 
-    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 2);
-    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 2);
-    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 2);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 2);
+    assert_eq!(fx.count(Egress, Reason::PolicyAllow), 2);
+    assert_eq!(fx.count(Egress, Reason::CtEstablished), 2);
+    assert_eq!(fx.count(Ingress, Reason::CtReply), 2);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 2);
     // RST closes as well.
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 80, EP, 40000, RST)), PASS);
-    assert!(fx.dp().ct_entries().unwrap()[0].closing);
+    assert!(fx.dp().policy().ct_entries().unwrap()[0].closing);
     fx.finish();
 }
 
@@ -318,29 +324,29 @@ fn conntrack_expires_and_gc_removes_it() {
         ct_close: Duration::from_millis(300),
         ct_other: Duration::from_millis(300),
     };
-    assert_eq!(fx.dp().policy_config().unwrap(), PolicyConfig::default());
-    fx.dp().set_policy_config(&cfg).unwrap();
-    assert_eq!(fx.dp().policy_config().unwrap(), cfg);
+    assert_eq!(fx.dp().policy().config().unwrap(), PolicyConfig::default());
+    fx.dp().policy().set_config(&cfg).unwrap();
+    assert_eq!(fx.dp().policy().config().unwrap(), cfg);
 
     assert_eq!(fx.run(Egress, &udp4(EP, 5000, PEER_A, 53)), PASS);
     assert_eq!(fx.run(Ingress, &udp4(PEER_A, 53, EP, 5000)), PASS);
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1);
     assert!(ct[0].remaining <= Duration::from_millis(300));
-    assert_eq!(fx.dp().ct_gc().unwrap(), 0, "nothing expired yet");
+    assert_eq!(fx.dp().policy().ct_gc().unwrap(), 0, "nothing expired yet");
 
     std::thread::sleep(Duration::from_millis(400));
-    assert!(fx.dp().ct_entries().unwrap()[0].expired());
+    assert!(fx.dp().policy().ct_entries().unwrap()[0].expired());
     // Expired = unknown: the reply is judged as a new flow, and denied.
     assert_eq!(fx.run(Ingress, &udp4(PEER_A, 53, EP, 5000)), DROP);
-    assert_eq!(fx.dp().ct_gc().unwrap(), 1);
-    assert!(fx.dp().ct_entries().unwrap().is_empty());
+    assert_eq!(fx.dp().policy().ct_gc().unwrap(), 1);
+    assert!(fx.dp().policy().ct_entries().unwrap().is_empty());
 
     // A new packet of the flow starts it over.
     assert_eq!(fx.run(Egress, &udp4(EP, 5000, PEER_A, 53)), PASS);
     assert_eq!(fx.run(Ingress, &udp4(PEER_A, 53, EP, 5000)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 2);
-    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 2);
+    assert_eq!(fx.count(Ingress, Reason::CtReply), 2);
+    assert_eq!(fx.count(Egress, Reason::NoPolicy), 2);
     fx.finish();
 }
 
@@ -388,10 +394,10 @@ fn later_fragments_follow_the_first() {
         fx.run(Ingress, &udp4_later_fragment(PEER_B, EP, 0x1234, 40, false)),
         DROP
     );
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 1);
-    assert_eq!(fx.count(Ingress, Reason::FRAGMENT), 2);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 2);
-    assert_eq!(fx.count(Ingress, Reason::FRAG_UNKNOWN), 2);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 1);
+    assert_eq!(fx.count(Ingress, Reason::Fragment), 2);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 2);
+    assert_eq!(fx.count(Ingress, Reason::FragUnknown), 2);
     fx.finish();
 }
 
@@ -403,19 +409,22 @@ fn ipv6_extension_headers_and_fragments() {
     let fx = Fixture::new();
     let (ep6, a6, b6) = ("fd00::2", "fd00::3", "fd00::4");
     fx.dp()
-        .set_policy_endpoint(fx.ifindex, EP_ID, &[ip(ep6), ip(EP)])
+        .policy()
+        .set_endpoint(fx.ifindex, EP_ID, &[ip(ep6), ip(EP)])
         .unwrap();
     assert_eq!(
-        fx.dp().policy_endpoints().unwrap()[&fx.ifindex].addrs,
+        fx.dp().policy().endpoints().unwrap()[&fx.ifindex].addrs,
         vec![ip(EP), ip(ep6)]
     );
     assert!(
         fx.dp()
-            .set_policy_endpoint(fx.ifindex, EP_ID, &[ip(ep6), ip("fd00::9")])
+            .policy()
+            .set_endpoint(fx.ifindex, EP_ID, &[ip(ep6), ip("fd00::9")])
             .is_err(),
         "two addresses of a family"
     );
     fx.dp()
+        .policy()
         .upsert_ipcache(format!("{a6}/128").parse().unwrap(), ID_A)
         .unwrap();
     allow(
@@ -437,7 +446,7 @@ fn ipv6_extension_headers_and_fragments() {
         PASS,
         "reply"
     );
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1);
     assert_eq!(ct[0].src, format!("[{a6}]:40000").parse().unwrap());
     assert!(ct[0].seen_reply);
@@ -463,11 +472,11 @@ fn ipv6_extension_headers_and_fragments() {
     let long: Vec<(u8, Vec<u8>)> = (0..9).map(|_| (60u8, v6_opts())).collect();
     assert_eq!(fx.run(Ingress, &ipv6(a6, ep6, &long, TCP, &syn)), DROP);
 
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 2);
-    assert_eq!(fx.count(Ingress, Reason::FRAGMENT), 1);
-    assert_eq!(fx.count(Ingress, Reason::FRAG_UNKNOWN), 1);
-    assert_eq!(fx.count(Ingress, Reason::MALFORMED), 2);
-    assert_eq!(fx.count(Egress, Reason::CT_REPLY), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 2);
+    assert_eq!(fx.count(Ingress, Reason::Fragment), 1);
+    assert_eq!(fx.count(Ingress, Reason::FragUnknown), 1);
+    assert_eq!(fx.count(Ingress, Reason::Malformed), 2);
+    assert_eq!(fx.count(Egress, Reason::CtReply), 1);
     fx.finish();
 }
 
@@ -487,7 +496,7 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
     deny(
         &fx,
         PolicyKey::any(i, ID_ANY, Egress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         2,
     );
     allow(&fx, PolicyKey::any(i, ID_B, Ingress), 3);
@@ -496,7 +505,7 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
     // An allowed ping: the request creates the entry (identifier = source port), the reply
     // passes as its reply.
     assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_A, false, 0x1111)), PASS);
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1, "{ct:#?}");
     assert_eq!(
         (ct[0].src, ct[0].dst, ct[0].protocol, ct[0].direction),
@@ -507,9 +516,12 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
             Egress
         )
     );
-    assert_eq!((ct[0].reason, ct[0].policy), (Reason::POLICY_ALLOW, 1));
+    assert_eq!(
+        (ct[0].reason, ct[0].policy),
+        (Reason::PolicyAllow.into(), 1)
+    );
     assert_eq!(fx.run(Ingress, &icmp4_echo(PEER_A, EP, true, 0x1111)), PASS);
-    assert!(fx.dp().ct_entries().unwrap()[0].seen_reply);
+    assert!(fx.dp().policy().ct_entries().unwrap()[0].seen_reply);
     // A reply to another ping is no reply; a request the other way with the same identifier
     // is a new flow, not a reply: both judged by policy (ingress from A is denied).
     assert_eq!(fx.run(Ingress, &icmp4_echo(PEER_A, EP, true, 0x2222)), DROP);
@@ -522,7 +534,7 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
     deny(
         &fx,
         PolicyKey::any(i, ID_A, Egress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         5,
     );
     assert_eq!(fx.run(Egress, &icmp4_echo(EP, PEER_A, false, 0x1111)), PASS);
@@ -543,7 +555,7 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
     deny(
         &fx,
         ports(&fx, ID_NET, Egress, ICMP, 0x6666, 16),
-        Reason::AUTHZ_DENY,
+        Reason::AuthzDeny,
         6,
     );
     allow(&fx, PolicyKey::any(i, ID_NET, Egress), 7);
@@ -555,16 +567,16 @@ fn icmp_echo_identifier_makes_each_ping_a_flow() {
     cut.truncate(14 + 20 + 6);
     assert_eq!(fx.run(Egress, &cut), DROP);
 
-    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 3);
-    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
-    assert_eq!(fx.count(Egress, Reason::CT_REPLY), 1);
-    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 2);
-    assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 0);
-    assert_eq!(fx.count(Egress, Reason::MALFORMED), 1);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 1);
-    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 1);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 2);
-    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(fx.count(Egress, Reason::PolicyAllow), 3);
+    assert_eq!(fx.count(Egress, Reason::CtEstablished), 1);
+    assert_eq!(fx.count(Egress, Reason::CtReply), 1);
+    assert_eq!(fx.count(Egress, Reason::PolicyDenied), 2);
+    assert_eq!(fx.count(Egress, Reason::AuthzDeny), 0);
+    assert_eq!(fx.count(Egress, Reason::Malformed), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 1);
+    assert_eq!(fx.count(Ingress, Reason::CtReply), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 2);
+    let ct = fx.dp().policy().ct_entries().unwrap();
     let flows: Vec<_> = ct.iter().map(|e| (e.src, e.dst, e.direction)).collect();
     assert_eq!(ct.len(), 4, "{ct:#?}");
     for want in [
@@ -602,7 +614,7 @@ fn icmp_errors_of_tracked_flows_pass_as_related() {
     deny(
         &fx,
         PolicyKey::any(i, ID_ANY, Egress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         3,
     );
     allow(&fx, PolicyKey::any(i, ID_B, Ingress), 4);
@@ -622,7 +634,7 @@ fn icmp_errors_of_tracked_flows_pass_as_related() {
         fx.run(Ingress, &icmp4_error(OUTSIDE, EP, 11, 0, &syn)),
         PASS
     );
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 2, "{ct:#?}");
     assert!(
         ct.iter().all(|e| !e.seen_reply),
@@ -658,7 +670,7 @@ fn icmp_errors_of_tracked_flows_pass_as_related() {
     cut.truncate(14 + 20 + 8 + 12);
     assert_eq!(fx.run(Ingress, &cut), DROP);
     assert_eq!(
-        fx.dp().ct_entries().unwrap().len(),
+        fx.dp().policy().ct_entries().unwrap().len(),
         2,
         "errors create no entries"
     );
@@ -683,14 +695,14 @@ fn icmp_errors_of_tracked_flows_pass_as_related() {
         DROP
     );
 
-    assert_eq!(fx.count(Ingress, Reason::CT_RELATED), 4);
-    assert_eq!(fx.count(Egress, Reason::CT_RELATED), 1);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 6);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 3);
-    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 2);
-    assert_eq!(fx.count(Egress, Reason::CT_REPLY), 1);
-    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 0);
-    let ct = fx.dp().ct_entries().unwrap();
+    assert_eq!(fx.count(Ingress, Reason::CtRelated), 4);
+    assert_eq!(fx.count(Egress, Reason::CtRelated), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 6);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 3);
+    assert_eq!(fx.count(Egress, Reason::PolicyAllow), 2);
+    assert_eq!(fx.count(Egress, Reason::CtReply), 1);
+    assert_eq!(fx.count(Egress, Reason::PolicyDenied), 0);
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 4, "{ct:#?}");
     assert!(
         ct.iter()
@@ -707,22 +719,23 @@ fn icmpv6_echo_identifiers_and_errors() {
     let fx = Fixture::new();
     let (ep6, a6, router6) = ("fd00::2", "fd00::3", "fd00:99::1");
     let i = fx.ifindex;
-    fx.dp().set_policy_endpoint(i, EP_ID, &[ip(ep6)]).unwrap();
+    fx.dp().policy().set_endpoint(i, EP_ID, &[ip(ep6)]).unwrap();
     fx.dp()
+        .policy()
         .upsert_ipcache(format!("{a6}/128").parse().unwrap(), ID_A)
         .unwrap();
     allow(&fx, PolicyKey::any(i, ID_A, Egress), 1);
     deny(
         &fx,
         PolicyKey::any(i, ID_ANY, Egress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         2,
     );
     deny_other_ingress(&fx, 3);
 
     let ping = icmp6_echo(ep6, a6, false, 0x10);
     assert_eq!(fx.run(Egress, &ping), PASS);
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert_eq!(ct.len(), 1, "{ct:#?}");
     assert_eq!(
         (ct[0].src, ct[0].dst, ct[0].protocol),
@@ -737,7 +750,7 @@ fn icmpv6_echo_identifiers_and_errors() {
     deny(
         &fx,
         PolicyKey::any(i, ID_A, Egress),
-        Reason::POLICY_DENIED,
+        Reason::PolicyDenied,
         4,
     );
     assert_eq!(fx.run(Egress, &icmp6_echo(ep6, a6, false, 0x12)), DROP);
@@ -773,13 +786,13 @@ fn icmpv6_echo_identifiers_and_errors() {
         DROP
     );
 
-    assert_eq!(fx.count(Egress, Reason::POLICY_ALLOW), 2);
-    assert_eq!(fx.count(Egress, Reason::POLICY_DENIED), 1);
-    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
-    assert_eq!(fx.count(Ingress, Reason::CT_REPLY), 1);
-    assert_eq!(fx.count(Ingress, Reason::CT_RELATED), 3);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 4);
-    assert_eq!(fx.dp().ct_entries().unwrap().len(), 2);
+    assert_eq!(fx.count(Egress, Reason::PolicyAllow), 2);
+    assert_eq!(fx.count(Egress, Reason::PolicyDenied), 1);
+    assert_eq!(fx.count(Egress, Reason::CtEstablished), 1);
+    assert_eq!(fx.count(Ingress, Reason::CtReply), 1);
+    assert_eq!(fx.count(Ingress, Reason::CtRelated), 3);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 4);
+    assert_eq!(fx.dp().policy().ct_entries().unwrap().len(), 2);
     fx.finish();
 }
 
@@ -791,7 +804,7 @@ fn non_ip_malformed_and_redirect() {
     let fx = Fixture::new();
     setup(&fx);
     assert_eq!(fx.run(Egress, &arp()), PASS);
-    assert_eq!(fx.count(Egress, Reason::NOT_IP), 1);
+    assert_eq!(fx.count(Egress, Reason::NotIp), 1);
 
     // IPv4 header cut short (BPF_PROG_TEST_RUN refuses frames without 20 bytes of IPv4
     // header; tcp_between_pods_is_enforced sends a 10-byte one for real); header length
@@ -807,65 +820,71 @@ fn non_ip_malformed_and_redirect() {
     let mut bad_version = full.clone();
     bad_version[14] = 0x65;
     assert_eq!(fx.run(Ingress, &bad_version), DROP);
-    assert_eq!(fx.count(Ingress, Reason::MALFORMED), 4);
+    assert_eq!(fx.count(Ingress, Reason::Malformed), 4);
 
     // REDIRECT at tcx egress (to the pod) can never redirect: not visibility-only, so the
     // flow fails closed.
     let k = PolicyKey::port(fx.ifindex, ID_A, Ingress, TCP, Some(8080));
     let redirect = PolicyValue {
         verdict: Verdict::Redirect,
-        reason: Reason::POLICY_ALLOW,
+        reason: Reason::PolicyAllow.into(),
         proxy_port: 15001,
         policy: 4,
     };
-    fx.dp().upsert_policy_entry(&k, &redirect).unwrap();
-    assert_eq!(fx.dp().policy_entries().unwrap()[&k], redirect);
+    fx.dp().policy().upsert_entry(&k, &redirect).unwrap();
+    assert_eq!(fx.dp().policy().entries().unwrap()[&k], redirect);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 1, EP, 8080, SYN)), DROP);
-    assert_eq!(fx.count(Ingress, Reason::PROXY_UNAVAILABLE), 1);
-    assert!(fx.dp().ct_entries().unwrap().is_empty(), "nothing tracked");
+    assert_eq!(fx.count(Ingress, Reason::ProxyUnavailable), 1);
+    assert!(
+        fx.dp().policy().ct_entries().unwrap().is_empty(),
+        "nothing tracked"
+    );
 
     // A value whose reason disagrees with its verdict never forwards with a drop reason.
     let odd_allow = PolicyValue {
         verdict: Verdict::Allow,
-        reason: Reason::AUTHZ_DENY,
+        reason: Reason::AuthzDeny.into(),
         proxy_port: 0,
         policy: 5,
     };
     fx.dp()
-        .upsert_policy_entry(&PolicyKey::any(fx.ifindex, ID_B, Ingress), &odd_allow)
+        .policy()
+        .upsert_entry(&PolicyKey::any(fx.ifindex, ID_B, Ingress), &odd_allow)
         .unwrap();
     assert_eq!(fx.run(Ingress, &tcp4(PEER_B, 1, EP, 80, SYN)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 1);
     deny(
         &fx,
         PolicyKey::any(fx.ifindex, ID_WORLD, Ingress),
-        Reason::HOST,
+        Reason::Host,
         6,
     );
     assert_eq!(fx.run(Ingress, &tcp4(OUTSIDE, 1, EP, 80, SYN)), DROP);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), 1);
     // Host traffic is whatever userspace says for the host identity.
     fx.dp()
+        .policy()
         .upsert_ipcache("198.18.1.1/32".parse().unwrap(), ID_HOST)
         .unwrap();
     let host_allow = PolicyValue {
         verdict: Verdict::Allow,
-        reason: Reason::HOST,
+        reason: Reason::Host.into(),
         proxy_port: 0,
         policy: 0,
     };
     fx.dp()
-        .upsert_policy_entry(&PolicyKey::any(fx.ifindex, ID_HOST, Ingress), &host_allow)
+        .policy()
+        .upsert_entry(&PolicyKey::any(fx.ifindex, ID_HOST, Ingress), &host_allow)
         .unwrap();
     assert_eq!(fx.run(Ingress, &tcp4("198.18.1.1", 1, EP, 80, SYN)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::HOST), 1);
+    assert_eq!(fx.count(Ingress, Reason::Host), 1);
     fx.finish();
 }
 
-fn redirect_value(reason: Reason, policy: u32) -> PolicyValue {
+fn redirect_value(reason: impl Into<ReasonCode>, policy: u32) -> PolicyValue {
     PolicyValue {
         verdict: Verdict::Redirect,
-        reason,
+        reason: reason.into(),
         proxy_port: 0,
         policy,
     }
@@ -885,9 +904,11 @@ fn redirect_without_a_proxy_follows_its_reason() {
     let (ep, dst) = (fx.ifindex, fx.other);
     // PEER_B is a local endpoint (on v1) with ingress REDIRECT entries.
     fx.dp()
-        .set_policy_endpoint(dst, ID_B, &[ip(PEER_B)])
+        .policy()
+        .set_endpoint(dst, ID_B, &[ip(PEER_B)])
         .unwrap();
     fx.dp()
+        .policy()
         .upsert_ipcache_entry(
             format!("{PEER_B}/32").parse().unwrap(),
             comb_datapath::IpcacheEntry {
@@ -899,15 +920,15 @@ fn redirect_without_a_proxy_follows_its_reason() {
     for (k, v) in [
         (
             PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8080)),
-            redirect_value(Reason::PROXY_UNAVAILABLE, 1),
+            redirect_value(Reason::ProxyUnavailable, 1),
         ),
         (
             PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8081)),
-            redirect_value(Reason::L7_VISIBILITY, 2),
+            redirect_value(Reason::L7Visibility, 2),
         ),
         (
             PolicyKey::port(dst, ID_ANY, Ingress, TCP, Some(8082)),
-            redirect_value(Reason::PROXY_UNAVAILABLE, 3),
+            redirect_value(Reason::ProxyUnavailable, 3),
         ),
         (
             PolicyKey::port(dst, EP_ID, Ingress, TCP, Some(8083)),
@@ -915,40 +936,41 @@ fn redirect_without_a_proxy_follows_its_reason() {
         ),
         (
             PolicyKey::port(dst, ID_ANY, Ingress, TCP, Some(8084)),
-            redirect_value(Reason::PROXY_UNAVAILABLE, 5),
+            redirect_value(Reason::ProxyUnavailable, 5),
         ),
         (
             PolicyKey::port(dst, ID_ANY, Ingress, UDP, Some(8080)),
-            redirect_value(Reason::PROXY_UNAVAILABLE, 6),
+            redirect_value(Reason::ProxyUnavailable, 6),
         ),
         // The source's own egress: deny wins over the destination's REDIRECT, and its own
         // REDIRECTs follow their reason.
         (
             PolicyKey::port(ep, ID_B, Egress, TCP, Some(8084)),
-            PolicyValue::deny(Reason::AUTHZ_DENY, 7),
+            PolicyValue::deny(Reason::AuthzDeny, 7),
         ),
         (
             PolicyKey::port(ep, ID_A, Egress, TCP, Some(9000)),
-            redirect_value(Reason::L7_VISIBILITY, 8),
+            redirect_value(Reason::L7Visibility, 8),
         ),
         (
             PolicyKey::port(ep, ID_A, Egress, UDP, Some(53)),
-            redirect_value(Reason::PROXY_UNAVAILABLE, 9),
+            redirect_value(Reason::ProxyUnavailable, 9),
         ),
         // Ingress at the source: tcx egress never redirects.
         (
             PolicyKey::port(ep, ID_A, Ingress, TCP, Some(7000)),
-            redirect_value(Reason::L7_VISIBILITY, 10),
+            redirect_value(Reason::L7Visibility, 10),
         ),
         (
             PolicyKey::port(ep, ID_A, Ingress, TCP, Some(7001)),
-            redirect_value(Reason(200), 11),
+            redirect_value(ReasonCode(200), 11),
         ),
     ] {
-        fx.dp().upsert_policy_entry(&k, &v).unwrap();
+        fx.dp().policy().upsert_entry(&k, &v).unwrap();
     }
     assert!(
         !fx.dp()
+            .policy()
             .proxy_listener_present(comb_datapath::ProxyFamily::V4)
             .unwrap()
     );
@@ -961,28 +983,28 @@ fn redirect_without_a_proxy_follows_its_reason() {
     assert_eq!(out(8082), PASS, "the destination's ANY entry");
     assert_eq!(out(8083), PASS);
     assert_eq!(out(8084), DROP, "the source's own deny wins");
-    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 0);
-    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 0);
-    assert_eq!(fx.count(Egress, Reason::AUTHZ_DENY), 1);
+    assert_eq!(fx.count(Egress, Reason::ProxyUnavailable), 0);
+    assert_eq!(fx.count(Egress, Reason::L7Visibility), 0);
+    assert_eq!(fx.count(Egress, Reason::AuthzDeny), 1);
     assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_B, 8080)), PASS);
-    assert_eq!(fx.count(Egress, Reason::NO_POLICY), 5);
+    assert_eq!(fx.count(Egress, Reason::NoPolicy), 5);
     // The source's own REDIRECTs: visibility forwards, UDP cannot be redirected.
     assert_eq!(fx.run(Egress, &tcp4(EP, 41000, PEER_A, 9000, SYN)), PASS);
-    assert_eq!(fx.count(Egress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(fx.count(Egress, Reason::L7Visibility), 1);
     assert_eq!(fx.run(Egress, &udp4(EP, 5353, PEER_A, 53)), DROP);
-    assert_eq!(fx.count(Egress, Reason::PROXY_UNAVAILABLE), 1);
+    assert_eq!(fx.count(Egress, Reason::ProxyUnavailable), 1);
     // At tcx egress: visibility forwards, any other reason drops as proxy-unavailable.
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42000, EP, 7000, SYN)), PASS);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 42001, EP, 7001, SYN)), DROP);
-    assert_eq!(fx.count(Ingress, Reason::L7_VISIBILITY), 1);
-    assert_eq!(fx.count(Ingress, Reason::PROXY_UNAVAILABLE), 1);
+    assert_eq!(fx.count(Ingress, Reason::L7Visibility), 1);
+    assert_eq!(fx.count(Ingress, Reason::ProxyUnavailable), 1);
 
     // Forwarded flows are tracked as usual, none as redirected.
-    let ct = fx.dp().ct_entries().unwrap();
+    let ct = fx.dp().policy().ct_entries().unwrap();
     assert!(ct.iter().all(|e| !e.proxy), "{ct:#?}");
     let mut vis: Vec<u16> = ct
         .iter()
-        .filter(|e| e.reason == Reason::L7_VISIBILITY)
+        .filter(|e| e.reason == Reason::L7Visibility)
         .map(|e| e.dst.port())
         .collect();
     vis.sort();
@@ -992,7 +1014,7 @@ fn redirect_without_a_proxy_follows_its_reason() {
         fx.run(Egress, &tcp4(EP, 40000 + 8081, PEER_B, 8081, ACK)),
         PASS
     );
-    assert_eq!(fx.count(Egress, Reason::CT_ESTABLISHED), 1);
+    assert_eq!(fx.count(Egress, Reason::CtEstablished), 1);
     fx.finish();
 }
 
@@ -1036,12 +1058,13 @@ fn flow_events_carry_decisions_and_identities() {
     // Events off (the default): nothing.
     assert_eq!(fx.run(Ingress, &tcp4(PEER_B, 1, EP, 1, SYN)), DROP);
     fx.dp()
-        .set_policy_config(&PolicyConfig {
+        .policy()
+        .set_config(&PolicyConfig {
             events: true,
             ..PolicyConfig::default()
         })
         .unwrap();
-    let reader = fx.dp().flow_events().unwrap();
+    let reader = fx.dp().policy().flow_events().unwrap();
 
     assert_eq!(fx.run(Ingress, &syn), PASS); // new flow: event
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 40000, EP, 8080, ACK)), PASS); // CT: none
@@ -1067,7 +1090,7 @@ fn flow_events_carry_decisions_and_identities() {
     );
     assert_eq!(
         (e.reason, e.policy, e.endpoint),
-        (Reason::POLICY_ALLOW, 7, fx.ifindex)
+        (Reason::PolicyAllow.into(), 7, fx.ifindex)
     );
     assert_eq!((e.src_identity, e.dst_identity), (ID_A, EP_ID));
     assert_eq!(e.len as usize, syn.len());
@@ -1080,7 +1103,7 @@ fn flow_events_carry_decisions_and_identities() {
     );
     assert_eq!(
         (e.verdict, e.reason, e.policy),
-        (Verdict::Deny, Reason::POLICY_DENIED, 9)
+        (Verdict::Deny, Reason::PolicyDenied.into(), 9)
     );
     assert_eq!((e.src_identity, e.dst_identity), (ID_B, EP_ID));
     assert!(e.dropped());
@@ -1092,14 +1115,14 @@ fn flow_events_carry_decisions_and_identities() {
     );
     assert_eq!(
         (e.direction, e.verdict, e.reason),
-        (Egress, Verdict::Allow, Reason::NO_POLICY)
+        (Egress, Verdict::Allow, Reason::NoPolicy.into())
     );
     assert_eq!((e.src_identity, e.dst_identity), (EP_ID, ID_NET));
 
     let e = &events[3];
     assert_eq!(
         (e.direction, e.reason, e.verdict),
-        (Egress, Reason::MALFORMED, Verdict::Deny)
+        (Egress, Reason::Malformed.into(), Verdict::Deny)
     );
     assert_eq!(
         (e.src, e.dst),
@@ -1109,7 +1132,7 @@ fn flow_events_carry_decisions_and_identities() {
     assert!(e.dropped());
 
     assert!(events.windows(2).all(|w| w[0].time_ns <= w[1].time_ns));
-    assert_eq!(fx.dp().events_lost().unwrap(), 0);
+    assert_eq!(fx.dp().policy().events_lost().unwrap(), 0);
     fx.finish();
 }
 
@@ -1122,7 +1145,8 @@ fn events_that_do_not_fit_are_counted_lost() {
     setup(&fx);
     deny_other_ingress(&fx, 1);
     fx.dp()
-        .set_policy_config(&PolicyConfig {
+        .policy()
+        .set_config(&PolicyConfig {
             events: true,
             ..PolicyConfig::default()
         })
@@ -1132,18 +1156,19 @@ fn events_that_do_not_fit_are_counted_lost() {
     let pkt = tcp4(PEER_B, 1, EP, 1, SYN);
     let r = fx
         .dp()
-        .policy_test_run(Ingress, fx.ifindex, &pkt, N)
+        .policy()
+        .test_run(Ingress, fx.ifindex, &pkt, N)
         .unwrap();
     assert_eq!(r, DROP);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_DENIED), u64::from(N));
-    let lost = fx.dp().events_lost().unwrap();
+    assert_eq!(fx.count(Ingress, Reason::PolicyDenied), u64::from(N));
+    let lost = fx.dp().policy().events_lost().unwrap();
     assert!(lost > 0, "a full ring must count lost events");
 
-    let mut reader = fx.dp().flow_events().unwrap();
+    let mut reader = fx.dp().policy().flow_events().unwrap();
     let mut delivered = 0u64;
     while reader
         .poll(Duration::from_millis(200), |e| {
-            assert_eq!(e.reason, Reason::POLICY_DENIED);
+            assert_eq!(e.reason, Reason::PolicyDenied);
             delivered += 1;
         })
         .unwrap()
@@ -1175,10 +1200,13 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
         .ip(&["link", "add", "v2", "type", "veth", "peer", "name", "v3"]);
     let (a, b) = (fx.ifindex, ifindex("v2"));
     allow(&fx, PolicyKey::port(a, ID_A, Ingress, TCP, Some(80)), 1);
-    fx.dp_mut().attach_policy(a).unwrap();
-    fx.dp_mut().attach_policy(b).unwrap();
-    fx.dp_mut().attach_policy(a).expect("attach is idempotent");
-    assert_eq!(fx.dp().policy_attachments(), vec![a, b]);
+    fx.dp_mut().policy_mut().attach(a).unwrap();
+    fx.dp_mut().policy_mut().attach(b).unwrap();
+    fx.dp_mut()
+        .policy_mut()
+        .attach(a)
+        .expect("attach is idempotent");
+    assert_eq!(fx.dp().policy().attachments(), vec![a, b]);
     let mut want = vec![
         format!("policy-{a}-from"),
         format!("policy-{a}-to"),
@@ -1188,10 +1216,10 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
     want.sort();
     assert_eq!(link_pins(&fx.pins.0), want);
     assert!(
-        fx.dp_mut().attach_policy(999_999).is_err(),
+        fx.dp_mut().policy_mut().attach(999_999).is_err(),
         "no such interface"
     );
-    assert_eq!(fx.dp().policy_attachments(), vec![a, b]);
+    assert_eq!(fx.dp().policy().attachments(), vec![a, b]);
     assert_eq!(
         link_pins(&fx.pins.0),
         want,
@@ -1204,12 +1232,12 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
     fx.ns.ip(&["link", "del", "v2"]);
     let dp = Datapath::load(DatapathOptions {
         pin_dir: fx.pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("reload");
     fx.dp = Some(dp);
     assert_eq!(
-        fx.dp().policy_attachments(),
+        fx.dp().policy().attachments(),
         vec![a],
         "defunct links dropped"
     );
@@ -1218,23 +1246,27 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
         vec![format!("policy-{a}-from"), format!("policy-{a}-to")]
     );
     // Maps were adopted: entries, endpoint, conntrack and counters are still there.
-    assert_eq!(fx.dp().policy_entries().unwrap().len(), 1);
-    assert_eq!(fx.dp().policy_endpoints().unwrap().len(), 1);
-    assert_eq!(fx.dp().ct_entries().unwrap().len(), 1);
-    assert_eq!(fx.count(Ingress, Reason::POLICY_ALLOW), 1);
+    assert_eq!(fx.dp().policy().entries().unwrap().len(), 1);
+    assert_eq!(fx.dp().policy().endpoints().unwrap().len(), 1);
+    assert_eq!(fx.dp().policy().ct_entries().unwrap().len(), 1);
+    assert_eq!(fx.count(Ingress, Reason::PolicyAllow), 1);
     assert_eq!(fx.run(Ingress, &tcp4(PEER_A, 1, EP, 80, ACK)), PASS);
-    assert_eq!(fx.count(Ingress, Reason::CT_ESTABLISHED), 1);
+    assert_eq!(fx.count(Ingress, Reason::CtEstablished), 1);
 
     // Detach, re-attach; an interface deleted under an attached link detaches cleanly.
-    fx.dp_mut().detach_policy(a).unwrap();
-    fx.dp_mut().detach_policy(a).expect("detach is idempotent");
-    assert!(fx.dp().policy_attachments().is_empty());
-    assert!(link_pins(&fx.pins.0).is_empty());
-    fx.dp_mut().attach_policy(a).unwrap();
-    fx.ns.ip(&["link", "del", "v0"]);
-    assert_eq!(fx.dp().policy_attachments(), vec![a]);
+    fx.dp_mut().policy_mut().detach(a).unwrap();
     fx.dp_mut()
-        .detach_policy(a)
+        .policy_mut()
+        .detach(a)
+        .expect("detach is idempotent");
+    assert!(fx.dp().policy().attachments().is_empty());
+    assert!(link_pins(&fx.pins.0).is_empty());
+    fx.dp_mut().policy_mut().attach(a).unwrap();
+    fx.ns.ip(&["link", "del", "v0"]);
+    assert_eq!(fx.dp().policy().attachments(), vec![a]);
+    fx.dp_mut()
+        .policy_mut()
+        .detach(a)
         .expect("detaching from a deleted interface");
     assert!(link_pins(&fx.pins.0).is_empty());
     fx.finish();
@@ -1369,7 +1401,7 @@ fn tcp_between_pods_is_enforced() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new();
     let (client, server) = (&lab.pods[0], &lab.pods[1]);
@@ -1381,43 +1413,50 @@ fn tcp_between_pods_is_enforced() {
     let (ci, si) = (ifindex(&client.2), ifindex(&server.2));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
     let (cid, sid) = (EP_ID, ID_A);
-    dp.set_policy_endpoint(ci, cid, &[ip(client.1)]).unwrap();
-    dp.set_policy_endpoint(si, sid, &[ip(server.1)]).unwrap();
-    dp.upsert_ipcache(format!("{}/32", client.1).parse().unwrap(), cid)
+    dp.policy().set_endpoint(ci, cid, &[ip(client.1)]).unwrap();
+    dp.policy().set_endpoint(si, sid, &[ip(server.1)]).unwrap();
+    dp.policy()
+        .upsert_ipcache(format!("{}/32", client.1).parse().unwrap(), cid)
         .unwrap();
-    dp.upsert_ipcache(format!("{}/32", server.1).parse().unwrap(), sid)
+    dp.policy()
+        .upsert_ipcache(format!("{}/32", server.1).parse().unwrap(), sid)
         .unwrap();
-    dp.upsert_ipcache(format!("{GW}/32").parse().unwrap(), ID_HOST)
+    dp.policy()
+        .upsert_ipcache(format!("{GW}/32").parse().unwrap(), ID_HOST)
         .unwrap();
     // The server admits the client on 8080 only; the client may not reach 7070 anywhere.
-    dp.upsert_policy_entry(
-        &PolicyKey::port(si, cid, Ingress, TCP, Some(8080)),
-        &PolicyValue::allow(1),
-    )
-    .unwrap();
-    dp.upsert_policy_entry(
-        &PolicyKey::any(si, ID_ANY, Ingress),
-        &PolicyValue::deny(Reason::POLICY_DENIED, 2),
-    )
-    .unwrap();
-    dp.upsert_policy_entry(
-        &PolicyKey::port(ci, ID_ANY, Egress, TCP, Some(7070)),
-        &PolicyValue::deny(Reason::AUTHZ_DENY, 3),
-    )
-    .unwrap();
-    dp.set_policy_config(&PolicyConfig {
-        events: true,
-        ..PolicyConfig::default()
-    })
-    .unwrap();
-    let reader = dp.flow_events().unwrap();
-    dp.attach_policy(ci).unwrap();
-    dp.attach_policy(si).unwrap();
-    assert_eq!(dp.policy_attachments(), {
+    dp.policy()
+        .upsert_entry(
+            &PolicyKey::port(si, cid, Ingress, TCP, Some(8080)),
+            &PolicyValue::allow(1),
+        )
+        .unwrap();
+    dp.policy()
+        .upsert_entry(
+            &PolicyKey::any(si, ID_ANY, Ingress),
+            &PolicyValue::deny(Reason::PolicyDenied, 2),
+        )
+        .unwrap();
+    dp.policy()
+        .upsert_entry(
+            &PolicyKey::port(ci, ID_ANY, Egress, TCP, Some(7070)),
+            &PolicyValue::deny(Reason::AuthzDeny, 3),
+        )
+        .unwrap();
+    dp.policy()
+        .set_config(&PolicyConfig {
+            events: true,
+            ..PolicyConfig::default()
+        })
+        .unwrap();
+    let reader = dp.policy().flow_events().unwrap();
+    dp.policy_mut().attach(ci).unwrap();
+    dp.policy_mut().attach(si).unwrap();
+    assert_eq!(dp.policy().attachments(), {
         let mut v = vec![ci, si];
         v.sort();
         v
@@ -1434,30 +1473,30 @@ fn tcp_between_pods_is_enforced() {
         "sent"
     );
 
-    let metrics = dp.policy_metrics().unwrap();
+    let metrics = dp.policy().metrics().unwrap();
     let count = |ep: u32, dir: Direction, r: Reason| {
         metrics
             .iter()
             .find(|m| m.endpoint == ep && m.direction == dir && m.reason == r)
             .map_or(0, |m| m.packets)
     };
-    assert_eq!(count(si, Ingress, Reason::POLICY_ALLOW), 2, "{metrics:#?}");
+    assert_eq!(count(si, Ingress, Reason::PolicyAllow), 2, "{metrics:#?}");
     assert!(
-        count(si, Ingress, Reason::CT_ESTABLISHED) >= 4,
+        count(si, Ingress, Reason::CtEstablished) >= 4,
         "{metrics:#?}"
     );
-    assert!(count(si, Egress, Reason::CT_REPLY) >= 4, "{metrics:#?}");
+    assert!(count(si, Egress, Reason::CtReply) >= 4, "{metrics:#?}");
     // SYN + retransmits.
     assert!(
-        count(si, Ingress, Reason::POLICY_DENIED) >= 1,
+        count(si, Ingress, Reason::PolicyDenied) >= 1,
         "{metrics:#?}"
     );
-    assert!(count(ci, Egress, Reason::AUTHZ_DENY) >= 1, "{metrics:#?}");
+    assert!(count(ci, Egress, Reason::AuthzDeny) >= 1, "{metrics:#?}");
     // The client has no rule for 8080/9090: not enforced there.
-    assert!(count(ci, Egress, Reason::NO_POLICY) >= 3, "{metrics:#?}");
-    assert!(count(ci, Ingress, Reason::CT_REPLY) >= 4, "{metrics:#?}");
-    assert_eq!(count(ci, Egress, Reason::MALFORMED), 1, "{metrics:#?}");
-    let ct = dp.ct_entries().unwrap();
+    assert!(count(ci, Egress, Reason::NoPolicy) >= 3, "{metrics:#?}");
+    assert!(count(ci, Ingress, Reason::CtReply) >= 4, "{metrics:#?}");
+    assert_eq!(count(ci, Egress, Reason::Malformed), 1, "{metrics:#?}");
+    let ct = dp.policy().ct_entries().unwrap();
     assert!(ct.iter().any(|e| e.endpoint == si
         && e.direction == Ingress
         && e.dst.port() == 8080
@@ -1472,19 +1511,22 @@ fn tcp_between_pods_is_enforced() {
     assert_eq!((denied.src, denied.dst), (ip(client.1), ip(server.1)));
     assert_eq!((denied.direction, denied.endpoint), (Ingress, si));
     assert_eq!((denied.src_identity, denied.dst_identity), (cid, sid));
-    assert_eq!((denied.reason, denied.policy), (Reason::POLICY_DENIED, 2));
+    assert_eq!(
+        (denied.reason, denied.policy),
+        (Reason::PolicyDenied.into(), 2)
+    );
     let allowed = events
         .iter()
         .find(|e| e.dport == 8080 && e.endpoint == si)
         .expect("an event for the allowed connection");
     assert_eq!(
         (allowed.reason, allowed.src_identity),
-        (Reason::POLICY_ALLOW, cid)
+        (Reason::PolicyAllow.into(), cid)
     );
     assert!(
         events
             .iter()
-            .any(|e| e.dport == 7070 && e.endpoint == ci && e.reason == Reason::AUTHZ_DENY)
+            .any(|e| e.dport == 7070 && e.endpoint == ci && e.reason == Reason::AuthzDeny)
     );
 
     // The agent goes away (pins kept): the pinned links keep enforcing.
@@ -1498,10 +1540,10 @@ fn tcp_between_pods_is_enforced() {
     // A new agent adopts maps and links and switches the links to its programs.
     let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("reloading the datapath");
-    assert_eq!(dp.policy_attachments().len(), 2);
+    assert_eq!(dp.policy().attachments().len(), 2);
     let new_prog = bpftool_id(
         &["prog", "show", "pinned"],
         &pins.0.join("progs/comb_policy_to_pod"),

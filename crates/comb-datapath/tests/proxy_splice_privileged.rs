@@ -13,8 +13,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use comb_datapath::ProxySplice;
 use comb_datapath::proxy_splice::tcp_bytes_written;
-use comb_datapath::{ProxySplice, host};
 use common::PinGuard;
 
 fn privileged() -> bool {
@@ -59,7 +59,7 @@ fn run(args: &[&str]) {
 
 /// Run `f` on a fresh thread inside a fresh namespace, with a fresh ProxySplice.
 fn in_netns(f: impl FnOnce(&ProxySplice) + Send + 'static) {
-    host::ensure_bpffs().expect("bpffs");
+    comb_host::ensure_bpffs().expect("bpffs");
     let ns = Netns::new();
     let pins = PinGuard::fresh();
     let name = ns.0.clone();

@@ -1,7 +1,7 @@
 //! Privileged tests of the transparent redirect to the node L7 proxy (`bpf/policy.c` step 6b,
 //! docs/l7.md): real TCP between two pods (network namespaces) behind a node namespace, the
 //! policy programs on their host veths, a transparent listener in the node namespace in
-//! `comb_proxy_listeners`, and the proxy's policy routing (`proxy_routing`) in the node
+//! `comb_proxy_listeners`, and the proxy's policy routing (`policy::routing`) in the node
 //! namespace. Nothing is attached, addressed or routed outside the namespaces the tests
 //! create. Needs root; without it fails under CI=true and is skipped with a notice otherwise.
 
@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use comb_datapath::policy_maps::{ID_ANY, ID_HOST};
+use comb_datapath::policy::abi::{ID_ANY, ID_HOST};
+use comb_datapath::policy::routing;
 use comb_datapath::{
-    Datapath, DatapathOptions, Direction, IpcacheEntry, PolicyKey, PolicyMetric, PolicyValue,
-    ProxyFamily, Reason, Verdict, host, proxy_routing,
+    Datapath, DatapathOptions, IpcacheEntry, PolicyKey, PolicyMetric, PolicyValue, ProxyFamily,
 };
+use comb_model::terms::{Direction, Reason, Verdict};
 use policy_support::{InNetns, Netns, ifindex, two_pod_node};
 
 use Direction::{Egress, Ingress};
@@ -330,7 +331,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 }
 
 fn metric(dp: &Datapath, ep: u32, dir: Direction, r: Reason) -> u64 {
-    dp.policy_metrics()
+    dp.policy()
+        .metrics()
         .unwrap()
         .iter()
         .find(|m: &&PolicyMetric| m.endpoint == ep && m.direction == dir && m.reason == r)
@@ -340,7 +342,7 @@ fn metric(dp: &Datapath, ep: u32, dir: Direction, r: Reason) -> u64 {
 fn redirect(reason: Reason, policy: u32) -> PolicyValue {
     PolicyValue {
         verdict: Verdict::Redirect,
-        reason,
+        reason: reason.into(),
         proxy_port: 0,
         policy,
     }
@@ -386,7 +388,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     if !common::privileged("redirect") {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new();
     let server = PodServer::start(&lab.b, "0.0.0.0", &[L7_PORT, PLAIN_PORT]);
@@ -400,28 +402,33 @@ fn tcp_is_redirected_to_the_node_proxy() {
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
-    dp.set_policy_endpoint(ai, ID_A, &[POD_A.parse().unwrap()])
+    dp.policy()
+        .set_endpoint(ai, ID_A, &[POD_A.parse().unwrap()])
         .unwrap();
-    dp.set_policy_endpoint(bi, ID_B, &[POD_B.parse().unwrap()])
+    dp.policy()
+        .set_endpoint(bi, ID_B, &[POD_B.parse().unwrap()])
         .unwrap();
-    dp.upsert_ipcache(format!("{POD_A}/32").parse().unwrap(), ID_A)
+    dp.policy()
+        .upsert_ipcache(format!("{POD_A}/32").parse().unwrap(), ID_A)
         .unwrap();
     // B has ingress REDIRECT entries: its ipcache value names its veth.
-    dp.upsert_ipcache_entry(
-        format!("{POD_B}/32").parse().unwrap(),
-        IpcacheEntry {
-            identity: ID_B,
-            endpoint: bi,
-        },
-    )
-    .unwrap();
-    dp.upsert_ipcache(format!("{GW}/32").parse().unwrap(), ID_HOST)
+    dp.policy()
+        .upsert_ipcache_entry(
+            format!("{POD_B}/32").parse().unwrap(),
+            IpcacheEntry {
+                identity: ID_B,
+                endpoint: bi,
+            },
+        )
+        .unwrap();
+    dp.policy()
+        .upsert_ipcache(format!("{GW}/32").parse().unwrap(), ID_HOST)
         .unwrap();
     assert_eq!(
-        dp.ipcache_entries().unwrap()[&format!("{POD_B}/32").parse().unwrap()],
+        dp.policy().ipcache_entries().unwrap()[&format!("{POD_B}/32").parse().unwrap()],
         IpcacheEntry {
             identity: ID_B,
             endpoint: bi
@@ -431,7 +438,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     // everything else denied.
     let l7_key = PolicyKey::port(bi, ID_A, Ingress, TCP, Some(L7_PORT));
     for (k, v) in [
-        (l7_key, redirect(Reason::PROXY_UNAVAILABLE, 1)),
+        (l7_key, redirect(Reason::ProxyUnavailable, 1)),
         (
             PolicyKey::port(bi, ID_A, Ingress, TCP, Some(PLAIN_PORT)),
             PolicyValue::allow(2),
@@ -439,19 +446,19 @@ fn tcp_is_redirected_to_the_node_proxy() {
         (PolicyKey::any(bi, ID_HOST, Ingress), PolicyValue::allow(3)),
         (
             PolicyKey::any(bi, ID_ANY, Ingress),
-            PolicyValue::deny(Reason::POLICY_DENIED, 4),
+            PolicyValue::deny(Reason::PolicyDenied, 4),
         ),
     ] {
-        dp.upsert_policy_entry(&k, &v).unwrap();
+        dp.policy().upsert_entry(&k, &v).unwrap();
     }
-    dp.attach_policy(ai).unwrap();
-    dp.attach_policy(bi).unwrap();
+    dp.policy_mut().attach(ai).unwrap();
+    dp.policy_mut().attach(bi).unwrap();
 
     // The proxy's routing, in the node namespace; installing twice adds nothing.
-    assert!(!proxy_routing::installed().unwrap());
-    proxy_routing::install().unwrap();
-    proxy_routing::install().unwrap();
-    assert!(proxy_routing::installed().unwrap());
+    assert!(!routing::installed().unwrap());
+    routing::install().unwrap();
+    routing::install().unwrap();
+    assert!(routing::installed().unwrap());
     let rules = lab.node.exec(&["ip", "rule", "show"]);
     assert_eq!(
         rules.matches("fwmark 0xb00/0xf00 lookup 2005").count(),
@@ -464,11 +471,12 @@ fn tcp_is_redirected_to_the_node_proxy() {
         Ipv4Addr::LOCALHOST,
         PROXY_PORT,
     )));
-    assert!(!dp.proxy_listener_present(ProxyFamily::V4).unwrap());
-    dp.set_proxy_listener(ProxyFamily::V4, listener.as_fd())
+    assert!(!dp.policy().proxy_listener_present(ProxyFamily::V4).unwrap());
+    dp.policy()
+        .set_proxy_listener(ProxyFamily::V4, listener.as_fd())
         .unwrap();
-    assert!(dp.proxy_listener_present(ProxyFamily::V4).unwrap());
-    assert!(!dp.proxy_listener_present(ProxyFamily::V6).unwrap());
+    assert!(dp.policy().proxy_listener_present(ProxyFamily::V4).unwrap());
+    assert!(!dp.policy().proxy_listener_present(ProxyFamily::V6).unwrap());
     // Only listening (or established) sockets go in.
     let idle = in_netns(&lab.node, || {
         // SAFETY: socket(2); the fd is owned right away.
@@ -481,7 +489,8 @@ fn tcp_is_redirected_to_the_node_proxy() {
         }
     });
     assert!(
-        dp.set_proxy_listener(ProxyFamily::V6, idle.as_fd())
+        dp.policy()
+            .set_proxy_listener(ProxyFamily::V6, idle.as_fd())
             .is_err()
     );
     drop(idle);
@@ -500,18 +509,18 @@ fn tcp_is_redirected_to_the_node_proxy() {
     assert_eq!(server.count(L7_PORT), 0, "B's server never sees them");
     eprintln!("redirected connection, 1 MiB each way, took {elapsed:?}");
 
-    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_REDIRECT), 2);
-    assert!(metric(&dp, ai, Egress, Reason::CT_ESTABLISHED) > 10);
+    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyRedirect), 2);
+    assert!(metric(&dp, ai, Egress, Reason::CtEstablished) > 10);
     // The proxy's packets to A are replies of the PROXY entry.
-    assert!(metric(&dp, ai, Ingress, Reason::CT_REPLY) > 10);
-    assert_eq!(metric(&dp, bi, Ingress, Reason::PROXY_UNAVAILABLE), 0);
-    let ct = dp.ct_entries().unwrap();
+    assert!(metric(&dp, ai, Ingress, Reason::CtReply) > 10);
+    assert_eq!(metric(&dp, bi, Ingress, Reason::ProxyUnavailable), 0);
+    let ct = dp.policy().ct_entries().unwrap();
     let proxied: Vec<_> = ct.iter().filter(|e| e.proxy).collect();
     assert_eq!(proxied.len(), 2, "{ct:#?}");
     for e in proxied {
         assert_eq!((e.endpoint, e.direction), (ai, Egress));
         assert_eq!(e.dst, sa(POD_B, L7_PORT));
-        assert_eq!(e.reason, Reason::PROXY_REDIRECT);
+        assert_eq!(e.reason, Reason::ProxyRedirect);
         assert!(e.seen_reply, "{e:?}");
     }
 
@@ -527,48 +536,51 @@ fn tcp_is_redirected_to_the_node_proxy() {
         "hello 8080"
     );
     assert_eq!(server.count(L7_PORT), 1);
-    assert!(metric(&dp, bi, Ingress, Reason::POLICY_ALLOW) >= 2);
+    assert!(metric(&dp, bi, Ingress, Reason::PolicyAllow) >= 2);
 
     // Proxy gone (listener closed): the sockmap entry goes with it and proxy-required flows
     // fail closed, counted at the destination whose policy it is (its own hook judges the
     // REDIRECT the source could not carry out).
     drop(listener);
-    assert!(!dp.proxy_listener_present(ProxyFamily::V4).unwrap());
+    assert!(!dp.policy().proxy_listener_present(ProxyFamily::V4).unwrap());
     assert_eq!(
         hello(&lab.a, sa(POD_B, L7_PORT), Duration::from_secs(1)),
         "timeout"
     );
-    assert!(metric(&dp, bi, Ingress, Reason::PROXY_UNAVAILABLE) >= 1);
-    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE), 0);
+    assert!(metric(&dp, bi, Ingress, Reason::ProxyUnavailable) >= 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyUnavailable), 0);
     assert_eq!(server.count(L7_PORT), 1);
 
     // Visibility only: without a proxy the flow goes on to B, whose hook forwards it with
     // l7-visibility (the source's hook counts its own egress verdict).
-    dp.upsert_policy_entry(&l7_key, &redirect(Reason::L7_VISIBILITY, 1))
+    dp.policy()
+        .upsert_entry(&l7_key, &redirect(Reason::L7Visibility, 1))
         .unwrap();
     assert_eq!(
         hello(&lab.a, sa(POD_B, L7_PORT), Duration::from_secs(5)),
         "hello 8080"
     );
     assert_eq!(server.count(L7_PORT), 2);
-    assert_eq!(metric(&dp, ai, Egress, Reason::L7_VISIBILITY), 0);
-    assert_eq!(metric(&dp, bi, Ingress, Reason::L7_VISIBILITY), 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::L7Visibility), 0);
+    assert_eq!(metric(&dp, bi, Ingress, Reason::L7Visibility), 1);
 
     // With a listener again, visibility flows are redirected too; clear takes it out.
     let listener = transparent_listener(SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::LOCALHOST,
         PROXY_PORT,
     )));
-    dp.set_proxy_listener(ProxyFamily::V4, listener.as_fd())
+    dp.policy()
+        .set_proxy_listener(ProxyFamily::V4, listener.as_fd())
         .unwrap();
     let (c3, _, p3) = proxied_exchange(&lab, &listener, sa(POD_B, L7_PORT));
     assert_eq!(p3, c3);
-    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_REDIRECT), 3);
+    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyRedirect), 3);
     assert_eq!(server.count(L7_PORT), 2);
-    dp.clear_proxy_listener(ProxyFamily::V4).unwrap();
-    dp.clear_proxy_listener(ProxyFamily::V4)
+    dp.policy().clear_proxy_listener(ProxyFamily::V4).unwrap();
+    dp.policy()
+        .clear_proxy_listener(ProxyFamily::V4)
         .expect("clearing is idempotent");
-    assert!(!dp.proxy_listener_present(ProxyFamily::V4).unwrap());
+    assert!(!dp.policy().proxy_listener_present(ProxyFamily::V4).unwrap());
     assert_eq!(
         hello(&lab.a, sa(POD_B, L7_PORT), Duration::from_secs(5)),
         "hello 8080"
@@ -579,9 +591,9 @@ fn tcp_is_redirected_to_the_node_proxy() {
     );
     assert_eq!(server.count(L7_PORT), 3);
 
-    proxy_routing::remove().unwrap();
-    assert!(!proxy_routing::installed().unwrap());
-    proxy_routing::remove().expect("removing is idempotent");
+    routing::remove().unwrap();
+    assert!(!routing::installed().unwrap());
+    routing::remove().expect("removing is idempotent");
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
     drop(inside);
@@ -593,7 +605,7 @@ fn tcp6_is_redirected_to_the_node_proxy() {
     if !common::privileged("redirect") {
         return;
     }
-    host::ensure_bpffs().unwrap();
+    comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
     let lab = Lab::new_v6();
     let b = SocketAddr::new(POD_B6.parse().unwrap(), L7_PORT);
@@ -604,50 +616,58 @@ fn tcp6_is_redirected_to_the_node_proxy() {
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
     let mut dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
-        cgroup_root: host::cgroup2_mount().unwrap(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
     .expect("loading the datapath");
-    dp.set_policy_endpoint(ai, ID_A, &[POD_A6.parse().unwrap()])
+    dp.policy()
+        .set_endpoint(ai, ID_A, &[POD_A6.parse().unwrap()])
         .unwrap();
-    dp.set_policy_endpoint(bi, ID_B, &[POD_B6.parse().unwrap()])
+    dp.policy()
+        .set_endpoint(bi, ID_B, &[POD_B6.parse().unwrap()])
         .unwrap();
-    dp.upsert_ipcache(format!("{POD_A6}/128").parse().unwrap(), ID_A)
+    dp.policy()
+        .upsert_ipcache(format!("{POD_A6}/128").parse().unwrap(), ID_A)
         .unwrap();
-    dp.upsert_ipcache_entry(
-        format!("{POD_B6}/128").parse().unwrap(),
-        IpcacheEntry {
-            identity: ID_B,
-            endpoint: bi,
-        },
-    )
-    .unwrap();
-    dp.upsert_policy_entry(
-        &PolicyKey::port(bi, ID_A, Ingress, TCP, Some(L7_PORT)),
-        &redirect(Reason::PROXY_UNAVAILABLE, 1),
-    )
-    .unwrap();
-    dp.attach_policy(ai).unwrap();
-    dp.attach_policy(bi).unwrap();
-    proxy_routing::install().unwrap();
-    assert!(proxy_routing::installed().unwrap());
+    dp.policy()
+        .upsert_ipcache_entry(
+            format!("{POD_B6}/128").parse().unwrap(),
+            IpcacheEntry {
+                identity: ID_B,
+                endpoint: bi,
+            },
+        )
+        .unwrap();
+    dp.policy()
+        .upsert_entry(
+            &PolicyKey::port(bi, ID_A, Ingress, TCP, Some(L7_PORT)),
+            &redirect(Reason::ProxyUnavailable, 1),
+        )
+        .unwrap();
+    dp.policy_mut().attach(ai).unwrap();
+    dp.policy_mut().attach(bi).unwrap();
+    routing::install().unwrap();
+    assert!(routing::installed().unwrap());
 
     // No IPv6 listener: fails closed (an IPv4 one does not serve IPv6).
     let l4 = transparent_listener(SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::LOCALHOST,
         PROXY_PORT,
     )));
-    dp.set_proxy_listener(ProxyFamily::V4, l4.as_fd()).unwrap();
+    dp.policy()
+        .set_proxy_listener(ProxyFamily::V4, l4.as_fd())
+        .unwrap();
     assert_eq!(hello(&lab.a, b, Duration::from_secs(1)), "timeout");
-    assert!(metric(&dp, bi, Ingress, Reason::PROXY_UNAVAILABLE) >= 1);
-    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_UNAVAILABLE), 0);
+    assert!(metric(&dp, bi, Ingress, Reason::ProxyUnavailable) >= 1);
+    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyUnavailable), 0);
 
     let listener = transparent_listener(SocketAddr::new(
         std::net::Ipv6Addr::LOCALHOST.into(),
         PROXY_PORT,
     ));
-    dp.set_proxy_listener(ProxyFamily::V6, listener.as_fd())
+    dp.policy()
+        .set_proxy_listener(ProxyFamily::V6, listener.as_fd())
         .unwrap();
-    assert!(dp.proxy_listener_present(ProxyFamily::V6).unwrap());
+    assert!(dp.policy().proxy_listener_present(ProxyFamily::V6).unwrap());
     let (client_local, proxy_local, proxy_peer) = proxied_exchange(&lab, &listener, b);
     assert_eq!(proxy_local, b);
     assert_eq!(proxy_peer, client_local);
@@ -656,10 +676,10 @@ fn tcp6_is_redirected_to_the_node_proxy() {
         1,
         "only the unpoliced first connection"
     );
-    assert_eq!(metric(&dp, ai, Egress, Reason::PROXY_REDIRECT), 1);
-    assert!(metric(&dp, ai, Ingress, Reason::CT_REPLY) > 10);
+    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyRedirect), 1);
+    assert!(metric(&dp, ai, Ingress, Reason::CtReply) > 10);
 
-    proxy_routing::remove().unwrap();
+    routing::remove().unwrap();
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
     drop(inside);
@@ -674,10 +694,10 @@ fn proxy_routing_in_a_namespace_with_ipv6() {
     ns.sysctl("net.ipv6.conf.all.disable_ipv6=0");
     ns.sysctl("net.ipv6.conf.lo.disable_ipv6=0");
     let _inside = InNetns::enter(&ns);
-    assert!(!proxy_routing::installed().unwrap());
-    proxy_routing::install().unwrap();
-    proxy_routing::install().unwrap();
-    assert!(proxy_routing::installed().unwrap());
+    assert!(!routing::installed().unwrap());
+    routing::install().unwrap();
+    routing::install().unwrap();
+    assert!(routing::installed().unwrap());
     for fam in ["-4", "-6"] {
         let rules = ns.exec(&["ip", fam, "rule", "show"]);
         assert_eq!(
@@ -692,8 +712,8 @@ fn proxy_routing_in_a_namespace_with_ipv6() {
             "{fam}: {routes}"
         );
     }
-    proxy_routing::remove().unwrap();
-    assert!(!proxy_routing::installed().unwrap());
+    routing::remove().unwrap();
+    assert!(!routing::installed().unwrap());
     for fam in ["-4", "-6"] {
         let rules = ns.exec(&["ip", fam, "rule", "show"]);
         assert!(!rules.contains("2005"), "{fam}: {rules}");

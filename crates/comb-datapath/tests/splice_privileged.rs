@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use comb_datapath::maps::SockKey;
-use comb_datapath::{Datapath, DatapathOptions, EndpointInfo, host};
+use comb_datapath::splice::abi::SockKey;
+use comb_datapath::{Datapath, DatapathOptions, EndpointInfo};
 use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 
 const SERVER: &str = r#"
@@ -114,8 +114,8 @@ fn splice_echo_on_loopback_v6() {
 }
 
 fn splice_echo(lo: IpAddr) {
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     // Declaration order = reverse drop order: helpers die first, the cgroup goes last.
     let cg = CgroupGuard::new(&mount);
     let pins = PinGuard::fresh();
@@ -126,19 +126,21 @@ fn splice_echo(lo: IpAddr) {
         cgroup_root: mount.clone(),
     })
     .expect("loading datapath");
-    dp.set_splice_enabled(true).unwrap();
-    assert!(dp.splice_enabled().unwrap());
-    dp.upsert_endpoint(lo, EndpointInfo { splice: true })
+    dp.splice().set_enabled(true).unwrap();
+    assert!(dp.splice().enabled().unwrap());
+    dp.splice()
+        .upsert_endpoint(lo, EndpointInfo { splice: true })
         .unwrap();
     assert_eq!(
-        dp.endpoints().unwrap(),
+        dp.splice().endpoints().unwrap(),
         vec![(lo, EndpointInfo { splice: true })]
     );
-    dp.attach_cgroup("test-pod", &cg_rel).unwrap();
-    dp.attach_cgroup("test-pod", &cg_rel)
+    dp.splice_mut().attach_cgroup("test-pod", &cg_rel).unwrap();
+    dp.splice_mut()
+        .attach_cgroup("test-pod", &cg_rel)
         .expect("attach is idempotent");
     assert_eq!(
-        dp.attached(),
+        dp.splice().attached(),
         vec![("test-pod".to_string(), cg_rel.clone())]
     );
     assert!(pins.0.join("links/test-pod").exists());
@@ -158,9 +160,9 @@ fn splice_echo(lo: IpAddr) {
     // byte order of the sockops context (local host order, remote network order).
     let client_key = SockKey::new(SocketAddr::new(lo, cport), SocketAddr::new(lo, port));
     wait_for("both sockets in the sockhash", || {
-        dp.splice_stats().unwrap().sockets == 2
+        dp.splice().stats().unwrap().sockets == 2
     });
-    let mut keys = dp.spliced_sockets().unwrap();
+    let mut keys = dp.splice().spliced_sockets().unwrap();
     keys.sort_by_key(|k| k.local_port);
     let mut want = vec![client_key, client_key.peer()];
     want.sort_by_key(|k| k.local_port);
@@ -172,7 +174,7 @@ fn splice_echo(lo: IpAddr) {
     }
     assert_eq!(client.line(), "done");
 
-    let stats = dp.splice_stats().unwrap();
+    let stats = dp.splice().stats().unwrap();
     eprintln!("splice stats after echo over {lo}: {stats:?}");
     let payload: u64 = 1 + (64 << 10) + (4 << 20);
     assert_eq!(stats.sockets, 2);
@@ -186,18 +188,18 @@ fn splice_echo(lo: IpAddr) {
     client.go();
     assert_eq!(client.line(), "closed");
     wait_for("the sockhash to empty after close", || {
-        dp.splice_stats().unwrap().sockets == 0
+        dp.splice().stats().unwrap().sockets == 0
     });
     wait_for("both closes counted", || {
-        dp.splice_stats().unwrap().sockets_closed == 2
+        dp.splice().stats().unwrap().sockets_closed == 2
     });
     drop(client);
     drop(server);
 
-    dp.detach_cgroup("test-pod").unwrap();
-    assert!(dp.attached().is_empty());
+    dp.splice_mut().detach_cgroup("test-pod").unwrap();
+    assert!(dp.splice().attached().is_empty());
     assert!(!pins.0.join("links/test-pod").exists());
-    dp.attach_cgroup("test-pod", &cg_rel).unwrap();
+    dp.splice_mut().attach_cgroup("test-pod", &cg_rel).unwrap();
     dp.shutdown(false).expect("shutdown");
     assert!(!pins.0.exists(), "pins left behind: {}", pins.0.display());
     let shown = bpftool_cgroup_show(&cg.0);
@@ -209,8 +211,8 @@ fn restart_adopts_pins() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     let cg = CgroupGuard::new(&mount);
     let pins = PinGuard::fresh();
     let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
@@ -221,10 +223,11 @@ fn restart_adopts_pins() {
     let ip: IpAddr = "fd00::7".parse().unwrap();
 
     let mut dp = Datapath::load(opts()).expect("first load");
-    dp.set_splice_enabled(true).unwrap();
-    dp.upsert_endpoint(ip, EndpointInfo { splice: false })
+    dp.splice().set_enabled(true).unwrap();
+    dp.splice()
+        .upsert_endpoint(ip, EndpointInfo { splice: false })
         .unwrap();
-    dp.attach_cgroup("pod-a", &cg_rel).unwrap();
+    dp.splice_mut().attach_cgroup("pod-a", &cg_rel).unwrap();
     dp.shutdown(true).unwrap();
     assert!(
         bpftool_cgroup_show(&cg.0).contains("sock_ops"),
@@ -232,18 +235,22 @@ fn restart_adopts_pins() {
     );
 
     let mut dp = Datapath::load(opts()).expect("second load adopts pins");
-    assert!(dp.splice_enabled().unwrap());
+    assert!(dp.splice().enabled().unwrap());
     assert_eq!(
-        dp.endpoints().unwrap(),
+        dp.splice().endpoints().unwrap(),
         vec![(ip, EndpointInfo { splice: false })]
     );
-    assert_eq!(dp.attached(), vec![("pod-a".to_string(), cg_rel.clone())]);
-    dp.remove_endpoint(ip).unwrap();
-    dp.remove_endpoint(ip)
+    assert_eq!(
+        dp.splice().attached(),
+        vec![("pod-a".to_string(), cg_rel.clone())]
+    );
+    dp.splice().remove_endpoint(ip).unwrap();
+    dp.splice()
+        .remove_endpoint(ip)
         .expect("removing a missing endpoint is fine");
-    assert!(dp.endpoints().unwrap().is_empty());
+    assert!(dp.splice().endpoints().unwrap().is_empty());
     // Re-attaching under the same id replaces the adopted link rather than adding one.
-    dp.attach_cgroup("pod-a", &cg_rel).unwrap();
+    dp.splice_mut().attach_cgroup("pod-a", &cg_rel).unwrap();
     assert_eq!(bpftool_cgroup_show(&cg.0).matches("sock_ops").count(), 1);
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
@@ -261,8 +268,8 @@ fn tcp_first_is_sticky() {
     if !privileged() {
         return;
     }
-    host::ensure_bpffs().expect("bpffs");
-    let mount = host::cgroup2_mount().expect("cgroup2 mount");
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
     let pins = PinGuard::fresh();
     let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
@@ -282,17 +289,17 @@ fn tcp_first_is_sticky() {
         b
     };
 
-    dp.splice_socket(&client).unwrap();
+    dp.splice().splice_socket(&client).unwrap();
     client.write_all(b"A").unwrap(); // peer not spliced: TCP, and now sticky
-    dp.splice_socket(&server).unwrap();
+    dp.splice().splice_socket(&server).unwrap();
     client.write_all(b"B").unwrap(); // must stay on TCP
     assert_eq!(read_n(&mut server, 2), b"AB");
-    let s = dp.splice_stats().unwrap();
+    let s = dp.splice().stats().unwrap();
     assert_eq!((s.passed_msgs, s.redirected_msgs), (2, 0), "{s:?}");
 
     server.write_all(b"C").unwrap(); // server never used TCP: redirected
     assert_eq!(read_n(&mut client, 1), b"C");
-    let s = dp.splice_stats().unwrap();
+    let s = dp.splice().stats().unwrap();
     assert_eq!(
         (s.passed_msgs, s.redirected_msgs, s.redirected_bytes),
         (2, 1, 1),
@@ -302,7 +309,7 @@ fn tcp_first_is_sticky() {
 
     drop((client, server));
     wait_for("the sockhash to empty after close", || {
-        dp.splice_stats().unwrap().sockets == 0
+        dp.splice().stats().unwrap().sockets == 0
     });
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());

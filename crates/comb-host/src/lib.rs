@@ -1,10 +1,6 @@
-//! Facts about the host's kernel mounts that the lab and the agent both need (cgroup v2,
-//! bpffs), and the gate of privileged tests. A crate of its own so the lab (and with it the
-//! `comb` CLI) does not link the eBPF datapath and libbpf to learn where cgroup2 is mounted.
-//!
-//! comb-datapath's `host` module holds the same functions; it is meant to re-export this
-//! crate instead.
-
+//! Facts about the host that the lab, the agent, the datapath and the CLI all need: where
+//! cgroup2 and bpffs are mounted, the boot-time clock the BPF programs stamp events with, and
+//! the gate of privileged tests. A crate of its own so that users of these need not link libbpf.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -78,6 +74,14 @@ fn unescape_mount_path(s: &str) -> String {
     out
 }
 
+/// CLOCK_BOOTTIME in nanoseconds: the clock of `bpf_ktime_get_boot_ns()`, which stamps flow
+/// events and conntrack entries; 0 if the clock cannot be read (it always can on Linux).
+pub fn boot_time_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// The gate of every privileged test in the workspace: true as root; otherwise a failure
 /// under `CI=true` (those tests must run there, never skip) and a skip with a notice
 /// elsewhere. `what` names the test and what it needs in the messages.
@@ -122,6 +126,13 @@ mod tests {
     #[test]
     fn no_cgroup2_is_none() {
         assert_eq!(find_mount("proc /proc proc rw 0 0\n", "cgroup2"), None);
+    }
+
+    #[test]
+    fn boot_clock_moves_forward() {
+        let a = boot_time_ns();
+        assert!(a > 0);
+        assert!(boot_time_ns() >= a);
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod lb;
 pub mod maglev;
 pub mod policy;
 pub mod policy_compile;
+pub mod terms;

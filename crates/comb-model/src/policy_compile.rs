@@ -36,46 +36,12 @@ use crate::policy::{
     AuthorizationPolicy, AuthzAction, AuthzRule, ISTIO_ROOT_NAMESPACE, NetworkPolicy, NpPort,
     NpPortSpec, NpRule,
 };
+use crate::terms::{Direction, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict};
 use ports::{Boundaries, blocks};
 use select::{M, authz_condition, authz_source, np_peer, parse_net};
 
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_SCTP: u8 = 132;
 /// Protocols with ports; anything else is judged by the any-protocol entry.
-const PORTED: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Allow,
-    Deny,
-    Redirect,
-}
-
-/// Why; the numbers are the kernel's (bpf/include/comb_policy_types.h, COMB_REASON_*).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[repr(u8)]
-pub enum Reason {
-    PolicyAllow = 1,
-    Host = 5,
-    /// The pod asked for L7 visibility (`comb.dev/l7`): an allowed TCP flow goes through the
-    /// node proxy (REDIRECT), and is forwarded as allowed where it cannot be redirected.
-    L7Visibility = 9,
-    PolicyDenied = 128,
-    AuthzDeny = 129,
-    AuthzNoAllow = 130,
-    /// Judged by the node proxy (REDIRECT), reported as such until it answers.
-    ProxyRequired = 131,
-}
+const PORTED: [u8; 3] = [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EntryKey {
@@ -385,7 +351,7 @@ impl<'a> Ctx<'a> {
         p: &NpPort,
         proto: u8,
     ) -> Option<Vec<(u16, u16)>> {
-        if proto_number(p.protocol) != proto {
+        if Protocol::number(p.protocol) != proto {
             return Some(vec![]);
         }
         match &p.port {
@@ -419,7 +385,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        if proto == PROTO_TCP {
+        if proto == IPPROTO_TCP {
             for av in &view.authz {
                 for op in &av.rule.to {
                     for port in op.ports.iter().chain(&op.not_ports) {
@@ -506,7 +472,7 @@ impl<'a> Ctx<'a> {
                 None => return v(Verdict::Deny, Reason::PolicyDenied, nps[0].0),
             }
         }
-        if self.authz_governs(dir) && proto == PROTO_TCP {
+        if self.authz_governs(dir) && proto == IPPROTO_TCP {
             let hit = |action, l7, want: fn(M) -> bool| {
                 view.authz.iter().find(|av| {
                     av.action == action && av.l7 == l7 && want(Self::authz_rule(av, ident, port))
@@ -536,10 +502,10 @@ impl<'a> Ctx<'a> {
                 redirect = Some(av.policy);
             }
             if let Some(id) = redirect {
-                return v(Verdict::Redirect, Reason::ProxyRequired, id);
+                return v(Verdict::Redirect, Reason::ProxyUnavailable, id);
             }
         }
-        if dir == Direction::Ingress && proto == PROTO_TCP && self.visibility {
+        if dir == Direction::Ingress && proto == IPPROTO_TCP && self.visibility {
             return v(Verdict::Redirect, Reason::L7Visibility, allowed_by);
         }
         v(Verdict::Allow, Reason::PolicyAllow, allowed_by)
@@ -611,14 +577,6 @@ impl Function {
                 }
             }
         }
-    }
-}
-
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => PROTO_TCP,
-        Protocol::Udp => PROTO_UDP,
-        Protocol::Sctp => PROTO_SCTP,
     }
 }
 

@@ -15,7 +15,7 @@ use comb_proxy::telemetry::{Telemetry, TelemetryOptions};
 use comb_proxy::{Family, Proxy, ProxyOptions};
 
 fn privileged(what: &str) -> bool {
-    comb_datapath::host::privileged_test(&format!("{what} (netns, iptables TPROXY)"))
+    comb_host::privileged_test(&format!("{what} (netns, iptables TPROXY)"))
 }
 
 fn sh(args: &[&str]) {

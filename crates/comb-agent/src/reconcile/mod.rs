@@ -78,12 +78,12 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
     endpoints::apply(dp, &want.pods, &mut errors);
     policy::apply(dp, &want.policy, &mut errors);
 
-    let attached_ok = same_attachment(dp.socket_lb(), want.socket_lb.as_ref());
+    let attached_ok = same_attachment(dp.lb().attachment(), want.socket_lb.as_ref());
     // Turning off: stop translating before the maps are emptied, so no socket meets a VIP
     // whose backends are being removed.
     if !attached_ok
         && want.socket_lb.is_none()
-        && let Err(e) = dp.detach_socket_lb()
+        && let Err(e) = dp.lb_mut().detach()
     {
         errors.push(format!("detaching the socket LB: {e:#}"));
     }
@@ -92,7 +92,7 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Vec<String> {
     // Attaching is idempotent and moves (cgroup or mode) without a gap, so no detach first.
     if !attached_ok
         && let Some((cg, mode)) = &want.socket_lb
-        && let Err(e) = dp.attach_socket_lb(cg, datapath_mode(*mode))
+        && let Err(e) = dp.lb_mut().attach(cg, datapath_mode(*mode))
     {
         errors.push(format!(
             "attaching the socket LB to cgroup {}: {e:#}",

@@ -9,9 +9,8 @@ use std::net::IpAddr;
 use comb_datapath::Datapath;
 use comb_datapath::policy as dp;
 use comb_model::identity::{IdentityId, IdentityTable};
-use comb_model::policy_compile::{
-    Direction, EntryKey, EntryValue, PolicyRef, Verdict, compile_endpoint,
-};
+use comb_model::policy_compile::{EntryKey, EntryValue, PolicyRef, compile_endpoint};
+use comb_model::terms::{Direction, Verdict};
 use comb_model::{ObjKey, State};
 use ipnet::IpNet;
 
@@ -117,30 +116,18 @@ pub fn datapath_entry(
     let key = dp::PolicyKey {
         endpoint,
         identity: k.identity,
-        direction: datapath_direction(k.direction),
+        direction: k.direction,
         protocol: k.protocol,
         port: k.port,
         port_prefix: k.port_prefix,
     };
     let value = dp::PolicyValue {
-        verdict: match v.verdict {
-            Verdict::Allow => dp::Verdict::Allow,
-            Verdict::Deny => dp::Verdict::Deny,
-            Verdict::Redirect => dp::Verdict::Redirect,
-        },
-        // The model's reasons carry the kernel's numbers (COMB_REASON_*).
-        reason: dp::Reason(v.reason as u8),
+        verdict: v.verdict,
+        reason: v.reason.into(),
         proxy_port: 0,
         policy: v.policy,
     };
     (key, value)
-}
-
-pub fn datapath_direction(d: Direction) -> dp::Direction {
-    match d {
-        Direction::Ingress => dp::Direction::Ingress,
-        Direction::Egress => dp::Direction::Egress,
-    }
 }
 
 /// Make the policy maps and attachments match `want`. Order: ipcache and endpoint entries
@@ -150,7 +137,7 @@ pub fn datapath_direction(d: Direction) -> dp::Direction {
 pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
     let mut fail = |what: String, e: anyhow::Error| errors.push(format!("{what}: {e:#}"));
 
-    let have_ipcache = d.ipcache_entries().unwrap_or_else(|e| {
+    let have_ipcache = d.policy().ipcache_entries().unwrap_or_else(|e| {
         fail("reading the ipcache".into(), e);
         BTreeMap::new()
     });
@@ -160,13 +147,13 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
             endpoint: want.redirect_endpoints.get(net).copied().unwrap_or(0),
         };
         if have_ipcache.get(net) != Some(&entry)
-            && let Err(e) = d.upsert_ipcache_entry(*net, entry)
+            && let Err(e) = d.policy().upsert_ipcache_entry(*net, entry)
         {
             fail(format!("ipcache {net} -> {entry:?}"), e);
         }
     }
 
-    let have_eps = d.policy_endpoints().unwrap_or_else(|e| {
+    let have_eps = d.policy().endpoints().unwrap_or_else(|e| {
         fail("reading the policy endpoints".into(), e);
         BTreeMap::new()
     });
@@ -174,7 +161,7 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
         let same = have_eps
             .get(ifindex)
             .is_some_and(|h| h.identity == ep.identity && h.addrs == ep.addrs);
-        if !same && let Err(e) = d.set_policy_endpoint(*ifindex, ep.identity, &ep.addrs) {
+        if !same && let Err(e) = d.policy().set_endpoint(*ifindex, ep.identity, &ep.addrs) {
             fail(format!("policy endpoint {} (ifindex {ifindex})", ep.pod), e);
         }
     }
@@ -184,17 +171,17 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
         .iter()
         .map(|((ep, k), v)| datapath_entry(*ep, k, v))
         .collect();
-    match d.policy_entries() {
+    match d.policy().entries() {
         Ok(have) => {
             for (k, v) in &want_entries {
                 if have.get(k) != Some(v)
-                    && let Err(e) = d.upsert_policy_entry(k, v)
+                    && let Err(e) = d.policy().upsert_entry(k, v)
                 {
                     fail(format!("policy entry {k:?}"), e);
                 }
             }
             for k in have.keys().filter(|k| !want_entries.contains_key(k)) {
-                if let Err(e) = d.remove_policy_entry(k) {
+                if let Err(e) = d.policy().remove_entry(k) {
                     fail(format!("removing policy entry {k:?}"), e);
                 }
             }
@@ -202,10 +189,10 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
         Err(e) => fail("reading the policy entries".into(), e),
     }
 
-    let attached: BTreeSet<u32> = d.policy_attachments().into_iter().collect();
+    let attached: BTreeSet<u32> = d.policy().attachments().into_iter().collect();
     for (ifindex, ep) in &want.endpoints {
         if !attached.contains(ifindex)
-            && let Err(e) = d.attach_policy(*ifindex)
+            && let Err(e) = d.policy_mut().attach(*ifindex)
         {
             fail(
                 format!("attaching policy to pod {} (ifindex {ifindex})", ep.pod),
@@ -214,12 +201,12 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
         }
     }
     for ifindex in attached.iter().filter(|i| !want.endpoints.contains_key(i)) {
-        if let Err(e) = d.detach_policy(*ifindex) {
+        if let Err(e) = d.policy_mut().detach(*ifindex) {
             fail(format!("detaching policy from ifindex {ifindex}"), e);
         }
     }
     for ifindex in have_eps.keys().filter(|i| !want.endpoints.contains_key(i)) {
-        if let Err(e) = d.remove_policy_endpoint(*ifindex) {
+        if let Err(e) = d.policy().remove_endpoint(*ifindex) {
             fail(format!("removing policy endpoint {ifindex}"), e);
         }
     }
@@ -227,7 +214,7 @@ pub fn apply(d: &mut Datapath, want: &DesiredPolicy, errors: &mut Vec<String>) {
         .keys()
         .filter(|n| !want.ipcache.contains_key(n))
     {
-        if let Err(e) = d.remove_ipcache(*net) {
+        if let Err(e) = d.policy().remove_ipcache(*net) {
             fail(format!("removing ipcache {net}"), e);
         }
     }

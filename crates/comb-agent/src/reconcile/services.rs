@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use comb_datapath::{Datapath, IPPROTO_TCP, IPPROTO_UDP, LbService};
+use comb_datapath::{Datapath, LbService};
 use comb_model::Protocol;
 use comb_model::lb::{LbAlgorithm, LbFrontend};
+use comb_model::terms::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// A socket-LB map key: VIP, port, IP protocol number.
 pub type ServiceKey = (IpAddr, u16, u8);
@@ -118,7 +119,7 @@ pub fn plan(have: &[LbService], want: &BTreeMap<ServiceKey, LbService>) -> Plan 
 
 /// Upserts first, then removals: a Service changing its VIP keeps one working meanwhile.
 pub fn apply(dp: &Datapath, want: &BTreeMap<ServiceKey, LbService>, errors: &mut Vec<String>) {
-    let have = match dp.services() {
+    let have = match dp.lb().services() {
         Ok(v) => v,
         Err(e) => {
             errors.push(format!("reading services map: {e:#}"));
@@ -132,7 +133,7 @@ pub fn apply(dp: &Datapath, want: &BTreeMap<ServiceKey, LbService>, errors: &mut
     let p = plan(&have, want);
     upsert(dp, &p.upserts, errors);
     for (vip, port, protocol) in p.removals {
-        if let Err(e) = dp.remove_service(vip, port, protocol) {
+        if let Err(e) = dp.lb().remove_service(vip, port, protocol) {
             let addr = std::net::SocketAddr::new(vip, port);
             errors.push(format!("removing service {addr}/{protocol}: {e:#}"));
         }
@@ -141,7 +142,7 @@ pub fn apply(dp: &Datapath, want: &BTreeMap<ServiceKey, LbService>, errors: &mut
 
 fn upsert(dp: &Datapath, services: &[LbService], errors: &mut Vec<String>) {
     for s in services {
-        if let Err(e) = dp.upsert_service(s) {
+        if let Err(e) = dp.lb().upsert_service(s) {
             let addr = std::net::SocketAddr::new(s.vip, s.port);
             errors.push(format!("service {addr}/{}: {e:#}", s.protocol));
         }

@@ -7,12 +7,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use comb_datapath::host;
-
 /// True when privileged; false = skip (with a notice); panics under CI=true. `what` names the
 /// test in the message.
 pub fn privileged(what: &str) -> bool {
-    host::privileged_test(&format!("{what} (BPF, cgroup2, bpffs)"))
+    comb_host::privileged_test(&format!("{what} (BPF, cgroup2, bpffs)"))
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -53,7 +51,7 @@ pub struct PinGuard(pub PathBuf);
 impl PinGuard {
     /// A fresh, not yet created directory under the bpffs mount.
     pub fn fresh() -> Self {
-        Self(Path::new(host::BPFFS).join(unique("comb-test")))
+        Self(Path::new(comb_host::BPFFS).join(unique("comb-test")))
     }
 }
 

@@ -8,7 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
-use comb_datapath::{Datapath, DatapathOptions, Direction, PolicyMetric, Reason, host};
+use comb_datapath::{Datapath, DatapathOptions, PolicyMetric};
+use comb_model::terms::{Direction, Reason};
 
 use crate::common::{self, PinGuard};
 
@@ -180,14 +181,14 @@ pub const DROP: u32 = 2;
 
 impl Fixture {
     pub fn new() -> Self {
-        host::ensure_bpffs().expect("bpffs");
+        comb_host::ensure_bpffs().expect("bpffs");
         let pins = PinGuard::fresh();
         let ns = Netns::new("comb-pol");
         ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
         let inside = InNetns::enter(&ns);
         let dp = Datapath::load(DatapathOptions {
             pin_dir: pins.0.clone(),
-            cgroup_root: host::cgroup2_mount().expect("cgroup2 mount"),
+            cgroup_root: comb_host::cgroup2_mount().expect("cgroup2 mount"),
         })
         .expect("loading the datapath");
         Self {
@@ -215,7 +216,8 @@ impl Fixture {
 
     pub fn run_on(&self, ifindex: u32, dir: Direction, pkt: &[u8]) -> u32 {
         self.dp()
-            .policy_test_run(dir, ifindex, pkt, 1)
+            .policy()
+            .test_run(dir, ifindex, pkt, 1)
             .expect("BPF_PROG_TEST_RUN")
     }
 
@@ -226,7 +228,8 @@ impl Fixture {
 
     pub fn metric(&self, dir: Direction, reason: Reason) -> Option<PolicyMetric> {
         self.dp()
-            .policy_metrics()
+            .policy()
+            .metrics()
             .unwrap()
             .into_iter()
             .find(|m| m.endpoint == self.ifindex && m.direction == dir && m.reason == reason)

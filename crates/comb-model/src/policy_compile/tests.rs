@@ -7,6 +7,7 @@ use crate::policy::{
     AuthzCondition, AuthzOperation, AuthzSource, LabelSelector, NpPeer, SelectorOp,
     SelectorRequirement,
 };
+use crate::terms::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
     kv.iter()
@@ -143,7 +144,7 @@ impl World {
         for dir in [Direction::Ingress, Direction::Egress] {
             for ident in &ids {
                 let id = ident.map_or(123_456, |i| i.id);
-                for proto in [0u8, PROTO_TCP, PROTO_UDP, PROTO_SCTP, 1] {
+                for proto in [0u8, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, 1] {
                     for port in [
                         0u16, 1, 79, 80, 81, 443, 7999, 8000, 8040, 8080, 8081, 9090, 65535,
                     ] {
@@ -180,7 +181,7 @@ impl Compiled {
         lookup(&self.c.entries, id, dir, proto, port).map(|v| v.verdict)
     }
     fn ingress(&self, id: IdentityId, port: u16) -> Option<Verdict> {
-        self.verdict(id, Direction::Ingress, PROTO_TCP, port)
+        self.verdict(id, Direction::Ingress, IPPROTO_TCP, port)
     }
 }
 
@@ -214,7 +215,7 @@ fn ingress_from_selected_pods_on_one_port() {
     );
     assert_eq!(c.ingress(client, 80), ALLOW);
     assert_eq!(c.ingress(client, 81), DENY);
-    assert_eq!(c.verdict(client, Direction::Ingress, PROTO_UDP, 80), DENY);
+    assert_eq!(c.verdict(client, Direction::Ingress, IPPROTO_UDP, 80), DENY);
     assert_eq!(c.ingress(c.of("ops", "admin"), 80), DENY, "other namespace");
     assert_eq!(c.ingress(123_456, 80), DENY, "unknown identity");
     assert_eq!(
@@ -223,11 +224,11 @@ fn ingress_from_selected_pods_on_one_port() {
         "the node may always reach its pods"
     );
     assert_eq!(
-        c.verdict(client, Direction::Egress, PROTO_TCP, 80),
+        c.verdict(client, Direction::Egress, IPPROTO_TCP, 80),
         None,
         "egress not enforced"
     );
-    let denied = lookup(&c.c.entries, client, Direction::Ingress, PROTO_TCP, 81).unwrap();
+    let denied = lookup(&c.c.entries, client, Direction::Ingress, IPPROTO_TCP, 81).unwrap();
     assert_eq!(denied.reason, Reason::PolicyDenied);
     assert_eq!(
         denied.policy,
@@ -246,7 +247,7 @@ fn default_deny_both_directions() {
     let c = w.compile("client");
     assert!(c.c.ingress_enforced && c.c.egress_enforced);
     let server = c.of("shop", "server");
-    assert_eq!(c.verdict(server, Direction::Egress, PROTO_TCP, 80), DENY);
+    assert_eq!(c.verdict(server, Direction::Egress, IPPROTO_TCP, 80), DENY);
     assert_eq!(c.verdict(server, Direction::Egress, 1, 0), DENY, "ICMP too");
     assert_eq!(c.ingress(server, 80), DENY);
 }
@@ -327,12 +328,12 @@ fn policies_add_up_and_end_port_ranges() {
         assert_eq!(c.ingress(client, port), want, "port {port}");
     }
     assert_eq!(
-        c.verdict(client, Direction::Ingress, PROTO_UDP, 53),
+        c.verdict(client, Direction::Ingress, IPPROTO_UDP, 53),
         ALLOW,
         "policy b"
     );
     assert_eq!(
-        c.verdict(c.of("ops", "admin"), Direction::Ingress, PROTO_UDP, 9),
+        c.verdict(c.of("ops", "admin"), Direction::Ingress, IPPROTO_UDP, 9),
         ALLOW
     );
     assert_eq!(c.ingress(c.of("ops", "admin"), 8000), DENY);
@@ -364,7 +365,7 @@ fn named_ports_resolve_per_side() {
     assert_eq!(c.ingress(client, 9090), DENY);
     // Egress from the client: each destination's own "http".
     let c = w.compile("client");
-    let eg = |id, port| c.verdict(id, Direction::Egress, PROTO_TCP, port);
+    let eg = |id, port| c.verdict(id, Direction::Egress, IPPROTO_TCP, port);
     assert_eq!(eg(c.of("shop", "server"), 8080), ALLOW);
     assert_eq!(eg(c.of("shop", "server"), 9090), DENY);
     assert_eq!(eg(c.of("shop", "server2"), 9090), ALLOW);
@@ -389,7 +390,7 @@ fn ip_blocks_with_except() {
     });
     let c = w.compile("client");
     let id_of = |net: &str| c.table.ipcache[&net.parse::<IpNet>().unwrap()];
-    let eg = |id| c.verdict(id, Direction::Egress, PROTO_TCP, 443);
+    let eg = |id| c.verdict(id, Direction::Egress, IPPROTO_TCP, 443);
     assert_eq!(eg(id_of("10.0.0.0/8")), ALLOW);
     assert_eq!(eg(id_of("10.1.0.0/16")), DENY, "except");
     assert_eq!(eg(ID_WORLD_IPV4), DENY);
@@ -414,7 +415,7 @@ fn ip_blocks_with_except() {
         }];
     });
     let c = w.compile("client");
-    let eg = |id| c.verdict(id, Direction::Egress, PROTO_TCP, 443);
+    let eg = |id| c.verdict(id, Direction::Egress, IPPROTO_TCP, 443);
     assert_eq!(eg(ID_WORLD_IPV4), ALLOW);
     assert_eq!(eg(c.of("shop", "server2")), ALLOW);
     assert_eq!(eg(c.of("shop", "server")), DENY, "excepted pod address");
@@ -438,14 +439,14 @@ fn authz_allow_nothing_and_tcp_only() {
     let c = w.compile("server");
     let client = c.of("shop", "client");
     assert_eq!(c.ingress(client, 80), DENY);
-    let v = lookup(&c.c.entries, client, Direction::Ingress, PROTO_TCP, 80).unwrap();
+    let v = lookup(&c.c.entries, client, Direction::Ingress, IPPROTO_TCP, 80).unwrap();
     assert_eq!(v.reason, Reason::AuthzNoAllow);
     assert_eq!(
-        c.verdict(client, Direction::Ingress, PROTO_UDP, 53),
+        c.verdict(client, Direction::Ingress, IPPROTO_UDP, 53),
         ALLOW,
         "AuthorizationPolicy governs TCP"
     );
-    assert_eq!(c.verdict(client, Direction::Egress, PROTO_TCP, 80), None);
+    assert_eq!(c.verdict(client, Direction::Egress, IPPROTO_TCP, 80), None);
 }
 
 #[test]
@@ -483,7 +484,7 @@ fn authz_deny_wins_over_allow() {
         &c.c.entries,
         c.of("ops", "admin"),
         Direction::Ingress,
-        PROTO_TCP,
+        IPPROTO_TCP,
         80,
     )
     .unwrap();
@@ -567,7 +568,7 @@ fn l7_rules_redirect_and_never_widen() {
     let c = w.compile("server");
     assert_eq!(c.ingress(c.of("shop", "client"), 80), REDIRECT);
     assert_eq!(
-        c.verdict(c.of("shop", "client"), Direction::Ingress, PROTO_UDP, 80),
+        c.verdict(c.of("shop", "client"), Direction::Ingress, IPPROTO_UDP, 80),
         ALLOW
     );
 }
@@ -697,16 +698,16 @@ fn visibility_without_policies_redirects_tcp_only() {
     assert!(c.c.l7_visibility && c.c.redirects_ingress());
     let client = c.of("shop", "client");
     for id in [client, c.of("ops", "admin"), ID_WORLD_IPV4, 123_456] {
-        let v = lookup(&c.c.entries, id, Direction::Ingress, PROTO_TCP, 8080).unwrap();
+        let v = lookup(&c.c.entries, id, Direction::Ingress, IPPROTO_TCP, 8080).unwrap();
         assert_eq!(
             (v.verdict, v.reason, v.policy),
             (Verdict::Redirect, Reason::L7Visibility, 0),
             "identity {id}"
         );
-        assert_eq!(c.verdict(id, Direction::Ingress, PROTO_UDP, 53), ALLOW);
+        assert_eq!(c.verdict(id, Direction::Ingress, IPPROTO_UDP, 53), ALLOW);
         assert_eq!(c.verdict(id, Direction::Ingress, 1, 0), ALLOW, "ICMP");
     }
-    let host = lookup(&c.c.entries, ID_HOST, Direction::Ingress, PROTO_TCP, 8080).unwrap();
+    let host = lookup(&c.c.entries, ID_HOST, Direction::Ingress, IPPROTO_TCP, 8080).unwrap();
     assert_eq!((host.verdict, host.reason), (Verdict::Allow, Reason::Host));
     assert!(
         c.c.entries.len() <= 4,
@@ -776,7 +777,7 @@ fn visibility_only_turns_allows_into_redirects() {
     );
     let c = w.compile("server");
     let client = c.of("shop", "client");
-    let at = |id, port| lookup(&c.c.entries, id, Direction::Ingress, PROTO_TCP, port).unwrap();
+    let at = |id, port| lookup(&c.c.entries, id, Direction::Ingress, IPPROTO_TCP, port).unwrap();
     let np_id = policy_id(KIND_NETWORK_POLICY, &ObjKey::new("shop", "allow-client"));
     let allow_id = policy_id(KIND_AUTHORIZATION_POLICY, &ObjKey::new("shop", "allow"));
     assert_eq!(
@@ -794,12 +795,12 @@ fn visibility_only_turns_allows_into_redirects() {
             at(client, 8080).reason,
             at(client, 8080).policy
         ),
-        (Verdict::Redirect, Reason::ProxyRequired, allow_id),
+        (Verdict::Redirect, Reason::ProxyUnavailable, allow_id),
         "an L7 rule still needs the proxy (fail closed)"
     );
     assert_eq!(at(client, 81).verdict, Verdict::Deny);
     assert_eq!(at(c.of("ops", "admin"), 80).verdict, Verdict::Deny);
     assert_eq!(at(c.of("ops", "admin"), 80).reason, Reason::PolicyDenied);
     assert_eq!(at(ID_HOST, 80).reason, Reason::Host);
-    assert_eq!(c.verdict(client, Direction::Ingress, PROTO_UDP, 80), DENY);
+    assert_eq!(c.verdict(client, Direction::Ingress, IPPROTO_UDP, 80), DENY);
 }

@@ -277,7 +277,7 @@ fn userspace_concurrent_streams() {
 // --- spliced (privileged) ---
 
 fn privileged() -> bool {
-    comb_datapath::host::privileged_test("spliced relay (BPF, bpffs, netns)")
+    comb_host::privileged_test("spliced relay (BPF, bpffs, netns)")
 }
 
 fn unique(prefix: &str) -> String {
@@ -308,10 +308,10 @@ impl Drop for Sandbox {
 /// Run `f` on a thread inside a fresh network namespace (lo up) with a fresh ProxySplice;
 /// afterwards no pair may be left in its maps.
 fn spliced(f: impl FnOnce(Arc<ProxySplice>) + Send + 'static) {
-    comb_datapath::host::ensure_bpffs().expect("bpffs");
+    comb_host::ensure_bpffs().expect("bpffs");
     let sb = Sandbox {
         netns: unique("comb-relay"),
-        pins: std::path::Path::new(comb_datapath::host::BPFFS).join(unique("comb-relay-test")),
+        pins: std::path::Path::new(comb_host::BPFFS).join(unique("comb-relay-test")),
     };
     for args in [
         vec!["netns", "add", &sb.netns],

@@ -110,7 +110,8 @@ fn pods(comb: &Path) -> String {
 }
 
 /// The L7 ALLOW policy of pod `l7`; its rule has L7 fields (methods, paths), so the pod's
-/// ingress is redirected into the node proxy (`proxy-required`).
+/// ingress is redirected into the node proxy (REDIRECT entries with reason
+/// `proxy-unavailable`, the drop reported when the proxy cannot be reached).
 fn policy() -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: l7-allow, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: l7}}}}\n  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/{NS}/sa/client\"]}}}}]\n    to: [{{operation: {{methods: [\"GET\"], paths: [\"/bytes/*\"]}}}}]\n"

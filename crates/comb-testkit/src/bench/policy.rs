@@ -1108,9 +1108,8 @@ pub fn run(a: &Args) -> Result<Report> {
 mod tests {
     use super::*;
     use comb_model::identity::{IdentityAllocator, IdentityKey};
-    use comb_model::policy_compile::{
-        Direction, PROTO_TCP, Verdict, compile_endpoint, lookup, policy_cidrs,
-    };
+    use comb_model::policy_compile::{compile_endpoint, lookup, policy_cidrs};
+    use comb_model::terms::{Direction, IPPROTO_TCP, Verdict};
     use comb_model::{ObjKey, Snapshot};
 
     /// The real pods as the lab writes them (IPs, node1 and its CIDR).
@@ -1149,7 +1148,7 @@ mod tests {
         ports
             .iter()
             .map(|&p| {
-                lookup(&c.entries, id, Direction::Ingress, PROTO_TCP, p)
+                lookup(&c.entries, id, Direction::Ingress, IPPROTO_TCP, p)
                     .map_or(Verdict::Allow, |v| v.verdict)
             })
             .collect()

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::policy_maps::{PROXY_MARK, PROXY_MARK_MASK};
+use super::abi::{PROXY_MARK, PROXY_MARK_MASK};
 
 /// The routing table with the local default routes.
 pub const TABLE: u32 = 2005;

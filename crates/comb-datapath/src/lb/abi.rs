@@ -1,9 +1,9 @@
 //! `#[repr(C)]` twins of the socket LB map types in `bpf/include/comb_lb_types.h`. A unit test
-//! checks each against the BTF of the embedded `sock.bpf.o`.
+//! checks each against the BTF of the embedded `lb_sock.bpf.o`.
 
 use std::net::IpAddr;
 
-use crate::maps::{CombAddr, Pod};
+use crate::abi::{CombAddr, Pod};
 
 pub const MAP_LB_SERVICES: &str = "comb_lb_services";
 pub const MAP_LB_BACKENDS: &str = "comb_lb_backends";
@@ -41,18 +41,6 @@ impl SvcKey {
             proto,
             pad: 0,
         }
-    }
-}
-
-impl PartialOrd for CombAddr {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for CombAddr {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.octets().cmp(&other.octets())
     }
 }
 
@@ -213,11 +201,11 @@ impl std::ops::AddAssign for LbStatsValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::tests::check;
+    use crate::abi::tests::check;
     use libbpf_rs::btf::Btf;
     use std::mem::offset_of;
 
-    static OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sock.bpf.o"));
+    static OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lb_sock.bpf.o"));
 
     macro_rules! twin {
         ($btf:expr, $c:literal, $t:ty, [$($f:ident),* $(,)?]) => {
@@ -227,7 +215,7 @@ mod tests {
 
     #[test]
     fn rust_twins_match_btf() {
-        let btf = Btf::from_raw("sock", OBJ)
+        let btf = Btf::from_raw("lb_sock", OBJ)
             .expect("parse BTF")
             .expect("object has BTF");
         let b = &btf;

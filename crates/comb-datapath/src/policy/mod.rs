@@ -1,94 +1,61 @@
-//! Loading, attaching and map access of the identity policy datapath (`bpf/policy.c`).
+//! The identity policy (`bpf/policy.c`): loading, attaching and map access. Its vocabulary
+//! is in [`types`], its ABI twins in [`abi`], flow events in [`events`], the node proxy's
+//! policy routing in [`routing`].
 //!
-//! Two tcx programs per local pod on its host-side veth (in the node's network namespace):
-//! `comb_policy_from_pod` on ingress, `comb_policy_to_pod` on egress, pinned as
+//! Two tcx programs per local pod on its host-side veth (in the node's network namespace;
+//! `links.rs`): `comb_policy_from_pod` on ingress, `comb_policy_to_pod` on egress, pinned as
 //! `<pin_dir>/links/policy-<ifindex>-from` / `-to`. The endpoint id everywhere is that ifindex.
 //! Maps are pinned under `<pin_dir>/maps/` and adopted by the next load together with the
 //! links, which are switched to the new programs, so enforcement and conntrack survive an
 //! agent restart.
 //!
 //! Interfaces are resolved in the network namespace of the calling thread: call
-//! [`Datapath::attach_policy`] from the node's namespace.
+//! [`Policy::attach`] from the node's namespace.
+
+pub mod abi;
+pub mod events;
+mod links;
+pub mod routing;
+pub mod types;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
+use comb_model::terms::{Direction, ReasonCode};
 use ipnet::IpNet;
-use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
-use tracing::{debug, info, warn};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle};
 
-use crate::Datapath;
-use crate::maps::{CombAddr, Pod, delete_if_present, entries};
-use crate::policy::{
-    CtEntry, Direction, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric,
-    PolicyValue, ProxyFamily, Reason, ipcache_key, ipcache_net,
+pub use events::{FlowEvent, FlowEventReader};
+pub use types::{
+    CtEntry, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue,
+    ProxyFamily, ipcache_key, ipcache_net,
 };
-use crate::policy_events::FlowEventReader;
-use crate::policy_maps::{
+
+pub(crate) use links::is_link_name;
+
+use crate::abi::{CombAddr, Pod};
+use crate::map_io::{delete_if_present, entries};
+use crate::pin::{load_pinned, map_handle, remove_pin};
+use crate::skel::policy::PolicySkelBuilder;
+use crate::sys;
+use abi::{
     CT_F_CLOSING, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue,
     MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
 };
-use crate::policy_skel::PolicySkelBuilder;
-use crate::splice::{load_pinned, map_handle, remove_pin};
-use crate::sys;
+use links::Hook;
 
 pub(crate) const PROG_FROM_POD: &str = "comb_policy_from_pod";
 pub(crate) const PROG_TO_POD: &str = "comb_policy_to_pod";
-const LINK_PREFIX: &str = "policy-";
 
-/// The two attach points on a host-side veth.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Hook {
-    /// tcx ingress: packets from the pod.
-    From,
-    /// tcx egress: packets to the pod.
-    To,
-}
-
-impl Hook {
-    const BOTH: [Hook; 2] = [Hook::From, Hook::To];
-
-    fn suffix(self) -> &'static str {
-        match self {
-            Hook::From => "from",
-            Hook::To => "to",
-        }
-    }
-
-    fn attach_type(self) -> libbpf_sys::bpf_attach_type {
-        match self {
-            Hook::From => libbpf_sys::BPF_TCX_INGRESS,
-            Hook::To => libbpf_sys::BPF_TCX_EGRESS,
-        }
-    }
-
-    fn link_name(self, ifindex: u32) -> String {
-        format!("{LINK_PREFIX}{ifindex}-{}", self.suffix())
-    }
-}
-
-/// True for a pin name under `links/` that belongs to the policy programs. Pod link ids of
-/// the splice datapath are `<namespace>_<pod>` and always contain `_`; these never do.
-pub(crate) fn is_policy_link_name(name: &str) -> bool {
-    name.starts_with(LINK_PREFIX)
-}
-
-fn parse_link_name(name: &str) -> Option<(u32, Hook)> {
-    let rest = name.strip_prefix(LINK_PREFIX)?;
-    let (idx, hook) = rest.split_once('-')?;
-    let hook = Hook::BOTH.into_iter().find(|h| h.suffix() == hook)?;
-    let ifindex: u32 = idx.parse().ok().filter(|&i| i != 0)?;
-    (ifindex.to_string() == idx).then_some((ifindex, hook))
-}
-
-/// The policy part of [`Datapath`].
-pub(crate) struct PolicyDp {
+/// The identity policy feature of [`crate::Datapath`]: its maps, the two tc programs and
+/// their links per host-side veth.
+pub struct Policy {
+    pin_dir: PathBuf,
     ipcache: MapHandle,
     endpoints: MapHandle,
     policy: MapHandle,
@@ -105,7 +72,7 @@ pub(crate) struct PolicyDp {
 
 /// Load `bpf/policy.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
 /// programs pinned under `<pin_dir>/progs/`.
-pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
+fn load(pin_dir: &Path) -> Result<Policy> {
     let maps_dir = pin_dir.join("maps");
     let mut storage = MaybeUninit::uninit();
     let skel = load_pinned(
@@ -125,7 +92,8 @@ pub(crate) fn load(pin_dir: &Path) -> Result<PolicyDp> {
         p.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
-    Ok(PolicyDp {
+    Ok(Policy {
+        pin_dir: pin_dir.to_owned(),
         ipcache: map_handle(&m.comb_ipcache)?,
         endpoints: map_handle(&m.comb_policy_endpoints)?,
         policy: map_handle(&m.comb_policy)?,
@@ -150,166 +118,30 @@ fn decode<T: Pod>(b: &[u8], what: &str) -> Result<T> {
     T::from_bytes(b).with_context(|| format!("{what} has an unexpected size"))
 }
 
-/// Detach a link now; a link whose interface is gone may refuse, which is fine.
-fn detach_link(fd: &OwnedFd, name: &str) {
-    if let Err(e) = sys::link_detach(fd.as_fd()) {
-        debug!(name, error = %e, "detaching policy link");
-    }
-}
-
-impl PolicyDp {
-    fn prog(&self, hook: Hook) -> &ProgramHandle {
-        match hook {
-            Hook::From => &self.from_pod,
-            Hook::To => &self.to_pod,
-        }
-    }
-
-    /// Take over links pinned by a previous agent and switch them to our programs; drop the
-    /// pins of links whose interface is gone.
-    pub(crate) fn adopt_links(&mut self, pin_dir: &Path) -> Result<()> {
-        let dir = pin_dir.join("links");
-        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((ifindex, hook)) = parse_link_name(&name) else {
-                continue;
-            };
-            let path = entry.path();
-            let fd = sys::obj_get(&path)
-                .with_context(|| format!("opening pinned link {}", path.display()))?;
-            let alive = matches!(sys::link_tcx(fd.as_fd()),
-                Ok((i, t)) if i == ifindex && t == hook.attach_type());
-            if !alive || sys::link_update(fd.as_fd(), self.prog(hook).as_fd()).is_err() {
-                warn!(
-                    name,
-                    "pinned policy link is defunct (interface gone?), removing it"
-                );
-                detach_link(&fd, &name);
-                remove_pin(&path)?;
-                continue;
-            }
-            debug!(name, "adopted pinned policy link");
-            self.links.insert((ifindex, hook), fd);
-        }
-        Ok(())
-    }
-
-    fn attach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
-        ensure!(ifindex != 0, "ifindex 0 names no interface");
-        let mut created = Vec::new();
-        for hook in Hook::BOTH {
-            if let Some(fd) = self.links.get(&(ifindex, hook)) {
-                // Idempotent; also makes sure it runs the current program.
-                if sys::link_update(fd.as_fd(), self.prog(hook).as_fd()).is_ok() {
-                    continue;
-                }
-                // Its interface is gone (an ifindex seen again is another interface).
-                if let Some(fd) = self.links.remove(&(ifindex, hook)) {
-                    detach_link(&fd, &hook.link_name(ifindex));
-                }
-            }
-            match self.create_link(pin_dir, ifindex, hook) {
-                Ok(fd) => created.push((hook, fd)),
-                Err(e) => {
-                    // All or nothing for this call: undo the link made before the failure.
-                    for (h, fd) in created {
-                        detach_link(&fd, &h.link_name(ifindex));
-                        let _ = remove_pin(&pin_dir.join("links").join(h.link_name(ifindex)));
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        for (hook, fd) in created {
-            self.links.insert((ifindex, hook), fd);
-        }
-        Ok(())
-    }
-
-    fn create_link(&self, pin_dir: &Path, ifindex: u32, hook: Hook) -> Result<OwnedFd> {
-        let name = hook.link_name(ifindex);
-        let fd = sys::link_create_tcx(self.prog(hook).as_fd(), ifindex, hook.attach_type())
-            .with_context(|| {
-                format!("attaching policy ({}) to ifindex {ifindex}", hook.suffix())
-            })?;
-        let pin = pin_dir.join("links").join(&name);
-        remove_pin(&pin)?;
-        if let Err(e) = sys::obj_pin(fd.as_fd(), &pin) {
-            detach_link(&fd, &name);
-            return Err(e).with_context(|| format!("pinning {}", pin.display()));
-        }
-        debug!(name, "policy link attached");
-        Ok(fd)
-    }
-
-    fn detach(&mut self, pin_dir: &Path, ifindex: u32) -> Result<()> {
-        for hook in Hook::BOTH {
-            let name = hook.link_name(ifindex);
-            let pin = pin_dir.join("links").join(&name);
-            match self.links.remove(&(ifindex, hook)) {
-                Some(fd) => detach_link(&fd, &name),
-                // Pinned by someone else under our dir (not adopted): detach it too.
-                None => {
-                    if let Ok(fd) = sys::obj_get(&pin) {
-                        detach_link(&fd, &name);
-                    }
-                }
-            }
-            remove_pin(&pin)?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn detach_all(&mut self, pin_dir: &Path) -> Vec<String> {
-        let mut ifs: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
-        ifs.dedup();
-        ifs.into_iter()
-            .filter_map(|i| self.detach(pin_dir, i).err().map(|e| format!("{e:#}")))
-            .collect()
+impl Policy {
+    pub(crate) fn load(pin_dir: &Path) -> Result<Self> {
+        load(pin_dir)
     }
 }
 
 /// Size of `struct __sk_buff` and the offset of its ifindex (checked against BTF by a test).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const TEST_SKB_CTX_LEN: usize = 192;
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const TEST_SKB_IFINDEX: usize = 40;
 
 /// The `struct __sk_buff` passed to BPF_PROG_TEST_RUN: zero but for ifindex.
+#[cfg(any(test, feature = "testing"))]
 fn test_skb_ctx(ifindex: u32) -> [u8; TEST_SKB_CTX_LEN] {
     let mut ctx = [0u8; TEST_SKB_CTX_LEN];
     ctx[TEST_SKB_IFINDEX..TEST_SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 
-impl Datapath {
-    /// Attach both policy programs to the host-side veth `ifindex` (in the calling thread's
-    /// network namespace). Idempotent: attached links are switched to the current programs.
-    /// Packets pass untouched until the endpoint has an entry ([`Self::set_policy_endpoint`]).
-    pub fn attach_policy(&mut self, ifindex: u32) -> Result<()> {
-        self.policy.attach(&self.opts.pin_dir, ifindex)?;
-        info!(ifindex, "policy attached");
-        Ok(())
-    }
-
-    /// Detach both programs and remove their pins. An interface that is already gone (pod
-    /// deleted) is not an error.
-    pub fn detach_policy(&mut self, ifindex: u32) -> Result<()> {
-        self.policy.detach(&self.opts.pin_dir, ifindex)?;
-        info!(ifindex, "policy detached");
-        Ok(())
-    }
-
-    /// The ifindexes with policy links, including links whose interface is gone (detach
-    /// those).
-    pub fn policy_attachments(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.policy.links.keys().map(|(i, _)| *i).collect();
-        v.dedup();
-        v
-    }
-
+impl Policy {
     /// Enforce policy on the endpoint behind host veth `ifindex`, with its identity and
     /// addresses (at most one IPv4 and one IPv6).
-    pub fn set_policy_endpoint(&self, ifindex: u32, identity: u32, addrs: &[IpAddr]) -> Result<()> {
+    pub fn set_endpoint(&self, ifindex: u32, identity: u32, addrs: &[IpAddr]) -> Result<()> {
         ensure!(ifindex != 0, "ifindex 0 names no interface");
         ensure!(
             identity != ID_ANY,
@@ -334,31 +166,30 @@ impl Datapath {
             *seen = true;
             v.addrs[slot] = a;
         }
-        self.policy
-            .endpoints
+        self.endpoints
             .update(&ifindex.to_ne_bytes(), v.as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing policy endpoint {ifindex}"))
     }
 
     /// Stop enforcing on `ifindex` (its packets pass untouched) and drop its counters.
-    pub fn remove_policy_endpoint(&self, ifindex: u32) -> Result<()> {
+    pub fn remove_endpoint(&self, ifindex: u32) -> Result<()> {
         delete(
-            &self.policy.endpoints,
+            &self.endpoints,
             &ifindex.to_ne_bytes(),
             &format!("policy endpoint {ifindex}"),
         )?;
-        let keys: Vec<Vec<u8>> = self.policy.metrics.keys().collect();
+        let keys: Vec<Vec<u8>> = self.metrics.keys().collect();
         for k in keys {
             if MetricKey::from_bytes(&k).is_some_and(|m| m.endpoint == ifindex) {
-                delete(&self.policy.metrics, &k, "policy metric")?;
+                delete(&self.metrics, &k, "policy metric")?;
             }
         }
         Ok(())
     }
 
-    pub fn policy_endpoints(&self) -> Result<BTreeMap<u32, PolicyEndpoint>> {
+    pub fn endpoints(&self) -> Result<BTreeMap<u32, PolicyEndpoint>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.endpoints)? {
+        for (k, v) in entries(&self.endpoints)? {
             let ifindex: u32 = decode::<u32>(&k, "comb_policy_endpoints key")?;
             let v: PolicyEndpointValue = decode(&v, "comb_policy_endpoints value")?;
             let addrs = v
@@ -379,9 +210,9 @@ impl Datapath {
     }
 
     /// The node's policy table, keys canonical ([`PolicyKey::canonical`]).
-    pub fn policy_entries(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>> {
+    pub fn entries(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.policy)? {
+        for (k, v) in entries(&self.policy)? {
             let k: PolicyLpmKey = decode(&k, "comb_policy key")?;
             let v: PolicyLpmValue = decode(&v, "comb_policy value")?;
             out.insert(PolicyKey::from_lpm(&k)?, PolicyValue::from_raw(&v)?);
@@ -390,22 +221,17 @@ impl Datapath {
     }
 
     /// Write one policy entry; the key is stored canonical.
-    pub fn upsert_policy_entry(&self, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+    pub fn upsert_entry(&self, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
         let k = key.to_lpm()?;
         self.policy
-            .policy
             .update(k.as_bytes(), value.to_raw().as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing policy entry {key:?}"))
     }
 
     /// Remove one policy entry (the exact prefix); missing is fine.
-    pub fn remove_policy_entry(&self, key: &PolicyKey) -> Result<()> {
+    pub fn remove_entry(&self, key: &PolicyKey) -> Result<()> {
         let k = key.to_lpm()?;
-        delete(
-            &self.policy.policy,
-            k.as_bytes(),
-            &format!("policy entry {key:?}"),
-        )
+        delete(&self.policy, k.as_bytes(), &format!("policy entry {key:?}"))
     }
 
     /// Prefix → identity. IPv4 prefixes are stored v4-mapped, so an IPv6 prefix covering
@@ -421,7 +247,7 @@ impl Datapath {
     /// Prefix → identity and redirect endpoint.
     pub fn ipcache_entries(&self) -> Result<BTreeMap<IpNet, IpcacheEntry>> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.policy.ipcache)? {
+        for (k, v) in entries(&self.ipcache)? {
             let k: IpcacheKey = decode(&k, "comb_ipcache key")?;
             let v: IpcacheValue = decode(&v, "comb_ipcache value")?;
             out.insert(
@@ -454,8 +280,7 @@ impl Datapath {
             identity: e.identity,
             endpoint: e.endpoint,
         };
-        self.policy
-            .ipcache
+        self.ipcache
             .update(ipcache_key(net).as_bytes(), v.as_bytes(), MapFlags::ANY)
             .with_context(|| format!("writing ipcache entry {net}"))
     }
@@ -467,8 +292,7 @@ impl Datapath {
     /// and redirected flows then fail closed or go on unredirected (by their reason).
     pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
         let raw = u64::try_from(fd.as_raw_fd()).context("negative fd")?;
-        self.policy
-            .proxy_listeners
+        self.proxy_listeners
             .update(
                 &family.slot().to_ne_bytes(),
                 &raw.to_ne_bytes(),
@@ -484,11 +308,7 @@ impl Datapath {
         if !self.proxy_listener_present(family)? {
             return Ok(());
         }
-        match self
-            .policy
-            .proxy_listeners
-            .delete(&family.slot().to_ne_bytes())
-        {
+        match self.proxy_listeners.delete(&family.slot().to_ne_bytes()) {
             // A sockmap answers EINVAL for an empty slot: closed since we looked.
             Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput => Ok(()),
             r => r.with_context(|| format!("removing the {family:?} proxy listener")),
@@ -498,7 +318,6 @@ impl Datapath {
     /// Whether `family` has a listener (false once it was closed).
     pub fn proxy_listener_present(&self, family: ProxyFamily) -> Result<bool> {
         Ok(self
-            .policy
             .proxy_listeners
             .lookup(&family.slot().to_ne_bytes(), MapFlags::ANY)
             .with_context(|| format!("reading the {family:?} proxy listener"))?
@@ -507,24 +326,22 @@ impl Datapath {
 
     pub fn remove_ipcache(&self, net: IpNet) -> Result<()> {
         delete(
-            &self.policy.ipcache,
+            &self.ipcache,
             ipcache_key(net).as_bytes(),
             &format!("ipcache entry {net}"),
         )
     }
 
     /// Conntrack lifetimes (zero = the default) and whether flow events are emitted.
-    pub fn set_policy_config(&self, cfg: &PolicyConfig) -> Result<()> {
-        self.policy
-            .config
+    pub fn set_config(&self, cfg: &PolicyConfig) -> Result<()> {
+        self.config
             .update(&0u32.to_ne_bytes(), cfg.to_raw().as_bytes(), MapFlags::ANY)
             .context("updating comb_policy_config")
     }
 
     /// The configuration in effect (defaults while never written).
-    pub fn policy_config(&self) -> Result<PolicyConfig> {
+    pub fn config(&self) -> Result<PolicyConfig> {
         let v = self
-            .policy
             .config
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
             .and_then(|v| PolicyConfigValue::from_bytes(&v))
@@ -534,21 +351,22 @@ impl Datapath {
 
     /// Every conntrack entry, expired ones included (with zero `remaining`).
     pub fn ct_entries(&self) -> Result<Vec<CtEntry>> {
-        let now = sys::boot_time_ns();
+        let now = comb_host::boot_time_ns();
         let mut out = Vec::new();
-        for (k, v) in entries(&self.policy.ct)? {
+        for (k, v) in entries(&self.ct)? {
             let k: CtKey = decode(&k, "comb_ct key")?;
             let v: CtValue = decode(&v, "comb_ct value")?;
             out.push(CtEntry {
                 src: SocketAddr::new(k.saddr.ip(), u16::from_be(k.sport)),
                 dst: SocketAddr::new(k.daddr.ip(), u16::from_be(k.dport)),
                 protocol: k.protocol,
-                direction: Direction::from_raw(k.direction)?,
+                direction: Direction::from_raw(k.direction)
+                    .with_context(|| format!("invalid direction {}", k.direction))?,
                 seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
                 closing: v.flags & CT_F_CLOSING != 0,
                 proxy: v.flags & CT_F_PROXY != 0,
                 flags: v.flags,
-                reason: Reason(v.reason),
+                reason: ReasonCode(v.reason),
                 endpoint: v.endpoint,
                 policy: v.policy,
                 remaining: Duration::from_nanos(v.expires_ns.saturating_sub(now)),
@@ -571,17 +389,17 @@ impl Datapath {
     /// slots). Returns how many were deleted.
     pub fn ct_gc(&self) -> Result<usize> {
         let mut n = 0;
-        let now = sys::boot_time_ns();
+        let now = comb_host::boot_time_ns();
         // Collected first: iterating while deleting restarts a hash map's iteration.
-        let keys: Vec<Vec<u8>> = self.policy.ct.keys().collect();
+        let keys: Vec<Vec<u8>> = self.ct.keys().collect();
         for k in keys {
             // Read again right before deleting: the datapath may have replaced the entry.
-            let Some(v) = self.policy.ct.lookup(&k, MapFlags::ANY)? else {
+            let Some(v) = self.ct.lookup(&k, MapFlags::ANY)? else {
                 continue;
             };
             let v: CtValue = decode(&v, "comb_ct value")?;
             if v.expires_ns <= now {
-                delete(&self.policy.ct, &k, "conntrack entry")?;
+                delete(&self.ct, &k, "conntrack entry")?;
                 n += 1;
             }
         }
@@ -589,10 +407,10 @@ impl Datapath {
     }
 
     /// Counters per (endpoint, direction, reason), summed over CPUs, sorted.
-    pub fn policy_metrics(&self) -> Result<Vec<PolicyMetric>> {
+    pub fn metrics(&self) -> Result<Vec<PolicyMetric>> {
         let mut out = Vec::new();
-        for k in self.policy.metrics.keys() {
-            let Some(per_cpu) = self.policy.metrics.lookup_percpu(&k, MapFlags::ANY)? else {
+        for k in self.metrics.keys() {
+            let Some(per_cpu) = self.metrics.lookup_percpu(&k, MapFlags::ANY)? else {
                 continue;
             };
             let key: MetricKey = decode(&k, "comb_policy_metrics key")?;
@@ -604,8 +422,9 @@ impl Datapath {
             }
             out.push(PolicyMetric {
                 endpoint: key.endpoint,
-                direction: Direction::from_raw(key.direction)?,
-                reason: Reason(key.reason),
+                direction: Direction::from_raw(key.direction)
+                    .with_context(|| format!("invalid direction {}", key.direction))?,
+                reason: ReasonCode(key.reason),
                 packets: sum.packets,
                 bytes: sum.bytes,
             });
@@ -617,7 +436,6 @@ impl Datapath {
     /// Flow events that did not fit into the ring buffer.
     pub fn events_lost(&self) -> Result<u64> {
         let per_cpu = self
-            .policy
             .events_lost
             .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
             .unwrap_or_default();
@@ -630,15 +448,15 @@ impl Datapath {
     /// A consumer of the flow events (enable them with [`PolicyConfig::events`]). Run one at a
     /// time.
     pub fn flow_events(&self) -> Result<FlowEventReader> {
-        let map = MapHandle::try_from(&self.policy.events).context("comb_flow_events")?;
+        let map = MapHandle::try_from(&self.events).context("comb_flow_events")?;
         FlowEventReader::new(map)
     }
 
     /// Run one policy program on `packet` (Ethernet frame) with BPF_PROG_TEST_RUN, as if it
     /// crossed host veth `ifindex` (which must exist in the calling thread's network
     /// namespace). Returns the tc verdict: 0 = pass, 2 = drop. For tests.
-    #[doc(hidden)]
-    pub fn policy_test_run(
+    #[cfg(feature = "testing")]
+    pub fn test_run(
         &self,
         direction: Direction,
         ifindex: u32,
@@ -646,11 +464,11 @@ impl Datapath {
         repeat: u32,
     ) -> Result<u32> {
         let prog = match direction {
-            Direction::Egress => &self.policy.from_pod,
-            Direction::Ingress => &self.policy.to_pod,
+            Direction::Egress => &self.from_pod,
+            Direction::Ingress => &self.to_pod,
         };
         if packet.len() < 14 {
-            bail!("a test packet needs at least an Ethernet header");
+            anyhow::bail!("a test packet needs at least an Ethernet header");
         }
         Ok(sys::prog_test_run(
             prog.as_fd(),
@@ -659,10 +477,6 @@ impl Datapath {
             repeat,
         )?)
     }
-
-    pub(crate) fn shutdown_policy(&mut self) -> Vec<String> {
-        self.policy.detach_all(&self.opts.pin_dir)
-    }
 }
 
 #[cfg(test)]
@@ -670,33 +484,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_names_round_trip() {
-        for hook in Hook::BOTH {
-            let n = hook.link_name(42);
-            assert!(is_policy_link_name(&n));
-            assert_eq!(parse_link_name(&n), Some((42, hook)));
-        }
-        assert_eq!(Hook::From.link_name(7), "policy-7-from");
-        assert_eq!(Hook::To.link_name(7), "policy-7-to");
-        for bad in [
-            "policy-0-from",
-            "policy-x-to",
-            "policy-7-sideways",
-            "policy-07-to",
-            "default_web",
-        ] {
-            assert_eq!(parse_link_name(bad), None, "{bad}");
-        }
-        assert!(!is_policy_link_name("default_web-1"));
-        assert!(!crate::lb::is_lb_link_name("policy-7-from"));
-    }
-
-    #[test]
     fn program_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let (progs, maps) = crate::splice::object_names(PolicySkelBuilder::default(), &mut storage);
+        let (progs, maps) = crate::pin::object_names(PolicySkelBuilder::default(), &mut storage);
         assert_eq!(progs, [PROG_FROM_POD, PROG_TO_POD]);
-        use crate::policy_maps::*;
+        use abi::*;
         let mut want = [
             MAP_IPCACHE,
             MAP_POLICY_ENDPOINTS,

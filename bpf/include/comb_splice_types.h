@@ -1,21 +1,19 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Types shared between the BPF programs and userspace. Every struct here has a
- * #[repr(C)] twin in crates/comb-datapath/src/maps.rs, checked against this
+ * Local splice types (bpf/splice.c), shared with userspace. Every struct here
+ * has a #[repr(C)] twin in crates/comb-datapath/src/splice/abi.rs, checked
+ * against this
  * object's BTF by a unit test: change both together. Maps are pinned and
  * adopted across agent restarts, so sizes are part of the on-node ABI; the
  * reserved fields leave room to grow without re-creating maps.
  */
-#ifndef COMB_TYPES_H
-#define COMB_TYPES_H
+#ifndef COMB_SPLICE_TYPES_H
+#define COMB_SPLICE_TYPES_H
 
 #include <linux/types.h>
 
-/* Addresses are 16 bytes in network order; IPv4 is stored v4-mapped
- * (::ffff:a.b.c.d), so one layout serves both families. */
-struct comb_addr {
-	__u32 a[4];
-};
+#include "comb_addr.h"
+#include "comb_limits.h"
 
 /* One TCP socket, seen from its own side. Ports are in host order.
  * family is the family of the addresses (AF_INET for v4-mapped ones), not
@@ -57,7 +55,6 @@ struct comb_splice_stats {
 	__u64 sockets_closed;
 };
 
-#define COMB_MAX_ENDPOINTS 16384
 #define COMB_MAX_SPLICED_SOCKS 65536
 
-#endif /* COMB_TYPES_H */
+#endif /* COMB_SPLICE_TYPES_H */

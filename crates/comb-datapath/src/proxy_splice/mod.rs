@@ -14,56 +14,27 @@
 //! - Unpairing a live socket discards bytes queued in the kernel for it: unpair when both
 //!   directions are finished.
 
+pub mod abi;
+
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::maps::{Pod, delete_if_present};
-use crate::proxy_splice_skel::ProxySpliceSkelBuilder;
-use crate::splice::{load_pinned, map_handle, remove_pin};
+use crate::abi::Pod;
+use crate::map_io::delete_if_present;
+use crate::pin::{load_pinned, map_handle, prepare_dir, remove_pin};
+use crate::skel::proxy_splice::ProxySpliceSkelBuilder;
 use crate::sys;
+use abi::{MAP_PX_PEERS, MAP_PX_REDIR, MAP_PX_SOCKS, MAP_PX_STATS, PxPeer, PxStatsValue};
 
-/// Map names, which are also their pin names under `<pin_dir>/maps/`.
-pub const MAP_PX_SOCKS: &str = "comb_px_socks";
-pub const MAP_PX_REDIR: &str = "comb_px_redir";
-pub const MAP_PX_PEERS: &str = "comb_px_peers";
-pub const MAP_PX_STATS: &str = "comb_px_stats";
 const PROG_VERDICT: &str = "comb_px_verdict";
-
-/// `struct comb_px_peer`: one side of a pair.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PxPeer {
-    pub peer: u64,
-    pub bytes: u64,
-    pub skbs: u64,
-    pub failures: u64,
-}
-
-// SAFETY: repr(C), four u64.
-unsafe impl Pod for PxPeer {}
-
-/// `struct comb_px_stats`, one per CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PxStatsValue {
-    pub redirected_skbs: u64,
-    pub redirected_bytes: u64,
-    pub redirect_failures: u64,
-    pub unpaired_skbs: u64,
-    pub unpaired_bytes: u64,
-    pub reserved: [u64; 3],
-}
-
-// SAFETY: repr(C), eight u64.
-unsafe impl Pod for PxStatsValue {}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProxySpliceStats {
@@ -102,20 +73,7 @@ const _: () = {
 
 impl ProxySplice {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let base = pin_dir.parent().unwrap_or(Path::new("/"));
-        ensure!(
-            pin_dir
-                .ancestors()
-                .find(|a| a.exists())
-                .is_some_and(|p| sys::is_on_bpffs(p).unwrap_or(false)),
-            "pin dir {} is not on bpffs (mount it: mount -t bpf bpf {})",
-            pin_dir.display(),
-            base.display()
-        );
-        for sub in ["maps", "progs"] {
-            let d = pin_dir.join(sub);
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-        }
+        prepare_dir(pin_dir, &["maps", "progs"])?;
         let maps_dir = pin_dir.join("maps");
         let mut storage = MaybeUninit::uninit();
         let skel = load_pinned(
@@ -373,7 +331,7 @@ fn insert_sock(map: &MapHandle, fd: BorrowedFd<'_>) -> Result<()> {
 /// The kernel's unique id of a socket (SO_COOKIE), the key of every map here.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
     const SO_COOKIE: libc::c_int = 57;
-    let v: u64 = getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE).context("SO_COOKIE")?;
+    let v: u64 = sys::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE).context("SO_COOKIE")?;
     Ok(v)
 }
 
@@ -381,21 +339,9 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
 /// then verdicted (tcp_read_skb drains the queue in order) without waiting for the next
 /// packet. Setting SO_RCVLOWAT (to its current value) calls tcp_data_ready().
 fn kick(fd: BorrowedFd<'_>) -> Result<()> {
-    let lowat: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT)?;
-    // SAFETY: valid fd, pointer to a live c_int of the given size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&lowat as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        bail!("setsockopt SO_RCVLOWAT: {}", io::Error::last_os_error());
-    }
-    Ok(())
+    let lowat: libc::c_int = sys::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT)?;
+    sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, lowat)
+        .context("setsockopt SO_RCVLOWAT")
 }
 
 /// Bytes ever written into this TCP socket's send queue (its write sequence minus the
@@ -403,97 +349,28 @@ fn kick(fd: BorrowedFd<'_>) -> Result<()> {
 /// (SIOCOUTQ), retried until no ACK moved snd_una between the two reads. Used to know when
 /// the kernel has handed a spliced socket everything redirected to it.
 pub fn tcp_bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    const SIOCOUTQ: libc::c_ulong = 0x5411;
     loop {
         let a1 = tcp_bytes_acked(fd)?;
-        let mut outq: libc::c_int = 0;
-        // SAFETY: valid fd, pointer to a live c_int.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQ, &mut outq) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let outq = sys::outq(fd)?;
         if tcp_bytes_acked(fd)? == a1 {
-            return Ok(a1 + outq.max(0) as u64);
+            return Ok(a1 + outq);
         }
     }
 }
 
 fn tcp_bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let info: libc::tcp_info = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    let info: libc::tcp_info = sys::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_acked)
-}
-
-/// getsockopt of a plain-data option (the kernel may fill less than `T`; the rest stays 0).
-fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::Result<T> {
-    // SAFETY: only used with integer and plain C struct types, for which all-zero is valid.
-    let mut v: T = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<T>() as libc::socklen_t;
-    // SAFETY: v and len are live locals of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&mut v as *mut T).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::tests::check;
-    use libbpf_rs::btf::Btf;
-    use std::mem::offset_of;
-
-    static OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy_splice.bpf.o"));
-
-    #[test]
-    fn rust_twins_match_btf() {
-        let btf = Btf::from_raw("proxy_splice", OBJ)
-            .expect("parse BTF")
-            .expect("object has BTF");
-        check(
-            &btf,
-            "comb_px_peer",
-            size_of::<PxPeer>(),
-            &[
-                ("peer", offset_of!(PxPeer, peer)),
-                ("bytes", offset_of!(PxPeer, bytes)),
-                ("skbs", offset_of!(PxPeer, skbs)),
-                ("failures", offset_of!(PxPeer, failures)),
-            ],
-        );
-        check(
-            &btf,
-            "comb_px_stats",
-            size_of::<PxStatsValue>(),
-            &[
-                ("redirected_skbs", offset_of!(PxStatsValue, redirected_skbs)),
-                (
-                    "redirected_bytes",
-                    offset_of!(PxStatsValue, redirected_bytes),
-                ),
-                (
-                    "redirect_failures",
-                    offset_of!(PxStatsValue, redirect_failures),
-                ),
-                ("unpaired_skbs", offset_of!(PxStatsValue, unpaired_skbs)),
-                ("unpaired_bytes", offset_of!(PxStatsValue, unpaired_bytes)),
-                ("reserved", offset_of!(PxStatsValue, reserved)),
-            ],
-        );
-    }
 
     #[test]
     fn map_names_match_the_object() {
         let mut storage = MaybeUninit::uninit();
-        let (_, names) =
-            crate::splice::object_names(ProxySpliceSkelBuilder::default(), &mut storage);
+        let (_, names) = crate::pin::object_names(ProxySpliceSkelBuilder::default(), &mut storage);
         let mut want = [MAP_PX_SOCKS, MAP_PX_REDIR, MAP_PX_PEERS, MAP_PX_STATS];
         want.sort();
         assert_eq!(names, want);

@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Map definitions. Names are the pin names under <pin_dir>/maps/. */
-#ifndef COMB_MAPS_H
-#define COMB_MAPS_H
+/* Local splice map definitions. Names are the pin names under <pin_dir>/maps/. */
+#ifndef COMB_SPLICE_MAPS_H
+#define COMB_SPLICE_MAPS_H
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "comb_types.h"
+#include "comb_splice_types.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -50,4 +50,4 @@ struct {
 	__type(value, struct comb_splice_stats);
 } comb_splice_stats SEC(".maps");
 
-#endif /* COMB_MAPS_H */
+#endif /* COMB_SPLICE_MAPS_H */

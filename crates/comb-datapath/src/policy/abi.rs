@@ -1,7 +1,7 @@
 //! `#[repr(C)]` twins of the identity-policy map types in `bpf/include/comb_policy_types.h`.
 //! A unit test checks each against the BTF of the embedded `policy.bpf.o`.
 
-use crate::maps::{CombAddr, Pod};
+use crate::abi::{CombAddr, Pod};
 
 pub const MAP_IPCACHE: &str = "comb_ipcache";
 pub const MAP_POLICY_ENDPOINTS: &str = "comb_policy_endpoints";
@@ -23,13 +23,6 @@ pub const ID_REMOTE_NODE: u32 = 6;
 pub const ID_FIRST_POD: u32 = 256;
 pub const ID_FIRST_CIDR: u32 = 1 << 24;
 
-pub const DIR_INGRESS: u8 = 0;
-pub const DIR_EGRESS: u8 = 1;
-
-pub const VERDICT_ALLOW: u8 = 1;
-pub const VERDICT_DENY: u8 = 2;
-pub const VERDICT_REDIRECT: u8 = 3;
-
 pub const PREFIX_ANY_PROTO: u32 = 72;
 pub const PREFIX_PROTO: u32 = 80;
 pub const PREFIX_FULL: u32 = 96;
@@ -45,7 +38,7 @@ pub const PROXY_LISTENER_V4: u32 = 0;
 pub const PROXY_LISTENER_V6: u32 = 1;
 pub const PROXY_LISTENERS: u32 = 2;
 /// `skb->mark` of packets for the node proxy, under [`PROXY_MARK_MASK`]; the node's policy
-/// routing ([`crate::proxy_routing`]) delivers them locally.
+/// routing ([`super::routing`]) delivers them locally.
 pub const PROXY_MARK: u32 = 0x0B00;
 pub const PROXY_MARK_MASK: u32 = 0x0F00;
 
@@ -233,7 +226,7 @@ unsafe impl Pod for FragValue {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::tests::check;
+    use crate::abi::tests::check;
     use libbpf_rs::btf::Btf;
     use std::mem::offset_of;
 
@@ -339,10 +332,10 @@ mod tests {
         let btf = Btf::from_raw("policy", OBJ)
             .expect("parse BTF")
             .expect("object has BTF");
-        let (size, fields) = crate::maps::tests::c_layout(&btf, "__sk_buff");
-        assert_eq!(size, crate::policy_dp::TEST_SKB_CTX_LEN);
+        let (size, fields) = crate::abi::tests::c_layout(&btf, "__sk_buff");
+        assert_eq!(size, super::super::TEST_SKB_CTX_LEN);
         assert!(
-            fields.contains(&("ifindex".to_string(), crate::policy_dp::TEST_SKB_IFINDEX)),
+            fields.contains(&("ifindex".to_string(), super::super::TEST_SKB_IFINDEX)),
             "{fields:?}"
         );
     }

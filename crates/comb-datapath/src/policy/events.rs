@@ -4,19 +4,18 @@
 //! has one consumer position: run one reader per datapath at a time (two would split the
 //! events between them).
 
-use std::ffi::c_void;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd};
-use std::ptr::NonNull;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapHandle, libbpf_sys};
+use comb_model::terms::{Direction, ReasonCode, Verdict};
+use libbpf_rs::MapHandle;
 use serde::{Deserialize, Serialize};
 
-use crate::maps::Pod;
-use crate::policy::{Direction, Reason, Verdict};
-use crate::policy_maps::FlowEventRaw;
+use super::abi::FlowEventRaw;
+use crate::abi::Pod;
+use crate::sys;
 
 /// One decision of the policy datapath: a new flow (allowed or not) or a dropped packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +33,7 @@ pub struct FlowEvent {
     /// The policy verdict ([`Verdict::Deny`] for drops without one, e.g. malformed). Whether
     /// the packet passed follows from `reason` ([`FlowEvent::dropped`]).
     pub verdict: Verdict,
-    pub reason: Reason,
+    pub reason: ReasonCode,
     /// Host-side veth ifindex of the local endpoint.
     pub endpoint: u32,
     pub src_identity: u32,
@@ -62,7 +61,7 @@ impl FlowEvent {
             // The BPF side writes only valid values; anything else reads as the safe side.
             direction: Direction::from_raw(r.direction).unwrap_or(Direction::Ingress),
             verdict: Verdict::from_raw(r.verdict).unwrap_or(Verdict::Deny),
-            reason: Reason(r.reason),
+            reason: ReasonCode(r.reason),
             endpoint: r.endpoint,
             src_identity: r.src_identity,
             dst_identity: r.dst_identity,
@@ -72,80 +71,24 @@ impl FlowEvent {
     }
 }
 
-/// Decoded events between the libbpf callback and [`FlowEventReader::poll`]'s caller.
-#[derive(Default)]
-struct Inbox {
-    events: Vec<FlowEvent>,
-    malformed: u64,
-}
-
 /// A consumer of `comb_flow_events`.
 pub struct FlowEventReader {
-    rb: NonNull<libbpf_sys::ring_buffer>,
-    /// The callback's context; boxed so its address is stable.
-    inbox: Box<Inbox>,
+    rb: sys::RingBuffer<FlowEvent>,
     /// Keeps the map fd the ring buffer was built on open.
     _map: MapHandle,
 }
 
-// SAFETY: the ring buffer manager is a plain heap object with no thread affinity; the reader is
-// used from one thread at a time (poll takes &mut self), and the inbox is owned by it.
-unsafe impl Send for FlowEventReader {}
-
-unsafe extern "C" fn on_sample(
-    ctx: *mut c_void,
-    data: *mut c_void,
-    size: libbpf_sys::size_t,
-) -> i32 {
-    // SAFETY: ctx is the Inbox owned by the reader that is polling (see FlowEventReader::new);
-    // libbpf hands us `size` readable bytes at `data`.
-    let (inbox, bytes) = unsafe {
-        (
-            &mut *ctx.cast::<Inbox>(),
-            std::slice::from_raw_parts(data.cast::<u8>(), size as usize),
-        )
-    };
-    match FlowEvent::decode(bytes) {
-        Some(e) => inbox.events.push(e),
-        None => inbox.malformed += 1,
-    }
-    0
-}
-
 impl FlowEventReader {
     pub(crate) fn new(map: MapHandle) -> Result<Self> {
-        let mut inbox = Box::<Inbox>::default();
-        let ctx: *mut Inbox = &mut *inbox;
-        // SAFETY: valid ringbuf map fd; the callback context outlives the ring buffer (both are
-        // owned by the reader, and Drop frees the ring buffer first).
-        let rb = unsafe {
-            libbpf_sys::ring_buffer__new(
-                map.as_fd().as_raw_fd(),
-                Some(on_sample),
-                ctx.cast(),
-                std::ptr::null(),
-            )
-        };
-        let rb = NonNull::new(rb)
-            .ok_or_else(std::io::Error::last_os_error)
+        let rb = sys::RingBuffer::new(map.as_fd(), FlowEvent::decode)
             .context("opening the flow event ring buffer")?;
-        Ok(Self {
-            rb,
-            inbox,
-            _map: map,
-        })
+        Ok(Self { rb, _map: map })
     }
 
     /// Wait up to `timeout` for events and hand each to `f`, oldest first. Returns how many
     /// were delivered (0 after a timeout or an interrupted wait).
     pub fn poll(&mut self, timeout: Duration, mut f: impl FnMut(FlowEvent)) -> Result<usize> {
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: rb is live; the callback writes into self.inbox, which we hold exclusively.
-        let n = unsafe { libbpf_sys::ring_buffer__poll(self.rb.as_ptr(), ms) };
-        if n < 0 && n != -libc::EINTR {
-            return Err(std::io::Error::from_raw_os_error(-n)).context("polling flow events");
-        }
-        let events = std::mem::take(&mut self.inbox.events);
+        let events = self.rb.poll(timeout).context("polling flow events")?;
         let count = events.len();
         events.into_iter().for_each(&mut f);
         Ok(count)
@@ -153,21 +96,15 @@ impl FlowEventReader {
 
     /// Records too short to be an event (a layout mismatch; should stay 0).
     pub fn malformed(&self) -> u64 {
-        self.inbox.malformed
-    }
-}
-
-impl Drop for FlowEventReader {
-    fn drop(&mut self) {
-        // SAFETY: created by ring_buffer__new, freed once.
-        unsafe { libbpf_sys::ring_buffer__free(self.rb.as_ptr()) };
+        self.rb.malformed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::CombAddr;
+    use crate::abi::CombAddr;
+    use comb_model::terms::Reason;
 
     #[test]
     fn decodes_a_record() {
@@ -194,7 +131,7 @@ mod tests {
         assert_eq!((e.sport, e.dport), (40000, 8080));
         assert_eq!(e.direction, Direction::Egress);
         assert_eq!(e.verdict, Verdict::Deny);
-        assert_eq!(e.reason, Reason::POLICY_DENIED);
+        assert_eq!(e.reason, Reason::PolicyDenied);
         assert!(e.dropped());
         assert_eq!((e.src_identity, e.dst_identity, e.policy), (256, 257, 3));
         assert!(FlowEvent::decode(&raw.as_bytes()[..71]).is_none());

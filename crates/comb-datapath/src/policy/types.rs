@@ -1,207 +1,21 @@
-//! The identity policy's vocabulary (`bpf/policy.c`): directions, verdicts, reasons, policy
-//! keys and values, and their encodings into the map types of [`crate::policy_maps`]. Pure:
-//! the map access is in `policy_dp.rs`, flow events in `policy_events.rs`.
+//! The identity policy's values as the datapath API speaks them (`bpf/policy.c`): policy keys
+//! and values, ipcache entries, conntrack entries, counters, configuration, and their encodings
+//! into the map types of [`super::abi`]. Pure: the map access is in [`super`]. Directions,
+//! verdicts and reasons are the model's ([`comb_model::terms`]).
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use comb_model::terms::{Direction, Reason, ReasonCode, Verdict};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::maps::CombAddr;
-use crate::policy_maps::{
-    DIR_EGRESS, DIR_INGRESS, IpcacheKey, PREFIX_ANY_PROTO, PREFIX_FULL, PREFIX_PROTO,
-    PolicyConfigValue, PolicyLpmKey, PolicyLpmValue, VERDICT_ALLOW, VERDICT_DENY, VERDICT_REDIRECT,
+use super::abi::{
+    IpcacheKey, PREFIX_ANY_PROTO, PREFIX_FULL, PREFIX_PROTO, PolicyConfigValue, PolicyLpmKey,
+    PolicyLpmValue,
 };
-
-/// Seen from the local endpoint (pod).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// To the pod (tc egress of its host-side veth).
-    Ingress,
-    /// From the pod (tc ingress of its host-side veth).
-    Egress,
-}
-
-impl Direction {
-    pub fn to_raw(self) -> u8 {
-        match self {
-            Direction::Ingress => DIR_INGRESS,
-            Direction::Egress => DIR_EGRESS,
-        }
-    }
-
-    pub fn from_raw(d: u8) -> Result<Self> {
-        match d {
-            DIR_INGRESS => Ok(Direction::Ingress),
-            DIR_EGRESS => Ok(Direction::Egress),
-            _ => bail!("invalid direction {d}"),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Allow,
-    Deny,
-    /// Needs the node L7 proxy: TCP flows from a local pod are redirected to its listener
-    /// ([`Reason::PROXY_REDIRECT`]). When they cannot be, the value's reason decides:
-    /// [`Reason::L7_VISIBILITY`] forwards, anything else drops with
-    /// [`Reason::PROXY_UNAVAILABLE`] (fail closed).
-    Redirect,
-}
-
-impl Verdict {
-    pub fn to_raw(self) -> u8 {
-        match self {
-            Verdict::Allow => VERDICT_ALLOW,
-            Verdict::Deny => VERDICT_DENY,
-            Verdict::Redirect => VERDICT_REDIRECT,
-        }
-    }
-
-    pub fn from_raw(v: u8) -> Result<Self> {
-        match v {
-            VERDICT_ALLOW => Ok(Verdict::Allow),
-            VERDICT_DENY => Ok(Verdict::Deny),
-            VERDICT_REDIRECT => Ok(Verdict::Redirect),
-            _ => bail!("invalid verdict {v}"),
-        }
-    }
-}
-
-/// `COMB_REASON_*`: why a packet passed (< 128) or was dropped (>= 128). A newtype so values
-/// a newer datapath writes still round-trip.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Reason(pub u8);
-
-impl Reason {
-    pub const POLICY_ALLOW: Reason = Reason(1);
-    pub const NO_POLICY: Reason = Reason(2);
-    pub const CT_ESTABLISHED: Reason = Reason(3);
-    pub const CT_REPLY: Reason = Reason(4);
-    pub const HOST: Reason = Reason(5);
-    pub const NOT_IP: Reason = Reason(6);
-    pub const FRAGMENT: Reason = Reason(7);
-    /// An ICMP error about a tracked flow (port unreachable, fragmentation needed, ...).
-    pub const CT_RELATED: Reason = Reason(8);
-    /// A visibility REDIRECT that was not redirected (no proxy, not TCP, destination's hook).
-    pub const L7_VISIBILITY: Reason = Reason(9);
-    /// Sent to the node proxy.
-    pub const PROXY_REDIRECT: Reason = Reason(10);
-    pub const POLICY_DENIED: Reason = Reason(128);
-    pub const AUTHZ_DENY: Reason = Reason(129);
-    pub const AUTHZ_NO_ALLOW: Reason = Reason(130);
-    pub const PROXY_UNAVAILABLE: Reason = Reason(131);
-    pub const FRAG_UNKNOWN: Reason = Reason(132);
-    pub const MALFORMED: Reason = Reason(133);
-
-    /// Every reason the datapath knows, in numeric order.
-    pub const ALL: [Reason; 16] = [
-        Reason::POLICY_ALLOW,
-        Reason::NO_POLICY,
-        Reason::CT_ESTABLISHED,
-        Reason::CT_REPLY,
-        Reason::HOST,
-        Reason::NOT_IP,
-        Reason::FRAGMENT,
-        Reason::CT_RELATED,
-        Reason::L7_VISIBILITY,
-        Reason::PROXY_REDIRECT,
-        Reason::POLICY_DENIED,
-        Reason::AUTHZ_DENY,
-        Reason::AUTHZ_NO_ALLOW,
-        Reason::PROXY_UNAVAILABLE,
-        Reason::FRAG_UNKNOWN,
-        Reason::MALFORMED,
-    ];
-
-    /// The metrics label; "unknown" for a value this build does not know.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::POLICY_ALLOW => "policy-allow",
-            Reason::NO_POLICY => "no-policy",
-            Reason::CT_ESTABLISHED => "ct-established",
-            Reason::CT_REPLY => "ct-reply",
-            Reason::HOST => "host",
-            Reason::NOT_IP => "not-ip",
-            Reason::FRAGMENT => "fragment",
-            Reason::CT_RELATED => "ct-related",
-            Reason::L7_VISIBILITY => "l7-visibility",
-            Reason::PROXY_REDIRECT => "proxy-redirect",
-            Reason::POLICY_DENIED => "policy-denied",
-            Reason::AUTHZ_DENY => "authz-deny",
-            Reason::AUTHZ_NO_ALLOW => "authz-no-allow",
-            Reason::PROXY_UNAVAILABLE => "proxy-unavailable",
-            Reason::FRAG_UNKNOWN => "frag-unknown",
-            Reason::MALFORMED => "malformed",
-            _ => "unknown",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| r.name() == name)
-    }
-
-    /// Packets with this reason are dropped.
-    pub fn is_drop(self) -> bool {
-        self.0 >= 128
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            "unknown" => write!(f, "reason-{}", self.0),
-            n => f.write_str(n),
-        }
-    }
-}
-
-impl std::str::FromStr for Reason {
-    type Err = anyhow::Error;
-
-    /// A name, or `reason-<n>` as [`Reason`]'s Display writes unknown values.
-    fn from_str(s: &str) -> Result<Self> {
-        if let Some(r) = Reason::from_name(s) {
-            return Ok(r);
-        }
-        match s.strip_prefix("reason-").map(str::parse::<u8>) {
-            Some(Ok(n)) => Ok(Reason(n)),
-            _ => bail!("unknown reason {s:?}"),
-        }
-    }
-}
-
-impl Serialize for Reason {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Reason {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+use crate::abi::CombAddr;
 
 /// One entry of the node's policy table (`comb_policy`, an LPM trie).
 ///
@@ -212,7 +26,7 @@ impl<'de> Deserialize<'de> for Reason {
 pub struct PolicyKey {
     /// Host-side veth ifindex of the local endpoint.
     pub endpoint: u32,
-    /// Peer identity; [`crate::policy_maps::ID_ANY`] (0) = every identity without its own
+    /// Peer identity; [`super::abi::ID_ANY`] (0) = every identity without its own
     /// entries.
     pub identity: u32,
     pub direction: Direction,
@@ -286,7 +100,8 @@ impl PolicyKey {
     }
 
     pub fn from_lpm(k: &PolicyLpmKey) -> Result<Self> {
-        let direction = Direction::from_raw(k.direction)?;
+        let direction = Direction::from_raw(k.direction)
+            .with_context(|| format!("invalid direction {}", k.direction))?;
         let (protocol, port, port_prefix) = match k.prefixlen {
             PREFIX_ANY_PROTO => (0, 0, 0),
             p @ PREFIX_PROTO..=PREFIX_FULL if k.protocol != 0 => {
@@ -323,8 +138,8 @@ pub struct PolicyValue {
     pub verdict: Verdict,
     /// Reported with the verdict. The datapath forwards only with a reason < 128 and drops
     /// only with one >= 128; a value that disagrees is reported as
-    /// [`Reason::POLICY_ALLOW`] / [`Reason::POLICY_DENIED`].
-    pub reason: Reason,
+    /// [`Reason::PolicyAllow`] / [`Reason::PolicyDenied`].
+    pub reason: ReasonCode,
     /// [`Verdict::Redirect`]: the node proxy's port; 0 = none.
     pub proxy_port: u16,
     /// Userspace index of the deciding policy, 0 = none; reported in flow events.
@@ -335,7 +150,7 @@ impl PolicyValue {
     pub fn allow(policy: u32) -> Self {
         Self {
             verdict: Verdict::Allow,
-            reason: Reason::POLICY_ALLOW,
+            reason: Reason::PolicyAllow.into(),
             proxy_port: 0,
             policy,
         }
@@ -344,7 +159,7 @@ impl PolicyValue {
     pub fn deny(reason: Reason, policy: u32) -> Self {
         Self {
             verdict: Verdict::Deny,
-            reason,
+            reason: reason.into(),
             proxy_port: 0,
             policy,
         }
@@ -361,8 +176,9 @@ impl PolicyValue {
 
     pub fn from_raw(v: &PolicyLpmValue) -> Result<Self> {
         Ok(Self {
-            verdict: Verdict::from_raw(v.verdict)?,
-            reason: Reason(v.reason),
+            verdict: Verdict::from_raw(v.verdict)
+                .with_context(|| format!("invalid verdict {}", v.verdict))?,
+            reason: ReasonCode(v.reason),
             proxy_port: v.proxy_port,
             policy: v.policy,
         })
@@ -420,8 +236,8 @@ impl ProxyFamily {
     /// The listener's slot in `comb_proxy_listeners`.
     pub fn slot(self) -> u32 {
         match self {
-            ProxyFamily::V4 => crate::policy_maps::PROXY_LISTENER_V4,
-            ProxyFamily::V6 => crate::policy_maps::PROXY_LISTENER_V6,
+            ProxyFamily::V4 => super::abi::PROXY_LISTENER_V4,
+            ProxyFamily::V6 => super::abi::PROXY_LISTENER_V6,
         }
     }
 
@@ -466,7 +282,7 @@ impl PolicyConfig {
     pub fn to_raw(&self) -> PolicyConfigValue {
         PolicyConfigValue {
             flags: if self.events {
-                crate::policy_maps::POLICY_CFG_F_EVENTS
+                super::abi::POLICY_CFG_F_EVENTS
             } else {
                 0
             },
@@ -488,7 +304,7 @@ impl PolicyConfig {
             }
         };
         Self {
-            events: v.flags & crate::policy_maps::POLICY_CFG_F_EVENTS != 0,
+            events: v.flags & super::abi::POLICY_CFG_F_EVENTS != 0,
             ct_tcp: or(v.ct_tcp_ns, d.ct_tcp),
             ct_close: or(v.ct_close_ns, d.ct_close),
             ct_other: or(v.ct_other_ns, d.ct_other),
@@ -520,7 +336,7 @@ pub struct CtEntry {
     /// Raw `COMB_CT_F_*` bits.
     pub flags: u32,
     /// Reason of the verdict that created it.
-    pub reason: Reason,
+    pub reason: ReasonCode,
     /// Host-side veth ifindex of the judging endpoint.
     pub endpoint: u32,
     pub policy: u32,
@@ -540,7 +356,7 @@ impl CtEntry {
 pub struct PolicyMetric {
     pub endpoint: u32,
     pub direction: Direction,
-    pub reason: Reason,
+    pub reason: ReasonCode,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -548,10 +364,10 @@ pub struct PolicyMetric {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::Pod;
-    use crate::policy_maps::*;
+    use crate::abi::Pod;
+    use crate::policy::abi::*;
 
-    const HEADER: &str = include_str!("../../../bpf/include/comb_policy_types.h");
+    const HEADER: &str = include_str!("../../../../bpf/include/comb_policy_types.h");
 
     /// `#define NAME value` of the contract header; values are integers (decimal or `0x`
     /// hex) or `(1U << n)`.
@@ -586,11 +402,11 @@ mod tests {
             ("COMB_ID_REMOTE_NODE", ID_REMOTE_NODE.into()),
             ("COMB_ID_FIRST_POD", ID_FIRST_POD.into()),
             ("COMB_ID_FIRST_CIDR", ID_FIRST_CIDR.into()),
-            ("COMB_DIR_INGRESS", DIR_INGRESS.into()),
-            ("COMB_DIR_EGRESS", DIR_EGRESS.into()),
-            ("COMB_VERDICT_ALLOW", VERDICT_ALLOW.into()),
-            ("COMB_VERDICT_DENY", VERDICT_DENY.into()),
-            ("COMB_VERDICT_REDIRECT", VERDICT_REDIRECT.into()),
+            ("COMB_DIR_INGRESS", Direction::Ingress.to_raw().into()),
+            ("COMB_DIR_EGRESS", Direction::Egress.to_raw().into()),
+            ("COMB_VERDICT_ALLOW", Verdict::Allow.to_raw().into()),
+            ("COMB_VERDICT_DENY", Verdict::Deny.to_raw().into()),
+            ("COMB_VERDICT_REDIRECT", Verdict::Redirect.to_raw().into()),
             ("COMB_POLICY_PREFIX_ANY_PROTO", PREFIX_ANY_PROTO.into()),
             ("COMB_POLICY_PREFIX_PROTO", PREFIX_PROTO.into()),
             ("COMB_POLICY_PREFIX_FULL", PREFIX_FULL.into()),
@@ -633,52 +449,20 @@ mod tests {
         ]) {
             assert_eq!(
                 define(&format!("COMB_REASON_{name}")),
-                u64::from(r.0),
+                u64::from(r.to_raw()),
                 "{name}"
             );
         }
     }
 
+    /// Every reason the kernel header defines is one the model knows, and no other.
     #[test]
-    fn reason_names_and_drops() {
-        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
-        assert_eq!(
-            names,
-            [
-                "policy-allow",
-                "no-policy",
-                "ct-established",
-                "ct-reply",
-                "host",
-                "not-ip",
-                "fragment",
-                "ct-related",
-                "l7-visibility",
-                "proxy-redirect",
-                "policy-denied",
-                "authz-deny",
-                "authz-no-allow",
-                "proxy-unavailable",
-                "frag-unknown",
-                "malformed"
-            ]
-        );
-        for r in Reason::ALL {
-            assert_eq!(Reason::from_name(r.name()), Some(r));
-            assert_eq!(r.is_drop(), r.0 >= 128);
-        }
-        assert!(!Reason::CT_REPLY.is_drop());
-        assert!(Reason::PROXY_UNAVAILABLE.is_drop());
-        assert_eq!(Reason(77).to_string(), "reason-77");
-        assert_eq!(
-            serde_json::to_string(&Reason::NO_POLICY).unwrap(),
-            "\"no-policy\""
-        );
-        for r in [Reason::NO_POLICY, Reason(77)] {
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(serde_json::from_str::<Reason>(&json).unwrap(), r);
-        }
-        assert!("bogus".parse::<Reason>().is_err());
+    fn reasons_are_exactly_the_headers() {
+        let defined = HEADER
+            .lines()
+            .filter(|l| l.trim_start().starts_with("#define COMB_REASON_"))
+            .count();
+        assert_eq!(defined, Reason::ALL.len(), "COMB_REASON_* vs Reason::ALL");
     }
 
     fn key(protocol: u8, port: u16, port_prefix: u8) -> PolicyKey {
@@ -712,7 +496,7 @@ mod tests {
         assert_eq!(&b[0..4], &96u32.to_ne_bytes());
         assert_eq!(&b[4..8], &7u32.to_ne_bytes());
         assert_eq!(&b[8..12], &300u32.to_ne_bytes());
-        assert_eq!(b[12], DIR_EGRESS);
+        assert_eq!(b[12], Direction::Egress.to_raw());
         assert_eq!(b[13], 6);
         // The port is big-endian, so an LPM prefix covers its high bits.
         assert_eq!(&b[14..16], &[0x1f, 0x90]);
@@ -771,7 +555,7 @@ mod tests {
     fn values_round_trip() {
         let v = PolicyValue {
             verdict: Verdict::Redirect,
-            reason: Reason::PROXY_UNAVAILABLE,
+            reason: Reason::ProxyUnavailable.into(),
             proxy_port: 15001,
             policy: 9,
         };
