@@ -5,7 +5,6 @@
 //! The admin API and `/metrics` only read.
 #![forbid(unsafe_code)]
 
-
 mod admin;
 mod args;
 mod flows;
