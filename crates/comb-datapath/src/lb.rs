@@ -32,19 +32,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Most backends one Service may have.
 pub const MAX_BACKENDS_PER_SERVICE: usize = 65535;
 
-/// One Service VIP:port/protocol and the backends new connections may choose.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbService {
-    pub vip: IpAddr,
-    pub port: u16,
-    /// 6 = TCP, 17 = UDP.
-    pub protocol: u8,
-    /// The active backends, in the order given (read back in the same order).
-    pub backends: Vec<(IpAddr, u16)>,
-    pub maglev: bool,
-    /// `sessionAffinity: ClientIP` timeout; 0 = off.
-    pub affinity_timeout_secs: u32,
-}
+pub use comb_model::lb::LbService;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SocketLbMode {

@@ -15,5 +15,6 @@ pub mod identity;
 pub mod l7;
 pub mod lb;
 pub mod maglev;
+pub mod pipeline;
 pub mod policy;
 pub mod policy_compile;
