@@ -6,17 +6,18 @@
 //! kernel counts it), the broadcast channel drops what a slow client did not read (the client
 //! is told how many), and enrichment uses a snapshot index, not the agent's lock.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use comb_datapath::FlowEvent;
+use comb_datapath::{Datapath, FlowEvent};
 use comb_host::boot_time_ns;
+use comb_model::pipeline::FlowIndex;
 use comb_model::terms::{has_ports, protocol_name};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::api::{FlowRow, VerdictFilter};
-use crate::shared::Shared;
+use crate::writer::WriterMsg;
 
 /// What the pump broadcasts.
 #[derive(Clone, Debug)]
@@ -25,16 +26,6 @@ pub enum FlowMsg {
     /// Events the kernel could not queue since the previous notice.
     KernelLost(u64),
 }
-
-/// Names for addresses, interfaces and policy numbers; rebuilt at each reconcile.
-#[derive(Debug, Default)]
-pub struct FlowIndex {
-    pub pod_by_ip: HashMap<IpAddr, String>,
-    pub pod_by_ifindex: HashMap<u32, String>,
-    pub policy_names: HashMap<u32, String>,
-}
-
-pub type SharedIndex = Arc<RwLock<FlowIndex>>;
 
 /// Broadcast capacity: a client more than this many events behind loses the oldest.
 pub const CHANNEL_EVENTS: usize = 16384;
@@ -88,26 +79,26 @@ pub fn wanted(row: &FlowRow, pod: Option<&str>, verdict: Option<VerdictFilter>) 
     pod_ok && verdict_ok
 }
 
-/// The pump: runs on its own thread for the agent's life (until the datapath is gone).
-pub fn pump(shared: Arc<Shared>) {
-    let reader = {
-        let inner = shared.inner.lock().expect("agent lock poisoned");
-        inner.datapath.as_ref().map(|d| d.policy().flow_events())
-    };
-    let mut reader = match reader {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => {
+/// The pump: runs on its own thread until the writer is gone. It reads the ring buffer and
+/// asks the writer to switch events on while someone listens and off when nobody does.
+pub fn pump(
+    datapath: Arc<Datapath>,
+    flows: broadcast::Sender<FlowMsg>,
+    writer: mpsc::Sender<WriterMsg>,
+) {
+    let mut reader = match datapath.policy().flow_events() {
+        Ok(r) => r,
+        Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "flow events unavailable");
             return;
         }
-        None => return,
     };
     let mut enabled = false;
     let mut lost_seen: Option<u64> = None;
     let mut last_check = Instant::now() - Duration::from_secs(1);
     loop {
         if let Err(e) = reader.poll(Duration::from_millis(100), |ev| {
-            let _ = shared.flows.send(FlowMsg::Event(ev));
+            let _ = flows.send(FlowMsg::Event(ev));
         }) {
             tracing::warn!(error = %format!("{e:#}"), "polling flow events");
             std::thread::sleep(Duration::from_millis(100));
@@ -116,30 +107,18 @@ pub fn pump(shared: Arc<Shared>) {
             continue;
         }
         last_check = Instant::now();
-        let want = shared.flows.receiver_count() > 0;
-        let inner = shared.inner.lock().expect("agent lock poisoned");
-        let Some(dp) = inner.datapath.as_ref() else {
-            return; // shut down
-        };
-        if want != enabled {
-            match dp.policy().config() {
-                Ok(mut cfg) => {
-                    cfg.events = want;
-                    match dp.policy().set_config(&cfg) {
-                        Ok(()) => enabled = want,
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "switching flow events")
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading policy config"),
-            }
+        if writer.is_closed() {
+            return; // shutting down
         }
-        if let Ok(lost) = dp.policy().events_lost() {
+        let want = flows.receiver_count() > 0;
+        if want != enabled && writer.blocking_send(WriterMsg::FlowEvents(want)).is_ok() {
+            enabled = want;
+        }
+        if let Ok(lost) = datapath.policy().events_lost() {
             if let Some(prev) = lost_seen
                 && lost > prev
             {
-                let _ = shared.flows.send(FlowMsg::KernelLost(lost - prev));
+                let _ = flows.send(FlowMsg::KernelLost(lost - prev));
             }
             lost_seen = Some(lost);
         }

@@ -1,12 +1,14 @@
 //! combd: the per-node agent.
 //!
-//! Data flows one way: the manifests source produces snapshots, the agent swaps them into
-//! State through its one mutator, and the datapath reconciler makes the kernel match State.
-//! The admin API and `/metrics` only read.
+//! Data flows one way: a [`source`] produces State snapshots; the one [`writer`] swaps them
+//! into State, runs the pure pipeline (comb_model::pipeline) and hands its result to the
+//! reconcilers (datapath maps and attachments, the proxy's table); it publishes an immutable
+//! status that the admin API and `/metrics` ([`view`]) read without waiting for it.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod args;
+mod config;
 mod flows;
 mod identity_store;
 mod metrics;
@@ -15,10 +17,13 @@ mod policy_rows;
 mod reconcile;
 mod run;
 mod service_rows;
-mod shared;
-mod source;
+pub mod source;
+mod status;
+mod view;
+mod writer;
 
 pub use args::Args;
 /// The admin API's wire types live in comb-api so the CLI need not link the agent.
 pub use comb_api as api;
-pub use run::{main, run};
+pub use config::{AgentConfig, ProxyConfig};
+pub use run::{main, run, run_with};

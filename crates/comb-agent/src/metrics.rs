@@ -1,8 +1,8 @@
-//! Prometheus `/metrics`: the agent's own health and the datapath's counters.
+//! Prometheus `/metrics`: the agent's own health (from the published status, never waiting
+//! for the writer) and the datapath's and the proxy's counters.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -11,7 +11,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::shared::{Inner, Shared};
+use crate::status::Published;
+use crate::view::View;
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -19,18 +20,18 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding metrics address {addr}"))
 }
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, view: View) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
+        let view = view.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
+                let view = view.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        let body = tokio::task::spawn_blocking(move || render(&shared))
+                        let body = tokio::task::spawn_blocking(move || render(&view))
                             .await
                             .unwrap_or_default();
                         Response::builder()
@@ -66,9 +67,10 @@ fn metric(
 }
 
 /// The exposition text; also served through the admin API (`comb metrics`).
-pub fn render(shared: &Shared) -> String {
-    let inner = shared.inner.lock().expect("agent lock poisoned");
-    let node = &shared.args.node;
+pub fn render(view: &View) -> String {
+    let p = view.published();
+    let dp = &view.datapath;
+    let node = &view.cfg.node;
     let mut o = String::new();
     metric(
         &mut o,
@@ -87,7 +89,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Generation of the State in force.",
         "",
-        inner.state.generation(),
+        p.generation,
     );
     metric(
         &mut o,
@@ -95,7 +97,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Generation the datapath last applied completely.",
         "",
-        inner.applied_generation,
+        p.applied_generation,
     );
     metric(
         &mut o,
@@ -103,7 +105,7 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Manifest changes applied.",
         "",
-        inner.config_reloads,
+        p.config_reloads,
     );
     metric(
         &mut o,
@@ -111,7 +113,7 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Manifest changes rejected; the last good State stayed.",
         "",
-        inner.config_rejects,
+        p.config_rejects,
     );
     metric(
         &mut o,
@@ -119,7 +121,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Errors in the newest manifests.",
         "",
-        inner.config_errors.len(),
+        p.config_errors.len(),
     );
     metric(
         &mut o,
@@ -127,7 +129,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Errors of the last datapath reconcile.",
         "",
-        inner.datapath_errors.len(),
+        p.datapath_errors.len(),
     );
     metric(
         &mut o,
@@ -135,7 +137,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Pods of this node with an address.",
         "",
-        inner.state.local_pods(node).count(),
+        p.local_endpoints,
     );
     metric(
         &mut o,
@@ -143,11 +145,11 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Whether local pod-to-pod splice is on.",
         "",
-        u8::from(inner.splice_enabled),
+        u8::from(p.splice_enabled),
     );
-    lb_metrics(&mut o, &inner);
-    policy_metrics(&mut o, &inner);
-    if let Some(Ok(s)) = inner.datapath.as_ref().map(|d| d.splice().stats()) {
+    lb_metrics(&mut o, &p, view);
+    policy_metrics(&mut o, &p, view);
+    if let Ok(s) = dp.splice().stats() {
         metric(
             &mut o,
             "comb_splice_sockets",
@@ -205,15 +207,14 @@ pub fn render(shared: &Shared) -> String {
             s.add_failures,
         );
     }
-    drop(inner);
-    proxy_metrics(shared, &mut o);
+    proxy_metrics(view, &mut o);
     o
 }
 
 /// The node proxy's Istio-standard metrics and its own gauges/counters.
-fn proxy_metrics(shared: &Shared, o: &mut String) {
+fn proxy_metrics(view: &View, o: &mut String) {
     let (telemetry, active, splice) = {
-        let guard = shared.proxy.lock().expect("proxy lock poisoned");
+        let guard = view.proxy.lock().expect("proxy lock poisoned");
         let Some(p) = guard.as_ref() else { return };
         (
             p.telemetry(),
@@ -259,14 +260,14 @@ fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String
     }
 }
 
-fn policy_metrics(o: &mut String, inner: &Inner) {
+fn policy_metrics(o: &mut String, p: &Published, view: &View) {
     metric(
         o,
         "comb_identities",
         "gauge",
         "Security identities known to this node (reserved, workloads, CIDRs).",
         "",
-        inner.identity_table.identities.len(),
+        p.desired.identities.identities.len(),
     );
     metric(
         o,
@@ -274,7 +275,7 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
         "gauge",
         "Prefixes in the ipcache.",
         "",
-        inner.policy.ipcache.len(),
+        p.desired.policy.ipcache.len(),
     );
     metric(
         o,
@@ -282,7 +283,7 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
         "gauge",
         "Entries in the policy table (all local endpoints).",
         "",
-        inner.policy.entries.len(),
+        p.desired.policy.entries.len(),
     );
     metric(
         o,
@@ -290,11 +291,9 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
         "gauge",
         "Local pods whose traffic policy cannot judge (see comb status).",
         "",
-        inner.policy.unenforced.len(),
+        p.desired.policy.unenforced.len(),
     );
-    let Some(dp) = inner.datapath.as_ref() else {
-        return;
-    };
+    let dp = &view.datapath;
     if let Ok(lost) = dp.policy().events_lost() {
         metric(
             o,
@@ -312,7 +311,7 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
     for m in rows {
         // Counters of an endpoint that is gone stay in the map until it is reused; they
         // no longer name a pod.
-        let Some(ep) = inner.policy.endpoints.get(&m.endpoint) else {
+        let Some(ep) = p.desired.policy.endpoints.get(&m.endpoint) else {
             continue;
         };
         let labels = format!(
@@ -346,15 +345,15 @@ fn policy_metrics(o: &mut String, inner: &Inner) {
     );
 }
 
-fn lb_metrics(o: &mut String, inner: &Inner) {
-    let dp = inner.datapath.as_ref();
+fn lb_metrics(o: &mut String, p: &Published, view: &View) {
+    let dp = &view.datapath;
     metric(
         o,
         "comb_socket_lb_attached",
         "gauge",
         "Whether the socket-LB programs are attached.",
         "",
-        u8::from(dp.is_some_and(|d| d.lb().attachment().is_some())),
+        u8::from(p.socket_lb.is_some()),
     );
     metric(
         o,
@@ -362,19 +361,17 @@ fn lb_metrics(o: &mut String, inner: &Inner) {
         "gauge",
         "Service frontends that cannot be programmed (e.g. SCTP).",
         "",
-        inner.lb_skipped.len(),
+        p.desired.lb_skipped.len(),
     );
-    if let Some(Ok(n)) = dp.map(|d| d.lb().services()) {
-        metric(
-            o,
-            "comb_lb_services",
-            "gauge",
-            "Service frontends (VIP:port/protocol) in the socket-LB maps.",
-            "",
-            n.len(),
-        );
-    }
-    let Some(Ok(s)) = dp.map(|d| d.lb().stats()) else {
+    metric(
+        o,
+        "comb_lb_services",
+        "gauge",
+        "Service frontends (VIP:port/protocol) in the socket-LB maps.",
+        "",
+        p.lb_services,
+    );
+    let Ok(s) = dp.lb().stats() else {
         return;
     };
     for (name, help, value) in [

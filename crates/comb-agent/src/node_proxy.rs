@@ -12,7 +12,7 @@ use comb_model::l7::ProxyTable;
 use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
 use comb_proxy::{Family, Limits, Proxy, ProxyHandle, ProxyOptions};
 
-use crate::args::{Args, OnOff};
+use crate::config::{AgentConfig, ProxyConfig};
 
 pub struct NodeProxy {
     handle: ProxyHandle,
@@ -38,17 +38,17 @@ fn family(f: Family) -> ProxyFamily {
 impl NodeProxy {
     /// Start the proxy (empty table until the first reconcile), register its listeners with
     /// the datapath and install the policy routing of the agent's network namespace.
-    pub fn start(args: &Args, datapath: &Datapath) -> Result<Self> {
+    pub fn start(cfg: &AgentConfig, px: &ProxyConfig, datapath: &Datapath) -> Result<Self> {
         let telemetry = Telemetry::new(TelemetryOptions {
-            access_log: args.access_log.as_deref().map(access_log_target),
-            otlp_endpoint: args.otlp_endpoint.clone(),
-            node: args.node.clone(),
+            access_log: px.access_log.as_deref().map(access_log_target),
+            otlp_endpoint: px.otlp_endpoint.clone(),
+            node: cfg.node.clone(),
             service_name: "comb-proxy".into(),
             max_stats_routes: 100,
         });
         telemetry.start_exporter(&tokio::runtime::Handle::current());
-        let splice = if args.proxy_splice == OnOff::On {
-            match ProxySplice::open(&args.pin_dir()) {
+        let splice = if px.splice {
+            match ProxySplice::open(&cfg.pin_dir) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "proxy splice unavailable; relaying in userspace");
@@ -59,15 +59,15 @@ impl NodeProxy {
             None
         };
         let mut opts = ProxyOptions::new(telemetry);
-        opts.port = args.proxy_port;
-        opts.workers = args.proxy_workers.max(1);
+        opts.port = px.port;
+        opts.workers = px.workers;
         opts.splice = splice.clone();
-        opts.detect_timeout = Duration::from_millis(args.proxy_detect_timeout_ms);
+        opts.detect_timeout = px.detect_timeout;
         opts.limits = Limits {
-            max_header_bytes: args.proxy_max_header_bytes,
-            max_body_bytes: args.proxy_max_body_bytes,
-            header_read_timeout: Duration::from_millis(args.proxy_header_timeout_ms),
-            upstream_connect_timeout: Duration::from_millis(args.proxy_connect_timeout_ms),
+            max_header_bytes: px.max_header_bytes,
+            max_body_bytes: px.max_body_bytes,
+            header_read_timeout: px.header_timeout,
+            upstream_connect_timeout: px.connect_timeout,
             ..Limits::default()
         };
         let handle = Proxy::start(opts, Arc::new(ProxyTable::default()))
@@ -80,14 +80,14 @@ impl NodeProxy {
         }
         proxy_routing::install().context("installing the proxy's policy routing")?;
         tracing::info!(
-            port = args.proxy_port,
+            port = px.port,
             splice = splice.is_some(),
             "node proxy listening"
         );
         Ok(Self {
             handle,
             splice,
-            port: args.proxy_port,
+            port: px.port,
         })
     }
 

@@ -10,8 +10,8 @@ use comb_model::identity::IdentityTable;
 use comb_model::terms::protocol_name;
 
 use crate::api::{EndpointPolicy, IdentityRow, PolicyEntryRow};
-use crate::flows::FlowIndex;
-use crate::reconcile::policy::{DesiredPolicy, datapath_entry};
+use crate::reconcile::policy::datapath_entry;
+use comb_model::pipeline::{DesiredPolicy, FlowIndex};
 
 pub fn identities(table: &IdentityTable) -> Vec<IdentityRow> {
     table

@@ -3,27 +3,27 @@
 
 use std::collections::BTreeMap;
 
-use comb_datapath::LbService;
-use comb_model::lb::LbFrontend;
+use comb_model::lb::{LbFrontend, LbService};
+use comb_model::pipeline::services::{self as pipeline_services, ServiceKey};
 
 use crate::api::{BackendRow, ServiceRow};
-use crate::reconcile::services::{self, ServiceKey};
+use crate::reconcile::services;
 
 /// `frontends` from State, `have` from the datapath (empty when the socket LB is off).
 pub fn rows(frontends: &[LbFrontend], have: &[LbService]) -> Vec<ServiceRow> {
-    let want = services::desired(frontends).services;
+    let want = pipeline_services::desired(frontends).services;
     let have: BTreeMap<ServiceKey, LbService> = have
         .iter()
-        .map(|s| (services::key(s), services::normalized(s)))
+        .map(|s| (pipeline_services::key(s), services::normalized(s)))
         .collect();
     frontends
         .iter()
         .map(|f| {
             // Programmed: the entry the reconciler wants for this key is this frontend's (it
             // was not skipped or beaten to the VIP) and the datapath holds exactly that.
-            let programmed = services::ip_protocol(f.protocol).is_some_and(|p| {
-                let mine = services::lb_service(f, p);
-                let k = services::key(&mine);
+            let programmed = pipeline_services::ip_protocol(f.protocol).is_some_and(|p| {
+                let mine = pipeline_services::lb_service(f, p);
+                let k = pipeline_services::key(&mine);
                 want.get(&k) == Some(&mine) && have.get(&k) == Some(&mine)
             });
             ServiceRow {
@@ -96,7 +96,7 @@ mod tests {
     #[test]
     fn programmed_when_the_datapath_holds_exactly_the_frontend() {
         let f = frontend(Protocol::Tcp);
-        let mut have = services::lb_service(&f, 6);
+        let mut have = pipeline_services::lb_service(&f, 6);
         assert!(rows(std::slice::from_ref(&f), std::slice::from_ref(&have))[0].programmed);
         have.backends.clear();
         assert!(!rows(std::slice::from_ref(&f), &[have])[0].programmed);

@@ -67,7 +67,9 @@ pub fn resolve(node: Option<&str>, socket: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+/// One request, one answer (the response's data, or the agent's error).
+pub fn call(socket: &Path, req: impl Into<Request>) -> Result<serde_json::Value> {
+    let req: Request = req.into();
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "no agent answers on {} (is combd running?)",
@@ -75,7 +77,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
         )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_vec(req)?;
+    let mut line = serde_json::to_vec(&req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut resp = String::new();

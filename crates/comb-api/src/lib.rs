@@ -15,15 +15,48 @@ use comb_model::Protocol;
 use comb_model::lb::{BackendState, LbAlgorithm};
 use serde::{Deserialize, Serialize};
 
+/// A request: a read-only query, answered from what the agent last published (and the
+/// kernel's maps) without waiting for the writer, or a control request, which the agent's
+/// single writer carries out in order with configuration changes. One JSON object per line,
+/// `{"cmd": "<name>", ...}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Request {
+    Query(Query),
+    Control(Control),
+}
+
+impl From<Query> for Request {
+    fn from(q: Query) -> Self {
+        Request::Query(q)
+    }
+}
+
+impl From<Control> for Request {
+    fn from(c: Control) -> Self {
+        Request::Control(c)
+    }
+}
+
+/// Changes the agent's behaviour; carried out by the writer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
+pub enum Control {
+    /// Switch local pod-to-pod splice on or off (new connections): `bool`.
+    SetSplice { enabled: bool },
+}
+
+/// Reads only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Query {
+    /// `Status`; never waits for a reconcile.
     Status,
+    /// Every pod with an address: `Vec<EndpointRow>`.
     Endpoints,
+    /// The splice's counters.
     SpliceStats,
-    SetSplice {
-        enabled: bool,
-    },
+    /// Prometheus text (the same as `/metrics`).
     Metrics,
     /// Service frontends of this node: `Vec<ServiceRow>`.
     Services,
@@ -169,7 +202,15 @@ pub enum Response {
     Error { message: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// When a generation replaced State and when the datapath held it completely (unix seconds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationTimes {
+    pub generation: u64,
+    pub replaced_at: f64,
+    pub applied_at: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
     pub version: String,
@@ -181,6 +222,12 @@ pub struct Status {
     pub generation: u64,
     /// Generation the datapath reconciler last applied completely.
     pub applied_generation: u64,
+    /// When `applied_generation` was applied (unix seconds).
+    #[serde(default)]
+    pub applied_at: Option<f64>,
+    /// The most recent generations (oldest first, at most 64) with their times.
+    #[serde(default)]
+    pub generations: Vec<GenerationTimes>,
     pub splice_enabled: bool,
     /// Socket LB as attached now: "on", "host-only" or "off".
     pub socket_lb: String,
@@ -286,10 +333,27 @@ mod tests {
     }
 
     #[test]
-    fn services_request_on_the_wire() {
+    fn requests_on_the_wire() {
         assert_eq!(
-            serde_json::to_string(&Request::Services).unwrap(),
+            serde_json::to_string(&Request::Query(Query::Services)).unwrap(),
             r#"{"cmd":"services"}"#
         );
+        let set = Request::Control(Control::SetSplice { enabled: true });
+        let text = r#"{"cmd":"set_splice","enabled":true}"#;
+        assert_eq!(serde_json::to_string(&set).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Request>(text).unwrap(), set);
+        let q: Request =
+            serde_json::from_str(r#"{"cmd":"endpoint_policy","pod":"shop/web"}"#).unwrap();
+        assert_eq!(
+            q,
+            Request::Query(Query::EndpointPolicy {
+                pod: "shop/web".into()
+            })
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
+            Request::Query(Query::Status)
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 use comb_api::SpliceStats;
-use comb_api::{EndpointRow, Request, Status};
+use comb_api::{Control, EndpointRow, Query, Request, Status};
 
 use comb_api::{client, table};
 
@@ -36,9 +36,9 @@ pub enum SpliceCmd {
     Set { state: OnOff },
 }
 
-pub fn ask(t: &Target, req: Request) -> Result<serde_json::Value> {
+pub fn ask(t: &Target, req: impl Into<Request>) -> Result<serde_json::Value> {
     let socket = client::resolve(t.node.as_deref(), t.socket.as_deref())?;
-    client::call(&socket, &req)
+    client::call(&socket, req)
 }
 
 pub fn print_json(v: &serde_json::Value) {
@@ -46,7 +46,7 @@ pub fn print_json(v: &serde_json::Value) {
 }
 
 pub fn status(t: &Target) -> Result<ExitCode> {
-    let v = ask(t, Request::Status)?;
+    let v = ask(t, Query::Status)?;
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
@@ -113,7 +113,7 @@ pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
     if let EndpointCmd::Policy { cmd } = cmd {
         return crate::policy_cmds::endpoint_policy(t, cmd);
     }
-    let v = ask(t, Request::Endpoints)?;
+    let v = ask(t, Query::Endpoints)?;
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
@@ -145,7 +145,7 @@ pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
 pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
     match cmd {
         SpliceCmd::Stats => {
-            let v = ask(t, Request::SpliceStats)?;
+            let v = ask(t, Query::SpliceStats)?;
             if t.output == Output::Json {
                 print_json(&v);
                 return Ok(ExitCode::SUCCESS);
@@ -167,7 +167,7 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
         }
         SpliceCmd::Set { state } => {
             let enabled = matches!(state, OnOff::On);
-            ask(t, Request::SetSplice { enabled })?;
+            ask(t, Control::SetSplice { enabled })?;
             println!(
                 "splice {} for new connections",
                 if enabled { "on" } else { "off" }
@@ -178,7 +178,7 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
 }
 
 pub fn metrics(t: &Target) -> Result<ExitCode> {
-    let v = ask(t, Request::Metrics)?;
+    let v = ask(t, Query::Metrics)?;
     print!("{}", v.as_str().unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }

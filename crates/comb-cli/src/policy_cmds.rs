@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
 use comb_api::{
-    EndpointPolicy, FlowRow, IdentityRow, MonitorLine, Request, Response, VerdictFilter,
+    EndpointPolicy, FlowRow, IdentityRow, MonitorLine, Query, Request, Response, VerdictFilter,
 };
 
 use crate::agent_cmds::{ask, print_json};
@@ -45,7 +45,7 @@ pub struct MonitorArgs {
 
 pub fn identity(t: &Target, cmd: IdentityCmd) -> Result<ExitCode> {
     let IdentityCmd::List = cmd;
-    let v = ask(t, Request::Identities)?;
+    let v = ask(t, Query::Identities)?;
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
@@ -71,7 +71,7 @@ pub fn identity(t: &Target, cmd: IdentityCmd) -> Result<ExitCode> {
 
 pub fn endpoint_policy(t: &Target, cmd: EndpointPolicyCmd) -> Result<ExitCode> {
     let EndpointPolicyCmd::Get { pod } = cmd;
-    let v = ask(t, Request::EndpointPolicy { pod })?;
+    let v = ask(t, Query::EndpointPolicy { pod })?;
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
@@ -171,14 +171,14 @@ pub fn monitor(t: &Target, a: MonitorArgs) -> Result<ExitCode> {
     let socket = client::resolve(t.node.as_deref(), t.socket.as_deref())?;
     let mut stream = UnixStream::connect(&socket)
         .with_context(|| format!("no agent answers on {}", socket.display()))?;
-    let req = Request::Monitor {
+    let req = Query::Monitor {
         pod: a.pod,
         verdict: a.verdict.map(|v| match v {
             VerdictArg::Forwarded => VerdictFilter::Forwarded,
             VerdictArg::Dropped => VerdictFilter::Dropped,
         }),
     };
-    let mut line = serde_json::to_vec(&req)?;
+    let mut line = serde_json::to_vec(&Request::from(req))?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let stdout = std::io::stdout();

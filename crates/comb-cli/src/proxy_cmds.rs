@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use comb_api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Query};
 
 use crate::agent_cmds::{ask, print_json};
 use crate::{Output, Target};
@@ -19,7 +19,7 @@ pub enum ProxyCmd {
 pub fn proxy(t: &Target, cmd: ProxyCmd) -> Result<ExitCode> {
     match cmd {
         ProxyCmd::Stats => {
-            let v = ask(t, Request::ProxyStats)?;
+            let v = ask(t, Query::ProxyStats)?;
             if t.output == Output::Json {
                 print_json(&v);
                 return Ok(ExitCode::SUCCESS);

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use comb_api::{BackendRow, Request, ServiceRow};
+use comb_api::{BackendRow, Query, ServiceRow};
 use comb_model::lb::{BackendState, LbAlgorithm};
 
 use crate::agent_cmds::{ask, print_json};
@@ -20,7 +20,7 @@ pub enum ServiceCmd {
 
 pub fn run(t: &Target, cmd: ServiceCmd) -> Result<ExitCode> {
     let ServiceCmd::List = cmd;
-    let v = ask(t, Request::Services)?;
+    let v = ask(t, Query::Services)?;
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);

@@ -253,7 +253,7 @@ fn cli_reports_endpoints_and_splice_stats() {
 const DENY_INGRESS_T: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: t}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 
 fn identities(lab: &comb_lab::Lab) -> Vec<(u64, String)> {
-    let v = call(&lab.agent_socket("node1"), &comb_api::Request::Identities).unwrap();
+    let v = call(&lab.agent_socket("node1"), comb_api::Query::Identities).unwrap();
     v.as_array()
         .unwrap()
         .iter()
@@ -309,7 +309,7 @@ fn policy_keeps_enforcing_and_identities_stay_across_a_restart() {
     );
     let ep = call(
         &lab.agent_socket("node1"),
-        &comb_api::Request::EndpointPolicy { pod: "t/b".into() },
+        comb_api::Query::EndpointPolicy { pod: "t/b".into() },
     )
     .unwrap();
     assert_eq!(ep["in_sync"], true, "{ep}");
@@ -321,4 +321,88 @@ fn policy_keeps_enforcing_and_identities_stay_across_a_restart() {
     );
     drop(_srv);
     lab.down().unwrap();
+}
+
+/// `count` ClusterIP Services (198.19.x.y:80) with one ready backend each.
+fn many_services_yaml(count: usize) -> String {
+    let mut out = String::with_capacity(count * 600);
+    for i in 0..count {
+        let vip = format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bulk}}\n\
+             spec: {{clusterIP: {vip}, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: s{i}-1, namespace: bulk, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [198.18.1.2], conditions: {{ready: true}}}}]\n---\n"
+        ));
+    }
+    out
+}
+
+/// The admin API answers `status` from the snapshot the writer publishes, so it never waits
+/// for a reconcile: while 10,000 Services are being written to the socket-LB maps, every
+/// status round trip on the admin socket stays under 50 ms.
+#[test]
+fn status_answers_while_ten_thousand_services_are_applied() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::Instant;
+
+    let Some(lab) = two_pod_lab("st", &[]) else {
+        return;
+    };
+    let before = status(&lab, "node1");
+    write_manifest(&lab, "bulk.yaml", &many_services_yaml(10_000));
+
+    let socket = lab.agent_socket("node1");
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut during: Vec<Duration> = Vec::new();
+    let last = loop {
+        assert!(
+            Instant::now() < deadline,
+            "10,000 Services not applied in time"
+        );
+        let t = Instant::now();
+        conn.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let took = t.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let s: comb_api::Status = serde_json::from_value(v["data"].clone()).unwrap();
+        if s.generation > before.generation && s.applied_generation < s.generation {
+            during.push(took);
+        }
+        if s.applied_generation > before.generation {
+            break s;
+        }
+        assert!(s.datapath_errors.is_empty(), "{:?}", s.datapath_errors);
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(last.lb_services, 10_000, "every Service programmed");
+    let g = last
+        .generations
+        .iter()
+        .find(|g| g.generation == last.applied_generation)
+        .expect("the applied generation's times");
+    let reconcile = g.applied_at.unwrap() - g.replaced_at;
+    during.sort();
+    let max = *during.last().unwrap_or(&Duration::ZERO);
+    eprintln!(
+        "status during a 10,000-Service reconcile ({reconcile:.2} s): {} answers, p50 {:?}, max {max:?}",
+        during.len(),
+        during.get(during.len() / 2).copied().unwrap_or_default(),
+    );
+    assert!(
+        during.len() >= 3,
+        "status must be answered while the reconcile runs (it ran {reconcile:.2} s; {} answers)",
+        during.len()
+    );
+    assert!(
+        max < Duration::from_millis(50),
+        "slowest status answer {max:?}"
+    );
 }

@@ -166,7 +166,7 @@ fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_json::V
 }
 
 fn proxy_stats(lab: &Lab) -> serde_json::Value {
-    call(&lab.agent_socket("n1"), &comb_api::Request::ProxyStats).unwrap()
+    call(&lab.agent_socket("n1"), comb_api::Query::ProxyStats).unwrap()
 }
 
 /// Requests the proxy recorded for destination workload `dest`.

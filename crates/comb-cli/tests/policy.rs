@@ -728,7 +728,7 @@ fn datapath_in_sync(env: &Env) -> Result<(), String> {
         let key = format!("{}/{}", p.ns, p.name);
         let v = call(
             &env.lab.agent_socket(p.node),
-            &comb_api::Request::EndpointPolicy { pod: key.clone() },
+            comb_api::Query::EndpointPolicy { pod: key.clone() },
         )
         .map_err(|e| format!("endpoint policy of {key}: {e}"))?;
         if v["in_sync"] != true {

@@ -1,6 +1,8 @@
 //! The facade: one [`Datapath`] that loads, adopts (what a previous agent pinned) and shuts
 //! down every feature together, and hands each out through an accessor
-//! (`dp.splice()`, `dp.lb_mut()`, `dp.policy()`, ...). Features know nothing of each other;
+//! (`dp.splice()`, `dp.lb()`, `dp.policy()`). Every method takes `&self` (features keep
+//! their link bookkeeping behind locks of their own), so the agent's one writer and its
+//! readers share one `Arc<Datapath>`: readers read maps and counters while the writer works. Features know nothing of each other;
 //! what concerns several of them (whose link names are whose, the order of load and shutdown)
 //! is decided here.
 
@@ -69,26 +71,14 @@ impl Datapath {
         &self.splice
     }
 
-    pub fn splice_mut(&mut self) -> &mut Splice {
-        &mut self.splice
-    }
-
     /// The socket load balancer: Services and the cgroup it is attached to.
     pub fn lb(&self) -> &SocketLb {
         &self.lb
     }
 
-    pub fn lb_mut(&mut self) -> &mut SocketLb {
-        &mut self.lb
-    }
-
     /// The identity policy: ipcache, policy entries, endpoints, conntrack, counters, events.
     pub fn policy(&self) -> &Policy {
         &self.policy
-    }
-
-    pub fn policy_mut(&mut self) -> &mut Policy {
-        &mut self.policy
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -97,8 +87,9 @@ impl Datapath {
 
     /// `keep_pins = true`: leave everything attached and pinned for the next agent.
     /// `keep_pins = false`: detach every link and sk_msg and remove `pin_dir` entirely; the maps
-    /// (and the sockhash's sockets) go away with their last fd.
-    pub fn shutdown(mut self, keep_pins: bool) -> Result<()> {
+    /// (and the sockhash's sockets) go away with their last fd. Readers holding the datapath
+    /// afterwards still read the (now unpinned) maps through their fds.
+    pub fn shutdown(&self, keep_pins: bool) -> Result<()> {
         if keep_pins {
             info!(pin_dir = %self.opts.pin_dir.display(), "splice datapath left pinned");
             return Ok(());

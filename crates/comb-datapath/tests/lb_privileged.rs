@@ -138,13 +138,13 @@ impl Lab {
         let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
         let cg = CgroupGuard::new(&mount);
         let pins = PinGuard::fresh();
-        let mut dp = Datapath::load(DatapathOptions {
+        let dp = Datapath::load(DatapathOptions {
             pin_dir: pins.0.clone(),
             cgroup_root: mount.clone(),
         })
         .expect("loading datapath");
         let rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
-        dp.lb_mut().attach(&rel, mode).expect("attach socket LB");
+        dp.lb().attach(&rel, mode).expect("attach socket LB");
         Self {
             dp: Some(dp),
             pins,
@@ -305,7 +305,7 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
     assert_eq!(lab.dp().lb().services().unwrap(), vec![s.clone()]);
     let rel = lab.cg_rel();
     lab.dp()
-        .lb_mut()
+        .lb()
         .attach(&rel, SocketLbMode::All)
         .expect("attach is idempotent");
     assert_eq!(lab.dp().lb().attachment(), Some((rel, SocketLbMode::All)));
@@ -337,7 +337,7 @@ fn tcp_connect_lands_on_a_backend_and_peer_is_the_vip() {
     assert!(lab.dp().lb().services().unwrap().is_empty());
     let pins = lab.pins.0.clone();
     let cg = lab.cg.0.clone();
-    lab.dp().lb_mut().detach().unwrap();
+    lab.dp().lb().detach().unwrap();
     assert!(lab.dp().lb().attachment().is_none());
     assert!(!pins.join("links/lb-connect4").exists());
     assert!(!bpftool_cgroup_show(&cg).contains("connect4"));
@@ -547,7 +547,7 @@ fn host_only_leaves_other_netns_alone() {
     drop(other);
     // Mode All translates the other netns too.
     let rel = lab.cg_rel();
-    lab.dp().lb_mut().attach(&rel, SocketLbMode::All).unwrap();
+    lab.dp().lb().attach(&rel, SocketLbMode::All).unwrap();
     // The backend (127.0.0.1:port of this netns) does not exist in that netns: refused, where
     // untranslated it would have reached the "native" listener.
     let mut other = Client::spawn(&lab.cg.0, Some(&ns.0));

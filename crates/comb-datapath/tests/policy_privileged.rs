@@ -1200,10 +1200,10 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
         .ip(&["link", "add", "v2", "type", "veth", "peer", "name", "v3"]);
     let (a, b) = (fx.ifindex, ifindex("v2"));
     allow(&fx, PolicyKey::port(a, ID_A, Ingress, TCP, Some(80)), 1);
-    fx.dp_mut().policy_mut().attach(a).unwrap();
-    fx.dp_mut().policy_mut().attach(b).unwrap();
+    fx.dp_mut().policy().attach(a).unwrap();
+    fx.dp_mut().policy().attach(b).unwrap();
     fx.dp_mut()
-        .policy_mut()
+        .policy()
         .attach(a)
         .expect("attach is idempotent");
     assert_eq!(fx.dp().policy().attachments(), vec![a, b]);
@@ -1216,7 +1216,7 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
     want.sort();
     assert_eq!(link_pins(&fx.pins.0), want);
     assert!(
-        fx.dp_mut().policy_mut().attach(999_999).is_err(),
+        fx.dp_mut().policy().attach(999_999).is_err(),
         "no such interface"
     );
     assert_eq!(fx.dp().policy().attachments(), vec![a, b]);
@@ -1254,18 +1254,18 @@ fn restart_adopts_links_and_maps_and_drops_defunct_links() {
     assert_eq!(fx.count(Ingress, Reason::CtEstablished), 1);
 
     // Detach, re-attach; an interface deleted under an attached link detaches cleanly.
-    fx.dp_mut().policy_mut().detach(a).unwrap();
+    fx.dp_mut().policy().detach(a).unwrap();
     fx.dp_mut()
-        .policy_mut()
+        .policy()
         .detach(a)
         .expect("detach is idempotent");
     assert!(fx.dp().policy().attachments().is_empty());
     assert!(link_pins(&fx.pins.0).is_empty());
-    fx.dp_mut().policy_mut().attach(a).unwrap();
+    fx.dp_mut().policy().attach(a).unwrap();
     fx.ns.ip(&["link", "del", "v0"]);
     assert_eq!(fx.dp().policy().attachments(), vec![a]);
     fx.dp_mut()
-        .policy_mut()
+        .policy()
         .detach(a)
         .expect("detaching from a deleted interface");
     assert!(link_pins(&fx.pins.0).is_empty());
@@ -1411,7 +1411,7 @@ fn tcp_between_pods_is_enforced() {
 
     let inside = InNetns::enter(&lab.node);
     let (ci, si) = (ifindex(&client.2), ifindex(&server.2));
-    let mut dp = Datapath::load(DatapathOptions {
+    let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
         cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
@@ -1454,8 +1454,8 @@ fn tcp_between_pods_is_enforced() {
         })
         .unwrap();
     let reader = dp.policy().flow_events().unwrap();
-    dp.policy_mut().attach(ci).unwrap();
-    dp.policy_mut().attach(si).unwrap();
+    dp.policy().attach(ci).unwrap();
+    dp.policy().attach(si).unwrap();
     assert_eq!(dp.policy().attachments(), {
         let mut v = vec![ci, si];
         v.sort();

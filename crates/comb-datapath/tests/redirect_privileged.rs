@@ -400,7 +400,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
 
     let inside = InNetns::enter(&lab.node);
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
-    let mut dp = Datapath::load(DatapathOptions {
+    let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
         cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
@@ -451,8 +451,8 @@ fn tcp_is_redirected_to_the_node_proxy() {
     ] {
         dp.policy().upsert_entry(&k, &v).unwrap();
     }
-    dp.policy_mut().attach(ai).unwrap();
-    dp.policy_mut().attach(bi).unwrap();
+    dp.policy().attach(ai).unwrap();
+    dp.policy().attach(bi).unwrap();
 
     // The proxy's routing, in the node namespace; installing twice adds nothing.
     assert!(!routing::installed().unwrap());
@@ -614,7 +614,7 @@ fn tcp6_is_redirected_to_the_node_proxy() {
 
     let inside = InNetns::enter(&lab.node);
     let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
-    let mut dp = Datapath::load(DatapathOptions {
+    let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
         cgroup_root: comb_host::cgroup2_mount().unwrap(),
     })
@@ -643,8 +643,8 @@ fn tcp6_is_redirected_to_the_node_proxy() {
             &redirect(Reason::ProxyUnavailable, 1),
         )
         .unwrap();
-    dp.policy_mut().attach(ai).unwrap();
-    dp.policy_mut().attach(bi).unwrap();
+    dp.policy().attach(ai).unwrap();
+    dp.policy().attach(bi).unwrap();
     routing::install().unwrap();
     assert!(routing::installed().unwrap());
 

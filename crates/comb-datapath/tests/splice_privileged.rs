@@ -121,7 +121,7 @@ fn splice_echo(lo: IpAddr) {
     let pins = PinGuard::fresh();
     let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
 
-    let mut dp = Datapath::load(DatapathOptions {
+    let dp = Datapath::load(DatapathOptions {
         pin_dir: pins.0.clone(),
         cgroup_root: mount.clone(),
     })
@@ -135,8 +135,8 @@ fn splice_echo(lo: IpAddr) {
         dp.splice().endpoints().unwrap(),
         vec![(lo, EndpointInfo { splice: true })]
     );
-    dp.splice_mut().attach_cgroup("test-pod", &cg_rel).unwrap();
-    dp.splice_mut()
+    dp.splice().attach_cgroup("test-pod", &cg_rel).unwrap();
+    dp.splice()
         .attach_cgroup("test-pod", &cg_rel)
         .expect("attach is idempotent");
     assert_eq!(
@@ -196,10 +196,10 @@ fn splice_echo(lo: IpAddr) {
     drop(client);
     drop(server);
 
-    dp.splice_mut().detach_cgroup("test-pod").unwrap();
+    dp.splice().detach_cgroup("test-pod").unwrap();
     assert!(dp.splice().attached().is_empty());
     assert!(!pins.0.join("links/test-pod").exists());
-    dp.splice_mut().attach_cgroup("test-pod", &cg_rel).unwrap();
+    dp.splice().attach_cgroup("test-pod", &cg_rel).unwrap();
     dp.shutdown(false).expect("shutdown");
     assert!(!pins.0.exists(), "pins left behind: {}", pins.0.display());
     let shown = bpftool_cgroup_show(&cg.0);
@@ -222,19 +222,19 @@ fn restart_adopts_pins() {
     };
     let ip: IpAddr = "fd00::7".parse().unwrap();
 
-    let mut dp = Datapath::load(opts()).expect("first load");
+    let dp = Datapath::load(opts()).expect("first load");
     dp.splice().set_enabled(true).unwrap();
     dp.splice()
         .upsert_endpoint(ip, EndpointInfo { splice: false })
         .unwrap();
-    dp.splice_mut().attach_cgroup("pod-a", &cg_rel).unwrap();
+    dp.splice().attach_cgroup("pod-a", &cg_rel).unwrap();
     dp.shutdown(true).unwrap();
     assert!(
         bpftool_cgroup_show(&cg.0).contains("sock_ops"),
         "pinned link must survive the agent"
     );
 
-    let mut dp = Datapath::load(opts()).expect("second load adopts pins");
+    let dp = Datapath::load(opts()).expect("second load adopts pins");
     assert!(dp.splice().enabled().unwrap());
     assert_eq!(
         dp.splice().endpoints().unwrap(),
@@ -250,7 +250,7 @@ fn restart_adopts_pins() {
         .expect("removing a missing endpoint is fine");
     assert!(dp.splice().endpoints().unwrap().is_empty());
     // Re-attaching under the same id replaces the adopted link rather than adding one.
-    dp.splice_mut().attach_cgroup("pod-a", &cg_rel).unwrap();
+    dp.splice().attach_cgroup("pod-a", &cg_rel).unwrap();
     assert_eq!(bpftool_cgroup_show(&cg.0).matches("sock_ops").count(), 1);
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());

@@ -10,6 +10,21 @@ use crate::objects::{ObjKey, Protocol};
 mod compile;
 pub use compile::compile_frontends;
 
+/// One Service VIP:port/protocol as the socket LB holds it: the backends new connections may
+/// choose. The pipeline's desired entry and what the datapath reads back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbService {
+    pub vip: IpAddr,
+    pub port: u16,
+    /// 6 = TCP, 17 = UDP.
+    pub protocol: u8,
+    /// The active backends, in the order given (read back in the same order).
+    pub backends: Vec<(IpAddr, u16)>,
+    pub maglev: bool,
+    /// `sessionAffinity: ClientIP` timeout; 0 = off.
+    pub affinity_timeout_secs: u32,
+}
+
 /// Annotation selecting the backend choice: `maglev` for consistent hashing.
 pub const ANNOTATION_LB: &str = "comb.dev/lb";
 

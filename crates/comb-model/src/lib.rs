@@ -15,6 +15,7 @@ pub mod identity;
 pub mod l7;
 pub mod lb;
 pub mod maglev;
+pub mod pipeline;
 pub mod policy;
 pub mod policy_compile;
 pub mod terms;

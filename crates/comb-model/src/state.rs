@@ -1,5 +1,7 @@
 //! The State container and its single mutator.
 
+use std::sync::Arc;
+
 use crate::objects::{Pod, Snapshot};
 
 /// Monotonic stamp of a State change; reconcilers report the generation they applied.
@@ -8,7 +10,8 @@ pub type Generation = u64;
 #[derive(Clone, Debug, Default)]
 pub struct State {
     generation: Generation,
-    snapshot: Snapshot,
+    /// Shared so readers (the admin API) can hold the State in force without copying it.
+    snapshot: Arc<Snapshot>,
 }
 
 impl State {
@@ -24,13 +27,18 @@ impl State {
         &self.snapshot
     }
 
+    /// The snapshot in force, to be read elsewhere while State moves on.
+    pub fn shared_snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.clone()
+    }
+
     /// The only mutator: swap in a validated snapshot and stamp a new generation.
     /// Returns false (and keeps the generation) when nothing changed.
     pub fn replace(&mut self, snapshot: Snapshot) -> bool {
-        if snapshot == self.snapshot {
+        if snapshot == *self.snapshot {
             return false;
         }
-        self.snapshot = snapshot;
+        self.snapshot = Arc::new(snapshot);
         self.generation += 1;
         true
     }

@@ -5,40 +5,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use comb_datapath::{Datapath, EndpointInfo};
-use comb_model::{Pod, State};
-
-/// The pod half of what this node's datapath should hold.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct DesiredPods {
-    /// Local pod address → splice allowed.
-    pub endpoints: BTreeMap<IpAddr, bool>,
-    /// Attachment id → pod cgroup relative to the cgroup root.
-    pub cgroups: BTreeMap<String, PathBuf>,
-}
-
-/// The attachment id of a pod: stable, filename-safe.
-pub fn attach_id(pod: &Pod) -> String {
-    format!("{}_{}", pod.key.namespace, pod.key.name)
-}
-
-pub fn desired(state: &State, node: &str) -> DesiredPods {
-    let mut d = DesiredPods::default();
-    for pod in state.local_pods(node) {
-        for ip in &pod.ips {
-            d.endpoints.insert(*ip, pod.splice);
-        }
-        // An opted-out pod gets no sockops at all: its sockets never enter the sockhash.
-        if let (Some(cg), true) = (&pod.cgroup, pod.splice) {
-            d.cgroups
-                .insert(attach_id(pod), PathBuf::from(cg.trim_start_matches('/')));
-        }
-    }
-    d
-}
+use comb_model::pipeline::DesiredPods;
 
 /// Apply `want` to the datapath, collecting the errors met (each step is independent, so one
 /// bad pod does not hold back the others).
-pub fn apply(dp: &mut Datapath, want: &DesiredPods, errors: &mut Vec<String>) {
+pub fn apply(dp: &Datapath, want: &DesiredPods, errors: &mut Vec<String>) {
     let have: BTreeMap<IpAddr, bool> = match dp.splice().endpoints() {
         Ok(v) => v.into_iter().map(|(ip, info)| (ip, info.splice)).collect(),
         Err(e) => {
@@ -64,83 +35,14 @@ pub fn apply(dp: &mut Datapath, want: &DesiredPods, errors: &mut Vec<String>) {
     let attached: BTreeMap<String, PathBuf> = dp.splice().attached().into_iter().collect();
     for (id, cg) in &want.cgroups {
         if attached.get(id) != Some(cg)
-            && let Err(e) = dp.splice_mut().attach_cgroup(id, cg)
+            && let Err(e) = dp.splice().attach_cgroup(id, cg)
         {
             errors.push(format!("attaching {id} to cgroup {}: {e:#}", cg.display()));
         }
     }
     for id in attached.keys().filter(|id| !want.cgroups.contains_key(*id)) {
-        if let Err(e) = dp.splice_mut().detach_cgroup(id) {
+        if let Err(e) = dp.splice().detach_cgroup(id) {
             errors.push(format!("detaching {id}: {e:#}"));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use comb_model::{ObjKey, Snapshot};
-
-    fn pod(name: &str, node: &str, ip: &str, splice: bool) -> Pod {
-        Pod {
-            key: ObjKey::new("default", name),
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-            node_name: Some(node.into()),
-            service_account: "default".into(),
-            ips: vec![ip.parse().unwrap()],
-            cgroup: Some(format!("/lab/{name}")),
-            splice,
-            interface: None,
-            ports: Vec::new(),
-            owner: None,
-        }
-    }
-
-    fn state(pods: Vec<Pod>) -> State {
-        let mut snap = Snapshot::default();
-        for p in pods {
-            snap.pods.insert(p.key.clone(), p);
-        }
-        let mut s = State::new();
-        s.replace(snap);
-        s
-    }
-
-    #[test]
-    fn only_local_pods_are_desired() {
-        let s = state(vec![
-            pod("a", "n1", "198.18.1.2", true),
-            pod("b", "n2", "198.18.2.2", true),
-        ]);
-        let d = desired(&s, "n1");
-        assert_eq!(
-            d.endpoints
-                .keys()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>(),
-            ["198.18.1.2"]
-        );
-        assert_eq!(d.cgroups.get("default_a"), Some(&PathBuf::from("lab/a")));
-        assert!(!d.cgroups.contains_key("default_b"));
-    }
-
-    #[test]
-    fn opted_out_pod_is_an_endpoint_without_sockops() {
-        let s = state(vec![pod("a", "n1", "198.18.1.2", false)]);
-        let d = desired(&s, "n1");
-        assert_eq!(
-            d.endpoints.get(&"198.18.1.2".parse().unwrap()),
-            Some(&false)
-        );
-        assert!(d.cgroups.is_empty());
-    }
-
-    #[test]
-    fn pod_without_address_is_ignored() {
-        let mut p = pod("a", "n1", "198.18.1.2", true);
-        p.ips.clear();
-        let d = desired(&state(vec![p]), "n1");
-        assert_eq!(d, DesiredPods::default());
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use comb_api::SpliceStats;
-use comb_api::{EndpointRow, Request, Response, Status};
+use comb_api::{Control, EndpointRow, Query, Request, Response, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
 pub const COMB: &str = env!("CARGO_BIN_EXE_comb");
@@ -66,11 +66,12 @@ fn lab_up_files(prefix: &str, files: &[(&str, &str)], agent_args: &[&str]) -> La
     .expect("lab up")
 }
 
-pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
+pub fn call(socket: &Path, req: impl Into<Request>) -> Result<serde_json::Value, String> {
+    let req: Request = req.into();
     let mut s =
         UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut line = serde_json::to_vec(req).unwrap();
+    let mut line = serde_json::to_vec(&req).unwrap();
     line.push(b'\n');
     s.write_all(&line).map_err(|e| e.to_string())?;
     let mut resp = String::new();
@@ -84,24 +85,24 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
 }
 
 pub fn status(lab: &Lab, node: &str) -> Status {
-    serde_json::from_value(call(&lab.agent_socket(node), &Request::Status).unwrap()).unwrap()
+    serde_json::from_value(call(&lab.agent_socket(node), Query::Status).unwrap()).unwrap()
 }
 
 pub fn endpoints(lab: &Lab, node: &str) -> Vec<EndpointRow> {
-    serde_json::from_value(call(&lab.agent_socket(node), &Request::Endpoints).unwrap()).unwrap()
+    serde_json::from_value(call(&lab.agent_socket(node), Query::Endpoints).unwrap()).unwrap()
 }
 
 pub fn splice_stats(lab: &Lab, node: &str) -> SpliceStats {
-    serde_json::from_value(call(&lab.agent_socket(node), &Request::SpliceStats).unwrap()).unwrap()
+    serde_json::from_value(call(&lab.agent_socket(node), Query::SpliceStats).unwrap()).unwrap()
 }
 
 pub fn set_splice(lab: &Lab, node: &str, on: bool) {
-    call(&lab.agent_socket(node), &Request::SetSplice { enabled: on }).unwrap();
+    call(&lab.agent_socket(node), Control::SetSplice { enabled: on }).unwrap();
 }
 
 /// `node`'s agent answers and has applied the newest manifests.
 fn applied(lab: &Lab, node: &str) -> bool {
-    let Ok(v) = call(&lab.agent_socket(node), &Request::Status) else {
+    let Ok(v) = call(&lab.agent_socket(node), Query::Status) else {
         return false;
     };
     let s: Status = serde_json::from_value(v).unwrap();
@@ -358,10 +359,10 @@ pub fn write_resources(lab: &Lab, text: &str) {
     std::fs::rename(&tmp, dir.join("resources.yaml")).unwrap();
 }
 
-/// `Request::Services` rows (JSON: service, port_name, vip, port, protocol, algorithm,
+/// `Query::Services` rows (JSON: service, port_name, vip, port, protocol, algorithm,
 /// affinity_timeout_secs, backends [{ip, port, state, node, weight}], programmed).
 pub fn services(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
-    let v = call(&lab.agent_socket(node), &Request::Services).unwrap();
+    let v = call(&lab.agent_socket(node), Query::Services).unwrap();
     serde_json::from_value(v).unwrap()
 }
 
@@ -394,7 +395,7 @@ pub fn all_programmed(rows: &[serde_json::Value], n: usize) -> bool {
 
 /// `node`'s agent's Prometheus exposition text.
 pub fn metrics_text(lab: &Lab, node: &str) -> String {
-    let v = call(&lab.agent_socket(node), &Request::Metrics).unwrap();
+    let v = call(&lab.agent_socket(node), Query::Metrics).unwrap();
     v.as_str()
         .map(str::to_string)
         .unwrap_or_else(|| v.to_string())
@@ -459,7 +460,7 @@ pub fn probe_json(lab: &Lab, pod: &str, args: &[&str]) -> serde_json::Value {
 
 /// The agent's status as raw JSON (fields added by newer agents included).
 pub fn status_json(lab: &Lab, node: &str) -> serde_json::Value {
-    call(&lab.agent_socket(node), &Request::Status).unwrap()
+    call(&lab.agent_socket(node), Query::Status).unwrap()
 }
 
 // ---- Identity policy ----

@@ -33,19 +33,9 @@ use update::{IdAlloc, LbMap, LbStore};
 /// Most backends one Service may have.
 pub const MAX_BACKENDS_PER_SERVICE: usize = 65535;
 
-/// One Service VIP:port/protocol and the backends new connections may choose.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbService {
-    pub vip: IpAddr,
-    pub port: u16,
-    /// 6 = TCP, 17 = UDP.
-    pub protocol: u8,
-    /// The active backends, in the order given (read back in the same order).
-    pub backends: Vec<(IpAddr, u16)>,
-    pub maglev: bool,
-    /// `sessionAffinity: ClientIP` timeout; 0 = off.
-    pub affinity_timeout_secs: u32,
-}
+/// One Service as the socket LB holds it: the pipeline's desired entry, defined once in the
+/// model.
+pub use comb_model::lb::LbService;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SocketLbMode {
@@ -134,7 +124,9 @@ pub struct SocketLb {
     /// In HOOKS order.
     progs: Vec<ProgramHandle>,
     ids: Mutex<IdAlloc>,
-    attached: Option<LbAttachment>,
+    /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
+    /// while readers ask where it is attached.
+    attached: Mutex<Option<LbAttachment>>,
 }
 
 struct LbAttachment {
@@ -210,7 +202,7 @@ impl SocketLb {
             stats: map_handle(&skel.maps.comb_lb_stats)?,
             progs,
             ids: Mutex::new(IdAlloc::default()),
-            attached: None,
+            attached: Mutex::new(None),
         })
     }
 
@@ -312,7 +304,10 @@ impl SocketLb {
             SocketLbMode::All
         };
         debug!(cgroup = %cgroup.display(), ?mode, "adopted socket-LB links");
-        self.attached = Some(LbAttachment {
+        *self
+            .attached
+            .get_mut()
+            .expect("lb attachment lock poisoned") = Some(LbAttachment {
             cgroup,
             mode,
             links,
@@ -321,14 +316,14 @@ impl SocketLb {
     }
 
     /// Detach the 8 programs and remove their link pins. Not attached is fine.
-    pub fn detach(&mut self) -> Result<()> {
+    pub fn detach(&self) -> Result<()> {
         let mut errors = Vec::new();
         for (_, name, _) in HOOKS {
             if let Err(e) = remove_pin(&self.pin_dir.join("links").join(name)) {
                 errors.push(format!("{e:#}"));
             }
         }
-        if let Some(a) = self.attached.take() {
+        if let Some(a) = self.attachment_lock().take() {
             for l in &a.links {
                 match sys::link_detach(l.as_fd()) {
                     Err(e) if e.raw_os_error() != Some(libc::ENOLINK) => {
@@ -376,10 +371,11 @@ impl SocketLb {
     /// Attach the 8 socket-LB programs to `cgroup_rel` (relative to the cgroup root; "/" is the
     /// root itself), links pinned under `<pin_dir>/links/lb-*`. Idempotent; moving to another
     /// cgroup attaches there before detaching the old one.
-    pub fn attach(&mut self, cgroup_rel: &Path, mode: SocketLbMode) -> Result<()> {
+    pub fn attach(&self, cgroup_rel: &Path, mode: SocketLbMode) -> Result<()> {
         let cg_path = resolve_cgroup(&self.cgroup_root, cgroup_rel)?;
+        let mut attached = self.attachment_lock();
         self.write_config(mode)?;
-        if let Some(a) = &mut self.attached
+        if let Some(a) = attached.as_mut()
             && a.cgroup == cgroup_rel
         {
             for (l, p) in a.links.iter().zip(&self.progs) {
@@ -403,7 +399,7 @@ impl SocketLb {
             remove_pin(&pin)?;
             sys::obj_pin(l.as_fd(), &pin).with_context(|| format!("pinning {}", pin.display()))?;
         }
-        if let Some(old) = self.attached.replace(LbAttachment {
+        if let Some(old) = attached.replace(LbAttachment {
             cgroup: cgroup_rel.to_path_buf(),
             mode,
             links,
@@ -419,7 +415,13 @@ impl SocketLb {
     /// Where the programs are attached ("/" = the cgroup root; empty when an adopted link's
     /// cgroup could not be found), and how.
     pub fn attachment(&self) -> Option<(PathBuf, SocketLbMode)> {
-        self.attached.as_ref().map(|a| (a.cgroup.clone(), a.mode))
+        self.attachment_lock()
+            .as_ref()
+            .map(|a| (a.cgroup.clone(), a.mode))
+    }
+
+    fn attachment_lock(&self) -> MutexGuard<'_, Option<LbAttachment>> {
+        self.attached.lock().expect("lb attachment lock poisoned")
     }
 
     pub fn stats(&self) -> Result<LbStats> {

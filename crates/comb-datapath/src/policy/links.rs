@@ -2,9 +2,11 @@
 //! ingress, `comb_policy_to_pod` on egress), pinned as `<pin_dir>/links/policy-<ifindex>-from`
 //! / `-to`; their names, adoption after a restart, attach and detach.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::MutexGuard;
 
 use anyhow::{Context, Result, ensure};
 use libbpf_rs::{ProgramHandle, libbpf_sys};
@@ -71,7 +73,7 @@ impl Policy {
     /// Attach both policy programs to the host-side veth `ifindex` (in the calling thread's
     /// network namespace). Idempotent: attached links are switched to the current programs.
     /// Packets pass untouched until the endpoint has an entry ([`Self::set_endpoint`]).
-    pub fn attach(&mut self, ifindex: u32) -> Result<()> {
+    pub fn attach(&self, ifindex: u32) -> Result<()> {
         self.attach_links(ifindex)?;
         info!(ifindex, "policy attached");
         Ok(())
@@ -79,7 +81,7 @@ impl Policy {
 
     /// Detach both programs and remove their pins. An interface that is already gone (pod
     /// deleted) is not an error.
-    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+    pub fn detach(&self, ifindex: u32) -> Result<()> {
         self.detach_links(ifindex)?;
         info!(ifindex, "policy detached");
         Ok(())
@@ -88,7 +90,7 @@ impl Policy {
     /// The ifindexes with policy links, including links whose interface is gone (detach
     /// those).
     pub fn attachments(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
+        let mut v: Vec<u32> = self.links().keys().map(|(i, _)| *i).collect();
         v.dedup();
         v
     }
@@ -125,24 +127,31 @@ impl Policy {
                 continue;
             }
             debug!(name, "adopted pinned policy link");
-            self.links.insert((ifindex, hook), fd);
+            self.links
+                .get_mut()
+                .expect("policy links lock poisoned")
+                .insert((ifindex, hook), fd);
         }
         Ok(())
     }
 
-    fn attach_links(&mut self, ifindex: u32) -> Result<()> {
-        let pin_dir = self.pin_dir.clone();
-        let pin_dir = pin_dir.as_path();
+    fn links(&self) -> MutexGuard<'_, BTreeMap<(u32, Hook), OwnedFd>> {
+        self.links.lock().expect("policy links lock poisoned")
+    }
+
+    fn attach_links(&self, ifindex: u32) -> Result<()> {
+        let pin_dir = self.pin_dir.as_path();
         ensure!(ifindex != 0, "ifindex 0 names no interface");
+        let mut links = self.links();
         let mut created = Vec::new();
         for hook in Hook::BOTH {
-            if let Some(fd) = self.links.get(&(ifindex, hook)) {
+            if let Some(fd) = links.get(&(ifindex, hook)) {
                 // Idempotent; also makes sure it runs the current program.
                 if sys::link_update(fd.as_fd(), self.prog(hook).as_fd()).is_ok() {
                     continue;
                 }
                 // Its interface is gone (an ifindex seen again is another interface).
-                if let Some(fd) = self.links.remove(&(ifindex, hook)) {
+                if let Some(fd) = links.remove(&(ifindex, hook)) {
                     detach_link(&fd, &hook.link_name(ifindex));
                 }
             }
@@ -159,7 +168,7 @@ impl Policy {
             }
         }
         for (hook, fd) in created {
-            self.links.insert((ifindex, hook), fd);
+            links.insert((ifindex, hook), fd);
         }
         Ok(())
     }
@@ -180,13 +189,13 @@ impl Policy {
         Ok(fd)
     }
 
-    fn detach_links(&mut self, ifindex: u32) -> Result<()> {
-        let pin_dir = self.pin_dir.clone();
-        let pin_dir = pin_dir.as_path();
+    fn detach_links(&self, ifindex: u32) -> Result<()> {
+        let pin_dir = self.pin_dir.as_path();
+        let mut links = self.links();
         for hook in Hook::BOTH {
             let name = hook.link_name(ifindex);
             let pin = pin_dir.join("links").join(&name);
-            match self.links.remove(&(ifindex, hook)) {
+            match links.remove(&(ifindex, hook)) {
                 Some(fd) => detach_link(&fd, &name),
                 // Pinned by someone else under our dir (not adopted): detach it too.
                 None => {
@@ -201,9 +210,8 @@ impl Policy {
     }
 
     /// Detach every policy link (for a shutdown without pins); returns the errors.
-    pub(crate) fn detach_all(&mut self) -> Vec<String> {
-        let mut ifs: Vec<u32> = self.links.keys().map(|(i, _)| *i).collect();
-        ifs.dedup();
+    pub(crate) fn detach_all(&self) -> Vec<String> {
+        let ifs = self.attachments();
         ifs.into_iter()
             .filter_map(|i| self.detach_links(i).err().map(|e| format!("{e:#}")))
             .collect()

@@ -21,8 +21,9 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -42,7 +43,7 @@ use crate::abi::{CombAddr, Pod};
 use crate::map_io::{delete_if_present, entries};
 use crate::pin::{load_pinned, map_handle, remove_pin};
 use crate::skel::policy::PolicySkelBuilder;
-use crate::sys;
+
 use abi::{
     CT_F_CLOSING, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue,
     MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
@@ -67,7 +68,9 @@ pub struct Policy {
     proxy_listeners: MapHandle,
     from_pod: ProgramHandle,
     to_pod: ProgramHandle,
-    links: BTreeMap<(u32, Hook), OwnedFd>,
+    /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
+    /// while readers list the attachments.
+    links: Mutex<BTreeMap<(u32, Hook), OwnedFd>>,
 }
 
 /// Load `bpf/policy.c` with its maps pinned (or adopted) under `<pin_dir>/maps/` and its
@@ -105,7 +108,7 @@ fn load(pin_dir: &Path) -> Result<Policy> {
         proxy_listeners: map_handle(&m.comb_proxy_listeners)?,
         from_pod,
         to_pod,
-        links: BTreeMap::new(),
+        links: Mutex::new(BTreeMap::new()),
     })
 }
 
@@ -463,6 +466,9 @@ impl Policy {
         packet: &[u8],
         repeat: u32,
     ) -> Result<u32> {
+        use crate::sys;
+        use std::os::fd::AsFd;
+
         let prog = match direction {
             Direction::Egress => &self.from_pod,
             Direction::Ingress => &self.to_pod,

@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail, ensure};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle, libbpf_sys};
@@ -66,7 +67,9 @@ pub struct Splice {
     stats: MapHandle,
     sockops: ProgramHandle,
     sk_msg: ProgramHandle,
-    links: BTreeMap<String, CgroupLink>,
+    /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
+    /// while readers list what is attached.
+    links: Mutex<BTreeMap<String, CgroupLink>>,
     /// Link names under `links/` that belong to other features (never pod ids): adoption skips
     /// them and attach refuses them. Given by the facade, which knows every feature.
     reserved: fn(&str) -> bool,
@@ -122,7 +125,7 @@ impl Splice {
             stats,
             sockops,
             sk_msg,
-            links: BTreeMap::new(),
+            links: Mutex::new(BTreeMap::new()),
             reserved,
         })
     }
@@ -152,7 +155,10 @@ impl Splice {
                 .and_then(|cg| cgroup::find(&self.cgroup_root, cg))
                 .unwrap_or_default();
             debug!(id, cgroup = %cgroup.display(), "adopted pinned link");
-            self.links.insert(id, CgroupLink { fd, cgroup });
+            self.links
+                .get_mut()
+                .expect("splice links lock poisoned")
+                .insert(id, CgroupLink { fd, cgroup });
         }
         Ok(())
     }
@@ -214,10 +220,11 @@ impl Splice {
         Ok(out)
     }
 
-    pub fn attach_cgroup(&mut self, id: &str, cgroup_rel: &Path) -> Result<()> {
+    pub fn attach_cgroup(&self, id: &str, cgroup_rel: &Path) -> Result<()> {
         self.validate_id(id)?;
         cgroup::validate_rel(cgroup_rel)?;
-        if let Some(l) = self.links.get(id)
+        let mut links = self.links();
+        if let Some(l) = links.get(id)
             && l.cgroup == cgroup_rel
         {
             // Idempotent; also makes sure it runs the current program.
@@ -237,7 +244,7 @@ impl Splice {
         let pin = self.pin_dir.join("links").join(id);
         remove_pin(&pin)?;
         sys::obj_pin(fd.as_fd(), &pin).with_context(|| format!("pinning {}", pin.display()))?;
-        if let Some(old) = self.links.insert(
+        if let Some(old) = links.insert(
             id.to_owned(),
             CgroupLink {
                 fd,
@@ -250,10 +257,11 @@ impl Splice {
         Ok(())
     }
 
-    pub fn detach_cgroup(&mut self, id: &str) -> Result<()> {
+    pub fn detach_cgroup(&self, id: &str) -> Result<()> {
         self.validate_id(id)?;
+        let mut links = self.links();
         remove_pin(&self.pin_dir.join("links").join(id))?;
-        if let Some(l) = self.links.remove(id) {
+        if let Some(l) = links.remove(id) {
             // Detach now rather than when the last fd closes (bpftool may hold one).
             match sys::link_detach(l.fd.as_fd()) {
                 Err(e) if e.raw_os_error() != Some(libc::ENOLINK) => {
@@ -266,7 +274,7 @@ impl Splice {
     }
 
     pub fn attached(&self) -> Vec<(String, PathBuf)> {
-        self.links
+        self.links()
             .iter()
             .map(|(id, l)| (id.clone(), l.cgroup.clone()))
             .collect()
@@ -319,9 +327,10 @@ impl Splice {
     }
 
     /// Detach every sockops link and sk_msg (for a shutdown without pins); returns the errors.
-    pub(crate) fn detach_all(&mut self) -> Vec<String> {
+    pub(crate) fn detach_all(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        for id in self.links.keys().cloned().collect::<Vec<_>>() {
+        let ids: Vec<String> = self.links().keys().cloned().collect();
+        for id in ids {
             if let Err(e) = self.detach_cgroup(&id) {
                 errors.push(format!("{e:#}"));
             }
@@ -337,6 +346,10 @@ impl Splice {
             _ => {}
         }
         errors
+    }
+
+    fn links(&self) -> MutexGuard<'_, BTreeMap<String, CgroupLink>> {
+        self.links.lock().expect("splice links lock poisoned")
     }
 
     fn validate_id(&self, id: &str) -> Result<()> {

@@ -43,7 +43,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use comb_api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Query};
 use comb_lab::Lab;
 
 use super::l7_tools::{self as t, H2load};
@@ -306,7 +306,7 @@ fn saturating_rounds(a: &Args, lab: &Lab, urls: &Urls, pids: &Pids) -> Result<Ma
 
 /// Requests the node proxy forwarded to pod `l7` (its destination row in `proxy stats`).
 fn proxied_requests(lab: &Lab) -> Result<u64> {
-    let v = client::call(&lab.agent_socket("node1"), &Request::ProxyStats)?;
+    let v = client::call(&lab.agent_socket("node1"), Query::ProxyStats)?;
     let r: ProxyStatsReply = serde_json::from_value(v)?;
     Ok(r.stats
         .destinations

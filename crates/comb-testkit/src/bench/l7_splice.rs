@@ -22,7 +22,7 @@
 //! visible rather than hides.
 
 use anyhow::{Context, Result, bail};
-use comb_api::{ProxyStatsReply, Request};
+use comb_api::{ProxyStatsReply, Query};
 use comb_lab::Lab;
 
 use super::l7_tools as t;
@@ -40,7 +40,7 @@ fn pods() -> String {
 }
 
 fn stats(lab: &Lab) -> Result<ProxyStatsReply> {
-    let v = client::call(&lab.agent_socket("node1"), &Request::ProxyStats)?;
+    let v = client::call(&lab.agent_socket("node1"), Query::ProxyStats)?;
     Ok(serde_json::from_value(v)?)
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use comb_api::{Request, Status};
+use comb_api::{Query, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
 use comb_api::client;
@@ -39,10 +39,10 @@ fn wait_attached(socket: &std::path::Path, pods: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut last = String::new();
     while Instant::now() < deadline {
-        if let Ok(v) = client::call(socket, &Request::Status) {
+        if let Ok(v) = client::call(socket, Query::Status) {
             let s: Status = serde_json::from_value(v)?;
             let rows: Vec<comb_api::EndpointRow> =
-                serde_json::from_value(client::call(socket, &Request::Endpoints)?)?;
+                serde_json::from_value(client::call(socket, Query::Endpoints)?)?;
             let attached = rows
                 .iter()
                 .filter(|r| r.local && r.cgroup.is_some())

@@ -62,7 +62,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use comb_api::{EndpointPolicy, Request, Status};
+use comb_api::{EndpointPolicy, Query, Status};
 use comb_lab::Lab;
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -294,14 +294,14 @@ fn flip_yaml(allowed: bool, sample: usize) -> String {
 fn status(socket: &Path) -> Result<Status> {
     Ok(serde_json::from_value(client::call(
         socket,
-        &Request::Status,
+        Query::Status,
     )?)?)
 }
 
 fn endpoint_policy(socket: &Path, pod: &str) -> Result<EndpointPolicy> {
     Ok(serde_json::from_value(client::call(
         socket,
-        &Request::EndpointPolicy { pod: pod.into() },
+        Query::EndpointPolicy { pod: pod.into() },
     )?)?)
 }
 
@@ -970,7 +970,7 @@ pub fn run(a: &Args) -> Result<Report> {
         }
     }
     let stats: comb_api::SpliceStats =
-        serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
+        serde_json::from_value(client::call(&socket, Query::SpliceStats)?)?;
     if stats.redirected_bytes != 0 {
         bail!(
             "the splice redirected {} bytes: traffic did not cross the policy programs",

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use comb_api::{Request, Status};
+use comb_api::{Query, Status};
 use comb_lab::Lab;
 
 use super::report::{Metric, Report, median};
@@ -187,7 +187,7 @@ fn pods(comb: &Path) -> String {
 /// answers through the socket LB.
 fn apply_services(lab: &Lab, comb: &Path, n: usize, backends: &[Ipv4Addr]) -> Result<()> {
     let socket = lab.agent_socket("node1");
-    let before: Status = serde_json::from_value(client::call(&socket, &Request::Status)?)?;
+    let before: Status = serde_json::from_value(client::call(&socket, Query::Status)?)?;
     let dir = lab.manifests_dir();
     let tmp = dir.join(".bench-services.yaml.tmp");
     std::fs::write(&tmp, services_yaml(n, backends))?;
@@ -196,7 +196,7 @@ fn apply_services(lab: &Lab, comb: &Path, n: usize, backends: &[Ipv4Addr]) -> Re
     let last = format!("{}:{SERVICE_PORT}", vip(n - 1, false));
     let mut why = String::new();
     while Instant::now() < deadline {
-        let s: Status = serde_json::from_value(client::call(&socket, &Request::Status)?)?;
+        let s: Status = serde_json::from_value(client::call(&socket, Query::Status)?)?;
         if !s.config_errors.is_empty() {
             bail!(
                 "the agent rejected the bench Services: {:?}",

@@ -2,7 +2,7 @@
 //! the baseline) and on, interleaved in one lab.
 
 use anyhow::{Result, bail};
-use comb_api::Request;
+use comb_api::{Control, Query};
 
 use super::report::{Metric, Report};
 use super::{Common, lab, tools};
@@ -56,7 +56,7 @@ pub fn run(c: &Common) -> Result<Report> {
             [true, false]
         };
         for splice in order {
-            client::call(&socket, &Request::SetSplice { enabled: splice })?;
+            client::call(&socket, Control::SetSplice { enabled: splice })?;
             let (p50_1, p99_1) = tools::sockperf_rr(
                 &lab,
                 "bench/client",
@@ -94,7 +94,7 @@ pub fn run(c: &Common) -> Result<Report> {
         }
     }
     let stats: comb_api::SpliceStats =
-        serde_json::from_value(client::call(&socket, &Request::SpliceStats)?)?;
+        serde_json::from_value(client::call(&socket, Query::SpliceStats)?)?;
     if stats.redirected_bytes == 0 {
         bail!(
             "the splice redirected no bytes: the Comb side of this benchmark did not run spliced"

@@ -9,12 +9,30 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use comb_config::ConfigErrors;
-use comb_model::Snapshot;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::sync::{Notify, mpsc};
 
-pub type SourceUpdate = Result<Snapshot, ConfigErrors>;
+use super::{Source, SourceUpdate};
+
+/// The manifests directory (standalone mode): every `*.yaml`/`*.yml` file in it, re-read
+/// when inotify or the fallback poll sees a change.
+pub struct ManifestsSource {
+    pub dir: PathBuf,
+    pub poll: Duration,
+}
+
+impl Source for ManifestsSource {
+    fn describe(&self) -> String {
+        format!("manifests {}", self.dir.display())
+    }
+
+    fn run(
+        self: Box<Self>,
+        updates: mpsc::Sender<SourceUpdate>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(watch(self.dir, self.poll, updates))
+    }
+}
 
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
@@ -98,7 +116,7 @@ fn is_manifest_name(name: &std::ffi::OsStr) -> bool {
 
 /// Watch `dir` forever, sending a parsed snapshot (or the errors) whenever it changes. Files
 /// are parsed again only when they changed (comb_config::DirCache).
-pub async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
+async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
     let notify = Arc::new(Notify::new());
     let dirty = Dirty::default();
     spawn_inotify(&dir, notify.clone(), dirty.clone());

@@ -1,0 +1,177 @@
+//! The agent's configuration, parsed once from the command line ([`crate::Args`], the only
+//! place clap types live) into plain values the rest of the agent reads.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use comb_datapath::SocketLbMode;
+use comb_datapath::policy::PolicyConfig;
+use comb_model::pipeline::PipelineConfig;
+
+use crate::args::{Args, LogFormat, OnOff, SocketLb};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    /// Directory of Kubernetes YAML manifests: the configuration source.
+    pub manifests: PathBuf,
+    /// Fallback poll of the manifests directory (inotify wakes it at once).
+    pub poll: Duration,
+    pub admin_socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+    /// Pod cgroup paths are relative to this; None = the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub splice: bool,
+    /// Where (cgroup relative to the cgroup root) and how the socket LB attaches, or why it
+    /// stays off; fixed for the agent's life.
+    pub socket_lb: Result<(PathBuf, SocketLbMode), String>,
+    /// The flag as given, to tell "switched off" from "cannot be on" in the log.
+    pub socket_lb_flag_off: bool,
+    pub policy: bool,
+    /// Conntrack lifetimes; flow events start off (the monitor switches them).
+    pub policy_datapath: PolicyConfig,
+    pub ct_gc_interval: Duration,
+    pub keep_pins: bool,
+    /// The node proxy; None with `--proxy off`.
+    pub proxy: Option<ProxyConfig>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub port: u16,
+    pub workers: usize,
+    pub splice: bool,
+    pub access_log: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub connect_timeout: Duration,
+    pub detect_timeout: Duration,
+}
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+}
+
+impl AgentConfig {
+    /// Validate and resolve the flags; an error names the flag.
+    pub fn from_args(a: &Args) -> Result<Self> {
+        Ok(AgentConfig {
+            node: a.node.clone(),
+            manifests: a.manifests.clone(),
+            poll: Duration::from_millis(a.poll_ms.max(1)),
+            admin_socket: a.admin_socket(),
+            pin_dir: a.pin_dir(),
+            metrics_addr: a.metrics_addr,
+            cgroup_root: a.cgroup_root.clone(),
+            state_dir: a.state_dir(),
+            splice: a.splice == OnOff::On,
+            socket_lb: a.socket_lb_plan().map(|(cg, mode)| {
+                let mode = match mode {
+                    SocketLb::HostOnly => SocketLbMode::HostOnly,
+                    SocketLb::On | SocketLb::Off => SocketLbMode::All,
+                };
+                (cg, mode)
+            }),
+            socket_lb_flag_off: a.socket_lb == SocketLb::Off,
+            policy: a.policy == OnOff::On,
+            policy_datapath: PolicyConfig {
+                events: false,
+                ct_tcp: secs(a.ct_tcp_timeout, "--ct-tcp-timeout")?,
+                ct_close: secs(a.ct_close_timeout, "--ct-close-timeout")?,
+                ct_other: secs(a.ct_other_timeout, "--ct-other-timeout")?,
+            },
+            ct_gc_interval: secs(a.ct_gc_interval, "--ct-gc-interval")?,
+            keep_pins: a.keep_pins,
+            proxy: (a.proxy == OnOff::On).then(|| ProxyConfig {
+                port: a.proxy_port,
+                workers: a.proxy_workers.max(1),
+                splice: a.proxy_splice == OnOff::On,
+                access_log: a.access_log.clone(),
+                otlp_endpoint: a.otlp_endpoint.clone(),
+                header_timeout: Duration::from_millis(a.proxy_header_timeout_ms),
+                max_header_bytes: a.proxy_max_header_bytes,
+                max_body_bytes: a.proxy_max_body_bytes,
+                connect_timeout: Duration::from_millis(a.proxy_connect_timeout_ms),
+                detect_timeout: Duration::from_millis(a.proxy_detect_timeout_ms),
+            }),
+            log_format: a.log_format,
+        })
+    }
+
+    /// What of the configuration changes what the pipeline computes.
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            policy: self.policy,
+            socket_lb: self.socket_lb.is_ok(),
+        }
+    }
+
+    /// `on`, `host-only` or `off`, as `comb status` says it.
+    pub fn socket_lb_mode_name(mode: SocketLbMode) -> &'static str {
+        match mode {
+            SocketLbMode::All => "on",
+            SocketLbMode::HostOnly => "host-only",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig> {
+        let mut argv = vec!["combd", "--node", "n1", "--manifests", "/m"];
+        argv.extend_from_slice(extra);
+        AgentConfig::from_args(&Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn defaults_resolve_paths_from_the_node_name() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.admin_socket, PathBuf::from("/run/comb/n1.sock"));
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/comb/n1"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/comb/n1"));
+        assert!(c.splice && c.policy && c.proxy.is_some());
+        assert!(c.socket_lb.is_err(), "no --lb-cgroup");
+        assert!(!c.pipeline().socket_lb);
+    }
+
+    #[test]
+    fn socket_lb_mode_and_cgroup() {
+        let c = parse(&["--lb-cgroup", "/lab/n1/", "--socket-lb", "host-only"]).unwrap();
+        assert_eq!(
+            c.socket_lb,
+            Ok((PathBuf::from("lab/n1"), SocketLbMode::HostOnly))
+        );
+        assert!(c.pipeline().socket_lb);
+        let c = parse(&["--lb-cgroup", "/", "--socket-lb", "off"]).unwrap();
+        assert!(c.socket_lb.is_err() && c.socket_lb_flag_off);
+    }
+
+    #[test]
+    fn bad_durations_name_their_flag() {
+        let e = parse(&["--ct-tcp-timeout", "0"]).unwrap_err();
+        assert!(format!("{e:#}").contains("--ct-tcp-timeout"), "{e:#}");
+        let e = parse(&["--ct-gc-interval", "-1"]).unwrap_err();
+        assert!(format!("{e:#}").contains("--ct-gc-interval"), "{e:#}");
+    }
+
+    #[test]
+    fn proxy_off_has_no_proxy_config() {
+        let c = parse(&["--proxy", "off", "--proxy-workers", "0"]).unwrap();
+        assert!(c.proxy.is_none());
+        let c = parse(&["--proxy-workers", "0"]).unwrap();
+        assert_eq!(c.proxy.unwrap().workers, 1);
+    }
+}
