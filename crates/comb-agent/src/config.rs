@@ -163,7 +163,7 @@ mod tests {
     fn bad_durations_name_their_flag() {
         let e = parse(&["--ct-tcp-timeout", "0"]).unwrap_err();
         assert!(format!("{e:#}").contains("--ct-tcp-timeout"), "{e:#}");
-        let e = parse(&["--ct-gc-interval", "-1"]).unwrap_err();
+        let e = parse(&["--ct-gc-interval=-1"]).unwrap_err();
         assert!(format!("{e:#}").contains("--ct-gc-interval"), "{e:#}");
     }
 
