@@ -7,25 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const AF_INET: u32 = libc::AF_INET as u32;
 pub const AF_INET6: u32 = libc::AF_INET6 as u32;
 
-/// Plain-old-data map types: no padding, any bit pattern valid.
-///
-/// # Safety
-/// Implementors must be `#[repr(C)]`, without padding, made only of integers.
-pub unsafe trait Pod: Copy + Default + 'static {
-    fn as_bytes(&self) -> &[u8] {
-        // SAFETY: Pod types are padding-free integers, so every byte is initialised.
-        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
-    }
-
-    /// Reads a value from the start of `b`; None when `b` is too short.
-    fn from_bytes(b: &[u8]) -> Option<Self> {
-        (b.len() >= size_of::<Self>()).then(|| {
-            // SAFETY: length checked; any bit pattern is a valid Pod; read_unaligned because map
-            // buffers carry no alignment guarantee.
-            unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) }
-        })
-    }
-}
+/// The contract of `#[repr(C)]` map twins; defined with the byte views in [`crate::sys`],
+/// the crate's one module with `unsafe` code.
+pub use crate::sys::Pod;
 
 // SAFETY: plain integers (map keys like ifindexes, per-CPU counters).
 unsafe impl Pod for u32 {}

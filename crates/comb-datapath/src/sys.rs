@@ -13,6 +13,28 @@ use std::time::Duration;
 
 use libbpf_rs::libbpf_sys;
 
+/// Plain-old-data map types: no padding, any bit pattern valid. Every implementor's layout
+/// is checked against the BTF of its object by a test beside it (the features' `abi` modules).
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, without padding, made only of integers.
+pub unsafe trait Pod: Copy + Default + 'static {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: Pod types are padding-free integers (the trait's contract), so every byte is
+        // initialised.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+
+    /// Reads a value from the start of `b`; None when `b` is too short.
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() >= size_of::<Self>()).then(|| {
+            // SAFETY: length checked; any bit pattern is a valid Pod (the trait's contract);
+            // read_unaligned because map buffers carry no alignment guarantee.
+            unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) }
+        })
+    }
+}
+
 /// libbpf returns -errno.
 fn check(ret: i32) -> io::Result<i32> {
     if ret < 0 {

@@ -7,6 +7,7 @@
 //! retired reads the service entry again. Service ids are allocated here (smallest free id) and
 //! stored in the service entries, so an agent that adopts the pinned maps finds them.
 
+#[allow(unsafe_code)] // unsafe impl Pod
 pub mod abi;
 mod update;
 

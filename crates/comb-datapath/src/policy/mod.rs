@@ -12,6 +12,7 @@
 //! Interfaces are resolved in the network namespace of the calling thread: call
 //! [`Policy::attach`] from the node's namespace.
 
+#[allow(unsafe_code)] // unsafe impl Pod
 pub mod abi;
 pub mod events;
 mod links;

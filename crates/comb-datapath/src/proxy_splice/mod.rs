@@ -14,6 +14,7 @@
 //! - Unpairing a live socket discards bytes queued in the kernel for it: unpair when both
 //!   directions are finished.
 
+#[allow(unsafe_code)] // unsafe impl Pod
 pub mod abi;
 
 use std::io;

@@ -6,6 +6,7 @@
 //! current programs, for inspection), `links/<id>` (one sockops cgroup link per pod; adopted and
 //! switched to the new program on load).
 
+#[allow(unsafe_code)] // unsafe impl Pod
 pub mod abi;
 
 use std::collections::BTreeMap;
