@@ -42,11 +42,12 @@
 //!   ratio = the comb value. With fewer than 100 samples the nearest-rank p99 is the maximum.
 //!
 //! The run also reports (on stderr, not in `--json`) where the update time goes: when the
-//! agent logged that the change replaced its State (read from its log afterwards; nothing
-//! asks the agent anything during a sample), and this process's own timing of the agent's
-//! steps on the same directory: reading and parsing it (`load_dir`), validating and
-//! converting it (`build_snapshot`), resolving identities and compiling the local pods'
-//! entries.
+//! change replaced the agent's State and when its datapath held it completely (the
+//! generation's `replaced_at` and `applied_at` from `comb status`, read after the sample), and
+//! this process's own timing of the agent's steps on the same directory: reading and parsing
+//! it (`load_dir`), validating and converting it (`build_snapshot`), and the agent's pipeline
+//! (`comb_model::pipeline::compute`: identities, the local pods' policy entries, Service
+//! frontends, the proxy table) — the same function the agent runs.
 //!
 //! Knobs: `--pairs` (default 5), `--secs` per measurement (default 3), `--samples` for the
 //! update latency (default 40), `--parallel` connrate threads (default 2), `--poll-ms` to pass
@@ -61,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use comb_api::{EndpointPolicy, Query, Status};
 use comb_lab::Lab;
 use nix::errno::Errno;
@@ -678,17 +679,16 @@ fn probe_flip(to: &SockaddrIn, tmp: &Path, dst: &Path, want: bool) -> Result<Fli
 struct Sample {
     /// The client saw the new verdict.
     observed: f64,
-    /// The generation the change became.
-    generation: u64,
-    /// The rename, on the wall clock (seconds since the epoch).
-    t0_wall: f64,
-    /// The agent logged "manifests applied" for the generation (the parsed snapshot replaced
-    /// State; identities, compile and the map reconcile follow): from its log afterwards.
+    /// The change replaced the agent's State (noticed, read, parsed, validated), ms after the
+    /// rename; from the generation's times in `comb status`.
     replaced: Option<f64>,
+    /// The agent's datapath held the generation completely (pipeline and map reconcile done),
+    /// ms after the rename.
+    applied: Option<f64>,
 }
 
-/// One flip. Nothing asks the agent anything while it works on the change (the prober only
-/// connects), so the measurement does not compete with it for the admin lock.
+/// One flip. The agent's status is read only after the client saw the new verdict, so the
+/// measurement does not compete with the agent for the CPU.
 fn update_sample(
     lab: &Lab,
     prober: &Prober,
@@ -712,73 +712,18 @@ fn update_sample(
             after.generation
         );
     }
+    let t0_wall = f.t0_wall.duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let times = after
+        .generations
+        .iter()
+        .find(|g| g.generation == after.generation);
     Ok(Sample {
         observed: f.seen.saturating_duration_since(f.t0).as_secs_f64() * 1e3,
-        generation: after.generation,
-        t0_wall: f.t0_wall.duration_since(UNIX_EPOCH)?.as_secs_f64(),
-        replaced: None,
+        replaced: times.map(|g| (g.replaced_at - t0_wall) * 1e3),
+        applied: times
+            .and_then(|g| g.applied_at)
+            .map(|t| (t - t0_wall) * 1e3),
     })
-}
-
-/// When the agent logged "manifests applied" for each generation, from its text log
-/// (`2026-11-21T17:35:10.617016Z  INFO ...: manifests applied generation=2`, possibly with
-/// ANSI colours), as seconds since the epoch.
-fn applied_times(log: &str) -> std::collections::BTreeMap<u64, f64> {
-    let mut out = std::collections::BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("manifests applied")) {
-        let plain = strip_ansi(line);
-        let Some(ts) = plain.split_whitespace().next().and_then(parse_utc) else {
-            continue;
-        };
-        let generation = plain
-            .split_once("generation=")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|g| g.parse().ok());
-        if let Some(g) = generation {
-            out.entry(g).or_insert(ts);
-        }
-    }
-    out
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-letter
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.frac]Z` → seconds since the epoch.
-fn parse_utc(ts: &str) -> Option<f64> {
-    let ts = ts.strip_suffix('Z')?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.splitn(3, ':');
-    let (h, min) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let sec: f64 = t.next()?.parse().ok()?;
-    // Days from 1970-01-01 (H. Hinnant's days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3_600 + min * 60) as f64 + sec)
 }
 
 /// This process's timing of what the agent does on a change, on the same directory, in
@@ -788,16 +733,16 @@ struct AgentSteps {
     parse: f64,
     /// Validation and conversion into the model (`build_snapshot`).
     build: f64,
-    /// Identity allocation and the ipcache.
-    resolve: f64,
-    /// The local pods' policy entries.
-    compile: f64,
+    /// The agent's pipeline: identities, the local pods' policy entries, Service frontends,
+    /// the proxy table, the flow index.
+    pipeline: f64,
 }
 
 fn agent_steps(dir: &Path) -> Result<AgentSteps> {
+    use comb_model::State;
     use comb_model::identity::IdentityAllocator;
-    use comb_model::policy_compile::{compile_endpoint, policy_cidrs};
-    let mut runs: [Vec<f64>; 4] = Default::default();
+    use comb_model::pipeline::{self, PipelineConfig};
+    let mut runs: [Vec<f64>; 3] = Default::default();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for _ in 0..3 {
         let t = Instant::now();
@@ -806,24 +751,35 @@ fn agent_steps(dir: &Path) -> Result<AgentSteps> {
         let t = Instant::now();
         let snap = comb_config::build_snapshot(&docs).map_err(|e| anyhow::anyhow!("{e}"))?;
         runs[1].push(ms(t));
+        let mut state = State::new();
+        state.replace(snap);
+        // The agent reads its interfaces' indexes; any distinct numbers compile the same.
+        let interfaces = pipeline::interface_names(&state, "node1")
+            .zip(1u32..)
+            .map(|(name, i)| (name.to_owned(), i))
+            .collect();
+        let config = PipelineConfig {
+            policy: true,
+            socket_lb: true,
+        };
         let t = Instant::now();
-        let table = IdentityAllocator::default().resolve(&snap, "node1", &policy_cidrs(&snap));
+        let desired = pipeline::compute(
+            &state,
+            "node1",
+            &mut IdentityAllocator::default(),
+            &config,
+            &interfaces,
+        );
         runs[2].push(ms(t));
-        let t = Instant::now();
-        let entries: usize = snap
-            .pods
-            .values()
-            .filter(|p| p.node_name.as_deref() == Some("node1") && !p.ips.is_empty())
-            .map(|pod| compile_endpoint(&snap, &table, pod).entries.len())
-            .sum();
-        runs[3].push(ms(t));
-        std::hint::black_box(entries);
+        ensure!(
+            !desired.policy.entries.is_empty(),
+            "the pipeline compiled no policy entries for the lab's pods"
+        );
     }
     Ok(AgentSteps {
         parse: median(&runs[0]),
         build: median(&runs[1]),
-        resolve: median(&runs[2]),
-        compile: median(&runs[3]),
+        pipeline: median(&runs[2]),
     })
 }
 
@@ -1020,12 +976,6 @@ pub fn run(a: &Args) -> Result<Report> {
         samples.push(m);
     }
     drop(prober);
-    if let Ok(log) = std::fs::read_to_string(lab.agent_log("node1")) {
-        let times = applied_times(&log);
-        for s in &mut samples {
-            s.replaced = times.get(&s.generation).map(|t| (t - s.t0_wall) * 1e3);
-        }
-    }
     let steps = agent_steps(&lab.manifests_dir())?;
     drop((_rr, _pong, _flip));
     lab.down()?;
@@ -1049,30 +999,35 @@ pub fn run(a: &Args) -> Result<Report> {
     let AgentSteps {
         parse,
         build,
-        resolve,
-        compile,
+        pipeline,
     } = steps;
     let mut replaced: Vec<f64> = samples.iter().filter_map(|s| s.replaced).collect();
+    let mut applied: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| Some(s.applied? - s.replaced?))
+        .collect();
     let mut after: Vec<f64> = samples
         .iter()
-        .filter_map(|s| Some(s.observed - s.replaced?))
+        .filter_map(|s| Some(s.observed - s.applied?))
         .collect();
-    let split = if replaced.len() == samples.len() {
+    let split = if replaced.len() == samples.len() && applied.len() == samples.len() {
         format!(
-            "from the agent's log, State was replaced (change noticed, directory read, parsed and validated) p50 {:.1} ms, p99 {:.1} ms after the rename; \
-             the client saw the new verdict p50 {:.1} ms, p99 {:.1} ms after that (identities, compile, map reconcile)",
+            "from the agent's status, State was replaced (change noticed, directory read, parsed and validated) p50 {:.1} ms, p99 {:.1} ms after the rename; \
+             the datapath held it p50 {:.1} ms, p99 {:.1} ms after that (pipeline, map reconcile); the client saw the new verdict p50 {:.1} ms, p99 {:.1} ms after that",
             percentile(&mut replaced, 50.0),
             percentile(&mut replaced, 99.0),
+            percentile(&mut applied, 50.0),
+            percentile(&mut applied, 99.0),
             percentile(&mut after, 50.0),
             percentile(&mut after, 99.0),
         )
     } else {
-        "the agent's log did not give the time State was replaced for every sample".into()
+        "the agent's status did not give the times of every sample's generation (more than 64 generations apart?)".into()
     };
     say(format!(
         "update latency ({} samples, {settings}): p50 {p50:.1} ms, p99 {p99:.1} ms from the rename to the client seeing the new verdict\n\
          \x20 {split}\n\
-         \x20 this process on the same files ({} pods, {POLICIES} policies): read + YAML {parse:.1} ms, validate + convert {build:.1} ms, identities {resolve:.1} ms, compile the local pods' entries {compile:.1} ms",
+         \x20 this process on the same files ({} pods, {POLICIES} policies): read + YAML {parse:.1} ms, validate + convert {build:.1} ms, the agent's pipeline (identities, policy entries, frontends, proxy table) {pipeline:.1} ms",
         samples.len(),
         IDENTITIES * REPLICAS + 2,
     ));
@@ -1152,19 +1107,6 @@ mod tests {
                     .map_or(Verdict::Allow, |v| v.verdict)
             })
             .collect()
-    }
-
-    #[test]
-    fn reads_the_agents_log() {
-        assert_eq!(parse_utc("1970-01-01T00:00:00Z"), Some(0.0));
-        assert_eq!(parse_utc("2000-03-01T00:00:01.5Z"), Some(951_868_801.5));
-        assert_eq!(parse_utc("2026-11-21T17:35:10Z"), Some(1_795_282_510.0));
-        let log = "\u{1b}[2m2026-11-21T17:35:10.617016Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mcomb_agent::run\u{1b}[0m\u{1b}[2m:\u{1b}[0m manifests applied \u{1b}[3mgeneration\u{1b}[0m\u{1b}[2m=\u{1b}[0m12\n\
-                   2026-11-21T17:35:11Z  INFO comb_agent::run: manifests applied generation=13\n";
-        let t = applied_times(log);
-        assert_eq!(t.len(), 2);
-        assert!((t[&12] - 1_795_282_510.617_016).abs() < 1e-6);
-        assert_eq!(t[&13], 1_795_282_511.0);
     }
 
     #[test]
