@@ -19,6 +19,7 @@ demo: release
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/module-cycles.py
 
 # Everything: style, unit tests and the privileged lab tests (run as root).
 # combd is built first: comb-cli's lab tests start it from target/<profile>/.

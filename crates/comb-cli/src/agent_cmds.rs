@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 use comb_api::SpliceStats;
-use comb_api::{Control, EndpointRow, Query, Request, Status};
+use comb_api::{Control, EndpointRow, Query, Status};
 
-use comb_api::{client, table};
+use comb_api::table;
 
+use crate::ask::{ask, print_json};
 use crate::{Output, Target};
 
 #[derive(Subcommand)]
@@ -34,15 +35,6 @@ pub enum SpliceCmd {
     Stats,
     /// Switch the splice for new connections (established ones keep their path).
     Set { state: OnOff },
-}
-
-pub fn ask(t: &Target, req: impl Into<Request>) -> Result<serde_json::Value> {
-    let socket = client::resolve(t.node.as_deref(), t.socket.as_deref())?;
-    client::call(&socket, req)
-}
-
-pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
 pub fn status(t: &Target) -> Result<ExitCode> {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent_cmds;
+mod ask;
 mod lab_cmds;
 mod manifest_cmds;
 mod policy_cmds;

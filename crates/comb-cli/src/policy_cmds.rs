@@ -10,7 +10,7 @@ use comb_api::{
     EndpointPolicy, FlowRow, IdentityRow, MonitorLine, Query, Request, Response, VerdictFilter,
 };
 
-use crate::agent_cmds::{ask, print_json};
+use crate::ask::{ask, print_json};
 use comb_api::{client, table};
 
 use crate::{Output, Target};

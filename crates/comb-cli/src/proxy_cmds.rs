@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use comb_api::{ProxyStatsReply, Query};
 
-use crate::agent_cmds::{ask, print_json};
+use crate::ask::{ask, print_json};
 use crate::{Output, Target};
 
 #[derive(Subcommand)]

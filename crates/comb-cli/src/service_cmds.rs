@@ -7,7 +7,7 @@ use clap::Subcommand;
 use comb_api::{BackendRow, Query, ServiceRow};
 use comb_model::lb::{BackendState, LbAlgorithm};
 
-use crate::agent_cmds::{ask, print_json};
+use crate::ask::{ask, print_json};
 use comb_api::table;
 
 use crate::{Output, Target};

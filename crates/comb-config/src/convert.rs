@@ -50,12 +50,12 @@ pub(crate) fn namespace(o: &core::Namespace, s: &mut Sink<'_>) -> Option<model::
 /// `comb.dev/l7` takes `"true"` or `"false"` (the pod's `"false"` overrides its namespace's
 /// `"true"`, so both words mean something).
 fn l7_annotation(annotations: &BTreeMap<String, String>, s: &mut Sink<'_>) {
-    if let Some(v) = annotations.get(model::l7::ANNOTATION_L7)
+    if let Some(v) = annotations.get(model::ANNOTATION_L7)
         && v != "true"
         && v != "false"
     {
         s.field(
-            format!("metadata.annotations[\"{}\"]", model::l7::ANNOTATION_L7),
+            format!("metadata.annotations[\"{}\"]", model::ANNOTATION_L7),
             format!("{v:?} must be \"true\" or \"false\""),
         );
     }

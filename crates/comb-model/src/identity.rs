@@ -13,8 +13,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::objects::{ObjKey, Pod, Snapshot};
+use crate::objects::{ObjKey, Pod};
 use crate::policy::TRUST_DOMAIN;
+use crate::snapshot::Snapshot;
 
 pub type IdentityId = u32;
 

@@ -21,35 +21,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::objects::{ObjKey, Pod, Snapshot};
+use crate::objects::ObjKey;
 
 pub use authz::{Authz, DecisionRef};
 pub use compile::compile_proxy_table;
-
-/// Pod or namespace annotation asking for L7 visibility: every TCP flow to the pod goes
-/// through the node proxy (telemetry, access log) even when no L7 policy needs it.
-pub const ANNOTATION_L7: &str = "comb.dev/l7";
-
-/// Whether `pod` asked for L7 visibility: its own [`ANNOTATION_L7`] (`"true"` or `"false"`)
-/// wins over its namespace's. comb-config rejects other values; here they count as unset.
-pub fn visibility(snapshot: &Snapshot, pod: &Pod) -> bool {
-    let flag = |a: &std::collections::BTreeMap<String, String>| match a
-        .get(ANNOTATION_L7)
-        .map(String::as_str)
-    {
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        _ => None,
-    };
-    flag(&pod.annotations)
-        .or_else(|| {
-            snapshot
-                .namespaces
-                .get(&pod.key.namespace)
-                .and_then(|ns| flag(&ns.annotations))
-        })
-        .unwrap_or(false)
-}
 
 /// Everything the proxy knows, for one node. Cheap to share (`Arc`), never mutated.
 #[derive(Clone, Debug, Default)]

@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 mod objects;
+mod snapshot;
 mod state;
 
 pub use objects::*;
+pub use snapshot::Snapshot;
 pub use state::{Generation, State};
 
 pub mod identity;

@@ -16,6 +16,10 @@ pub const ANNOTATION_CGROUP: &str = "comb.dev/cgroup";
 /// by the lab, as a CNI plugin would report it); policy programs attach there.
 pub const ANNOTATION_INTERFACE: &str = "comb.dev/interface";
 
+/// Pod or namespace annotation asking for L7 visibility: every TCP flow to the pod goes
+/// through the node proxy (telemetry, access log) even when no L7 policy needs it.
+pub const ANNOTATION_L7: &str = "comb.dev/l7";
+
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjKey {
@@ -155,16 +159,4 @@ pub struct EndpointSlice {
     pub service_name: String,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
-}
-
-/// Everything one source knows, validated; the unit [`crate::State::replace`] swaps in.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub nodes: BTreeMap<String, Node>,
-    pub pods: BTreeMap<ObjKey, Pod>,
-    pub services: BTreeMap<ObjKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
-    pub network_policies: BTreeMap<ObjKey, crate::policy::NetworkPolicy>,
-    pub authorization_policies: BTreeMap<ObjKey, crate::policy::AuthorizationPolicy>,
 }

@@ -31,11 +31,12 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{ID_ANY, ID_HOST, Identity, IdentityId, IdentityTable};
-use crate::objects::{ObjKey, Pod, Protocol, Snapshot};
+use crate::objects::{ObjKey, Pod, Protocol};
 use crate::policy::{
     AuthorizationPolicy, AuthzAction, AuthzRule, ISTIO_ROOT_NAMESPACE, NetworkPolicy, NpPort,
     NpPortSpec, NpRule,
 };
+use crate::snapshot::Snapshot;
 use crate::terms::{Direction, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict};
 use ports::{Boundaries, blocks};
 use select::{M, authz_condition, authz_source, np_peer, parse_net};
@@ -606,7 +607,7 @@ impl<'a> Ctx<'a> {
             np_ingress: vec![],
             np_egress: vec![],
             authz: vec![],
-            visibility: crate::l7::visibility(snapshot, pod),
+            visibility: snapshot.l7_visibility(pod),
             ns_labels,
         };
         let mut policies = Vec::new();

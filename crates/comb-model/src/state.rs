@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::objects::{Pod, Snapshot};
+use crate::objects::Pod;
+use crate::snapshot::Snapshot;
 
 /// Monotonic stamp of a State change; reconcilers report the generation they applied.
 pub type Generation = u64;

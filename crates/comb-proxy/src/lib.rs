@@ -10,6 +10,7 @@
 //! [`serve_connection`] with a [`ProxyContext`] (one accepted connection; tests, fuzzing).
 #![deny(rust_2018_idioms)]
 
+pub mod body;
 mod conn;
 mod context;
 pub mod detect;

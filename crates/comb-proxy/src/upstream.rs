@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::http::body::RequestBody;
+use crate::body::RequestBody;
 use crate::options::Limits;
 use crate::telemetry::ResponseFlags;
 

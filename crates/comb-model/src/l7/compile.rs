@@ -3,11 +3,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Authz, L7Endpoint, ProxyTable, ServiceRef, Workload, visibility};
+use super::{Authz, L7Endpoint, ProxyTable, ServiceRef, Workload};
 use crate::identity::IdentityTable;
-use crate::objects::{Pod, Protocol, Service, Snapshot, TargetPort};
+use crate::objects::{Pod, Protocol, Service, TargetPort};
 use crate::policy::TRUST_DOMAIN;
 use crate::policy_compile::authz_selects;
+use crate::snapshot::Snapshot;
 
 /// Label the Deployment controller puts on its pods and appends to its ReplicaSets' names.
 const LABEL_POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -41,7 +42,7 @@ pub fn compile_proxy_table(
                     .values()
                     .filter(|ap| authz_selects(ap, pod)),
             ),
-            visibility: visibility(snapshot, pod),
+            visibility: snapshot.l7_visibility(pod),
         });
         for ip in &pod.ips {
             out.endpoints.insert(*ip, Arc::clone(&ep));

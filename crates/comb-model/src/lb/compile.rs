@@ -4,7 +4,8 @@
 use std::net::IpAddr;
 
 use super::{ANNOTATION_LB, BackendState, LbAlgorithm, LbBackend, LbFrontend};
-use crate::objects::{Endpoint, EndpointSlice, Service, ServicePort, Snapshot, TargetPort};
+use crate::objects::{Endpoint, EndpointSlice, Service, ServicePort, TargetPort};
+use crate::snapshot::Snapshot;
 
 /// One frontend per (cluster IP, Service port) of every non-headless Service, with the
 /// backends `node`'s datapath should know. Order: Services by key, then cluster IPs, then

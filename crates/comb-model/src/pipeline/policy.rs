@@ -176,7 +176,7 @@ mod tests {
         let mut snap = Snapshot::default();
         let mut web = pod("web", "198.18.1.2", Some("lxc2"));
         web.annotations
-            .insert(crate::l7::ANNOTATION_L7.into(), "true".into());
+            .insert(crate::ANNOTATION_L7.into(), "true".into());
         for p in [web, pod("client", "198.18.1.3", Some("lxc3"))] {
             snap.pods.insert(p.key.clone(), p);
         }

@@ -674,7 +674,7 @@ fn entries_stay_few_for_many_identities() {
 }
 
 fn annotate_l7(w: &mut World, ns: Option<&str>, pod: Option<&str>, value: &str) {
-    let a = (crate::l7::ANNOTATION_L7.to_string(), value.to_string());
+    let a = (crate::ANNOTATION_L7.to_string(), value.to_string());
     if let Some(ns) = ns {
         w.snap
             .namespaces

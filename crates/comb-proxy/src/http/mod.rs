@@ -1,7 +1,6 @@
 //! The HTTP side of the proxy: hyper servers on the downstream connection (HTTP/1.1 with
 //! upgrades, HTTP/2 prior knowledge), per-request authorization and forwarding.
 
-pub mod body;
 pub mod headers;
 pub mod responses;
 pub mod service;

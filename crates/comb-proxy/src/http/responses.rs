@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::{Recorder, ResponseBody};
+use crate::body::{Recorder, ResponseBody};
 
 pub const RBAC_DENIED: &str = "RBAC: access denied";
 

@@ -15,9 +15,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use super::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use super::headers::{HeaderView, authority, is_grpc, is_upgrade, strip_hop_by_hop};
 use super::{responses, upgrade};
+use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::context::ProxyContext;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
 
