@@ -538,7 +538,7 @@ fn tcp_is_redirected_to_the_node_proxy() {
     assert_eq!(server.count(L7_PORT), 1);
     assert!(metric(&dp, bi, Ingress, Reason::PolicyAllow) >= 2);
 
-    // Proxy gone (listener closed): the sockmap entry goes with it and proxy-required flows
+    // Proxy gone (listener closed): the sockmap entry goes with it and L7-policy (proxy-unavailable) flows
     // fail closed, counted at the destination whose policy it is (its own hook judges the
     // REDIRECT the source could not carry out).
     drop(listener);
