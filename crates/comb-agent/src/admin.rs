@@ -229,7 +229,7 @@ pub fn status(view: &View) -> Status {
     let (socket_lb, lb_cgroup) = match &p.socket_lb {
         Some((cg, mode)) => (
             AgentConfig::socket_lb_mode_name(*mode),
-            Some(crate::args::display_cgroup(cg)),
+            Some(crate::cgroup_path::display_cgroup(cg)),
         ),
         None => ("off", None),
     };

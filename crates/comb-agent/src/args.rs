@@ -1,9 +1,11 @@
 //! combd's command line.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+
+use crate::cgroup_path::normalize_cgroup;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -173,26 +175,6 @@ impl Args {
     }
 }
 
-/// A cgroup path relative to the cgroup root in the datapath's spelling: no leading or
-/// trailing slashes, and exactly `/` for the root itself. One spelling, so the reconciler can
-/// compare it with what the datapath reports.
-pub fn normalize_cgroup(p: &Path) -> PathBuf {
-    let rel: PathBuf = p
-        .components()
-        .filter(|c| matches!(c, std::path::Component::Normal(_)))
-        .collect();
-    if rel.as_os_str().is_empty() {
-        PathBuf::from("/")
-    } else {
-        rel
-    }
-}
-
-/// For people: `/comb-lab-x/n1`, `/`.
-pub fn display_cgroup(p: &Path) -> String {
-    Path::new("/").join(p).display().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,8 +204,6 @@ mod tests {
             a.socket_lb_plan(),
             Ok((PathBuf::from("/"), SocketLb::HostOnly))
         );
-        assert_eq!(display_cgroup(Path::new("/")), "/");
-        assert_eq!(display_cgroup(Path::new("a/b")), "/a/b");
     }
 
     #[test]

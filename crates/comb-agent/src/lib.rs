@@ -8,6 +8,7 @@
 
 mod admin;
 mod args;
+mod cgroup_path;
 mod config;
 mod flows;
 mod identity_store;

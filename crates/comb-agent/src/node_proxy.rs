@@ -91,8 +91,8 @@ impl NodeProxy {
         })
     }
 
-    pub fn update(&self, table: ProxyTable) {
-        self.handle.update(Arc::new(table));
+    pub fn update(&self, table: Arc<ProxyTable>) {
+        self.handle.update(table);
     }
 
     pub fn telemetry(&self) -> Arc<Telemetry> {

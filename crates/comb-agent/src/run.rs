@@ -78,7 +78,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     tracing::info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "datapath loaded");
     match &cfg.socket_lb {
         Ok((cg, mode)) => tracing::info!(
-            cgroup = %crate::args::display_cgroup(cg),
+            cgroup = %crate::cgroup_path::display_cgroup(cg),
             mode = AgentConfig::socket_lb_mode_name(*mode),
             "socket LB enabled"
         ),

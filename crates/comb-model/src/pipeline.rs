@@ -4,6 +4,7 @@
 //! the benchmarks call the same function to time its steps, and tests call it directly.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::identity::{IdentityAllocator, IdentityTable};
 use crate::l7::{ProxyTable, compile_proxy_table};
@@ -48,8 +49,8 @@ pub struct Desired {
     /// Identity policy (empty when policy is off); `policy.unenforced` says which local pods
     /// cannot be judged and why.
     pub policy: DesiredPolicy,
-    /// The node proxy's table.
-    pub proxy: ProxyTable,
+    /// The node proxy's table (shared with the proxy, which swaps it in whole).
+    pub proxy: Arc<ProxyTable>,
     pub flow_index: FlowIndex,
 }
 
@@ -98,7 +99,12 @@ pub fn compute(
             BTreeMap::new()
         },
         lb_skipped: lb.skipped,
-        proxy: compile_proxy_table(snapshot, state.generation(), &table, node),
+        proxy: Arc::new(compile_proxy_table(
+            snapshot,
+            state.generation(),
+            &table,
+            node,
+        )),
         flow_index: flow_index::build(snapshot, &policy),
         policy,
         identities: table,

@@ -9,6 +9,7 @@
 //! Entry points: [`Proxy::start`] (runtime + listeners, for the agent) and
 //! [`serve_connection`] with a [`ProxyContext`] (one accepted connection; tests, fuzzing).
 #![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
 
 pub mod body;
 mod conn;

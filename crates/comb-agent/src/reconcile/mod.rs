@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use comb_datapath::{Datapath, SocketLbMode};
 use comb_model::pipeline::Desired;
 
-use crate::args::{display_cgroup, normalize_cgroup};
+use crate::cgroup_path::{display_cgroup, normalize_cgroup};
 
 /// What one pass did.
 #[derive(Debug, Default)]

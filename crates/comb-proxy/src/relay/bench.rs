@@ -98,13 +98,9 @@ pub fn bench_relay(bytes: u64, splice: Option<&ProxySplice>) -> Result<BenchResu
 }
 
 fn thread_cpu_secs() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|ts| ts.tv_sec() as f64 + ts.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
 }
 
 /// Non-idle CPU seconds of all CPUs since boot (the `cpu` line of /proc/stat).
@@ -119,7 +115,10 @@ fn machine_busy_secs() -> Result<f64> {
     ensure!(v.len() >= 8, "unexpected /proc/stat line {line:?}");
     // user nice system idle iowait irq softirq steal: all but idle and iowait.
     let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     Ok(busy as f64 / hz)
 }

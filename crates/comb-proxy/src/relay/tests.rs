@@ -4,7 +4,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -322,9 +321,8 @@ fn spliced(f: impl FnOnce(Arc<ProxySplice>) + Send + 'static) {
     let (ns, pins) = (sb.netns.clone(), sb.pins.clone());
     let r = thread::spawn(move || {
         let f_ns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        // SAFETY: valid netns fd; setns is per thread (threads spawned from here inherit it).
-        let rc = unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        // setns is per thread (threads spawned from here inherit it).
+        nix::sched::setns(&f_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let ps = Arc::new(ProxySplice::open(&pins).expect("open proxy splice"));
         f(ps.clone());
         let st = ps.stats().unwrap();
