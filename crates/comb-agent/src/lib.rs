@@ -10,6 +10,7 @@ mod admin;
 mod args;
 mod cgroup_path;
 mod config;
+mod ct_gc;
 mod flows;
 mod identity_store;
 mod metrics;

@@ -127,16 +127,26 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
             .spawn(move || flows::pump(dp, flows_tx, w))
             .context("starting the flow event thread")?;
     }
+    let (gc_stop, gc_stopped) = std::sync::mpsc::channel::<()>();
+    let gc_thread = {
+        let (dp, every) = (datapath.clone(), cfg.ct_gc_interval);
+        std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || crate::ct_gc::run(dp, every, gc_stopped))
+            .context("starting the conntrack gc thread")?
+    };
     let result = serve(&cfg, view, source, writer_tx.clone()).await;
+    drop(gc_stop);
     let _ = std::fs::remove_file(&cfg.admin_socket);
 
     // Whatever the writer is doing finishes first (messages are handled in order). Admin
     // connections still open hold senders, so the writer is told, not left to notice.
     let _ = writer_tx.send(WriterMsg::Stop).await;
     drop(writer_tx);
-    let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    if !matches!(joined, Ok(Ok(()))) {
-        tracing::error!("the writer ended abnormally");
+    let joined =
+        tokio::task::spawn_blocking(move || (writer_thread.join(), gc_thread.join())).await;
+    if !matches!(joined, Ok((Ok(()), Ok(())))) {
+        tracing::error!("the writer or the conntrack gc ended abnormally");
     }
     let proxy = proxy.lock().expect("proxy lock poisoned").take();
     if let Some(proxy) = proxy {
@@ -160,7 +170,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     result
 }
 
-/// The servers, the source and the timers feeding the writer; returns at SIGTERM/SIGINT.
+/// The servers, the source and the resync timer feeding the writer; returns at SIGTERM/SIGINT.
 async fn serve(
     cfg: &AgentConfig,
     view: View,
@@ -180,13 +190,11 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(Duration::from_secs(2));
-    let mut ct_gc = tokio::time::interval(cfg.ct_gc_interval);
     tracing::info!(admin = %cfg.admin_socket.display(), metrics = %cfg.metrics_addr, "combd ready");
     let stop = loop {
         let msg = tokio::select! {
             Some(update) = rx.recv() => WriterMsg::Source(update),
             _ = resync.tick() => WriterMsg::Resync,
-            _ = ct_gc.tick() => WriterMsg::CtGc,
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         };

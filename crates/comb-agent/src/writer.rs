@@ -1,6 +1,9 @@
 //! The one writer: a thread that owns State, the identity allocator and every change to the
 //! datapath and the proxy's table, and applies source updates, control requests and timers
-//! in the order they arrive. After each step it publishes an immutable [`Published`] that
+//! in the order they arrive. (Conntrack garbage collection is not its job: it removes only
+//! expired entries the BPF programs created, nothing State decides, so it runs on a thread
+//! of its own — `crate::ct_gc` — and a sweep of a full table never delays a configuration
+//! change.) After each step it publishes an immutable [`Published`] that
 //! readers load without waiting for it.
 
 use std::collections::BTreeMap;
@@ -25,8 +28,6 @@ pub enum WriterMsg {
     Source(SourceUpdate),
     /// Retry a reconcile that met errors (e.g. a pod cgroup that appeared late).
     Resync,
-    /// Remove expired conntrack entries.
-    CtGc,
     /// A control request of the admin API; the reply is the response's data or an error.
     Control(Control, oneshot::Sender<Result<serde_json::Value, String>>),
     /// Turn flow events on or off (the monitor pump asks when subscribers come and go).
@@ -88,11 +89,6 @@ impl Writer {
                         self.reconcile();
                     }
                 }
-                WriterMsg::CtGc => match self.datapath.policy().ct_gc() {
-                    Ok(n) if n > 0 => tracing::debug!(removed = n, "conntrack gc"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),
-                },
                 WriterMsg::Control(c, reply) => {
                     let _ = reply.send(self.control(c));
                 }
@@ -108,6 +104,7 @@ impl Writer {
     }
 
     fn source_update(&mut self, update: SourceUpdate) {
+        tracing::debug!("source update received");
         match update {
             Ok(snapshot) => {
                 self.status.config_errors.clear();

@@ -132,12 +132,18 @@ async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
             for f in std::mem::take(&mut *dirty.lock().expect("dirty lock")) {
                 c.forget(&f);
             }
+            let started = std::time::Instant::now();
             let (c, update) = tokio::task::spawn_blocking(move || {
                 let r = c.load(&d);
                 (c, r)
             })
             .await
             .expect("manifest loader panicked");
+            tracing::debug!(
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                ok = update.is_ok(),
+                "manifests read"
+            );
             cache = Some(c);
             // A file may change again while it is read; the next wake-up or poll sees that.
             last = Some(fp);
