@@ -127,6 +127,7 @@ pub fn query(view: &View, q: Query) -> Response {
         Query::Services => match dp.lb().services() {
             Ok(have) => ok(crate::service_rows::rows(
                 &published.desired.frontends,
+                &published.desired.services,
                 &have,
             )),
             Err(e) => Response::Error {

@@ -23,16 +23,6 @@ pub enum SocketLb {
     Off,
 }
 
-impl SocketLb {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SocketLb::On => "on",
-            SocketLb::HostOnly => "host-only",
-            SocketLb::Off => "off",
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,

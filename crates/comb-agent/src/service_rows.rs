@@ -9,9 +9,13 @@ use comb_model::pipeline::services::{self as pipeline_services, ServiceKey};
 use crate::api::{BackendRow, ServiceRow};
 use crate::reconcile::services;
 
-/// `frontends` from State, `have` from the datapath (empty when the socket LB is off).
-pub fn rows(frontends: &[LbFrontend], have: &[LbService]) -> Vec<ServiceRow> {
-    let want = pipeline_services::desired(frontends).services;
+/// `frontends` and `want` as the pipeline computed them (`want` is empty when the socket LB is
+/// off), `have` from the datapath.
+pub fn rows(
+    frontends: &[LbFrontend],
+    want: &BTreeMap<ServiceKey, LbService>,
+    have: &[LbService],
+) -> Vec<ServiceRow> {
     let have: BTreeMap<ServiceKey, LbService> = have
         .iter()
         .map(|s| (pipeline_services::key(s), services::normalized(s)))
@@ -80,9 +84,18 @@ mod tests {
         }
     }
 
+    /// Rows with the socket LB on: what the pipeline wants for these frontends.
+    fn rows_of(frontends: &[LbFrontend], have: &[LbService]) -> Vec<ServiceRow> {
+        rows(
+            frontends,
+            &pipeline_services::desired(frontends).services,
+            have,
+        )
+    }
+
     #[test]
     fn weights_are_one_for_active_backends() {
-        let r = &rows(&[frontend(Protocol::Tcp)], &[])[0];
+        let r = &rows_of(&[frontend(Protocol::Tcp)], &[])[0];
         assert_eq!(r.service, "apps/web");
         assert_eq!(r.frontend(), "10.96.0.10:80/TCP");
         let w: Vec<_> = r.backends.iter().map(|b| (b.state, b.weight)).collect();
@@ -97,14 +110,14 @@ mod tests {
     fn programmed_when_the_datapath_holds_exactly_the_frontend() {
         let f = frontend(Protocol::Tcp);
         let mut have = pipeline_services::lb_service(&f, 6);
-        assert!(rows(std::slice::from_ref(&f), std::slice::from_ref(&have))[0].programmed);
+        assert!(rows_of(std::slice::from_ref(&f), std::slice::from_ref(&have))[0].programmed);
         have.backends.clear();
-        assert!(!rows(std::slice::from_ref(&f), &[have])[0].programmed);
+        assert!(!rows_of(std::slice::from_ref(&f), &[have])[0].programmed);
     }
 
     #[test]
     fn sctp_is_listed_but_never_programmed() {
-        let r = &rows(&[frontend(Protocol::Sctp)], &[])[0];
+        let r = &rows_of(&[frontend(Protocol::Sctp)], &[])[0];
         assert_eq!(r.frontend(), "10.96.0.10:80/SCTP");
         assert!(!r.programmed);
     }
