@@ -113,6 +113,7 @@ impl AgentConfig {
         PipelineConfig {
             policy: self.policy,
             socket_lb: self.socket_lb.is_ok(),
+            ..Default::default()
         }
     }
 

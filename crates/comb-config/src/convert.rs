@@ -146,6 +146,7 @@ pub(crate) fn node(o: &core::Node, s: &mut Sink<'_>) -> Option<model::Node> {
             name: o.metadata.name.clone().unwrap_or_default(),
             pod_cidrs,
             addresses,
+            annotations: o.metadata.annotations.clone().unwrap_or_default(),
         }
     })
 }

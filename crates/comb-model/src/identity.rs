@@ -372,6 +372,7 @@ mod tests {
                     name: name.into(),
                     pod_cidrs: vec![cidr.parse().unwrap()],
                     addresses: vec![addr.parse().unwrap()],
+                    annotations: Default::default(),
                 },
             );
         }

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod l7;
 pub mod lb;
 pub mod maglev;
+pub mod mesh;
 pub mod pipeline;
 pub mod policy;
 pub mod policy_compile;

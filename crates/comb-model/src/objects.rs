@@ -58,6 +58,9 @@ pub struct Node {
     /// `status.addresses` of type InternalIP and ExternalIP: the node's own addresses, which
     /// policy sees as `host` (this node) or `remote-node` (the others).
     pub addresses: Vec<IpAddr>,
+    /// Read for node-wide settings (`comb.dev/agent`).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A named container port (`spec.containers[].ports[]`), what NetworkPolicy port names

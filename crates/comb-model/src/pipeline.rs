@@ -14,17 +14,21 @@ use crate::{Generation, State};
 
 pub mod endpoints;
 pub mod flow_index;
+pub mod mesh;
 pub mod policy;
 pub mod services;
 
 pub use endpoints::{DesiredPods, attach_id};
 pub use flow_index::FlowIndex;
+pub use mesh::{DesiredMesh, HbonePeer, MeshConfig, MeshEndpoint};
 pub use policy::{DesiredPolicy, PolicyEndpoint};
 pub use services::{DesiredServices, ServiceKey};
 
 /// The switches of the agent that change what is desired (not how it is applied).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PipelineConfig {
+    /// Trust domain and PeerAuthentication root namespace.
+    pub mesh: MeshConfig,
     /// Identity policy on: local pods get policy endpoints and entries.
     pub policy: bool,
     /// Socket LB on: Service frontends go into the socket-LB maps (off: the maps stay empty,
@@ -52,6 +56,8 @@ pub struct Desired {
     /// The node proxy's table (shared with the proxy, which swaps it in whole).
     pub proxy: Arc<ProxyTable>,
     pub flow_index: FlowIndex,
+    /// Enrolment, mutual-TLS modes, HBONE peers, certificates wanted.
+    pub mesh: DesiredMesh,
 }
 
 impl Desired {
@@ -106,6 +112,7 @@ pub fn compute(
             node,
         )),
         flow_index: flow_index::build(snapshot, &policy),
+        mesh: mesh::desired(state, node, &config.mesh, interfaces),
         policy,
         identities: table,
     }
@@ -207,6 +214,7 @@ mod tests {
         PipelineConfig {
             policy: true,
             socket_lb: true,
+            ..Default::default()
         }
     }
 

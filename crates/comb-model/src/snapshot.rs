@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mesh::PeerAuthentication;
 use crate::objects::{ANNOTATION_L7, EndpointSlice, Namespace, Node, ObjKey, Pod, Service};
 use crate::policy::{AuthorizationPolicy, NetworkPolicy};
 
@@ -17,6 +18,7 @@ pub struct Snapshot {
     pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
     pub network_policies: BTreeMap<ObjKey, NetworkPolicy>,
     pub authorization_policies: BTreeMap<ObjKey, AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<ObjKey, PeerAuthentication>,
 }
 
 impl Snapshot {

@@ -66,6 +66,7 @@ impl World {
                 name: "n1".into(),
                 pod_cidrs: vec!["198.18.1.0/24".parse().unwrap()],
                 addresses: vec!["198.18.1.1".parse().unwrap()],
+                annotations: Default::default(),
             },
         );
         for (ns, kv) in [("shop", vec![("team", "a")]), ("ops", vec![("team", "b")])] {

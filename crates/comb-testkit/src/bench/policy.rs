@@ -761,6 +761,7 @@ fn agent_steps(dir: &Path) -> Result<AgentSteps> {
         let config = PipelineConfig {
             policy: true,
             socket_lb: true,
+            ..Default::default()
         };
         let t = Instant::now();
         let desired = pipeline::compute(
