@@ -1,0 +1,11 @@
+//! Workload identity material shared by the CA, the agent's certificate reconciler and the
+//! proxy's HBONE tunnels: the certificates a node holds ([`CertSet`], swapped whole in a
+//! [`CertStore`]) and the facts read from X.509 ([`x509`]).
+#![forbid(unsafe_code)]
+
+pub mod store;
+pub mod x509;
+
+pub use comb_model::mesh::SpiffeId;
+pub use store::{CertSet, CertStore, WorkloadCert};
+pub use x509::{CertInfo, X509Error};
