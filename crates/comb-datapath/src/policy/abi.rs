@@ -41,6 +41,11 @@ pub const PROXY_LISTENERS: u32 = 2;
 /// routing ([`super::routing`]) delivers them locally.
 pub const PROXY_MARK: u32 = 0x0B00;
 pub const PROXY_MARK_MASK: u32 = 0x0F00;
+/// `SO_MARK` of the node proxy's sockets that deliver HBONE streams to local pods (source =
+/// the remote pod's address, `IP_TRANSPARENT`), under [`PROXY_MARK_MASK`]: the pod's hook
+/// knows the flow arrived through mutual TLS (PeerAuthentication STRICT admits it) and sends
+/// the pod's replies back to the proxy.
+pub const HBONE_DELIVERY_MARK: u32 = 0x0C00;
 
 pub const MAX_IPCACHE: u32 = 65536;
 pub const MAX_POLICY: u32 = 262144;
