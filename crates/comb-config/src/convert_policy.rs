@@ -347,7 +347,7 @@ fn label_selector(sel: &meta::LabelSelector, at: &str, s: &mut Sink<'_>) -> mode
     }
 }
 
-fn match_labels(
+pub(crate) fn match_labels(
     labels: Option<&BTreeMap<String, String>>,
     at: &str,
     s: &mut Sink<'_>,

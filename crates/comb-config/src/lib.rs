@@ -11,6 +11,7 @@ mod convert_policy;
 mod dir_cache;
 mod error;
 pub mod istio;
+pub mod istio_peer_auth;
 mod object;
 mod parse;
 mod snapshot;

@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use crate::istio;
+use crate::{istio, istio_peer_auth};
 
 /// A parsed, not yet cross-validated object.
 // Unboxed on purpose: callers match and construct these directly, and a few kilobytes per
@@ -24,6 +24,7 @@ pub enum Object {
     EndpointSlice(discovery::EndpointSlice),
     NetworkPolicy(networking::NetworkPolicy),
     AuthorizationPolicy(istio::AuthorizationPolicy),
+    PeerAuthentication(istio_peer_auth::PeerAuthentication),
 }
 
 /// One object and where it came from, kept so later errors can still name the document.
@@ -45,6 +46,7 @@ pub(crate) const KINDS: &[(&str, &[&str])] = &[
     ("EndpointSlice", &["discovery.k8s.io/v1"]),
     ("NetworkPolicy", &["networking.k8s.io/v1"]),
     (istio::KIND, istio::API_VERSIONS),
+    (istio_peer_auth::KIND, istio_peer_auth::API_VERSIONS),
 ];
 
 impl Object {
@@ -57,6 +59,7 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::AuthorizationPolicy(_) => istio::KIND,
+            Object::PeerAuthentication(_) => istio_peer_auth::KIND,
         }
     }
 
@@ -69,6 +72,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
         }
     }
 
@@ -95,5 +99,6 @@ from_k8s!(
     Service(core::Service),
     EndpointSlice(discovery::EndpointSlice),
     NetworkPolicy(networking::NetworkPolicy),
-    AuthorizationPolicy(istio::AuthorizationPolicy)
+    AuthorizationPolicy(istio::AuthorizationPolicy),
+    PeerAuthentication(istio_peer_auth::PeerAuthentication)
 );

@@ -252,6 +252,7 @@ fn parse_object(
         "Service" => typed(json).map(Object::Service),
         "NetworkPolicy" => typed(json).map(Object::NetworkPolicy),
         "AuthorizationPolicy" => typed(json).map(Object::AuthorizationPolicy),
+        "PeerAuthentication" => typed(json).map(Object::PeerAuthentication),
         _ => typed(json).map(Object::EndpointSlice),
     };
     match object {

@@ -9,7 +9,7 @@ use comb_model::{ObjKey, Snapshot};
 use crate::error::{ConfigError, ConfigErrors, Sink};
 use crate::object::{Document, Object};
 use crate::parse::load_dir_partial;
-use crate::{convert, convert_policy};
+use crate::{convert, convert_policy, istio_peer_auth};
 
 /// Namespace for namespaced objects that name none, as `kubectl apply` would use.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -155,6 +155,11 @@ pub(crate) fn build_partial<'d>(
             Object::AuthorizationPolicy(o) => {
                 if let Some(v) = convert_policy::authorization_policy(o, key.clone(), &mut s) {
                     snap.authorization_policies.insert(key, v);
+                }
+            }
+            Object::PeerAuthentication(o) => {
+                if let Some(v) = istio_peer_auth::peer_authentication(o, key.clone(), &mut s) {
+                    snap.peer_authentications.insert(key, v);
                 }
             }
             Object::Pod(o) => {

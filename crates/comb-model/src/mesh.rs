@@ -229,8 +229,8 @@ impl Snapshot {
     /// The mutual-TLS mode PeerAuthentication gives `pod`, with Istio's inheritance:
     /// workload-selector policy (port level, then its mode) → namespace policy → mesh-wide
     /// policy in `root_namespace` → PERMISSIVE. `Unset` at a level means "ask the parent".
-    /// Several policies at one level: the oldest wins in Istio; here (no creation times
-    /// in manifests) the first by name, which comb-config warns about.
+    /// Several policies at one level: the oldest wins in Istio; here the first by
+    /// namespace/name (manifests carry no creation time).
     pub fn pod_mtls(&self, pod: &Pod, root_namespace: &str) -> PodMtls {
         let mut from = Vec::new();
         let ns = &pod.key.namespace;
