@@ -160,6 +160,20 @@ pub fn query(view: &View, q: Query) -> Response {
                         splice: local && published.splice_enabled && p.splice && cgroup.is_some(),
                         cgroup,
                         local,
+                        mode: published.state.dataplane_mode(p).as_str().into(),
+                        mtls: published
+                            .desired
+                            .mesh
+                            .endpoints
+                            .get(&p.key)
+                            .filter(|e| e.mode == comb_model::mesh::DataplaneMode::Mesh)
+                            .map(|e| {
+                                let mut s = e.mtls.default.as_str().to_string();
+                                for (port, m) in &e.mtls.ports {
+                                    s.push_str(&format!(" {port}={}", m.as_str()));
+                                }
+                                s
+                            }),
                     }
                 })
                 .collect();

@@ -267,6 +267,13 @@ pub struct EndpointRow {
     pub local: bool,
     /// Whether the pod's connections to other local pods are spliced.
     pub splice: bool,
+    /// Enrolment: `mesh`, `none` (`istio.io/dataplane-mode: none`) or `sidecar`.
+    #[serde(default)]
+    pub mode: String,
+    /// Local mesh pods: the effective PeerAuthentication mode, with port exceptions
+    /// (`STRICT 8080=PERMISSIVE`).
+    #[serde(default)]
+    pub mtls: Option<String>,
 }
 
 /// One Service frontend (VIP:port/protocol) for `comb service list`.

@@ -121,13 +121,24 @@ pub fn endpoint(t: &Target, cmd: EndpointCmd) -> Result<ExitCode> {
                 r.node,
                 r.cgroup.unwrap_or_else(|| "-".into()),
                 if r.splice { "on" } else { "off" }.into(),
+                r.mode,
+                r.mtls.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     print!(
         "{}",
         table::render(
-            &["POD", "NAMESPACE", "IP", "NODE", "CGROUP", "SPLICE"],
+            &[
+                "POD",
+                "NAMESPACE",
+                "IP",
+                "NODE",
+                "CGROUP",
+                "SPLICE",
+                "MODE",
+                "MTLS"
+            ],
             &cells
         )
     );
