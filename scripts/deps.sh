@@ -15,6 +15,8 @@ need=(
   "ping:iputils-ping" "ss:iproute2"
   "iptables-restore:iptables"
   "haproxy:haproxy" "h2load:nghttp2-client" "wrk:wrk"
+  "openssl:openssl" "tcpdump:tcpdump" "tshark:tshark"
+  "/usr/lib/python3/dist-packages/h2/__init__.py:python3-h2"
   "/usr/lib/python3/dist-packages/grpc/__init__.py:python3-grpcio"
   "/usr/lib/python3/dist-packages/websockets/__init__.py:python3-websockets"
   "/usr/include/libelf.h:libelf-dev" "/usr/include/zlib.h:zlib1g-dev"

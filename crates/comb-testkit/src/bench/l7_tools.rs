@@ -151,7 +151,7 @@ pub fn log_p50_p99_ms(log: &Path) -> Result<(f64, f64)> {
 /// Shared part of both haproxy sidecars: HTTP mode, keep-alive on both sides, upstream
 /// connections reused across downstream ones (`http-reuse always`, as Envoy pools them),
 /// `nbthread 2` (Istio's default sidecar concurrency, and the node proxy's default workers).
-const HAPROXY_COMMON: &str = "global
+pub const HAPROXY_COMMON: &str = "global
   nbthread 2
   maxconn 4096
 defaults
@@ -264,9 +264,19 @@ pub fn max_rss_during<T>(pids: &[u32], work: impl FnOnce() -> Result<T>) -> Resu
     })
 }
 
-/// The pid of the node's combd (the only process in its agent cgroup).
+/// The pid of the first node's combd.
 pub fn combd_pid(lab: &Lab) -> Result<u32> {
     let node = lab.nodes().first().context("lab has no node")?;
+    combd_pid_of(lab, &node.name)
+}
+
+/// The pid of `node`'s combd (the only process in its agent cgroup).
+pub fn combd_pid_of(lab: &Lab, node: &str) -> Result<u32> {
+    let node = lab
+        .nodes()
+        .iter()
+        .find(|n| n.name == node)
+        .with_context(|| format!("lab has no node {node}"))?;
     let procs = node
         .cgroup
         .join(comb_lab::naming::AGENT_CGROUP)

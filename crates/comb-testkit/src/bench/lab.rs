@@ -1,4 +1,4 @@
-//! The lab every bench scenario runs in: one node, its agent, the scenario's pods.
+//! The lab every bench scenario runs in: its nodes, their agents, the scenario's pods.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +18,17 @@ pub fn up(
     pods: String,
     attached: usize,
 ) -> Result<Lab> {
+    up_nodes(prefix, agent_args, file, pods, &[("node1", attached)])
+}
+
+/// [`up`] for several nodes: wait until each `(node, attached)` agent is ready.
+pub fn up_nodes(
+    prefix: &str,
+    agent_args: &[&str],
+    file: &str,
+    pods: String,
+    attached: &[(&str, usize)],
+) -> Result<Lab> {
     let name = format!("{prefix}{:04x}", rand::random::<u16>());
     let combd = comb_lab::combd_path()?;
     let lab = Lab::up(
@@ -30,7 +41,9 @@ pub fn up(
         },
         &[(PathBuf::from(file), pods)],
     )?;
-    wait_attached(&lab.agent_socket("node1"), attached)?;
+    for (node, n) in attached {
+        wait_attached(&lab.agent_socket(node), *n)?;
+    }
     Ok(lab)
 }
 

@@ -5,6 +5,7 @@ mod l7;
 mod l7_splice;
 mod l7_tools;
 mod lab;
+mod mtls;
 mod policy;
 mod report;
 mod service_lb;
@@ -43,6 +44,9 @@ pub enum BenchCmd {
     /// Node L7 proxy against a pair of haproxy sidecars (added latency at 1,000 req/s,
     /// requests per CPU second, memory), and what the kernel splice buys for opaque TCP.
     L7(l7::Args),
+    /// Pods on two nodes: plaintext, a pair of haproxy sidecars with mutual TLS, and Comb's
+    /// HBONE tunnel (added latency, throughput, connection rate, memory).
+    Mtls(mtls::Args),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
@@ -62,6 +66,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::L7(a) => {
             let r = l7::run(&a)?;
+            (a.common, r)
+        }
+        BenchCmd::Mtls(a) => {
+            let r = mtls::run(&a)?;
             (a.common, r)
         }
     };
