@@ -474,6 +474,10 @@ fn load_node(
     p.attach_uplink(uplink).unwrap();
     p.attach_uplink(uplink).expect("attaching twice is fine");
     assert_eq!(p.uplinks(), vec![uplink]);
+    assert!(
+        p.listener_present(ListenerKind::HboneIn, ProxyFamily::V4)
+            .is_ok()
+    );
     routing::install().unwrap();
     Node {
         dp,
@@ -486,6 +490,7 @@ fn load_node(
 impl Node {
     fn finish(self, ns: &Netns) {
         let _inside = InNetns::enter(ns);
+        assert_eq!(self.dp.policy().uplinks(), vec![self.uplink]);
         routing::remove().unwrap();
         self.dp.shutdown(false).unwrap();
         assert!(!self._pins.0.exists(), "pins left behind");
@@ -674,13 +679,17 @@ fn hbone_outbound_inbound_and_delivery() {
     let (h, echo) = delivered(n2_ns.clone()).expect("delivery");
     assert_eq!(h, format!("hello {STRICT_PORT} {POD_A}"));
     assert_eq!(echo, "echo request");
+    // Its entry (the plaintext one of before has none of the flags).
     let ct = p2.ct_entries().unwrap();
-    let e = ct
+    let delivered_entries: Vec<_> = ct
         .iter()
-        .find(|e| e.endpoint == bi && e.direction == Ingress && e.src.ip() == ip(POD_A))
-        .expect("the delivered flow's entry");
-    assert!(e.hbone && !e.proxy, "{e:?}");
-    assert!(e.seen_reply, "{e:?}");
+        .filter(|e| e.endpoint == bi && e.direction == Ingress && e.src.ip() == ip(POD_A))
+        .filter(|e| e.hbone)
+        .collect();
+    assert_eq!(delivered_entries.len(), 1, "{ct:#?}");
+    let e = delivered_entries[0];
+    assert!(!e.proxy && e.seen_reply, "{e:?}");
+    assert_eq!(e.dst, sa(POD_B, STRICT_PORT));
 
     // STRICT on B: the delivery is still accepted.
     p2.upsert_mesh_port(
@@ -824,4 +833,81 @@ fn peer_authentication_strict_truth_table() {
 
     n2.finish(&lab.node2);
     n1.finish(&lab.node1);
+}
+
+/// A restarted agent adopts the pinned uplink link and the mesh maps; a link whose interface
+/// is gone is dropped; shutdown without pins removes everything.
+#[test]
+fn uplink_link_and_mesh_maps_survive_a_restart() {
+    if !common::privileged("hbone") {
+        return;
+    }
+    comb_host::ensure_bpffs().unwrap();
+    let pins = common::PinGuard::fresh();
+    let ns = Netns::new("comb-hbu");
+    ns.ip(&[
+        "link", "add", "uplink", "type", "veth", "peer", "name", "peer1",
+    ]);
+    ns.ip(&[
+        "link", "add", "uplink2", "type", "veth", "peer", "name", "peer2",
+    ]);
+    let _inside = InNetns::enter(&ns);
+    let (u1, u2) = (ifindex("uplink"), ifindex("uplink2"));
+    let opts = || DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
+    };
+    let dp = Datapath::load(opts()).unwrap();
+    dp.policy().attach_uplink(u1).unwrap();
+    dp.policy().attach_uplink(u2).unwrap();
+    dp.policy()
+        .upsert_mesh_addr(ip(POD_B), MeshAddr::local(7))
+        .unwrap();
+    let k = MeshPortKey {
+        endpoint: 7,
+        port: Some(8080),
+    };
+    dp.policy()
+        .upsert_mesh_port(
+            k,
+            MeshPort {
+                enrolled: false,
+                strict: true,
+            },
+        )
+        .unwrap();
+    assert!(
+        dp.policy()
+            .upsert_mesh_port(
+                MeshPortKey {
+                    endpoint: 7,
+                    port: Some(0)
+                },
+                MeshPort::default()
+            )
+            .is_err(),
+        "port 0 is the endpoint's own entry"
+    );
+    dp.shutdown(true).unwrap();
+    drop(dp);
+    assert!(
+        pins.0
+            .join("links/uplink-{u1}".replace("{u1}", &u1.to_string()))
+            .exists()
+    );
+
+    // uplink2 goes away (with its peer) while no agent runs.
+    ns.ip(&["link", "del", "uplink2"]);
+    let dp = Datapath::load(opts()).unwrap();
+    assert_eq!(dp.policy().uplinks(), vec![u1]);
+    assert_eq!(
+        dp.policy().mesh_addrs().unwrap()[&ip(POD_B)],
+        MeshAddr::local(7)
+    );
+    assert!(dp.policy().mesh_ports().unwrap()[&k].strict);
+    dp.policy().detach_uplink(u1).unwrap();
+    assert!(dp.policy().uplinks().is_empty());
+    dp.policy().attach_uplink(u1).unwrap();
+    dp.shutdown(false).unwrap();
+    assert!(!pins.0.exists());
 }
