@@ -32,13 +32,16 @@ static __always_inline __u32 comb_mesh_flags(__u32 endpoint)
  * assigned to the HBONE outbound listener and marked, and COMB_CT_F_PROXY |
  * COMB_CT_F_HBONE is returned with *reason = HBONE_REDIRECT. No listener (or
  * not a SYN): 0 with *reason = HBONE_UNAVAILABLE, forwarded in plaintext so
- * the destination's PeerAuthentication decides. Anything else: 0, untouched. */
+ * the destination's PeerAuthentication decides. Anything else (dport 15008
+ * included): 0, untouched. */
 static __always_inline __u32 comb_hbone_out_new(struct __sk_buff *skb, const struct comb_pkt *p,
 						__u32 ifindex, __u8 *reason)
 {
 	struct comb_mesh_addr *m;
 
-	if (p->protocol != COMB_IPPROTO_TCP || p->frag != COMB_FRAG_NONE || *reason >= 128)
+	/* A pod speaking HBONE itself (dport 15008) is not tunnelled twice. */
+	if (p->protocol != COMB_IPPROTO_TCP || p->frag != COMB_FRAG_NONE || *reason >= 128 ||
+	    p->dport == bpf_htons(COMB_HBONE_PORT))
 		return 0;
 	if (!(comb_mesh_flags(ifindex) & COMB_MESH_F_ENROLLED))
 		return 0;

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use comb_datapath::policy::abi::{HBONE_DELIVERY_MARK, ID_HOST, ID_REMOTE_NODE};
 use comb_datapath::policy::routing;
 use comb_datapath::{
-    Datapath, DatapathOptions, ListenerKind, MeshAddr, MeshPort, MeshPortKey, PolicyMetric,
-    ProxyFamily,
+    Datapath, DatapathOptions, ListenerKind, MeshAddr, MeshPort, MeshPortKey, PolicyConfig,
+    PolicyMetric, ProxyFamily,
 };
 use comb_model::terms::{Direction, Reason};
 use policy_support::{InNetns, Netns, ifindex, two_pod_node};
@@ -758,10 +758,31 @@ fn peer_authentication_strict_truth_table() {
     .unwrap();
     assert_eq!(p2.mesh_ports().unwrap().len(), 2);
 
-    // Plaintext TCP from the other node: dropped, counted.
+    // Plaintext TCP from the other node: dropped, counted, and reported as a flow event
+    // (what `comb monitor` shows) with the source's identity.
+    p2.set_config(&PolicyConfig {
+        events: true,
+        ..PolicyConfig::default()
+    })
+    .unwrap();
+    let mut reader = p2.flow_events().unwrap();
     assert_eq!(hello(&lab.c, sa(POD_B, STRICT_PORT), short), "timeout");
     let dropped = metric(&n2.dp, bi, Ingress, Reason::MtlsRequired);
     assert!(dropped >= 1, "mtls-required counted");
+    let mut events = Vec::new();
+    reader
+        .poll(Duration::from_secs(1), |e| events.push(e))
+        .unwrap();
+    let e = events
+        .iter()
+        .find(|e| e.reason == Reason::MtlsRequired)
+        .unwrap_or_else(|| panic!("no mtls-required event: {events:#?}"));
+    assert_eq!((e.src, e.dst, e.dport), (ip(POD_C), ip(POD_B), STRICT_PORT));
+    assert_eq!((e.direction, e.endpoint), (Ingress, bi));
+    assert_eq!((e.src_identity, e.dst_identity), (ID_C, ID_B));
+    assert!(e.dropped());
+    drop(reader);
+    p2.set_config(&PolicyConfig::default()).unwrap();
     // Port-level PERMISSIVE: accepted.
     assert_eq!(
         hello(&lab.c, sa(POD_B, OPEN_PORT), t),
