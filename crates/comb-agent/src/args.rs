@@ -82,8 +82,8 @@ pub struct Args {
     pub policy: OnOff,
     /// A node uplink interface (repeatable), where the uplink program (HBONE inbound to local
     /// mesh pods on port 15008) attaches; `none`: no uplink program. Default: the interfaces
-    /// of the default routes of the agent's network namespace, except in PID 1's network
-    /// namespace (a shared machine's own interfaces are never picked implicitly).
+    /// of the default routes of the agent's network namespace, except in the machine's root
+    /// network namespace (its own interfaces are never picked implicitly).
     #[arg(long = "uplink", value_name = "IFACE")]
     pub uplinks: Vec<String>,
     /// Conntrack lifetime of an established TCP flow without packets, in seconds.
