@@ -932,3 +932,165 @@ fn uplink_link_and_mesh_maps_survive_a_restart() {
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
 }
+
+/// IPv6: the HBONE outbound listener's IPv6 slot. One node, pods A6 (mesh) and B6 whose
+/// address is declared an HBONE peer (the steering happens at A's veth, whatever is behind
+/// the address); an IPv4 listener does not serve IPv6 (plaintext, hbone-unavailable).
+#[test]
+fn hbone_outbound_steering_ipv6() {
+    if !common::privileged("hbone") {
+        return;
+    }
+    const GW6: &str = "fd00:7::1";
+    const A6: &str = "fd00:7::2";
+    const B6: &str = "fd00:7::3";
+    comb_host::ensure_bpffs().unwrap();
+    let pins = common::PinGuard::fresh();
+    let node = Netns::new("comb-hb6n");
+    for kv in [
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        node.sysctl(kv);
+    }
+    let mut pods = Vec::new();
+    for (i, addr) in [(1, A6), (2, B6)] {
+        let pod = Netns::new("comb-hb6p");
+        pod.sysctl("net.ipv6.conf.all.accept_dad=0");
+        pod.sysctl("net.ipv6.conf.default.accept_dad=0");
+        let host_if = format!("lxc{i}");
+        node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+        ]);
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GW6}/128"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        node.ip(&["link", "set", &host_if, "up"]);
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            &host_if,
+        ]);
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["-6", "route", "add", GW6, "dev", "eth0"]);
+        pod.ip(&["-6", "route", "add", "default", "via", GW6, "dev", "eth0"]);
+        pods.push(pod);
+    }
+    let b = pods.pop().unwrap();
+    let a = pods.pop().unwrap();
+    // B's plain server answers on [B6]:8080 when nothing steers.
+    let bname = b.0.clone();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        join_netns(&bname);
+        let l = TcpListener::bind(("::", STRICT_PORT)).unwrap();
+        ready_tx.send(()).unwrap();
+        if let Ok((mut c, _)) = l.accept() {
+            let _ = c.write_all(b"plain\n");
+        }
+    });
+    ready.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    let inside = InNetns::enter(&node);
+    let dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: comb_host::cgroup2_mount().unwrap(),
+    })
+    .unwrap();
+    let (ai, bi) = (ifindex("lxc1"), ifindex("lxc2"));
+    let p = dp.policy();
+    p.set_endpoint(ai, ID_A, &[ip(A6)]).unwrap();
+    p.set_endpoint(bi, ID_B, &[ip(B6)]).unwrap();
+    p.upsert_mesh_port(
+        MeshPortKey {
+            endpoint: ai,
+            port: None,
+        },
+        MeshPort {
+            enrolled: true,
+            strict: false,
+        },
+    )
+    .unwrap();
+    p.upsert_mesh_addr(ip(B6), MeshAddr::peer()).unwrap();
+    p.attach(ai).unwrap();
+    p.attach(bi).unwrap();
+    routing::install().unwrap();
+    let l4 = transparent_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, HBONE_OUT_PORT));
+    p.set_listener(ListenerKind::HboneOut, ProxyFamily::V4, l4.as_fd())
+        .unwrap();
+    let dst = SocketAddr::new(ip(B6), STRICT_PORT);
+    assert_eq!(hello(&a, dst, Duration::from_secs(5)), "plain");
+    server.join().unwrap();
+    assert_eq!(metric(&dp, ai, Egress, Reason::HboneUnavailable), 1);
+
+    let l6 = {
+        // IPV6_TRANSPARENT listener on [::1]:15001.
+        let fd = {
+            // SAFETY: plain socket syscalls on an fd we own; the sockaddr is fully initialised.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                assert!(fd >= 0);
+                let owned = OwnedFd::from_raw_fd(fd);
+                setsockopt_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1);
+                setsockopt_int(fd, libc::SOL_IPV6, libc::IPV6_V6ONLY, 1);
+                setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+                let mut sin6: libc::sockaddr_in6 = std::mem::zeroed();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = HBONE_OUT_PORT.to_be();
+                sin6.sin6_addr.s6_addr = std::net::Ipv6Addr::LOCALHOST.octets();
+                let r = libc::bind(
+                    fd,
+                    (&sin6 as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                );
+                assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+                assert_eq!(libc::listen(fd, 16), 0);
+                owned
+            }
+        };
+        TcpListener::from(fd)
+    };
+    p.set_listener(ListenerKind::HboneOut, ProxyFamily::V6, l6.as_fd())
+        .unwrap();
+    let a_ns = a.0.clone();
+    let client = std::thread::spawn(move || {
+        join_netns(&a_ns);
+        let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        (
+            c.local_addr().unwrap(),
+            read_line(&mut c, Duration::from_secs(5)),
+        )
+    });
+    let (mut s, peer) = accept_within(&l6, Duration::from_secs(5)).expect("IPv6 HBONE listener");
+    assert_eq!(s.local_addr().unwrap(), dst);
+    s.write_all(b"tunnelled6\n").unwrap();
+    let (local, line) = client.join().unwrap();
+    assert_eq!((peer, line.as_str()), (local, "tunnelled6"));
+    assert_eq!(metric(&dp, ai, Egress, Reason::HboneRedirect), 1);
+    drop(s);
+
+    routing::remove().unwrap();
+    dp.shutdown(false).unwrap();
+    assert!(!pins.0.exists());
+    drop(inside);
+}
