@@ -50,10 +50,11 @@ pub fn apply(
 ) -> Outcome {
     let mut errors = Vec::new();
     endpoints::apply(dp, &want.pods, &mut errors);
-    policy::apply(dp, &want.policy, &mut errors);
-    // After the policy endpoints (STRICT and steering are keyed by their ifindexes), before
-    // the uplinks (HBONE inbound needs the local mesh addresses).
+    // The mesh before the policy programs attach to a new pod's veth (its entries are keyed
+    // by the veth's ifindex, known before the attach), so a STRICT pod is STRICT from its
+    // first packet; the uplinks after the mesh (HBONE inbound needs the local addresses).
     mesh::apply(dp, &want.mesh, &mut errors);
+    policy::apply(dp, &want.policy, &mut errors);
     mesh::apply_uplinks(dp, uplinks, &mut errors);
 
     let attached_ok = same_attachment(dp.lb().attachment(), socket_lb);
