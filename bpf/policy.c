@@ -58,6 +58,14 @@
  *      error is judged by policy like a new ICMP packet but never creates
  *      an entry. Behind IPv6 extension headers in the quoted packet the ports
  *      are not read, so such errors are judged by policy.
+ *  5b. PeerAuthentication STRICT (bpf/lib/mesh.h), comb_policy_to_pod only,
+ *      new flows (conntrack miss) only: TCP or UDP that came from another node
+ *      (skb->ingress_ifindex is neither 0, i.e. sent by the node itself, nor a
+ *      local endpoint's veth) to an enrolled pod (comb_mesh_ports {ep, 0}
+ *      ENROLLED) whose mode for the destination port ({ep, dport}, else
+ *      {ep, 0}) is STRICT drops with COMB_REASON_MTLS_REQUIRED, before the
+ *      policy lookup, and is never tracked. Established flows and replies are
+ *      not affected (a mode change applies to new flows, like a policy change).
  *   6. Policy: peer identity = comb_ipcache LPM lookup of the peer address
  *      (miss: COMB_ID_WORLD); comb_policy {ep, peer, dir, proto, dport} with
  *      prefixlen 96 (dport 0 for protocols other than TCP/UDP/SCTP: ICMP
@@ -104,6 +112,24 @@
  *         destination) leave through the client's veth and are replies of
  *         that entry (CT_REPLY) in comb_policy_to_pod. The proxy's own
  *         connection to the destination comes from the node (COMB_ID_HOST).
+ *  6c. HBONE outbound (bpf/lib/mesh.h), comb_policy_from_pod, a new TCP flow
+ *      (unfragmented, dport not 15008) that 6/6b forward unredirected, from an
+ *      enrolled pod to an address comb_mesh_addrs calls an HBONE PEER: a SYN is
+ *      bpf_sk_assign'ed to comb_proxy_listeners[COMB_HBONE_OUT_LISTENER_V4 /
+ *      _V6] and marked as in 6b; counted COMB_REASON_HBONE_REDIRECT, the
+ *      conntrack entry gets COMB_CT_F_PROXY | COMB_CT_F_HBONE (a retransmitted
+ *      SYN goes to the same listener). No listener (or not a SYN): forwarded
+ *      in plaintext with COMB_REASON_HBONE_UNAVAILABLE, so the destination's
+ *      PeerAuthentication decides.
+ *  6d. HBONE delivery, comb_policy_to_pod: a new flow sent by the node itself
+ *      (ingress_ifindex 0) with COMB_HBONE_DELIVERY_MARK under
+ *      COMB_PROXY_MARK_MASK is the node proxy delivering a tunnelled stream
+ *      from the remote pod's address. Judged by that address's identity as
+ *      always; a REDIRECT verdict forwards (PROXY_REDIRECT: the proxy applied
+ *      L7 policy inside the tunnel). Its INGRESS entry gets COMB_CT_F_HBONE,
+ *      and the pod's replies (CT_REPLY of such an entry in
+ *      comb_policy_from_pod) get COMB_PROXY_MARK: the policy routing
+ *      delivers them to the proxy's socket instead of routing them out.
  *   7. Every judged packet is counted in comb_policy_metrics {ep, dir,
  *      reason} (packets, bytes = skb->len, the L2 frame).
  *   8. With COMB_POLICY_CFG_F_EVENTS, a struct comb_flow_event goes to
@@ -116,7 +142,8 @@
  *
  * Passing returns TC_ACT_OK (TCX_PASS), dropping TC_ACT_SHOT (TCX_DROP).
  * Maps are pinned under <pin_dir>/maps/ and adopted by a restarted agent, so
- * enforcement and conntrack survive it.
+ * enforcement and conntrack survive it. comb_proxy_listeners and the mesh maps
+ * are shared with the node uplink program (bpf/uplink.c, HBONE inbound).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>

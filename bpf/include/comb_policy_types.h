@@ -98,12 +98,15 @@ struct comb_policy_key {
 #define COMB_REASON_CT_RELATED 8     /* conntrack: ICMP error about a known flow */
 #define COMB_REASON_L7_VISIBILITY 9  /* visibility REDIRECT, not redirected */
 #define COMB_REASON_PROXY_REDIRECT 10 /* sent to the node proxy */
+#define COMB_REASON_HBONE_REDIRECT 11 /* sent to the HBONE outbound listener */
+#define COMB_REASON_HBONE_UNAVAILABLE 12 /* HBONE peer, no listener: plaintext */
 #define COMB_REASON_POLICY_DENIED 128 /* NetworkPolicy selects, nothing allows */
 #define COMB_REASON_AUTHZ_DENY 129    /* an AuthorizationPolicy DENY rule matched */
 #define COMB_REASON_AUTHZ_NO_ALLOW 130 /* ALLOW policies exist, none matched */
 #define COMB_REASON_PROXY_UNAVAILABLE 131 /* L7 needed, cannot redirect */
 #define COMB_REASON_FRAG_UNKNOWN 132 /* later fragment, first one not seen */
 #define COMB_REASON_MALFORMED 133    /* truncated or invalid IP header */
+#define COMB_REASON_MTLS_REQUIRED 134 /* STRICT: plaintext from another node */
 
 struct comb_policy_value {
 	__u8 verdict;     /* COMB_VERDICT_* */
@@ -133,6 +136,12 @@ struct comb_ct_key {
 #define COMB_CT_F_SEEN_REPLY (1U << 0)
 #define COMB_CT_F_CLOSING (1U << 1) /* FIN or RST seen: close timeout */
 #define COMB_CT_F_PROXY (1U << 2)   /* redirected to the node proxy (EGRESS) */
+/* The HBONE path. With COMB_CT_F_PROXY (EGRESS): redirected to the HBONE
+ * outbound listener (a retransmitted SYN is assigned to it again). Alone
+ * (INGRESS): a stream the node proxy delivered from an HBONE tunnel (its
+ * socket had COMB_HBONE_DELIVERY_MARK); the pod's replies get
+ * COMB_PROXY_MARK, so they reach the proxy's delivery socket. */
+#define COMB_CT_F_HBONE (1U << 3)
 struct comb_ct_value {
 	__u64 expires_ns; /* bpf_ktime_get_boot_ns() deadline */
 	__u64 created_ns;
@@ -204,16 +213,58 @@ struct comb_frag_value {
 	__u8 pad[2];
 };
 
-/* comb_proxy_listeners: SOCKMAP of the node proxy's transparent listeners,
- * one per family. A redirected SYN is bpf_sk_assign'ed to it; every packet of
- * a redirected flow from the client gets COMB_PROXY_MARK (under the mask),
- * which the node's policy routing (fwmark 0xb00/0xf00 -> table 2005, local
- * default route) delivers locally. */
+/* comb_proxy_listeners: SOCKMAP of the node proxy's transparent listeners, by
+ * kind and family. A redirected SYN is bpf_sk_assign'ed to one; every packet
+ * of a redirected flow from the client gets COMB_PROXY_MARK (under the
+ * mask), which the node's policy routing (fwmark 0xb00/0xf00 -> table 2005,
+ * local default route) delivers locally.
+ *   L7 (0, 1):        flows with a REDIRECT verdict (docs/l7.md)
+ *   HBONE_OUT (2, 3): new TCP flows of mesh pods to HBONE peers
+ *   HBONE_IN (4, 5):  SYNs to <local mesh pod>:15008 arriving on the uplink
+ * An empty slot means "cannot redirect" for that kind. */
 #define COMB_PROXY_LISTENER_V4 0
 #define COMB_PROXY_LISTENER_V6 1
-#define COMB_PROXY_LISTENERS 2
+#define COMB_HBONE_OUT_LISTENER_V4 2
+#define COMB_HBONE_OUT_LISTENER_V6 3
+#define COMB_HBONE_IN_LISTENER_V4 4
+#define COMB_HBONE_IN_LISTENER_V6 5
+#define COMB_PROXY_LISTENERS 8 /* slots 6, 7 reserved */
 #define COMB_PROXY_MARK 0x0B00
 #define COMB_PROXY_MARK_MASK 0x0F00
+/* SO_MARK of the proxy's sockets that deliver HBONE streams to local pods
+ * (source = the remote pod's address, IP_TRANSPARENT), under
+ * COMB_PROXY_MARK_MASK: accepted by PeerAuthentication STRICT, and the flow's
+ * conntrack entry gets COMB_CT_F_HBONE. Only trusted on locally sent packets
+ * (skb->ingress_ifindex == 0). */
+#define COMB_HBONE_DELIVERY_MARK 0x0C00
+#define COMB_HBONE_PORT 15008
+
+/* comb_mesh_addrs: HASH, address -> what the mesh makes of it. Written only
+ * for addresses that matter: remote pods reached through HBONE (PEER) and
+ * local mesh pods (LOCAL, with their host veth in `endpoint`). A miss is
+ * "plain": no steering, no HBONE inbound. */
+#define COMB_MESH_ADDR_F_PEER (1U << 0)  /* remote pod: steer to HBONE_OUT */
+#define COMB_MESH_ADDR_F_LOCAL (1U << 1) /* local mesh pod: HBONE inbound */
+struct comb_mesh_addr {
+	__u32 flags;
+	__u32 endpoint; /* host veth ifindex for LOCAL, else 0 */
+};
+
+/* comb_mesh_ports: HASH {endpoint, port} -> flags. Port 0 is the endpoint's
+ * own entry: ENROLLED (dataplane mode "mesh") and STRICT (its default
+ * PeerAuthentication mode); no entry = not in the mesh (no steering, no
+ * STRICT). Other ports hold the pod's portLevelMtls answers, absolute (STRICT
+ * or 0 = plaintext accepted), consulted only while port 0 says ENROLLED. */
+#define COMB_MESH_F_ENROLLED (1U << 0)
+#define COMB_MESH_F_STRICT (1U << 1)
+struct comb_mesh_port_key {
+	__u32 endpoint; /* host veth ifindex */
+	__be16 port;    /* destination (container) port, network order; 0 = the pod */
+	__u8 pad[2];
+};
+struct comb_mesh_port {
+	__u32 flags;
+};
 
 #define COMB_MAX_IPCACHE 65536
 #define COMB_MAX_POLICY 262144
@@ -221,5 +272,7 @@ struct comb_frag_value {
 #define COMB_MAX_FRAGS 8192
 #define COMB_MAX_POLICY_METRICS 16384
 #define COMB_FLOW_RINGBUF_BYTES (1U << 22)
+#define COMB_MAX_MESH_ADDRS 65536
+#define COMB_MAX_MESH_PORTS 65536
 
 #endif /* COMB_POLICY_TYPES_H */

@@ -14,6 +14,7 @@
 #include "policy_parse.h"
 #include "policy_ct.h"
 #include "policy_redirect.h"
+#include "mesh.h"
 
 /* The outcome for one packet. */
 struct comb_verdict {
@@ -333,17 +334,43 @@ static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
 		vd.reason = comb_ct_lookup(&p, dir, now, &s, &ct_flags);
 	if (vd.reason) {
 		vd.verdict = COMB_VERDICT_ALLOW;
-		/* PROXY entries exist in the egress direction only. */
-		if (dir == COMB_DIR_EGRESS && (ct_flags & COMB_CT_F_PROXY))
-			comb_redirect_established(skb, &p);
+		/* PROXY entries exist in the egress direction only; HBONE
+		 * delivery entries (HBONE without PROXY) in the ingress one, and
+		 * their replies cross the pod's tcx ingress. */
+		if (dir == COMB_DIR_EGRESS && vd.reason == COMB_REASON_CT_ESTABLISHED &&
+		    (ct_flags & COMB_CT_F_PROXY))
+			comb_redirect_established(skb, &p, ct_flags);
+		else if (dir == COMB_DIR_EGRESS && vd.reason == COMB_REASON_CT_REPLY &&
+			 (ct_flags & (COMB_CT_F_HBONE | COMB_CT_F_PROXY)) == COMB_CT_F_HBONE)
+			comb_proxy_mark(skb);
+	} else if (dir == COMB_DIR_INGRESS && !p.icmp_error &&
+		   comb_mtls_required(skb, &p, ifindex)) {
+		/* 5b. PeerAuthentication STRICT: before policy (authentication
+		 * first, as in Istio); never tracked. */
+		vd.peer_identity = comb_ipcache_identity(&p.saddr);
+		vd.verdict = COMB_VERDICT_DENY;
+		vd.reason = COMB_REASON_MTLS_REQUIRED;
+		vd.event = 1;
 	} else {
 		vd.peer_identity = comb_ipcache_peer(dir == COMB_DIR_EGRESS ? &p.daddr : &p.saddr,
 						     &peer_endpoint);
 		comb_policy_judge(ifindex, dir, &p, &vd);
 		/* tcx egress (to the pod) cannot redirect: REDIRECT keeps its
 		 * "cannot redirect" reason there. */
-		if (dir == COMB_DIR_EGRESS && !p.icmp_error)
+		if (dir == COMB_DIR_EGRESS && !p.icmp_error) {
 			ct_flags = comb_redirect_new(skb, &p, ep_identity, peer_endpoint, &vd);
+			/* 6c. Not sent to the L7 proxy: HBONE to a remote peer. */
+			if (!ct_flags)
+				ct_flags = comb_hbone_out_new(skb, &p, ifindex, &vd.reason);
+		} else if (dir == COMB_DIR_INGRESS && comb_hbone_delivered(skb)) {
+			/* 6d. Delivered by the node proxy from a tunnel: judged
+			 * by the source's identity as always; a REDIRECT was the
+			 * proxy's to judge (it applies L7 policy to the stream
+			 * before delivering it). Replies go back to the proxy. */
+			ct_flags = COMB_CT_F_HBONE;
+			if (vd.verdict == COMB_VERDICT_REDIRECT)
+				vd.reason = COMB_REASON_PROXY_REDIRECT;
+		}
 		if (!comb_reason_drops(vd.reason) && !p.icmp_error)
 			comb_ct_create(&p, dir, now, &s, ifindex, vd.reason, vd.policy, ct_flags);
 		vd.event = 1;

@@ -117,8 +117,9 @@ static __always_inline struct comb_ct_value *comb_ct_live(const struct comb_ct_k
 }
 
 /* COMB_REASON_CT_ESTABLISHED, COMB_REASON_CT_REPLY, or 0 (judge it).
- * `*flags` gets the entry's flags on CT_ESTABLISHED (COMB_CT_F_PROXY: the
- * packet goes to the node proxy), 0 otherwise. */
+ * `*flags` gets the matching entry's flags (COMB_CT_F_PROXY on an
+ * established one: the packet goes to the node proxy; COMB_CT_F_HBONE on a
+ * reply: it goes back to the proxy's HBONE delivery socket), 0 on a miss. */
 static __always_inline __u8 comb_ct_lookup(const struct comb_pkt *p, __u8 dir, __u64 now,
 					   const struct comb_policy_settings *s, __u32 *flags)
 {
@@ -137,6 +138,7 @@ static __always_inline __u8 comb_ct_lookup(const struct comb_pkt *p, __u8 dir, _
 	v = comb_ct_live(&k, p, now);
 	if (v) {
 		comb_ct_touch(v, p, now, s, 1);
+		*flags = v->flags;
 		return COMB_REASON_CT_REPLY;
 	}
 	return 0;
@@ -177,7 +179,9 @@ static __always_inline __u8 comb_ct_related(struct __sk_buff *skb, const struct 
 }
 
 /* A new flow was allowed: remember it (replacing an expired entry). `flags`:
- * COMB_CT_F_PROXY for a flow redirected to the node proxy, else 0. */
+ * COMB_CT_F_PROXY for a flow redirected to the node proxy (with
+ * COMB_CT_F_HBONE: to its HBONE outbound listener), COMB_CT_F_HBONE alone
+ * for a stream the proxy delivered from a tunnel, else 0. */
 static __always_inline void comb_ct_create(const struct comb_pkt *p, __u8 dir, __u64 now,
 					   const struct comb_policy_settings *s, __u32 ifindex,
 					   __u8 reason, __u32 policy, __u32 flags)

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Identity policy maps (bpf/policy.c). Names are the pin names under
- * <pin_dir>/maps/; layouts in bpf/include/comb_policy_types.h. */
+ * <pin_dir>/maps/; layouts in bpf/include/comb_policy_types.h. The maps the
+ * uplink program shares (listeners, mesh) are in mesh_maps.h. */
 #ifndef COMB_POLICY_MAPS_H
 #define COMB_POLICY_MAPS_H
 
@@ -10,6 +11,7 @@
 #include "comb_addr.h"
 #include "comb_limits.h"
 #include "comb_policy_types.h"
+#include "mesh_maps.h"
 
 /* LPM tries must be NO_PREALLOC; replaced values are freed after RCU, so a
  * reader copying a value never sees it half-written. */
@@ -76,14 +78,5 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } comb_policy_events_lost SEC(".maps");
-
-/* Values are sockets (userspace writes an fd, reads the socket cookie); a
- * closed socket leaves the map by itself. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, COMB_PROXY_LISTENERS);
-	__type(key, __u32);
-	__type(value, __u64);
-} comb_proxy_listeners SEC(".maps");
 
 #endif /* COMB_POLICY_MAPS_H */

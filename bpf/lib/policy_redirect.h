@@ -12,47 +12,28 @@
 #include "comb_policy_types.h"
 #include "policy_maps.h"
 #include "policy_parse.h"
+#include "listeners.h"
 
-static __always_inline int comb_is_syn(const struct comb_pkt *p)
-{
-	return p->protocol == COMB_IPPROTO_TCP &&
-	       (p->tcp_flags & (COMB_TCP_SYN | COMB_TCP_ACK)) == COMB_TCP_SYN;
-}
-
-/* The node's policy routing (fwmark -> local table) delivers the packet
- * locally instead of forwarding it; other mark bits are left alone. */
-static __always_inline void comb_proxy_mark(struct __sk_buff *skb)
-{
-	skb->mark = (skb->mark & ~COMB_PROXY_MARK_MASK) | COMB_PROXY_MARK;
-}
-
-/* Hand the SYN to the proxy's listener of its family: 0, or < 0 when there
- * is no listening socket in comb_proxy_listeners (proxy down) or the kernel
- * refuses (not at ingress, other netns). */
+/* Hand the SYN to the L7 proxy's listener of its family (listeners.h). */
 static __always_inline int comb_proxy_assign(struct __sk_buff *skb, const struct comb_pkt *p)
 {
-	__u32 key = p->v6 ? COMB_PROXY_LISTENER_V6 : COMB_PROXY_LISTENER_V4;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&comb_proxy_listeners, &key);
-	long r = -1;
-
-	if (!sk)
-		return -1;
-	if (sk->state == BPF_TCP_LISTEN)
-		r = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	return r < 0 ? -1 : 0;
+	return comb_listener_assign(skb, comb_listener_slot(COMB_PROXY_LISTENER_V4, p));
 }
 
 /* A packet of a redirected flow (conntrack entry with COMB_CT_F_PROXY):
  * marked, so it is delivered locally, where the socket demux finds the
  * proxy's socket for the tuple. A SYN (retransmitted, or a request socket
- * that is gone) is assigned to the listener again; if that fails the mark
- * alone still reaches the request socket when there is one. */
+ * that is gone) is assigned to the listener again (HBONE_OUT when the entry
+ * has COMB_CT_F_HBONE, else L7); if that fails the mark alone still reaches
+ * the request socket when there is one. */
 static __always_inline void comb_redirect_established(struct __sk_buff *skb,
-						      const struct comb_pkt *p)
+						      const struct comb_pkt *p, __u32 ct_flags)
 {
+	__u32 kind = (ct_flags & COMB_CT_F_HBONE) ? COMB_HBONE_OUT_LISTENER_V4
+						  : COMB_PROXY_LISTENER_V4;
+
 	if (comb_is_syn(p))
-		comb_proxy_assign(skb, p);
+		comb_listener_assign(skb, comb_listener_slot(kind, p));
 	comb_proxy_mark(skb);
 }
 

@@ -80,6 +80,12 @@ pub struct Args {
     /// Identity policy programs on the pods' host-side interfaces.
     #[arg(long, value_enum, default_value = "on")]
     pub policy: OnOff,
+    /// A node uplink interface (repeatable), where the uplink program (HBONE inbound to local
+    /// mesh pods on port 15008) attaches; `none`: no uplink program. Default: the interfaces
+    /// of the default routes of the agent's network namespace, except in the machine's root
+    /// network namespace (its own interfaces are never picked implicitly).
+    #[arg(long = "uplink", value_name = "IFACE")]
+    pub uplinks: Vec<String>,
     /// Conntrack lifetime of an established TCP flow without packets, in seconds.
     #[arg(long, default_value = "21600")]
     pub ct_tcp_timeout: f64,

@@ -11,6 +11,7 @@ use comb_datapath::policy::PolicyConfig;
 use comb_model::pipeline::PipelineConfig;
 
 use crate::args::{Args, LogFormat, OnOff, SocketLb};
+pub use crate::uplinks::UplinkPlan;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     /// The flag as given, to tell "switched off" from "cannot be on" in the log.
     pub socket_lb_flag_off: bool,
     pub policy: bool,
+    /// The node's uplinks (HBONE inbound), `--uplink`.
+    pub uplinks: UplinkPlan,
     /// Conntrack lifetimes; flow events start off (the monitor switches them).
     pub policy_datapath: PolicyConfig,
     pub ct_gc_interval: Duration,
@@ -84,6 +87,7 @@ impl AgentConfig {
             }),
             socket_lb_flag_off: a.socket_lb == SocketLb::Off,
             policy: a.policy == OnOff::On,
+            uplinks: UplinkPlan::from_flags(&a.uplinks),
             policy_datapath: PolicyConfig {
                 events: false,
                 ct_tcp: secs(a.ct_tcp_timeout, "--ct-tcp-timeout")?,

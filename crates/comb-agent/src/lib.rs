@@ -21,6 +21,7 @@ mod run;
 mod service_rows;
 pub mod source;
 mod status;
+mod uplinks;
 mod view;
 mod writer;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use comb_datapath::policy::routing as proxy_routing;
-use comb_datapath::{Datapath, ProxyFamily, ProxySplice};
+use comb_datapath::{Datapath, ListenerKind, ProxyFamily, ProxySplice};
 use comb_model::l7::ProxyTable;
 use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
 use comb_proxy::{Family, Limits, Proxy, ProxyHandle, ProxyOptions};
@@ -116,9 +116,12 @@ impl NodeProxy {
     /// is kept for a restarting agent.
     pub fn shutdown(self, datapath: Option<&Datapath>, keep_pins: bool) {
         if let Some(dp) = datapath {
-            for f in [ProxyFamily::V4, ProxyFamily::V6] {
-                if let Err(e) = dp.policy().clear_proxy_listener(f) {
-                    tracing::warn!(error = %format!("{e:#}"), "clearing the proxy listener");
+            // Every kind the proxy may have registered (L7, HBONE outbound and inbound).
+            for kind in ListenerKind::ALL {
+                for f in ProxyFamily::BOTH {
+                    if let Err(e) = dp.policy().clear_listener(kind, f) {
+                        tracing::warn!(error = %format!("{e:#}"), kind = kind.as_str(), "clearing a proxy listener");
+                    }
                 }
             }
         }

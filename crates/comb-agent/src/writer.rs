@@ -155,8 +155,16 @@ impl Writer {
         }
         let generation = desired.generation;
         let socket_lb = self.cfg.socket_lb.as_ref().ok();
-        let outcome = reconcile::apply(&self.datapath, &desired, socket_lb);
+        let mut uplink_errors = Vec::new();
+        // Without the policy programs there is no mesh datapath: no uplink program either.
+        let uplinks = if self.cfg.policy {
+            crate::uplinks::resolve(&self.cfg.uplinks, &mut uplink_errors)
+        } else {
+            Default::default()
+        };
+        let outcome = reconcile::apply(&self.datapath, &desired, socket_lb, &uplinks);
         let mut errors = outcome.errors;
+        errors.extend(uplink_errors);
         errors.extend(store_error);
         for e in &errors {
             tracing::warn!(error = %e, generation, "datapath reconcile");

@@ -57,6 +57,7 @@ impl Datapath {
         dp.lb.adopt()?;
         dp.splice.adopt_links()?;
         dp.policy.adopt_links()?;
+        dp.policy.adopt_uplinks()?;
         info!(
             pin_dir = %dp.opts.pin_dir.display(),
             adopted_links = dp.splice.attached().len(),
@@ -99,6 +100,7 @@ impl Datapath {
             errors.push(format!("socket LB: {e:#}"));
         }
         errors.extend(self.policy.detach_all());
+        errors.extend(self.policy.detach_all_uplinks());
         errors.extend(self.splice.detach_all());
         // Links pinned by someone else under our dir (not adopted): detach before unpinning.
         if let Ok(rd) = fs::read_dir(self.opts.pin_dir.join("links")) {
@@ -137,6 +139,7 @@ mod tests {
     fn feature_link_names_are_disjoint() {
         assert!(reserved_link_name("lb-connect4"));
         assert!(reserved_link_name("policy-7-from"));
+        assert!(reserved_link_name("uplink-3"));
         assert!(!lb::is_link_name("policy-7-from"));
         assert!(!policy::is_link_name("lb-connect4"));
         // Pod link ids of the splice are <namespace>_<pod>.

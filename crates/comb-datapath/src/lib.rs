@@ -38,8 +38,9 @@ pub use lb::{
     LbService, LbStats, MAX_BACKENDS_PER_SERVICE, SocketLb, SocketLbMode, current_netns_cookie,
 };
 pub use policy::{
-    CtEntry, FlowEvent, FlowEventReader, IpcacheEntry, Policy, PolicyConfig, PolicyEndpoint,
-    PolicyKey, PolicyMetric, PolicyValue, ProxyFamily,
+    CtEntry, FlowEvent, FlowEventReader, IpcacheEntry, ListenerKind, MeshAddr, MeshPort,
+    MeshPortKey, Policy, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue,
+    ProxyFamily,
 };
 pub use proxy_splice::{PairHandle, ProxySplice, ProxySpliceStats};
 pub use splice::{EndpointInfo, Splice, SpliceStats};

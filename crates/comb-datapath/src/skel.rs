@@ -43,3 +43,14 @@ pub(crate) mod policy {
 pub(crate) mod proxy_splice {
     include!(concat!(env!("OUT_DIR"), "/proxy_splice.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+pub(crate) mod uplink {
+    include!(concat!(env!("OUT_DIR"), "/uplink.skel.rs"));
+}

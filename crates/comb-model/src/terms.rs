@@ -127,6 +127,12 @@ pub enum Reason {
     L7Visibility = 9,
     /// Sent to the node proxy.
     ProxyRedirect = 10,
+    /// A mesh pod's new TCP flow to an HBONE peer, sent to the node proxy's HBONE outbound
+    /// listener (mutual TLS to the peer's node).
+    HboneRedirect = 11,
+    /// To an HBONE peer, but no HBONE outbound listener (proxy down): forwarded in
+    /// plaintext, so the destination's PeerAuthentication decides.
+    HboneUnavailable = 12,
     PolicyDenied = 128,
     AuthzDeny = 129,
     AuthzNoAllow = 130,
@@ -135,11 +141,13 @@ pub enum Reason {
     ProxyUnavailable = 131,
     FragUnknown = 132,
     Malformed = 133,
+    /// PeerAuthentication STRICT: plaintext TCP/UDP from another node to a mesh pod.
+    MtlsRequired = 134,
 }
 
 impl Reason {
     /// Every reason this build knows, in numeric order.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 19] = [
         Reason::PolicyAllow,
         Reason::NoPolicy,
         Reason::CtEstablished,
@@ -150,12 +158,15 @@ impl Reason {
         Reason::CtRelated,
         Reason::L7Visibility,
         Reason::ProxyRedirect,
+        Reason::HboneRedirect,
+        Reason::HboneUnavailable,
         Reason::PolicyDenied,
         Reason::AuthzDeny,
         Reason::AuthzNoAllow,
         Reason::ProxyUnavailable,
         Reason::FragUnknown,
         Reason::Malformed,
+        Reason::MtlsRequired,
     ];
 
     pub fn to_raw(self) -> u8 {
@@ -180,12 +191,15 @@ impl Reason {
             Reason::CtRelated => "ct-related",
             Reason::L7Visibility => "l7-visibility",
             Reason::ProxyRedirect => "proxy-redirect",
+            Reason::HboneRedirect => "hbone-redirect",
+            Reason::HboneUnavailable => "hbone-unavailable",
             Reason::PolicyDenied => "policy-denied",
             Reason::AuthzDeny => "authz-deny",
             Reason::AuthzNoAllow => "authz-no-allow",
             Reason::ProxyUnavailable => "proxy-unavailable",
             Reason::FragUnknown => "frag-unknown",
             Reason::Malformed => "malformed",
+            Reason::MtlsRequired => "mtls-required",
         }
     }
 

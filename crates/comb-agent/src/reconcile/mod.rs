@@ -4,9 +4,11 @@
 //! writes new entries before removing stale ones.
 
 mod endpoints;
+pub mod mesh;
 pub mod policy;
 pub mod services;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use comb_datapath::{Datapath, SocketLbMode};
@@ -39,15 +41,21 @@ fn same_attachment(
 }
 
 /// Apply `want` to the datapath. `socket_lb`: where and how the socket LB attaches (None =
-/// off).
+/// off). `uplinks`: the ifindexes of the node's uplinks (the uplink program's attachments).
 pub fn apply(
     dp: &Datapath,
     want: &Desired,
     socket_lb: Option<&(PathBuf, SocketLbMode)>,
+    uplinks: &BTreeSet<u32>,
 ) -> Outcome {
     let mut errors = Vec::new();
     endpoints::apply(dp, &want.pods, &mut errors);
+    // The mesh before the policy programs attach to a new pod's veth (its entries are keyed
+    // by the veth's ifindex, known before the attach), so a STRICT pod is STRICT from its
+    // first packet; the uplinks after the mesh (HBONE inbound needs the local addresses).
+    mesh::apply(dp, &want.mesh, &mut errors);
     policy::apply(dp, &want.policy, &mut errors);
+    mesh::apply_uplinks(dp, uplinks, &mut errors);
 
     let attached_ok = same_attachment(dp.lb().attachment(), socket_lb);
     // Turning off: stop translating before the maps are emptied, so no socket meets a VIP

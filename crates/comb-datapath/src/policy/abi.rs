@@ -13,6 +13,8 @@ pub const MAP_POLICY_METRICS: &str = "comb_policy_metrics";
 pub const MAP_FLOW_EVENTS: &str = "comb_flow_events";
 pub const MAP_POLICY_EVENTS_LOST: &str = "comb_policy_events_lost";
 pub const MAP_PROXY_LISTENERS: &str = "comb_proxy_listeners";
+pub const MAP_MESH_ADDRS: &str = "comb_mesh_addrs";
+pub const MAP_MESH_PORTS: &str = "comb_mesh_ports";
 
 /// Reserved identities (`COMB_ID_*`).
 pub const ID_ANY: u32 = 0;
@@ -31,12 +33,20 @@ pub const CT_F_SEEN_REPLY: u32 = 1 << 0;
 pub const CT_F_CLOSING: u32 = 1 << 1;
 /// Redirected to the node proxy (an EGRESS entry).
 pub const CT_F_PROXY: u32 = 1 << 2;
+/// The HBONE path: with [`CT_F_PROXY`] (EGRESS) redirected to the HBONE outbound listener;
+/// alone (INGRESS) a stream the node proxy delivered from a tunnel, whose replies go back to it.
+pub const CT_F_HBONE: u32 = 1 << 3;
 pub const POLICY_CFG_F_EVENTS: u32 = 1 << 0;
 
-/// Slots of `comb_proxy_listeners`.
+/// Slots of `comb_proxy_listeners`: the L7 proxy's, HBONE outbound, HBONE inbound; each
+/// kind's IPv6 slot follows its IPv4 one.
 pub const PROXY_LISTENER_V4: u32 = 0;
 pub const PROXY_LISTENER_V6: u32 = 1;
-pub const PROXY_LISTENERS: u32 = 2;
+pub const HBONE_OUT_LISTENER_V4: u32 = 2;
+pub const HBONE_OUT_LISTENER_V6: u32 = 3;
+pub const HBONE_IN_LISTENER_V4: u32 = 4;
+pub const HBONE_IN_LISTENER_V6: u32 = 5;
+pub const PROXY_LISTENERS: u32 = 8;
 /// `skb->mark` of packets for the node proxy, under [`PROXY_MARK_MASK`]; the node's policy
 /// routing ([`super::routing`]) delivers them locally.
 pub const PROXY_MARK: u32 = 0x0B00;
@@ -46,6 +56,15 @@ pub const PROXY_MARK_MASK: u32 = 0x0F00;
 /// knows the flow arrived through mutual TLS (PeerAuthentication STRICT admits it) and sends
 /// the pod's replies back to the proxy.
 pub const HBONE_DELIVERY_MARK: u32 = 0x0C00;
+/// HBONE's port on every mesh pod's address.
+pub const HBONE_PORT: u16 = 15008;
+
+/// `comb_mesh_addrs` flags: a remote pod reached through HBONE; a local mesh pod.
+pub const MESH_ADDR_F_PEER: u32 = 1 << 0;
+pub const MESH_ADDR_F_LOCAL: u32 = 1 << 1;
+/// `comb_mesh_ports` flags: the pod is enrolled (port 0 only); STRICT.
+pub const MESH_F_ENROLLED: u32 = 1 << 0;
+pub const MESH_F_STRICT: u32 = 1 << 1;
 
 pub const MAX_IPCACHE: u32 = 65536;
 pub const MAX_POLICY: u32 = 262144;
@@ -53,6 +72,8 @@ pub const MAX_CT: u32 = 262144;
 pub const MAX_FRAGS: u32 = 8192;
 pub const MAX_POLICY_METRICS: u32 = 16384;
 pub const FLOW_RINGBUF_BYTES: u32 = 1 << 22;
+pub const MAX_MESH_ADDRS: u32 = 65536;
+pub const MAX_MESH_PORTS: u32 = 65536;
 
 /// `struct comb_ipcache_key`: prefixlen counts bits of the 16-byte address (IPv4: 96 + len).
 #[repr(C)]
@@ -228,6 +249,36 @@ pub struct FragValue {
 // SAFETY: repr(C), 2 + 2 + 1 + 1 + 2 bytes.
 unsafe impl Pod for FragValue {}
 
+/// `struct comb_mesh_addr`, the value of `comb_mesh_addrs` (keyed by [`CombAddr`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshAddrValue {
+    pub flags: u32,
+    pub endpoint: u32,
+}
+// SAFETY: repr(C), two u32.
+unsafe impl Pod for MeshAddrValue {}
+
+/// `struct comb_mesh_port_key`; port network order, 0 = the endpoint's own entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshPortKey {
+    pub endpoint: u32,
+    pub port: u16,
+    pub pad: [u8; 2],
+}
+// SAFETY: repr(C), 4 + 2 + 2 bytes.
+unsafe impl Pod for MeshPortKey {}
+
+/// `struct comb_mesh_port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshPortValue {
+    pub flags: u32,
+}
+// SAFETY: repr(C), one u32.
+unsafe impl Pod for MeshPortValue {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +380,23 @@ mod tests {
             FragValue,
             [sport, dport, verdict, reason, pad]
         );
+        twin!(b, "comb_mesh_addr", MeshAddrValue, [flags, endpoint]);
+        twin!(b, "comb_mesh_port_key", MeshPortKey, [endpoint, port, pad]);
+        twin!(b, "comb_mesh_port", MeshPortValue, [flags]);
+    }
+
+    /// The uplink object shares the mesh maps: its types must be the same.
+    #[test]
+    fn uplink_twins_match_btf() {
+        static UPLINK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uplink.bpf.o"));
+        let btf = Btf::from_raw("uplink", UPLINK)
+            .expect("parse BTF")
+            .expect("object has BTF");
+        let b = &btf;
+        twin!(b, "comb_addr", CombAddr, [a]);
+        twin!(b, "comb_mesh_addr", MeshAddrValue, [flags, endpoint]);
+        twin!(b, "comb_mesh_port_key", MeshPortKey, [endpoint, port, pad]);
+        twin!(b, "comb_mesh_port", MeshPortValue, [flags]);
     }
 
     /// policy_test_run hands the kernel a zeroed `struct __sk_buff` with only ifindex set.

@@ -18,6 +18,7 @@ pub mod events;
 mod links;
 pub mod routing;
 pub mod types;
+mod uplink;
 
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
@@ -34,11 +35,14 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramHandle};
 
 pub use events::{FlowEvent, FlowEventReader};
 pub use types::{
-    CtEntry, IpcacheEntry, PolicyConfig, PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue,
-    ProxyFamily, ipcache_key, ipcache_net,
+    CtEntry, IpcacheEntry, ListenerKind, MeshAddr, MeshPort, MeshPortKey, PolicyConfig,
+    PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, ProxyFamily, ipcache_key, ipcache_net,
 };
 
-pub(crate) use links::is_link_name;
+/// True for a pin name under `links/` that belongs to the policy or uplink programs.
+pub(crate) fn is_link_name(name: &str) -> bool {
+    links::is_link_name(name) || uplink::is_link_name(name)
+}
 
 use crate::abi::{CombAddr, Pod};
 use crate::map_io::{delete_if_present, entries};
@@ -46,8 +50,9 @@ use crate::pin::{load_pinned, map_handle, remove_pin};
 use crate::skel::policy::PolicySkelBuilder;
 
 use abi::{
-    CT_F_CLOSING, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey, IpcacheValue,
-    MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey, PolicyLpmValue,
+    CT_F_CLOSING, CT_F_HBONE, CT_F_PROXY, CT_F_SEEN_REPLY, CtKey, CtValue, ID_ANY, IpcacheKey,
+    IpcacheValue, MetricKey, MetricValue, PolicyConfigValue, PolicyEndpointValue, PolicyLpmKey,
+    PolicyLpmValue,
 };
 use links::Hook;
 
@@ -67,8 +72,14 @@ pub struct Policy {
     events: MapHandle,
     events_lost: MapHandle,
     proxy_listeners: MapHandle,
+    mesh_addrs: MapHandle,
+    mesh_ports: MapHandle,
     from_pod: ProgramHandle,
     to_pod: ProgramHandle,
+    /// The node uplink program (`bpf/uplink.c`, [`uplink`]).
+    uplink: ProgramHandle,
+    /// Its tcx links by uplink ifindex.
+    uplinks: Mutex<BTreeMap<u32, OwnedFd>>,
     /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
     /// while readers list the attachments.
     links: Mutex<BTreeMap<(u32, Hook), OwnedFd>>,
@@ -96,6 +107,8 @@ fn load(pin_dir: &Path) -> Result<Policy> {
         p.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
+    // After the policy object: its maps are pinned, the uplink object adopts them.
+    let uplink = uplink::load(pin_dir)?;
     Ok(Policy {
         pin_dir: pin_dir.to_owned(),
         ipcache: map_handle(&m.comb_ipcache)?,
@@ -107,8 +120,12 @@ fn load(pin_dir: &Path) -> Result<Policy> {
         events: map_handle(&m.comb_flow_events)?,
         events_lost: map_handle(&m.comb_policy_events_lost)?,
         proxy_listeners: map_handle(&m.comb_proxy_listeners)?,
+        mesh_addrs: map_handle(&m.comb_mesh_addrs)?,
+        mesh_ports: map_handle(&m.comb_mesh_ports)?,
         from_pod,
         to_pod,
+        uplink,
+        uplinks: Mutex::new(BTreeMap::new()),
         links: Mutex::new(BTreeMap::new()),
     })
 }
@@ -291,41 +308,135 @@ impl Policy {
 
     /// Make `fd`, a listening TCP socket of `family` in the node's network namespace (with
     /// `IP_TRANSPARENT`, so it may accept connections to any address), the node proxy's
-    /// listener: redirected flows of that family go to it. Replaces the previous one (a
-    /// restarted agent's new listener); a listener that is closed leaves the map by itself,
-    /// and redirected flows then fail closed or go on unredirected (by their reason).
-    pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
+    /// listener of `kind`: the flows the datapath steers to that kind go to it. Replaces the
+    /// previous one (a restarted agent's new listener); a listener that is closed leaves the
+    /// map by itself, and its flows then take their "cannot redirect" path (L7: fail closed
+    /// or unredirected by reason; HBONE outbound: plaintext, `hbone-unavailable`; HBONE
+    /// inbound: the node answers RST).
+    pub fn set_listener(
+        &self,
+        kind: ListenerKind,
+        family: ProxyFamily,
+        fd: BorrowedFd<'_>,
+    ) -> Result<()> {
         let raw = u64::try_from(fd.as_raw_fd()).context("negative fd")?;
         self.proxy_listeners
             .update(
-                &family.slot().to_ne_bytes(),
+                &kind.slot(family).to_ne_bytes(),
                 &raw.to_ne_bytes(),
                 MapFlags::ANY,
             )
             .with_context(|| {
-                format!("putting the {family:?} proxy listener into comb_proxy_listeners (a listening TCP socket?)")
+                format!(
+                    "putting the {} {family:?} listener into comb_proxy_listeners (a listening TCP socket?)",
+                    kind.as_str()
+                )
             })
     }
 
-    /// No listener for `family`: its redirects cannot happen. Missing is fine.
-    pub fn clear_proxy_listener(&self, family: ProxyFamily) -> Result<()> {
-        if !self.proxy_listener_present(family)? {
+    /// No listener of `kind` for `family`. Missing is fine.
+    pub fn clear_listener(&self, kind: ListenerKind, family: ProxyFamily) -> Result<()> {
+        if !self.listener_present(kind, family)? {
             return Ok(());
         }
-        match self.proxy_listeners.delete(&family.slot().to_ne_bytes()) {
+        match self
+            .proxy_listeners
+            .delete(&kind.slot(family).to_ne_bytes())
+        {
             // A sockmap answers EINVAL for an empty slot: closed since we looked.
             Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput => Ok(()),
-            r => r.with_context(|| format!("removing the {family:?} proxy listener")),
+            r => r.with_context(|| format!("removing the {} {family:?} listener", kind.as_str())),
         }
     }
 
-    /// Whether `family` has a listener (false once it was closed).
-    pub fn proxy_listener_present(&self, family: ProxyFamily) -> Result<bool> {
+    /// Whether `kind` has a listener for `family` (false once it was closed).
+    pub fn listener_present(&self, kind: ListenerKind, family: ProxyFamily) -> Result<bool> {
         Ok(self
             .proxy_listeners
-            .lookup(&family.slot().to_ne_bytes(), MapFlags::ANY)
-            .with_context(|| format!("reading the {family:?} proxy listener"))?
+            .lookup(&kind.slot(family).to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| format!("reading the {} {family:?} listener", kind.as_str()))?
             .is_some())
+    }
+
+    /// [`Self::set_listener`] of the L7 proxy.
+    pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
+        self.set_listener(ListenerKind::L7, family, fd)
+    }
+
+    /// [`Self::clear_listener`] of the L7 proxy.
+    pub fn clear_proxy_listener(&self, family: ProxyFamily) -> Result<()> {
+        self.clear_listener(ListenerKind::L7, family)
+    }
+
+    /// [`Self::listener_present`] of the L7 proxy.
+    pub fn proxy_listener_present(&self, family: ProxyFamily) -> Result<bool> {
+        self.listener_present(ListenerKind::L7, family)
+    }
+
+    /// What `comb_mesh_addrs` holds: HBONE peers and local mesh pods by address.
+    pub fn mesh_addrs(&self) -> Result<BTreeMap<IpAddr, MeshAddr>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in entries(&self.mesh_addrs)? {
+            let k: CombAddr = decode(&k, "comb_mesh_addrs key")?;
+            let v: abi::MeshAddrValue = decode(&v, "comb_mesh_addrs value")?;
+            out.insert(k.ip(), MeshAddr::from_raw(&v));
+        }
+        Ok(out)
+    }
+
+    /// Write what the mesh makes of `ip` (one map write: readers see the old or the new value).
+    pub fn upsert_mesh_addr(&self, ip: IpAddr, a: MeshAddr) -> Result<()> {
+        ensure!(
+            a.peer || a.local.is_some(),
+            "mesh address {ip}: neither peer nor local"
+        );
+        self.mesh_addrs
+            .update(
+                CombAddr::from(ip).as_bytes(),
+                a.to_raw().as_bytes(),
+                MapFlags::ANY,
+            )
+            .with_context(|| format!("writing mesh address {ip}"))
+    }
+
+    /// `ip` is nothing to the mesh any more; missing is fine.
+    pub fn remove_mesh_addr(&self, ip: IpAddr) -> Result<()> {
+        delete(
+            &self.mesh_addrs,
+            CombAddr::from(ip).as_bytes(),
+            &format!("mesh address {ip}"),
+        )
+    }
+
+    /// What `comb_mesh_ports` holds: local endpoints' enrolment and mTLS modes.
+    pub fn mesh_ports(&self) -> Result<BTreeMap<MeshPortKey, MeshPort>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in entries(&self.mesh_ports)? {
+            let k: abi::MeshPortKey = decode(&k, "comb_mesh_ports key")?;
+            let v: abi::MeshPortValue = decode(&v, "comb_mesh_ports value")?;
+            out.insert(MeshPortKey::from_raw(&k), MeshPort::from_raw(&v));
+        }
+        Ok(out)
+    }
+
+    /// Write one endpoint's (`port: None`) or one port's mesh entry.
+    pub fn upsert_mesh_port(&self, key: MeshPortKey, v: MeshPort) -> Result<()> {
+        self.mesh_ports
+            .update(
+                key.to_raw()?.as_bytes(),
+                v.to_raw().as_bytes(),
+                MapFlags::ANY,
+            )
+            .with_context(|| format!("writing mesh entry {key:?}"))
+    }
+
+    /// Remove one mesh entry; missing is fine.
+    pub fn remove_mesh_port(&self, key: MeshPortKey) -> Result<()> {
+        delete(
+            &self.mesh_ports,
+            key.to_raw()?.as_bytes(),
+            &format!("mesh entry {key:?}"),
+        )
     }
 
     pub fn remove_ipcache(&self, net: IpNet) -> Result<()> {
@@ -369,6 +480,7 @@ impl Policy {
                 seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
                 closing: v.flags & CT_F_CLOSING != 0,
                 proxy: v.flags & CT_F_PROXY != 0,
+                hbone: v.flags & CT_F_HBONE != 0,
                 flags: v.flags,
                 reason: ReasonCode(v.reason),
                 endpoint: v.endpoint,
@@ -507,6 +619,8 @@ mod tests {
             MAP_FLOW_EVENTS,
             MAP_POLICY_EVENTS_LOST,
             MAP_PROXY_LISTENERS,
+            MAP_MESH_ADDRS,
+            MAP_MESH_PORTS,
         ];
         want.sort();
         assert_eq!(maps, want);

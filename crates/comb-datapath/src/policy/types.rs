@@ -233,7 +233,8 @@ pub enum ProxyFamily {
 impl ProxyFamily {
     pub const BOTH: [ProxyFamily; 2] = [ProxyFamily::V4, ProxyFamily::V6];
 
-    /// The listener's slot in `comb_proxy_listeners`.
+    /// The L7 proxy listener's slot in `comb_proxy_listeners` ([`ListenerKind::slot`] for
+    /// the others).
     pub fn slot(self) -> u32 {
         match self {
             ProxyFamily::V4 => super::abi::PROXY_LISTENER_V4,
@@ -245,6 +246,155 @@ impl ProxyFamily {
         match ip {
             IpAddr::V4(_) => ProxyFamily::V4,
             IpAddr::V6(_) => ProxyFamily::V6,
+        }
+    }
+}
+
+/// The kinds of node proxy listeners the datapath steers to (`comb_proxy_listeners`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ListenerKind {
+    /// The L7 proxy: flows with a REDIRECT verdict (docs/l7.md).
+    L7,
+    /// HBONE outbound (comb-proxy's port 15001 listener): new TCP flows of mesh pods to HBONE
+    /// peers, accepted with the original destination as local address and the pod as peer.
+    HboneOut,
+    /// HBONE inbound (comb-proxy's port 15008 listener): SYNs to `<local mesh pod>:15008`
+    /// arriving on the node's uplinks, accepted with local address `<pod IP>:15008`.
+    HboneIn,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 3] = [
+        ListenerKind::L7,
+        ListenerKind::HboneOut,
+        ListenerKind::HboneIn,
+    ];
+
+    /// The slot of this kind's listener of `family` in `comb_proxy_listeners`.
+    pub fn slot(self, family: ProxyFamily) -> u32 {
+        use super::abi::*;
+        let v4 = match self {
+            ListenerKind::L7 => PROXY_LISTENER_V4,
+            ListenerKind::HboneOut => HBONE_OUT_LISTENER_V4,
+            ListenerKind::HboneIn => HBONE_IN_LISTENER_V4,
+        };
+        match family {
+            ProxyFamily::V4 => v4,
+            ProxyFamily::V6 => v4 + 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::L7 => "l7",
+            ListenerKind::HboneOut => "hbone-out",
+            ListenerKind::HboneIn => "hbone-in",
+        }
+    }
+}
+
+/// What the mesh makes of one address (`comb_mesh_addrs`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct MeshAddr {
+    /// A remote pod reached through HBONE: mesh pods' new TCP flows to it are steered to the
+    /// HBONE outbound listener.
+    pub peer: bool,
+    /// A local mesh pod's address (its host veth ifindex): HBONE to it on the uplink goes to
+    /// the HBONE inbound listener.
+    pub local: Option<u32>,
+}
+
+impl MeshAddr {
+    pub fn peer() -> Self {
+        Self {
+            peer: true,
+            local: None,
+        }
+    }
+
+    pub fn local(ifindex: u32) -> Self {
+        Self {
+            peer: false,
+            local: Some(ifindex),
+        }
+    }
+
+    pub(crate) fn to_raw(self) -> super::abi::MeshAddrValue {
+        use super::abi::{MESH_ADDR_F_LOCAL, MESH_ADDR_F_PEER};
+        super::abi::MeshAddrValue {
+            flags: if self.peer { MESH_ADDR_F_PEER } else { 0 }
+                | if self.local.is_some() {
+                    MESH_ADDR_F_LOCAL
+                } else {
+                    0
+                },
+            endpoint: self.local.unwrap_or(0),
+        }
+    }
+
+    pub(crate) fn from_raw(v: &super::abi::MeshAddrValue) -> Self {
+        use super::abi::{MESH_ADDR_F_LOCAL, MESH_ADDR_F_PEER};
+        Self {
+            peer: v.flags & MESH_ADDR_F_PEER != 0,
+            local: (v.flags & MESH_ADDR_F_LOCAL != 0).then_some(v.endpoint),
+        }
+    }
+}
+
+/// A key of `comb_mesh_ports`: a local endpoint (host veth ifindex) and a destination port;
+/// `port: None` is the endpoint's own entry (enrolment and default mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MeshPortKey {
+    pub endpoint: u32,
+    pub port: Option<u16>,
+}
+
+impl MeshPortKey {
+    pub(crate) fn to_raw(self) -> Result<super::abi::MeshPortKey> {
+        ensure!(self.port != Some(0), "port 0 is the endpoint's own entry");
+        Ok(super::abi::MeshPortKey {
+            endpoint: self.endpoint,
+            port: self.port.unwrap_or(0).to_be(),
+            pad: [0; 2],
+        })
+    }
+
+    pub(crate) fn from_raw(k: &super::abi::MeshPortKey) -> Self {
+        let port = u16::from_be(k.port);
+        Self {
+            endpoint: k.endpoint,
+            port: (port != 0).then_some(port),
+        }
+    }
+}
+
+/// A value of `comb_mesh_ports`. For the endpoint's own entry: `enrolled` (in the mesh) and
+/// `strict` (its default PeerAuthentication mode); for a port: `strict` only (absolute:
+/// `false` = plaintext accepted on that port), consulted only while the endpoint is enrolled.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct MeshPort {
+    pub enrolled: bool,
+    pub strict: bool,
+}
+
+impl MeshPort {
+    pub(crate) fn to_raw(self) -> super::abi::MeshPortValue {
+        use super::abi::{MESH_F_ENROLLED, MESH_F_STRICT};
+        super::abi::MeshPortValue {
+            flags: if self.enrolled { MESH_F_ENROLLED } else { 0 }
+                | if self.strict { MESH_F_STRICT } else { 0 },
+        }
+    }
+
+    pub(crate) fn from_raw(v: &super::abi::MeshPortValue) -> Self {
+        use super::abi::{MESH_F_ENROLLED, MESH_F_STRICT};
+        Self {
+            enrolled: v.flags & MESH_F_ENROLLED != 0,
+            strict: v.flags & MESH_F_STRICT != 0,
         }
     }
 }
@@ -333,6 +483,9 @@ pub struct CtEntry {
     pub closing: bool,
     /// Redirected to the node proxy.
     pub proxy: bool,
+    /// The HBONE path: with `proxy`, sent to the HBONE outbound listener; without, a stream
+    /// the node proxy delivered from a tunnel (replies go back to it).
+    pub hbone: bool,
     /// Raw `COMB_CT_F_*` bits.
     pub flags: u32,
     /// Reason of the verdict that created it.
@@ -413,8 +566,21 @@ mod tests {
             ("COMB_CT_F_SEEN_REPLY", CT_F_SEEN_REPLY.into()),
             ("COMB_CT_F_CLOSING", CT_F_CLOSING.into()),
             ("COMB_CT_F_PROXY", CT_F_PROXY.into()),
+            ("COMB_CT_F_HBONE", CT_F_HBONE.into()),
             ("COMB_PROXY_LISTENER_V4", PROXY_LISTENER_V4.into()),
             ("COMB_PROXY_LISTENER_V6", PROXY_LISTENER_V6.into()),
+            ("COMB_HBONE_OUT_LISTENER_V4", HBONE_OUT_LISTENER_V4.into()),
+            ("COMB_HBONE_OUT_LISTENER_V6", HBONE_OUT_LISTENER_V6.into()),
+            ("COMB_HBONE_IN_LISTENER_V4", HBONE_IN_LISTENER_V4.into()),
+            ("COMB_HBONE_IN_LISTENER_V6", HBONE_IN_LISTENER_V6.into()),
+            ("COMB_HBONE_DELIVERY_MARK", HBONE_DELIVERY_MARK.into()),
+            ("COMB_HBONE_PORT", HBONE_PORT.into()),
+            ("COMB_MESH_ADDR_F_PEER", MESH_ADDR_F_PEER.into()),
+            ("COMB_MESH_ADDR_F_LOCAL", MESH_ADDR_F_LOCAL.into()),
+            ("COMB_MESH_F_ENROLLED", MESH_F_ENROLLED.into()),
+            ("COMB_MESH_F_STRICT", MESH_F_STRICT.into()),
+            ("COMB_MAX_MESH_ADDRS", MAX_MESH_ADDRS.into()),
+            ("COMB_MAX_MESH_PORTS", MAX_MESH_PORTS.into()),
             ("COMB_PROXY_LISTENERS", PROXY_LISTENERS.into()),
             ("COMB_PROXY_MARK", PROXY_MARK.into()),
             ("COMB_PROXY_MARK_MASK", PROXY_MARK_MASK.into()),
@@ -440,12 +606,15 @@ mod tests {
             "CT_RELATED",
             "L7_VISIBILITY",
             "PROXY_REDIRECT",
+            "HBONE_REDIRECT",
+            "HBONE_UNAVAILABLE",
             "POLICY_DENIED",
             "AUTHZ_DENY",
             "AUTHZ_NO_ALLOW",
             "PROXY_UNAVAILABLE",
             "FRAG_UNKNOWN",
             "MALFORMED",
+            "MTLS_REQUIRED",
         ]) {
             assert_eq!(
                 define(&format!("COMB_REASON_{name}")),
