@@ -1,5 +1,5 @@
 //! The policy kinds' validation, fuzzed below the document header: the input is the `spec`
-//! of a NetworkPolicy and of an AuthorizationPolicy (both apiVersions), so every run reaches
+//! of a NetworkPolicy, of an AuthorizationPolicy (both apiVersions) and of a PeerAuthentication, so every run reaches
 //! their validation instead of first having to stumble on a valid `apiVersion`/`kind` pair.
 //! Same property as `manifest`: no panic, and what parses round-trips unchanged.
 #![no_main]
@@ -12,6 +12,7 @@ const HEADERS: &[&str] = &[
     "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: fuzz, namespace: apps}\n",
     "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fuzz, namespace: apps}\n",
     "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: fuzz}\n",
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: fuzz, namespace: istio-system}\n",
 ];
 
 fuzz_target!(|text: &str| {

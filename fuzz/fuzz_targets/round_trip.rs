@@ -37,6 +37,7 @@ fn pipeline(snapshot: comb_model::Snapshot) {
     let config = PipelineConfig {
         policy: true,
         socket_lb: true,
+        ..Default::default()
     };
     let mut identities = IdentityAllocator::default();
     for node in &nodes {
