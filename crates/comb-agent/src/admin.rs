@@ -217,6 +217,7 @@ pub fn query(view: &View, q: Query) -> Response {
                 Err(message) => Response::Error { message },
             }
         }
+        Query::CertList => ok(view.certs.load().rows.clone()),
         Query::Monitor { .. } => Response::Error {
             message: "monitor streams; it is served by the connection loop".into(),
         },
@@ -268,5 +269,6 @@ pub fn status(view: &View) -> Status {
             .proxy
             .as_ref()
             .map(|px| format!("127.0.0.1:{}", px.port)),
+        certificates: view.certs.load().summary.clone(),
     }
 }

@@ -21,6 +21,15 @@ pub enum CaClientError {
 }
 
 impl CaClientError {
+    /// The CA could not be reached or did not answer (vs. answered with a refusal).
+    pub fn is_unreachable(&self) -> bool {
+        use tonic::Code;
+        matches!(
+            self.code(),
+            Some(Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
+        )
+    }
+
     /// The gRPC code, when the call got that far.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {

@@ -9,6 +9,7 @@
 pub mod authority;
 pub mod authz;
 pub mod client;
+pub mod duration;
 pub mod server;
 pub mod tokens;
 
@@ -19,4 +20,5 @@ pub mod pb {
 }
 
 pub use client::{CaClient, CaClientError};
+pub use duration::parse_duration;
 pub use server::{CaConfig, CaServer, DEFAULT_MAX_TTL};

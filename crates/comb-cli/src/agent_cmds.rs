@@ -95,9 +95,81 @@ pub fn status(t: &Target) -> Result<ExitCode> {
         Some(addr) => println!("L7 proxy:        on ({addr}; see `comb proxy stats`)"),
         None => println!("L7 proxy:        off"),
     }
+    println!("certificates:    {}", certificates_line(&s.certificates));
     for e in &s.datapath_errors {
         println!("datapath error:  {e}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `comb status`'s certificates line.
+fn certificates_line(c: &comb_api::CertsSummary) -> String {
+    if !c.enabled {
+        return "off (no --ca-address: no workload certificates, mesh mTLS off)".into();
+    }
+    let ca = c.ca.as_deref().unwrap_or("?");
+    let mut line = format!("{} valid of {} wanted (CA {ca})", c.valid, c.wanted);
+    if let Some(since) = c.failing_since {
+        let what = if c.unreachable {
+            "CA unreachable"
+        } else {
+            "CA requests failing"
+        };
+        line.push_str(&format!(
+            "; {what} since {}: {}",
+            table::utc(since),
+            c.last_error.as_deref().unwrap_or("?")
+        ));
+        match c.valid_until {
+            Some(t) => line.push_str(&format!("; certificates valid until {}", table::utc(t))),
+            None => line.push_str("; no valid certificate left"),
+        }
+    }
+    line
+}
+
+#[derive(Subcommand)]
+pub enum CertCmd {
+    /// Workload certificates: identity, serial, validity, state, last error.
+    List,
+}
+
+pub fn cert(t: &Target, cmd: CertCmd) -> Result<ExitCode> {
+    let CertCmd::List = cmd;
+    let v = ask(t, Query::CertList)?;
+    if t.output == Output::Json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<comb_api::CertRow> = serde_json::from_value(v)?;
+    let time = |t: Option<f64>| t.map(table::utc).unwrap_or_else(|| "-".into());
+    let cells: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.identity,
+                r.serial.unwrap_or_else(|| "-".into()),
+                time(r.not_before),
+                time(r.not_after),
+                r.state,
+                r.last_error.unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "IDENTITY",
+                "SERIAL",
+                "NOT BEFORE",
+                "NOT AFTER",
+                "STATE",
+                "LAST ERROR"
+            ],
+            &cells
+        )
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,371 @@
+//! The certificate reconciler (docs/mtls.md): keeps one workload certificate per identity
+//! the node needs in the [`CertStore`] the proxy reads.
+//!
+//! One way in: after every step the writer sends the wanted identities
+//! (`Desired.mesh.identities`) on a watch channel, which never blocks it. This task, on the
+//! agent's runtime, does the network: for each identity a fresh ECDSA P-256 key made in
+//! memory, a CSR to the CA, the reply checked and the whole set swapped in. Renewal at
+//! half-life (minus up to 5 % of the lifetime, so a node's certificates do not all renew
+//! at once); retries with exponential backoff (1 s doubling to 30 s) while the CA fails;
+//! a certificate keeps being offered until it expires, then it leaves the store (and shows
+//! `expired`); identities no longer wanted leave at once. What it holds is published for
+//! `comb status` and `comb cert list` (its own board: readers never wait for it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use comb_api::{CertRow, CertsSummary};
+use comb_ca::CaClient;
+use comb_identity::pem_util::certs_from_pem;
+use comb_identity::{CertSet, CertStore, SpiffeId, WorkloadCert, key_and_csr};
+use tokio::sync::watch;
+
+use crate::config::CertsConfig;
+
+/// What the reconciler publishes.
+#[derive(Clone, Debug, Default)]
+pub struct CertsPublished {
+    pub summary: CertsSummary,
+    pub rows: Vec<CertRow>,
+}
+
+pub type CertBoard = Arc<ArcSwap<CertsPublished>>;
+
+/// The writer's end: the identities wanted now.
+pub type Wanted = watch::Sender<BTreeSet<SpiffeId>>;
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A new board: disabled (no CA) until [`run`] says otherwise.
+pub fn board(enabled: Option<&CertsConfig>) -> CertBoard {
+    Arc::new(ArcSwap::from_pointee(CertsPublished {
+        summary: CertsSummary {
+            enabled: enabled.is_some(),
+            ca: enabled.map(|c| c.ca_address.clone()),
+            ..Default::default()
+        },
+        rows: vec![],
+    }))
+}
+
+#[derive(Default)]
+struct Entry {
+    cert: Option<Arc<WorkloadCert>>,
+    /// When to ask the CA next (renewal due, or the next retry).
+    next_try: Option<SystemTime>,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+struct Reconciler {
+    cfg: CertsConfig,
+    store: CertStore,
+    board: CertBoard,
+    roots: Vec<Vec<u8>>,
+    client: Option<(String, CaClient)>,
+    entries: BTreeMap<SpiffeId, Entry>,
+    failing_since: Option<SystemTime>,
+    unreachable: bool,
+    last_error: Option<String>,
+}
+
+/// Runs until the writer's end is dropped.
+pub async fn run(
+    cfg: CertsConfig,
+    store: CertStore,
+    board: CertBoard,
+    mut wanted: watch::Receiver<BTreeSet<SpiffeId>>,
+) {
+    let mut r = Reconciler {
+        cfg,
+        store,
+        board,
+        roots: vec![],
+        client: None,
+        entries: BTreeMap::new(),
+        failing_since: None,
+        unreachable: false,
+        last_error: None,
+    };
+    loop {
+        let want = wanted.borrow_and_update().clone();
+        r.want(&want);
+        r.work().await;
+        r.publish();
+        let sleep = r.next_wakeup().map(|t| {
+            t.duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(50))
+        });
+        let sleep = sleep.unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            changed = wanted.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Half-life minus up to 5 % of the lifetime.
+fn renewal_time(cert: &WorkloadCert) -> SystemTime {
+    let life = cert
+        .info
+        .not_after
+        .duration_since(cert.info.not_before)
+        .unwrap_or_default();
+    let jitter = life.mul_f64(rand::random::<f64>() * 0.05);
+    cert.info.half_life() - jitter
+}
+
+fn backoff(failures: u32) -> Duration {
+    let d = BACKOFF_FIRST
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(BACKOFF_MAX);
+    // ±20 % so nodes that lost the CA together do not come back together.
+    d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+}
+
+impl Reconciler {
+    fn want(&mut self, want: &BTreeSet<SpiffeId>) {
+        let before = self.entries.len();
+        self.entries.retain(|id, _| want.contains(id));
+        if self.entries.len() != before {
+            tracing::info!(
+                removed = before - self.entries.len(),
+                "workload certificates no longer needed"
+            );
+            self.swap();
+        }
+        for id in want {
+            self.entries.entry(id.clone()).or_default();
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<SystemTime> {
+        self.entries
+            .values()
+            .flat_map(|e| {
+                let expiry = e
+                    .cert
+                    .as_ref()
+                    .map(|c| c.info.not_after)
+                    .filter(|t| *t > SystemTime::now());
+                [e.next_try, expiry]
+            })
+            .flatten()
+            .min()
+    }
+
+    fn load_client(&mut self) -> Result<CaClient, String> {
+        let token = std::fs::read_to_string(&self.cfg.token_file).map_err(|e| {
+            format!(
+                "reading the CA token {}: {e}",
+                self.cfg.token_file.display()
+            )
+        })?;
+        let token = token.trim().to_string();
+        if let Some((t, c)) = &self.client
+            && *t == token
+        {
+            return Ok(c.clone());
+        }
+        let root = std::fs::read_to_string(&self.cfg.ca_root_cert).map_err(|e| {
+            format!(
+                "reading the CA root {}: {e}",
+                self.cfg.ca_root_cert.display()
+            )
+        })?;
+        self.roots = certs_from_pem(&root)
+            .map_err(|e| format!("{}: {e}", self.cfg.ca_root_cert.display()))?;
+        let c = CaClient::new(&self.cfg.ca_address, &root, &token).map_err(|e| e.to_string())?;
+        self.client = Some((token, c.clone()));
+        Ok(c)
+    }
+
+    /// Ask the CA for every certificate that is due; stop the round at the first sign that
+    /// the CA is unreachable (the rest back off with the same error).
+    async fn work(&mut self) {
+        let now = SystemTime::now();
+        let due: Vec<SpiffeId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                (e.cert.is_none() && e.next_try.is_none()) || e.next_try.is_some_and(|t| t <= now)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let client = match self.load_client() {
+            Ok(c) => c,
+            Err(e) => {
+                for id in &due {
+                    self.failed(id, e.clone(), false);
+                }
+                return;
+            }
+        };
+        let mut changed = false;
+        let mut down: Option<String> = None;
+        for id in due {
+            if let Some(err) = &down {
+                self.failed(&id, err.clone(), true);
+                continue;
+            }
+            match self.obtain(&client, &id).await {
+                Ok(cert) => {
+                    tracing::info!(
+                        identity = %id,
+                        serial = %cert.info.serial,
+                        not_after = unix(cert.info.not_after),
+                        "workload certificate issued"
+                    );
+                    let e = self.entries.get_mut(&id).expect("due entry");
+                    e.next_try = Some(renewal_time(&cert));
+                    e.cert = Some(Arc::new(cert));
+                    e.failures = 0;
+                    e.last_error = None;
+                    self.failing_since = None;
+                    self.unreachable = false;
+                    self.last_error = None;
+                    changed = true;
+                }
+                Err((msg, unreachable)) => {
+                    if unreachable {
+                        down = Some(msg.clone());
+                    }
+                    self.failed(&id, msg, unreachable);
+                }
+            }
+        }
+        if changed {
+            self.swap();
+        }
+    }
+
+    async fn obtain(
+        &self,
+        client: &CaClient,
+        id: &SpiffeId,
+    ) -> Result<WorkloadCert, (String, bool)> {
+        let kc = key_and_csr(id).map_err(|e| (e.to_string(), false))?;
+        let chain = client
+            .create_certificate(&kc.csr_pem, self.cfg.ttl)
+            .await
+            .map_err(|e| {
+                let unreachable = e.is_unreachable();
+                (e.to_string(), unreachable)
+            })?;
+        WorkloadCert::from_pem_chain(id, &chain, kc.key_pkcs8).map_err(|e| (e.to_string(), false))
+    }
+
+    fn failed(&mut self, id: &SpiffeId, msg: String, unreachable: bool) {
+        let now = SystemTime::now();
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        e.failures += 1;
+        e.next_try = Some(now + backoff(e.failures));
+        if e.last_error.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(identity = %id, error = %msg, failures = e.failures, "obtaining a workload certificate failed; retrying");
+        }
+        e.last_error = Some(msg.clone());
+        self.failing_since.get_or_insert(now);
+        self.unreachable = unreachable;
+        self.last_error = Some(msg);
+    }
+
+    /// The store gets the certificates valid now, as one new set.
+    fn swap(&mut self) {
+        let now = SystemTime::now();
+        let cur = self.store.load();
+        let certs = self
+            .entries
+            .iter()
+            .filter_map(|(id, e)| {
+                let c = e.cert.as_ref()?;
+                (c.info.not_after > now).then(|| (id.clone(), c.clone()))
+            })
+            .collect();
+        self.store.store(Arc::new(CertSet {
+            generation: cur.generation + 1,
+            roots: self.roots.clone(),
+            certs,
+        }));
+    }
+
+    fn publish(&mut self) {
+        let now = SystemTime::now();
+        // Expired certificates leave the store.
+        let held = self.store.load();
+        if held.certs.values().any(|c| c.info.not_after <= now) {
+            tracing::warn!("a workload certificate expired");
+            self.swap();
+        }
+        let rows: Vec<CertRow> = self
+            .entries
+            .iter()
+            .map(|(id, e)| {
+                let state = match &e.cert {
+                    None => "pending",
+                    Some(c) if c.info.not_after <= now => "expired",
+                    Some(_) if e.next_try.is_some_and(|t| t <= now) || e.failures > 0 => "renewing",
+                    Some(_) => "valid",
+                };
+                CertRow {
+                    identity: id.to_string(),
+                    serial: e.cert.as_ref().map(|c| c.info.serial.clone()),
+                    not_before: e.cert.as_ref().map(|c| unix(c.info.not_before)),
+                    not_after: e.cert.as_ref().map(|c| unix(c.info.not_after)),
+                    state: state.into(),
+                    last_error: e.last_error.clone(),
+                }
+            })
+            .collect();
+        let valid: Vec<&CertRow> = rows
+            .iter()
+            .filter(|r| r.state == "valid" || r.state == "renewing")
+            .collect();
+        let summary = CertsSummary {
+            enabled: true,
+            ca: Some(self.cfg.ca_address.clone()),
+            wanted: rows.len(),
+            valid: valid.len(),
+            failing_since: self.failing_since.map(unix),
+            unreachable: self.failing_since.is_some() && self.unreachable,
+            last_error: self.last_error.clone(),
+            valid_until: valid
+                .iter()
+                .filter_map(|r| r.not_after)
+                .min_by(|a, b| a.total_cmp(b)),
+        };
+        self.board.store(Arc::new(CertsPublished { summary, rows }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let b1 = backoff(1);
+        assert!(b1 >= Duration::from_millis(800) && b1 <= Duration::from_millis(1200));
+        let b3 = backoff(3);
+        assert!(b3 >= Duration::from_millis(3200) && b3 <= Duration::from_millis(4800));
+        assert!(backoff(40) <= BACKOFF_MAX.mul_f64(1.2));
+    }
+}
