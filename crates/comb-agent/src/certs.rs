@@ -6,7 +6,8 @@
 //! agent's runtime, does the network: for each identity a fresh ECDSA P-256 key made in
 //! memory, a CSR to the CA, the reply checked and the whole set swapped in. Renewal at
 //! half-life (minus up to 5 % of the lifetime, so a node's certificates do not all renew
-//! at once); retries with exponential backoff (1 s doubling to 30 s) while the CA fails;
+//! at once); retries with exponential backoff (1 s doubling to 30 s, at most a quarter of the
+//! lifetime) while the CA fails;
 //! a certificate keeps being offered until it expires, then it leaves the store (and shows
 //! `expired`); identities no longer wanted leave at once. What it holds is published for
 //! `comb status` and `comb cert list` (its own board: readers never wait for it).
@@ -129,10 +130,13 @@ fn renewal_time(cert: &WorkloadCert) -> SystemTime {
     cert.info.half_life() - jitter
 }
 
-fn backoff(failures: u32) -> Duration {
+/// 1 s doubling, capped at 30 s and at a quarter of the certificate lifetime (a short-lived
+/// certificate must not expire while the agent waits out a long backoff).
+fn backoff(failures: u32, ttl: Duration) -> Duration {
     let d = BACKOFF_FIRST
         .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
-        .min(BACKOFF_MAX);
+        .min(BACKOFF_MAX)
+        .min((ttl / 4).max(BACKOFF_FIRST));
     // ±20 % so nodes that lost the CA together do not come back together.
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }
@@ -278,7 +282,7 @@ impl Reconciler {
             return;
         };
         e.failures += 1;
-        e.next_try = Some(now + backoff(e.failures));
+        e.next_try = Some(now + backoff(e.failures, self.cfg.ttl));
         if e.last_error.as_deref() != Some(msg.as_str()) {
             tracing::warn!(identity = %id, error = %msg, failures = e.failures, "obtaining a workload certificate failed; retrying");
         }
@@ -362,10 +366,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_a_cap() {
-        let b1 = backoff(1);
+        let day = Duration::from_secs(86_400);
+        let b1 = backoff(1, day);
         assert!(b1 >= Duration::from_millis(800) && b1 <= Duration::from_millis(1200));
-        let b3 = backoff(3);
+        let b3 = backoff(3, day);
         assert!(b3 >= Duration::from_millis(3200) && b3 <= Duration::from_millis(4800));
-        assert!(backoff(40) <= BACKOFF_MAX.mul_f64(1.2));
+        assert!(backoff(40, day) <= BACKOFF_MAX.mul_f64(1.2));
+        assert!(backoff(40, Duration::from_secs(20)) <= Duration::from_secs(6));
     }
 }

@@ -143,13 +143,13 @@ impl CaServer {
         let tokens = Tokens::load(&cfg.tokens)?;
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("creating {}", cfg.dir.display()))?;
-        let root_pem = authority.root_pem();
-        let root_path = crate::authority::root_cert_path(&cfg.dir);
-        write_atomic(&root_path, root_pem.as_bytes())?;
-
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
+        // Written once listening: its appearance tells a launcher (the lab) the CA serves.
+        let root_pem = authority.root_pem();
+        let root_path = crate::authority::root_cert_path(&cfg.dir);
+        write_atomic(&root_path, root_pem.as_bytes())?;
         let local_addr = listener.local_addr()?;
         let mut ips = vec![local_addr.ip()];
         if local_addr.ip().is_unspecified() {

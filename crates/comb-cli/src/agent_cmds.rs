@@ -132,10 +132,15 @@ fn certificates_line(c: &comb_api::CertsSummary) -> String {
 pub enum CertCmd {
     /// Workload certificates: identity, serial, validity, state, last error.
     List,
+    /// Ask a CA for a certificate as an agent would (a fresh key and CSR); prints the
+    /// chain. For checking a CA and its authorization by hand.
+    Request(crate::ca_cmds::RequestArgs),
 }
 
 pub fn cert(t: &Target, cmd: CertCmd) -> Result<ExitCode> {
-    let CertCmd::List = cmd;
+    if let CertCmd::Request(a) = cmd {
+        return crate::ca_cmds::request(a);
+    }
     let v = ask(t, Query::CertList)?;
     if t.output == Output::Json {
         print_json(&v);

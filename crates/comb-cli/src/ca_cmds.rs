@@ -65,3 +65,44 @@ pub fn run(a: CaArgs) -> Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(clap::Args)]
+pub struct RequestArgs {
+    /// The CA, `host:port`.
+    #[arg(long)]
+    pub ca: String,
+    /// The CA's root (PEM).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long)]
+    pub identity: String,
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+pub fn request(a: RequestArgs) -> Result<ExitCode> {
+    let id: comb_identity::SpiffeId = a.identity.parse()?;
+    let root = std::fs::read_to_string(&a.root)
+        .with_context(|| format!("reading {}", a.root.display()))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("reading {}", a.token_file.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let chain = rt.block_on(async {
+        let kc = comb_identity::key_and_csr(&id)?;
+        let client = comb_ca::CaClient::new(&a.ca, &root, &token)?;
+        let chain = client.create_certificate(&kc.csr_pem, a.ttl).await?;
+        comb_identity::WorkloadCert::from_pem_chain(&id, &chain, kc.key_pkcs8)?;
+        anyhow::Ok(chain)
+    })?;
+    for c in chain {
+        print!("{c}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
