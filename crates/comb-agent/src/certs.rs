@@ -119,15 +119,21 @@ fn unix(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
-/// Half-life minus up to 5 % of the lifetime.
-fn renewal_time(cert: &WorkloadCert) -> SystemTime {
+/// Half-life minus up to 5 % of the lifetime; never before half of what was left when it
+/// arrived (a backdated not-before or a skewed clock must not make it due at once).
+fn renewal_time(cert: &WorkloadCert, received: SystemTime) -> SystemTime {
     let life = cert
         .info
         .not_after
         .duration_since(cert.info.not_before)
         .unwrap_or_default();
     let jitter = life.mul_f64(rand::random::<f64>() * 0.05);
-    cert.info.half_life() - jitter
+    let left = cert
+        .info
+        .not_after
+        .duration_since(received)
+        .unwrap_or_default();
+    (cert.info.half_life() - jitter).max(received + left.mul_f64(0.45))
 }
 
 /// 1 s doubling, capped at 30 s and at a quarter of the certificate lifetime (a short-lived
@@ -238,7 +244,7 @@ impl Reconciler {
                         "workload certificate issued"
                     );
                     let e = self.entries.get_mut(&id).expect("due entry");
-                    e.next_try = Some(renewal_time(&cert));
+                    e.next_try = Some(renewal_time(&cert, SystemTime::now()));
                     e.cert = Some(Arc::new(cert));
                     e.failures = 0;
                     e.last_error = None;

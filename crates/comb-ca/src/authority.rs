@@ -34,7 +34,8 @@ pub const SERVING_DNS_NAME: &str = "istiod.istio-system.svc";
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// Lifetime of the serving certificate (made anew at every start).
 const SERVING_TTL: Duration = Duration::from_secs(365 * 86_400);
-/// Leaves start this long before "now", for peers whose clocks lag a little.
+/// Certificates start this long before "now", for peers whose clocks lag a little (a
+/// leaf's: at most a tenth of its validity, so short lifetimes stay short).
 const BACKDATE: Duration = Duration::from_secs(30);
 
 pub struct Authority {
@@ -231,7 +232,7 @@ impl Authority {
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(random_serial());
         let now = SystemTime::now();
-        p.not_before = to_offset(now - BACKDATE);
+        p.not_before = to_offset(now - BACKDATE.min(validity / 10));
         p.not_after = to_offset(now + validity);
         let leaf = p.signed_by(&csr.spki, &self.issuer)?;
         Ok(std::iter::once(leaf.pem())

@@ -389,7 +389,8 @@ impl Lab {
                 );
             }
             if Instant::now() > deadline {
-                let _ = process::stop_cgroup(&self.state.cgroup2, &ca.cgroup, Duration::from_secs(1));
+                let _ =
+                    process::stop_cgroup(&self.state.cgroup2, &ca.cgroup, Duration::from_secs(1));
                 bail!(
                     "the CA did not serve within {CA_START_TIMEOUT:?}; log tail:\n{}",
                     process::log_tail(&log, 20)
@@ -543,7 +544,9 @@ fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<La
     }
     for (name, annotations) in &inputs.node_annotations {
         let Some(n) = nodes.iter_mut().find(|n| n.name == *name) else {
-            bail!("Node {name} has no pod in the lab manifests (lab nodes come from pods' spec.nodeName)");
+            bail!(
+                "Node {name} has no pod in the lab manifests (lab nodes come from pods' spec.nodeName)"
+            );
         };
         n.agent = annotations
             .get(comb_model::mesh::ANNOTATION_NODE_AGENT)
@@ -582,12 +585,16 @@ fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<La
     let ca = match &opts.agent {
         Some(a) if nodes.iter().any(|n| n.agent) => Some(LabCa {
             comb: a.combd.with_file_name("comb"),
-            netns: router_netns.clone().unwrap_or_else(|| nodes[0].netns.clone()),
+            netns: router_netns
+                .clone()
+                .unwrap_or_else(|| nodes[0].netns.clone()),
             listen: match &router_netns {
                 Some(_) => format!("{}:{}", naming::ROUTER_IP, naming::CA_PORT),
                 None => format!("127.0.0.1:{}", naming::CA_PORT),
             },
-            cgroup: cgroup2.join(naming::lab_cgroup(lab)).join(naming::CA_CGROUP),
+            cgroup: cgroup2
+                .join(naming::lab_cgroup(lab))
+                .join(naming::CA_CGROUP),
         }),
         _ => None,
     };
