@@ -145,7 +145,6 @@ impl AgentConfig {
             },
             policy: self.policy,
             socket_lb: self.socket_lb.is_ok(),
-            ..Default::default()
         }
     }
 
