@@ -208,6 +208,18 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
     }
 
     #[test]
+    fn node_manifests_give_annotations_not_objects() {
+        let text = format!(
+            "{PODS}apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n  annotations: {{comb.dev/agent: \"false\"}}\n"
+        );
+        let inputs = parse_one(&text).unwrap();
+        assert_eq!(inputs.others.len(), 1, "the Node is not passed through");
+        assert_eq!(inputs.node_annotations["n2"]["comb.dev/agent"], "false");
+        let err = parse_one("kind: Node\nmetadata: {}\n").unwrap_err();
+        assert!(format!("{err:#}").contains("metadata.name"), "{err:#}");
+    }
+
+    #[test]
     fn duplicate_pods_are_rejected() {
         let doc = "kind: Pod\nmetadata: {name: web}\nspec: {nodeName: n1, containers: []}\n";
         let err = parse_one(&format!("{doc}---\n{doc}")).unwrap_err();
