@@ -251,3 +251,38 @@ pub fn metrics(t: &Target) -> Result<ExitCode> {
     print!("{}", v.as_str().unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_certificates_line_says_why() {
+        let off = comb_api::CertsSummary::default();
+        assert!(certificates_line(&off).starts_with("off (no --ca-address"));
+        let mut c = comb_api::CertsSummary {
+            enabled: true,
+            ca: Some("198.18.254.254:15012".into()),
+            wanted: 2,
+            valid: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            certificates_line(&c),
+            "2 valid of 2 wanted (CA 198.18.254.254:15012)"
+        );
+        c.failing_since = Some(1_767_225_600.0);
+        c.unreachable = true;
+        c.last_error = Some("Unavailable: tcp connect error".into());
+        c.valid_until = Some(1_767_229_200.0);
+        assert_eq!(
+            certificates_line(&c),
+            "2 valid of 2 wanted (CA 198.18.254.254:15012); CA unreachable since \
+             2026-01-01T00:00:00Z: Unavailable: tcp connect error; certificates valid until \
+             2026-01-01T01:00:00Z"
+        );
+        c.valid = 0;
+        c.valid_until = None;
+        assert!(certificates_line(&c).ends_with("; no valid certificate left"));
+    }
+}

@@ -242,3 +242,23 @@ fn certificates_from_the_lab_ca_rotate_and_survive_an_outage() {
     );
     lab.down().unwrap();
 }
+
+#[test]
+fn a_single_node_lab_runs_its_ca_on_the_nodes_loopback() {
+    if !privileged() {
+        return;
+    }
+    let lab = lab_up("crs", &sa_pod("a", "client", "n1", "client"), &[]);
+    let ca = lab.state().ca.clone().unwrap();
+    assert_eq!(ca.listen, "127.0.0.1:15012");
+    assert_eq!(ca.netns, lab.node_netns("n1").unwrap());
+    wait_for(Duration::from_secs(20), "a certificate on n1", || {
+        let r = cert_list(&lab, "n1");
+        r.len() == 1 && r[0].state == "valid" && r[0].identity == CLIENT
+    });
+    let r = one(&cert_list(&lab, "n1"), CLIENT);
+    // The default lifetime: 24 h.
+    let life = r.not_after.unwrap() - now();
+    assert!(life > 86_000.0 && life <= 86_400.0, "{r:?}");
+    lab.down().unwrap();
+}

@@ -394,7 +394,11 @@ fn agents_start_and_stop() {
         "{ca_log}"
     );
     lab.stop_ca().unwrap();
-    assert!(std::fs::read_to_string(lab.ca_log()).unwrap().contains("terminated"));
+    assert!(
+        std::fs::read_to_string(lab.ca_log())
+            .unwrap()
+            .contains("terminated")
+    );
     lab.start_ca().unwrap();
     lab.stop_agent("n1").unwrap();
     assert!(!lab.agent_socket("n1").exists());
