@@ -369,6 +369,108 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use comb_ca::{CaConfig, CaServer};
+
+    const TOKEN: &str = "token-of-node-n1-0123456789";
+
+    async fn ca(dir: &std::path::Path, listen: &str) -> CaServer {
+        CaServer::start(CaConfig {
+            listen: listen.parse().unwrap(),
+            dir: dir.join("ca"),
+            cacerts: None,
+            tokens: dir.join("tokens"),
+            manifests: dir.join("manifests"),
+            trust_domain: "cluster.local".into(),
+            max_ttl: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn until(what: &str, board: &CertBoard, f: impl Fn(&CertsPublished) -> bool) {
+        for _ in 0..200 {
+            if f(&board.load()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}: {:?}", board.load());
+    }
+
+    /// The reconciler against an in-process CA: issue, rotate without a gap, expire while
+    /// the CA is away, recover, drop an identity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn issue_rotate_expire_recover_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("manifests")).unwrap();
+        std::fs::write(
+            d.join("manifests/pods.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: a}\nspec:\n  nodeName: n1\n  serviceAccountName: client\n  containers: [{name: c, image: x}]\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("tokens"), format!("{TOKEN} n1\n")).unwrap();
+        std::fs::write(d.join("n1.token"), TOKEN).unwrap();
+        let server = ca(d, "127.0.0.1:0").await;
+        let addr = server.local_addr;
+        let cfg = CertsConfig {
+            ca_address: addr.to_string(),
+            ca_root_cert: d.join("ca/root-cert.pem"),
+            token_file: d.join("n1.token"),
+            ttl: Duration::from_secs(4),
+        };
+        let store = comb_identity::store::new_store();
+        let board = board(Some(&cfg));
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        let task = tokio::spawn(run(cfg, store.clone(), board.clone(), rx));
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/client".parse().unwrap();
+        tx.send(BTreeSet::from([id.clone()])).unwrap();
+        until("a valid certificate", &board, |b| {
+            b.rows.len() == 1 && b.rows[0].state == "valid"
+        })
+        .await;
+        let set = store.load_full();
+        let first = set.get(&id).unwrap().info.serial.clone();
+        assert_eq!(set.roots.len(), 1);
+        assert_eq!(board.load().summary.valid, 1);
+
+        // Renewed at half-life: a new serial, the old one in the store until then.
+        until("rotation", &board, |b| {
+            let held = store.load();
+            assert!(held.get(&id).is_some(), "gap during rotation");
+            b.rows[0].serial.as_deref() != Some(first.as_str())
+        })
+        .await;
+
+        // The CA goes away for longer than the lifetime.
+        server.shutdown().await.unwrap();
+        until("expiry with the CA away", &board, |b| {
+            b.rows[0].state == "expired"
+        })
+        .await;
+        assert!(
+            store.load().get(&id).is_none(),
+            "an expired certificate is not offered"
+        );
+        let s = board.load().summary.clone();
+        assert!(
+            s.failing_since.is_some() && s.unreachable && s.valid == 0,
+            "{s:?}"
+        );
+
+        // Back on the same address: recovery.
+        let server = ca(d, &addr.to_string()).await;
+        until("recovery", &board, |b| b.rows[0].state == "valid").await;
+        assert!(board.load().summary.failing_since.is_none());
+
+        // Not wanted any more: gone from the store and the rows.
+        tx.send(BTreeSet::new()).unwrap();
+        until("the identity dropped", &board, |b| b.rows.is_empty()).await;
+        assert!(store.load().certs.is_empty());
+        drop(tx);
+        task.await.unwrap();
+        server.shutdown().await.unwrap();
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap() {
