@@ -231,6 +231,7 @@ pub fn query(view: &View, q: Query) -> Response {
                 Err(message) => Response::Error { message },
             }
         }
+        Query::CertList => ok(view.certs.load().rows.clone()),
         Query::Monitor { .. } => Response::Error {
             message: "monitor streams; it is served by the connection loop".into(),
         },
@@ -282,5 +283,6 @@ pub fn status(view: &View) -> Status {
             .proxy
             .as_ref()
             .map(|px| format!("127.0.0.1:{}", px.port)),
+        certificates: view.certs.load().summary.clone(),
     }
 }

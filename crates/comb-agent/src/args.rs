@@ -137,6 +137,24 @@ pub struct Args {
     /// opaque TCP (server-first protocols), in milliseconds.
     #[arg(long, default_value = "500")]
     pub proxy_detect_timeout_ms: u64,
+    /// The CA (Istio's CA API, `comb ca`), `host:port`. Without it the agent obtains no
+    /// workload certificates (mesh mTLS off).
+    #[arg(long)]
+    pub ca_address: Option<String>,
+    /// PEM root(s) of the CA: verifies the CA's TLS certificate and are the trust roots of
+    /// mutual TLS between nodes. Required with --ca-address.
+    #[arg(long)]
+    pub ca_root_cert: Option<PathBuf>,
+    /// File holding the bearer token presented to the CA (read at each request). Required
+    /// with --ca-address.
+    #[arg(long)]
+    pub ca_token_file: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = comb_model::mesh::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime asked for workload certificates (renewed at half-life), e.g. 24h, 90m, 20s.
+    #[arg(long, default_value = "24h", value_parser = comb_ca::parse_duration)]
+    pub cert_ttl: std::time::Duration,
 }
 
 impl Args {

@@ -42,6 +42,18 @@ pub struct AgentConfig {
     /// The node proxy; None with `--proxy off`.
     pub proxy: Option<ProxyConfig>,
     pub log_format: LogFormat,
+    /// SPIFFE trust domain (`--trust-domain`).
+    pub trust_domain: String,
+    /// The certificate reconciler's CA; None without `--ca-address` (mesh mTLS off).
+    pub certs: Option<CertsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CertsConfig {
+    pub ca_address: String,
+    pub ca_root_cert: PathBuf,
+    pub token_file: PathBuf,
+    pub ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -109,15 +121,34 @@ impl AgentConfig {
                 detect_timeout: Duration::from_millis(a.proxy_detect_timeout_ms),
             }),
             log_format: a.log_format,
+            trust_domain: a.trust_domain.clone(),
+            certs: match &a.ca_address {
+                None => None,
+                Some(addr) => Some(CertsConfig {
+                    ca_address: addr.clone(),
+                    ca_root_cert: a
+                        .ca_root_cert
+                        .clone()
+                        .context("--ca-address needs --ca-root-cert")?,
+                    token_file: a
+                        .ca_token_file
+                        .clone()
+                        .context("--ca-address needs --ca-token-file")?,
+                    ttl: a.cert_ttl,
+                }),
+            },
         })
     }
 
     /// What of the configuration changes what the pipeline computes.
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
+            mesh: comb_model::pipeline::MeshConfig {
+                trust_domain: self.trust_domain.clone(),
+                ..Default::default()
+            },
             policy: self.policy,
             socket_lb: self.socket_lb.is_ok(),
-            ..Default::default()
         }
     }
 
@@ -170,6 +201,31 @@ mod tests {
         assert!(format!("{e:#}").contains("--ct-tcp-timeout"), "{e:#}");
         let e = parse(&["--ct-gc-interval=-1"]).unwrap_err();
         assert!(format!("{e:#}").contains("--ct-gc-interval"), "{e:#}");
+    }
+
+    #[test]
+    fn certificate_flags() {
+        let c = parse(&[]).unwrap();
+        assert!(c.certs.is_none());
+        assert_eq!(c.pipeline().mesh.trust_domain, "cluster.local");
+        let e = parse(&["--ca-address", "127.0.0.1:15012"]).unwrap_err();
+        assert!(format!("{e:#}").contains("--ca-root-cert"), "{e:#}");
+        let c = parse(&[
+            "--ca-address",
+            "127.0.0.1:15012",
+            "--ca-root-cert",
+            "/r.pem",
+            "--ca-token-file",
+            "/t",
+            "--cert-ttl",
+            "20s",
+            "--trust-domain",
+            "example.org",
+        ])
+        .unwrap();
+        let certs = c.certs.as_ref().unwrap();
+        assert_eq!(certs.ttl, Duration::from_secs(20));
+        assert_eq!(c.pipeline().mesh.trust_domain, "example.org");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod admin;
 mod args;
+mod certs;
 mod cgroup_path;
 mod config;
 mod ct_gc;
@@ -28,5 +29,5 @@ mod writer;
 pub use args::Args;
 /// The admin API's wire types live in comb-api so the CLI need not link the agent.
 pub use comb_api as api;
-pub use config::{AgentConfig, ProxyConfig};
+pub use config::{AgentConfig, CertsConfig, ProxyConfig};
 pub use run::{main, run, run_with};

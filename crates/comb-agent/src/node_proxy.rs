@@ -38,7 +38,13 @@ fn family(f: Family) -> ProxyFamily {
 impl NodeProxy {
     /// Start the proxy (empty table until the first reconcile), register its listeners with
     /// the datapath and install the policy routing of the agent's network namespace.
-    pub fn start(cfg: &AgentConfig, px: &ProxyConfig, datapath: &Datapath) -> Result<Self> {
+    /// `certs`: the workload certificates the certificate reconciler keeps (HBONE's mTLS).
+    pub fn start(
+        cfg: &AgentConfig,
+        px: &ProxyConfig,
+        datapath: &Datapath,
+        certs: comb_identity::CertStore,
+    ) -> Result<Self> {
         let telemetry = Telemetry::new(TelemetryOptions {
             access_log: px.access_log.as_deref().map(access_log_target),
             otlp_endpoint: px.otlp_endpoint.clone(),
@@ -70,6 +76,8 @@ impl NodeProxy {
             upstream_connect_timeout: px.connect_timeout,
             ..Limits::default()
         };
+        // TODO(hbone): opts.certs = certs
+        drop(certs);
         let handle = Proxy::start(opts, Arc::new(ProxyTable::default()))
             .context("starting the node proxy")?;
         for (f, fd) in handle.listener_fds() {

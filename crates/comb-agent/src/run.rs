@@ -87,8 +87,28 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     }
     let datapath = Arc::new(datapath);
     let (identity_store, identities) = IdentityStore::open(&cfg.state_dir)?;
+    // Workload certificates: the reconciler writes the store, the proxy reads it.
+    let cert_store = comb_identity::store::new_store();
+    let cert_board = crate::certs::board(cfg.certs.as_ref());
+    let certs_wanted = match &cfg.certs {
+        Some(c) => {
+            let (tx, rx) = tokio::sync::watch::channel(Default::default());
+            tracing::info!(ca = %c.ca_address, ttl_s = c.ttl.as_secs(), trust_domain = %cfg.trust_domain, "workload certificates from the CA");
+            tokio::spawn(crate::certs::run(
+                c.clone(),
+                cert_store.clone(),
+                cert_board.clone(),
+                rx,
+            ));
+            Some(tx)
+        }
+        None => {
+            tracing::info!("no --ca-address: no workload certificates (mesh mTLS off)");
+            None
+        }
+    };
     let proxy = match &cfg.proxy {
-        Some(px) => Some(NodeProxy::start(&cfg, px, &datapath)?),
+        Some(px) => Some(NodeProxy::start(&cfg, px, &datapath, cert_store.clone())?),
         None => {
             tracing::info!("node proxy off: L7 policy flows fail closed");
             None
@@ -105,6 +125,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
         identities,
         identity_store,
         board.clone(),
+        certs_wanted,
     );
     let writer_thread = std::thread::Builder::new()
         .name("writer".into())
@@ -119,6 +140,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
         proxy: proxy.clone(),
         flows: tokio::sync::broadcast::channel(flows::CHANNEL_EVENTS).0,
         writer: writer_tx.clone(),
+        certs: cert_board,
     };
     {
         let (dp, flows_tx, w) = (datapath.clone(), view.flows.clone(), writer_tx.clone());

@@ -29,6 +29,8 @@ pub struct View {
     /// Flow events for `comb monitor` subscribers.
     pub flows: broadcast::Sender<FlowMsg>,
     pub writer: mpsc::Sender<WriterMsg>,
+    /// What the certificate reconciler published (its own board).
+    pub certs: crate::certs::CertBoard,
 }
 
 impl View {

@@ -50,6 +50,9 @@ pub struct Writer {
     /// The writer's own copy of what it publishes.
     status: Published,
     board: Board,
+    /// The certificate reconciler's input (None without a CA): the identities wanted after
+    /// each step. A watch channel: sending never blocks.
+    certs_wanted: Option<crate::certs::Wanted>,
 }
 
 impl Writer {
@@ -60,6 +63,7 @@ impl Writer {
         identities: IdentityAllocator,
         identity_store: IdentityStore,
         board: Board,
+        certs_wanted: Option<crate::certs::Wanted>,
     ) -> Self {
         let status = Published {
             splice_enabled: cfg.splice,
@@ -75,6 +79,7 @@ impl Writer {
             reconciled_once: false,
             status,
             board,
+            certs_wanted,
         }
     }
 
@@ -173,6 +178,16 @@ impl Writer {
         self.status.lb_services = outcome.lb_services;
         self.status.socket_lb = self.datapath.lb().attachment();
         self.status.policy_endpoints = self.datapath.policy().attachments().len();
+        if let Some(tx) = &self.certs_wanted {
+            let want = &desired.mesh.identities;
+            tx.send_if_modified(|cur| {
+                let changed = cur != want;
+                if changed {
+                    cur.clone_from(want);
+                }
+                changed
+            });
+        }
         self.status.desired = Arc::new(desired);
         if errors.is_empty() {
             self.status.applied(generation);

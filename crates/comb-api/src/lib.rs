@@ -75,6 +75,45 @@ pub enum Query {
     },
     /// The node proxy's summary: `ProxyStatsReply`.
     ProxyStats,
+    /// Workload certificates the agent holds or wants: `Vec<CertRow>`.
+    CertList,
+}
+
+/// One workload certificate (`comb cert list`): one per identity the node needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertRow {
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub identity: String,
+    /// Lower-case hex; None while pending.
+    pub serial: Option<String>,
+    /// Unix seconds.
+    pub not_before: Option<f64>,
+    pub not_after: Option<f64>,
+    /// `valid`, `renewing` (renewal due or retrying, the certificate still valid),
+    /// `expired` (no longer offered), `pending` (none issued yet).
+    pub state: String,
+    /// The last failure to obtain or renew it, cleared by success.
+    pub last_error: Option<String>,
+}
+
+/// The certificate reconciler in `comb status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CertsSummary {
+    /// False without `--ca-address`: no certificates, mesh mTLS off.
+    pub enabled: bool,
+    /// The CA's address.
+    pub ca: Option<String>,
+    /// Identities the node needs.
+    pub wanted: usize,
+    /// Of those, certificates valid now.
+    pub valid: usize,
+    /// Since when (unix seconds) requests to the CA fail; None when the last one succeeded.
+    pub failing_since: Option<f64>,
+    /// Whether the CA could not be reached (vs. answered with an error).
+    pub unreachable: bool,
+    pub last_error: Option<String>,
+    /// The earliest `not_after` among the certificates held (unix seconds).
+    pub valid_until: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -254,6 +293,9 @@ pub struct Status {
     /// The node proxy's listener (`127.0.0.1:PORT`), None when it is off.
     #[serde(default)]
     pub proxy: Option<String>,
+    /// Workload certificates (the certificate reconciler's own published state).
+    #[serde(default)]
+    pub certificates: CertsSummary,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -95,9 +95,86 @@ pub fn status(t: &Target) -> Result<ExitCode> {
         Some(addr) => println!("L7 proxy:        on ({addr}; see `comb proxy stats`)"),
         None => println!("L7 proxy:        off"),
     }
+    println!("certificates:    {}", certificates_line(&s.certificates));
     for e in &s.datapath_errors {
         println!("datapath error:  {e}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `comb status`'s certificates line.
+fn certificates_line(c: &comb_api::CertsSummary) -> String {
+    if !c.enabled {
+        return "off (no --ca-address: no workload certificates, mesh mTLS off)".into();
+    }
+    let ca = c.ca.as_deref().unwrap_or("?");
+    let mut line = format!("{} valid of {} wanted (CA {ca})", c.valid, c.wanted);
+    if let Some(since) = c.failing_since {
+        let what = if c.unreachable {
+            "CA unreachable"
+        } else {
+            "CA requests failing"
+        };
+        line.push_str(&format!(
+            "; {what} since {}: {}",
+            table::utc(since),
+            c.last_error.as_deref().unwrap_or("?")
+        ));
+        match c.valid_until {
+            Some(t) => line.push_str(&format!("; certificates valid until {}", table::utc(t))),
+            None => line.push_str("; no valid certificate left"),
+        }
+    }
+    line
+}
+
+#[derive(Subcommand)]
+pub enum CertCmd {
+    /// Workload certificates: identity, serial, validity, state, last error.
+    List,
+    /// Ask a CA for a certificate as an agent would (a fresh key and CSR); prints the
+    /// chain. For checking a CA and its authorization by hand.
+    Request(crate::ca_cmds::RequestArgs),
+}
+
+pub fn cert(t: &Target, cmd: CertCmd) -> Result<ExitCode> {
+    if let CertCmd::Request(a) = cmd {
+        return crate::ca_cmds::request(a);
+    }
+    let v = ask(t, Query::CertList)?;
+    if t.output == Output::Json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<comb_api::CertRow> = serde_json::from_value(v)?;
+    let time = |t: Option<f64>| t.map(table::utc).unwrap_or_else(|| "-".into());
+    let cells: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.identity,
+                r.serial.unwrap_or_else(|| "-".into()),
+                time(r.not_before),
+                time(r.not_after),
+                r.state,
+                r.last_error.unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "IDENTITY",
+                "SERIAL",
+                "NOT BEFORE",
+                "NOT AFTER",
+                "STATE",
+                "LAST ERROR"
+            ],
+            &cells
+        )
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -184,4 +261,39 @@ pub fn metrics(t: &Target) -> Result<ExitCode> {
     let v = ask(t, Query::Metrics)?;
     print!("{}", v.as_str().unwrap_or_default());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_certificates_line_says_why() {
+        let off = comb_api::CertsSummary::default();
+        assert!(certificates_line(&off).starts_with("off (no --ca-address"));
+        let mut c = comb_api::CertsSummary {
+            enabled: true,
+            ca: Some("198.18.254.254:15012".into()),
+            wanted: 2,
+            valid: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            certificates_line(&c),
+            "2 valid of 2 wanted (CA 198.18.254.254:15012)"
+        );
+        c.failing_since = Some(1_767_225_600.0);
+        c.unreachable = true;
+        c.last_error = Some("Unavailable: tcp connect error".into());
+        c.valid_until = Some(1_767_229_200.0);
+        assert_eq!(
+            certificates_line(&c),
+            "2 valid of 2 wanted (CA 198.18.254.254:15012); CA unreachable since \
+             2026-01-01T00:00:00Z: Unavailable: tcp connect error; certificates valid until \
+             2026-01-01T01:00:00Z"
+        );
+        c.valid = 0;
+        c.valid_until = None;
+        assert!(certificates_line(&c).ends_with("; no valid certificate left"));
+    }
 }

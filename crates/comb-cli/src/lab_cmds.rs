@@ -116,6 +116,15 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
                 lab.name(),
                 lab.manifests_dir().display()
             );
+            if let Some(ca) = &lab.state().ca {
+                println!(
+                    "CA on {} (namespace {}; root {}, log {})",
+                    ca.listen,
+                    ca.netns,
+                    lab.ca_root_cert().display(),
+                    lab.ca_log().display()
+                );
+            }
             lab.detach();
             Ok(ExitCode::SUCCESS)
         }

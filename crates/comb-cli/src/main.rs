@@ -5,6 +5,7 @@
 
 mod agent_cmds;
 mod ask;
+mod ca_cmds;
 mod lab_cmds;
 mod manifest_cmds;
 mod policy_cmds;
@@ -66,6 +67,11 @@ enum Cmd {
     },
     /// Live flow verdicts of the identity policy (until interrupted).
     Monitor(policy_cmds::MonitorArgs),
+    /// Workload certificates (SPIFFE X.509) the agent holds.
+    Cert {
+        #[command(subcommand)]
+        cmd: agent_cmds::CertCmd,
+    },
     /// Services load-balanced at the socket.
     Service {
         #[command(subcommand)]
@@ -87,6 +93,8 @@ enum Cmd {
     Apply(manifest_cmds::FileArgs),
     /// Remove the objects of a manifest file from the manifests directory.
     Delete(manifest_cmds::FileArgs),
+    /// The certificate authority (Istio's CA API), in this process until SIGTERM.
+    Ca(ca_cmds::CaArgs),
     /// Nodes and pods as network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -112,6 +120,7 @@ fn main() -> ExitCode {
         Cmd::Status => agent_cmds::status(t),
         Cmd::Endpoint { cmd } => agent_cmds::endpoint(t, cmd),
         Cmd::Service { cmd } => service_cmds::run(t, cmd),
+        Cmd::Cert { cmd } => agent_cmds::cert(t, cmd),
         Cmd::Identity { cmd } => policy_cmds::identity(t, cmd),
         Cmd::Monitor(a) => policy_cmds::monitor(t, a),
         Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
@@ -119,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),
+        Cmd::Ca(a) => ca_cmds::run(a),
         Cmd::Lab { cmd } => lab_cmds::run(cmd),
         Cmd::Bench { cmd } => comb_testkit::bench::run(cmd),
         Cmd::Probe { cmd } => comb_testkit::probe::run(cmd),

@@ -33,6 +33,48 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
+/// Why a CA's reply does not make a usable [`WorkloadCert`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("the CA returned an empty chain")]
+    Empty,
+    #[error("chain: {0}")]
+    Pem(#[from] crate::pem_util::PemError),
+    #[error("leaf: {0}")]
+    Leaf(#[from] crate::x509::X509Error),
+    #[error("the CA issued a certificate for {got:?}, not {wanted}")]
+    WrongIdentity { wanted: String, got: Vec<String> },
+}
+
+impl WorkloadCert {
+    /// The CA's reply (PEM strings, leaf first, each holding one or more certificates) with
+    /// the key that made the CSR; the leaf must prove exactly `id`.
+    pub fn from_pem_chain(
+        id: &SpiffeId,
+        chain_pem: &[String],
+        key_pkcs8: Vec<u8>,
+    ) -> Result<Self, ChainError> {
+        let mut chain = Vec::new();
+        for p in chain_pem {
+            chain.extend(crate::pem_util::certs_from_pem(p)?);
+        }
+        let leaf = chain.first().ok_or(ChainError::Empty)?;
+        let info = CertInfo::from_der(leaf)?;
+        if info.spiffe_ids.as_slice() != std::slice::from_ref(id) {
+            return Err(ChainError::WrongIdentity {
+                wanted: id.to_string(),
+                got: info.spiffe_ids.iter().map(|i| i.to_string()).collect(),
+            });
+        }
+        Ok(Self {
+            id: id.clone(),
+            chain,
+            key_pkcs8,
+            info,
+        })
+    }
+}
+
 /// Everything the proxy needs for mutual TLS at one moment.
 #[derive(Clone, Debug, Default)]
 pub struct CertSet {

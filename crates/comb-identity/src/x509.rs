@@ -78,3 +78,43 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> impl Iterator<Item = &'a str> 
 pub fn peer_spiffe_id(leaf_der: &[u8]) -> Result<SpiffeId, X509Error> {
     CertInfo::from_der(leaf_der)?.spiffe_id().cloned()
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    #[test]
+    fn facts_of_a_generated_certificate() {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![
+            SanType::DnsName("ignored.example".try_into().unwrap()),
+            SanType::URI("spiffe://cluster.local/ns/a/sa/client".try_into().unwrap()),
+        ];
+        p.serial_number = Some(vec![0x01, 0xab, 0xcd].into());
+        p.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2026, 1, 3);
+        let cert = p.self_signed(&key).unwrap();
+        let info = CertInfo::from_der(cert.der()).unwrap();
+        assert_eq!(info.serial, "01abcd");
+        assert_eq!(
+            info.spiffe_id().unwrap().to_string(),
+            "spiffe://cluster.local/ns/a/sa/client"
+        );
+        let day = 86_400;
+        let jan1 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        assert_eq!(info.not_before, jan1);
+        assert_eq!(info.not_after, jan1 + Duration::from_secs(2 * day));
+        assert_eq!(info.half_life(), jan1 + Duration::from_secs(day));
+        assert_eq!(
+            peer_spiffe_id(cert.der()).unwrap(),
+            *info.spiffe_id().unwrap()
+        );
+        assert!(matches!(
+            CertInfo::from_der(b"junk"),
+            Err(X509Error::Parse(_))
+        ));
+    }
+}

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 
 pub use locate::combd_path;
 pub use spec::{PodSpec, parse as parse_manifests};
-pub use state::{AgentOptions, LabNode, LabPod, LabState};
+pub use state::{AgentOptions, LabCa, LabNode, LabPod, LabState};
 pub use teardown::install_signal_cleanup;
 
 #[derive(Debug, Clone, Default)]
@@ -53,6 +53,7 @@ pub struct Lab {
 
 const AGENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
+const CA_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Lab {
     /// Build a lab from manifest texts (`(path for error messages, text)`).
@@ -63,7 +64,7 @@ impl Lab {
             bail!("no Pod in the lab manifests");
         }
         let cgroup2 = comb_host::cgroup2_mount()?;
-        let state = plan(&opts, &inputs.pods, cgroup2)?;
+        let state = plan(&opts, &inputs, cgroup2)?;
         teardown::refuse_existing(&opts.name)?;
         // Registered before the first object exists so a signal mid-build cleans up too.
         teardown::register(&opts.name);
@@ -239,6 +240,9 @@ impl Lab {
             .as_ref()
             .with_context(|| format!("lab {} has no agent options", self.state.name))?;
         let n = self.node(node)?;
+        if !n.agent {
+            bail!("node {node} runs no Comb agent (Node annotation comb.dev/agent: \"false\")");
+        }
         let cg = n.cgroup.join(naming::AGENT_CGROUP);
         cgroup::create(&self.state.cgroup2, &cg)?;
         if cgroup::populated(&cg) {
@@ -259,6 +263,11 @@ impl Lab {
         cmd.arg("--pin-dir")
             .arg(naming::pin_dir(&self.state.name, node));
         cmd.arg("--state-dir").arg(self.agent_state_dir(node));
+        if let Some(ca) = &self.state.ca {
+            cmd.arg("--ca-address").arg(&ca.listen);
+            cmd.arg("--ca-root-cert").arg(self.ca_root_cert());
+            cmd.arg("--ca-token-file").arg(self.ca_token_file(node));
+        }
         cmd.args(&agent.extra_args);
         let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
         self.children.lock().unwrap().push(pid);
@@ -294,6 +303,116 @@ impl Lab {
         Ok(())
     }
 
+    /// The CA's directory: its keys, `root-cert.pem`, the tokens file and each node's token.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir().join("ca")
+    }
+
+    /// The root the agents trust (written by the CA when it is serving).
+    pub fn ca_root_cert(&self) -> PathBuf {
+        self.ca_dir().join("root-cert.pem")
+    }
+
+    pub fn ca_token_file(&self, node: &str) -> PathBuf {
+        self.ca_dir().join(format!("{node}.token"))
+    }
+
+    pub fn ca_log(&self) -> PathBuf {
+        self.logs_dir().join("ca.log")
+    }
+
+    /// One random token per node with an agent, in the CA's tokens file and in a file of
+    /// the node's own (mode 0600).
+    fn write_ca_tokens(&self) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.ca_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut all = String::from("# TOKEN NODE (written by comb lab)\n");
+        for n in self.state.nodes.iter().filter(|n| n.agent) {
+            let b: [u8; 16] = rand::random();
+            let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            all.push_str(&format!("{token} {}\n", n.name));
+            let path = self.ca_token_file(&n.name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(token.as_bytes())?;
+        }
+        state::write_atomic(&dir.join("tokens"), &all)
+    }
+
+    /// Start the lab's CA (`comb ca`) and wait until it serves (it writes root-cert.pem
+    /// once listening).
+    pub fn start_ca(&self) -> Result<()> {
+        let ca = self
+            .state
+            .ca
+            .as_ref()
+            .with_context(|| format!("lab {} has no CA", self.state.name))?;
+        if !ca.comb.is_file() {
+            bail!(
+                "the lab's CA needs the comb binary at {} (beside combd); build it with `cargo build --workspace --bins`",
+                ca.comb.display()
+            );
+        }
+        cgroup::create(&self.state.cgroup2, &ca.cgroup)?;
+        if cgroup::populated(&ca.cgroup) {
+            bail!("the CA of lab {} is already running", self.state.name);
+        }
+        let root = self.ca_root_cert();
+        let _ = std::fs::remove_file(&root);
+        let log = self.ca_log();
+        let mut cmd = Command::new(&ca.comb);
+        cmd.arg("ca")
+            .arg("--listen")
+            .arg(&ca.listen)
+            .arg("--dir")
+            .arg(self.ca_dir())
+            .arg("--tokens")
+            .arg(self.ca_dir().join("tokens"))
+            .arg("--manifests")
+            .arg(self.manifests_dir());
+        let pid = process::spawn_detached(cmd, &ca.netns, &ca.cgroup, &log)?;
+        self.children.lock().unwrap().push(pid);
+        let deadline = Instant::now() + CA_START_TIMEOUT;
+        while !root.exists() {
+            process::reap(&[pid]);
+            if !cgroup::populated(&ca.cgroup) {
+                bail!(
+                    "the CA exited before serving; log tail:\n{}",
+                    process::log_tail(&log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ =
+                    process::stop_cgroup(&self.state.cgroup2, &ca.cgroup, Duration::from_secs(1));
+                bail!(
+                    "the CA did not serve within {CA_START_TIMEOUT:?}; log tail:\n{}",
+                    process::log_tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM the CA, SIGKILL after 5 s. Its keys stay (a restart serves the same root).
+    pub fn stop_ca(&self) -> Result<()> {
+        let ca = self
+            .state
+            .ca
+            .as_ref()
+            .with_context(|| format!("lab {} has no CA", self.state.name))?;
+        process::stop_cgroup(&self.state.cgroup2, &ca.cgroup, AGENT_STOP_GRACE)?;
+        process::reap(&self.children.lock().unwrap());
+        Ok(())
+    }
+
     fn build(&mut self, inputs: &spec::Inputs) -> Result<()> {
         let st = &self.state;
         let dir = self.state_dir();
@@ -323,7 +442,11 @@ impl Lab {
         // Agents before pod processes, as on a real node: the datapath is in place before the
         // first connection.
         if st.agent.is_some() {
-            for n in &st.nodes {
+            if st.ca.is_some() {
+                self.write_ca_tokens()?;
+                self.start_ca()?;
+            }
+            for n in st.nodes.iter().filter(|n| n.agent) {
                 self.start_agent(&n.name)?;
             }
         }
@@ -369,7 +492,8 @@ impl Drop for Lab {
 }
 
 /// Decide names, addresses and cgroups for every node and pod; no side effects.
-fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabState> {
+fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<LabState> {
+    let pods = &inputs.pods;
     let lab = &opts.name;
     let mut nodes: Vec<LabNode> = Vec::new();
     let mut per_node: Vec<usize> = Vec::new();
@@ -389,6 +513,8 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabStat
                     pod_cidr: naming::node_cidr(index),
                     cgroup: cgroup2.join(naming::node_cgroup(lab, &p.node)),
                     uplink_ip: None,
+                    agent: true,
+                    annotations: Default::default(),
                 });
                 per_node.push(0);
                 index - 1
@@ -416,6 +542,18 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabStat
             pid: None,
         });
     }
+    for (name, annotations) in &inputs.node_annotations {
+        let Some(n) = nodes.iter_mut().find(|n| n.name == *name) else {
+            bail!(
+                "Node {name} has no pod in the lab manifests (lab nodes come from pods' spec.nodeName)"
+            );
+        };
+        n.agent = annotations
+            .get(comb_model::mesh::ANNOTATION_NODE_AGENT)
+            .map(String::as_str)
+            != Some("false");
+        n.annotations = annotations.clone();
+    }
     let router_netns = (nodes.len() > 1).then(|| naming::router_netns(lab));
     if router_netns.is_some() {
         for n in &mut nodes {
@@ -442,6 +580,24 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabStat
             bail!("{prev} and {what} would share network namespace {ns}; rename one");
         }
     }
+    // The CA runs whenever agents do: in the router namespace when there is one (every node
+    // reaches 198.18.254.254), else beside the single node's agent on its loopback.
+    let ca = match &opts.agent {
+        Some(a) if nodes.iter().any(|n| n.agent) => Some(LabCa {
+            comb: a.combd.with_file_name("comb"),
+            netns: router_netns
+                .clone()
+                .unwrap_or_else(|| nodes[0].netns.clone()),
+            listen: match &router_netns {
+                Some(_) => format!("{}:{}", naming::ROUTER_IP, naming::CA_PORT),
+                None => format!("127.0.0.1:{}", naming::CA_PORT),
+            },
+            cgroup: cgroup2
+                .join(naming::lab_cgroup(lab))
+                .join(naming::CA_CGROUP),
+        }),
+        _ => None,
+    };
     Ok(LabState {
         name: lab.clone(),
         cgroup2,
@@ -449,6 +605,7 @@ fn plan(opts: &LabOptions, pods: &[PodSpec], cgroup2: PathBuf) -> Result<LabStat
         pods: lab_pods,
         router_netns,
         agent: opts.agent.clone(),
+        ca,
     })
 }
 

@@ -20,6 +20,10 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/comb";
 pub const AGENT_CGROUP: &str = "_combd";
 /// Cgroup leaf for processes started with `node_command`.
 pub const NODE_CGROUP: &str = "_node";
+/// The CA's cgroup under the lab cgroup (node names cannot start with `_`).
+pub const CA_CGROUP: &str = "_ca";
+/// The CA's port (Istio's istiod port for the CA API).
+pub const CA_PORT: u16 = 15012;
 /// Network names are files under /run/netns; stay well below NAME_MAX and readable.
 pub const MAX_NETNS_LEN: usize = 59;
 /// Router link subnet: node k's uplink is 198.18.254.k, the router side 198.18.254.254.

@@ -36,6 +36,8 @@ pub struct Inputs {
     pub pods: Vec<PodSpec>,
     /// Non-Pod documents, as YAML values.
     pub others: Vec<serde_yaml_ng::Value>,
+    /// Annotations of Node manifests, by node name (the lab writes the Node objects itself).
+    pub node_annotations: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Parse every document of every text; errors name the file and the 1-based document number.
@@ -65,6 +67,18 @@ fn parse_text(path: &Path, text: &str, inputs: &mut Inputs) -> Result<()> {
             .get("kind")
             .and_then(|k| k.as_str())
             .unwrap_or_default();
+        if kind == "Node" {
+            let node: k8s_openapi::api::core::v1::Node = serde_yaml_ng::from_value(value)
+                .with_context(|| format!("{}: invalid Node", at()))?;
+            let name = node
+                .metadata
+                .name
+                .with_context(|| format!("{}: Node without metadata.name", at()))?;
+            inputs
+                .node_annotations
+                .insert(name, node.metadata.annotations.unwrap_or_default());
+            continue;
+        }
         if kind != "Pod" {
             if kind.is_empty() {
                 bail!("{}: missing `kind`", at());
@@ -191,6 +205,18 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
             "{msg}"
         );
         assert!(msg.contains("pods.yaml document 1"), "{msg}");
+    }
+
+    #[test]
+    fn node_manifests_give_annotations_not_objects() {
+        let text = format!(
+            "{PODS}apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n  annotations: {{comb.dev/agent: \"false\"}}\n"
+        );
+        let inputs = parse_one(&text).unwrap();
+        assert_eq!(inputs.others.len(), 1, "the Node is not passed through");
+        assert_eq!(inputs.node_annotations["n2"]["comb.dev/agent"], "false");
+        let err = parse_one("kind: Node\nmetadata: {}\n").unwrap_err();
+        assert!(format!("{err:#}").contains("metadata.name"), "{err:#}");
     }
 
     #[test]

@@ -54,6 +54,30 @@ pub struct LabNode {
     pub cgroup: PathBuf,
     /// 198.18.254.k when there is a router.
     pub uplink_ip: Option<Ipv4Addr>,
+    /// Whether a combd runs on it: false for a node declared with a Node manifest annotated
+    /// `comb.dev/agent: "false"` (e.g. a ztunnel node); its pods exist all the same.
+    #[serde(default = "yes")]
+    pub agent: bool,
+    /// Annotations of the Node manifest given for it, written back into nodes.yaml.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The lab's certificate authority (`comb ca`), started whenever agents are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabCa {
+    /// The `comb` binary.
+    pub comb: PathBuf,
+    /// Network namespace it runs in: the router's (several nodes) or the node's (one).
+    pub netns: String,
+    /// `198.18.254.254:15012` or `127.0.0.1:15012`.
+    pub listen: String,
+    /// Absolute cgroup of the CA process.
+    pub cgroup: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +88,8 @@ pub struct LabState {
     pub pods: Vec<LabPod>,
     pub router_netns: Option<String>,
     pub agent: Option<AgentOptions>,
+    #[serde(default)]
+    pub ca: Option<LabCa>,
 }
 
 impl LabState {
@@ -141,6 +167,7 @@ pub fn nodes_yaml(state: &LabState) -> Result<String> {
         .map(|n| Node {
             metadata: ObjectMeta {
                 name: Some(n.name.clone()),
+                annotations: (!n.annotations.is_empty()).then(|| n.annotations.clone()),
                 labels: Some(BTreeMap::from([(
                     "kubernetes.io/hostname".to_string(),
                     n.name.clone(),

@@ -308,10 +308,28 @@ s = socket.socket(socket.AF_UNIX); s.bind(sock); s.listen(1)
 while True: signal.pause()
 "#;
 
+/// Stands in for `comb ca`: logs where it runs and with what, writes the root into `--dir`
+/// (what the lab waits for), runs until SIGTERM.
+const FAKE_COMB: &str = r#"
+import os, signal, sys
+args = sys.argv[1:]
+print("netns", os.stat("/proc/self/ns/net").st_ino, "args", " ".join(args), flush=True)
+d = args[args.index("--dir") + 1]
+open(os.path.join(d, "root-cert.pem"), "w").write("fake root\n")
+def term(*_):
+    print("terminated", flush=True); sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+while True: signal.pause()
+"#;
+
+/// A fake combd and, beside it, a fake `comb` (the lab's CA).
 fn fake_combd(dir: &Path) -> PathBuf {
     let path = dir.join("fake-combd");
     std::fs::write(&path, format!("#!{}\n{FAKE_COMBD}", python())).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let comb = dir.join("comb");
+    std::fs::write(&comb, format!("#!{}\n{FAKE_COMB}", python())).unwrap();
+    std::fs::set_permissions(&comb, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     path
 }
 
@@ -350,15 +368,38 @@ fn agents_start_and_stop() {
         );
         assert!(
             log.contains(&format!(
-                "--pin-dir /sys/fs/bpf/comb/{name}-{node} --state-dir /run/comb/lab/{name}/{node}-agent --splice on"
+                "--pin-dir /sys/fs/bpf/comb/{name}-{node} --state-dir /run/comb/lab/{name}/{node}-agent \
+                 --ca-address 198.18.254.254:15012 --ca-root-cert /run/comb/lab/{name}/ca/root-cert.pem \
+                 --ca-token-file /run/comb/lab/{name}/ca/{node}.token --splice on"
             )),
             "{log}"
         );
+        let token = std::fs::read_to_string(lab.ca_token_file(node)).unwrap();
+        let tokens = std::fs::read_to_string(lab.ca_dir().join("tokens")).unwrap();
+        assert!(tokens.contains(&format!("{token} {node}\n")), "{tokens}");
         assert!(
             log.contains(&format!("--lb-cgroup /comb-lab-{name}/{node} ")),
             "{log}"
         );
     }
+    // The CA runs in the router namespace, with the lab's manifests and tokens.
+    let ca_log = std::fs::read_to_string(lab.ca_log()).unwrap();
+    let ino = std::fs::metadata(format!("/run/netns/comb-{name}-router")).unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&ino);
+    assert!(ca_log.contains(&format!("netns {ino} ")), "{ca_log}");
+    assert!(
+        ca_log.contains(&format!(
+            "ca --listen 198.18.254.254:15012 --dir /run/comb/lab/{name}/ca --tokens /run/comb/lab/{name}/ca/tokens --manifests /run/comb/lab/{name}/manifests"
+        )),
+        "{ca_log}"
+    );
+    lab.stop_ca().unwrap();
+    assert!(
+        std::fs::read_to_string(lab.ca_log())
+            .unwrap()
+            .contains("terminated")
+    );
+    lab.start_ca().unwrap();
     lab.stop_agent("n1").unwrap();
     assert!(!lab.agent_socket("n1").exists());
     assert!(

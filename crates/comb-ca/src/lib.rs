@@ -1,0 +1,24 @@
+//! Comb's certificate authority (`comb ca`): Istio's CA API
+//! (`istio.v1.auth.IstioCertificateService/CreateCertificate`) over TLS 1.3, so Comb agents
+//! and Istio's ztunnel obtain workload certificates the same way. Keys: [`authority`]
+//! (self-signed root or a plug-in CA); callers: [`tokens`] (bearer token → node) and
+//! [`authz`] (a node gets only identities of pods scheduled on it); [`server`] ties them
+//! together; [`client`] is what the node agent calls. docs/mtls.md.
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod authz;
+pub mod client;
+pub mod duration;
+pub mod server;
+pub mod tokens;
+
+/// Generated from proto/ca.proto.
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+pub use client::{CaClient, CaClientError};
+pub use duration::parse_duration;
+pub use server::{CaConfig, CaServer, DEFAULT_MAX_TTL};

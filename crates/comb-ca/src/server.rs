@@ -1,0 +1,261 @@
+//! The CA service: `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS 1.3.
+//!
+//! A request is authenticated by its bearer token (→ a node), its CSR checked (one SPIFFE URI
+//! SAN in the CA's trust domain), authorized (the node runs a pod of that service account),
+//! and signed with the requested validity capped at the maximum.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prost_types::value::Kind;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+use tonic::{Request, Response, Status};
+
+use crate::authority::{Authority, check_csr};
+use crate::authz::NodeIdentities;
+use crate::pb::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::tokens::Tokens;
+
+/// The metadata key ztunnel sets to the identity it asks for on a workload's behalf.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Debug)]
+pub struct CaConfig {
+    pub listen: SocketAddr,
+    /// Where the self-signed root lives (generated on first start) and where
+    /// `root-cert.pem` is written for clients.
+    pub dir: PathBuf,
+    /// A plug-in CA in Istio's `cacerts` layout instead of the self-signed root.
+    pub cacerts: Option<PathBuf>,
+    pub tokens: PathBuf,
+    pub manifests: PathBuf,
+    pub trust_domain: String,
+    pub max_ttl: Duration,
+}
+
+struct Service {
+    authority: Arc<Authority>,
+    tokens: Tokens,
+    authz: Arc<NodeIdentities>,
+    trust_domain: String,
+    max_ttl: Duration,
+}
+
+fn bearer(req: &Request<IstioCertificateRequest>) -> Option<&str> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for Service {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = req.remote_addr();
+        let Some(token) = bearer(&req) else {
+            tracing::warn!(?peer, "refused: no bearer token");
+            return Err(Status::unauthenticated(
+                "no `authorization: Bearer <token>` header",
+            ));
+        };
+        let Some(node) = self.tokens.node_of(token).map(str::to_string) else {
+            tracing::warn!(?peer, "refused: unknown token");
+            return Err(Status::unauthenticated("unknown bearer token"));
+        };
+        let r = req.into_inner();
+        let csr = check_csr(&r.csr, &self.trust_domain).map_err(|e| {
+            tracing::warn!(%node, error = %e, "refused: bad CSR");
+            Status::invalid_argument(e.to_string())
+        })?;
+        let impersonated = r
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        if let Some(imp) = impersonated
+            && imp != csr.id.to_string()
+        {
+            tracing::warn!(%node, identity = %csr.id, impersonated = %imp, "refused: metadata and CSR disagree");
+            return Err(Status::invalid_argument(format!(
+                "metadata {IMPERSONATED_IDENTITY} {imp:?} differs from the CSR's identity {}",
+                csr.id
+            )));
+        }
+        let authz = self.authz.clone();
+        let (n, id) = (node.clone(), csr.id.clone());
+        let allowed = tokio::task::spawn_blocking(move || authz.allowed(&n, &id))
+            .await
+            .map_err(|e| Status::internal(format!("authorization: {e}")))?;
+        if !allowed {
+            tracing::warn!(%node, identity = %csr.id, "refused: no pod of this service account is scheduled on the node");
+            return Err(Status::permission_denied(format!(
+                "node {node} may not obtain {}: no pod of service account {}/{} is scheduled on it",
+                csr.id, csr.id.namespace, csr.id.service_account
+            )));
+        }
+        let validity = if r.validity_duration > 0 {
+            Duration::from_secs(r.validity_duration as u64).min(self.max_ttl)
+        } else {
+            self.max_ttl
+        };
+        let chain = self.authority.issue(&csr, validity).map_err(|e| {
+            tracing::error!(%node, identity = %csr.id, error = %e, "signing failed");
+            Status::internal(format!("signing failed: {e}"))
+        })?;
+        tracing::info!(%node, identity = %csr.id, validity_s = validity.as_secs(), "issued");
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
+    }
+}
+
+/// A running CA: its address, its root, and a way to stop it.
+pub struct CaServer {
+    pub local_addr: SocketAddr,
+    pub root_pem: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl CaServer {
+    /// Load or create the keys, bind, and serve in the background.
+    pub async fn start(cfg: CaConfig) -> Result<Self> {
+        let authority = match &cfg.cacerts {
+            Some(dir) => Authority::plugin(dir)?,
+            None => Authority::self_signed(&cfg.dir, &cfg.trust_domain)?,
+        };
+        let tokens = Tokens::load(&cfg.tokens)?;
+        std::fs::create_dir_all(&cfg.dir)
+            .with_context(|| format!("creating {}", cfg.dir.display()))?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        // Written once listening: its appearance tells a launcher (the lab) the CA serves.
+        let root_pem = authority.root_pem();
+        let root_path = crate::authority::root_cert_path(&cfg.dir);
+        write_atomic(&root_path, root_pem.as_bytes())?;
+        let local_addr = listener.local_addr()?;
+        let mut ips = vec![local_addr.ip()];
+        if local_addr.ip().is_unspecified() {
+            ips.push(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let (chain, key) = authority.serving_cert(&ips)?;
+        let tls = tls_config(chain, key)?;
+        tracing::info!(
+            listen = %local_addr,
+            keys = %authority.source,
+            trust_domain = %cfg.trust_domain,
+            max_ttl_s = cfg.max_ttl.as_secs(),
+            tokens = ?tokens,
+            root = %root_path.display(),
+            "CA serving"
+        );
+        let service = Service {
+            authority: Arc::new(authority),
+            tokens,
+            authz: Arc::new(NodeIdentities::new(
+                cfg.manifests.clone(),
+                cfg.trust_domain.clone(),
+            )),
+            trust_domain: cfg.trust_domain.clone(),
+            max_ttl: cfg.max_ttl,
+        };
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, TlsAcceptor::from(tls), service, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            local_addr,
+            root_pem,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stop accepting, finish what is in flight.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.context("the CA task")?
+    }
+}
+
+fn tls_config(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    // ring, not aws-lc (no cmake/C toolchain beyond cc); deprecated only for lacking PQ kx.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    service: Service,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    // Handshakes run on tasks of their own so a slow client never holds up the accept loop.
+    let (tx, rx) = mpsc::channel(64);
+    let accept = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let result = tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(
+            IstioCertificateServiceServer::new(service),
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            shutdown,
+        )
+        .await;
+    accept.abort();
+    result.context("serving the CA API")
+}
+
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}

@@ -1,0 +1,116 @@
+//! `comb ca`: the certificate authority in this process (comb-ca), until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use comb_ca::{CaConfig, CaServer, parse_duration};
+
+#[derive(clap::Args)]
+pub struct CaArgs {
+    /// Address of the gRPC/TLS listener (Istio's port is 15012).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// State directory: the self-signed root (ca-cert.pem, ca-key.pem mode 0600) generated
+    /// on first start, and root-cert.pem, the root clients trust.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// A plug-in CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem) instead of the self-signed root.
+    #[arg(long)]
+    pub cacerts: Option<PathBuf>,
+    /// Bearer tokens: one `TOKEN NODE` pair per line.
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// The manifests directory the agents read: a node may obtain only identities of
+    /// service accounts with pods scheduled on it.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long, default_value = comb_model::mesh::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Longest validity issued (requests asking for more get this), e.g. 24h, 90m, 30s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+}
+
+pub fn run(a: CaArgs) -> Result<ExitCode> {
+    // The CA's decisions (issued, refused with node and identity) go to stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let server = CaServer::start(CaConfig {
+            listen: a.listen,
+            dir: a.dir,
+            cacerts: a.cacerts,
+            tokens: a.tokens,
+            manifests: a.manifests,
+            trust_domain: a.trust_domain,
+            max_ttl: a.max_ttl,
+        })
+        .await?;
+        eprintln!("comb ca: serving on {}", server.local_addr);
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("comb ca: stopping");
+        server.shutdown().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct RequestArgs {
+    /// The CA, `host:port`.
+    #[arg(long)]
+    pub ca: String,
+    /// The CA's root (PEM).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long)]
+    pub identity: String,
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+pub fn request(a: RequestArgs) -> Result<ExitCode> {
+    let id: comb_identity::SpiffeId = a.identity.parse()?;
+    let root = std::fs::read_to_string(&a.root)
+        .with_context(|| format!("reading {}", a.root.display()))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("reading {}", a.token_file.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let chain = rt.block_on(async {
+        let kc = comb_identity::key_and_csr(&id)?;
+        let client = comb_ca::CaClient::new(&a.ca, &root, &token)?;
+        let chain = client.create_certificate(&kc.csr_pem, a.ttl).await?;
+        comb_identity::WorkloadCert::from_pem_chain(&id, &chain, kc.key_pkcs8)?;
+        anyhow::Ok(chain)
+    })?;
+    for c in chain {
+        print!("{c}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
