@@ -140,8 +140,15 @@ impl<'a> Ctx<'a> {
             source_ip: req.source_ip.to_canonical(),
             destination_ip: req.destination_ip.to_canonical(),
             destination_port: req.destination_port,
-            namespace: req.source.map(|w| w.namespace.as_str()),
-            principal: req.source.map(|w| w.principal.as_str()),
+            // A certificate's identity wins over the one inferred from the address.
+            namespace: match req.authenticated {
+                Some(a) => Some(a.namespace),
+                None => req.source.map(|w| w.namespace.as_str()),
+            },
+            principal: match req.authenticated {
+                Some(a) => Some(a.principal),
+                None => req.source.map(|w| w.principal.as_str()),
+            },
             http,
             path: http.map_or("", |h| path_only(h.path)),
             bare_host: http.map_or("", |h| split_port(h.host).0),
