@@ -15,6 +15,7 @@ pub mod body;
 mod conn;
 mod context;
 pub mod detect;
+pub mod hbone;
 pub mod http;
 pub mod listener;
 mod options;
@@ -24,8 +25,9 @@ mod tcp;
 pub mod telemetry;
 pub mod upstream;
 
-pub use conn::serve_connection;
+pub use conn::{serve_connection, serve_tunneled};
 pub use context::ProxyContext;
+pub use hbone::{HboneOptions, ListenerKind, serve_inbound, serve_outbound};
 pub use listener::Family;
 pub use options::{DEFAULT_PORT, Limits, ProxyOptions};
 pub use server::{Proxy, ProxyHandle};

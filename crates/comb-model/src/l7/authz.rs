@@ -73,6 +73,15 @@ impl Authz {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
     }
 
+    /// True when some rule has a field only an HTTP request has (hosts, methods, paths,
+    /// request principals, `request.*`): a connection-level decision may differ from the
+    /// per-request one.
+    pub fn has_http_rules(&self) -> bool {
+        [&self.deny, &self.allow, &self.audit]
+            .iter()
+            .any(|l| l.iter().any(|p| p.rules.iter().any(|r| r.http_only)))
+    }
+
     /// Istio's order: DENY, then ALLOW; AUDIT marks.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         self.evaluate_ref(req).to_owned()

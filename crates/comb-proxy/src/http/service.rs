@@ -19,6 +19,7 @@ use super::headers::{HeaderView, authority, is_grpc, is_upgrade, strip_hop_by_ho
 use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::context::ProxyContext;
+use crate::hbone::TunnelPeer;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
 
 /// The connection a request arrived on.
@@ -27,6 +28,8 @@ pub struct ConnInfo {
     /// Original destination.
     pub dst: SocketAddr,
     pub h2: bool,
+    /// Delivered through an HBONE tunnel: the client's certificate identity.
+    pub tunnel: Option<Arc<TunnelPeer>>,
 }
 
 /// hyper service of one downstream connection.
@@ -59,7 +62,10 @@ async fn handle(
     let t0 = Instant::now();
     // Held until the response is built: a request in flight keeps the table it started with.
     let table = ctx.table();
-    let source = table.workload(conn.peer.ip()).cloned();
+    let mut source = table.workload(conn.peer.ip()).cloned();
+    if let Some(t) = &conn.tunnel {
+        source = Some(t.source_workload(source));
+    }
     let endpoint = table.endpoint(conn.dst.ip()).cloned();
     let grpc = is_grpc(req.headers());
     let upgrade = !conn.h2 && is_upgrade(req.headers());
@@ -118,6 +124,7 @@ async fn handle(
             .as_ref()
             .and_then(|d| d.audit.as_ref())
             .map(|k| k.to_string()),
+        mtls: conn.tunnel.is_some(),
     };
     drop(endpoint);
     let progress = Arc::new(RequestProgress::default());
@@ -218,6 +225,7 @@ fn authorize(table: &ProxyTable, conn: &ConnInfo, req: &Request<Incoming>) -> Op
     let areq = AuthzRequest {
         source_ip: conn.peer.ip(),
         source: table.workload(conn.peer.ip()).map(|w| &**w),
+        authenticated: conn.tunnel.as_ref().map(|t| t.authenticated()),
         destination_ip: conn.dst.ip(),
         destination_port: conn.dst.port(),
         http: Some(HttpRequest {

@@ -1,0 +1,138 @@
+//! HBONE: TCP flows between nodes carried as HTTP/2 CONNECT streams inside mutual TLS 1.3 on
+//! port 15008, wire-compatible with Istio ambient's ztunnel (docs/mtls.md, "HBONE").
+//!
+//! - Outbound ([`serve_outbound`]): a local mesh pod's flow to a remote HBONE peer, steered
+//!   by the datapath to the outbound listener (15001), becomes one CONNECT stream on a pooled
+//!   connection ([`pool`]) keyed by (source identity, destination identity, source IP,
+//!   destination address).
+//! - Inbound ([`serve_inbound`]): TLS with the certificate of the pod the connection is
+//!   addressed to, the client's certificate verified to the roots, CONNECT answered as
+//!   ztunnel does, the stream authorized with the certificate's identity and handed to the
+//!   proxy's connection pipeline (HTTP with L7 policy, or opaque TCP) towards the pod.
+
+pub mod headers;
+mod inbound;
+mod outbound;
+pub mod pool;
+mod socket;
+pub mod tls;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use comb_identity::CertStore;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use inbound::{TunnelPeer, serve_inbound};
+pub use outbound::serve_outbound;
+pub use pool::{HandshakeKind, Pool, PoolCounters, TunnelInfo};
+
+/// Where HBONE peers listen (ztunnel's port).
+pub const HBONE_PORT: u16 = 15008;
+/// The outbound transparent listener the datapath steers tunneled flows to (ztunnel's).
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// HTTP/2 settings of HBONE connections (ztunnel's): windows 4 MiB per stream and 16 MiB per
+/// connection, 1 MiB frames, a PING every 10 s.
+pub const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const H2_MAX_FRAME: u32 = 1024 * 1024;
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which HBONE listener a socket is (for the datapath's listener sockmap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    /// The node proxy's L7 redirect listener (15006).
+    L7,
+    /// HBONE outbound: local pods' flows to remote peers (15001).
+    HboneOutbound,
+    /// HBONE inbound: tunnels from other nodes (15008).
+    HboneInbound,
+}
+
+#[derive(Clone, Debug)]
+pub struct HboneOptions {
+    /// Start the outbound and inbound listeners.
+    pub enabled: bool,
+    /// Outbound listener port on 127.0.0.1/[::1] (transparent like the L7 one). 0 = any.
+    pub outbound_port: u16,
+    /// Inbound listener: `0.0.0.0:15008` takes tunnels addressed to the node's own address
+    /// and, transparent, the ones the datapath assigns for local pod addresses.
+    pub inbound_addr: SocketAddr,
+    /// The port dialled on peers (15008; tests change it).
+    pub peer_port: u16,
+    /// Open outbound tunnels from the source pod's address and deliver inbound streams from
+    /// the original source's address (IP_TRANSPARENT, deliveries marked
+    /// `HBONE_DELIVERY_MARK`): needs CAP_NET_ADMIN and the datapath's routing. Off (tests),
+    /// both go from the node's own addresses.
+    pub original_source: bool,
+    /// Streams one pooled connection carries at once before the pool opens another.
+    pub max_streams_per_connection: u32,
+    /// Pooled outbound connections at most (new flows beyond are refused).
+    pub max_connections: usize,
+    /// A pooled connection without streams for this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// TCP connect + TLS handshake + HTTP/2 preface, either direction.
+    pub handshake_timeout: Duration,
+    /// `k8s.cluster.name` in `baggage`.
+    pub cluster_name: String,
+}
+
+impl Default for HboneOptions {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            outbound_port: OUTBOUND_PORT,
+            inbound_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)),
+            peer_port: HBONE_PORT,
+            original_source: true,
+            max_streams_per_connection: 100,
+            max_connections: 1024,
+            pool_idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
+            cluster_name: "Kubernetes".into(),
+        }
+    }
+}
+
+/// What every HBONE connection of one proxy shares.
+pub struct Hbone {
+    pub(crate) opts: HboneOptions,
+    pub(crate) tls: Arc<tls::TlsConfigs>,
+    pub(crate) pool: Arc<Pool>,
+    /// The inbound HTTP/2 server's settings.
+    pub(crate) h2: http2::Builder<TokioExecutor>,
+}
+
+impl Hbone {
+    /// Call inside the proxy's runtime (the pool's reaper is spawned on it).
+    pub fn new(opts: HboneOptions, certs: CertStore, max_concurrent_streams: u32) -> Arc<Self> {
+        let tls = Arc::new(tls::TlsConfigs::new(certs));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(max_concurrent_streams)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_frame_size(H2_MAX_FRAME)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(Duration::from_secs(20));
+        Arc::new(Self {
+            pool: Pool::new(tls.clone(), opts.clone()),
+            tls,
+            opts,
+            h2,
+        })
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn options(&self) -> &HboneOptions {
+        &self.opts
+    }
+}
