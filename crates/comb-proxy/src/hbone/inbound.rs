@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use comb_identity::SpiffeId;
@@ -83,13 +84,16 @@ pub async fn serve_inbound(
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     // No SNI: the certificate is the one of the pod the connection is addressed to. The
     // node's own address has no identity of its own: such a handshake is refused.
+    let refused = || hbone.inbound.refused.fetch_add(1, Ordering::Relaxed);
     let Some(identity) = ctx.table().mesh_identity(local.ip()).cloned() else {
+        refused();
         tracing::debug!(%peer, %local, "hbone inbound: no local mesh pod at this address");
         return;
     };
     let cfg = match hbone.tls.server(&identity) {
         Ok(c) => c,
         Err(e) => {
+            refused();
             tracing::info!(%peer, %local, "hbone inbound: {e}");
             return;
         }
@@ -102,24 +106,39 @@ pub async fn serve_inbound(
     let tls = match accepted {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
+            refused();
             tracing::debug!(%peer, %local, "hbone inbound handshake: {e}");
             return;
         }
         Err(_) => {
+            refused();
             tracing::debug!(%peer, %local, "hbone inbound handshake timed out");
             return;
         }
     };
     let Some(client) = tls::peer_identity(tls.get_ref().1) else {
+        refused();
         tracing::info!(%peer, %local, "hbone inbound: client certificate without a SPIFFE ID");
         return;
     };
+    hbone.inbound.handshakes.fetch_add(1, Ordering::Relaxed);
     let tunnel = Arc::new(TunnelPeer::new(client));
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let tunnel = tunnel.clone();
-        async move { Ok::<_, std::convert::Infallible>(connect(req, peer, local, tunnel, ctx).await) }
+        async move {
+            let resp = connect(req, peer, local, tunnel, ctx.clone()).await;
+            if let Some(h) = &ctx.hbone {
+                let counter = if resp.status() == StatusCode::OK {
+                    &h.inbound.streams
+                } else {
+                    &h.inbound.rejected_streams
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let mut stop = ctx.stopping();
     let served = hbone.h2.serve_connection(TokioIo::new(tls), svc);

@@ -21,6 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use comb_identity::CertStore;
 use hyper::server::conn::http2;
@@ -98,8 +99,34 @@ impl Default for HboneOptions {
     }
 }
 
+/// The inbound side's counts.
+#[derive(Debug, Default)]
+pub struct InboundCounters {
+    /// Mutual-TLS handshakes completed (client certificate verified).
+    pub handshakes: AtomicU64,
+    /// Handshakes refused or failed: not TLS, no or a foreign client certificate, no SPIFFE
+    /// ID, timeouts, no local identity at the address.
+    pub refused: AtomicU64,
+    /// CONNECT streams answered 200.
+    pub streams: AtomicU64,
+    /// CONNECT streams answered 400, 401 or 503.
+    pub rejected_streams: AtomicU64,
+}
+
+impl InboundCounters {
+    pub fn snapshot(&self) -> [u64; 4] {
+        [
+            self.handshakes.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.streams.load(Ordering::Relaxed),
+            self.rejected_streams.load(Ordering::Relaxed),
+        ]
+    }
+}
+
 /// What every HBONE connection of one proxy shares.
 pub struct Hbone {
+    pub(crate) inbound: InboundCounters,
     pub(crate) opts: HboneOptions,
     pub(crate) tls: Arc<tls::TlsConfigs>,
     pub(crate) pool: Arc<Pool>,
@@ -121,6 +148,7 @@ impl Hbone {
             .keep_alive_interval(H2_PING_INTERVAL)
             .keep_alive_timeout(Duration::from_secs(20));
         Arc::new(Self {
+            inbound: InboundCounters::default(),
             pool: Pool::new(tls.clone(), opts.clone()),
             tls,
             opts,
@@ -130,6 +158,10 @@ impl Hbone {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    pub fn inbound(&self) -> &InboundCounters {
+        &self.inbound
     }
 
     pub fn options(&self) -> &HboneOptions {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use comb_identity::SpiffeId;
@@ -169,6 +169,7 @@ impl Pool {
         let mut out: Vec<TunnelInfo> = conns
             .values()
             .flatten()
+            .filter(|c| !c.sender.is_closed())
             .map(|c| TunnelInfo {
                 local: c.local,
                 peer: c.key.dst,
@@ -335,11 +336,4 @@ async fn reaper(pool: Weak<Pool>) {
         let Some(p) = pool.upgrade() else { return };
         p.reap(Instant::now());
     }
-}
-
-/// Unix seconds (stats).
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

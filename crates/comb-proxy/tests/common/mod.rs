@@ -3,6 +3,8 @@
 //! raw-socket helpers.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
