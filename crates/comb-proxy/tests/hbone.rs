@@ -454,3 +454,49 @@ async fn malformed_input_on_15008_closes_and_the_proxy_keeps_serving() {
     assert_eq!(round_trip(s.client.addr, b"still").await, b"still");
     drop(s.echo);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_policy_applies_inside_the_tunnel_with_the_certificate_identity() {
+    // DENY /admin/* to a/client (by certificate principal); everything else allowed.
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/a/sa/client]}}]\n    to: [{operation: {paths: [\"/admin/*\"]}}]\n";
+    let ca = TestCa::new("test-ca");
+    let (srv, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), policy);
+    let backend = Backend::start_on(B).await;
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        backend.addr,
+    )
+    .await;
+    let stream = from_a(c.addr).await;
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = h1_send(&mut h1, "GET", "/admin/users", "").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(text(r).await, "RBAC: access denied");
+    let r = h1_send(&mut h1, "POST", "/echo", "through the tunnel").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(text(r).await, "through the tunnel");
+    let want = [
+        "connection_security_policy=\"mutual_tls\"",
+        "source_principal=\"spiffe://cluster.local/ns/a/sa/client\"",
+        "response_code=\"403\"",
+        "response_code=\"200\"",
+    ];
+    let mut m = String::new();
+    for _ in 0..100 {
+        m.clear();
+        srv.telemetry().render_prometheus(&mut m);
+        if want.iter().all(|w| m.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in want {
+        assert!(m.contains(w), "{w} missing:\n{m}");
+    }
+    assert!(!m.contains("connection_security_policy=\"none\""), "{m}");
+}
