@@ -131,6 +131,17 @@ pub struct Args {
     /// opaque TCP (server-first protocols), in milliseconds.
     #[arg(long, default_value = "500")]
     pub proxy_detect_timeout_ms: u64,
+    /// HBONE tunnels between nodes in the node proxy (docs/mtls.md): an outbound listener
+    /// for local pods' flows to remote mesh pods and the inbound listener for tunnels from
+    /// other nodes. Needs the proxy; off until the datapath steers flows to it.
+    #[arg(long, value_enum, default_value = "off")]
+    pub hbone: OnOff,
+    /// HBONE outbound transparent listener port (127.0.0.1 and [::1]).
+    #[arg(long, default_value = "15001")]
+    pub hbone_outbound_port: u16,
+    /// HBONE inbound listener port (0.0.0.0, transparent; peers dial `<pod-ip>:this`).
+    #[arg(long, default_value = "15008")]
+    pub hbone_port: u16,
 }
 
 impl Args {

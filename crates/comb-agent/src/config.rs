@@ -53,6 +53,8 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     pub connect_timeout: Duration,
     pub detect_timeout: Duration,
+    /// HBONE listeners (outbound, inbound) when on.
+    pub hbone: Option<(u16, u16)>,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -103,6 +105,7 @@ impl AgentConfig {
                 max_body_bytes: a.proxy_max_body_bytes,
                 connect_timeout: Duration::from_millis(a.proxy_connect_timeout_ms),
                 detect_timeout: Duration::from_millis(a.proxy_detect_timeout_ms),
+                hbone: (a.hbone == OnOff::On).then_some((a.hbone_outbound_port, a.hbone_port)),
             }),
             log_format: a.log_format,
         })

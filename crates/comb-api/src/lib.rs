@@ -8,6 +8,7 @@
 pub mod client;
 pub mod proxy;
 pub mod table;
+pub mod tunnel;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -75,6 +76,8 @@ pub enum Query {
     },
     /// The node proxy's summary: `ProxyStatsReply`.
     ProxyStats,
+    /// The node proxy's HBONE tunnels: `tunnel::TunnelsReply`.
+    Tunnels,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -146,6 +146,11 @@ impl ProxyHandle {
             .collect()
     }
 
+    /// `comb tunnel list`'s answer (`enabled: false` with HBONE off).
+    pub fn tunnel_stats(&self) -> comb_api::tunnel::TunnelsReply {
+        self.ctx.hbone().map(|h| h.stats()).unwrap_or_default()
+    }
+
     /// HBONE state (tunnel pool and its counters) when HBONE is on.
     pub fn hbone(&self) -> Option<&Arc<crate::hbone::Hbone>> {
         self.ctx.hbone()

@@ -101,7 +101,7 @@ impl Default for HboneOptions {
 
 /// The inbound side's counts.
 #[derive(Debug, Default)]
-pub struct InboundCounters {
+pub(crate) struct InboundCounters {
     /// Mutual-TLS handshakes completed (client certificate verified).
     pub handshakes: AtomicU64,
     /// Handshakes refused or failed: not TLS, no or a foreign client certificate, no SPIFFE
@@ -114,13 +114,13 @@ pub struct InboundCounters {
 }
 
 impl InboundCounters {
-    pub fn snapshot(&self) -> [u64; 4] {
-        [
-            self.handshakes.load(Ordering::Relaxed),
-            self.refused.load(Ordering::Relaxed),
-            self.streams.load(Ordering::Relaxed),
-            self.rejected_streams.load(Ordering::Relaxed),
-        ]
+    fn snapshot(&self) -> comb_api::tunnel::InboundCounters {
+        comb_api::tunnel::InboundCounters {
+            handshakes: self.handshakes.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            streams: self.streams.load(Ordering::Relaxed),
+            rejected_streams: self.rejected_streams.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -160,8 +160,14 @@ impl Hbone {
         &self.pool
     }
 
-    pub fn inbound(&self) -> &InboundCounters {
-        &self.inbound
+    /// What `comb tunnel list` shows.
+    pub fn stats(&self) -> comb_api::tunnel::TunnelsReply {
+        comb_api::tunnel::TunnelsReply {
+            enabled: true,
+            outbound: self.pool.counters(),
+            inbound: self.inbound.snapshot(),
+            tunnels: self.pool.tunnels(),
+        }
     }
 
     pub fn options(&self) -> &HboneOptions {

@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+pub use comb_api::tunnel::{HandshakeKind, PoolCounters, TunnelRow as TunnelInfo};
 use comb_identity::SpiffeId;
 use http_body_util::Empty;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
 use tokio_rustls::TlsConnector;
 
 use super::tls::{self, TlsConfigs};
@@ -31,39 +31,6 @@ pub struct WorkloadKey {
     pub src: IpAddr,
     /// The peer's HBONE address (`ip:15008`).
     pub dst: SocketAddr,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HandshakeKind {
-    Full,
-    Resumed,
-}
-
-/// One pooled connection, as `comb tunnel list` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct TunnelInfo {
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
-    pub local_identity: String,
-    pub peer_identity: String,
-    pub streams_active: u32,
-    pub streams_total: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub age_secs: u64,
-    pub handshake: HandshakeKind,
-}
-
-/// Where new flows' streams came from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct PoolCounters {
-    pub full_handshakes: u64,
-    pub resumptions: u64,
-    /// Flows that took a stream on a connection already open.
-    pub reuses: u64,
-    /// Connection attempts that failed (connect, TLS, HTTP/2).
-    pub failures: u64,
 }
 
 pub(crate) struct Conn {
