@@ -357,11 +357,9 @@ async fn status_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_answers_like_ztunnel() {
-    let deny_client = format!(
-        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-client, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/a/sa/client]}}}}]\n    to: [{{operation: {{ports: [\"9\"]}}}}]\n"
-    );
+    let deny_client = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/a/sa/client]}}]\n    to: [{operation: {ports: [\"9\"]}}]\n";
     let ca = TestCa::new("test-ca");
-    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), &deny_client);
+    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), deny_client);
     let echo = echo().await;
     let certs = mesh::store(&[&ca], &[ca.issue(&client_id())]);
     let mut h2 = raw_h2(certs, inbound).await;
