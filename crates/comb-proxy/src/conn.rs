@@ -8,9 +8,9 @@ use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
 use crate::detect::{Prefixed, Protocol, detect, detect_read};
-use crate::hbone::TunnelPeer;
 use crate::http::{self, service::ConnInfo};
 use crate::tcp::{serve_opaque, serve_opaque_tunneled};
+use crate::tunnel::TunnelPeer;
 
 /// Serves one accepted connection to its end. `peer` is the client, `original_dst` where it
 /// was going (with a transparent listener, the accepted socket's local address).

@@ -10,9 +10,9 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 
-use crate::hbone::Hbone;
 use crate::options::{Limits, ProxyOptions};
 use crate::telemetry::Telemetry;
+use crate::tunnel::Hbone;
 use crate::upstream::Upstreams;
 
 /// hyper refuses a read buffer under 8 KiB.

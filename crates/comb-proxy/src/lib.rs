@@ -23,6 +23,7 @@ pub mod relay;
 mod server;
 mod tcp;
 pub mod telemetry;
+mod tunnel;
 pub mod upstream;
 
 pub use conn::{serve_connection, serve_tunneled};

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::hbone::HboneOptions;
 use crate::telemetry::Telemetry;
+use crate::tunnel::HboneOptions;
 
 /// The port the datapath steers redirected flows to (docs/l7.md).
 pub const DEFAULT_PORT: u16 = 15006;

@@ -13,10 +13,10 @@ use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, watch};
 
 use crate::context::ProxyContext;
-use crate::hbone::ListenerKind;
 use crate::listener::{self, Family};
 use crate::options::ProxyOptions;
 use crate::telemetry::Telemetry;
+use crate::tunnel::ListenerKind;
 
 pub struct Proxy;
 
@@ -152,7 +152,7 @@ impl ProxyHandle {
     }
 
     /// HBONE state (tunnel pool and its counters) when HBONE is on.
-    pub fn hbone(&self) -> Option<&Arc<crate::hbone::Hbone>> {
+    pub fn hbone(&self) -> Option<&Arc<crate::tunnel::Hbone>> {
         self.ctx.hbone()
     }
 

@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
-use crate::hbone::TunnelPeer;
 use crate::relay::relay;
 use crate::telemetry::{ResponseFlags, TcpRecord};
+use crate::tunnel::TunnelPeer;
 use crate::upstream::Failure;
 
 pub async fn serve_opaque(

@@ -14,10 +14,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::headers;
-use super::pool::WorkloadKey;
 use crate::context::ProxyContext;
 use crate::telemetry::trace;
+use crate::tunnel::headers;
+use crate::tunnel::pool::WorkloadKey;
 
 /// Serves one flow steered to the outbound listener: `peer` is the source pod, `dst` the
 /// original destination (a remote pod). A flow that cannot be tunneled is reset (the client

@@ -19,8 +19,8 @@ use super::headers::{HeaderView, authority, is_grpc, is_upgrade, strip_hop_by_ho
 use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::context::ProxyContext;
-use crate::hbone::TunnelPeer;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
+use crate::tunnel::TunnelPeer;
 
 /// The connection a request arrived on.
 pub struct ConnInfo {
