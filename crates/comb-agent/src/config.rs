@@ -178,4 +178,22 @@ mod tests {
         let c = parse(&["--proxy-workers", "0"]).unwrap();
         assert_eq!(c.proxy.unwrap().workers, 1);
     }
+
+    #[test]
+    fn hbone_is_off_by_default_and_takes_its_ports() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, None);
+        let c = parse(&["--hbone", "on"]).unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, Some((15001, 15008)));
+        let c = parse(&[
+            "--hbone",
+            "on",
+            "--hbone-outbound-port",
+            "1",
+            "--hbone-port",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, Some((1, 2)));
+    }
 }
