@@ -93,10 +93,18 @@ fn pod_sees_the_original_source_address() {
     })
     .join()
     .unwrap();
-    assert_eq!(seen, A, "pod B must see pod A's address as its peer");
+    assert_eq!(
+        seen.0, A,
+        "pod B must see pod A's address as its peer (opaque TCP)"
+    );
+    assert!(
+        seen.1.starts_with("HTTP/1.1 200") && seen.1.ends_with(A),
+        "HTTP inside the tunnel must reach pod B from pod A's address too: {:?}",
+        seen.1
+    );
 }
 
-async fn run() -> String {
+async fn run() -> (String, String) {
     let ca = TestCa::new("test-ca");
     let web = mesh::id("shop", "web");
     let client = mesh::id("a", "client");
@@ -107,6 +115,29 @@ async fn run() -> String {
         while let Ok((mut s, peer)) = pod_b.accept().await {
             let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
             let _ = s.shutdown().await;
+        }
+    });
+    // Pod B's HTTP port: answers every request with the peer address it sees.
+    let pod_b_http = TcpListener::bind((B, 0)).await.unwrap();
+    let pod_b_http_addr = pod_b_http.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = pod_b_http.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let body = peer.ip().to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
         }
     });
     // Server node.
@@ -131,9 +162,17 @@ async fn run() -> String {
     let ctx = ProxyContext::new(&o, Arc::new(t));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let l_http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr_http = l_http.local_addr().unwrap();
+    let ctx2 = ctx.clone();
     tokio::spawn(async move {
         while let Ok((s, peer)) = l.accept().await {
             tokio::spawn(serve_outbound(s, peer, pod_b_addr, ctx.clone()));
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = l_http.accept().await {
+            tokio::spawn(serve_outbound(s, peer, pod_b_http_addr, ctx2.clone()));
         }
     });
     // Pod A's flow (from A's address, as the transparent listener would accept it).
@@ -145,8 +184,28 @@ async fn run() -> String {
         .await
         .expect("answer in time")
         .unwrap();
+    // An HTTP request through the tunnel (served by the proxy's HTTP path on the far side).
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{A}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr_http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut http = Vec::new();
+    let mut b = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&http).ends_with(A) {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut b))
+            .await
+            .expect("HTTP answer in time")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        http.extend_from_slice(&b[..n]);
+    }
     let tunnels = server.tunnel_stats();
-    assert_eq!(tunnels.inbound.streams, 1, "{tunnels:?}");
+    assert_eq!(tunnels.inbound.streams, 2, "{tunnels:?}");
     drop(server);
-    got
+    (got, String::from_utf8_lossy(&http).into_owned())
 }

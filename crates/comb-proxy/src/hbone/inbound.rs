@@ -183,7 +183,16 @@ async fn connect(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(io) => {
-                crate::conn::serve_tunneled(TokioIo::new(io), up, peer, dst, tunnel, ctx).await
+                crate::conn::serve_tunneled(
+                    TokioIo::new(io),
+                    up,
+                    (src, mark),
+                    peer,
+                    dst,
+                    tunnel,
+                    ctx,
+                )
+                .await
             }
             Err(e) => tracing::debug!(%peer, %dst, "hbone inbound upgrade: {e}"),
         }

@@ -21,6 +21,7 @@ use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::context::ProxyContext;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
 use crate::tunnel::TunnelPeer;
+use crate::upstream::Dedicated;
 
 /// The connection a request arrived on.
 pub struct ConnInfo {
@@ -30,6 +31,9 @@ pub struct ConnInfo {
     pub h2: bool,
     /// Delivered through an HBONE tunnel: the client's certificate identity.
     pub tunnel: Option<Arc<TunnelPeer>>,
+    /// The connection's own upstream (HBONE deliveries: from the original source's address);
+    /// None = the proxy's shared pools.
+    pub upstream: Option<Arc<Dedicated>>,
 }
 
 /// hyper service of one downstream connection.
@@ -165,7 +169,10 @@ async fn handle(
     };
     let sent = if conn.h2 {
         parts.uri = h2_uri(&parts.uri, conn.dst);
-        ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await
+        match &conn.upstream {
+            Some(d) => d.send_h2(upstream_req(parts)).await,
+            None => ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await,
+        }
     } else {
         // The URI's authority keys the pool by destination; Host goes as received.
         if !parts.headers.contains_key(header::HOST)
@@ -175,7 +182,10 @@ async fn handle(
         }
         parts.uri = dst_uri(&parts.uri, conn.dst);
         parts.version = Version::HTTP_11;
-        ctx.upstreams.send_h1(upstream_req(parts)).await
+        match &conn.upstream {
+            Some(d) => d.send_h1(upstream_req(parts)).await,
+            None => ctx.upstreams.send_h1(upstream_req(parts)).await,
+        }
     };
     let mut resp = match sent {
         Ok(r) => r,
