@@ -182,6 +182,7 @@ impl Pool {
         if self.len() >= self.opts.max_connections {
             self.reap(Instant::now());
             if self.len() >= self.opts.max_connections {
+                self.failures.fetch_add(1, Ordering::Relaxed);
                 return Err(PoolError::Full(self.opts.max_connections));
             }
         }
