@@ -208,6 +208,15 @@ pub fn query(view: &View, q: Query) -> Response {
                 stats: p.telemetry().stats(),
             })
         }
+        Query::Tunnels => {
+            let guard = view.proxy.lock().expect("proxy lock poisoned");
+            match guard.as_ref() {
+                Some(p) => ok(p.tunnel_stats()),
+                None => Response::Error {
+                    message: "the node proxy is off (--proxy off)".into(),
+                },
+            }
+        }
         Query::Identities => ok(crate::policy_rows::identities(
             &published.desired.identities,
         )),

@@ -155,6 +155,21 @@ pub struct Args {
     /// Lifetime asked for workload certificates (renewed at half-life), e.g. 24h, 90m, 20s.
     #[arg(long, default_value = "24h", value_parser = comb_ca::parse_duration)]
     pub cert_ttl: std::time::Duration,
+    /// HBONE tunnels between nodes in the node proxy (docs/mtls.md): an outbound listener
+    /// for local pods' flows to remote mesh pods and the inbound listener for tunnels from
+    /// other nodes. Needs the proxy and a CA (`--ca-address`): without certificates it stays
+    /// off, and flows between nodes are plaintext.
+    #[arg(long, value_enum, default_value = "on")]
+    pub hbone: OnOff,
+    /// Istio's root namespace: a PeerAuthentication without selector there is mesh-wide.
+    #[arg(long, default_value = comb_model::mesh::DEFAULT_ROOT_NAMESPACE)]
+    pub mtls_root_namespace: String,
+    /// HBONE outbound transparent listener port (127.0.0.1 and [::1]).
+    #[arg(long, default_value = "15001")]
+    pub hbone_outbound_port: u16,
+    /// HBONE inbound listener port (0.0.0.0, transparent; peers dial `<pod-ip>:this`).
+    #[arg(long, default_value = "15008")]
+    pub hbone_port: u16,
 }
 
 impl Args {

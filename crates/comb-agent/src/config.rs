@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// SPIFFE trust domain (`--trust-domain`).
     pub trust_domain: String,
+    /// Where a selector-less PeerAuthentication is mesh-wide (`--mtls-root-namespace`).
+    pub mtls_root_namespace: String,
     /// The certificate reconciler's CA; None without `--ca-address` (mesh mTLS off).
     pub certs: Option<CertsConfig>,
 }
@@ -68,6 +70,8 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     pub connect_timeout: Duration,
     pub detect_timeout: Duration,
+    /// HBONE listeners (outbound, inbound) when on.
+    pub hbone: Option<(u16, u16)>,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -119,9 +123,14 @@ impl AgentConfig {
                 max_body_bytes: a.proxy_max_body_bytes,
                 connect_timeout: Duration::from_millis(a.proxy_connect_timeout_ms),
                 detect_timeout: Duration::from_millis(a.proxy_detect_timeout_ms),
+                // HBONE needs workload certificates: without a CA the listeners would only
+                // take flows they cannot carry.
+                hbone: (a.hbone == OnOff::On && a.ca_address.is_some())
+                    .then_some((a.hbone_outbound_port, a.hbone_port)),
             }),
             log_format: a.log_format,
             trust_domain: a.trust_domain.clone(),
+            mtls_root_namespace: a.mtls_root_namespace.clone(),
             certs: match &a.ca_address {
                 None => None,
                 Some(addr) => Some(CertsConfig {
@@ -145,7 +154,7 @@ impl AgentConfig {
         PipelineConfig {
             mesh: comb_model::pipeline::MeshConfig {
                 trust_domain: self.trust_domain.clone(),
-                ..Default::default()
+                root_namespace: self.mtls_root_namespace.clone(),
             },
             policy: self.policy,
             socket_lb: self.socket_lb.is_ok(),
@@ -234,5 +243,43 @@ mod tests {
         assert!(c.proxy.is_none());
         let c = parse(&["--proxy-workers", "0"]).unwrap();
         assert_eq!(c.proxy.unwrap().workers, 1);
+    }
+
+    #[test]
+    fn hbone_is_on_with_a_ca_and_takes_its_ports() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.proxy.unwrap().hbone,
+            None,
+            "no CA, no certificates, no HBONE"
+        );
+        let ca = [
+            "--ca-address",
+            "127.0.0.1:15012",
+            "--ca-root-cert",
+            "/r.pem",
+            "--ca-token-file",
+            "/t",
+        ];
+        let c = parse(&ca).unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, Some((15001, 15008)));
+        let c = parse(&[&ca[..], &["--hbone", "off"]].concat()).unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, None);
+        let c = parse(
+            &[
+                &ca[..],
+                &[
+                    "--hbone",
+                    "on",
+                    "--hbone-outbound-port",
+                    "1",
+                    "--hbone-port",
+                    "2",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().hbone, Some((1, 2)));
     }
 }

@@ -8,14 +8,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use comb_datapath::policy::routing as proxy_routing;
 use comb_datapath::{Datapath, ListenerKind, ProxyFamily, ProxySplice};
+use comb_identity::CertStore;
 use comb_model::l7::ProxyTable;
 use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
-use comb_proxy::{Family, Limits, Proxy, ProxyHandle, ProxyOptions};
+use comb_proxy::{Family, HboneOptions, Limits, Proxy, ProxyHandle, ProxyOptions};
 
 use crate::config::{AgentConfig, ProxyConfig};
 
 pub struct NodeProxy {
     handle: ProxyHandle,
+    /// The workload certificates HBONE presents (empty until the certificate reconciler
+    /// fills it).
+    certs: CertStore,
     splice: Option<Arc<ProxySplice>>,
     port: u16,
 }
@@ -76,8 +80,16 @@ impl NodeProxy {
             upstream_connect_timeout: px.connect_timeout,
             ..Limits::default()
         };
-        // TODO(hbone): opts.certs = certs
-        drop(certs);
+        opts.certs = certs.clone();
+        if let Some((outbound_port, inbound_port)) = px.hbone {
+            opts.hbone = HboneOptions {
+                enabled: true,
+                outbound_port,
+                inbound_addr: std::net::SocketAddr::from(([0, 0, 0, 0], inbound_port)),
+                cluster_name: "Kubernetes".into(),
+                ..HboneOptions::default()
+            };
+        }
         let handle = Proxy::start(opts, Arc::new(ProxyTable::default()))
             .context("starting the node proxy")?;
         for (f, fd) in handle.listener_fds() {
@@ -86,14 +98,27 @@ impl NodeProxy {
                 .set_proxy_listener(family(f), fd)
                 .with_context(|| format!("registering the proxy's {f:?} listener"))?;
         }
+        for (kind, f, fd) in handle.hbone_listener_fds() {
+            let kind = match kind {
+                comb_proxy::ListenerKind::HboneOutbound => ListenerKind::HboneOut,
+                comb_proxy::ListenerKind::HboneInbound => ListenerKind::HboneIn,
+                comb_proxy::ListenerKind::L7 => ListenerKind::L7,
+            };
+            datapath
+                .policy()
+                .set_listener(kind, family(f), fd)
+                .with_context(|| format!("registering the proxy's {kind:?} {f:?} listener"))?;
+        }
         proxy_routing::install().context("installing the proxy's policy routing")?;
         tracing::info!(
             port = px.port,
             splice = splice.is_some(),
+            hbone = ?px.hbone,
             "node proxy listening"
         );
         Ok(Self {
             handle,
+            certs,
             splice,
             port: px.port,
         })
@@ -105,6 +130,29 @@ impl NodeProxy {
 
     pub fn telemetry(&self) -> Arc<Telemetry> {
         self.handle.telemetry().clone()
+    }
+
+    /// The store the certificate reconciler fills; HBONE reads it at every handshake.
+    #[allow(dead_code)] // the certificate reconciler's (being integrated)
+    pub fn certs(&self) -> &CertStore {
+        &self.certs
+    }
+
+    /// The HBONE listeners with their kind (outbound 15001 on loopback, inbound 15008), for
+    /// the datapath's listener map; empty with `--hbone off`.
+    #[allow(dead_code)] // the datapath's HBONE listener registration (being integrated)
+    pub fn hbone_listener_fds(
+        &self,
+    ) -> Vec<(
+        comb_proxy::ListenerKind,
+        Family,
+        std::os::fd::BorrowedFd<'_>,
+    )> {
+        self.handle.hbone_listener_fds()
+    }
+
+    pub fn tunnel_stats(&self) -> comb_api::tunnel::TunnelsReply {
+        self.handle.tunnel_stats()
     }
 
     pub fn port(&self) -> u16 {

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod proxy;
 pub mod table;
+pub mod tunnel;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -77,6 +78,8 @@ pub enum Query {
     ProxyStats,
     /// Workload certificates the agent holds or wants: `Vec<CertRow>`.
     CertList,
+    /// The node proxy's HBONE tunnels: `tunnel::TunnelsReply`.
+    Tunnels,
 }
 
 /// One workload certificate (`comb cert list`): one per identity the node needs.

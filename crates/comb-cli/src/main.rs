@@ -11,6 +11,7 @@ mod manifest_cmds;
 mod policy_cmds;
 mod proxy_cmds;
 mod service_cmds;
+mod tunnel_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: proxy_cmds::ProxyCmd,
     },
+    /// The node proxy's HBONE tunnels (mutual TLS between nodes).
+    Tunnel {
+        #[command(subcommand)]
+        cmd: tunnel_cmds::TunnelCmd,
+    },
     /// The agent's Prometheus metrics.
     Metrics,
     /// Validate manifests and write them into the manifests directory.
@@ -125,6 +131,7 @@ fn main() -> ExitCode {
         Cmd::Monitor(a) => policy_cmds::monitor(t, a),
         Cmd::Splice { cmd } => agent_cmds::splice(t, cmd),
         Cmd::Proxy { cmd } => proxy_cmds::proxy(t, cmd),
+        Cmd::Tunnel { cmd } => tunnel_cmds::tunnel(t, cmd),
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mesh::{DataplaneMode, SpiffeId};
 use crate::objects::ObjKey;
 
 pub use authz::{Authz, DecisionRef};
@@ -35,6 +36,29 @@ pub struct ProxyTable {
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
     /// Local pods (this node) by each of their addresses: the destinations the proxy serves.
     pub endpoints: HashMap<IpAddr, Arc<L7Endpoint>>,
+    /// Local pods by each of their addresses with their SPIFFE identity and enrolment (HBONE:
+    /// the client certificate of an outbound tunnel, the server certificate of an inbound
+    /// one). Filled by the pipeline from its `DesiredMesh`.
+    pub mesh_endpoints: HashMap<IpAddr, MeshIdentity>,
+    /// Pods on other nodes reached through HBONE, by address, with the identity they must
+    /// present (the pipeline's `DesiredMesh::hbone_peers`).
+    pub hbone_peers: HashMap<IpAddr, HboneTarget>,
+}
+
+/// A local pod's mesh identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshIdentity {
+    pub identity: SpiffeId,
+    pub mode: DataplaneMode,
+}
+
+/// A remote pod reached through HBONE at `<its address>:15008`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HboneTarget {
+    /// The identity its end of the tunnel must prove (its service account's).
+    pub identity: SpiffeId,
+    /// A Comb node (`true`) or a ztunnel one.
+    pub comb: bool,
 }
 
 impl ProxyTable {
@@ -44,6 +68,18 @@ impl ProxyTable {
 
     pub fn endpoint(&self, ip: IpAddr) -> Option<&Arc<L7Endpoint>> {
         self.endpoints.get(&ip)
+    }
+
+    /// The local pod at `ip` when it is in the mesh (its identity signs its tunnels).
+    pub fn mesh_identity(&self, ip: IpAddr) -> Option<&SpiffeId> {
+        self.mesh_endpoints
+            .get(&ip.to_canonical())
+            .filter(|m| m.mode == DataplaneMode::Mesh)
+            .map(|m| &m.identity)
+    }
+
+    pub fn hbone_peer(&self, ip: IpAddr) -> Option<&HboneTarget> {
+        self.hbone_peers.get(&ip.to_canonical())
     }
 }
 
@@ -112,9 +148,21 @@ pub struct Request<'a> {
     pub source_ip: IpAddr,
     /// None: not a known pod (world, a node, another cluster).
     pub source: Option<&'a Workload>,
+    /// The source identity a peer certificate proved (mutual TLS, HBONE). When set, it is
+    /// what `principals`, `namespaces` and `source.principal`/`source.namespace` match,
+    /// whatever `source` (inferred from the address) says.
+    pub authenticated: Option<Authenticated<'a>>,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
     pub http: Option<HttpRequest<'a>>,
+}
+
+/// A certificate-proven source identity, in AuthorizationPolicy's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Authenticated<'a> {
+    /// `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's principal form, no `spiffe://`).
+    pub principal: &'a str,
+    pub namespace: &'a str,
 }
 
 pub struct HttpRequest<'a> {

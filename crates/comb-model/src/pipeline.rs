@@ -95,6 +95,9 @@ pub fn compute(
     };
     let frontends = compile_frontends(snapshot, node);
     let lb = services::desired(&frontends);
+    let mesh = mesh::desired(state, node, &config.mesh, interfaces);
+    let mut proxy = compile_proxy_table(snapshot, state.generation(), &table, node);
+    mesh::fill_proxy_table(&mesh, &mut proxy);
     Desired {
         generation: state.generation(),
         pods: endpoints::desired(state, node),
@@ -105,14 +108,9 @@ pub fn compute(
             BTreeMap::new()
         },
         lb_skipped: lb.skipped,
-        proxy: Arc::new(compile_proxy_table(
-            snapshot,
-            state.generation(),
-            &table,
-            node,
-        )),
+        proxy: Arc::new(proxy),
         flow_index: flow_index::build(snapshot, &policy),
-        mesh: mesh::desired(state, node, &config.mesh, interfaces),
+        mesh,
         policy,
         identities: table,
     }

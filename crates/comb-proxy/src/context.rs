@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::options::{Limits, ProxyOptions};
 use crate::telemetry::Telemetry;
+use crate::tunnel::Hbone;
 use crate::upstream::Upstreams;
 
 /// hyper refuses a read buffer under 8 KiB.
@@ -26,12 +27,15 @@ pub struct ProxyContext {
     pub(crate) upstreams: Upstreams,
     pub(crate) h1: http1::Builder,
     pub(crate) h2: http2::Builder<TokioExecutor>,
+    /// HBONE tunnels (None: off).
+    pub(crate) hbone: Option<Arc<Hbone>>,
     /// Set once on shutdown: HTTP connections finish their requests and close.
     stop: watch::Sender<bool>,
 }
 
 impl ProxyContext {
-    /// Everything but the listeners (tests drive [`crate::serve_connection`] with it).
+    /// Everything but the listeners (tests drive [`crate::serve_connection`] with it). With
+    /// HBONE on, call it inside a tokio runtime (the tunnel pool's reaper runs there).
     pub fn new(opts: &ProxyOptions, table: Arc<ProxyTable>) -> Arc<Self> {
         let l = &opts.limits;
         let mut h1 = http1::Builder::new();
@@ -60,6 +64,13 @@ impl ProxyContext {
             upstreams: Upstreams::new(l),
             h1,
             h2,
+            hbone: opts.hbone.enabled.then(|| {
+                Hbone::new(
+                    opts.hbone.clone(),
+                    opts.certs.clone(),
+                    l.max_concurrent_streams,
+                )
+            }),
             stop: watch::Sender::new(false),
         })
     }
@@ -84,5 +95,10 @@ impl ProxyContext {
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.telemetry
+    }
+
+    /// HBONE state (pool, TLS configs) when HBONE is on.
+    pub fn hbone(&self) -> Option<&Arc<Hbone>> {
+        self.hbone.as_ref()
     }
 }

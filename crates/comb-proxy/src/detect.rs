@@ -1,8 +1,11 @@
 //! Protocol detection on the first bytes of a connection, peeked (not consumed) so the HTTP
 //! server or the opaque relay sees the stream from its first byte.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
@@ -94,6 +97,85 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
         if Instant::now() >= deadline {
             return Protocol::Opaque;
         }
+    }
+}
+
+/// [`detect`] for a stream that cannot be peeked (a tunnel): reads until the protocol is
+/// known and returns what it read, to be replayed with [`Prefixed`].
+pub async fn detect_read<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    timeout: Duration,
+) -> (Protocol, Vec<u8>) {
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(H2_PREFACE.len());
+    loop {
+        let mut chunk = [0u8; H2_PREFACE.len()];
+        let room = H2_PREFACE.len() - buf.len();
+        let read = tokio::select! {
+            r = io.read(&mut chunk[..room]) => r,
+            _ = sleep_until(deadline) => return (Protocol::Opaque, buf),
+        };
+        match read {
+            Ok(0) | Err(_) => return (Protocol::Opaque, buf),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        match classify(&buf) {
+            Verdict::Is(p) => return (p, buf),
+            Verdict::NeedMore if buf.len() >= H2_PREFACE.len() => return (Protocol::Opaque, buf),
+            Verdict::NeedMore => {}
+        }
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Prefixed<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    pub fn new(prefix: Vec<u8>, inner: IO) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

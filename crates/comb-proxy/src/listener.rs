@@ -40,6 +40,32 @@ pub fn bind(family: Family, port: u16, transparent: bool) -> io::Result<std::net
     Ok(s.into())
 }
 
+/// Binds a listener on `addr` (HBONE inbound: 0.0.0.0:15008 by default).
+pub fn bind_addr(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if transparent {
+        if addr.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+    }
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 /// True when the error means "no IPv6 here" (disabled stack, no ::1), not a real failure.
 pub fn ipv6_unavailable(e: &io::Error) -> bool {
     matches!(

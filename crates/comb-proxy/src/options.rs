@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::telemetry::Telemetry;
+use crate::tunnel::HboneOptions;
 
 /// The port the datapath steers redirected flows to (docs/l7.md).
 pub const DEFAULT_PORT: u16 = 15006;
@@ -76,6 +77,11 @@ pub struct ProxyOptions {
     /// Kernel splicing of opaque and upgraded connections; None = relay in userspace.
     pub splice: Option<Arc<comb_datapath::ProxySplice>>,
     pub telemetry: Arc<Telemetry>,
+    /// HBONE tunnels between nodes (off by default).
+    pub hbone: HboneOptions,
+    /// The node's workload certificates and trust roots (filled by the agent's certificate
+    /// reconciler; read at every HBONE handshake). Default: empty.
+    pub certs: comb_identity::CertStore,
 }
 
 impl ProxyOptions {
@@ -89,6 +95,8 @@ impl ProxyOptions {
             detect_timeout: Duration::from_millis(500),
             splice: None,
             telemetry,
+            hbone: HboneOptions::default(),
+            certs: comb_identity::store::new_store(),
         }
     }
 }

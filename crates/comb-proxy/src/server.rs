@@ -16,6 +16,7 @@ use crate::context::ProxyContext;
 use crate::listener::{self, Family};
 use crate::options::ProxyOptions;
 use crate::telemetry::Telemetry;
+use crate::tunnel::ListenerKind;
 
 pub struct Proxy;
 
@@ -40,22 +41,30 @@ impl Proxy {
             }
             Err(e) => return Err(e).with_context(|| format!("proxy listener [::1]:{port}")),
         }
+        let mut std_listeners: Vec<_> = std_listeners
+            .into_iter()
+            .map(|(f, l)| (ListenerKind::L7, f, l))
+            .collect();
+        if opts.hbone.enabled {
+            std_listeners.extend(hbone_listeners(&opts)?);
+        }
+        let _enter = rt.enter();
         let ctx = ProxyContext::new(&opts, table);
         let conns = Arc::new(Semaphore::new(opts.limits.max_connections));
         let active = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = watch::channel(false);
-        let _enter = rt.enter();
         let mut listeners = Vec::new();
-        for (family, l) in std_listeners {
+        for (kind, family, l) in std_listeners {
             let l = Arc::new(TcpListener::from_std(l)?);
             rt.spawn(accept_loop(
+                kind,
                 l.clone(),
                 ctx.clone(),
                 conns.clone(),
                 active.clone(),
                 stopped.clone(),
             ));
-            listeners.push((family, l));
+            listeners.push((kind, family, l));
         }
         Ok(ProxyHandle {
             rt: Some(rt),
@@ -67,29 +76,84 @@ impl Proxy {
     }
 }
 
+/// The HBONE listeners: outbound on loopback (transparent: the datapath assigns flows to
+/// it), inbound on `inbound_addr` (transparent so pod addresses' SYNs can be assigned too).
+fn hbone_listeners(
+    opts: &ProxyOptions,
+) -> Result<Vec<(ListenerKind, Family, std::net::TcpListener)>> {
+    let h = &opts.hbone;
+    let mut out = Vec::new();
+    let v4 = listener::bind(Family::V4, h.outbound_port, opts.transparent)
+        .with_context(|| format!("hbone outbound listener 127.0.0.1:{}", h.outbound_port))?;
+    let port = v4.local_addr()?.port();
+    out.push((ListenerKind::HboneOutbound, Family::V4, v4));
+    match listener::bind(Family::V6, port, opts.transparent) {
+        Ok(l) => out.push((ListenerKind::HboneOutbound, Family::V6, l)),
+        Err(e) if listener::ipv6_unavailable(&e) => {}
+        Err(e) => return Err(e).with_context(|| format!("hbone outbound listener [::1]:{port}")),
+    }
+    let family = if h.inbound_addr.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    let inbound = listener::bind_addr(h.inbound_addr, opts.transparent)
+        .with_context(|| format!("hbone inbound listener {}", h.inbound_addr))?;
+    out.push((ListenerKind::HboneInbound, family, inbound));
+    Ok(out)
+}
+
 pub struct ProxyHandle {
     rt: Option<Runtime>,
     ctx: Arc<ProxyContext>,
-    listeners: Vec<(Family, Arc<TcpListener>)>,
+    listeners: Vec<(ListenerKind, Family, Arc<TcpListener>)>,
     /// Connections being served (not the permits: each accept loop holds one while it waits).
     active: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
 
 impl ProxyHandle {
-    /// The listening sockets, for the datapath's `comb_proxy_listeners` SOCKMAP.
+    /// The L7 redirect listeners, for the datapath's `comb_proxy_listeners` SOCKMAP.
     pub fn listener_fds(&self) -> Vec<(Family, BorrowedFd<'_>)> {
         self.listeners
             .iter()
-            .map(|(f, l)| (*f, l.as_fd()))
+            .filter(|(k, _, _)| *k == ListenerKind::L7)
+            .map(|(_, f, l)| (*f, l.as_fd()))
             .collect()
     }
 
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+    /// The HBONE listeners (outbound 15001 on loopback, inbound 15008) with their kind, for
+    /// the datapath's listener map; empty with HBONE off.
+    pub fn hbone_listener_fds(&self) -> Vec<(ListenerKind, Family, BorrowedFd<'_>)> {
         self.listeners
             .iter()
-            .filter_map(|(_, l)| l.local_addr().ok())
+            .filter(|(k, _, _)| *k != ListenerKind::L7)
+            .map(|(k, f, l)| (*k, *f, l.as_fd()))
             .collect()
+    }
+
+    /// The L7 listeners' addresses.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(ListenerKind::L7)
+    }
+
+    /// The addresses of the listeners of one kind.
+    pub fn addrs(&self, kind: ListenerKind) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter(|(k, _, _)| *k == kind)
+            .filter_map(|(_, _, l)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// `comb tunnel list`'s answer (`enabled: false` with HBONE off).
+    pub fn tunnel_stats(&self) -> comb_api::tunnel::TunnelsReply {
+        self.ctx.hbone().map(|h| h.stats()).unwrap_or_default()
+    }
+
+    /// HBONE state (tunnel pool and its counters) when HBONE is on.
+    pub fn hbone(&self) -> Option<&Arc<crate::tunnel::Hbone>> {
+        self.ctx.hbone()
     }
 
     /// Swaps the table atomically; requests in flight keep the one they started with.
@@ -136,6 +200,7 @@ impl Drop for ProxyHandle {
 }
 
 async fn accept_loop(
+    kind: ListenerKind,
     listener: Arc<TcpListener>,
     ctx: Arc<ProxyContext>,
     conns: Arc<Semaphore>,
@@ -164,6 +229,8 @@ async fn accept_loop(
         };
         // Transparent: the original destination; plain: the listener's own address.
         let dst = match stream.local_addr() {
+            // Inbound HBONE is addressed to the listener: its address picks the certificate.
+            Ok(a) if kind == ListenerKind::HboneInbound => a,
             Ok(a) if Some(a) != own => a,
             // A client that dialled the proxy port itself: forwarding would loop back here.
             _ => continue,
@@ -172,7 +239,11 @@ async fn accept_loop(
         let active = active.clone();
         active.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            crate::serve_connection(stream, peer, dst, ctx).await;
+            match kind {
+                ListenerKind::L7 => crate::serve_connection(stream, peer, dst, ctx).await,
+                ListenerKind::HboneOutbound => crate::serve_outbound(stream, peer, dst, ctx).await,
+                ListenerKind::HboneInbound => crate::serve_inbound(stream, peer, dst, ctx).await,
+            }
             active.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });

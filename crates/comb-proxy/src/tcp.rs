@@ -7,11 +7,13 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use comb_model::l7::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
 use crate::relay::relay;
 use crate::telemetry::{ResponseFlags, TcpRecord};
+use crate::tunnel::TunnelPeer;
 use crate::upstream::Failure;
 
 pub async fn serve_opaque(
@@ -28,6 +30,7 @@ pub async fn serve_opaque(
         ep.authz.evaluate(&Request {
             source_ip: peer.ip(),
             source: source.as_deref(),
+            authenticated: None,
             destination_ip: dst.ip(),
             destination_port: dst.port(),
             http: None,
@@ -54,6 +57,7 @@ pub async fn serve_opaque(
             .and_then(|d| d.policy.as_ref())
             .map(|k| k.to_string()),
         denied: decision.as_ref().is_some_and(|d| !d.allow),
+        mtls: false,
     };
     if rec.denied {
         reset(stream);
@@ -100,4 +104,75 @@ fn fail(stream: TcpStream, mut rec: TcpRecord, f: Failure, t0: Instant, ctx: &Pr
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
+}
+
+/// Opaque TCP delivered through an HBONE tunnel: authorized with the tunnel client's
+/// certificate identity (TCP semantics), then copied between the tunnel stream and `up`
+/// (already connected to the pod from the original source's address), half-closes passed on.
+pub async fn serve_opaque_tunneled<IO>(
+    mut io: IO,
+    up: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    tunnel: &TunnelPeer,
+    ctx: Arc<ProxyContext>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let t0 = Instant::now();
+    let table = ctx.table();
+    let source = Some(tunnel.source_workload(table.workload(peer.ip()).cloned()));
+    let endpoint = table.endpoint(dst.ip()).cloned();
+    let decision = endpoint.as_ref().map(|ep| {
+        ep.authz.evaluate(&Request {
+            source_ip: peer.ip(),
+            source: table.workload(peer.ip()).map(|w| &**w),
+            authenticated: Some(tunnel.authenticated()),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            http: None,
+        })
+    });
+    drop(table);
+    let mut rec = TcpRecord {
+        start: SystemTime::now(),
+        duration: Default::default(),
+        downstream: peer,
+        upstream: dst,
+        source,
+        destination: endpoint.as_ref().map(|e| e.workload.clone()),
+        destination_service: endpoint
+            .as_ref()
+            .and_then(|ep| ep.destination_service(dst.port(), None))
+            .map(|s| s.host.clone()),
+        sent_bytes: 0,
+        received_bytes: 0,
+        response_flags: ResponseFlags::NONE,
+        spliced: false,
+        authz_policy: decision
+            .as_ref()
+            .and_then(|d| d.policy.as_ref())
+            .map(|k| k.to_string()),
+        denied: decision.as_ref().is_some_and(|d| !d.allow),
+        mtls: true,
+    };
+    if rec.denied {
+        reset(up);
+        rec.duration = t0.elapsed();
+        ctx.telemetry.record_tcp(&rec);
+        return;
+    }
+    let mut up = up;
+    match tokio::io::copy_bidirectional(&mut io, &mut up).await {
+        Ok((sent, received)) => {
+            rec.sent_bytes = sent;
+            rec.received_bytes = received;
+        }
+        Err(_) => {
+            rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
+            reset(up);
+        }
+    }
+    rec.duration = t0.elapsed();
+    ctx.telemetry.record_tcp(&rec);
 }

@@ -202,3 +202,112 @@ fn live(slot: &H2Slot) -> Option<http2::SendRequest<RequestBody>> {
     let s = guard.as_ref()?;
     (!s.is_closed()).then(|| http2::SendRequest::clone(s))
 }
+
+/// The upstream of one HBONE-delivered downstream connection: its own connection to the
+/// original destination, opened from the original source's address with the delivery mark
+/// (the first one is the connection opened before answering the CONNECT), never shared with
+/// another source. HTTP/1 requests take turns on it (the downstream is sequential too);
+/// HTTP/2 requests share it. A closed one is replaced on the next request.
+pub struct Dedicated {
+    dst: SocketAddr,
+    src: Option<std::net::IpAddr>,
+    mark: Option<u32>,
+    connect_timeout: Duration,
+    first: std::sync::Mutex<Option<TcpStream>>,
+    h1: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<RequestBody>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2_builder: http2::Builder<TokioExecutor>,
+}
+
+impl Dedicated {
+    pub fn new(
+        first: TcpStream,
+        dst: SocketAddr,
+        src: Option<std::net::IpAddr>,
+        mark: Option<u32>,
+        limits: &Limits,
+    ) -> Self {
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_header_list_size(limits.max_header_bytes as u32);
+        Self {
+            dst,
+            src,
+            mark,
+            connect_timeout: limits.upstream_connect_timeout,
+            first: std::sync::Mutex::new(Some(first)),
+            h1: tokio::sync::Mutex::new(None),
+            h2: tokio::sync::Mutex::new(None),
+            h2_builder: h2,
+        }
+    }
+
+    async fn socket(&self) -> Result<TcpStream, Failure> {
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = first {
+            return Ok(s);
+        }
+        match tokio::time::timeout(
+            self.connect_timeout,
+            crate::tunnel::socket::connect_from(self.src, self.dst, self.mark),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(Failure::classify(&e, true)),
+            Err(_) => Err(Failure::CONNECT_TIMEOUT),
+        }
+    }
+
+    pub async fn send_h1(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
+        let mut slot = self.h1.lock().await;
+        if slot.as_ref().is_none_or(|s| s.is_closed()) {
+            let tcp = self.socket().await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| Failure::classify(&e, true))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!("tunneled upstream http/1 connection: {e}");
+                }
+            });
+            *slot = Some(sender);
+        }
+        let sender = slot.as_mut().ok_or(Failure::CONNECT)?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| Failure::classify(&e, false))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::classify(&e, false))
+    }
+
+    pub async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
+        let mut sender = {
+            let mut slot = self.h2.lock().await;
+            if slot.as_ref().is_none_or(|s| s.is_closed()) {
+                let tcp = self.socket().await?;
+                let (sender, conn) = self
+                    .h2_builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| Failure::classify(&e, true))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("tunneled upstream h2 connection: {e}");
+                    }
+                });
+                *slot = Some(sender);
+            }
+            slot.clone().ok_or(Failure::CONNECT)?
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::classify(&e, false))
+    }
+}

@@ -73,6 +73,15 @@ impl Authz {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
     }
 
+    /// True when some rule has a field only an HTTP request has (hosts, methods, paths,
+    /// request principals, `request.*`): a connection-level decision may differ from the
+    /// per-request one.
+    pub fn has_http_rules(&self) -> bool {
+        [&self.deny, &self.allow, &self.audit]
+            .iter()
+            .any(|l| l.iter().any(|p| p.rules.iter().any(|r| r.http_only)))
+    }
+
     /// Istio's order: DENY, then ALLOW; AUDIT marks.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         self.evaluate_ref(req).to_owned()
@@ -140,8 +149,15 @@ impl<'a> Ctx<'a> {
             source_ip: req.source_ip.to_canonical(),
             destination_ip: req.destination_ip.to_canonical(),
             destination_port: req.destination_port,
-            namespace: req.source.map(|w| w.namespace.as_str()),
-            principal: req.source.map(|w| w.principal.as_str()),
+            // A certificate's identity wins over the one inferred from the address.
+            namespace: match req.authenticated {
+                Some(a) => Some(a.namespace),
+                None => req.source.map(|w| w.namespace.as_str()),
+            },
+            principal: match req.authenticated {
+                Some(a) => Some(a.principal),
+                None => req.source.map(|w| w.principal.as_str()),
+            },
             http,
             path: http.map_or("", |h| path_only(h.path)),
             bare_host: http.map_or("", |h| split_port(h.host).0),

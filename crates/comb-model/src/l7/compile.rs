@@ -24,6 +24,8 @@ pub fn compile_proxy_table(
         generation,
         workloads: HashMap::new(),
         endpoints: HashMap::new(),
+        mesh_endpoints: HashMap::new(),
+        hbone_peers: HashMap::new(),
     };
     for pod in snapshot.pods.values().filter(|p| !p.ips.is_empty()) {
         let w = Arc::new(workload(pod, identities));

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use crate::l7::{HboneTarget, MeshIdentity, ProxyTable};
 use crate::mesh::{ANNOTATION_AMBIENT_REDIRECTION, DataplaneMode, PodMtls, SpiffeId};
 use crate::{ObjKey, State};
 
@@ -117,6 +118,31 @@ pub fn desired(
     out
 }
 
+/// What the node proxy needs of the mesh for HBONE: each local pod's identity and mode by
+/// address, and the remote peers with the identity each must prove.
+pub fn fill_proxy_table(mesh: &DesiredMesh, table: &mut ProxyTable) {
+    for ep in mesh.endpoints.values() {
+        for ip in &ep.addrs {
+            table.mesh_endpoints.insert(
+                *ip,
+                MeshIdentity {
+                    identity: ep.identity.clone(),
+                    mode: ep.mode,
+                },
+            );
+        }
+    }
+    for (ip, peer) in &mesh.hbone_peers {
+        table.hbone_peers.insert(
+            *ip,
+            HboneTarget {
+                identity: peer.identity.clone(),
+                comb: peer.comb,
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +224,29 @@ mod tests {
             peers,
             [("198.18.2.2".into(), true), ("198.18.3.2".into(), false)],
             "a pod on a node without Comb is a peer only when ambient captures it"
+        );
+        let mut table = ProxyTable::default();
+        fill_proxy_table(&d, &mut table);
+        let web_ip = "198.18.1.2".parse().unwrap();
+        assert_eq!(
+            table
+                .mesh_identity(web_ip)
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web-sa")
+        );
+        let legacy_ip = "198.18.1.3".parse().unwrap();
+        assert!(table.mesh_endpoints.contains_key(&legacy_ip));
+        assert_eq!(
+            table.mesh_identity(legacy_ip),
+            None,
+            "opted out: no tunnels"
+        );
+        let far = table.hbone_peer("198.18.3.2".parse().unwrap()).unwrap();
+        assert!(!far.comb);
+        assert_eq!(
+            far.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/far-sa"
         );
     }
 }

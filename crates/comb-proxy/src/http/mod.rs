@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::context::ProxyContext;
 use service::{ConnInfo, ProxyService};
@@ -18,7 +18,10 @@ use service::{ConnInfo, ProxyService};
 /// Serves one HTTP/1.1 connection until the client, an error or shutdown ends it. hyper
 /// answers malformed requests with 400, oversized heads with 431, and closes a connection
 /// whose head does not arrive within `header_read_timeout`.
-pub async fn serve_h1(stream: TcpStream, conn: ConnInfo, ctx: Arc<ProxyContext>) {
+pub async fn serve_h1<IO>(stream: IO, conn: ConnInfo, ctx: Arc<ProxyContext>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut stop = ctx.stopping();
     let svc = ProxyService {
         ctx: ctx.clone(),
@@ -42,7 +45,10 @@ pub async fn serve_h1(stream: TcpStream, conn: ConnInfo, ctx: Arc<ProxyContext>)
 }
 
 /// Serves one HTTP/2 (prior knowledge) connection.
-pub async fn serve_h2(stream: TcpStream, conn: ConnInfo, ctx: Arc<ProxyContext>) {
+pub async fn serve_h2<IO>(stream: IO, conn: ConnInfo, ctx: Arc<ProxyContext>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut stop = ctx.stopping();
     let svc = ProxyService {
         ctx: ctx.clone(),

@@ -20,6 +20,8 @@ use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::context::ProxyContext;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
+use crate::tunnel::TunnelPeer;
+use crate::upstream::Dedicated;
 
 /// The connection a request arrived on.
 pub struct ConnInfo {
@@ -27,6 +29,11 @@ pub struct ConnInfo {
     /// Original destination.
     pub dst: SocketAddr,
     pub h2: bool,
+    /// Delivered through an HBONE tunnel: the client's certificate identity.
+    pub tunnel: Option<Arc<TunnelPeer>>,
+    /// The connection's own upstream (HBONE deliveries: from the original source's address);
+    /// None = the proxy's shared pools.
+    pub upstream: Option<Arc<Dedicated>>,
 }
 
 /// hyper service of one downstream connection.
@@ -59,7 +66,10 @@ async fn handle(
     let t0 = Instant::now();
     // Held until the response is built: a request in flight keeps the table it started with.
     let table = ctx.table();
-    let source = table.workload(conn.peer.ip()).cloned();
+    let mut source = table.workload(conn.peer.ip()).cloned();
+    if let Some(t) = &conn.tunnel {
+        source = Some(t.source_workload(source));
+    }
     let endpoint = table.endpoint(conn.dst.ip()).cloned();
     let grpc = is_grpc(req.headers());
     let upgrade = !conn.h2 && is_upgrade(req.headers());
@@ -118,6 +128,7 @@ async fn handle(
             .as_ref()
             .and_then(|d| d.audit.as_ref())
             .map(|k| k.to_string()),
+        mtls: conn.tunnel.is_some(),
     };
     drop(endpoint);
     let progress = Arc::new(RequestProgress::default());
@@ -158,7 +169,10 @@ async fn handle(
     };
     let sent = if conn.h2 {
         parts.uri = h2_uri(&parts.uri, conn.dst);
-        ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await
+        match &conn.upstream {
+            Some(d) => d.send_h2(upstream_req(parts)).await,
+            None => ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await,
+        }
     } else {
         // The URI's authority keys the pool by destination; Host goes as received.
         if !parts.headers.contains_key(header::HOST)
@@ -168,7 +182,10 @@ async fn handle(
         }
         parts.uri = dst_uri(&parts.uri, conn.dst);
         parts.version = Version::HTTP_11;
-        ctx.upstreams.send_h1(upstream_req(parts)).await
+        match &conn.upstream {
+            Some(d) => d.send_h1(upstream_req(parts)).await,
+            None => ctx.upstreams.send_h1(upstream_req(parts)).await,
+        }
     };
     let mut resp = match sent {
         Ok(r) => r,
@@ -218,6 +235,7 @@ fn authorize(table: &ProxyTable, conn: &ConnInfo, req: &Request<Incoming>) -> Op
     let areq = AuthzRequest {
         source_ip: conn.peer.ip(),
         source: table.workload(conn.peer.ip()).map(|w| &**w),
+        authenticated: conn.tunnel.as_ref().map(|t| t.authenticated()),
         destination_ip: conn.dst.ip(),
         destination_port: conn.dst.port(),
         http: Some(HttpRequest {

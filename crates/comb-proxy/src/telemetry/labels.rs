@@ -14,8 +14,11 @@ pub const UNKNOWN: &str = "unknown";
 /// The node proxy reports like a waypoint/ztunnel inbound: the destination side.
 pub const REPORTER: &str = "destination";
 
-/// No mTLS yet; Istio prints `none` for plaintext at the destination.
-pub const SECURITY_POLICY: &str = "none";
+/// Istio's `connection_security_policy` at the destination: `mutual_tls` for what arrived
+/// through an HBONE tunnel, `none` for plaintext.
+pub fn security_policy(mtls: bool) -> &'static str {
+    if mtls { "mutual_tls" } else { "none" }
+}
 
 /// The workload fields a peer contributes to the labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,6 +84,7 @@ pub struct HttpKeyRef<'a> {
     pub response_code: u16,
     pub grpc_status: Option<u32>,
     pub flags: ResponseFlags,
+    pub mtls: bool,
 }
 
 impl<'a> HttpKeyRef<'a> {
@@ -93,6 +97,7 @@ impl<'a> HttpKeyRef<'a> {
             response_code: r.response_code,
             grpc_status: r.grpc_status,
             flags: r.response_flags,
+            mtls: r.mtls,
         }
     }
 }
@@ -104,6 +109,7 @@ pub struct TcpKeyRef<'a> {
     pub destination: Option<PeerRef<'a>>,
     pub destination_service: Option<&'a str>,
     pub flags: ResponseFlags,
+    pub mtls: bool,
 }
 
 impl<'a> TcpKeyRef<'a> {
@@ -113,6 +119,7 @@ impl<'a> TcpKeyRef<'a> {
             destination: r.destination.as_deref().map(PeerRef::of),
             destination_service: r.destination_service.as_deref(),
             flags: r.response_flags,
+            mtls: r.mtls,
         }
     }
 }
@@ -137,6 +144,7 @@ pub struct HttpKey {
     response_code: u16,
     grpc_status: Option<u32>,
     flags: ResponseFlags,
+    mtls: bool,
 }
 
 impl SeriesKey for HttpKey {
@@ -151,6 +159,7 @@ impl SeriesKey for HttpKey {
             response_code: r.response_code,
             grpc_status: r.grpc_status,
             flags: r.flags,
+            mtls: r.mtls,
         }
     }
 
@@ -163,6 +172,7 @@ impl SeriesKey for HttpKey {
             response_code: self.response_code,
             grpc_status: self.grpc_status,
             flags: self.flags,
+            mtls: self.mtls,
         }
     }
 
@@ -181,7 +191,11 @@ impl SeriesKey for HttpKey {
         };
         label(&mut out, "grpc_response_status", &grpc);
         label(&mut out, "response_flags", &r.flags.render());
-        label(&mut out, "connection_security_policy", SECURITY_POLICY);
+        label(
+            &mut out,
+            "connection_security_policy",
+            security_policy(r.mtls),
+        );
         out
     }
 }
@@ -192,6 +206,7 @@ pub struct TcpKey {
     destination: Option<Peer>,
     destination_service: Option<Box<str>>,
     flags: ResponseFlags,
+    mtls: bool,
 }
 
 impl SeriesKey for TcpKey {
@@ -203,6 +218,7 @@ impl SeriesKey for TcpKey {
             destination: r.destination.map(Peer::own),
             destination_service: r.destination_service.map(Into::into),
             flags: r.flags,
+            mtls: r.mtls,
         }
     }
 
@@ -212,6 +228,7 @@ impl SeriesKey for TcpKey {
             destination: self.destination.as_ref().map(Peer::view),
             destination_service: self.destination_service.as_deref(),
             flags: self.flags,
+            mtls: self.mtls,
         }
     }
 
@@ -224,7 +241,11 @@ impl SeriesKey for TcpKey {
         peers(&mut out, r.source, r.destination, r.destination_service);
         label(&mut out, "request_protocol", "tcp");
         label(&mut out, "response_flags", &r.flags.render());
-        label(&mut out, "connection_security_policy", SECURITY_POLICY);
+        label(
+            &mut out,
+            "connection_security_policy",
+            security_policy(r.mtls),
+        );
         out
     }
 }

@@ -229,6 +229,9 @@ pub struct RequestRecord {
     pub denied: bool,
     /// An AUDIT policy matched.
     pub audited: Option<String>,
+    /// Arrived through an HBONE tunnel (mutual TLS); `source` then carries the
+    /// certificate's principal.
+    pub mtls: bool,
 }
 
 /// The Envoy response flags the proxy sets, rendered `-` when empty and comma-joined
@@ -268,4 +271,6 @@ pub struct TcpRecord {
     pub spliced: bool,
     pub authz_policy: Option<String>,
     pub denied: bool,
+    /// Arrived through an HBONE tunnel (mutual TLS).
+    pub mtls: bool,
 }

@@ -59,6 +59,7 @@ pub(super) fn request() -> RequestRecord {
         authz_policy: Some("shop/allow-frontend".into()),
         denied: false,
         audited: None,
+        mtls: false,
     }
 }
 
@@ -99,6 +100,7 @@ fn tcp() -> TcpRecord {
         spliced: true,
         authz_policy: None,
         denied: false,
+        mtls: false,
     }
 }
 
@@ -676,5 +678,29 @@ fn concurrent_run(what: &str, opts: TelemetryOptions, trace: Option<SpanContext>
     assert_eq!(
         t.stats().routes.iter().map(|r| r.requests).sum::<u64>(),
         total
+    );
+}
+
+#[test]
+fn tunneled_traffic_is_mutual_tls() {
+    let t = Telemetry::new(options());
+    t.record_request(&RequestRecord {
+        mtls: true,
+        ..request()
+    });
+    t.record_tcp(&TcpRecord {
+        mtls: true,
+        ..tcp()
+    });
+    let mut out = String::new();
+    t.render_prometheus(&mut out);
+    let mtls = out
+        .lines()
+        .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
+        .count();
+    assert!(mtls >= 2, "{out}");
+    assert!(
+        !out.contains("connection_security_policy=\"none\""),
+        "{out}"
     );
 }

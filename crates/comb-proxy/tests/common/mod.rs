@@ -3,6 +3,8 @@
 //! raw-socket helpers.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -111,7 +113,12 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// The backend on another loopback address (HBONE tests' pod B).
+    pub async fn start_on(ip: &str) -> Self {
+        let l = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = l.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let n = connections.clone();

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 
 use super::*;
-use crate::l7::{Headers, Workload};
+use crate::l7::{Authenticated, Headers, Workload};
 use crate::policy::AuthzCondition;
 
 /// Policies as text: `ACTION [ns/]name: RULE || RULE ...`; no text after `:` = no rules;
@@ -210,6 +210,7 @@ fn evaluate(policies: &[&str], r: &Req) -> Decision {
     let req = Request {
         source_ip: r.source_ip.parse().expect("source ip"),
         source: w.as_ref(),
+        authenticated: None,
         destination_ip: dst_ip
             .trim_matches(|c| c == '[' || c == ']')
             .parse()
@@ -1056,6 +1057,7 @@ fn is_empty_and_panic_free_on_odd_input() {
                 let req = Request {
                     source_ip: "::".parse::<IpAddr>().unwrap(),
                     source,
+                    authenticated: None,
                     destination_ip: "0.0.0.0".parse().unwrap(),
                     destination_port: (i as u16).wrapping_mul(9000),
                     http: Some(HttpRequest {
@@ -1069,4 +1071,37 @@ fn is_empty_and_panic_free_on_odd_input() {
             }
         }
     }
+}
+
+/// A certificate's identity (HBONE) is what principals and namespaces match, not the one
+/// the source address would suggest.
+#[test]
+fn authenticated_identity_overrides_the_address() {
+    let aps = [policy(
+        "ALLOW a: from principals=cluster.local/ns/a/sa/client",
+    )];
+    let authz = Authz::new(&aps);
+    // The address belongs to shop/web; the certificate says a/client.
+    let w = workload("shop/web");
+    let req = |auth: Option<Authenticated<'static>>| Request {
+        source_ip: "198.18.1.2".parse().unwrap(),
+        source: w.as_ref(),
+        authenticated: auth,
+        destination_ip: "198.18.2.2".parse().unwrap(),
+        destination_port: 80,
+        http: None,
+    };
+    assert!(!authz.evaluate(&req(None)).allow);
+    let client = Authenticated {
+        principal: "cluster.local/ns/a/sa/client",
+        namespace: "a",
+    };
+    assert!(authz.evaluate(&req(Some(client))).allow);
+    let other = Authenticated {
+        principal: "cluster.local/ns/a/sa/other",
+        namespace: "a",
+    };
+    assert!(!authz.evaluate(&req(Some(other))).allow);
+    let ns = [policy("ALLOW a: from namespaces=a")];
+    assert!(Authz::new(&ns).evaluate(&req(Some(other))).allow);
 }

@@ -450,6 +450,7 @@ fn proxy_table_of_a_small_cluster() {
     let to = |dst: &str| Request {
         source_ip: ip("10.0.2.9"),
         source: from,
+        authenticated: None,
         destination_ip: ip(dst),
         destination_port: 8080,
         http: None,

@@ -1,0 +1,156 @@
+//! One outbound flow: a local mesh pod's TCP connection to a remote HBONE peer becomes a
+//! CONNECT stream on a pooled mutual-TLS connection.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::context::ProxyContext;
+use crate::telemetry::trace;
+use crate::tunnel::headers;
+use crate::tunnel::pool::WorkloadKey;
+
+/// Serves one flow steered to the outbound listener: `peer` is the source pod, `dst` the
+/// original destination (a remote pod). A flow that cannot be tunneled is reset (the client
+/// sees what an unreachable peer would give it).
+pub async fn serve_outbound(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    ctx: Arc<ProxyContext>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(hbone) = ctx.hbone.as_ref() else {
+        return reset(stream);
+    };
+    let table = ctx.table();
+    let (Some(src_id), Some(target)) = (
+        table.mesh_identity(peer.ip()).cloned(),
+        table.hbone_peer(dst.ip()).cloned(),
+    ) else {
+        tracing::debug!(%peer, %dst, "hbone outbound: not a local mesh pod to an HBONE peer");
+        return reset(stream);
+    };
+    let source = table.workload(peer.ip()).cloned();
+    drop(table);
+    let key = WorkloadKey {
+        src_id,
+        dst_id: target.identity,
+        src: peer.ip().to_canonical(),
+        dst: SocketAddr::new(dst.ip().to_canonical(), hbone.opts.peer_port),
+    };
+    let slot = match hbone.pool.stream(&key).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%peer, %dst, "hbone outbound: {e}");
+            return reset(stream);
+        }
+    };
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(
+            Uri::try_from(SocketAddr::new(dst.ip().to_canonical(), dst.port()).to_string())
+                .unwrap_or_default(),
+        )
+        .body(Empty::<Bytes>::new())
+        .unwrap_or_default();
+    let h = req.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&headers::forwarded_for(peer.ip().to_canonical())) {
+        h.insert(http::header::FORWARDED, v);
+    }
+    if let Some(w) = &source
+        && let Ok(v) = HeaderValue::from_str(&headers::baggage(w, &hbone.opts.cluster_name))
+    {
+        h.insert("baggage", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&trace::incoming(None).traceparent()) {
+        h.insert("traceparent", v);
+    }
+    let mut sender = slot.conn.sender.clone();
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%peer, %dst, "hbone outbound CONNECT: {e}");
+            return reset(stream);
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        tracing::info!(%peer, %dst, status = %resp.status(), "hbone outbound: refused");
+        return reset(stream);
+    }
+    let upgraded = match hyper::upgrade::on(resp).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(%peer, %dst, "hbone outbound upgrade: {e}");
+            return reset(stream);
+        }
+    };
+    let mut tunnel = Counted {
+        inner: TokioIo::new(upgraded),
+        read: &slot.conn.received,
+        written: &slot.conn.sent,
+    };
+    let mut down = stream;
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut tunnel).await {
+        tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
+        reset(down);
+    }
+}
+
+/// Close with RST: the client must not read a failure as a clean end.
+pub(crate) fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
+
+/// Counts bytes through an IO (the pooled connection's totals).
+pub(crate) struct Counted<'a, T> {
+    pub(crate) inner: T,
+    pub(crate) read: &'a AtomicU64,
+    pub(crate) written: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,307 @@
+//! Pooled outbound HBONE connections. A connection is keyed by what it proves and where it
+//! goes — (source identity, destination identity, source IP, destination address), ztunnel's
+//! `WorkloadKey` — so a new flow between already-authenticated peers costs no handshake:
+//! it takes a stream on a live connection (a reuse); a new connection resumes a TLS session
+//! when one is cached for that source identity and destination (a resumption), else does a
+//! full handshake. Connections without streams are closed after the idle timeout; the pool
+//! holds at most `max_connections`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+pub use comb_api::tunnel::{HandshakeKind, PoolCounters, TunnelRow as TunnelInfo};
+use comb_identity::SpiffeId;
+use http_body_util::Empty;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_rustls::TlsConnector;
+
+use super::tls::{self, TlsConfigs};
+use super::{HboneOptions, socket};
+
+/// ztunnel's pool key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadKey {
+    pub src_id: SpiffeId,
+    pub dst_id: SpiffeId,
+    pub src: IpAddr,
+    /// The peer's HBONE address (`ip:15008`).
+    pub dst: SocketAddr,
+}
+
+pub(crate) struct Conn {
+    key: WorkloadKey,
+    pub(crate) sender: http2::SendRequest<Empty<Bytes>>,
+    local: SocketAddr,
+    created: Instant,
+    handshake: HandshakeKind,
+    active: AtomicU32,
+    total: AtomicU64,
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    /// When the last stream ended (idle reaping).
+    idle_since: Mutex<Instant>,
+}
+
+/// A stream's claim on a connection; ends the stream's count when dropped.
+pub(crate) struct Stream {
+    pub(crate) conn: Arc<Conn>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        *self
+            .conn
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("pool full ({0} connections)")]
+    Full(usize),
+    #[error("connect {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("tls config: {0}")]
+    Config(#[from] tls::ConfigError),
+    #[error("tls handshake with {0}: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("{0} did not negotiate h2")]
+    NoH2(SocketAddr),
+    #[error("http/2 handshake with {0}: {1}")]
+    H2(SocketAddr, hyper::Error),
+    #[error("handshake with {0} timed out")]
+    Timeout(SocketAddr),
+}
+
+pub struct Pool {
+    conns: Mutex<HashMap<WorkloadKey, Vec<Arc<Conn>>>>,
+    /// One connection attempt at a time per key: concurrent first flows share it.
+    connecting: Mutex<HashMap<WorkloadKey, Arc<tokio::sync::Mutex<()>>>>,
+    tls: Arc<TlsConfigs>,
+    opts: HboneOptions,
+    h2: http2::Builder<TokioExecutor>,
+    full: AtomicU64,
+    resumed: AtomicU64,
+    reused: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Pool {
+    /// Starts the idle reaper on the current tokio runtime when there is one.
+    pub fn new(tls: Arc<TlsConfigs>, opts: HboneOptions) -> Arc<Self> {
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .initial_stream_window_size(super::H2_STREAM_WINDOW)
+            .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
+            .max_frame_size(super::H2_MAX_FRAME)
+            .keep_alive_interval(super::H2_PING_INTERVAL)
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let pool = Arc::new(Self {
+            conns: Mutex::default(),
+            connecting: Mutex::default(),
+            tls,
+            opts,
+            h2,
+            full: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reaper(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    pub fn counters(&self) -> PoolCounters {
+        PoolCounters {
+            full_handshakes: self.full.load(Ordering::Relaxed),
+            resumptions: self.resumed.load(Ordering::Relaxed),
+            reuses: self.reused.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn tunnels(&self) -> Vec<TunnelInfo> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<TunnelInfo> = conns
+            .values()
+            .flatten()
+            .filter(|c| !c.sender.is_closed())
+            .map(|c| TunnelInfo {
+                local: c.local,
+                peer: c.key.dst,
+                local_identity: c.key.src_id.to_string(),
+                peer_identity: c.key.dst_id.to_string(),
+                streams_active: c.active.load(Ordering::Relaxed),
+                streams_total: c.total.load(Ordering::Relaxed),
+                bytes_sent: c.sent.load(Ordering::Relaxed),
+                bytes_received: c.received.load(Ordering::Relaxed),
+                age_secs: c.created.elapsed().as_secs(),
+                handshake: c.handshake,
+            })
+            .collect();
+        out.sort_by(|a, b| (a.peer, &a.local_identity).cmp(&(b.peer, &b.local_identity)));
+        out
+    }
+
+    /// Open connections (all keys).
+    pub fn len(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A stream slot on a live connection for `key`, opening one when none has room.
+    pub(crate) async fn stream(&self, key: &WorkloadKey) -> Result<Stream, PoolError> {
+        if let Some(s) = self.take_live(key) {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(s);
+        }
+        let gate = {
+            let mut c = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            c.entry(key.clone()).or_default().clone()
+        };
+        let _g = gate.lock().await;
+        if let Some(s) = self.take_live(key) {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(s);
+        }
+        if self.len() >= self.opts.max_connections {
+            self.reap(Instant::now());
+            if self.len() >= self.opts.max_connections {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Full(self.opts.max_connections));
+            }
+        }
+        let conn = match tokio::time::timeout(self.opts.handshake_timeout, self.connect(key)).await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Timeout(key.dst));
+            }
+        };
+        let conn = Arc::new(conn);
+        let s = claim(&conn);
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.entry(key.clone()).or_default().push(conn);
+        Ok(s)
+    }
+
+    fn take_live(&self, key: &WorkloadKey) -> Option<Stream> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        let max = self.opts.max_streams_per_connection;
+        list.iter()
+            .filter(|c| c.sender.is_ready() && c.active.load(Ordering::Relaxed) < max)
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))
+            .map(claim)
+    }
+
+    async fn connect(&self, key: &WorkloadKey) -> Result<Conn, PoolError> {
+        let cfg = self.tls.client(&key.src_id, &key.dst_id)?;
+        let src = self.opts.original_source.then_some(key.src);
+        let tcp = socket::connect_from(src, key.dst, None)
+            .await
+            .map_err(|e| PoolError::Connect(key.dst, e))?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| PoolError::Connect(key.dst, e))?;
+        let tls = TlsConnector::from(cfg)
+            .connect(tls::server_name(key.dst.ip()), tcp)
+            .await
+            .map_err(|e| PoolError::Tls(key.dst, e))?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(PoolError::NoH2(key.dst));
+        }
+        let handshake = match session.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => {
+                self.resumed.fetch_add(1, Ordering::Relaxed);
+                HandshakeKind::Resumed
+            }
+            _ => {
+                self.full.fetch_add(1, Ordering::Relaxed);
+                HandshakeKind::Full
+            }
+        };
+        let (sender, conn) = self
+            .h2
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| PoolError::H2(key.dst, e))?;
+        let dst = key.dst;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%dst, "hbone connection: {e}");
+            }
+        });
+        Ok(Conn {
+            key: key.clone(),
+            sender,
+            local,
+            created: Instant::now(),
+            handshake,
+            active: AtomicU32::new(0),
+            total: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Drops closed connections and the ones idle longer than the timeout (dropping the last
+    /// sender ends the HTTP/2 connection with GOAWAY).
+    fn reap(&self, now: Instant) {
+        let idle = self.opts.pool_idle_timeout;
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|_, list| {
+            list.retain(|c| {
+                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                !c.sender.is_closed()
+                    && (c.active.load(Ordering::Relaxed) > 0 || now.duration_since(since) < idle)
+            });
+            !list.is_empty()
+        });
+        let mut gates = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        gates.retain(|k, g| conns.contains_key(k) || Arc::strong_count(g) > 1);
+    }
+}
+
+fn claim(c: &Arc<Conn>) -> Stream {
+    c.active.fetch_add(1, Ordering::Relaxed);
+    c.total.fetch_add(1, Ordering::Relaxed);
+    Stream { conn: c.clone() }
+}
+
+async fn reaper(pool: Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(p) => {
+            (p.opts.pool_idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        }
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(p) = pool.upgrade() else { return };
+        p.reap(Instant::now());
+    }
+}

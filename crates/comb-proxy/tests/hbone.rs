@@ -1,0 +1,501 @@
+//! HBONE between two proxies on loopback: a client pod A (127.0.0.2, `a/client`) on one
+//! node, a server pod B (127.0.0.3, `shop/web`) on the other. The client side is a proxy
+//! context driven with the original destination given (what the transparent outbound
+//! listener learns); the server side is a started proxy with its inbound listener on B's
+//! address (what the datapath's assignment gives it).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use comb_identity::{CertStore, SpiffeId};
+use comb_model::l7::ProxyTable;
+use comb_proxy::hbone::tls::TlsConfigs;
+use comb_proxy::{ListenerKind, Proxy, ProxyContext, ProxyHandle, serve_outbound};
+use common::mesh::{self, TestCa};
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+const A: &str = "127.0.0.2";
+const B: &str = "127.0.0.3";
+
+fn pods(extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: a, labels: {{app: client}}}}
+spec: {{nodeName: n1, serviceAccountName: client, containers: []}}
+status: {{podIP: {A}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: n2, serviceAccountName: web, containers: []}}
+status: {{podIP: {B}}}
+{extra}"
+    )
+}
+
+fn table_of(manifests: &str, node: &str) -> ProxyTable {
+    let docs = comb_config::parse_file_text(std::path::Path::new("m.yaml"), manifests)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snap = comb_config::build_snapshot(&docs).unwrap_or_else(|e| panic!("{e}"));
+    let ids = comb_model::identity::IdentityAllocator::default().resolve(
+        &snap,
+        node,
+        &comb_model::policy_compile::policy_cidrs(&snap),
+    );
+    comb_model::l7::compile_proxy_table(&snap, 1, &ids, node)
+}
+
+fn client_id() -> SpiffeId {
+    mesh::id("a", "client")
+}
+
+fn web_id() -> SpiffeId {
+    mesh::id("shop", "web")
+}
+
+/// The echo "pod" B: echoes until EOF, then half-closes.
+struct Echo {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo() -> Echo {
+    let l = TcpListener::bind((B, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Echo { addr, task }
+}
+
+/// The server node: a started proxy, HBONE inbound on B's address.
+fn server(certs: CertStore, policies: &str) -> (ProxyHandle, SocketAddr) {
+    let mut table = table_of(&pods(policies), "n2");
+    mesh::local(&mut table, B, &web_id());
+    let mut o = options(comb_proxy::Limits::default());
+    o.transparent = false;
+    o.hbone.enabled = true;
+    o.hbone.original_source = false;
+    o.hbone.outbound_port = 0;
+    o.hbone.inbound_addr = format!("{B}:0").parse().unwrap();
+    o.certs = certs;
+    let h = Proxy::start(o, Arc::new(table)).unwrap();
+    let addr = h.addrs(ListenerKind::HboneInbound)[0];
+    (h, addr)
+}
+
+/// The client node: flows accepted on `addr` are tunneled as if sent to `dst`.
+struct Client {
+    addr: SocketAddr,
+    ctx: Arc<ProxyContext>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn client(certs: CertStore, peer_port: u16, expect: &SpiffeId, dst: SocketAddr) -> Client {
+    let mut table = table_of(&pods(""), "n1");
+    mesh::local(&mut table, A, &client_id());
+    mesh::peer(&mut table, B, expect);
+    let mut o = options(comb_proxy::Limits::default());
+    o.hbone.enabled = true;
+    o.hbone.original_source = false;
+    o.hbone.peer_port = peer_port;
+    o.certs = certs;
+    let ctx = ProxyContext::new(&o, Arc::new(table));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = ctx.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, peer)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(serve_outbound(s, peer, dst, c.clone()));
+        }
+    });
+    Client { addr, ctx, task }
+}
+
+/// A connection from pod A's address.
+async fn from_a(to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{A}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+struct Setup {
+    _ca: TestCa,
+    _server: ProxyHandle,
+    inbound: SocketAddr,
+    echo: Echo,
+    client: Client,
+}
+
+async fn setup(policies: &str) -> Setup {
+    let ca = TestCa::new("test-ca");
+    let (server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), policies);
+    let echo = echo().await;
+    let client = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    Setup {
+        _ca: ca,
+        _server: server,
+        inbound,
+        echo,
+        client,
+    }
+}
+
+async fn round_trip(to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = from_a(to).await;
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("echo in time")
+        .unwrap_or_default();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_round_trip_is_byte_exact_with_half_close() {
+    let s = setup("").await;
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let got = round_trip(s.client.addr, &data).await;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes differ");
+    let hbone = s.client.ctx.hbone().unwrap();
+    let tunnels = hbone.pool().tunnels();
+    assert_eq!(tunnels.len(), 1);
+    let t = &tunnels[0];
+    assert_eq!(t.peer, s.inbound);
+    assert_eq!(t.local_identity, "spiffe://cluster.local/ns/a/sa/client");
+    assert_eq!(t.peer_identity, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(t.streams_total, 1);
+    assert!(t.bytes_sent >= data.len() as u64 && t.bytes_received >= data.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_flows_cost_a_handful_of_handshakes() {
+    let s = setup("").await;
+    for i in 0..1000u32 {
+        let msg = format!("flow {i}");
+        assert_eq!(
+            round_trip(s.client.addr, msg.as_bytes()).await,
+            msg.as_bytes()
+        );
+    }
+    let c = s.client.ctx.hbone().unwrap().pool().counters();
+    eprintln!("{c:?}");
+    assert!(c.full_handshakes + c.resumptions <= 3, "handshakes: {c:?}");
+    assert!(c.full_handshakes >= 1);
+    assert!(c.reuses >= 997, "{c:?}");
+    assert_eq!(c.failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_is_reaped_and_the_next_resumes() {
+    let ca = TestCa::new("test-ca");
+    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let echo = echo().await;
+    let mut table = table_of(&pods(""), "n1");
+    mesh::local(&mut table, A, &client_id());
+    mesh::peer(&mut table, B, &web_id());
+    let mut o = options(comb_proxy::Limits::default());
+    o.hbone.enabled = true;
+    o.hbone.original_source = false;
+    o.hbone.peer_port = inbound.port();
+    o.hbone.pool_idle_timeout = Duration::from_millis(200);
+    o.certs = mesh::store(&[&ca], &[ca.issue(&client_id())]);
+    let ctx = ProxyContext::new(&o, Arc::new(table));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = ctx.clone();
+    let dst = echo.addr;
+    let task = tokio::spawn(async move {
+        while let Ok((s, peer)) = l.accept().await {
+            tokio::spawn(serve_outbound(s, peer, dst, c.clone()));
+        }
+    });
+    assert_eq!(round_trip(addr, b"one").await, b"one");
+    let pool = ctx.hbone().unwrap().pool().clone();
+    for _ in 0..100 {
+        if pool.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(pool.is_empty(), "idle connection not reaped");
+    assert_eq!(round_trip(addr, b"two").await, b"two");
+    let counters = pool.counters();
+    assert_eq!(counters.full_handshakes, 1, "{counters:?}");
+    assert_eq!(counters.resumptions, 1, "{counters:?}");
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_of_another_ca_is_refused_and_the_server_keeps_serving() {
+    let ca = TestCa::new("test-ca");
+    let rogue = TestCa::new("rogue-ca");
+    let (srv, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let echo = echo().await;
+    // The rogue client trusts both CAs (it would accept the server) but holds a rogue cert.
+    let bad = client(
+        mesh::store(&[&ca, &rogue], &[rogue.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    assert_eq!(round_trip(bad.addr, b"hello").await, b"");
+    // TLS 1.3: the client's side of the handshake ends before the server judged its
+    // certificate, so the refusal is the server's to count; the client keeps no tunnel.
+    let i = srv.tunnel_stats().inbound;
+    assert_eq!((i.handshakes, i.refused, i.streams), (0, 1, 0));
+    assert!(bad.ctx.hbone().unwrap().pool().tunnels().is_empty());
+    let good = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    assert_eq!(round_trip(good.addr, b"hello").await, b"hello");
+    let i = srv.tunnel_stats().inbound;
+    assert_eq!((i.handshakes, i.refused, i.streams), (1, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_with_the_wrong_identity_is_refused_by_the_client() {
+    let ca = TestCa::new("test-ca");
+    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let echo = echo().await;
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &mesh::id("shop", "db"),
+        echo.addr,
+    )
+    .await;
+    assert_eq!(round_trip(c.addr, b"hello").await, b"");
+    let counters = c.ctx.hbone().unwrap().pool().counters();
+    assert_eq!(counters.failures, 1, "{counters:?}");
+    assert!(c.ctx.hbone().unwrap().pool().is_empty());
+}
+
+/// A raw HBONE client: mutual TLS as `a/client`, HTTP/2, requests of our choosing.
+async fn raw_h2(
+    certs: CertStore,
+    inbound: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let tls = TlsConfigs::new(certs);
+    let cfg = tls.client(&client_id(), &web_id()).unwrap();
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(comb_proxy::hbone::tls::server_name(inbound.ip()), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn status_of(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    method: Method,
+    uri: &str,
+) -> StatusCode {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Empty::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_answers_like_ztunnel() {
+    let deny_client = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/a/sa/client]}}]\n    to: [{operation: {ports: [\"9\"]}}]\n";
+    let ca = TestCa::new("test-ca");
+    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), deny_client);
+    let echo = echo().await;
+    let certs = mesh::store(&[&ca], &[ca.issue(&client_id())]);
+    let mut h2 = raw_h2(certs, inbound).await;
+    let ok = format!("{B}:{}", echo.addr.port());
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, &ok).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(&mut h2, Method::GET, &format!("http://{ok}/")).await,
+        StatusCode::BAD_REQUEST,
+        "not CONNECT"
+    );
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, "web.shop:80").await,
+        StatusCode::BAD_REQUEST,
+        "a name, not an address"
+    );
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, "127.0.0.4:80").await,
+        StatusCode::BAD_REQUEST,
+        "not the address the tunnel came to"
+    );
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, &format!("{B}:9")).await,
+        StatusCode::UNAUTHORIZED,
+        "denied by policy (certificate principal)"
+    );
+    let closed = TcpListener::bind((B, 0)).await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, &format!("{B}:{closed_port}")).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "pod refused"
+    );
+    // The same connection still serves.
+    assert_eq!(
+        status_of(&mut h2, Method::CONNECT, &ok).await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_on_15008_closes_and_the_proxy_keeps_serving() {
+    let s = setup("").await;
+    // Not TLS.
+    let mut raw = TcpStream::connect(s.inbound).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_all(&mut raw, Duration::from_secs(5)).await;
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "plaintext must not be answered as HTTP"
+    );
+    // TLS without a client certificate.
+    let ca = TestCa::new("other");
+    let no_cert = rustls::ClientConfig::builder_with_provider(comb_proxy::hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates({
+            let mut r = rustls::RootCertStore::empty();
+            r.add(rustls::pki_types::CertificateDer::from(ca.root_der.clone()))
+                .unwrap();
+            r
+        })
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(s.inbound).await.unwrap();
+    let r = tokio_rustls::TlsConnector::from(Arc::new(no_cert))
+        .connect(comb_proxy::hbone::tls::server_name(s.inbound.ip()), tcp)
+        .await;
+    if let Ok(mut t) = r {
+        // TLS 1.3: the client may finish first; the server's refusal arrives on read.
+        let mut b = [0u8; 16];
+        let n = t.read(&mut b).await.unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    // Garbage after a good handshake: h2 expects its preface.
+    let tls = TlsConfigs::new(mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]));
+    let cfg = tls.client(&client_id(), &web_id()).unwrap();
+    let tcp = TcpStream::connect(s.inbound).await.unwrap();
+    let mut t = tokio_rustls::TlsConnector::from(cfg)
+        .connect(comb_proxy::hbone::tls::server_name(s.inbound.ip()), tcp)
+        .await
+        .unwrap();
+    t.write_all(&[0xffu8; 256]).await.unwrap();
+    let mut b = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut b)).await;
+    // Still serving.
+    assert_eq!(round_trip(s.client.addr, b"still").await, b"still");
+    drop(s.echo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_policy_applies_inside_the_tunnel_with_the_certificate_identity() {
+    // DENY /admin/* to a/client (by certificate principal); everything else allowed.
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/a/sa/client]}}]\n    to: [{operation: {paths: [\"/admin/*\"]}}]\n";
+    let ca = TestCa::new("test-ca");
+    let (srv, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), policy);
+    let backend = Backend::start_on(B).await;
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        backend.addr,
+    )
+    .await;
+    let stream = from_a(c.addr).await;
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = h1_send(&mut h1, "GET", "/admin/users", "").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(text(r).await, "RBAC: access denied");
+    let r = h1_send(&mut h1, "POST", "/echo", "through the tunnel").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(text(r).await, "through the tunnel");
+    let want = [
+        "connection_security_policy=\"mutual_tls\"",
+        "source_principal=\"spiffe://cluster.local/ns/a/sa/client\"",
+        "response_code=\"403\"",
+        "response_code=\"200\"",
+    ];
+    let mut m = String::new();
+    for _ in 0..100 {
+        m.clear();
+        srv.telemetry().render_prometheus(&mut m);
+        if want.iter().all(|w| m.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in want {
+        assert!(m.contains(w), "{w} missing:\n{m}");
+    }
+    assert!(!m.contains("connection_security_policy=\"none\""), "{m}");
+}
