@@ -66,7 +66,8 @@ struct Reconciler {
     store: CertStore,
     board: CertBoard,
     roots: Vec<Vec<u8>>,
-    client: Option<(String, CaClient)>,
+    /// The client, with the token and root text it was made with.
+    client: Option<(String, String, CaClient)>,
     entries: BTreeMap<SpiffeId, Entry>,
     failing_since: Option<SystemTime>,
     unreachable: bool,
@@ -178,29 +179,26 @@ impl Reconciler {
             .min()
     }
 
+    /// The token and the root are read before every round (a rotated token or root takes
+    /// effect); the client, and its connection, is kept while neither changed.
     fn load_client(&mut self) -> Result<CaClient, String> {
-        let token = std::fs::read_to_string(&self.cfg.token_file).map_err(|e| {
-            format!(
-                "reading the CA token {}: {e}",
-                self.cfg.token_file.display()
-            )
-        })?;
-        let token = token.trim().to_string();
-        if let Some((t, c)) = &self.client
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("reading the CA {what} {}: {e}", p.display()))
+        };
+        let token = read(&self.cfg.token_file, "token")?.trim().to_string();
+        let root = read(&self.cfg.ca_root_cert, "root")?;
+        if let Some((t, r, c)) = &self.client
             && *t == token
+            && *r == root
         {
             return Ok(c.clone());
         }
-        let root = std::fs::read_to_string(&self.cfg.ca_root_cert).map_err(|e| {
-            format!(
-                "reading the CA root {}: {e}",
-                self.cfg.ca_root_cert.display()
-            )
-        })?;
         self.roots = certs_from_pem(&root)
             .map_err(|e| format!("{}: {e}", self.cfg.ca_root_cert.display()))?;
         let c = CaClient::new(&self.cfg.ca_address, &root, &token).map_err(|e| e.to_string())?;
-        self.client = Some((token, c.clone()));
+        self.client = Some((token, root, c.clone()));
+        self.swap(); // the proxy trusts the new roots at once
         Ok(c)
     }
 
