@@ -329,12 +329,15 @@ mod tests {
                 "ct-related",
                 "l7-visibility",
                 "proxy-redirect",
+                "hbone-redirect",
+                "hbone-unavailable",
                 "policy-denied",
                 "authz-deny",
                 "authz-no-allow",
                 "proxy-unavailable",
                 "frag-unknown",
-                "malformed"
+                "malformed",
+                "mtls-required"
             ]
         );
         for r in Reason::ALL {
