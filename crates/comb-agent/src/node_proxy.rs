@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use comb_datapath::policy::routing as proxy_routing;
 use comb_datapath::{Datapath, ListenerKind, ProxyFamily, ProxySplice};
-use comb_identity::CertStore;
 use comb_model::l7::ProxyTable;
 use comb_proxy::telemetry::{AccessLogTarget, Telemetry, TelemetryOptions};
 use comb_proxy::{Family, HboneOptions, Limits, Proxy, ProxyHandle, ProxyOptions};
@@ -17,9 +16,6 @@ use crate::config::{AgentConfig, ProxyConfig};
 
 pub struct NodeProxy {
     handle: ProxyHandle,
-    /// The workload certificates HBONE presents (empty until the certificate reconciler
-    /// fills it).
-    certs: CertStore,
     splice: Option<Arc<ProxySplice>>,
     port: u16,
 }
@@ -80,7 +76,7 @@ impl NodeProxy {
             upstream_connect_timeout: px.connect_timeout,
             ..Limits::default()
         };
-        opts.certs = certs.clone();
+        opts.certs = certs;
         if let Some((outbound_port, inbound_port)) = px.hbone {
             opts.hbone = HboneOptions {
                 enabled: true,
@@ -118,7 +114,6 @@ impl NodeProxy {
         );
         Ok(Self {
             handle,
-            certs,
             splice,
             port: px.port,
         })
@@ -130,25 +125,6 @@ impl NodeProxy {
 
     pub fn telemetry(&self) -> Arc<Telemetry> {
         self.handle.telemetry().clone()
-    }
-
-    /// The store the certificate reconciler fills; HBONE reads it at every handshake.
-    #[allow(dead_code)] // the certificate reconciler's (being integrated)
-    pub fn certs(&self) -> &CertStore {
-        &self.certs
-    }
-
-    /// The HBONE listeners with their kind (outbound 15001 on loopback, inbound 15008), for
-    /// the datapath's listener map; empty with `--hbone off`.
-    #[allow(dead_code)] // the datapath's HBONE listener registration (being integrated)
-    pub fn hbone_listener_fds(
-        &self,
-    ) -> Vec<(
-        comb_proxy::ListenerKind,
-        Family,
-        std::os::fd::BorrowedFd<'_>,
-    )> {
-        self.handle.hbone_listener_fds()
     }
 
     pub fn tunnel_stats(&self) -> comb_api::tunnel::TunnelsReply {

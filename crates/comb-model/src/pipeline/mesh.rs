@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::l7::{HboneTarget, MeshIdentity, ProxyTable};
-use crate::mesh::{ANNOTATION_AMBIENT_REDIRECTION, DataplaneMode, PodMtls, SpiffeId};
+use crate::mesh::{ANNOTATION_AMBIENT_REDIRECTION, DataplaneMode, MtlsMode, PodMtls, SpiffeId};
 use crate::{ObjKey, State};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -103,6 +103,14 @@ pub fn desired(
         if !comb && !ambient {
             continue;
         }
+        // PeerAuthentication DISABLE on every port of the destination: its owner asked for
+        // plaintext, so the source sends plaintext (what a sidecar client does for a DISABLE
+        // server). A DISABLE port among tunnelled ones is still tunnelled (accepted either way).
+        let mtls = snap.pod_mtls(pod, &config.root_namespace);
+        if mtls.default == MtlsMode::Disable && mtls.ports.values().all(|m| *m == MtlsMode::Disable)
+        {
+            continue;
+        }
         for ip in &pod.ips {
             out.hbone_peers.insert(
                 *ip,
@@ -146,7 +154,7 @@ pub fn fill_proxy_table(mesh: &DesiredMesh, table: &mut ProxyTable) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::{ANNOTATION_NODE_AGENT, LABEL_DATAPLANE_MODE, MtlsMode};
+    use crate::mesh::{ANNOTATION_NODE_AGENT, LABEL_DATAPLANE_MODE};
     use crate::{Node, Pod, Snapshot};
 
     fn pod(name: &str, node: &str, ip: &str) -> Pod {
@@ -225,6 +233,19 @@ mod tests {
             [("198.18.2.2".into(), true), ("198.18.3.2".into(), false)],
             "a pod on a node without Comb is a peer only when ambient captures it"
         );
+        // DISABLE at the destination: plaintext, no tunnel.
+        let mut snap = st.snapshot().clone();
+        let pa = crate::mesh::PeerAuthentication {
+            key: ObjKey::new("shop", "off"),
+            selector: None,
+            mode: MtlsMode::Disable,
+            port_level: Default::default(),
+        };
+        snap.peer_authentications.insert(pa.key.clone(), pa);
+        let mut disabled = State::new();
+        disabled.replace(snap);
+        let off = desired(&disabled, "n1", &MeshConfig::default(), &ifs);
+        assert!(off.hbone_peers.is_empty(), "{:?}", off.hbone_peers);
         let mut table = ProxyTable::default();
         fill_proxy_table(&d, &mut table);
         let web_ip = "198.18.1.2".parse().unwrap();
