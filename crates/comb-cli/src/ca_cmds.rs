@@ -90,6 +90,10 @@ pub struct RequestArgs {
     pub identity: String,
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
+    /// Also write the private key (PKCS#8 PEM, mode 0600) here, to use the certificate with
+    /// another TLS stack (e.g. a test HBONE peer).
+    #[arg(long)]
+    pub key_out: Option<std::path::PathBuf>,
 }
 
 pub fn request(a: RequestArgs) -> Result<ExitCode> {
@@ -106,9 +110,23 @@ pub fn request(a: RequestArgs) -> Result<ExitCode> {
         let kc = comb_identity::key_and_csr(&id)?;
         let client = comb_ca::CaClient::new(&a.ca, &root, &token)?;
         let chain = client.create_certificate(&kc.csr_pem, a.ttl).await?;
+        let key_pem = comb_identity::pem_util::pkcs8_to_pem(&kc.key_pkcs8);
         comb_identity::WorkloadCert::from_pem_chain(&id, &chain, kc.key_pkcs8)?;
-        anyhow::Ok(chain)
+        anyhow::Ok((chain, key_pem))
     })?;
+    let (chain, key_pem) = chain;
+    if let Some(path) = &a.key_out {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(key_pem.as_bytes())?;
+    }
     for c in chain {
         print!("{c}");
     }

@@ -1828,6 +1828,7 @@ mod tests {
             snap.network_policies.len() + snap.authorization_policies.len(),
             5
         );
+        assert_eq!(snap.peer_authentications.len(), 2);
         // The policy target's seeds are the same specs, without the document header.
         for f in crate::manifest_files(&fuzz.join("policy")).unwrap() {
             let spec = std::fs::read_to_string(&f).unwrap();
@@ -1835,6 +1836,10 @@ mod tests {
             let name = f.file_name().unwrap().to_str().unwrap();
             let text = if name.starts_with("np-") {
                 np_yaml(&spec)
+            } else if name.starts_with("pa-") {
+                format!(
+                    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: apps}}\nspec:\n{spec}"
+                )
             } else {
                 ap_yaml(&spec)
             };

@@ -321,15 +321,16 @@ impl Lab {
         self.logs_dir().join("ca.log")
     }
 
-    /// One random token per node with an agent, in the CA's tokens file and in a file of
-    /// the node's own (mode 0600).
+    /// One random token per node, in the CA's tokens file and in a file of the node's own
+    /// (mode 0600). Nodes without a Comb agent get one too: it is what their own node agent
+    /// (e.g. a ztunnel pointed at the CA) authenticates with.
     fn write_ca_tokens(&self) -> Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let dir = self.ca_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut all = String::from("# TOKEN NODE (written by comb lab)\n");
-        for n in self.state.nodes.iter().filter(|n| n.agent) {
+        for n in self.state.nodes.iter() {
             let b: [u8; 16] = rand::random();
             let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
             all.push_str(&format!("{token} {}\n", n.name));

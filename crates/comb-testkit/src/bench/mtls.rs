@@ -214,9 +214,12 @@ impl Urls {
 
 /// The pooled HBONE connections node1's proxy holds to `addr` (from `comb tunnel list`).
 fn tunnels_to(lab: &Lab, addr: &str) -> Result<usize> {
-    // TODO(hbone): count node1's pooled connections to `addr` once the tunnel table exists.
-    let _ = (lab, addr);
-    bail!("the tunnel table is not wired yet")
+    let v = comb_api::client::call(&lab.agent_socket("node1"), comb_api::Query::Tunnels)?;
+    let r: comb_api::tunnel::TunnelsReply = serde_json::from_value(v)?;
+    Ok(r.tunnels
+        .iter()
+        .filter(|t| t.peer.ip().to_string() == addr)
+        .count())
 }
 
 #[derive(Default)]
