@@ -13,6 +13,8 @@
 //! - `peer_authentication_and_identity`: a truth table of plaintext and HBONE attempts
 //!   under PERMISSIVE, STRICT, a port-level exception and a namespace DISABLE; an
 //!   AuthorizationPolicy principal matched against the certificate.
+//! - `tunnels_survive_certificate_rotation`: 100 long-lived echo streams and steady new
+//!   connections while both nodes rotate their certificates three times (20 s lifetime).
 //! - `interoperates_with_a_non_comb_hbone_peer`: Comb tunnels to an ambient pod on a node
 //!   without Comb (served by the stand-in), the stand-in tunnels into a Comb node, and a
 //!   certificate from another CA is refused at the handshake.
@@ -694,5 +696,92 @@ fn interoperates_with_a_non_comb_hbone_peer() {
 
     let _ = server.kill();
     let _ = server.wait();
+    lab.down().unwrap();
+}
+
+/// `comb cert list` of `node` as JSON rows.
+fn cert_serial(lab: &Lab, node: &str, identity: &str) -> Option<String> {
+    let rows: Vec<comb_api::CertRow> =
+        serde_json::from_value(call(&lab.agent_socket(node), comb_api::Query::CertList).unwrap())
+            .unwrap();
+    rows.into_iter()
+        .find(|r| r.identity == identity && r.state != "expired")
+        .and_then(|r| r.serial)
+}
+
+#[test]
+fn tunnels_survive_certificate_rotation() {
+    if !privileged() {
+        return;
+    }
+    let pods = pod_yaml("client", "n1", "client", "", &[], false)
+        + &pod_yaml("web", "n2", "web", "", &[], true);
+    // A 20 s lifetime: renewal every ~10 s, so three rotations of each side in 45 s.
+    let lab = lab_up("mrot", &pods, &["--cert-ttl", "20s"]);
+    wait_mesh_ready(&lab, &[("n1", 1), ("n2", 1)]);
+    let web = ip(&lab, "shop/web");
+    wait_listening(&lab, "shop/web", TCP);
+    let to = format!("{web}:{TCP}");
+    let (cid, wid) = (
+        "spiffe://cluster.local/ns/shop/sa/client",
+        "spiffe://cluster.local/ns/shop/sa/web",
+    );
+    // 100 long-lived connections, each streaming and verifying its echo for 48 s.
+    let streams = lab
+        .command(
+            "shop/client",
+            COMB,
+            &[
+                "probe", "stream", "--to", &to, "--conns", "100", "--secs", "48",
+            ],
+        )
+        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = (
+        vec![cert_serial(&lab, "n1", cid)],
+        vec![cert_serial(&lab, "n2", wid)],
+    );
+    let (mut churns, start) = (0, std::time::Instant::now());
+    // Steady new connections (new streams, and new handshakes once the pool reaps) meanwhile.
+    while start.elapsed() < Duration::from_secs(45) {
+        let (ok, out) = probe(
+            &lab,
+            "shop/client",
+            &["churn", "--to", &to, "--count", "20"],
+        );
+        assert!(
+            ok,
+            "new connections during rotation failed after {:?}: {out}",
+            start.elapsed()
+        );
+        churns += 20;
+        for (node, id, list) in [("n1", cid, &mut seen.0), ("n2", wid, &mut seen.1)] {
+            let s = cert_serial(&lab, node, id);
+            if s.is_some() && list.last() != Some(&s) {
+                list.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = streams.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "long-lived connections broke: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(report["failures"].as_array().unwrap().len(), 0, "{report}");
+    assert!(report["bytes"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        seen.0.len() >= 4 && seen.1.len() >= 4,
+        "expected three rotations on each side: client {:?}, web {:?}",
+        seen.0,
+        seen.1
+    );
+    assert!(churns >= 200, "{churns} new connections");
     lab.down().unwrap();
 }
