@@ -222,6 +222,26 @@ fn tunnels_to(lab: &Lab, addr: &str) -> Result<usize> {
         .count())
 }
 
+/// Wait until every node's agent holds a valid certificate for each identity it needs.
+fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for node in nodes {
+        loop {
+            let v = comb_api::client::call(&lab.agent_socket(node), comb_api::Query::Status)?;
+            let s: comb_api::Status = serde_json::from_value(v)?;
+            let c = &s.certificates;
+            if c.enabled && c.wanted > 0 && c.valid == c.wanted {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{node}: {} of {} certificates after 60 s: {:?}", c.valid, c.wanted, c.last_error);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct LatencyRuns {
     p50: [Vec<f64>; 3],
@@ -240,12 +260,13 @@ pub fn run(a: &Args) -> Result<Report> {
     }
     let comb = std::env::current_exe()?;
     let lab = lab::up_nodes(
-        "bmtls",
+        "bmt",
         &[],
         "bench-mtls.yaml",
         pods(&comb, a.identities),
         &[("node1", a.identities), ("node2", 3)],
     )?;
+    wait_certificates(&lab, &["node1", "node2"])?;
     let ip = |pod: &str| -> Result<String> { Ok(lab.pod(&format!("{NS}/{pod}"))?.ip.to_string()) };
     let (plain_ip, comb_ip) = (ip("plain")?, ip("comb")?);
     let urls = Urls {
