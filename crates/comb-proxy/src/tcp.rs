@@ -23,42 +23,7 @@ pub async fn serve_opaque(
     ctx: Arc<ProxyContext>,
 ) {
     let t0 = Instant::now();
-    let table = ctx.table();
-    let source = table.workload(peer.ip()).cloned();
-    let endpoint = table.endpoint(dst.ip()).cloned();
-    let decision = endpoint.as_ref().map(|ep| {
-        ep.authz.evaluate(&Request {
-            source_ip: peer.ip(),
-            source: source.as_deref(),
-            authenticated: None,
-            destination_ip: dst.ip(),
-            destination_port: dst.port(),
-            http: None,
-        })
-    });
-    drop(table);
-    let mut rec = TcpRecord {
-        start: SystemTime::now(),
-        duration: Default::default(),
-        downstream: peer,
-        upstream: dst,
-        source,
-        destination: endpoint.as_ref().map(|e| e.workload.clone()),
-        destination_service: endpoint
-            .as_ref()
-            .and_then(|ep| ep.destination_service(dst.port(), None))
-            .map(|s| s.host.clone()),
-        sent_bytes: 0,
-        received_bytes: 0,
-        response_flags: ResponseFlags::NONE,
-        spliced: false,
-        authz_policy: decision
-            .as_ref()
-            .and_then(|d| d.policy.as_ref())
-            .map(|k| k.to_string()),
-        denied: decision.as_ref().is_some_and(|d| !d.allow),
-        mtls: false,
-    };
+    let mut rec = judge(&ctx, peer, dst, None);
     if rec.denied {
         reset(stream);
         rec.duration = t0.elapsed();
@@ -100,6 +65,55 @@ fn fail(stream: TcpStream, mut rec: TcpRecord, f: Failure, t0: Instant, ctx: &Pr
     ctx.telemetry.record_tcp(&rec);
 }
 
+/// Authorize a TCP connection from `peer` to `dst` as a whole (TCP semantics) and start its
+/// telemetry record. Through a tunnel, the certificate's identity is the source.
+fn judge(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    tunnel: Option<&TunnelPeer>,
+) -> TcpRecord {
+    let table = ctx.table();
+    let by_address = table.workload(peer.ip()).cloned();
+    let endpoint = table.endpoint(dst.ip()).cloned();
+    let decision = endpoint.as_ref().map(|ep| {
+        ep.authz.evaluate(&Request {
+            source_ip: peer.ip(),
+            source: by_address.as_deref(),
+            authenticated: tunnel.map(TunnelPeer::authenticated),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            http: None,
+        })
+    });
+    drop(table);
+    TcpRecord {
+        start: SystemTime::now(),
+        duration: Default::default(),
+        downstream: peer,
+        upstream: dst,
+        source: match tunnel {
+            Some(t) => Some(t.source_workload(by_address)),
+            None => by_address,
+        },
+        destination: endpoint.as_ref().map(|e| e.workload.clone()),
+        destination_service: endpoint
+            .as_ref()
+            .and_then(|ep| ep.destination_service(dst.port(), None))
+            .map(|s| s.host.clone()),
+        sent_bytes: 0,
+        received_bytes: 0,
+        response_flags: ResponseFlags::NONE,
+        spliced: false,
+        authz_policy: decision
+            .as_ref()
+            .and_then(|d| d.policy.as_ref())
+            .map(|k| k.to_string()),
+        denied: decision.as_ref().is_some_and(|d| !d.allow),
+        mtls: tunnel.is_some(),
+    }
+}
+
 /// Close with RST (SO_LINGER 0), not FIN: a denied client must not read it as a clean end.
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
@@ -120,42 +134,7 @@ pub async fn serve_opaque_tunneled<IO>(
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let t0 = Instant::now();
-    let table = ctx.table();
-    let source = Some(tunnel.source_workload(table.workload(peer.ip()).cloned()));
-    let endpoint = table.endpoint(dst.ip()).cloned();
-    let decision = endpoint.as_ref().map(|ep| {
-        ep.authz.evaluate(&Request {
-            source_ip: peer.ip(),
-            source: table.workload(peer.ip()).map(|w| &**w),
-            authenticated: Some(tunnel.authenticated()),
-            destination_ip: dst.ip(),
-            destination_port: dst.port(),
-            http: None,
-        })
-    });
-    drop(table);
-    let mut rec = TcpRecord {
-        start: SystemTime::now(),
-        duration: Default::default(),
-        downstream: peer,
-        upstream: dst,
-        source,
-        destination: endpoint.as_ref().map(|e| e.workload.clone()),
-        destination_service: endpoint
-            .as_ref()
-            .and_then(|ep| ep.destination_service(dst.port(), None))
-            .map(|s| s.host.clone()),
-        sent_bytes: 0,
-        received_bytes: 0,
-        response_flags: ResponseFlags::NONE,
-        spliced: false,
-        authz_policy: decision
-            .as_ref()
-            .and_then(|d| d.policy.as_ref())
-            .map(|k| k.to_string()),
-        denied: decision.as_ref().is_some_and(|d| !d.allow),
-        mtls: true,
-    };
+    let mut rec = judge(&ctx, peer, dst, Some(tunnel));
     if rec.denied {
         reset(up);
         rec.duration = t0.elapsed();

@@ -147,11 +147,21 @@ async fn client(certs: CertStore, peer_port: u16, expect: &SpiffeId, dst: Socket
     Client { addr, ctx, task }
 }
 
-/// A connection from pod A's address.
+/// A connection from pod A's address. bind(A, 0) picks a port before the destination is
+/// known, so tests running in parallel can draw a 4-tuple already in use (EADDRINUSE at
+/// connect): draw again.
 async fn from_a(to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(format!("{A}:0").parse().unwrap()).unwrap();
-    s.connect(to).await.unwrap()
+    let mut last = None;
+    for _ in 0..20 {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(format!("{A}:0").parse().unwrap()).unwrap();
+        match s.connect(to).await {
+            Ok(c) => return c,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => panic!("connecting from {A} to {to}: {e}"),
+        }
+    }
+    panic!("connecting from {A} to {to}: {last:?}")
 }
 
 struct Setup {

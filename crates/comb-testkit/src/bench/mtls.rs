@@ -234,7 +234,12 @@ fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
                 break;
             }
             if std::time::Instant::now() > deadline {
-                bail!("{node}: {} of {} certificates after 60 s: {:?}", c.valid, c.wanted, c.last_error);
+                bail!(
+                    "{node}: {} of {} certificates after 60 s: {:?}",
+                    c.valid,
+                    c.wanted,
+                    c.last_error
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
