@@ -211,7 +211,19 @@ pub fn query(view: &View, q: Query) -> Response {
         Query::Tunnels => {
             let guard = view.proxy.lock().expect("proxy lock poisoned");
             match guard.as_ref() {
-                Some(p) => ok(p.tunnel_stats()),
+                Some(p) => {
+                    let mut r = p.tunnel_stats();
+                    // The proxy knows addresses; the State knows which node a pod is on.
+                    for t in &mut r.tunnels {
+                        t.peer_node = published
+                            .state
+                            .pods
+                            .values()
+                            .find(|pod| pod.ips.contains(&t.peer.ip()))
+                            .and_then(|pod| pod.node_name.clone());
+                    }
+                    ok(r)
+                }
                 None => Response::Error {
                     message: "the node proxy is off (--proxy off)".into(),
                 },

@@ -19,6 +19,9 @@ pub struct TunnelRow {
     pub local: SocketAddr,
     /// The peer's HBONE address (`pod-ip:15008`).
     pub peer: SocketAddr,
+    /// The node of the peer pod, as the agent's State knows it (filled by the agent).
+    #[serde(default)]
+    pub peer_node: Option<String>,
     pub local_identity: String,
     pub peer_identity: String,
     pub streams_active: u32,
@@ -87,6 +90,7 @@ pub fn render_table(r: &TunnelsReply) -> String {
         .map(|t| {
             vec![
                 t.peer.to_string(),
+                t.peer_node.clone().unwrap_or_else(|| "-".into()),
                 t.local_identity.clone(),
                 t.peer_identity.clone(),
                 format!("{}/{}", t.streams_active, t.streams_total),
@@ -103,6 +107,7 @@ pub fn render_table(r: &TunnelsReply) -> String {
     out += &crate::table::render(
         &[
             "PEER",
+            "NODE",
             "LOCAL IDENTITY",
             "PEER IDENTITY",
             "STREAMS",
@@ -134,6 +139,7 @@ mod tests {
             tunnels: vec![TunnelRow {
                 local: "198.18.1.2:40000".parse().unwrap(),
                 peer: "198.18.2.2:15008".parse().unwrap(),
+                peer_node: Some("n2".into()),
                 local_identity: "spiffe://cluster.local/ns/a/sa/client".into(),
                 peer_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
                 streams_active: 1,
@@ -152,5 +158,6 @@ mod tests {
         let t = render_table(&r);
         assert!(t.contains("198.18.2.2:15008"), "{t}");
         assert!(t.contains("1/1000"), "{t}");
+        assert!(t.contains(" n2 "), "{t}");
     }
 }

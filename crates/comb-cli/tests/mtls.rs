@@ -354,6 +354,7 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
         "spiffe://cluster.local/ns/shop/sa/client"
     );
     assert_eq!(row.peer_identity, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(row.peer_node.as_deref(), Some("n2"));
 
     // Istio metrics at the destination: mutual TLS, the certificate's principal.
     let m = metrics_text(&lab, "n2");

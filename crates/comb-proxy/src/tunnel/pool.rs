@@ -140,6 +140,7 @@ impl Pool {
             .map(|c| TunnelInfo {
                 local: c.local,
                 peer: c.key.dst,
+                peer_node: None,
                 local_identity: c.key.src_id.to_string(),
                 peer_identity: c.key.dst_id.to_string(),
                 streams_active: c.active.load(Ordering::Relaxed),
