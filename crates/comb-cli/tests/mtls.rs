@@ -366,12 +366,12 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
     );
 
     // PeerAuthentication DISABLE for web: plaintext on the wire.
+    let g = status(&lab, "n1").generation;
     write_manifest(
         &lab,
         "pa.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web-off, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: DISABLE}\n",
     );
-    let g = status(&lab, "n1").generation;
     wait_for(
         Duration::from_secs(10),
         "the DISABLE policy applied",
@@ -726,6 +726,13 @@ fn tunnels_survive_certificate_rotation() {
     let (cid, wid) = (
         "spiffe://cluster.local/ns/shop/sa/client",
         "spiffe://cluster.local/ns/shop/sa/web",
+    );
+    // Warm the pool first: under a loaded CI machine the very first tunnel's handshake may
+    // hit the pool's 5 s handshake timeout, which is not what this test is about.
+    wait_for(
+        Duration::from_secs(30),
+        "a first tunnelled connection",
+        || probe(&lab, "shop/client", &["churn", "--to", &to, "--count", "1"]).0,
     );
     // 100 long-lived connections, each streaming and verifying its echo for 48 s.
     let streams = lab
