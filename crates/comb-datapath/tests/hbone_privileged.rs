@@ -27,7 +27,7 @@ use comb_datapath::{
     PolicyMetric, ProxyFamily,
 };
 use comb_model::terms::{Direction, Reason};
-use policy_support::{InNetns, Netns, ifindex, two_pod_node};
+use policy_support::{InNetns, Netns, ifindex, two_pod_node, two_pod_node_v6};
 
 use Direction::{Egress, Ingress};
 
@@ -946,55 +946,7 @@ fn hbone_outbound_steering_ipv6() {
     const B6: &str = "fd00:7::3";
     comb_host::ensure_bpffs().unwrap();
     let pins = common::PinGuard::fresh();
-    let node = Netns::new("comb-hb6n");
-    for kv in [
-        "net.ipv6.conf.all.forwarding=1",
-        "net.ipv6.conf.all.accept_dad=0",
-        "net.ipv6.conf.default.accept_dad=0",
-    ] {
-        node.sysctl(kv);
-    }
-    let mut pods = Vec::new();
-    for (i, addr) in [(1, A6), (2, B6)] {
-        let pod = Netns::new("comb-hb6p");
-        pod.sysctl("net.ipv6.conf.all.accept_dad=0");
-        pod.sysctl("net.ipv6.conf.default.accept_dad=0");
-        let host_if = format!("lxc{i}");
-        node.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-        ]);
-        node.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{GW6}/128"),
-            "dev",
-            &host_if,
-            "nodad",
-        ]);
-        node.ip(&["link", "set", &host_if, "up"]);
-        node.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{addr}/128"),
-            "dev",
-            &host_if,
-        ]);
-        pod.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{addr}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        pod.ip(&["-6", "route", "add", GW6, "dev", "eth0"]);
-        pod.ip(&["-6", "route", "add", "default", "via", GW6, "dev", "eth0"]);
-        pods.push(pod);
-    }
+    let (node, mut pods) = two_pod_node_v6("comb-hb6n", "comb-hb6p", GW6, [A6, B6]);
     let b = pods.pop().unwrap();
     let a = pods.pop().unwrap();
     // B's plain server answers on [B6]:8080 when nothing steers.

@@ -25,7 +25,7 @@ use comb_datapath::{
     Datapath, DatapathOptions, IpcacheEntry, PolicyKey, PolicyMetric, PolicyValue, ProxyFamily,
 };
 use comb_model::terms::{Direction, Reason, Verdict};
-use policy_support::{InNetns, Netns, ifindex, two_pod_node};
+use policy_support::{InNetns, Netns, ifindex, two_pod_node, two_pod_node_v6};
 
 use Direction::{Egress, Ingress};
 
@@ -90,55 +90,7 @@ impl Lab {
 
     /// The same with IPv6 only: `GW6` (nodad) on every host veth, pods with a /128.
     fn new_v6() -> Self {
-        let node = Netns::new("comb-rdn6");
-        for kv in [
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ] {
-            node.sysctl(kv);
-        }
-        let mut pods = Vec::new();
-        for (i, addr) in [(1, POD_A6), (2, POD_B6)] {
-            let pod = Netns::new("comb-rdp6");
-            pod.sysctl("net.ipv6.conf.all.accept_dad=0");
-            pod.sysctl("net.ipv6.conf.default.accept_dad=0");
-            let host_if = format!("lxc{i}");
-            node.ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-            ]);
-            node.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{GW6}/128"),
-                "dev",
-                &host_if,
-                "nodad",
-            ]);
-            node.ip(&["link", "set", &host_if, "up"]);
-            node.ip(&[
-                "-6",
-                "route",
-                "add",
-                &format!("{addr}/128"),
-                "dev",
-                &host_if,
-            ]);
-            pod.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/128"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["-6", "route", "add", GW6, "dev", "eth0"]);
-            pod.ip(&["-6", "route", "add", "default", "via", GW6, "dev", "eth0"]);
-            pods.push(pod);
-        }
+        let (node, mut pods) = two_pod_node_v6("comb-rdn6", "comb-rdp6", GW6, [POD_A6, POD_B6]);
         let b = pods.pop().unwrap();
         let a = pods.pop().unwrap();
         Self { a, b, node }

@@ -153,6 +153,67 @@ pub fn two_pod_node(
     (node, pods)
 }
 
+/// [`two_pod_node`] with IPv6 only: `gw` (nodad) on every host veth, pods with a /128 and a
+/// default route via `gw`, DAD off. Returns the node and the pods in `addrs` order.
+#[allow(dead_code)] // the redirect and HBONE suites use it, the policy suite does not
+pub fn two_pod_node_v6(
+    node_prefix: &str,
+    pod_prefix: &str,
+    gw: &str,
+    addrs: [&str; 2],
+) -> (Netns, Vec<Netns>) {
+    let node = Netns::new(node_prefix);
+    for kv in [
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        node.sysctl(kv);
+    }
+    let mut pods = Vec::new();
+    for (i, addr) in (1..).zip(addrs) {
+        let pod = Netns::new(pod_prefix);
+        pod.sysctl("net.ipv6.conf.all.accept_dad=0");
+        pod.sysctl("net.ipv6.conf.default.accept_dad=0");
+        let host_if = format!("lxc{i}");
+        node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+        ]);
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw}/128"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        node.ip(&["link", "set", &host_if, "up"]);
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            &host_if,
+        ]);
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["-6", "route", "add", gw, "dev", "eth0"]);
+        pod.ip(&["-6", "route", "add", "default", "via", gw, "dev", "eth0"]);
+        pods.push(pod);
+    }
+    (node, pods)
+}
+
 /// The ifindex of `name` in the calling thread's namespace.
 pub fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).unwrap();
