@@ -113,21 +113,6 @@ fn lab(prefix: &str, agent_args: &[&str], extra_pods: &str) -> Lab {
     lab
 }
 
-/// Run a program in a pod; (success, stdout, stderr).
-fn run(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
-    let out = lab
-        .command(pod, program, args)
-        .unwrap()
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// curl in a pod: the body, and `-w` output after a separator line.
 fn curl(lab: &Lab, pod: &str, args: &[&str]) -> (Vec<u8>, String) {
     let mut full = vec![
@@ -156,13 +141,6 @@ fn status_of(lab: &Lab, pod: &str, args: &[&str]) -> u16 {
 
 fn url(lab: &Lab, pod: &str, path: &str) -> String {
     format!("http://{}:{HTTP}{path}", ip(lab, pod))
-}
-
-fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_json::Value {
-    let (ok, out, err) = run(lab, pod, program, args);
-    let text = String::from_utf8_lossy(&out);
-    assert!(ok, "{program} {args:?} failed: {text} {err}");
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text} {err}"))
 }
 
 fn proxy_stats(lab: &Lab) -> serde_json::Value {

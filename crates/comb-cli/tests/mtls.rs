@@ -86,20 +86,6 @@ type Attempt<'a> = (&'a str, &'a str, bool);
 
 const OPT_OUT: &str = ", istio.io/dataplane-mode: none";
 
-fn run(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
-    let out = lab
-        .command(pod, program, args)
-        .unwrap()
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// curl in `pod`: (HTTP status or 0, body).
 fn curl(lab: &Lab, pod: &str, args: &[&str]) -> (u16, Vec<u8>) {
     let mut full = vec!["-sS", "-m", "5", "-w", "\n@@%{http_code}"];
@@ -111,13 +97,6 @@ fn curl(lab: &Lab, pod: &str, args: &[&str]) -> (u16, Vec<u8>) {
         .parse()
         .unwrap_or(0);
     (code, out[..split].to_vec())
-}
-
-fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_json::Value {
-    let (ok, out, err) = run(lab, pod, program, args);
-    let text = String::from_utf8_lossy(&out);
-    assert!(ok, "{program} {args:?} failed: {text} {err}");
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text} {err}"))
 }
 
 fn tunnels(lab: &Lab, node: &str) -> TunnelsReply {
@@ -700,7 +679,7 @@ fn interoperates_with_a_non_comb_hbone_peer() {
     lab.down().unwrap();
 }
 
-/// `comb cert list` of `node` as JSON rows.
+/// The serial of `identity`'s certificate on `node` (admin API), unless expired.
 fn cert_serial(lab: &Lab, node: &str, identity: &str) -> Option<String> {
     let rows: Vec<comb_api::CertRow> =
         serde_json::from_value(call(&lab.agent_socket(node), comb_api::Query::CertList).unwrap())

@@ -498,3 +498,26 @@ pub fn policy_packets_series(
         "comb_policy_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\",reason=\"{reason}\"}}"
     )
 }
+
+/// `program args` in `pod` with no stdin: (success, stdout, stderr).
+pub fn run(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = lab
+        .command(pod, program, args)
+        .unwrap()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`run`] that must succeed and print one JSON value.
+pub fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = run(lab, pod, program, args);
+    let text = String::from_utf8_lossy(&out);
+    assert!(ok, "{program} {args:?} failed: {text} {err}");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text} {err}"))
+}
