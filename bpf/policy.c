@@ -84,41 +84,45 @@
  *      (COMB_ID_HOST, COMB_REASON_HOST) come from userspace entries; the
  *      kernel has no special case.
  *  6b. Redirect to the node proxy (bpf/lib/policy_redirect.h), in
- *      comb_policy_from_pod only (bpf_sk_assign works on the ingress path;
- *      the destination's hook is too late), for new TCP flows (unfragmented):
+ *      comb_policy_from_pod only (the flow must be marked before the node
+ *      routes it; the destination's hook is too late), for new TCP flows
+ *      (unfragmented):
  *      a. The flow is a REDIRECT when the pod's own egress verdict is, or
  *         when that verdict forwards and the destination's ipcache value has
  *         an `endpoint` (a local pod with ingress REDIRECT entries) whose
  *         entry {endpoint, this pod's identity, INGRESS, tcp, dport} (then
  *         {.., COMB_ID_ANY, ..}) is a REDIRECT: that value (verdict, reason,
  *         policy) becomes the flow's.
- *      b. A SYN of a REDIRECT flow is bpf_sk_assign'ed to the listening
- *         socket in comb_proxy_listeners[COMB_PROXY_LISTENER_V4 / _V6] of its
- *         family and gets skb->mark COMB_PROXY_MARK under
- *         COMB_PROXY_MARK_MASK; the node's policy routing (fwmark 0xb00/0xf00
- *         -> table 2005: local 0.0.0.0/0 and ::/0 dev lo, installed by
- *         crates/comb-datapath/src/policy/routing.rs) delivers it locally
- *         instead of forwarding it, and the transparent (IP_TRANSPARENT)
- *         listener accepts a socket whose local address is the original
- *         destination. Counted COMB_REASON_PROXY_REDIRECT; the conntrack
- *         entry (EGRESS) gets COMB_CT_F_PROXY.
- *      c. No listener (empty slot, or not listening), not a SYN, or the
- *         kernel refuses the assignment: "cannot redirect", as in 6.
+ *      b. A SYN of a REDIRECT flow, while comb_proxy_listeners[
+ *         COMB_PROXY_LISTENER_V4 / _V6] of its family holds a listening
+ *         socket, gets skb->mark COMB_PROXY_MARK under COMB_PROXY_MARK_MASK
+ *         and its conntrack entry (EGRESS) COMB_CT_F_PROXY; counted
+ *         COMB_REASON_PROXY_REDIRECT. The node's policy routing (fwmark
+ *         0xb00/0xf00 -> table 2005: local 0.0.0.0/0 and ::/0 dev lo,
+ *         installed by crates/comb-datapath/src/policy/routing.rs) delivers
+ *         it locally instead of forwarding it; the node namespace's sk_lookup
+ *         program (bpf/proxy_lookup.c) reads the entry and hands the SYN to
+ *         that listener, which accepts a socket whose local address is the
+ *         original destination.
+ *      c. No listener (empty slot, or not listening) or not a SYN: "cannot
+ *         redirect", as in 6.
  *      d. Later packets from the client matching a COMB_CT_F_PROXY entry
  *         get the mark only (the kernel's socket demux finds the proxy's
- *         socket by its 4-tuple); a SYN among them (retransmitted) is
- *         assigned to the listener again.
+ *         socket by its 4-tuple); a SYN among them (retransmitted, or
+ *         reusing the tuple while the proxy's socket is in TIME_WAIT) goes
+ *         through the established/TIME_WAIT lookup, then proxy_lookup.c.
  *      e. The proxy's packets to the client (source = the original
  *         destination) leave through the client's veth and are replies of
  *         that entry (CT_REPLY) in comb_policy_to_pod. The proxy's own
  *         connection to the destination comes from the node (COMB_ID_HOST).
  *  6c. HBONE outbound (bpf/lib/mesh.h), comb_policy_from_pod, a new TCP flow
  *      (unfragmented, dport not 15008) that 6/6b forward unredirected, from an
- *      enrolled pod to an address comb_mesh_addrs calls an HBONE PEER: a SYN is
- *      bpf_sk_assign'ed to comb_proxy_listeners[COMB_HBONE_OUT_LISTENER_V4 /
- *      _V6] and marked as in 6b; counted COMB_REASON_HBONE_REDIRECT, the
- *      conntrack entry gets COMB_CT_F_PROXY | COMB_CT_F_HBONE (a retransmitted
- *      SYN goes to the same listener). No listener (or not a SYN): forwarded
+ *      enrolled pod to an address comb_mesh_addrs calls an HBONE PEER: a SYN,
+ *      while comb_proxy_listeners[COMB_HBONE_OUT_LISTENER_V4 / _V6] is
+ *      listening, is marked as in 6b; counted COMB_REASON_HBONE_REDIRECT, the
+ *      conntrack entry gets COMB_CT_F_PROXY | COMB_CT_F_HBONE, from which
+ *      proxy_lookup.c hands it (and a retransmitted SYN) to that listener.
+ *      No listener (or not a SYN): forwarded
  *      in plaintext with COMB_REASON_HBONE_UNAVAILABLE, so the destination's
  *      PeerAuthentication decides.
  *  6d. HBONE delivery, comb_policy_to_pod: a new flow sent by the node itself

@@ -8,10 +8,10 @@
  * wire); the node proxy terminates it. The logic (bpf/lib/uplink.h):
  *   - TCP to a local mesh pod's IP, dport 15008: skb->mark COMB_PROXY_MARK
  *     (the node's policy routing, fwmark 0xb00/0xf00 -> local table, delivers
- *     it to this node's stack instead of forwarding it to the pod); a SYN is
- *     bpf_sk_assign'ed to the HBONE inbound listener
- *     (comb_proxy_listeners[COMB_HBONE_IN_LISTENER_V4/_V6]), a transparent
- *     listener, so the accepted socket's local address is <pod IP>:15008 and
+ *     it to this node's stack instead of forwarding it to the pod); the
+ *     node namespace's sk_lookup program (proxy_lookup.c) hands a SYN to the
+ *     HBONE inbound listener (comb_proxy_listeners[COMB_HBONE_IN_LISTENER_V4/
+ *     _V6]), so the accepted socket's local address is <pod IP>:15008 and
  *     the proxy knows which pod (and certificate) the tunnel is for.
  *   - TCP from sport 15008 to a local mesh pod's IP whose 4-tuple belongs to
  *     a socket of the node (the proxy's outbound HBONE connection, bound with

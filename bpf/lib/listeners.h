@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* The node proxy's transparent listeners (comb_proxy_listeners): handing a SYN
- * to one with bpf_sk_assign, and the mark that makes the node's policy routing
- * deliver a packet locally. Used by the policy programs (L7 redirect, HBONE
- * outbound) and the uplink program (HBONE inbound). */
+/* The node proxy's listeners (comb_proxy_listeners): whether one is there to
+ * take a flow, and the mark that makes the node's policy routing deliver a
+ * packet locally, where the node namespace's socket lookup (established
+ * sockets first, then proxy_lookup.c for a SYN) finds the proxy. Used by the
+ * policy programs (L7 redirect, HBONE outbound) and the uplink program (HBONE
+ * inbound). */
 #ifndef COMB_LISTENERS_H
 #define COMB_LISTENERS_H
 
@@ -32,20 +34,22 @@ static __always_inline __u32 comb_listener_slot(__u32 v4_slot, const struct comb
 	return p->v6 ? v4_slot + 1 : v4_slot;
 }
 
-/* Hand the SYN to the listener in `slot`: 0, or < 0 when the slot holds no
- * listening socket (proxy down) or the kernel refuses (not at ingress, other
- * netns). */
-static __always_inline int comb_listener_assign(struct __sk_buff *skb, __u32 slot)
+/* 0 when `slot` holds a listening socket (the proxy is up and takes that
+ * kind of flow), else -1. The SYN itself is handed to it by the sk_lookup
+ * program of the node namespace (proxy_lookup.c) after the established and
+ * TIME_WAIT lookup: a tuple the proxy closed first reopens as with any server.
+ * bpf_sk_assign at tc, which preceded it, bypassed that lookup and stalled
+ * such a SYN until the TIME_WAIT expired. */
+static __always_inline int comb_listener_ready(__u32 slot)
 {
 	struct bpf_sock *sk = bpf_map_lookup_elem(&comb_proxy_listeners, &slot);
-	long r = -1;
+	int ready;
 
 	if (!sk)
 		return -1;
-	if (sk->state == BPF_TCP_LISTEN)
-		r = bpf_sk_assign(skb, sk, 0);
+	ready = sk->state == BPF_TCP_LISTEN;
 	bpf_sk_release(sk);
-	return r < 0 ? -1 : 0;
+	return ready ? 0 : -1;
 }
 
 #endif /* COMB_LISTENERS_H */

@@ -29,7 +29,8 @@ static __always_inline __u32 comb_mesh_flags(__u32 endpoint)
 /* A new TCP flow from a local pod (tcx ingress of its veth) that its egress
  * (and, for a local destination, the L7 redirect) let through unredirected:
  * when the pod is enrolled and the destination is an HBONE peer, a SYN is
- * assigned to the HBONE outbound listener and marked, and COMB_CT_F_PROXY |
+ * marked (proxy_lookup.c hands it to the HBONE outbound listener through the
+ * conntrack entry this creates), and COMB_CT_F_PROXY |
  * COMB_CT_F_HBONE is returned with *reason = HBONE_REDIRECT. No listener (or
  * not a SYN): 0 with *reason = HBONE_UNAVAILABLE, forwarded in plaintext so
  * the destination's PeerAuthentication decides. Anything else (dport 15008
@@ -49,7 +50,7 @@ static __always_inline __u32 comb_hbone_out_new(struct __sk_buff *skb, const str
 	if (!m || !(m->flags & COMB_MESH_ADDR_F_PEER))
 		return 0;
 	if (!comb_is_syn(p) ||
-	    comb_listener_assign(skb, comb_listener_slot(COMB_HBONE_OUT_LISTENER_V4, p)) < 0) {
+	    comb_listener_ready(comb_listener_slot(COMB_HBONE_OUT_LISTENER_V4, p)) < 0) {
 		*reason = COMB_REASON_HBONE_UNAVAILABLE;
 		return 0;
 	}

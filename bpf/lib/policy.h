@@ -219,7 +219,7 @@ static __always_inline __u32 comb_redirect_new(struct __sk_buff *skb, const stru
 			return 0;
 		comb_policy_apply(v, vd);
 	}
-	if (!comb_is_syn(p) || comb_proxy_assign(skb, p) < 0) {
+	if (!comb_is_syn(p) || comb_proxy_ready(p) < 0) {
 		/* The destination's REDIRECT that cannot be redirected here is
 		 * judged again by the destination's own hook (tcx egress of its
 		 * veth), so its drop or visibility pass is counted there, on the
@@ -339,7 +339,7 @@ static __always_inline int comb_policy_run(struct __sk_buff *skb, __u8 dir)
 		 * their replies cross the pod's tcx ingress. */
 		if (dir == COMB_DIR_EGRESS && vd.reason == COMB_REASON_CT_ESTABLISHED &&
 		    (ct_flags & COMB_CT_F_PROXY))
-			comb_redirect_established(skb, &p, ct_flags);
+			comb_redirect_established(skb);
 		else if (dir == COMB_DIR_EGRESS && vd.reason == COMB_REASON_CT_REPLY &&
 			 (ct_flags & (COMB_CT_F_HBONE | COMB_CT_F_PROXY)) == COMB_CT_F_HBONE)
 			comb_proxy_mark(skb);

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Identity policy maps (bpf/policy.c). Names are the pin names under
  * <pin_dir>/maps/; layouts in bpf/include/comb_policy_types.h. The maps the
- * uplink program shares (listeners, mesh) are in mesh_maps.h. */
+ * uplink program shares (listeners, mesh) are in mesh_maps.h, the conntrack
+ * map the proxy lookup program reads in ct_map.h. */
 #ifndef COMB_POLICY_MAPS_H
 #define COMB_POLICY_MAPS_H
 
@@ -12,6 +13,7 @@
 #include "comb_limits.h"
 #include "comb_policy_types.h"
 #include "mesh_maps.h"
+#include "ct_map.h"
 
 /* LPM tries must be NO_PREALLOC; replaced values are freed after RCU, so a
  * reader copying a value never sees it half-written. */
@@ -38,13 +40,6 @@ struct {
 	__type(key, struct comb_policy_key);
 	__type(value, struct comb_policy_value);
 } comb_policy SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, COMB_MAX_CT);
-	__type(key, struct comb_ct_key);
-	__type(value, struct comb_ct_value);
-} comb_ct SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -51,8 +51,9 @@ static __always_inline int comb_uplink_node_socket(struct __sk_buff *skb, const 
  * the mesh's: only TCP to a local mesh pod's address (comb_mesh_addrs LOCAL)
  * is looked at.
  *   dport 15008: HBONE to that pod, which the node proxy terminates: marked
- *     (COMB_PROXY_MARK: the policy routing delivers it locally); a SYN is
- *     assigned to the HBONE inbound listener of its family. Without a
+ *     (COMB_PROXY_MARK: the policy routing delivers it locally); the node
+ *     namespace's sk_lookup program (proxy_lookup.c) hands a SYN to the
+ *     HBONE inbound listener of its family. Without a
  *     listener the node answers RST (15008 is the mesh's port on every
  *     enrolled pod, as in Istio ambient).
  *   sport 15008, and a node socket owns the tuple: a reply to the proxy's
@@ -77,8 +78,6 @@ static __always_inline int comb_uplink_run(struct __sk_buff *skb)
 	if (!m || !(m->flags & COMB_MESH_ADDR_F_LOCAL))
 		return TC_ACT_OK;
 	if (p.dport == bpf_htons(COMB_HBONE_PORT)) {
-		if (comb_is_syn(&p))
-			comb_listener_assign(skb, comb_listener_slot(COMB_HBONE_IN_LISTENER_V4, &p));
 		comb_proxy_mark(skb);
 	} else if (p.sport == bpf_htons(COMB_HBONE_PORT) && comb_uplink_node_socket(skb, &p)) {
 		comb_proxy_mark(skb);

@@ -8,7 +8,14 @@ use std::process::Command;
 use libbpf_cargo::SkeletonBuilder;
 
 /// BPF programs, each becoming `<name>.skel.rs` in OUT_DIR.
-const PROGRAMS: &[&str] = &["splice", "lb_sock", "policy", "proxy_splice", "uplink"];
+const PROGRAMS: &[&str] = &[
+    "splice",
+    "lb_sock",
+    "policy",
+    "proxy_splice",
+    "uplink",
+    "proxy_lookup",
+];
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

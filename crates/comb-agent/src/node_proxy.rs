@@ -88,6 +88,12 @@ impl NodeProxy {
         }
         let handle = Proxy::start(opts, Arc::new(ProxyTable::default()))
             .context("starting the node proxy")?;
+        // Before the listeners are registered: the programs mark a flow for the proxy only
+        // while its listener is in the map, and this program hands its SYN over.
+        datapath
+            .policy()
+            .attach_proxy_lookup()
+            .context("attaching the proxy lookup program")?;
         for (f, fd) in handle.listener_fds() {
             datapath
                 .policy()

@@ -58,6 +58,7 @@ impl Datapath {
         dp.splice.adopt_links()?;
         dp.policy.adopt_links()?;
         dp.policy.adopt_uplinks()?;
+        dp.policy.adopt_proxy_lookup()?;
         info!(
             pin_dir = %dp.opts.pin_dir.display(),
             adopted_links = dp.splice.attached().len(),
@@ -101,6 +102,9 @@ impl Datapath {
         }
         errors.extend(self.policy.detach_all());
         errors.extend(self.policy.detach_all_uplinks());
+        if let Err(e) = self.policy.detach_proxy_lookup() {
+            errors.push(format!("proxy lookup: {e:#}"));
+        }
         errors.extend(self.splice.detach_all());
         // Links pinned by someone else under our dir (not adopted): detach before unpinning.
         if let Ok(rd) = fs::read_dir(self.opts.pin_dir.join("links")) {

@@ -54,3 +54,14 @@ pub(crate) mod proxy_splice {
 pub(crate) mod uplink {
     include!(concat!(env!("OUT_DIR"), "/uplink.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    missing_docs
+)]
+pub(crate) mod proxy_lookup {
+    include!(concat!(env!("OUT_DIR"), "/proxy_lookup.skel.rs"));
+}

@@ -49,7 +49,8 @@ fn cpath(p: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
-/// BPF_LINK_CREATE for a cgroup attach type.
+/// BPF_LINK_CREATE on a target fd: a cgroup for the cgroup attach types, a network
+/// namespace for BPF_SK_LOOKUP.
 pub fn link_create(
     prog: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
@@ -102,6 +103,21 @@ pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
     }
     // SAFETY: the cgroup member is the active one for BPF_LINK_TYPE_CGROUP.
     Ok(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
+/// (network namespace inode, attach type) of a netns link (sk_lookup); inode 0 once its
+/// namespace is gone.
+pub fn link_netns(link: BorrowedFd<'_>) -> io::Result<(u32, libbpf_sys::bpf_attach_type)> {
+    let info = link_info(link)?;
+    if info.type_ != libbpf_sys::BPF_LINK_TYPE_NETNS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("link type {} is not a netns link", info.type_),
+        ));
+    }
+    // SAFETY: the netns member is the active one for BPF_LINK_TYPE_NETNS.
+    let netns = unsafe { info.__bindgen_anon_1.netns };
+    Ok((netns.netns_ino, netns.attach_type))
 }
 
 /// BPF_LINK_CREATE of a tcx link (BPF_TCX_INGRESS / BPF_TCX_EGRESS) on the interface with

@@ -471,6 +471,7 @@ fn load_node(
     for ifx in ifs {
         p.attach(ifx).unwrap();
     }
+    p.attach_proxy_lookup().unwrap();
     p.attach_uplink(uplink).unwrap();
     p.attach_uplink(uplink).expect("attaching twice is fine");
     assert_eq!(p.uplinks(), vec![uplink]);
@@ -881,6 +882,7 @@ fn uplink_link_and_mesh_maps_survive_a_restart() {
     let dp = Datapath::load(opts()).unwrap();
     dp.policy().attach_uplink(u1).unwrap();
     dp.policy().attach_uplink(u2).unwrap();
+    dp.policy().attach_proxy_lookup().unwrap();
     dp.policy()
         .upsert_mesh_addr(ip(POD_B), MeshAddr::local(7))
         .unwrap();
@@ -919,8 +921,13 @@ fn uplink_link_and_mesh_maps_survive_a_restart() {
 
     // uplink2 goes away (with its peer) while no agent runs.
     ns.ip(&["link", "del", "uplink2"]);
+    assert!(pins.0.join("links/proxy-lookup").exists());
     let dp = Datapath::load(opts()).unwrap();
     assert_eq!(dp.policy().uplinks(), vec![u1]);
+    assert!(
+        dp.policy().proxy_lookup_attached(),
+        "the sk_lookup link is adopted"
+    );
     assert_eq!(
         dp.policy().mesh_addrs().unwrap()[&ip(POD_B)],
         MeshAddr::local(7)
@@ -929,6 +936,10 @@ fn uplink_link_and_mesh_maps_survive_a_restart() {
     dp.policy().detach_uplink(u1).unwrap();
     assert!(dp.policy().uplinks().is_empty());
     dp.policy().attach_uplink(u1).unwrap();
+    dp.policy().detach_proxy_lookup().unwrap();
+    assert!(!dp.policy().proxy_lookup_attached());
+    assert!(!pins.0.join("links/proxy-lookup").exists());
+    dp.policy().attach_proxy_lookup().unwrap();
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
 }
@@ -986,6 +997,7 @@ fn hbone_outbound_steering_ipv6() {
     p.upsert_mesh_addr(ip(B6), MeshAddr::peer()).unwrap();
     p.attach(ai).unwrap();
     p.attach(bi).unwrap();
+    p.attach_proxy_lookup().unwrap();
     routing::install().unwrap();
     let l4 = transparent_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, HBONE_OUT_PORT));
     p.set_listener(ListenerKind::HboneOut, ProxyFamily::V4, l4.as_fd())

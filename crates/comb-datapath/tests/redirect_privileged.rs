@@ -335,6 +335,65 @@ fn proxied_exchange(
     (client_local, local, peer)
 }
 
+/// `n` connections from A to `dst`, all from the same source port, each answered and closed
+/// first by the proxy (`listener`); the client reads to EOF, then closes. Panics when a connect
+/// does not complete within 3 s (a SYN left unanswered until the proxy's TIME_WAIT expires;
+/// one lost SYN retransmitted after 1 s still passes). Returns the slowest connect.
+fn reuse_tuple_after_proxy_close(
+    lab: &Lab,
+    listener: &TcpListener,
+    dst: SocketAddr,
+    n: usize,
+) -> Duration {
+    const SRC_PORT: u16 = 40123;
+    let a = lab.a.0.clone();
+    let client = std::thread::spawn(move || {
+        join_netns(&a);
+        let src = sa(POD_A, SRC_PORT);
+        let mut slowest = Duration::ZERO;
+        for i in 0..n {
+            let mut tries = 0;
+            let s = loop {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_reuse_address(true).unwrap();
+                s.bind(&src.into()).unwrap();
+                let t = Instant::now();
+                match s.connect_timeout(&dst.into(), Duration::from_secs(3)) {
+                    Ok(()) => {
+                        slowest = slowest.max(t.elapsed());
+                        break s;
+                    }
+                    // The client's own previous socket still in LAST_ACK (its FIN not yet
+                    // acknowledged): not the proxy's TIME_WAIT; try again shortly.
+                    Err(e) if e.kind() == ErrorKind::AddrNotAvailable && tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => panic!("connection {i} on the reused tuple {src} -> {dst}: {e}"),
+                }
+            };
+            let mut c = TcpStream::from(s);
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).expect("client read to EOF");
+            assert_eq!(got, b"bye\n", "connection {i}");
+        }
+        slowest
+    });
+    for i in 0..n {
+        let Some((mut s, peer)) = accept_within(listener, Duration::from_secs(5)) else {
+            // The client's panic says why.
+            let _ = client.join();
+            panic!("the proxy got no connection {i}");
+        };
+        assert_eq!(peer, sa(POD_A, SRC_PORT));
+        s.write_all(b"bye\n").unwrap();
+        drop(s); // the proxy closes first: TIME_WAIT on its side
+    }
+    client.join().expect("client thread")
+}
+
 #[test]
 fn tcp_is_redirected_to_the_node_proxy() {
     if !common::privileged("redirect") {
@@ -405,6 +464,11 @@ fn tcp_is_redirected_to_the_node_proxy() {
     }
     dp.policy().attach(ai).unwrap();
     dp.policy().attach(bi).unwrap();
+    // The sk_lookup program that hands marked SYNs to the listener; attaching twice is fine.
+    assert!(!dp.policy().proxy_lookup_attached());
+    dp.policy().attach_proxy_lookup().unwrap();
+    dp.policy().attach_proxy_lookup().unwrap();
+    assert!(dp.policy().proxy_lookup_attached());
 
     // The proxy's routing, in the node namespace; installing twice adds nothing.
     assert!(!routing::installed().unwrap());
@@ -476,6 +540,18 @@ fn tcp_is_redirected_to_the_node_proxy() {
         assert!(e.seen_reply, "{e:?}");
     }
 
+    // The proxy closes first, so its accepted socket sits in TIME_WAIT, and the client opens
+    // the same 4-tuple again at once, 200 times: every SYN reopens the tuple (the kernel's
+    // TIME_WAIT recycling, then the sk_lookup program), none waits for the TIME_WAIT (60 s).
+    let slowest = reuse_tuple_after_proxy_close(&lab, &listener, sa(POD_B, L7_PORT), 200);
+    eprintln!(
+        "200 connections on one 4-tuple, the proxy closing first: slowest connect {slowest:?}"
+    );
+    assert_eq!(server.count(L7_PORT), 0, "B's server never sees them");
+    // Each reopened tuple is a new redirected flow (its closed entry judged again).
+    let redirected = metric(&dp, ai, Egress, Reason::ProxyRedirect);
+    assert_eq!(redirected, 202);
+
     // A port without REDIRECT goes to B untouched.
     assert_eq!(
         hello(&lab.a, sa(POD_B, PLAIN_PORT), Duration::from_secs(5)),
@@ -526,7 +602,10 @@ fn tcp_is_redirected_to_the_node_proxy() {
         .unwrap();
     let (c3, _, p3) = proxied_exchange(&lab, &listener, sa(POD_B, L7_PORT));
     assert_eq!(p3, c3);
-    assert_eq!(metric(&dp, ai, Egress, Reason::ProxyRedirect), 3);
+    assert_eq!(
+        metric(&dp, ai, Egress, Reason::ProxyRedirect),
+        redirected + 1
+    );
     assert_eq!(server.count(L7_PORT), 2);
     dp.policy().clear_proxy_listener(ProxyFamily::V4).unwrap();
     dp.policy()
@@ -597,6 +676,7 @@ fn tcp6_is_redirected_to_the_node_proxy() {
         .unwrap();
     dp.policy().attach(ai).unwrap();
     dp.policy().attach(bi).unwrap();
+    dp.policy().attach_proxy_lookup().unwrap();
     routing::install().unwrap();
     assert!(routing::installed().unwrap());
 

@@ -399,6 +399,30 @@ mod tests {
         twin!(b, "comb_mesh_port", MeshPortValue, [flags]);
     }
 
+    /// The proxy lookup object shares the conntrack and mesh maps: same types.
+    #[test]
+    fn proxy_lookup_twins_match_btf() {
+        static LOOKUP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy_lookup.bpf.o"));
+        let btf = Btf::from_raw("proxy_lookup", LOOKUP)
+            .expect("parse BTF")
+            .expect("object has BTF");
+        let b = &btf;
+        twin!(b, "comb_addr", CombAddr, [a]);
+        twin!(
+            b,
+            "comb_ct_key",
+            CtKey,
+            [saddr, daddr, sport, dport, protocol, direction, pad]
+        );
+        twin!(
+            b,
+            "comb_ct_value",
+            CtValue,
+            [expires_ns, created_ns, flags, endpoint, policy, reason, pad]
+        );
+        twin!(b, "comb_mesh_addr", MeshAddrValue, [flags, endpoint]);
+    }
+
     /// policy_test_run hands the kernel a zeroed `struct __sk_buff` with only ifindex set.
     #[test]
     fn sk_buff_ifindex_offset() {

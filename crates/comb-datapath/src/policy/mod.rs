@@ -16,6 +16,7 @@
 pub mod abi;
 pub mod events;
 mod links;
+mod lookup;
 pub mod routing;
 pub mod types;
 mod uplink;
@@ -39,9 +40,10 @@ pub use types::{
     PolicyEndpoint, PolicyKey, PolicyMetric, PolicyValue, ProxyFamily, ipcache_key, ipcache_net,
 };
 
-/// True for a pin name under `links/` that belongs to the policy or uplink programs.
+/// True for a pin name under `links/` that belongs to the policy, uplink or proxy lookup
+/// programs.
 pub(crate) fn is_link_name(name: &str) -> bool {
-    links::is_link_name(name) || uplink::is_link_name(name)
+    links::is_link_name(name) || uplink::is_link_name(name) || name == lookup::LINK_NAME
 }
 
 use crate::abi::{CombAddr, Pod};
@@ -80,6 +82,9 @@ pub struct Policy {
     uplink: ProgramHandle,
     /// Its tcx links by uplink ifindex.
     uplinks: Mutex<BTreeMap<u32, OwnedFd>>,
+    /// The proxy lookup program (`bpf/proxy_lookup.c`, [`lookup`]) and its netns link.
+    lookup: ProgramHandle,
+    lookup_link: Mutex<Option<OwnedFd>>,
     /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
     /// while readers list the attachments.
     links: Mutex<BTreeMap<(u32, Hook), OwnedFd>>,
@@ -109,6 +114,7 @@ fn load(pin_dir: &Path) -> Result<Policy> {
     }
     // After the policy object: its maps are pinned, the uplink object adopts them.
     let uplink = uplink::load(pin_dir)?;
+    let lookup = lookup::load(pin_dir)?;
     Ok(Policy {
         pin_dir: pin_dir.to_owned(),
         ipcache: map_handle(&m.comb_ipcache)?,
@@ -126,6 +132,8 @@ fn load(pin_dir: &Path) -> Result<Policy> {
         to_pod,
         uplink,
         uplinks: Mutex::new(BTreeMap::new()),
+        lookup,
+        lookup_link: Mutex::new(None),
         links: Mutex::new(BTreeMap::new()),
     })
 }
