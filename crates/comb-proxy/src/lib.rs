@@ -21,6 +21,7 @@ pub mod listener;
 mod options;
 pub mod relay;
 mod server;
+mod stream_copy;
 mod tcp;
 pub mod telemetry;
 mod tunnel;

@@ -142,7 +142,7 @@ pub async fn serve_opaque_tunneled<IO>(
         return;
     }
     let mut up = up;
-    match tokio::io::copy_bidirectional(&mut io, &mut up).await {
+    match crate::stream_copy::copy_bidirectional(&mut io, &mut up).await {
         Ok((sent, received)) => {
             rec.sent_bytes = sent;
             rec.received_bytes = received;

@@ -100,7 +100,7 @@ pub async fn serve_outbound(
         written: &slot.conn.sent,
     };
     let mut down = stream;
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut tunnel).await {
+    if let Err(e) = crate::stream_copy::copy_bidirectional(&mut down, &mut tunnel).await {
         tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
         reset(down);
     }

@@ -60,7 +60,7 @@ async fn copy(down: Side, up: Side) {
     {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+    if let Err(e) = crate::stream_copy::copy_bidirectional(&mut d, &mut u).await {
         tracing::debug!("upgraded tunnel: {e}");
     }
 }
