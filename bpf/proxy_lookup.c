@@ -103,9 +103,12 @@ int comb_proxy_lookup(struct bpf_sk_lookup *ctx)
 	sk = bpf_map_lookup_elem(&comb_proxy_listeners, &slot);
 	if (!sk)
 		return SK_PASS;
-	/* Fails (not listening: the proxy is going away) -> the kernel's own
-	 * lookup, as if the slot were empty. */
-	bpf_sk_assign(ctx, sk, 0);
+	/* Exactly this socket: the proxy's listeners share their ports with
+	 * SO_REUSEPORT while an upgrade hands them over, and the slot, not the
+	 * reuseport group, says which process takes new flows. Fails (not
+	 * listening: the proxy is going away) -> the kernel's own lookup, as if
+	 * the slot were empty. */
+	bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_NO_REUSEPORT);
 	bpf_sk_release(sk);
 	return SK_PASS;
 }

@@ -11,7 +11,8 @@ use tokio::net::{UnixListener, UnixStream};
 use comb_datapath::ProxyFamily;
 
 use crate::api::{
-    EndpointRow, MonitorLine, ProxyStatsReply, Query, Request, Response, Status, VerdictFilter,
+    Control, EndpointRow, MonitorLine, ProxyStatsReply, Query, Request, Response, Status,
+    VerdictFilter,
 };
 use crate::config::AgentConfig;
 use crate::flows::{self, FlowMsg};
@@ -57,6 +58,10 @@ async fn connection(stream: UnixStream, view: View) {
                         message: format!("handler failed: {e}"),
                     })
             }
+            Ok(Request::Control(Control::Handover)) => match view.handover().await {
+                Ok(data) => Response::Ok { data },
+                Err(message) => Response::Error { message },
+            },
             Ok(Request::Control(c)) => match view.control(c).await {
                 Ok(data) => Response::Ok { data },
                 Err(message) => Response::Error { message },

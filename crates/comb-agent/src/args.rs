@@ -68,6 +68,11 @@ pub struct Args {
     /// the agent restarts.
     #[arg(long)]
     pub keep_pins: bool,
+    /// After handing over to a successor (a new combd started while this one runs,
+    /// docs/upgrades.md): how long to keep serving the proxied connections this agent holds
+    /// before cutting what is left, in seconds.
+    #[arg(long, default_value = "600")]
+    pub drain_timeout_s: u64,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value = "250")]
     pub poll_ms: u64,

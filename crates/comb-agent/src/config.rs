@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub policy_datapath: PolicyConfig,
     pub ct_gc_interval: Duration,
     pub keep_pins: bool,
+    /// After a handover: how long the proxied connections may still be served.
+    pub drain_timeout: Duration,
     /// The node proxy; None with `--proxy off`.
     pub proxy: Option<ProxyConfig>,
     pub log_format: LogFormat,
@@ -112,6 +114,7 @@ impl AgentConfig {
             },
             ct_gc_interval: secs(a.ct_gc_interval, "--ct-gc-interval")?,
             keep_pins: a.keep_pins,
+            drain_timeout: Duration::from_secs(a.drain_timeout_s),
             proxy: (a.proxy == OnOff::On).then(|| ProxyConfig {
                 port: a.proxy_port,
                 workers: a.proxy_workers.max(1),

@@ -13,6 +13,7 @@ mod cgroup_path;
 mod config;
 mod ct_gc;
 mod flows;
+mod handover;
 mod identity_store;
 mod metrics;
 mod node_proxy;

@@ -2,8 +2,10 @@
 //! `ProxyTable` by every reconcile (an atomic swap), its listeners registered in the
 //! datapath's `comb_proxy_listeners` map, the node's policy routing installed while it runs.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use comb_datapath::policy::routing as proxy_routing;
@@ -18,6 +20,56 @@ pub struct NodeProxy {
     handle: ProxyHandle,
     splice: Option<Arc<ProxySplice>>,
     port: u16,
+    /// The listeners this proxy put into the datapath's slots, with their socket cookies: a
+    /// slot holding another cookie was taken over by a successor (docs/upgrades.md).
+    registered: Arc<Mutex<Vec<Registered>>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Registered {
+    kind: comb_proxy::ListenerKind,
+    family: Family,
+    cookie: u64,
+}
+
+/// How long a draining proxy keeps accepting on a listener after its successor took the
+/// slot: SYNs the datapath handed over just before the switch wait in its accept queue.
+const ACCEPT_GRACE: Duration = Duration::from_secs(1);
+/// How long a successor waits for its workload certificates before it takes the HBONE
+/// listeners over anyway (its predecessor serves HBONE meanwhile).
+const HBONE_CERTS_WAIT: Duration = Duration::from_secs(20);
+
+fn dp_kind(k: comb_proxy::ListenerKind) -> ListenerKind {
+    match k {
+        comb_proxy::ListenerKind::HboneOutbound => ListenerKind::HboneOut,
+        comb_proxy::ListenerKind::HboneInbound => ListenerKind::HboneIn,
+        comb_proxy::ListenerKind::L7 => ListenerKind::L7,
+    }
+}
+
+/// Put a listener into its datapath slot (replacing a predecessor's) and remember its cookie.
+fn register(
+    datapath: &Datapath,
+    registered: &Mutex<Vec<Registered>>,
+    kind: comb_proxy::ListenerKind,
+    f: Family,
+    fd: BorrowedFd<'_>,
+) -> Result<()> {
+    let cookie = comb_datapath::socket_cookie(fd)
+        .with_context(|| format!("SO_COOKIE of the proxy's {kind:?} {f:?} listener"))?;
+    datapath
+        .policy()
+        .set_listener(dp_kind(kind), family(f), fd)
+        .with_context(|| format!("registering the proxy's {kind:?} {f:?} listener"))?;
+    registered
+        .lock()
+        .expect("registered listeners lock poisoned")
+        .push(Registered {
+            kind,
+            family: f,
+            cookie,
+        });
+    Ok(())
 }
 
 fn access_log_target(spec: &str) -> AccessLogTarget {
@@ -39,11 +91,14 @@ impl NodeProxy {
     /// Start the proxy (empty table until the first reconcile), register its listeners with
     /// the datapath and install the policy routing of the agent's network namespace.
     /// `certs`: the workload certificates the certificate reconciler keeps (HBONE's mTLS).
+    /// `successor`: a predecessor handed over and still serves; the HBONE listeners are then
+    /// taken over only once the workload certificates are here (or after HBONE_CERTS_WAIT).
     pub fn start(
         cfg: &AgentConfig,
         px: &ProxyConfig,
-        datapath: &Datapath,
+        datapath: &Arc<Datapath>,
         certs: comb_identity::CertStore,
+        successor: bool,
     ) -> Result<Self> {
         let telemetry = Telemetry::new(TelemetryOptions {
             access_log: px.access_log.as_deref().map(access_log_target),
@@ -76,7 +131,7 @@ impl NodeProxy {
             upstream_connect_timeout: px.connect_timeout,
             ..Limits::default()
         };
-        opts.certs = certs;
+        opts.certs = certs.clone();
         if let Some((outbound_port, inbound_port)) = px.hbone {
             opts.hbone = HboneOptions {
                 enabled: true,
@@ -94,22 +149,43 @@ impl NodeProxy {
             .policy()
             .attach_proxy_lookup()
             .context("attaching the proxy lookup program")?;
-        for (f, fd) in handle.listener_fds() {
-            datapath
-                .policy()
-                .set_proxy_listener(family(f), fd)
-                .with_context(|| format!("registering the proxy's {f:?} listener"))?;
+        // Queued connections of a closing listener move to its reuseport sibling (the
+        // successor's) instead of being reset: this namespace's setting.
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+            tracing::warn!(error = %e, "net.ipv4.tcp_migrate_req=1 not set");
         }
-        for (kind, f, fd) in handle.hbone_listener_fds() {
-            let kind = match kind {
-                comb_proxy::ListenerKind::HboneOutbound => ListenerKind::HboneOut,
-                comb_proxy::ListenerKind::HboneInbound => ListenerKind::HboneIn,
-                comb_proxy::ListenerKind::L7 => ListenerKind::L7,
-            };
-            datapath
-                .policy()
-                .set_listener(kind, family(f), fd)
-                .with_context(|| format!("registering the proxy's {kind:?} {f:?} listener"))?;
+        let registered = Arc::new(Mutex::new(Vec::new()));
+        for (f, fd) in handle.listener_fds() {
+            register(datapath, &registered, comb_proxy::ListenerKind::L7, f, fd)?;
+        }
+        let hbone: Vec<_> = handle
+            .hbone_listener_fds()
+            .into_iter()
+            .map(|(k, f, fd)| fd.try_clone_to_owned().map(|fd| (k, f, fd)))
+            .collect::<std::io::Result<_>>()
+            .context("duplicating the HBONE listener fds")?;
+        if successor && !hbone.is_empty() {
+            let (dp, reg, ctx) = (
+                datapath.clone(),
+                registered.clone(),
+                handle.context().clone(),
+            );
+            std::thread::Builder::new()
+                .name("hbone-takeover".into())
+                .spawn(move || {
+                    wait_for_certs(&ctx, &certs);
+                    for (k, f, fd) in hbone {
+                        if let Err(e) = register(&dp, &reg, k, f, fd.as_fd()) {
+                            tracing::warn!(error = %format!("{e:#}"), "taking an HBONE listener over");
+                        }
+                    }
+                    tracing::info!("HBONE listeners taken over");
+                })
+                .context("starting the HBONE takeover thread")?;
+        } else {
+            for (k, f, fd) in hbone {
+                register(datapath, &registered, k, f, fd.as_fd())?;
+            }
         }
         proxy_routing::install().context("installing the proxy's policy routing")?;
         tracing::info!(
@@ -122,6 +198,7 @@ impl NodeProxy {
             handle,
             splice,
             port: px.port,
+            registered,
         })
     }
 
@@ -149,17 +226,77 @@ impl NodeProxy {
         self.splice.as_ref()
     }
 
+    fn registered(&self) -> Vec<Registered> {
+        self.registered
+            .lock()
+            .expect("registered listeners lock poisoned")
+            .clone()
+    }
+
+    /// After a handover (docs/upgrades.md): keep serving while the successor takes each
+    /// datapath slot over, close each listener ACCEPT_GRACE after its slot changed hands,
+    /// then let every connection finish (HTTP/1 closes at its next response, HTTP/2 gets
+    /// GOAWAY, streams and tunnels run to their end) until `timeout`; what is still open
+    /// then is cut. Leaves the datapath, the routing and the splice pins to the successor.
+    /// Blocks.
+    pub fn drain(mut self, datapath: &Datapath, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut replaced: HashMap<(comb_proxy::ListenerKind, Family), Instant> = HashMap::new();
+        loop {
+            let open = self.handle.open_listeners();
+            if open.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for r in self.registered() {
+                if !open.contains(&(r.kind, r.family)) {
+                    continue;
+                }
+                let now_cookie = datapath
+                    .policy()
+                    .listener_cookie(dp_kind(r.kind), family(r.family));
+                if matches!(now_cookie, Ok(Some(c)) if c != r.cookie) {
+                    let since = *replaced.entry((r.kind, r.family)).or_insert_with(|| {
+                        tracing::info!(kind = ?r.kind, family = ?r.family, "the successor took a listener over");
+                        Instant::now()
+                    });
+                    if since.elapsed() >= ACCEPT_GRACE {
+                        self.handle.close_listener(r.kind, r.family);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let active = self.handle.active_connections();
+        tracing::info!(active, "draining: listeners closed, finishing connections");
+        let cut = self
+            .handle
+            .shutdown(deadline.saturating_duration_since(Instant::now()));
+        if cut > 0 {
+            tracing::warn!(cut, "drain timeout: connections still open were cut");
+        } else {
+            tracing::info!("drained: every connection finished");
+        }
+        // The splice's pins belong to the successor now.
+        if let Some(s) = self.splice.take()
+            && let Ok(s) = Arc::try_unwrap(s)
+            && let Err(e) = s.shutdown(true)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "proxy splice shutdown");
+        }
+    }
+
     /// Unregister the listeners (redirected flows then fail closed or keep the kernel path,
     /// by reason), let requests in flight finish, and remove the routing unless the datapath
     /// is kept for a restarting agent.
     pub fn shutdown(self, datapath: Option<&Datapath>, keep_pins: bool) {
         if let Some(dp) = datapath {
-            // Every kind the proxy may have registered (L7, HBONE outbound and inbound).
-            for kind in ListenerKind::ALL {
-                for f in ProxyFamily::BOTH {
-                    if let Err(e) = dp.policy().clear_listener(kind, f) {
-                        tracing::warn!(error = %format!("{e:#}"), kind = kind.as_str(), "clearing a proxy listener");
-                    }
+            // Only the slots still holding this proxy's listeners.
+            for r in self.registered() {
+                if let Err(e) =
+                    dp.policy()
+                        .clear_listener_if(dp_kind(r.kind), family(r.family), r.cookie)
+                {
+                    tracing::warn!(error = %format!("{e:#}"), kind = ?r.kind, "clearing a proxy listener");
                 }
             }
         }
@@ -181,4 +318,27 @@ impl NodeProxy {
             }
         }
     }
+}
+
+/// Until every local mesh pod of the proxy's table (after the first reconcile) has its
+/// workload certificate, or HBONE_CERTS_WAIT passed.
+fn wait_for_certs(ctx: &comb_proxy::ProxyContext, certs: &comb_identity::CertStore) {
+    let t0 = Instant::now();
+    while t0.elapsed() < HBONE_CERTS_WAIT {
+        let table = ctx.table();
+        let set = certs.load();
+        if table.generation > 0
+            && table
+                .mesh_endpoints
+                .values()
+                .filter(|m| m.mode == comb_model::mesh::DataplaneMode::Mesh)
+                .all(|m| set.get(&m.identity).is_some())
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::warn!(
+        "workload certificates still missing after {HBONE_CERTS_WAIT:?}; taking the HBONE listeners over anyway"
+    );
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use comb_datapath::{Datapath, DatapathOptions};
 use comb_host as host;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::args::{Args, LogFormat};
 use crate::config::AgentConfig;
@@ -64,6 +64,14 @@ pub async fn run(args: Args) -> Result<()> {
 /// Run the agent fed by `source` until SIGTERM/SIGINT.
 pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<()> {
     host::ensure_bpffs()?;
+    // Before touching anything: a running agent stops its control plane for us.
+    let predecessor = crate::handover::take_over(&cfg.admin_socket).await?;
+    if let Some(pid) = predecessor {
+        tracing::info!(
+            pid,
+            "the running agent handed over; it drains its proxied connections"
+        );
+    }
     let cgroup_root = match &cfg.cgroup_root {
         Some(p) => p.clone(),
         None => host::cgroup2_mount()?,
@@ -108,7 +116,13 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
         }
     };
     let proxy = match &cfg.proxy {
-        Some(px) => Some(NodeProxy::start(&cfg, px, &datapath, cert_store.clone())?),
+        Some(px) => Some(NodeProxy::start(
+            &cfg,
+            px,
+            &datapath,
+            cert_store.clone(),
+            predecessor.is_some(),
+        )?),
         None => {
             tracing::info!("node proxy off: L7 policy flows fail closed");
             None
@@ -118,6 +132,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
 
     let board = Arc::new(arc_swap::ArcSwap::from_pointee(Published::default()));
     let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(16);
+    let (handover_tx, handover_rx) = mpsc::channel(1);
     let writer = Writer::new(
         cfg.clone(),
         datapath.clone(),
@@ -141,6 +156,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
         flows: tokio::sync::broadcast::channel(flows::CHANNEL_EVENTS).0,
         writer: writer_tx.clone(),
         certs: cert_board,
+        handover: handover_tx,
     };
     {
         let (dp, flows_tx, w) = (datapath.clone(), view.flows.clone(), writer_tx.clone());
@@ -157,7 +173,7 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
             .spawn(move || crate::ct_gc::run(dp, every, gc_stopped))
             .context("starting the conntrack gc thread")?
     };
-    let result = serve(&cfg, view, source, writer_tx.clone()).await;
+    let stop = serve(&cfg, view, source, writer_tx.clone(), handover_rx).await;
     drop(gc_stop);
     let _ = std::fs::remove_file(&cfg.admin_socket);
 
@@ -170,6 +186,30 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     if !matches!(joined, Ok((Ok(()), Ok(())))) {
         tracing::error!("the writer or the conntrack gc ended abnormally");
     }
+    let result = match stop {
+        Ok(Stop::Handover(answer)) => {
+            // The control plane is down and the admin socket and metrics address are free:
+            // the successor may go on. The datapath, the routing and the pins are its now.
+            let _ = answer.send(std::process::id());
+            let proxy = proxy.lock().expect("proxy lock poisoned").take();
+            if let Some(proxy) = proxy {
+                let (dp, timeout) = (datapath.clone(), cfg.drain_timeout);
+                // SIGTERM keeps draining (an orchestrator stopping the old instance after
+                // the new one is up); SIGINT cuts what is left and exits now.
+                let mut int = signal(SignalKind::interrupt())?;
+                tokio::select! {
+                    r = tokio::task::spawn_blocking(move || proxy.drain(&dp, timeout)) => {
+                        r.context("draining the node proxy")?;
+                        tracing::info!("handed over and drained");
+                    }
+                    _ = int.recv() => tracing::info!("SIGINT while draining: exiting now"),
+                }
+            }
+            return Ok(());
+        }
+        Ok(Stop::Signal(_)) => Ok(()),
+        Err(e) => Err(e),
+    };
     let proxy = proxy.lock().expect("proxy lock poisoned").take();
     if let Some(proxy) = proxy {
         // The proxy's own runtime may only be shut down where blocking is allowed.
@@ -192,13 +232,22 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     result
 }
 
-/// The servers, the source and the resync timer feeding the writer; returns at SIGTERM/SIGINT.
+/// Why the serve loop ended.
+enum Stop {
+    Signal(&'static str),
+    /// A successor asked; answer with our pid once the control plane is down.
+    Handover(oneshot::Sender<u32>),
+}
+
+/// The servers, the source and the resync timer feeding the writer; returns at SIGTERM/SIGINT
+/// or when a successor asks for a handover (the admin and metrics listeners closed by then).
 async fn serve(
     cfg: &AgentConfig,
     view: View,
     source: Box<dyn Source>,
     writer: mpsc::Sender<WriterMsg>,
-) -> Result<()> {
+    mut handover: mpsc::Receiver<oneshot::Sender<u32>>,
+) -> Result<Stop> {
     let metrics_listener = metrics::bind(cfg.metrics_addr).await?;
     let admin_listener = admin::bind(&cfg.admin_socket)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -217,14 +266,20 @@ async fn serve(
         let msg = tokio::select! {
             Some(update) = rx.recv() => WriterMsg::Source(update),
             _ = resync.tick() => WriterMsg::Resync,
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+            _ = term.recv() => break Stop::Signal("SIGTERM"),
+            _ = int.recv() => break Stop::Signal("SIGINT"),
+            Some(answer) = handover.recv() => break Stop::Handover(answer),
         };
         if writer.send(msg).await.is_err() {
             anyhow::bail!("the writer stopped");
         }
     };
-    tracing::info!("{stop}: shutting down");
+    match &stop {
+        Stop::Signal(s) => tracing::info!("{s}: shutting down"),
+        Stop::Handover(_) => {
+            tracing::info!("a successor asked for a handover: stopping the control plane")
+        }
+    }
     tasks.shutdown().await;
-    Ok(())
+    Ok(stop)
 }

@@ -31,11 +31,27 @@ pub struct View {
     pub writer: mpsc::Sender<WriterMsg>,
     /// What the certificate reconciler published (its own board).
     pub certs: crate::certs::CertBoard,
+    /// To the serve loop: a successor asks for a handover; answered with this agent's pid
+    /// once the control plane has stopped and the admin socket is released.
+    pub handover: mpsc::Sender<oneshot::Sender<u32>>,
 }
 
 impl View {
     pub fn published(&self) -> Arc<Published> {
         self.board.load_full()
+    }
+
+    /// Stop the control plane for a successor (docs/upgrades.md) and wait until it is done.
+    pub async fn handover(&self) -> Result<serde_json::Value, String> {
+        let (tx, rx) = oneshot::channel();
+        self.handover
+            .send(tx)
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())?;
+        let pid = rx
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())?;
+        Ok(serde_json::json!({ "pid": pid }))
     }
 
     /// Hand a control request to the writer and wait for its answer.

@@ -221,6 +221,8 @@ impl Writer {
                 tracing::info!(enabled, "splice switched");
                 Ok(serde_json::Value::Bool(enabled))
             }
+            // The admin server hands it to the serve loop, never to the writer.
+            Control::Handover => Err("handover is not a writer request".into()),
         }
     }
 

@@ -45,6 +45,11 @@ impl From<Control> for Request {
 pub enum Control {
     /// Switch local pod-to-pod splice on or off (new connections): `bool`.
     SetSplice { enabled: bool },
+    /// Sent by a new combd starting while this one runs (docs/upgrades.md): stop the
+    /// control plane, release the admin socket and the metrics address, and drain the node
+    /// proxy while the successor takes its listeners over. Answered once released:
+    /// `{"pid": <this agent's pid>}`.
+    Handover,
 }
 
 /// Reads only.

@@ -43,6 +43,17 @@ pub enum LabCmd {
         #[arg(long)]
         all: bool,
     },
+    /// Restart a node's combd, or replace its binary, without dropping a connection: a new
+    /// agent starts beside the running one, which hands over and drains (docs/upgrades.md).
+    Upgrade {
+        /// Node name.
+        node: String,
+        /// The new combd binary (default: the lab's).
+        #[arg(long)]
+        combd: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Labs on this machine and their pods.
     List,
 }
@@ -126,6 +137,15 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
                 );
             }
             lab.detach();
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Upgrade { node, combd, name } => {
+            let lab = pick(name)?;
+            let pid = lab.upgrade_agent(&node, combd.as_deref())?;
+            println!(
+                "node {node}: combd {pid} took over; the previous one drains (log {})",
+                lab.agent_log(&node).display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         LabCmd::Exec { pod, name, command } => {

@@ -120,6 +120,11 @@ pub fn link_netns(link: BorrowedFd<'_>) -> io::Result<(u32, libbpf_sys::bpf_atta
     Ok((netns.netns_ino, netns.attach_type))
 }
 
+/// SO_COOKIE of a socket: the id the kernel gives it, as a SOCKMAP lookup returns it.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
 /// BPF_LINK_CREATE of a tcx link (BPF_TCX_INGRESS / BPF_TCX_EGRESS) on the interface with
 /// this ifindex in the calling thread's network namespace, appended after existing programs.
 pub fn link_create_tcx(

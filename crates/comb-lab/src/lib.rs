@@ -234,6 +234,35 @@ impl Lab {
 
     /// Start the node's combd and wait for its admin socket.
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        let cg = self.node(node)?.cgroup.join(naming::AGENT_CGROUP);
+        cgroup::create(&self.state.cgroup2, &cg)?;
+        if cgroup::populated(&cg) {
+            bail!("agent of node {node} is already running");
+        }
+        let socket = self.agent_socket(node);
+        let _ = std::fs::remove_file(&socket); // stale from a killed agent
+        self.spawn_agent(node, None, None)?;
+        Ok(())
+    }
+
+    /// Upgrade or restart the node's combd without losing a connection (docs/upgrades.md):
+    /// start a new one (`combd`, or the lab's binary) while the running one serves; it asks
+    /// the running one to hand over, which then drains its proxied connections and exits on
+    /// its own. Returns once the new agent answers on the admin socket; its pid.
+    pub fn upgrade_agent(&self, node: &str, combd: Option<&Path>) -> Result<u32> {
+        let socket = self.agent_socket(node);
+        let old = agent_pid(&socket).with_context(|| {
+            format!(
+                "the agent of node {node} does not answer on {}",
+                socket.display()
+            )
+        })?;
+        self.spawn_agent(node, combd, Some(old))
+    }
+
+    /// The agent's process, in the node's agent cgroup; waits until it answers on the admin
+    /// socket (and, with `replacing`, is not that pid any more).
+    fn spawn_agent(&self, node: &str, combd: Option<&Path>, replacing: Option<u32>) -> Result<u32> {
         let agent = self
             .state
             .agent
@@ -245,14 +274,10 @@ impl Lab {
         }
         let cg = n.cgroup.join(naming::AGENT_CGROUP);
         cgroup::create(&self.state.cgroup2, &cg)?;
-        if cgroup::populated(&cg) {
-            bail!("agent of node {node} is already running");
-        }
         comb_host::ensure_bpffs()?;
         let socket = self.agent_socket(node);
-        let _ = std::fs::remove_file(&socket); // stale from a killed agent
         let log = self.agent_log(node);
-        let mut cmd = Command::new(&agent.combd);
+        let mut cmd = Command::new(combd.unwrap_or(&agent.combd));
         cmd.arg("--node").arg(node);
         cmd.arg("--manifests").arg(self.manifests_dir());
         cmd.arg("--admin-socket").arg(&socket);
@@ -272,26 +297,30 @@ impl Lab {
         let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
         self.children.lock().unwrap().push(pid);
         let deadline = Instant::now() + AGENT_SOCKET_TIMEOUT;
-        while !socket.exists() {
+        let answering = || match replacing {
+            None => socket.exists(),
+            Some(_) => agent_pid(&socket).is_some_and(|p| p == pid),
+        };
+        while !answering() {
             process::reap(&[pid]);
-            if !cgroup::populated(&cg) {
+            if !process::alive(pid) {
                 bail!(
-                    "combd for node {node} exited before creating {}; log tail:\n{}",
+                    "combd for node {node} exited before answering on {}; log tail:\n{}",
                     socket.display(),
                     process::log_tail(&log, 20)
                 );
             }
             if Instant::now() > deadline {
-                let _ = process::stop_cgroup(&self.state.cgroup2, &cg, Duration::from_secs(1));
+                process::kill_pid(pid);
                 bail!(
-                    "combd for node {node} did not create {} within {AGENT_SOCKET_TIMEOUT:?}; log tail:\n{}",
+                    "combd for node {node} did not answer on {} within {AGENT_SOCKET_TIMEOUT:?}; log tail:\n{}",
                     socket.display(),
                     process::log_tail(&log, 20)
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// SIGTERM the node's combd (it detaches its programs), SIGKILL after 5 s.
@@ -696,4 +725,19 @@ pub fn teardown(name: &str) -> Result<()> {
 /// For tests and tools: where a lab's state would be.
 pub fn state_dir(name: &str) -> PathBuf {
     naming::state_dir(name)
+}
+
+/// The pid of the agent answering on `socket` (its `status`), if one answers.
+fn agent_pid(socket: &Path) -> Option<u32> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    v.get("data")?
+        .get("pid")?
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
 }

@@ -58,6 +58,17 @@ pub fn spawn_detached(mut cmd: Command, netns: &str, cgroup: &Path, log: &Path) 
     Ok(child.id())
 }
 
+/// Whether `pid` exists (a zombie counts until reaped).
+pub fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// SIGKILL one process (gone already is fine).
+pub fn kill_pid(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(pid as i32), None);
+}
+
 /// Collect exited children among `pids`, ignoring pids that aren't (or no longer are) ours.
 pub fn reap(pids: &[u32]) {
     for &pid in pids {

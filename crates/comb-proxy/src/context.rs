@@ -93,6 +93,11 @@ impl ProxyContext {
         self.stop.subscribe()
     }
 
+    /// Whether [`Self::stop`] was called (HTTP/1 responses then close their connection).
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.telemetry
     }

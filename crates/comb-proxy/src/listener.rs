@@ -1,5 +1,8 @@
 //! The proxy's listening sockets: loopback addresses, optionally IP_TRANSPARENT so sockets
 //! the datapath assigns with `bpf_sk_assign` are accepted with their original destination.
+//! SO_REUSEPORT on all of them: during an upgrade the successor binds the same ports while
+//! the draining proxy still listens (the datapath's listener slot decides who takes new
+//! flows; docs/upgrades.md).
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,6 +27,7 @@ pub fn bind(family: Family, port: u16, transparent: bool) -> io::Result<std::net
     };
     let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     if family == Family::V6 {
         s.set_only_v6(true)?;
     }
@@ -49,6 +53,7 @@ pub fn bind_addr(addr: SocketAddr, transparent: bool) -> io::Result<std::net::Tc
     };
     let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }

@@ -56,15 +56,21 @@ impl Proxy {
         let mut listeners = Vec::new();
         for (kind, family, l) in std_listeners {
             let l = Arc::new(TcpListener::from_std(l)?);
+            let (close, closed) = watch::channel(false);
             rt.spawn(accept_loop(
                 kind,
                 l.clone(),
                 ctx.clone(),
                 conns.clone(),
                 active.clone(),
-                stopped.clone(),
+                [stopped.clone(), closed],
             ));
-            listeners.push((kind, family, l));
+            listeners.push(Listening {
+                kind,
+                family,
+                listener: l,
+                close,
+            });
         }
         Ok(ProxyHandle {
             rt: Some(rt),
@@ -103,10 +109,19 @@ fn hbone_listeners(
     Ok(out)
 }
 
+/// One listener and the switch that stops its accept loop alone (an upgrade hands the
+/// listeners over one by one).
+struct Listening {
+    kind: ListenerKind,
+    family: Family,
+    listener: Arc<TcpListener>,
+    close: watch::Sender<bool>,
+}
+
 pub struct ProxyHandle {
     rt: Option<Runtime>,
     ctx: Arc<ProxyContext>,
-    listeners: Vec<(ListenerKind, Family, Arc<TcpListener>)>,
+    listeners: Vec<Listening>,
     /// Connections being served (not the permits: each accept loop holds one while it waits).
     active: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
@@ -117,8 +132,8 @@ impl ProxyHandle {
     pub fn listener_fds(&self) -> Vec<(Family, BorrowedFd<'_>)> {
         self.listeners
             .iter()
-            .filter(|(k, _, _)| *k == ListenerKind::L7)
-            .map(|(_, f, l)| (*f, l.as_fd()))
+            .filter(|l| l.kind == ListenerKind::L7)
+            .map(|l| (l.family, l.listener.as_fd()))
             .collect()
     }
 
@@ -127,8 +142,8 @@ impl ProxyHandle {
     pub fn hbone_listener_fds(&self) -> Vec<(ListenerKind, Family, BorrowedFd<'_>)> {
         self.listeners
             .iter()
-            .filter(|(k, _, _)| *k != ListenerKind::L7)
-            .map(|(k, f, l)| (*k, *f, l.as_fd()))
+            .filter(|l| l.kind != ListenerKind::L7)
+            .map(|l| (l.kind, l.family, l.listener.as_fd()))
             .collect()
     }
 
@@ -141,8 +156,8 @@ impl ProxyHandle {
     pub fn addrs(&self, kind: ListenerKind) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter(|(k, _, _)| *k == kind)
-            .filter_map(|(_, _, l)| l.local_addr().ok())
+            .filter(|l| l.kind == kind)
+            .filter_map(|l| l.listener.local_addr().ok())
             .collect()
     }
 
@@ -174,10 +189,28 @@ impl ProxyHandle {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Stop accepting on one listener (its successor took its datapath slot over): its accept
+    /// loop ends and the socket closes. Connections already accepted are served on.
+    pub fn close_listener(&mut self, kind: ListenerKind, family: Family) {
+        self.listeners.retain(|l| {
+            let this = l.kind == kind && l.family == family;
+            if this {
+                l.close.send_replace(true);
+            }
+            !this
+        });
+    }
+
+    /// Listeners still accepting.
+    pub fn open_listeners(&self) -> Vec<(ListenerKind, Family)> {
+        self.listeners.iter().map(|l| (l.kind, l.family)).collect()
+    }
+
     /// Stops accepting, lets HTTP connections finish their requests (up to `grace`), then
     /// drops whatever is left (opaque relays included) with the runtime. Blocks: call it from
     /// a thread where blocking is allowed (not from inside another tokio runtime's tasks).
-    pub fn shutdown(mut self, grace: Duration) {
+    /// Returns the connections still open when `grace` ran out (cut).
+    pub fn shutdown(mut self, grace: Duration) -> usize {
         self.stop.send_replace(true);
         self.ctx.stop();
         self.listeners.clear();
@@ -185,9 +218,11 @@ impl ProxyHandle {
         while self.active_connections() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let cut = self.active_connections();
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_millis(100));
         }
+        cut
     }
 }
 
@@ -205,7 +240,7 @@ async fn accept_loop(
     ctx: Arc<ProxyContext>,
     conns: Arc<Semaphore>,
     active: Arc<AtomicUsize>,
-    mut stop: watch::Receiver<bool>,
+    [mut stop, mut close]: [watch::Receiver<bool>; 2],
 ) {
     let own = listener.local_addr().ok();
     loop {
@@ -213,10 +248,12 @@ async fn accept_loop(
         let permit = tokio::select! {
             p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
+            _ = close.changed() => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
+            _ = close.changed() => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,

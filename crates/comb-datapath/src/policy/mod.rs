@@ -366,6 +366,38 @@ impl Policy {
             .is_some())
     }
 
+    /// The socket cookie of the listener in `kind`'s slot for `family` (None: empty). A
+    /// proxy compares it with its own listener's ([`crate::socket_cookie`]) to see that a
+    /// successor took the slot over.
+    pub fn listener_cookie(&self, kind: ListenerKind, family: ProxyFamily) -> Result<Option<u64>> {
+        let v = self
+            .proxy_listeners
+            .lookup(&kind.slot(family).to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| format!("reading the {} {family:?} listener", kind.as_str()))?;
+        match v {
+            None => Ok(None),
+            Some(b) => Ok(Some(u64::from_ne_bytes(
+                b.as_slice()
+                    .try_into()
+                    .context("comb_proxy_listeners value is not a cookie")?,
+            ))),
+        }
+    }
+
+    /// [`Self::clear_listener`] only while the slot holds the socket with `cookie`: a
+    /// draining proxy must not remove the listener its successor put there.
+    pub fn clear_listener_if(
+        &self,
+        kind: ListenerKind,
+        family: ProxyFamily,
+        cookie: u64,
+    ) -> Result<()> {
+        if self.listener_cookie(kind, family)? == Some(cookie) {
+            self.clear_listener(kind, family)?;
+        }
+        Ok(())
+    }
+
     /// [`Self::set_listener`] of the L7 proxy.
     pub fn set_proxy_listener(&self, family: ProxyFamily, fd: BorrowedFd<'_>) -> Result<()> {
         self.set_listener(ListenerKind::L7, family, fd)

@@ -8,12 +8,17 @@ pub mod upgrade;
 
 use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::context::ProxyContext;
 use service::{ConnInfo, ProxyService};
+
+/// How long a draining proxy lets an HTTP/1 keep-alive connection stay idle before closing
+/// it (a busy one closes sooner, after its next response).
+const H1_DRAIN_IDLE: Duration = Duration::from_secs(5);
 
 /// Serves one HTTP/1.1 connection until the client, an error or shutdown ends it. hyper
 /// answers malformed requests with 400, oversized heads with 431, and closes a connection
@@ -35,8 +40,17 @@ where
     let r = tokio::select! {
         r = served.as_mut() => r,
         _ = stop.changed() => {
-            served.as_mut().graceful_shutdown();
-            served.await
+            // Draining: every response now says `Connection: close` (ProxyService), so a
+            // client's next request ends the connection at a request boundary. Closing an
+            // idle keep-alive connection at once would race a request the client is sending;
+            // only one idle for H1_DRAIN_IDLE is closed.
+            match tokio::time::timeout(H1_DRAIN_IDLE, served.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            }
         }
     };
     if let Err(e) = r {

@@ -51,7 +51,20 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.ctx.clone();
         let conn = self.conn.clone();
-        Box::pin(async move { Ok(handle(ctx, conn, req).await) })
+        Box::pin(async move {
+            let h2 = conn.h2;
+            let mut resp = handle(ctx.clone(), conn, req).await;
+            // Draining: end an HTTP/1 connection after this response, at a request boundary
+            // (hyper closes after a `Connection: close` response). Not on a 101: the
+            // connection becomes the upgraded stream.
+            if !h2 && ctx.is_stopping() && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                resp.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(resp)
+        })
     }
 }
 
