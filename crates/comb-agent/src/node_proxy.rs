@@ -3,7 +3,7 @@
 //! datapath's `comb_proxy_listeners` map, the node's policy routing installed while it runs.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,9 @@ struct Registered {
 /// How long a draining proxy keeps accepting on a listener after its successor took the
 /// slot: SYNs the datapath handed over just before the switch wait in its accept queue.
 const ACCEPT_GRACE: Duration = Duration::from_secs(1);
-/// How long a successor waits for its workload certificates before it takes the HBONE
-/// listeners over anyway (its predecessor serves HBONE meanwhile).
-const HBONE_CERTS_WAIT: Duration = Duration::from_secs(20);
+/// How long a successor waits for its first table (and workload certificates) before it
+/// takes the listeners over anyway (its predecessor serves meanwhile).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(20);
 
 fn dp_kind(k: comb_proxy::ListenerKind) -> ListenerKind {
     match k {
@@ -91,8 +91,9 @@ impl NodeProxy {
     /// Start the proxy (empty table until the first reconcile), register its listeners with
     /// the datapath and install the policy routing of the agent's network namespace.
     /// `certs`: the workload certificates the certificate reconciler keeps (HBONE's mTLS).
-    /// `successor`: a predecessor handed over and still serves; the HBONE listeners are then
-    /// taken over only once the workload certificates are here (or after HBONE_CERTS_WAIT).
+    /// `successor`: a predecessor handed over and still serves; the listeners then take the
+    /// datapath's slots over only once the first table (and, for HBONE, the workload
+    /// certificates) are here, or after TAKEOVER_WAIT.
     pub fn start(
         cfg: &AgentConfig,
         px: &ProxyConfig,
@@ -155,35 +156,38 @@ impl NodeProxy {
             tracing::warn!(error = %e, "net.ipv4.tcp_migrate_req=1 not set");
         }
         let registered = Arc::new(Mutex::new(Vec::new()));
+        let mut fds: Vec<(comb_proxy::ListenerKind, Family, OwnedFd)> = Vec::new();
         for (f, fd) in handle.listener_fds() {
-            register(datapath, &registered, comb_proxy::ListenerKind::L7, f, fd)?;
+            fds.push((comb_proxy::ListenerKind::L7, f, fd.try_clone_to_owned()?));
         }
-        let hbone: Vec<_> = handle
-            .hbone_listener_fds()
-            .into_iter()
-            .map(|(k, f, fd)| fd.try_clone_to_owned().map(|fd| (k, f, fd)))
-            .collect::<std::io::Result<_>>()
-            .context("duplicating the HBONE listener fds")?;
-        if successor && !hbone.is_empty() {
+        for (k, f, fd) in handle.hbone_listener_fds() {
+            fds.push((k, f, fd.try_clone_to_owned()?));
+        }
+        if successor {
+            // The predecessor serves until this proxy can: a table from the first reconcile
+            // and, for HBONE, the workload certificates.
+            let needs_certs = fds
+                .iter()
+                .any(|(k, _, _)| *k != comb_proxy::ListenerKind::L7);
             let (dp, reg, ctx) = (
                 datapath.clone(),
                 registered.clone(),
                 handle.context().clone(),
             );
             std::thread::Builder::new()
-                .name("hbone-takeover".into())
+                .name("proxy-takeover".into())
                 .spawn(move || {
-                    wait_for_certs(&ctx, &certs);
-                    for (k, f, fd) in hbone {
+                    wait_until_ready(&ctx, needs_certs.then_some(&certs));
+                    for (k, f, fd) in fds {
                         if let Err(e) = register(&dp, &reg, k, f, fd.as_fd()) {
-                            tracing::warn!(error = %format!("{e:#}"), "taking an HBONE listener over");
+                            tracing::warn!(error = %format!("{e:#}"), "taking a proxy listener over");
                         }
                     }
-                    tracing::info!("HBONE listeners taken over");
+                    tracing::info!("proxy listeners taken over");
                 })
-                .context("starting the HBONE takeover thread")?;
+                .context("starting the proxy takeover thread")?;
         } else {
-            for (k, f, fd) in hbone {
+            for (k, f, fd) in fds {
                 register(datapath, &registered, k, f, fd.as_fd())?;
             }
         }
@@ -320,25 +324,27 @@ impl NodeProxy {
     }
 }
 
-/// Until every local mesh pod of the proxy's table (after the first reconcile) has its
-/// workload certificate, or HBONE_CERTS_WAIT passed.
-fn wait_for_certs(ctx: &comb_proxy::ProxyContext, certs: &comb_identity::CertStore) {
+/// Until the proxy has a table from the first reconcile and, with `certs`, every local mesh
+/// pod of it has its workload certificate; at most TAKEOVER_WAIT.
+fn wait_until_ready(ctx: &comb_proxy::ProxyContext, certs: Option<&comb_identity::CertStore>) {
     let t0 = Instant::now();
-    while t0.elapsed() < HBONE_CERTS_WAIT {
+    while t0.elapsed() < TAKEOVER_WAIT {
         let table = ctx.table();
-        let set = certs.load();
-        if table.generation > 0
-            && table
+        let certified = || {
+            let Some(certs) = certs else { return true };
+            let set = certs.load();
+            table
                 .mesh_endpoints
                 .values()
                 .filter(|m| m.mode == comb_model::mesh::DataplaneMode::Mesh)
                 .all(|m| set.get(&m.identity).is_some())
-        {
+        };
+        if table.generation > 0 && certified() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     tracing::warn!(
-        "workload certificates still missing after {HBONE_CERTS_WAIT:?}; taking the HBONE listeners over anyway"
+        "no table or workload certificates after {TAKEOVER_WAIT:?}; taking the proxy listeners over anyway"
     );
 }

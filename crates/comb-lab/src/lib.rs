@@ -186,6 +186,11 @@ impl Lab {
         self.state_dir().join(format!("{node}.sock"))
     }
 
+    /// The cgroup the node's agents run in (during an upgrade, the draining one too).
+    pub fn agent_cgroup(&self, node: &str) -> Result<PathBuf> {
+        Ok(self.node(node)?.cgroup.join(naming::AGENT_CGROUP))
+    }
+
     pub fn agent_log(&self, node: &str) -> PathBuf {
         self.logs_dir().join(format!("combd-{node}.log"))
     }

@@ -12,5 +12,6 @@
 pub mod bench;
 pub mod probe;
 mod probe_http;
+mod probe_load;
 #[allow(unsafe_code)]
 mod sys;

@@ -125,6 +125,20 @@ pub enum ProbeCmd {
         #[arg(long, default_value = "1")]
         threads: usize,
     },
+    /// HTTP/1.1 keep-alive GETs at RATE per second over CONNS connections for SECS seconds;
+    /// prints JSON counts (failed requests, connections opened, longest gap, latency).
+    HttpLoad {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "16")]
+        conns: usize,
+        #[arg(long, default_value = "1000")]
+        rate: f64,
+        #[arg(long, default_value = "10")]
+        secs: f64,
+        #[arg(long, default_value = "/bytes/1024")]
+        path: String,
+    },
     /// CONNS long-lived connections streaming verified data to an echo server for SECS
     /// seconds; prints `connected N` once all are up, then JSON bytes and failures.
     Stream {
@@ -166,6 +180,13 @@ pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
         } => connrate(vips, to, secs, parallel),
         ProbeCmd::Stream { to, conns, secs } => stream(to, conns, secs),
         ProbeCmd::HttpServe { port, threads } => crate::probe_http::serve(port, threads),
+        ProbeCmd::HttpLoad {
+            to,
+            conns,
+            rate,
+            secs,
+            path,
+        } => crate::probe_load::run(to, conns, rate, secs, path),
     }
 }
 

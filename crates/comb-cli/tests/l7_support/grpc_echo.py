@@ -7,9 +7,17 @@ ends with NOT_FOUND) and Stream (bidirectional: one reply per request, as they c
 
   grpc_echo.py serve PORT
   grpc_echo.py call HOST:PORT [STREAM_MESSAGES]   -> one JSON line with both outcomes
+  grpc_echo.py hold HOST:PORT STREAMS STOP_FILE    -> STREAMS bidirectional streams on one
+      channel, each sending a numbered message every 100 ms and checking its echo, until
+      STOP_FILE exists; then each ends cleanly. Prints "open N" once all are up, then one
+      JSON line: streams, messages echoed, failures (a wrong echo, an error, a missing end).
 """
 import json
+import os
+import queue
 import sys
+import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -36,7 +44,9 @@ def serve(port):
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # A bidirectional stream holds a worker for its whole life: room for the upgrade
+    # test's 100 concurrent streams.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=128))
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port("0.0.0.0:%d" % port)
     server.start()
@@ -73,8 +83,77 @@ def call(target, n):
     print(json.dumps(out, sort_keys=True))
 
 
+def hold(target, n, stop_file):
+    ch = grpc.insecure_channel(target)
+    stream = ch.stream_stream("/%s/Stream" % SERVICE)
+    results = [None] * n
+    up = threading.Barrier(n + 1)
+
+    def one(k):
+        q = queue.Queue()
+        sent = [0]
+
+        def requests():
+            while True:
+                m = q.get()
+                if m is None:
+                    return
+                yield m
+
+        echoed, failures = 0, []
+        try:
+            q.put(b"%d:0" % k)
+            sent[0] = 1
+            it = stream(requests())
+            first = next(it)
+            if first != b"echo:%d:0" % k:
+                failures.append("first echo %r" % first)
+            echoed += 1
+            up.wait()
+            i = 1
+            while not os.path.exists(stop_file):
+                msg = b"%d:%d" % (k, i)
+                q.put(msg)
+                r = next(it)
+                if r != b"echo:" + msg:
+                    failures.append("echo %r for %r" % (r, msg))
+                    break
+                echoed += 1
+                i += 1
+                time.sleep(0.1)
+            q.put(None)
+            rest = list(it)
+            if rest:
+                failures.append("unexpected replies %r" % rest[:3])
+            if it.code() != grpc.StatusCode.OK:
+                failures.append("status %s" % it.code())
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            failures.append("%s: %s" % (type(e).__name__, e))
+            try:
+                up.abort()
+            except Exception:  # noqa: BLE001
+                pass
+        results[k] = (echoed, failures)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        up.wait()
+        print("open %d" % n, flush=True)
+    except threading.BrokenBarrierError:
+        print("open failed", flush=True)
+    for t in threads:
+        t.join()
+    failures = [f for r in results for f in (r[1] if r else ["no result"])]
+    print(json.dumps({"streams": n, "echoed": sum(r[0] for r in results if r),
+                      "failures": failures[:10], "failed": len(failures)}, sort_keys=True))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         call(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 5)

@@ -48,39 +48,33 @@ pub async fn serve_outbound(
         src: peer.ip().to_canonical(),
         dst: SocketAddr::new(dst.ip().to_canonical(), hbone.opts.peer_port),
     };
-    let slot = match hbone.pool.stream(&key).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(%peer, %dst, "hbone outbound: {e}");
-            return reset(stream);
-        }
-    };
-    let mut req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(
-            Uri::try_from(SocketAddr::new(dst.ip().to_canonical(), dst.port()).to_string())
-                .unwrap_or_default(),
-        )
-        .body(Empty::<Bytes>::new())
-        .unwrap_or_default();
-    let h = req.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&headers::forwarded_for(peer.ip().to_canonical())) {
-        h.insert(http::header::FORWARDED, v);
-    }
-    if let Some(w) = &source
-        && let Ok(v) = HeaderValue::from_str(&headers::baggage(w, &hbone.opts.cluster_name))
-    {
-        h.insert("baggage", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&trace::incoming(None).traceparent()) {
-        h.insert("traceparent", v);
-    }
-    let mut sender = slot.conn.sender.clone();
-    let resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(%peer, %dst, "hbone outbound CONNECT: {e}");
-            return reset(stream);
+    // A CONNECT that fails before its 200 carried no byte of the client's: it is retried
+    // once on a fresh connection. That is what a draining peer's GOAWAY (an upgrade on its
+    // node, docs/upgrades.md) or a connection that died unnoticed costs, instead of a reset.
+    let mut retried = false;
+    let (slot, resp) = loop {
+        let slot = match hbone.pool.stream(&key).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%peer, %dst, "hbone outbound: {e}");
+                return reset(stream);
+            }
+        };
+        let mut sender = slot.conn.sender.clone();
+        match sender
+            .send_request(connect_request(peer, dst, source.as_deref(), hbone))
+            .await
+        {
+            Ok(r) => break (slot, r),
+            Err(e) => {
+                slot.conn.retire();
+                if retried {
+                    tracing::info!(%peer, %dst, "hbone outbound CONNECT: {e}");
+                    return reset(stream);
+                }
+                tracing::debug!(%peer, %dst, "hbone outbound CONNECT: {e}; retrying on a fresh connection");
+                retried = true;
+            }
         }
     };
     if resp.status() != StatusCode::OK {
@@ -104,6 +98,36 @@ pub async fn serve_outbound(
         tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
         reset(down);
     }
+}
+
+/// The CONNECT of one tunnelled stream (ztunnel's headers).
+fn connect_request(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: Option<&comb_model::l7::Workload>,
+    hbone: &crate::tunnel::Hbone,
+) -> Request<Empty<Bytes>> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(
+            Uri::try_from(SocketAddr::new(dst.ip().to_canonical(), dst.port()).to_string())
+                .unwrap_or_default(),
+        )
+        .body(Empty::<Bytes>::new())
+        .unwrap_or_default();
+    let h = req.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&headers::forwarded_for(peer.ip().to_canonical())) {
+        h.insert(http::header::FORWARDED, v);
+    }
+    if let Some(w) = source
+        && let Ok(v) = HeaderValue::from_str(&headers::baggage(w, &hbone.opts.cluster_name))
+    {
+        h.insert("baggage", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&trace::incoming(None).traceparent()) {
+        h.insert("traceparent", v);
+    }
+    req
 }
 
 /// Close with RST: the client must not read a failure as a clean end.

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,20 @@ pub(crate) struct Conn {
     pub(crate) received: AtomicU64,
     /// When the last stream ended (idle reaping).
     idle_since: Mutex<Instant>,
+    /// A stream could not be opened on it (GOAWAY from a draining peer, a dead connection
+    /// hyper has not noticed yet): no new stream is put on it.
+    retired: AtomicBool,
+}
+
+impl Conn {
+    /// Take no new streams on this connection (its streams in flight go on).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed) && !self.sender.is_closed()
+    }
 }
 
 /// A stream's claim on a connection; ends the stream's count when dropped.
@@ -212,7 +226,7 @@ impl Pool {
         list.retain(|c| !c.sender.is_closed());
         let max = self.opts.max_streams_per_connection;
         list.iter()
-            .filter(|c| c.sender.is_ready() && c.active.load(Ordering::Relaxed) < max)
+            .filter(|c| c.usable() && c.sender.is_ready() && c.active.load(Ordering::Relaxed) < max)
             .min_by_key(|c| c.active.load(Ordering::Relaxed))
             .map(claim)
     }
@@ -266,6 +280,7 @@ impl Pool {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -277,8 +292,8 @@ impl Pool {
         conns.retain(|_, list| {
             list.retain(|c| {
                 let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-                !c.sender.is_closed()
-                    && (c.active.load(Ordering::Relaxed) > 0 || now.duration_since(since) < idle)
+                let busy = c.active.load(Ordering::Relaxed) > 0;
+                !c.sender.is_closed() && (busy || (c.usable() && now.duration_since(since) < idle))
             });
             !list.is_empty()
         });
