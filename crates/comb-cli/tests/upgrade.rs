@@ -264,3 +264,70 @@ fn upgrades_and_restarts_drop_nothing() {
     });
     lab.down().unwrap();
 }
+
+/// A crash (SIGKILL, nothing cleaned up) is not an upgrade: what the kernel carries survives,
+/// what the proxy process held does not. Streams on the kernel path (pod to pod on one node,
+/// no L7) go on through the crash and the restart; streams through the L7 proxy break; once
+/// the next agent runs (adopting the pinned datapath), new connections of both kinds work.
+#[test]
+fn a_crash_loses_only_the_proxied_connections() {
+    if !privileged() {
+        return;
+    }
+    let pods = pod("local", "n1", "", false)
+        + &pod("web", "n1", "comb.dev/l7: \"true\"", true)
+        + &pod("plain", "n1", "", true);
+    let lab = lab_up("ucr", &pods, &[]);
+    wait_ready(&lab, "n1", 3);
+    let (web, plain) = (ip(&lab, "shop/web"), ip(&lab, "shop/plain"));
+    wait_listening(&lab, "shop/web", TCP);
+    wait_listening(&lab, "shop/plain", TCP);
+    let (to_web, to_plain) = (format!("{web}:{TCP}"), format!("{plain}:{TCP}"));
+    let stream = |to: &str, what| {
+        spawn(
+            &lab,
+            "shop/local",
+            COMB,
+            &[
+                "probe", "stream", "--to", to, "--conns", "10", "--secs", "12",
+            ],
+            what,
+        )
+    };
+    let mut kernel = stream(&to_plain, "kernel-path streams");
+    let mut proxied = stream(&to_web, "proxied streams");
+    kernel.wait_line("connected");
+    proxied.wait_line("connected");
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = status(&lab, "n1").pid;
+    lab.kill_agent("n1").unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "combd {pid} was killed"
+    );
+    // Down for a while, as after a real crash, then the next agent.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    lab.start_agent("n1").unwrap();
+    wait_ready(&lab, "n1", 3);
+    eprintln!("agent back after {:?}", t.elapsed());
+    let kernel = kernel.report();
+    let proxied = proxied.report();
+    eprintln!("kernel path: {kernel}\nproxied: {proxied}");
+    assert_eq!(kernel["failures"].as_array().unwrap().len(), 0, "{kernel}");
+    assert!(kernel["bytes"].as_u64().unwrap() > 0, "{kernel}");
+    assert_eq!(
+        proxied["failures"].as_array().unwrap().len(),
+        10,
+        "every proxied stream ends with the process that held it: {proxied}"
+    );
+    // New connections of both kinds work with the next agent.
+    for to in [&to_plain, &to_web] {
+        wait_for(
+            Duration::from_secs(10),
+            "new connections after the crash",
+            || probe(&lab, "shop/local", &["churn", "--to", to, "--count", "5"]).0,
+        );
+    }
+    lab.down().unwrap();
+}

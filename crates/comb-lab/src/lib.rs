@@ -337,6 +337,15 @@ impl Lab {
         Ok(())
     }
 
+    /// SIGKILL the node's combd (a crash: nothing is cleaned up; the pins stay for the next
+    /// agent). Returns once its cgroup is empty.
+    pub fn kill_agent(&self, node: &str) -> Result<()> {
+        let cg = self.node(node)?.cgroup.join(naming::AGENT_CGROUP);
+        cgroup::kill_all(&self.state.cgroup2, &cg, Duration::from_secs(5))?;
+        process::reap(&self.children.lock().unwrap());
+        Ok(())
+    }
+
     /// The CA's directory: its keys, `root-cert.pem`, the tokens file and each node's token.
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir().join("ca")
