@@ -11,6 +11,7 @@ mod report;
 mod service_lb;
 mod splice;
 mod tools;
+mod upgrade;
 
 pub use report::percentile;
 
@@ -47,6 +48,9 @@ pub enum BenchCmd {
     /// Pods on two nodes: plaintext, a pair of haproxy sidecars with mutual TLS, and Comb's
     /// HBONE tunnel (added latency, throughput, connection rate, memory).
     Mtls(mtls::Args),
+    /// Traffic of every kind through the node proxies while the agents restart (failed
+    /// requests, reset connections, longest stall), against the same load with no restart.
+    Upgrade(upgrade::Args),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
@@ -70,6 +74,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::Mtls(a) => {
             let r = mtls::run(&a)?;
+            (a.common, r)
+        }
+        BenchCmd::Upgrade(a) => {
+            let r = upgrade::run(&a)?;
             (a.common, r)
         }
     };

@@ -223,7 +223,7 @@ fn tunnels_to(lab: &Lab, addr: &str) -> Result<usize> {
 }
 
 /// Wait until every node's agent holds a valid certificate for each identity it needs.
-fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
+pub(super) fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for node in nodes {
         loop {
