@@ -138,6 +138,9 @@ pub enum ProbeCmd {
         secs: f64,
         #[arg(long, default_value = "/bytes/1024")]
         path: String,
+        /// Write one line per request here: start (unix µs) and latency (µs; -1: failed).
+        #[arg(long)]
+        samples: Option<std::path::PathBuf>,
     },
     /// CONNS long-lived connections streaming verified data to an echo server for SECS
     /// seconds; prints `connected N` once all are up, then JSON bytes and failures.
@@ -186,7 +189,8 @@ pub fn run(cmd: ProbeCmd) -> Result<ExitCode> {
             rate,
             secs,
             path,
-        } => crate::probe_load::run(to, conns, rate, secs, path),
+            samples,
+        } => crate::probe_load::run(to, conns, rate, secs, path, samples),
     }
 }
 

@@ -7,7 +7,8 @@
 //!
 //! Prints one JSON object when done: `ok`, `failed`, `connections` (opened), `max_gap_ms`
 //! (the longest time in which no request completed), `p50_ms`, `p99_ms`, `errors` (the
-//! first few failures, with the time they happened).
+//! first few failures, with the time they happened). With `--samples FILE`, also one line per
+//! request: its start (unix µs), its latency (µs, or -1 when it failed).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -32,10 +33,19 @@ struct Tally {
     latencies_us: Vec<u64>,
     /// Completion times (since start) of every successful request, for the gaps.
     done_at_us: Vec<u64>,
+    /// (start, unix µs; latency µs or -1 for a failure) of every request.
+    samples: Vec<(u64, i64)>,
     errors: Vec<String>,
 }
 
-pub fn run(to: SocketAddr, conns: usize, rate: f64, secs: f64, path: String) -> Result<ExitCode> {
+pub fn run(
+    to: SocketAddr,
+    conns: usize,
+    rate: f64,
+    secs: f64,
+    path: String,
+    samples: Option<std::path::PathBuf>,
+) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -61,6 +71,14 @@ pub fn run(to: SocketAddr, conns: usize, rate: f64, secs: f64, path: String) -> 
         }
     });
     let mut t = tally.lock().expect("tally");
+    if let Some(file) = samples {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for (start, lat) in &t.samples {
+            let _ = writeln!(text, "{start} {lat}");
+        }
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    }
     t.latencies_us.sort_unstable();
     t.done_at_us.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -120,9 +138,15 @@ async fn connection(
 ) {
     let mut next = start;
     let mut sender: Option<Sender> = None;
+    let unix_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    };
     let fail = |what: String| {
         let mut t = tally.lock().expect("tally");
         t.failed += 1;
+        t.samples.push((unix_us(), -1));
         if t.errors.len() < MAX_ERRORS {
             t.errors
                 .push(format!("{:.3}s: {what}", t0.elapsed().as_secs_f64()));
@@ -156,7 +180,7 @@ async fn connection(
             .header("host", to.to_string())
             .body(Empty::new())
             .expect("request");
-        let t = Instant::now();
+        let (t, started) = (Instant::now(), unix_us());
         let r = tokio::time::timeout(Duration::from_secs(10), async {
             let resp = s.send_request(req).await.context("request")?;
             let status = resp.status();
@@ -169,7 +193,9 @@ async fn connection(
             Ok(Ok(_)) => {
                 let mut tl = tally.lock().expect("tally");
                 tl.ok += 1;
-                tl.latencies_us.push(t.elapsed().as_micros() as u64);
+                let lat = t.elapsed().as_micros() as u64;
+                tl.latencies_us.push(lat);
+                tl.samples.push((started, lat as i64));
                 tl.done_at_us.push(t0.elapsed().as_micros() as u64);
             }
             Ok(Err(e)) => {

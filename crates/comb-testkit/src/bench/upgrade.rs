@@ -93,10 +93,6 @@ impl Client {
     }
 }
 
-fn num(v: &serde_json::Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
-}
-
 pub fn run(a: &Args) -> Result<Report> {
     let c = &a.common;
     if c.secs == 0 || a.rate <= 0.0 {
@@ -160,115 +156,40 @@ pub fn run(a: &Args) -> Result<Report> {
         )?,
     ];
     let web_ip = lab.pod(&web)?.ip.to_string();
-    let (http, tcp) = (format!("{web_ip}:{HTTP}"), format!("{web_ip}:{TCP}"));
-    let rate = a.rate.to_string();
-    let http_load = |secs: u64| -> Result<[Client; 2]> {
-        let s = secs.to_string();
-        let args = [
-            "probe",
-            "http-load",
-            "--to",
-            &http,
-            "--conns",
-            "8",
-            "--rate",
-            &rate,
-            "--secs",
-            &s,
-        ];
-        Ok([
-            spawn(&lab, "client", &comb_s, &args, "HTTP load from node1")?,
-            spawn(&lab, "local", &comb_s, &args, "HTTP load on node2")?,
-        ])
+    let setup = Setup {
+        lab: &lab,
+        comb: comb_s,
+        grpc_py,
+        ws_py,
+        web_ip,
+        rate: a.rate,
     };
-    // Warm up (first tunnel, pools), then the steady run.
-    for r in http_load(2)? {
-        r.report()?;
-    }
-    let steady: Vec<serde_json::Value> = http_load(u64::from(c.secs))?
-        .into_iter()
-        .map(Client::report)
-        .collect::<Result<_>>()?;
-    eprintln!("steady: {steady:?}");
+    // Warm up (the first tunnel, the pools), then the same load without and with restarts.
+    setup.phase(0, 3)?;
+    let secs = u64::from(c.secs).max(8);
+    let steady = setup.phase(0, secs)?;
+    let upgrades = setup.phase(a.restarts, a.restarts as u64 * 4 + 8)?;
 
-    let stop = lab.state_dir().join("bench-stop");
-    let stop_s = p(&stop)?;
-    let secs = a.restarts as u64 * 4 + 8;
-    let loads = http_load(secs)?;
-    let grpc = spawn(
-        &lab,
-        "client",
-        PY,
-        &[
-            &grpc_py,
-            "hold",
-            &format!("{web_ip}:{GRPC}"),
-            "100",
-            &stop_s,
-        ],
-        "gRPC streams",
-    )?;
-    let ws = spawn(
-        &lab,
-        "local",
-        PY,
-        &[
-            &ws_py,
-            "hold",
-            &format!("ws://{web_ip}:{WS}/b"),
-            "50",
-            &stop_s,
-        ],
-        "WebSockets",
-    )?;
-    let tcp_streams = spawn(
-        &lab,
-        "client",
-        &comb_s,
-        &[
-            "probe",
-            "stream",
-            "--to",
-            &tcp,
-            "--conns",
-            "50",
-            "--secs",
-            &(secs - 2).to_string(),
-        ],
-        "TCP streams",
-    )?;
-    for i in 0..a.restarts {
-        std::thread::sleep(Duration::from_secs(4));
-        let node = if i % 2 == 0 { "node2" } else { "node1" };
-        let pid = lab.upgrade_agent(node, None)?;
-        eprintln!("restart {}: {node} now served by combd {pid}", i + 1);
-    }
-    let during: Vec<serde_json::Value> = loads
-        .into_iter()
-        .map(Client::report)
-        .collect::<Result<_>>()?;
-    let tcp_r = tcp_streams.report()?;
-    std::fs::write(&stop, b"")?;
-    let (grpc_r, ws_r) = (grpc.report()?, ws.report()?);
-    eprintln!("during: {during:?}\ntcp: {tcp_r}\ngrpc: {grpc_r}\nws: {ws_r}");
-
-    let failed = |runs: &[serde_json::Value]| runs.iter().map(|r| num(r, "failed")).sum::<f64>();
-    let resets = num(&grpc_r, "failed")
-        + num(&ws_r, "failed")
-        + tcp_r["failures"]
-            .as_array()
-            .map_or(f64::NAN, |f| f.len() as f64);
-    let steady_p99 = steady.iter().map(|r| num(r, "p99_ms")).fold(0.0, f64::max);
-    let stall = during
+    let in_window = |t: u64| upgrades.windows.iter().any(|&(a, b)| t >= a && t <= b);
+    // The same run's requests outside the hand-overs: its steady-state latency.
+    let mut outside: Vec<f64> = upgrades
+        .samples
         .iter()
-        .map(|r| num(r, "max_gap_ms"))
-        .fold(0.0, f64::max);
+        .filter(|(start, lat)| *lat >= 0 && !in_window(*start))
+        .map(|(_, lat)| *lat as f64 / 1000.0)
+        .collect();
+    let steady_p99 = super::report::percentile(&mut outside, 99.0);
+    let stall = max_gap_ms(&upgrades.samples, &upgrades.windows);
+    let steady_gap = max_gap_ms(&steady.samples, &[(0, u64::MAX)]);
+    eprintln!(
+        "steady run: longest gap {steady_gap:.1} ms; run with restarts: p99 outside the hand-overs {steady_p99:.2} ms, longest gap in a hand-over {stall:.1} ms"
+    );
     let zero_goal = |name: &str, unit: &str, baseline: f64, comb: f64| Metric {
         name: name.into(),
         unit: unit.into(),
         baseline,
         comb,
-        // Goal 0: the ratio is Comb's count itself over a baseline that is 0 too.
+        // Goal 0: with a baseline of 0 the ratio is Comb's count itself.
         ratio: if baseline == 0.0 {
             comb
         } else {
@@ -281,10 +202,15 @@ pub fn run(a: &Args) -> Result<Report> {
             zero_goal(
                 "failed_requests",
                 "requests",
-                failed(&steady),
-                failed(&during),
+                steady.failed as f64,
+                upgrades.failed as f64,
             ),
-            zero_goal("reset_connections", "connections", 0.0, resets),
+            zero_goal(
+                "reset_connections",
+                "connections",
+                steady.resets as f64,
+                upgrades.resets as f64,
+            ),
             Metric {
                 name: "max_stall_ms".into(),
                 unit: "ms".into(),
@@ -295,12 +221,176 @@ pub fn run(a: &Args) -> Result<Report> {
         ],
         pairs: 1,
         baseline_label: format!(
-            "HTTP load without restarts ({} s; max_stall_ms baseline: its p99 latency)",
-            c.secs
+            "the load without restarts ({secs} s); for max_stall_ms: the p99 latency of the run with restarts outside its hand-overs"
         ),
         comb_label: format!(
-            "the same load plus 100 gRPC streams, 50 WebSockets, 50 TCP streams, {} agent restarts",
-            a.restarts
+            "HTTP {} req/s x 2, 100 gRPC streams, 50 WebSockets, 50 TCP streams, {} agent restarts",
+            a.rate, a.restarts
         ),
     })
+}
+
+/// The longest time (ms) between consecutive request completions (both clients merged) that
+/// overlaps one of `windows` (unix µs).
+fn max_gap_ms(samples: &[(u64, i64)], windows: &[(u64, u64)]) -> f64 {
+    let mut done: Vec<u64> = samples
+        .iter()
+        .filter(|(_, lat)| *lat >= 0)
+        .map(|(start, lat)| start + *lat as u64)
+        .collect();
+    done.sort_unstable();
+    done.windows(2)
+        .filter(|w| windows.iter().any(|&(a, b)| w[1] >= a && w[0] <= b))
+        .map(|w| (w[1] - w[0]) as f64 / 1000.0)
+        .fold(0.0, f64::max)
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+struct Setup<'a> {
+    lab: &'a Lab,
+    comb: String,
+    grpc_py: String,
+    ws_py: String,
+    web_ip: String,
+    rate: f64,
+}
+
+/// What one run measured.
+struct Phase {
+    failed: u64,
+    /// Streams (gRPC, WebSocket, TCP) that failed.
+    resets: u64,
+    /// (start unix µs, latency µs or -1) of every HTTP request of both clients.
+    samples: Vec<(u64, i64)>,
+    /// The hand-overs: from asking for a restart to 2 s after the new agent answered.
+    windows: Vec<(u64, u64)>,
+}
+
+impl Setup<'_> {
+    /// The whole load for `secs` seconds, with `restarts` agent restarts 4 s apart
+    /// (alternating node2 and node1).
+    fn phase(&self, restarts: usize, secs: u64) -> Result<Phase> {
+        let lab = self.lab;
+        let dir = lab.state_dir().join("bench-upgrade");
+        std::fs::create_dir_all(&dir)?;
+        let stop = dir.join("stop");
+        let _ = std::fs::remove_file(&stop);
+        let path = |p: &Path| p.to_str().context("path").map(str::to_owned);
+        let stop_s = path(&stop)?;
+        let (http, tcp) = (
+            format!("{}:{HTTP}", self.web_ip),
+            format!("{}:{TCP}", self.web_ip),
+        );
+        let (rate, s) = (self.rate.to_string(), secs.to_string());
+        let mut loads = Vec::new();
+        let mut sample_files = Vec::new();
+        for (pod, what) in [
+            ("client", "HTTP load from node1"),
+            ("local", "HTTP load on node2"),
+        ] {
+            let f = dir.join(format!("samples-{pod}"));
+            let fs = path(&f)?;
+            let args = [
+                "probe",
+                "http-load",
+                "--to",
+                &http,
+                "--conns",
+                "8",
+                "--rate",
+                &rate,
+                "--secs",
+                &s,
+                "--samples",
+                &fs,
+            ];
+            loads.push(spawn(lab, pod, &self.comb, &args, what)?);
+            sample_files.push(f);
+        }
+        let grpc = spawn(
+            lab,
+            "client",
+            PY,
+            &[
+                &self.grpc_py,
+                "hold",
+                &format!("{}:{GRPC}", self.web_ip),
+                "100",
+                &stop_s,
+            ],
+            "gRPC streams",
+        )?;
+        let ws = spawn(
+            lab,
+            "local",
+            PY,
+            &[
+                &self.ws_py,
+                "hold",
+                &format!("ws://{}:{WS}/b", self.web_ip),
+                "50",
+                &stop_s,
+            ],
+            "WebSockets",
+        )?;
+        let stream_secs = secs.saturating_sub(2).max(1).to_string();
+        let tcp_streams = spawn(
+            lab,
+            "client",
+            &self.comb,
+            &[
+                "probe",
+                "stream",
+                "--to",
+                &tcp,
+                "--conns",
+                "50",
+                "--secs",
+                &stream_secs,
+            ],
+            "TCP streams",
+        )?;
+        let mut windows = Vec::new();
+        for i in 0..restarts {
+            std::thread::sleep(Duration::from_secs(4));
+            let node = if i % 2 == 0 { "node2" } else { "node1" };
+            let from = unix_us();
+            let pid = lab.upgrade_agent(node, None)?;
+            windows.push((from, unix_us() + 2_000_000));
+            eprintln!("restart {}: {node} now served by combd {pid}", i + 1);
+        }
+        let http_reports: Vec<serde_json::Value> = loads
+            .into_iter()
+            .map(Client::report)
+            .collect::<Result<_>>()?;
+        let tcp_r = tcp_streams.report()?;
+        std::fs::write(&stop, b"")?;
+        let (grpc_r, ws_r) = (grpc.report()?, ws.report()?);
+        eprintln!("http: {http_reports:?}\ntcp: {tcp_r}\ngrpc: {grpc_r}\nws: {ws_r}");
+        let count = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+        let mut samples = Vec::new();
+        for f in &sample_files {
+            for line in std::fs::read_to_string(f)?.lines() {
+                let mut it = line.split(' ');
+                if let (Some(a), Some(b)) = (it.next(), it.next()) {
+                    samples.push((a.parse()?, b.parse()?));
+                }
+            }
+        }
+        Ok(Phase {
+            failed: http_reports.iter().map(|r| count(r, "failed")).sum(),
+            resets: count(&grpc_r, "failed")
+                + count(&ws_r, "failed")
+                + tcp_r["failures"]
+                    .as_array()
+                    .map_or(u64::MAX, |f| f.len() as u64),
+            samples,
+            windows,
+        })
+    }
 }
