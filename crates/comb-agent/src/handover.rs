@@ -55,3 +55,55 @@ pub async fn take_over(admin_socket: &Path) -> Result<Option<u32>> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A stand-in running agent: answers one request line with `answer`, returns the request.
+    async fn agent_answering(path: &Path, answer: &'static str) -> tokio::task::JoinHandle<String> {
+        let l = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut line = String::new();
+            BufReader::new(r).read_line(&mut line).await.unwrap();
+            w.write_all(answer.as_bytes()).await.unwrap();
+            line
+        })
+    }
+
+    #[tokio::test]
+    async fn no_agent_means_no_handover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        assert_eq!(take_over(&path).await.unwrap(), None);
+        // A stale socket file nobody listens on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert_eq!(take_over(&path).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_running_agent_hands_over_with_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let agent = agent_answering(&path, "{\"result\":\"ok\",\"data\":{\"pid\":4242}}\n").await;
+        assert_eq!(take_over(&path).await.unwrap(), Some(4242));
+        let request: serde_json::Value = serde_json::from_str(&agent.await.unwrap()).unwrap();
+        assert_eq!(request, serde_json::json!({"cmd": "handover"}));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_error_naming_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let _agent = agent_answering(
+            &path,
+            "{\"result\":\"error\",\"message\":\"bad request\"}\n",
+        )
+        .await;
+        let e = format!("{:#}", take_over(&path).await.unwrap_err());
+        assert!(e.contains("a.sock") && e.contains("bad request"), "{e}");
+    }
+}
