@@ -49,7 +49,7 @@ pub fn status(t: &Target) -> Result<ExitCode> {
         "agent:           combd {} (pid {}, up {}s)",
         s.version, s.pid, s.uptime_secs
     );
-    println!("manifests:       {}", s.manifests);
+    println!("source:          {}", s.manifests);
     println!("pins:            {}", s.pin_dir);
     println!(
         "generation:      {} (datapath applied {})",

@@ -155,9 +155,9 @@ mod tests {
         let (snap, errors) = build_objects([&doc]);
         assert!(snap.pods.is_empty());
         assert!(
-            errors
-                .iter()
-                .any(|e| e.to_string().starts_with("Pod apps/web-0: status.podIPs[0].ip: ")),
+            errors.iter().any(|e| e
+                .to_string()
+                .starts_with("Pod apps/web-0: status.podIPs[0].ip: ")),
             "{errors:?}"
         );
         let mut pod = api_pod();
@@ -208,7 +208,11 @@ mod tests {
         assert_eq!(snap_b.endpoint_slices[&key].endpoints.len(), 1);
         // A v1 slice still refuses the beta field name: nothing is renamed there.
         let e = parse_api_object(&o, slice("discovery.k8s.io/v1", "topology")).unwrap_err();
-        assert!(e.to_string().contains("endpoints[0].topology: unknown field"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("endpoints[0].topology: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -238,7 +242,10 @@ mod tests {
 
     #[test]
     fn cluster_scoped_origin_has_no_namespace() {
-        assert_eq!(api_origin("Namespace", None, "apps"), Path::new("Namespace apps"));
+        assert_eq!(
+            api_origin("Namespace", None, "apps"),
+            Path::new("Namespace apps")
+        );
         let ns = json!({"apiVersion": "v1", "kind": "Namespace",
           "metadata": {"name": "apps", "resourceVersion": "5", "labels": {"kubernetes.io/metadata.name": "apps"}},
           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
