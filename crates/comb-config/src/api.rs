@@ -70,18 +70,36 @@ fn normalize(json: &mut Value) {
     }
 }
 
-/// discovery.k8s.io/v1beta1 → v1: the only field that moved is `endpoints[].topology`
-/// (v1 `deprecatedTopology`); everything else 1.20 serves has the same name and meaning.
+/// discovery.k8s.io/v1beta1 → v1 as the API server converts it: `endpoints[].topology`
+/// becomes `deprecatedTopology`, except its `kubernetes.io/hostname` and
+/// `topology.kubernetes.io/zone`, which become `nodeName` and `zone` (1.20's controller
+/// fills only the topology); everything else has the same name and meaning.
 fn endpoint_slice_v1beta1(map: &mut serde_json::Map<String, Value>) {
     map.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
-    if let Some(Value::Array(endpoints)) = map.get_mut("endpoints") {
-        for ep in endpoints {
-            if let Value::Object(ep) = ep
-                && let Some(topology) = ep.remove("topology")
-            {
-                ep.insert("deprecatedTopology".into(), topology);
+    let Some(Value::Array(endpoints)) = map.get_mut("endpoints") else {
+        return;
+    };
+    for ep in endpoints {
+        let Value::Object(ep) = ep else { continue };
+        let Some(mut topology) = ep.remove("topology") else {
+            continue;
+        };
+        if let Value::Object(t) = &mut topology {
+            for (label, field) in [
+                ("kubernetes.io/hostname", "nodeName"),
+                ("topology.kubernetes.io/zone", "zone"),
+            ] {
+                if let Some(v) = t.remove(label)
+                    && !ep.contains_key(field)
+                {
+                    ep.insert(field.into(), v);
+                }
+            }
+            if t.is_empty() {
+                continue;
             }
         }
+        ep.insert("deprecatedTopology".into(), topology);
     }
 }
 
@@ -179,7 +197,7 @@ mod tests {
           "addressType": "IPv4",
           "endpoints": [{"addresses": ["198.18.1.2"],
                          "conditions": {"ready": true, "serving": true, "terminating": false},
-                         topology_key: {"kubernetes.io/hostname": "node1"},
+                         topology_key: {"kubernetes.io/hostname": "node1", "rack": "r1"},
                          "nodeName": "node1",
                          "targetRef": {"kind": "Pod", "namespace": "apps", "name": "web-0",
                                        "uid": "5f1c0d1e-8a43-4b0c-9f55-0d8e3cfc2a11",
@@ -196,10 +214,10 @@ mod tests {
         let Object::EndpointSlice(b) = &beta.object else {
             panic!("{beta:?}")
         };
-        assert_eq!(
-            b.endpoints[0].deprecated_topology.as_ref().unwrap()["kubernetes.io/hostname"],
-            "node1"
-        );
+        assert_eq!(b.endpoints[0].node_name.as_deref(), Some("node1"));
+        let rest = b.endpoints[0].deprecated_topology.as_ref().unwrap();
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert_eq!(rest["rack"], "r1");
         let (snap_b, eb) = build_objects([&beta]);
         let (snap_1, e1) = build_objects([&v1]);
         assert!(eb.is_empty() && e1.is_empty(), "{eb:?} {e1:?}");
@@ -253,5 +271,50 @@ mod tests {
         let (snap, errors) = build_objects([&doc]);
         assert!(errors.is_empty(), "{errors:?}");
         assert!(snap.namespaces.contains_key("apps"));
+    }
+
+    /// Objects exactly as kube-apiserver 1.20.2 served them (`kubectl get -o json` after
+    /// `kubectl apply`, the pod's status written as a kubelet does, the slice made by the
+    /// EndpointSlice controller): they convert together without an error.
+    #[test]
+    fn objects_served_by_kube_apiserver_1_20() {
+        let fixtures = [
+            include_str!("testdata/api-1.20/namespace.json"),
+            include_str!("testdata/api-1.20/pod.json"),
+            include_str!("testdata/api-1.20/service.json"),
+            include_str!("testdata/api-1.20/endpointslice-v1beta1.json"),
+            include_str!("testdata/api-1.20/networkpolicy.json"),
+            include_str!("testdata/api-1.20/authorizationpolicy.json"),
+        ];
+        let docs: Vec<Document> = fixtures
+            .iter()
+            .map(|text| {
+                let json: Value = serde_json::from_str(text).unwrap();
+                assert!(json["metadata"]["managedFields"].is_array());
+                let meta = &json["metadata"];
+                let origin = api_origin(
+                    json["kind"].as_str().unwrap(),
+                    meta["namespace"].as_str(),
+                    meta["name"].as_str().unwrap(),
+                );
+                parse_api_object(&origin, json).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        let (snap, errors) = build_objects(&docs);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(snap.namespaces.contains_key("apps"));
+        let pod = &snap.pods[&ObjKey::new("apps", "web-0")];
+        assert_eq!(pod.node_name.as_deref(), Some("node1"));
+        assert_eq!(pod.ips.len(), 1);
+        assert_eq!(pod.ports[0].name.as_deref(), Some("http"));
+        let svc = &snap.services[&ObjKey::new("apps", "web")];
+        assert_eq!(svc.cluster_ips.len(), 1);
+        let slice = snap.endpoint_slices.values().next().unwrap();
+        assert_eq!(slice.service_name, "web");
+        assert_eq!(slice.endpoints[0].addresses, pod.ips);
+        // From the v1beta1 topology, as the API server's own conversion does.
+        assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("node1"));
+        assert_eq!(snap.network_policies.len(), 1);
+        assert_eq!(snap.authorization_policies.len(), 1);
     }
 }
