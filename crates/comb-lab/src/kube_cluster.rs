@@ -22,6 +22,7 @@ pub const ENV_CRDS_DIR: &str = "COMB_CRDS_DIR";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_GRACE: Duration = Duration::from_secs(10);
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, Default)]
 pub struct KubeOptions {
@@ -236,8 +237,12 @@ impl KubeCluster {
     }
 
     fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut cmd = self.command(&self.bins.kubectl);
-        cmd.arg(format!("--kubeconfig={}", self.creds.kubeconfig.display()))
+        // A kubectl that waits on something that never happens (e.g. a graceful pod
+        // deletion no kubelet confirms) must fail the test, not hang it.
+        let mut cmd = self.command(Path::new("timeout"));
+        cmd.arg(KUBECTL_TIMEOUT.as_secs().to_string())
+            .arg(&self.bins.kubectl)
+            .arg(format!("--kubeconfig={}", self.creds.kubeconfig.display()))
             .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -286,6 +291,37 @@ impl KubeCluster {
             &format!("/api/v1/namespaces/{namespace}/pods/{name}/status"),
             "-f",
             &file.display().to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Delete a Pod and confirm it at once, as a kubelet does once the pod's containers
+    /// have stopped (no kubelet runs here, so a graceful deletion would never finish).
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        self.kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            namespace,
+            name,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ])?;
+        Ok(())
+    }
+
+    /// The kubelet's part of a namespace deletion: confirm the deletion of its pods.
+    pub fn delete_pods(&self, namespace: &str) -> Result<()> {
+        self.kubectl(&[
+            "delete",
+            "pods",
+            "--all",
+            "-n",
+            namespace,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
         ])?;
         Ok(())
     }

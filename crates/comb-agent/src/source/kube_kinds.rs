@@ -120,10 +120,15 @@ pub enum Unserved {
 /// The first of `kind`'s versions the server serves, by API discovery.
 pub async fn discover(client: &Client, kind: &WatchedKind) -> Result<ApiResource, Unserved> {
     for version in kind.versions {
-        match client
-            .list_api_group_resources(&kind.group_version(version))
-            .await
-        {
+        // The core group lives under /api, the others under /apis.
+        let listed = if kind.group.is_empty() {
+            client.list_core_api_resources(version).await
+        } else {
+            client
+                .list_api_group_resources(&kind.group_version(version))
+                .await
+        };
+        match listed {
             Ok(list) if list.resources.iter().any(|r| r.name == kind.plural) => {
                 return Ok(kind.api_resource(version));
             }
