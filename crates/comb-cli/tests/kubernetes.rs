@@ -317,8 +317,8 @@ fn agent_follows_the_api_server() {
     agent.wait("the namespace's objects are gone", |a| {
         a.backends("t/web").is_none() && a.endpoints().is_empty()
     });
-    let s = agent.status();
-    assert!(s.config_errors.is_empty(), "{:?}", s.config_errors);
+    // The watch failures of the restarts are no longer reported once watches run again.
+    agent.wait("no errors left", |a| a.status().config_errors.is_empty());
     drop(agent);
     drop(kube);
     drop(lab);

@@ -34,6 +34,8 @@ pub struct WatchBackoff {
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longer than the backoff cap: a failing watch fails again within it.
+const RECOVERED_AFTER: Duration = Duration::from_secs(2 * BACKOFF_MAX.as_secs());
 
 impl WatchBackoff {
     pub fn new() -> Self {
@@ -100,7 +102,27 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
     let mut events = watcher::watcher(api, watcher::Config::default())
         .backoff(WatchBackoff::new())
         .boxed();
-    while let Some(event) = events.next().await {
+    // A watch that resumes after a failure emits nothing until something changes; a kind
+    // with no failure for this long after its last one is watched again.
+    let mut failing = false;
+    loop {
+        let event = if failing {
+            match tokio::time::timeout(RECOVERED_AFTER, events.next()).await {
+                Ok(e) => e,
+                Err(_) => {
+                    failing = false;
+                    if tx.send(KindEvent::Problem(kind.kind, None)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            events.next().await
+        };
+        let Some(event) = event else {
+            return;
+        };
         let msg = match event {
             Ok(Event::Init) => KindEvent::RelistStart(kind.kind),
             Ok(Event::InitDone) => KindEvent::RelistDone(kind.kind),
@@ -109,6 +131,7 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
             }
             Ok(Event::Delete(o)) => KindEvent::Delete(kind.kind, json(&resource, o)),
             Err(e) => {
+                failing = true;
                 // 410 Gone (resourceVersion compacted away) is routine: the watcher relists.
                 tracing::warn!(kind = kind.kind, error = %e, "watch failed; relisting after backoff");
                 KindEvent::Problem(kind.kind, Some(format!("watch failed, retrying: {e}")))
