@@ -222,7 +222,7 @@ async fn serve(
     tracing::info!(admin = %cfg.admin_socket.display(), metrics = %cfg.metrics_addr, "combd ready");
     let stop = loop {
         let msg = tokio::select! {
-            Some(update) = rx.recv() => WriterMsg::Source(update),
+            Some(update) = rx.recv() => WriterMsg::Source(Box::new(update)),
             _ = resync.tick() => WriterMsg::Resync,
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",

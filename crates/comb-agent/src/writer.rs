@@ -25,7 +25,8 @@ use crate::status::{Board, Published};
 
 /// What the writer is asked to do.
 pub enum WriterMsg {
-    Source(SourceUpdate),
+    // Boxed: a snapshot is large and the other messages are small.
+    Source(Box<SourceUpdate>),
     /// Retry a reconcile that met errors (e.g. a pod cgroup that appeared late).
     Resync,
     /// A control request of the admin API; the reply is the response's data or an error.
@@ -88,7 +89,7 @@ impl Writer {
         self.publish();
         while let Some(msg) = rx.blocking_recv() {
             match msg {
-                WriterMsg::Source(update) => self.source_update(update),
+                WriterMsg::Source(update) => self.source_update(*update),
                 WriterMsg::Resync => {
                     if !self.status.datapath_errors.is_empty() {
                         self.reconcile();

@@ -133,7 +133,7 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
             Err(e) => {
                 failing = true;
                 // 410 Gone (resourceVersion compacted away) is routine: the watcher relists.
-                tracing::warn!(kind = kind.kind, error = %e, "watch failed; relisting after backoff");
+                tracing::warn!(kind = kind.kind, error = %e, "watch failed; retrying after backoff (a relist on 410 Gone)");
                 KindEvent::Problem(kind.kind, Some(format!("watch failed, retrying: {e}")))
             }
         };
