@@ -13,7 +13,10 @@ cache_root=${COMB_KUBE_CACHE:-/var/cache/comb}
 dest="$cache_root/kubernetes-$version"
 bins=(kube-apiserver kube-controller-manager kubectl)
 
-have_all() { for b in "${bins[@]}"; do [ -x "$dest/bin/$b" ] || return 1; done; }
+have_all() {
+  command -v etcd >/dev/null 2>&1 || return 1
+  for b in "${bins[@]}"; do [ -x "$dest/bin/$b" ] || return 1; done
+}
 if have_all; then echo "$dest/bin"; exit 0; fi
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -27,6 +30,14 @@ flock 9
 if have_all; then echo "$dest/bin"; exit 0; fi
 
 export DEBIAN_FRONTEND=noninteractive
+# Only etcd missing (the binaries are cached): install it and stop there.
+cached() { for b in "${bins[@]}"; do [ -x "$dest/bin/$b" ] || return 1; done; }
+if cached; then
+  apt-get install -y -qq --no-install-recommends etcd-server >/dev/null || {
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
+  echo "$dest/bin"
+  exit 0
+fi
 src_list=/etc/apt/sources.list.d/comb-deb-src.sources
 if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src ' /etc/apt/sources.list; then
   echo "kube-build: adding a bookworm deb-src entry ($src_list)" >&2
