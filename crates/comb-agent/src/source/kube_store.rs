@@ -178,7 +178,11 @@ impl Store {
         // last good one; build again until no new version is refused (each round removes at
         // least one, so this ends).
         let (snapshot, build_errors) = loop {
-            let (snapshot, build_errors) = build_objects(chosen.values().map(|(d, _)| d));
+            // Accepted versions first: checks between objects (one cluster IP per Service)
+            // are first come, first served, and the object already in force must win.
+            let old = chosen.values().filter(|(_, new)| !new);
+            let new = chosen.values().filter(|(_, new)| *new);
+            let (snapshot, build_errors) = build_objects(old.chain(new).map(|(d, _)| d));
             let refused: Vec<ObjectKey> = chosen
                 .iter()
                 .filter(|(_, (doc, new))| *new && build_errors.iter().any(|e| e.file == doc.file))
@@ -319,6 +323,24 @@ mod tests {
                 .starts_with("Service apps/b: spec.clusterIP"),
             "{errs}"
         );
+    }
+
+    #[test]
+    fn the_object_in_force_wins_whatever_the_names() {
+        let mut s = synced_store();
+        s.apply("Service", service("z", "198.19.0.10", 80));
+        s.build();
+        // "a" sorts first but came later: it is the one refused.
+        s.apply("Service", service("a", "198.19.0.10", 80));
+        let (snap, errs) = s.build();
+        assert!(snap.services.contains_key(&ObjKey::new("apps", "z")));
+        assert!(!snap.services.contains_key(&ObjKey::new("apps", "a")));
+        assert!(
+            errs.to_string()
+                .starts_with("Service apps/a: spec.clusterIP"),
+            "{errs}"
+        );
+        assert_eq!(errs.len(), 1, "{errs}");
     }
 
     #[test]
