@@ -48,6 +48,8 @@ impl Agent {
             node_cgroup.display().to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Through `ip netns exec`: combd gets a private mount namespace, so its bpffs pins
+        // go with it even if it is killed; it detaches its programs when stopped.
         let out = std::fs::File::create(&log).unwrap();
         let child = lab
             .node_command(node, &combd.display().to_string(), &args)
@@ -349,5 +351,9 @@ fn unusable_kubeconfig_is_reported() {
         .args(["status", "--socket", &agent.socket.display().to_string()])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("REJECTED"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 problem(s)") && text.contains("no-such-kubeconfig"),
+        "{text}"
+    );
 }
