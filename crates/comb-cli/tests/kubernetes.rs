@@ -195,6 +195,8 @@ fn agent_follows_the_api_server() {
             .any(|e| e.pod == "a" && e.local && e.cgroup.is_some())
             && eps.iter().any(|e| e.pod == "web-1" && !e.local)
             && a.backends("t/web").is_some_and(|b| b.len() == 2)
+            // In the socket LB's maps, not just in State.
+            && a.services().iter().any(|s| s.service == "t/web" && s.programmed)
     });
     let s = agent.status();
     assert!(
