@@ -139,6 +139,18 @@ fn kube_pod(name: &str, node: &str, labels: &str, annotations: &str) -> String {
     )
 }
 
+/// A lab with pod t/a on node1 and no agent: the tests start combd themselves.
+fn lab_without_agent(prefix: &str) -> Lab {
+    Lab::up(
+        LabOptions {
+            name: unique(prefix),
+            agent: None,
+        },
+        &[("pods.yaml".into(), pod("t", "a", "node1", &[]))],
+    )
+    .expect("lab up")
+}
+
 const OBJECTS: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node2}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: t, labels: {team: a}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: http}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-ingress, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 8080}]}]\n";
 
 #[test]
@@ -146,14 +158,7 @@ fn agent_follows_the_api_server() {
     if !privileged() {
         return;
     }
-    let lab = Lab::up(
-        LabOptions {
-            name: unique("ku"),
-            agent: None,
-        },
-        &[("pods.yaml".into(), pod("t", "a", "node1", &[]))],
-    )
-    .expect("lab up");
+    let lab = lab_without_agent("ku");
     let lab_pod = lab.pod("t/a").unwrap().clone();
     let cgroup = lab_pod
         .cgroup
@@ -335,14 +340,7 @@ fn unusable_kubeconfig_is_reported() {
     if !privileged() {
         return;
     }
-    let lab = Lab::up(
-        LabOptions {
-            name: unique("kv"),
-            agent: None,
-        },
-        &[("pods.yaml".into(), pod("t", "a", "node1", &[]))],
-    )
-    .expect("lab up");
+    let lab = lab_without_agent("kv");
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-kubeconfig");
     let agent = Agent::start(&lab, "node1", &missing, dir.path());
