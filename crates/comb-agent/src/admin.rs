@@ -286,7 +286,7 @@ pub fn status(view: &View) -> Status {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         uptime_secs: view.started.elapsed().as_secs(),
-        manifests: cfg.manifests.display().to_string(),
+        manifests: cfg.source.describe(),
         pin_dir: cfg.pin_dir.display().to_string(),
         generation: p.generation,
         applied_generation: p.applied_generation,

@@ -38,9 +38,17 @@ pub struct Args {
     /// The node this agent runs on; only its pods get datapath state.
     #[arg(long)]
     pub node: String,
-    /// Directory of Kubernetes YAML manifests (hot-reloaded).
+    /// Directory of Kubernetes YAML manifests (hot-reloaded): standalone mode, the default.
+    #[arg(long, required_unless_present_any = ["kubeconfig", "in_cluster"], conflicts_with_all = ["kubeconfig", "in_cluster"])]
+    pub manifests: Option<PathBuf>,
+    /// Kubernetes mode: watch the API server this kubeconfig names (its current context)
+    /// instead of a manifests directory.
+    #[arg(long, conflicts_with = "in_cluster")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode with the pod's service account (KUBERNETES_SERVICE_HOST and the
+    /// mounted token), as in a DaemonSet.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub in_cluster: bool,
     /// Admin API socket [default: /run/comb/NODE.sock].
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,

@@ -16,8 +16,8 @@ pub use crate::uplinks::UplinkPlan;
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node: String,
-    /// Directory of Kubernetes YAML manifests: the configuration source.
-    pub manifests: PathBuf,
+    /// Where the configuration comes from.
+    pub source: SourceConfig,
     /// Fallback poll of the manifests directory (inotify wakes it at once).
     pub poll: Duration,
     pub admin_socket: PathBuf,
@@ -83,12 +83,39 @@ fn secs(v: f64, flag: &str) -> Result<Duration> {
         .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
 }
 
+/// The configuration source combd runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of manifests (standalone mode).
+    Manifests(PathBuf),
+    /// The Kubernetes API; `None`: in-cluster configuration.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+impl SourceConfig {
+    /// For `comb status`.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceConfig::Manifests(dir) => dir.display().to_string(),
+            SourceConfig::Kubernetes {
+                kubeconfig: Some(p),
+            } => format!("kubernetes (kubeconfig {})", p.display()),
+            SourceConfig::Kubernetes { kubeconfig: None } => "kubernetes (in-cluster)".into(),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Validate and resolve the flags; an error names the flag.
     pub fn from_args(a: &Args) -> Result<Self> {
         Ok(AgentConfig {
             node: a.node.clone(),
-            manifests: a.manifests.clone(),
+            source: match (&a.manifests, &a.kubeconfig) {
+                (Some(dir), _) => SourceConfig::Manifests(dir.clone()),
+                (None, kubeconfig) => SourceConfig::Kubernetes {
+                    kubeconfig: kubeconfig.clone(),
+                },
+            },
             poll: Duration::from_millis(a.poll_ms.max(1)),
             admin_socket: a.admin_socket(),
             pin_dir: a.pin_dir(),
@@ -182,6 +209,32 @@ mod tests {
         let mut argv = vec!["combd", "--node", "n1", "--manifests", "/m"];
         argv.extend_from_slice(extra);
         AgentConfig::from_args(&Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn source_is_manifests_or_kubernetes_never_both() {
+        assert_eq!(
+            parse(&[]).unwrap().source,
+            SourceConfig::Manifests("/m".into())
+        );
+        let kube = |extra: &[&str]| {
+            let mut argv = vec!["combd", "--node", "n1"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map(|a| AgentConfig::from_args(&a).unwrap().source)
+        };
+        assert_eq!(
+            kube(&["--kubeconfig", "/k"]).unwrap(),
+            SourceConfig::Kubernetes {
+                kubeconfig: Some("/k".into())
+            }
+        );
+        assert_eq!(
+            kube(&["--in-cluster"]).unwrap(),
+            SourceConfig::Kubernetes { kubeconfig: None }
+        );
+        assert!(kube(&[]).is_err(), "a source is required");
+        assert!(kube(&["--kubeconfig", "/k", "--manifests", "/m"]).is_err());
+        assert!(kube(&["--kubeconfig", "/k", "--in-cluster"]).is_err());
     }
 
     #[test]

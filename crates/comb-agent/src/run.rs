@@ -13,9 +13,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::args::{Args, LogFormat};
 use crate::config::AgentConfig;
+use crate::config::SourceConfig;
 use crate::identity_store::IdentityStore;
 use crate::node_proxy::NodeProxy;
 use crate::source::Source;
+use crate::source::kubernetes::KubernetesSource;
 use crate::source::manifests::ManifestsSource;
 use crate::status::Published;
 use crate::view::View;
@@ -54,10 +56,15 @@ fn init_logging(format: LogFormat) {
 
 pub async fn run(args: Args) -> Result<()> {
     let cfg = Arc::new(AgentConfig::from_args(&args)?);
-    let source = Box::new(ManifestsSource {
-        dir: cfg.manifests.clone(),
-        poll: cfg.poll,
-    });
+    let source: Box<dyn Source> = match &cfg.source {
+        SourceConfig::Manifests(dir) => Box::new(ManifestsSource {
+            dir: dir.clone(),
+            poll: cfg.poll,
+        }),
+        SourceConfig::Kubernetes { kubeconfig } => Box::new(KubernetesSource {
+            kubeconfig: kubeconfig.clone(),
+        }),
+    };
     run_with(cfg, source).await
 }
 
@@ -264,7 +271,7 @@ async fn serve(
     tracing::info!(admin = %cfg.admin_socket.display(), metrics = %cfg.metrics_addr, "combd ready");
     let stop = loop {
         let msg = tokio::select! {
-            Some(update) = rx.recv() => WriterMsg::Source(update),
+            Some(update) = rx.recv() => WriterMsg::Source(Box::new(update)),
             _ = resync.tick() => WriterMsg::Resync,
             _ = term.recv() => break Stop::Signal("SIGTERM"),
             _ = int.recv() => break Stop::Signal("SIGINT"),

@@ -25,7 +25,8 @@ use crate::status::{Board, Published};
 
 /// What the writer is asked to do.
 pub enum WriterMsg {
-    Source(SourceUpdate),
+    // Boxed: a snapshot is large and the other messages are small.
+    Source(Box<SourceUpdate>),
     /// Retry a reconcile that met errors (e.g. a pod cgroup that appeared late).
     Resync,
     /// A control request of the admin API; the reply is the response's data or an error.
@@ -88,7 +89,7 @@ impl Writer {
         self.publish();
         while let Some(msg) = rx.blocking_recv() {
             match msg {
-                WriterMsg::Source(update) => self.source_update(update),
+                WriterMsg::Source(update) => self.source_update(*update),
                 WriterMsg::Resync => {
                     if !self.status.datapath_errors.is_empty() {
                         self.reconcile();
@@ -110,30 +111,39 @@ impl Writer {
 
     fn source_update(&mut self, update: SourceUpdate) {
         tracing::debug!("source update received");
-        match update {
-            Ok(snapshot) => {
-                self.status.config_errors.clear();
-                let changed = self.state.replace(snapshot);
-                if changed {
-                    self.status.config_reloads += 1;
-                    self.status.replaced(self.state.generation());
-                    self.status.state = self.state.shared_snapshot();
-                    self.status.local_endpoints = self.state.local_pods(&self.cfg.node).count();
-                    tracing::info!(generation = self.state.generation(), "manifests applied");
-                    // Readers see the new generation (not yet applied) while it is reconciled.
-                    self.publish();
-                }
-                if changed || !self.reconciled_once {
-                    self.reconcile();
+        let SourceUpdate { snapshot, errors } = update;
+        let rejected = snapshot.is_none();
+        if !errors.is_empty() {
+            self.status.config_rejects += 1;
+            let previous = std::mem::take(&mut self.status.config_errors);
+            self.status.config_errors = errors.0.iter().map(|e| e.to_string()).collect();
+            // A partial update repeats the errors still in force: log only new ones.
+            for e in &self.status.config_errors {
+                if !previous.contains(e) {
+                    tracing::error!(error = %e, generation = self.state.generation(), rejected_all = rejected, "configuration rejected; keeping the last good version");
                 }
             }
-            Err(errors) => {
-                self.status.config_rejects += 1;
-                self.status.config_errors = errors.0.iter().map(|e| e.to_string()).collect();
-                for e in &self.status.config_errors {
-                    tracing::error!(error = %e, generation = self.state.generation(), "manifests rejected; keeping the last good State");
-                }
-            }
+        } else {
+            self.status.config_errors.clear();
+        }
+        let Some(snapshot) = snapshot else {
+            return;
+        };
+        let changed = self.state.replace(snapshot);
+        if changed {
+            self.status.config_reloads += 1;
+            self.status.replaced(self.state.generation());
+            self.status.state = self.state.shared_snapshot();
+            self.status.local_endpoints = self.state.local_pods(&self.cfg.node).count();
+            tracing::info!(
+                generation = self.state.generation(),
+                "configuration applied"
+            );
+            // Readers see the new generation (not yet applied) while it is reconciled.
+            self.publish();
+        }
+        if changed || !self.reconciled_once {
+            self.reconcile();
         }
     }
 

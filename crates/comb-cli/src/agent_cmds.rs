@@ -49,7 +49,7 @@ pub fn status(t: &Target) -> Result<ExitCode> {
         "agent:           combd {} (pid {}, up {}s)",
         s.version, s.pid, s.uptime_secs
     );
-    println!("manifests:       {}", s.manifests);
+    println!("source:          {}", s.manifests);
     println!("pins:            {}", s.pin_dir);
     println!(
         "generation:      {} (datapath applied {})",
@@ -73,6 +73,16 @@ pub fn status(t: &Target) -> Result<ExitCode> {
     }
     if s.config_errors.is_empty() {
         println!("config:          ok");
+    } else if s.manifests.starts_with("kubernetes") {
+        // The Kubernetes source judges object by object: the rest is in force.
+        println!(
+            "config:          {} problem(s); everything else is in force (generation {}):",
+            s.config_errors.len(),
+            s.generation
+        );
+        for e in &s.config_errors {
+            println!("  - {e}");
+        }
     } else {
         println!(
             "config:          REJECTED, running on the last good State (generation {}):",

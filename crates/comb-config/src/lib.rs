@@ -1,4 +1,5 @@
-//! Comb's config sources: a directory of Kubernetes manifests (later the Kubernetes API).
+//! Comb's config sources: a directory of Kubernetes manifests, and objects read from the
+//! Kubernetes API ([`api`]), through one parse, validation and conversion path.
 //!
 //! Pipeline: text → YAML documents → JSON data model → k8s-openapi types, or our own
 //! [`istio`] types for Istio CRDs (with field paths in errors and unknown fields refused) → cross-object validation → [`comb_model::Snapshot`].
@@ -6,6 +7,7 @@
 //! number and field.
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod convert;
 mod convert_policy;
 mod dir_cache;

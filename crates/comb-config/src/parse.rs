@@ -195,7 +195,7 @@ fn yaml_to_json(v: &serde_yaml_ng::Value, path: &mut String) -> Result<Value, (S
     })
 }
 
-fn parse_object(
+pub(crate) fn parse_object(
     file: &Path,
     index: usize,
     json: &Value,

@@ -11,6 +11,9 @@
 #![deny(unsafe_code)]
 
 mod cgroup;
+pub mod kube_bins;
+mod kube_certs;
+pub mod kube_cluster;
 mod locate;
 pub mod naming;
 mod netns;
@@ -28,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use kube_bins::KubeBinaries;
+pub use kube_cluster::{KubeCluster, KubeOptions};
 pub use locate::combd_path;
 pub use spec::{PodSpec, parse as parse_manifests};
 pub use state::{AgentOptions, LabCa, LabNode, LabPod, LabState};

@@ -147,7 +147,7 @@ async fn watch(dir: PathBuf, every: Duration, tx: mpsc::Sender<SourceUpdate>) {
             cache = Some(c);
             // A file may change again while it is read; the next wake-up or poll sees that.
             last = Some(fp);
-            if tx.send(update).await.is_err() {
+            if tx.send(update.into()).await.is_err() {
                 return;
             }
         }

@@ -1,0 +1,139 @@
+//! The Kubernetes API source (`combd --kubeconfig PATH`, or in-cluster config): one watcher
+//! per kind (kube_watch) feeds a store (kube_store) that builds State through the same
+//! validation and conversion as the manifests directory, object by object.
+//!
+//! Every Pod of the cluster is read, as every Pod of the manifests directory is: the
+//! pipeline programs the datapath for this node's pods (spec.nodeName) and uses the others
+//! as policy peers and endpoints. Not here yet: the interface and cgroup of a pod, which a
+//! chained CNI plugin will report (until then they come from the `comb.dev/interface` and
+//! `comb.dev/cgroup` annotations, as in manifests); Kubernetes Events on rejected objects.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use comb_config::{ConfigError, ConfigErrors};
+use kube::Client;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+use tokio::sync::mpsc;
+
+use super::kube_kinds::KINDS;
+use super::kube_store::Store;
+use super::kube_watch::{KindEvent, watch_kind};
+use super::{Source, SourceUpdate};
+
+/// Changes arriving within this window are applied together: a relist or a burst of
+/// updates becomes one State generation, not hundreds.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// How often a kubeconfig that cannot be used is tried again.
+const CONFIG_RETRY: Duration = Duration::from_secs(2);
+
+pub struct KubernetesSource {
+    /// `None`: in-cluster configuration (service account token, KUBERNETES_SERVICE_HOST).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl Source for KubernetesSource {
+    fn describe(&self) -> String {
+        match &self.kubeconfig {
+            Some(p) => format!("kubernetes (kubeconfig {})", p.display()),
+            None => "kubernetes (in-cluster)".into(),
+        }
+    }
+
+    fn run(
+        self: Box<Self>,
+        updates: mpsc::Sender<SourceUpdate>,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(run(self.kubeconfig, updates))
+    }
+}
+
+async fn client(kubeconfig: &Option<PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => Config::incluster().context("in-cluster Kubernetes configuration")?,
+    };
+    Client::try_from(config).context("Kubernetes client")
+}
+
+async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
+    let client = loop {
+        match client(&kubeconfig).await {
+            Ok(c) => break c,
+            Err(e) => {
+                // Reported like a rejected configuration: the agent keeps its last State.
+                let origin = kubeconfig.clone().unwrap_or_else(|| "in-cluster".into());
+                let err = ConfigError::new(&origin, 0, None, format!("{e:#}"));
+                let update = SourceUpdate {
+                    snapshot: None,
+                    errors: ConfigErrors(vec![err]),
+                };
+                if updates.send(update).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(CONFIG_RETRY).await;
+            }
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(1024);
+    let mut watchers = tokio::task::JoinSet::new();
+    for kind in KINDS {
+        watchers.spawn(watch_kind(client.clone(), *kind, tx.clone()));
+    }
+    drop(tx);
+    let mut store = Store::new(KINDS);
+    while let Some(first) = rx.recv().await {
+        apply(&mut store, first);
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
+        loop {
+            tokio::select! {
+                Some(ev) = rx.recv() => apply(&mut store, ev),
+                _ = &mut window => break,
+            }
+        }
+        if !store.ready() {
+            // No State yet (a partial one would look like deletions); say what holds it up.
+            let errors = store.problems();
+            if !errors.is_empty() {
+                let update = SourceUpdate {
+                    snapshot: None,
+                    errors,
+                };
+                if updates.send(update).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        let (snapshot, errors) = store.build();
+        let update = SourceUpdate {
+            snapshot: Some(snapshot),
+            errors,
+        };
+        if updates.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn apply(store: &mut Store, ev: KindEvent) {
+    match ev {
+        KindEvent::RelistStart(k) => store.relist_start(k),
+        KindEvent::RelistDone(k) => {
+            tracing::debug!(kind = k, "listed");
+            store.relist_done(k)
+        }
+        KindEvent::Apply(k, o) => store.apply(k, o),
+        KindEvent::Delete(k, o) => store.delete(k, &o),
+        KindEvent::Problem(k, p) => store.set_problem(k, p),
+    }
+}

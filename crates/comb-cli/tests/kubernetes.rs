@@ -1,0 +1,359 @@
+//! Kubernetes mode end to end: a real etcd + kube-apiserver 1.20 + kube-controller-manager
+//! inside a lab node's network namespace, objects made with kubectl, and combd on that node
+//! started with `--kubeconfig`. The agent's view (admin API, `comb status`) must follow the
+//! API server through creation, update, deletion, a rejected object, an API server restart,
+//! `410 Gone` after an etcd compaction, and a CRD installed after the agent started.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use comb_api::{EndpointPolicy, Query, ServiceRow, Status};
+use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
+use common::*;
+
+/// Convergence after a change: the watch delivers in milliseconds; the slack is for the
+/// controller manager's EndpointSlice sync, a relist after a restart, and a slow CI machine.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// combd in the node's network namespace, stopped (SIGTERM, it detaches its programs and
+/// removes its pins) when dropped.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(lab: &Lab, node: &str, kubeconfig: &Path, dir: &Path) -> Agent {
+        let socket = dir.join(format!("{node}.sock"));
+        let log = dir.join(format!("{node}-combd.log"));
+        let combd = comb_lab::combd_path().unwrap();
+        let node_cgroup = Path::new("/").join(comb_lab::naming::node_cgroup(lab.name(), node));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/comb/{}-{node}-kube", lab.name()));
+        let args: Vec<String> = vec![
+            "--node".into(),
+            node.into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--admin-socket".into(),
+            socket.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--lb-cgroup".into(),
+            node_cgroup.display().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Through `ip netns exec`: combd gets a private mount namespace, so its bpffs pins
+        // go with it even if it is killed; it detaches its programs when stopped.
+        let out = std::fs::File::create(&log).unwrap();
+        let child = lab
+            .node_command(node, &combd.display().to_string(), &args)
+            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let agent = Agent { child, socket, log };
+        wait_for(Duration::from_secs(20), "combd's admin socket", || {
+            agent.socket.exists()
+        });
+        agent
+    }
+
+    fn status(&self) -> Status {
+        serde_json::from_value(call(&self.socket, Query::Status).unwrap()).unwrap()
+    }
+
+    fn services(&self) -> Vec<ServiceRow> {
+        serde_json::from_value(call(&self.socket, Query::Services).unwrap()).unwrap()
+    }
+
+    fn endpoints(&self) -> Vec<comb_api::EndpointRow> {
+        serde_json::from_value(call(&self.socket, Query::Endpoints).unwrap()).unwrap()
+    }
+
+    fn policy(&self, pod: &str) -> Option<EndpointPolicy> {
+        let q = Query::EndpointPolicy { pod: pod.into() };
+        call(&self.socket, q)
+            .ok()
+            .map(|v| serde_json::from_value(v).unwrap())
+    }
+
+    /// Backend IPs of `service` (namespace/name) on its first port.
+    fn backends(&self, service: &str) -> Option<Vec<String>> {
+        self.services()
+            .into_iter()
+            .find(|s| s.service == service)
+            .map(|s| s.backends.iter().map(|b| b.ip.to_string()).collect())
+    }
+
+    fn errors(&self) -> String {
+        self.status().config_errors.join("\n")
+    }
+
+    /// Wait for `what`, showing the agent's errors and log tail if it never happens.
+    fn wait(&self, what: &str, mut f: impl FnMut(&Agent) -> bool) {
+        let deadline = std::time::Instant::now() + CONVERGE;
+        while std::time::Instant::now() < deadline {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "timed out after {CONVERGE:?} waiting for: {what}\nconfig errors:\n{}\ncombd log (newest first):\n{}",
+            self.errors(),
+            tail.join("\n")
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kube_pod(name: &str, node: &str, labels: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: t\n  labels: {{{labels}}}\n  annotations: {{{annotations}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: none, ports: [{{name: http, containerPort: 8080}}]}}]\n"
+    )
+}
+
+/// A lab with pod t/a on node1 and no agent: the tests start combd themselves.
+fn lab_without_agent(prefix: &str) -> Lab {
+    Lab::up(
+        LabOptions {
+            name: unique(prefix),
+            agent: None,
+        },
+        &[("pods.yaml".into(), pod("t", "a", "node1", &[]))],
+    )
+    .expect("lab up")
+}
+
+const OBJECTS: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node2}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: t, labels: {team: a}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: http}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-ingress, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 8080}]}]\n";
+
+#[test]
+fn agent_follows_the_api_server() {
+    if !privileged() {
+        return;
+    }
+    let lab = lab_without_agent("ku");
+    let lab_pod = lab.pod("t/a").unwrap().clone();
+    let cgroup = lab_pod
+        .cgroup
+        .strip_prefix(&lab.state().cgroup2)
+        .unwrap()
+        .display()
+        .to_string();
+    let mut kube = KubeCluster::start(KubeOptions {
+        netns: Some(lab.node_netns("node1").unwrap()),
+        controller_manager: true,
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // PeerAuthentication now; AuthorizationPolicy only after the agent runs.
+    kube.install_crds(&["PeerAuthentication"]).unwrap();
+
+    // The lab pod as the API's Pod, with what a CNI plugin will report later (its cgroup
+    // and host interface) as annotations; a second backend on a node of the API only.
+    kube.apply(OBJECTS).unwrap();
+    let annotations = format!(
+        "comb.dev/cgroup: {cgroup}, comb.dev/interface: {}",
+        lab_pod.host_veth
+    );
+    kube.apply(&kube_pod("a", "node1", "app: web", &annotations))
+        .unwrap();
+    kube.apply(&kube_pod("web-1", "node2", "app: web", ""))
+        .unwrap();
+    let a_ip = lab_pod.ip.to_string();
+    kube.set_pod_status("t", "a", &[&a_ip]).unwrap();
+    kube.set_pod_status("t", "web-1", &["198.18.2.5"]).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&lab, "node1", kube.kubeconfig(), dir.path());
+
+    // Creation: the pod on this node attached, the remote one known, the Service's
+    // backends from the slice the EndpointSlice controller made (discovery.k8s.io/v1beta1).
+    agent.wait("pods, service and slice applied", |a| {
+        let eps = a.endpoints();
+        eps.iter()
+            .any(|e| e.pod == "a" && e.local && e.cgroup.is_some())
+            && eps.iter().any(|e| e.pod == "web-1" && !e.local)
+            && a.backends("t/web").is_some_and(|b| b.len() == 2)
+            // In the socket LB's maps, not just in State.
+            && a.services().iter().any(|s| s.service == "t/web" && s.programmed)
+    });
+    let s = agent.status();
+    assert!(
+        s.manifests.starts_with("kubernetes (kubeconfig "),
+        "{}",
+        s.manifests
+    );
+    assert_eq!(s.applied_generation, s.generation);
+    assert!(
+        agent.policy("t/a").is_some_and(
+            |p| p.ingress_enforced && p.policies.iter().any(|n| n.contains("t/web-ingress"))
+        ),
+        "{:?}",
+        agent.policy("t/a")
+    );
+    // A CRD that is not installed is reported, nothing else is.
+    let errors = agent.errors();
+    assert!(
+        errors.contains("kubernetes authorizationpolicies.security.istio.io: not served"),
+        "{errors}"
+    );
+    assert_eq!(s.config_errors.len(), 1, "{errors}");
+    let out = comb(&["status", "--socket", &agent.socket.display().to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("source:          kubernetes (kubeconfig"),
+        "{text}"
+    );
+
+    // Update: a new backend, a removed one.
+    kube.apply(&kube_pod("web-2", "node2", "app: web", ""))
+        .unwrap();
+    kube.set_pod_status("t", "web-2", &["198.18.2.6"]).unwrap();
+    kube.delete_pod("t", "web-1").unwrap();
+    agent.wait("backends follow the pods", |a| {
+        a.backends("t/web") == Some(vec![a_ip.clone(), "198.18.2.6".into()])
+    });
+
+    // A rejected object: a new pod Comb refuses is left out, and a bad new version of a
+    // good pod leaves its last good version in force; everything else keeps applying.
+    kube.apply(&kube_pod(
+        "odd",
+        "node2",
+        "app: odd",
+        "comb.dev/splice: maybe",
+    ))
+    .unwrap();
+    kube.apply(&kube_pod(
+        "a",
+        "node1",
+        "app: web",
+        &format!("{annotations}, comb.dev/l7: sometimes"),
+    ))
+    .unwrap();
+    kube.apply("apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: t}\nspec:\n  selector: {app: web}\n  ports: [{port: 81, targetPort: http}]\n")
+        .unwrap();
+    agent.wait("rejections reported, the rest applied", |a| {
+        let e = a.errors();
+        e.contains("Pod t/odd: metadata.annotations[\"comb.dev/splice\"]")
+            && e.contains("(left out)")
+            && e.contains("Pod t/a: ")
+            && e.contains("(the last good version stays in force)")
+            && a.backends("t/other").is_some_and(|b| b.len() == 2)
+    });
+    assert!(
+        agent
+            .endpoints()
+            .iter()
+            .any(|e| e.pod == "a" && e.local && e.cgroup.is_some()),
+        "the last good version of t/a stays attached"
+    );
+    assert!(!agent.endpoints().iter().any(|e| e.pod == "odd"));
+    kube.delete_pod("t", "odd").unwrap();
+    kube.apply(&kube_pod("a", "node1", "app: web", &annotations))
+        .unwrap();
+    agent.wait("errors gone once fixed", |a| !a.errors().contains("Pod t/"));
+
+    // A CRD installed after the agent started is picked up.
+    kube.install_crds(&["AuthorizationPolicy"]).unwrap();
+    kube.apply("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: deny-other, namespace: t}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{from: [{source: {namespaces: [other]}}]}]\n")
+        .unwrap();
+    agent.wait("the AuthorizationPolicy applies", |a| {
+        a.status().config_errors.is_empty()
+            && a.policy("t/a").is_some_and(|p| {
+                p.policies
+                    .iter()
+                    .any(|n| n.contains("AuthorizationPolicy t/deny-other"))
+            })
+    });
+
+    // API server restart: the watches reconnect and later changes apply.
+    kube.restart_apiserver().unwrap();
+    kube.kubectl(&["delete", "service", "-n", "t", "other"])
+        .unwrap();
+    agent.wait("a change after the restart applies", |a| {
+        a.backends("t/other").is_none()
+    });
+
+    // 410 Gone: history the agent's resourceVersions point into is compacted away (a
+    // ConfigMap write moves etcd's revision past every watched object's), then the
+    // restarted API server refuses to resume those watches and the agent relists.
+    kube.kubectl(&["create", "configmap", "-n", "t", "bump"])
+        .unwrap();
+    kube.compact_etcd().unwrap();
+    kube.restart_apiserver().unwrap();
+    kube.apply(&kube_pod("web-3", "node2", "app: web", ""))
+        .unwrap();
+    kube.set_pod_status("t", "web-3", &["198.18.2.7"]).unwrap();
+    agent.wait("converged after 410 Gone", |a| {
+        a.backends("t/web").is_some_and(|b| b.len() == 3)
+    });
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        log.contains("too old resource version"),
+        "no 410 Gone seen by the agent:\n{log}"
+    );
+
+    // Deleting the namespace (the namespace controller removes its objects).
+    kube.kubectl(&["delete", "namespace", "t", "--wait=false"])
+        .unwrap();
+    kube.delete_pods("t").unwrap();
+    agent.wait("the namespace's objects are gone", |a| {
+        a.backends("t/web").is_none() && a.endpoints().is_empty()
+    });
+    // The watch failures of the restarts are no longer reported once watches run again.
+    agent.wait("no errors left", |a| a.status().config_errors.is_empty());
+    drop(agent);
+    drop(kube);
+    drop(lab);
+}
+
+/// `--kubeconfig` naming a file that does not exist: the agent runs and says why it has
+/// no configuration, rather than exiting or applying an empty State silently.
+#[test]
+fn unusable_kubeconfig_is_reported() {
+    if !privileged() {
+        return;
+    }
+    let lab = lab_without_agent("kv");
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-kubeconfig");
+    let agent = Agent::start(&lab, "node1", &missing, dir.path());
+    agent.wait("the kubeconfig error is reported", |a| {
+        a.errors().contains("no-such-kubeconfig") && a.status().generation == 0
+    });
+    let out = Command::new(COMB)
+        .args(["status", "--socket", &agent.socket.display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 problem(s)") && text.contains("no-such-kubeconfig"),
+        "{text}"
+    );
+}
