@@ -26,6 +26,8 @@ pub struct RequestProgress {
 /// The downstream request body on its way upstream.
 pub struct RequestBody {
     inner: Incoming,
+    /// A frame read before the request went upstream (`Expect: 100-continue`), sent first.
+    first: Option<Frame<Bytes>>,
     progress: Arc<RequestProgress>,
     seen: u64,
     limit: u64,
@@ -35,9 +37,23 @@ impl RequestBody {
     pub fn new(inner: Incoming, progress: Arc<RequestProgress>, limit: u64) -> Self {
         Self {
             inner,
+            first: None,
             progress,
             seen: 0,
             limit,
+        }
+    }
+
+    /// `new` with a frame already read from `inner`, which goes out first.
+    pub fn with_first(
+        inner: Incoming,
+        first: Option<Frame<Bytes>>,
+        progress: Arc<RequestProgress>,
+        limit: u64,
+    ) -> Self {
+        Self {
+            first,
+            ..Self::new(inner, progress, limit)
         }
     }
 }
@@ -61,7 +77,11 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+        let polled = match self.first.take() {
+            Some(f) => Poll::Ready(Some(Ok(f))),
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        };
+        let frame = match polled {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
@@ -80,11 +100,25 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut h = self.inner.size_hint();
+        if let Some(n) = self.first.as_ref().and_then(|f| f.data_ref()).map(|d| d.len() as u64) {
+            h = match h.exact() {
+                Some(rest) => SizeHint::with_exact(rest + n),
+                None => {
+                    let mut g = SizeHint::new();
+                    g.set_lower(h.lower() + n);
+                    if let Some(u) = h.upper() {
+                        g.set_upper(u + n);
+                    }
+                    g
+                }
+            };
+        }
+        h
     }
 }
 

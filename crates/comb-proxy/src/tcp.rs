@@ -24,6 +24,7 @@ pub async fn serve_opaque(
 ) {
     let t0 = Instant::now();
     let mut rec = judge(&ctx, peer, dst, None);
+    ctx.telemetry.tcp_opened(&rec);
     if rec.denied {
         reset(stream);
         rec.duration = t0.elapsed();
@@ -135,6 +136,7 @@ pub async fn serve_opaque_tunneled<IO>(
 {
     let t0 = Instant::now();
     let mut rec = judge(&ctx, peer, dst, Some(tunnel));
+    ctx.telemetry.tcp_opened(&rec);
     if rec.denied {
         reset(up);
         rec.duration = t0.elapsed();

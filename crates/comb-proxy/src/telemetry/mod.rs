@@ -3,8 +3,9 @@
 //! route/destination summary behind `comb proxy stats`.
 //!
 //! INTERFACE (fixed; helpers implement behind it): the HTTP and TCP paths build one
-//! [`RequestRecord`] per finished request (or [`TcpRecord`] per finished opaque connection)
-//! and call [`Telemetry::record_request`] / [`Telemetry::record_tcp`]; the agent renders
+//! [`RequestRecord`] per finished request (or [`TcpRecord`] per opaque connection, reported
+//! at open with [`Telemetry::tcp_opened`] and when it ends) and call
+//! [`Telemetry::record_request`] / [`Telemetry::record_tcp`]; the agent renders
 //! [`Telemetry::render_prometheus`] into its /metrics and serves [`Telemetry::stats`].
 
 mod access_log;
@@ -94,6 +95,12 @@ impl Telemetry {
         {
             e.push(span);
         }
+    }
+
+    /// An opaque connection opened (`istio_tcp_connections_opened_total`); call it once
+    /// the connection is judged, then [`Telemetry::record_tcp`] when it ends.
+    pub fn tcp_opened(&self, r: &TcpRecord) {
+        self.metrics.record_tcp_open(r);
     }
 
     pub fn record_tcp(&self, r: &TcpRecord) {
