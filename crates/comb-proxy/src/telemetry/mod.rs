@@ -217,7 +217,7 @@ pub struct RequestRecord {
     pub path: String,
     pub authority: String,
     pub user_agent: Option<String>,
-    /// The request's `x-forwarded-for` header as received (access log).
+    /// The request's `x-forwarded-for` as forwarded (the peer appended; access log).
     pub x_forwarded_for: Option<String>,
     pub request_id: Option<String>,
     /// 0 when no response was sent (downstream went away first).
