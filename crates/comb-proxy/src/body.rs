@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::conn_clock::RequestGuard;
 use crate::telemetry::{RequestRecord, ResponseFlags, Telemetry};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -190,6 +191,8 @@ enum Kind {
 pub struct ResponseBody {
     kind: Kind,
     rec: Option<Box<Recorder>>,
+    /// Keeps the request counted as in flight on its connection until the body is done.
+    _request: Option<RequestGuard>,
 }
 
 impl ResponseBody {
@@ -197,6 +200,7 @@ impl ResponseBody {
         let mut b = Self {
             kind: Kind::Upstream(body),
             rec,
+            _request: None,
         };
         b.mark_if_ended();
         b
@@ -206,6 +210,7 @@ impl ResponseBody {
         let mut b = Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             rec,
+            _request: None,
         };
         if let Some(r) = b.rec.as_mut()
             && let Kind::Full(Some(d)) = &b.kind
@@ -218,6 +223,12 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         Self::full(Bytes::new(), None)
+    }
+
+    /// Holds `g` (the request in flight on its connection) until this body is dropped.
+    pub(crate) fn hold(mut self, g: RequestGuard) -> Self {
+        self._request = Some(g);
+        self
     }
 
     pub fn recorder(&mut self) -> Option<&mut Recorder> {

@@ -32,23 +32,28 @@ pub struct RelayOutcome {
     pub received: u64,
     pub spliced: bool,
     pub error: Option<String>,
+    /// Closed (FIN both ways) after no byte moved for the idle timeout.
+    pub idle_timeout: bool,
 }
 
 /// Relay until both directions reached EOF or one failed. `down_buffered` was read from `down`
 /// and goes to `up` first (and `up_buffered` the other way). With `splice`, the two sockets
 /// are spliced in the kernel after that; a pairing failure is logged (once) and the relay
-/// stays in userspace.
+/// stays in userspace. With `idle`, a relay that moves no byte for that long is closed
+/// (spliced pairs excepted: the kernel moves their bytes out of sight).
 pub async fn relay(
     down: TcpStream,
     down_buffered: Bytes,
     up: TcpStream,
     up_buffered: Bytes,
     splice: Option<&ProxySplice>,
+    idle: Option<Duration>,
 ) -> RelayOutcome {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
+    let in_kernel = AtomicBool::new(false);
     let mut out = RelayOutcome::default();
-    let r = run(
+    let relayed = run(
         &down,
         down_buffered,
         &up,
@@ -56,8 +61,18 @@ pub async fn relay(
         splice,
         [&sent, &received],
         &mut out.spliced,
-    )
-    .await;
+        &in_kernel,
+    );
+    let r = match idle {
+        None => relayed.await,
+        Some(idle) => tokio::select! {
+            r = relayed => r,
+            _ = silent_for(idle, [&sent, &received], &in_kernel) => {
+                out.idle_timeout = true;
+                Ok(())
+            }
+        },
+    };
     if let Err(e) = r {
         // Tell both ends the connection broke rather than ended: RST, not FIN.
         for s in [&down, &up] {
@@ -70,7 +85,30 @@ pub async fn relay(
     out
 }
 
+/// Resolves once neither count moved for `idle` (checked every eighth of it, so the close
+/// comes between `idle` and `idle` × 1.125 after the last byte). Never while spliced.
+async fn silent_for(idle: Duration, counts: [&AtomicU64; 2], in_kernel: &AtomicBool) {
+    let tick = (idle / 8).max(Duration::from_millis(10));
+    let total = || counts[0].load(Ordering::Relaxed) + counts[1].load(Ordering::Relaxed);
+    let mut last = total();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        if in_kernel.load(Ordering::Relaxed) {
+            return std::future::pending().await;
+        }
+        let now = total();
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= idle {
+            return;
+        }
+    }
+}
+
 /// `counts` = [down -> up, up -> down], updated as bytes are delivered (also when it fails).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     down: &TcpStream,
     down_buffered: Bytes,
@@ -79,6 +117,7 @@ async fn run(
     splice: Option<&ProxySplice>,
     counts: [&AtomicU64; 2],
     spliced: &mut bool,
+    in_kernel: &AtomicBool,
 ) -> io::Result<()> {
     tokio::try_join!(
         forward_all(up, &down_buffered, counts[0]),
@@ -88,6 +127,7 @@ async fn run(
     if let Some(ps) = splice {
         pair = try_splice(ps, down, up, counts).await?;
         *spliced = pair.is_some();
+        in_kernel.store(*spliced, Ordering::Relaxed);
     }
     let mut result = Ok(());
     {

@@ -46,6 +46,7 @@ pub async fn serve_opaque(
         up,
         Bytes::new(),
         ctx.splice.as_deref(),
+        Some(ctx.limits.tcp_idle_timeout),
     )
     .await;
     rec.sent_bytes = out.sent;

@@ -21,6 +21,7 @@ use super::headers::{
 };
 use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
+use crate::conn_clock::ConnClock;
 use crate::context::ProxyContext;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
 use crate::tunnel::TunnelPeer;
@@ -44,6 +45,9 @@ pub struct ConnInfo {
 pub struct ProxyService {
     pub ctx: Arc<ProxyContext>,
     pub conn: Arc<ConnInfo>,
+    /// The connection's idle and head clocks: each request counts as in flight until its
+    /// response body is done.
+    pub(crate) clock: Arc<ConnClock>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -54,7 +58,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.ctx.clone();
         let conn = self.conn.clone();
-        Box::pin(async move { Ok(handle(ctx, conn, req).await) })
+        let guard = self.clock.begin();
+        Box::pin(async move { Ok(handle(ctx, conn, req).await.map(|b| b.hold(guard))) })
     }
 }
 

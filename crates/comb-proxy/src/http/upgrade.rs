@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::conn_clock::Clocked;
 use crate::context::ProxyContext;
 use crate::relay::relay;
 
@@ -20,8 +21,13 @@ enum Side {
 }
 
 fn unwrap(u: Upgraded) -> Side {
-    match u.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Side::Socket(parts.io.into_inner(), parts.read_buf),
+    // Upstream sockets are plain; downstream ones carry the connection's clocks.
+    let u = match u.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Side::Socket(parts.io.into_inner(), parts.read_buf),
+        Err(u) => u,
+    };
+    match u.downcast::<TokioIo<Clocked<TcpStream>>>() {
+        Ok(parts) => Side::Socket(parts.io.into_inner().into_inner(), parts.read_buf),
         Err(u) => Side::Other(TokioIo::new(u)),
     }
 }
@@ -36,7 +42,8 @@ pub async fn tunnel(down: OnUpgrade, up: OnUpgrade, ctx: Arc<ProxyContext>) {
     };
     match (unwrap(down), unwrap(up)) {
         (Side::Socket(d, db), Side::Socket(u, ub)) => {
-            relay(d, db, u, ub, ctx.splice.as_deref()).await;
+            let idle = Some(ctx.limits.tcp_idle_timeout);
+            relay(d, db, u, ub, ctx.splice.as_deref(), idle).await;
         }
         (d, u) => copy(d, u).await,
     }

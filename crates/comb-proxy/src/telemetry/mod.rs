@@ -255,6 +255,8 @@ impl ResponseFlags {
     pub const UPSTREAM_CONNECTION_TERMINATION: u32 = 1 << 2;
     /// UT: upstream request timeout.
     pub const UPSTREAM_REQUEST_TIMEOUT: u32 = 1 << 3;
+    /// UO: upstream overflow (a connection cap was reached).
+    pub const UPSTREAM_OVERFLOW: u32 = 1 << 5;
     /// DC: downstream connection termination.
     pub const DOWNSTREAM_CONNECTION_TERMINATION: u32 = 1 << 4;
     /// UPE: upstream protocol error.
