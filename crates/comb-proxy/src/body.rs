@@ -106,7 +106,12 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         let mut h = self.inner.size_hint();
-        if let Some(n) = self.first.as_ref().and_then(|f| f.data_ref()).map(|d| d.len() as u64) {
+        if let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        {
             h = match h.exact() {
                 Some(rest) => SizeHint::with_exact(rest + n),
                 None => {

@@ -96,7 +96,10 @@ impl ConnClock {
                         Some(deadline - now)
                     }
                     _ => {
-                        let deadline = self.last_end.load(Ordering::Acquire).saturating_add(idle_ms);
+                        let deadline = self
+                            .last_end
+                            .load(Ordering::Acquire)
+                            .saturating_add(idle_ms);
                         if now >= deadline {
                             return Expired::Idle;
                         }

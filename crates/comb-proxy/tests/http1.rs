@@ -427,21 +427,3 @@ async fn forwarded_headers_name_the_downstream_peer() {
     );
     assert_eq!(r.headers()["x-seen-xfp"], "https");
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probe_idle_after_header_timeout() {
-    let backend = Backend::start().await;
-    let limits = Limits {
-        header_read_timeout: Duration::from_millis(300),
-        ..Limits::default()
-    };
-    let proxy = TestProxy::start(backend.addr, ProxyTable::default(), options(limits)).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
-    let head = read_head(&mut s).await;
-    eprintln!("HEAD {head}");
-    let t0 = Instant::now();
-    let mut b = [0u8; 64];
-    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
-    eprintln!("PROBE after {:?}: {:?}", t0.elapsed(), r);
-}

@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(m.get("x-forwarded-proto").unwrap(), "http");
 
         let mut m = HeaderMap::new();
-        m.append("x-forwarded-for", HeaderValue::from_static("1.2.3.4, 5.6.7.8"));
+        m.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 5.6.7.8"),
+        );
         m.append("x-forwarded-for", HeaderValue::from_static("9.9.9.9"));
         m.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         set_forwarded(&mut m, "fd00::5".parse().unwrap());

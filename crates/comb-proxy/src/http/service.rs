@@ -16,9 +16,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::headers::{
-    HeaderView, authority, is_grpc, is_upgrade, set_forwarded, strip_hop_by_hop,
-};
+use super::headers::{HeaderView, authority, is_grpc, is_upgrade, set_forwarded, strip_hop_by_hop};
 use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
 use crate::conn_clock::ConnClock;
