@@ -35,6 +35,9 @@ pub fn client(limits: &Limits) -> (H1Client, Arc<AtomicUsize>) {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(limits.upstream_idle_timeout)
         .pool_max_idle_per_host(limits.pool_max_idle_per_host)
+        // Bounds each upstream connection's read buffer (and response heads) like the
+        // downstream's; hyper's default is ~400 KiB.
+        .http1_max_buf_size((limits.max_header_bytes + 1024).max(8192))
         // The client's Host is forwarded as received; the URI carries the destination.
         .set_host(false)
         .build(connector);
