@@ -21,8 +21,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 mod bench;
+mod idle;
 
 pub use bench::{BenchResult, bench_relay};
+pub(crate) use idle::{Counted, silent_for};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
@@ -83,28 +85,6 @@ pub async fn relay(
     out.sent = sent.load(Ordering::Relaxed);
     out.received = received.load(Ordering::Relaxed);
     out
-}
-
-/// Resolves once neither count moved for `idle` (checked every eighth of it, so the close
-/// comes between `idle` and `idle` × 1.125 after the last byte). Never while spliced.
-async fn silent_for(idle: Duration, counts: [&AtomicU64; 2], in_kernel: &AtomicBool) {
-    let tick = (idle / 8).max(Duration::from_millis(10));
-    let total = || counts[0].load(Ordering::Relaxed) + counts[1].load(Ordering::Relaxed);
-    let mut last = total();
-    let mut since = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(tick).await;
-        if in_kernel.load(Ordering::Relaxed) {
-            return std::future::pending().await;
-        }
-        let now = total();
-        if now != last {
-            last = now;
-            since = tokio::time::Instant::now();
-        } else if since.elapsed() >= idle {
-            return;
-        }
-    }
 }
 
 /// `counts` = [down -> up, up -> down], updated as bytes are delivered (also when it fails).

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
-use crate::relay::relay;
+use crate::relay::{Counted, relay, silent_for};
 use crate::telemetry::{ResponseFlags, TcpRecord};
 use crate::tunnel::TunnelPeer;
 use crate::upstream::Failure;
@@ -126,7 +127,7 @@ fn reset(stream: TcpStream) {
 /// certificate identity (TCP semantics), then copied between the tunnel stream and `up`
 /// (already connected to the pod from the original source's address), half-closes passed on.
 pub async fn serve_opaque_tunneled<IO>(
-    mut io: IO,
+    io: IO,
     up: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -144,15 +145,28 @@ pub async fn serve_opaque_tunneled<IO>(
         ctx.telemetry.record_tcp(&rec);
         return;
     }
-    let mut up = up;
-    match tokio::io::copy_bidirectional(&mut io, &mut up).await {
-        Ok((sent, received)) => {
+    // Counted on both sides so the idle clock sees bytes as they move.
+    let (down_read, up_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut down = Counted::new(io, down_read.clone());
+    let mut up = Counted::new(up, up_read.clone());
+    let never_spliced = AtomicBool::new(false);
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => Some(r),
+        _ = silent_for(ctx.limits.tcp_idle_timeout, [&down_read, &up_read], &never_spliced) => None,
+    };
+    match copied {
+        Some(Ok((sent, received))) => {
             rec.sent_bytes = sent;
             rec.received_bytes = received;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
-            reset(up);
+            reset(up.into_inner());
+        }
+        // Idle: both sides closed with FIN when dropped.
+        None => {
+            rec.sent_bytes = down_read.load(Ordering::Relaxed);
+            rec.received_bytes = up_read.load(Ordering::Relaxed);
         }
     }
     rec.duration = t0.elapsed();

@@ -96,9 +96,17 @@ async fn echo() -> Echo {
 
 /// The server node: a started proxy, HBONE inbound on B's address.
 fn server(certs: CertStore, policies: &str) -> (ProxyHandle, SocketAddr) {
+    server_with(certs, policies, comb_proxy::Limits::default())
+}
+
+fn server_with(
+    certs: CertStore,
+    policies: &str,
+    limits: comb_proxy::Limits,
+) -> (ProxyHandle, SocketAddr) {
     let mut table = table_of(&pods(policies), "n2");
     mesh::local(&mut table, B, &web_id());
-    let mut o = options(comb_proxy::Limits::default());
+    let mut o = options(limits);
     o.transparent = false;
     o.hbone.enabled = true;
     o.hbone.original_source = false;
@@ -124,10 +132,20 @@ impl Drop for Client {
 }
 
 async fn client(certs: CertStore, peer_port: u16, expect: &SpiffeId, dst: SocketAddr) -> Client {
+    client_with(certs, peer_port, expect, dst, comb_proxy::Limits::default()).await
+}
+
+async fn client_with(
+    certs: CertStore,
+    peer_port: u16,
+    expect: &SpiffeId,
+    dst: SocketAddr,
+    limits: comb_proxy::Limits,
+) -> Client {
     let mut table = table_of(&pods(""), "n1");
     mesh::local(&mut table, A, &client_id());
     mesh::peer(&mut table, B, expect);
-    let mut o = options(comb_proxy::Limits::default());
+    let mut o = options(limits);
     o.hbone.enabled = true;
     o.hbone.original_source = false;
     o.hbone.peer_port = peer_port;
@@ -508,4 +526,60 @@ async fn l7_policy_applies_inside_the_tunnel_with_the_certificate_identity() {
         assert!(m.contains(w), "{w} missing:\n{m}");
     }
     assert!(!m.contains("connection_security_policy=\"none\""), "{m}");
+}
+
+/// Sends a byte, reads its echo, then stays silent: the relay must close within 15 s.
+async fn closes_when_silent(to: SocketAddr) {
+    let mut s = from_a(to).await;
+    s.write_all(b"\x00").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut b))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read(&mut b))
+        .await
+        .expect("tunneled relay kept open while idle");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunneled_tcp_is_closed_by_either_side() {
+    let ca = TestCa::new("test-ca");
+    let echo = echo().await;
+    let short = comb_proxy::Limits {
+        tcp_idle_timeout: Duration::from_secs(1),
+        ..comb_proxy::Limits::default()
+    };
+    // The receiving node's idle clock (delivery to the pod)...
+    let (_server, inbound) = server_with(
+        mesh::store(&[&ca], &[ca.issue(&web_id())]),
+        "",
+        short.clone(),
+    );
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    closes_when_silent(c.addr).await;
+    // ... and the sending node's (the tunnel stream).
+    let (_server2, inbound2) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let c2 = client_with(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound2.port(),
+        &web_id(),
+        echo.addr,
+        short,
+    )
+    .await;
+    closes_when_silent(c2.addr).await;
 }
