@@ -282,7 +282,7 @@ fn connections_beyond_the_cap_wait_in_the_backlog() {
     steer(&prx, &vp, v4.port());
 
     let cli2 = cli.clone();
-    std::thread::spawn(move || {
+    let clients = std::thread::spawn(move || {
         enter(&cli2);
         let dst: SocketAddr = "10.231.0.2:8080".parse().unwrap();
         let connect = || {
@@ -318,9 +318,15 @@ fn connections_beyond_the_cap_wait_in_the_backlog() {
         }
         assert!(got.starts_with(b"HTTP/1.1 200"));
         assert!(get(&mut b).unwrap().starts_with("HTTP/1.1 200"));
+        // Kept open until the proxy counted them.
+        (b, c)
     })
     .join()
     .unwrap();
-    done_tx.send(()).unwrap();
-    assert_eq!(proxy_thread.join().unwrap(), 2, "b and c are served");
+    let open = {
+        let _still_open = &clients;
+        done_tx.send(()).unwrap();
+        proxy_thread.join().unwrap()
+    };
+    assert_eq!(open, 2, "b and c are served");
 }
