@@ -299,3 +299,38 @@ async fn opaque_relay_closes_when_idle_and_not_while_busy() {
         .await;
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connection_closes_when_idle() {
+    let backend = Backend::start().await;
+    let limits = Limits {
+        tcp_idle_timeout: Duration::from_millis(1000),
+        // The HTTP side's idle clock is not the one that ends an upgraded connection.
+        downstream_idle_timeout: Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let proxy = TestProxy::start(backend.addr, ProxyTable::default(), options(limits)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"frame").await.unwrap();
+    let mut b = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    let t0 = Instant::now();
+    let rest = closed_within(&mut s, Duration::from_secs(10)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+}
