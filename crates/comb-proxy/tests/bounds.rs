@@ -334,3 +334,39 @@ async fn upgraded_connection_closes_when_idle() {
         t0.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_head_is_bounded_like_the_downstream_one() {
+    // An upstream whose response head outgrows the connection's buffer (max header bytes
+    // + 1 KiB): the proxy stops reading it and answers 503 UPE instead of buffering on.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dst = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+                // 50 headers (under hyper's count limit) of 2 KB: 100 KB, under hyper's default
+                // buffer (~400 KiB), over this proxy's bound (17 KiB).
+                for i in 0..50 {
+                    head.extend_from_slice(
+                        format!("x-big-{i}: {}\r\n", "v".repeat(2000)).as_bytes(),
+                    );
+                }
+                head.extend_from_slice(b"content-length: 0\r\n\r\n");
+                let _ = s.write_all(&head).await;
+            });
+        }
+    });
+    let limits = Limits {
+        max_header_bytes: 16 * 1024,
+        ..Limits::default()
+    };
+    let proxy = TestProxy::start(dst, ProxyTable::default(), options(limits)).await;
+    let mut c = h1_client(proxy.addr).await;
+    let r = h1_send(&mut c, "GET", "/", "").await;
+    assert_eq!(r.status(), 503);
+    assert!(text(r).await.ends_with("reset reason: protocol error"));
+    proxy.wait_metrics(&["response_flags=\"UPE\""]).await;
+    task.abort();
+}
