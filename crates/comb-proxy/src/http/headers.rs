@@ -82,8 +82,8 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Envoy's `use_remote_address: true` with `xff_num_trusted_hops: 0` (what Istio's waypoint
-/// and gateways run): the downstream peer's address is appended to `x-forwarded-for`
+/// Envoy's `use_remote_address: true` with `xff_num_trusted_hops: 0` (Istio's gateways with
+/// the default `numTrustedProxies`): the downstream peer's address is appended to `x-forwarded-for`
 /// (several received header lines are joined first, as Envoy reads them), and
 /// `x-forwarded-proto` is `http` (the downstream is plaintext) unless a client sent one: a
 /// mesh client is often behind a gateway that terminated TLS, and that fact must survive.
