@@ -146,6 +146,20 @@ pub struct Args {
     /// Upstream connect timeout, in milliseconds (503 UF beyond).
     #[arg(long, default_value = "5000")]
     pub proxy_connect_timeout_ms: u64,
+    /// A downstream HTTP connection with no request in flight this long is closed (HTTP/2:
+    /// GOAWAY), in milliseconds. Default 1 h (Envoy's `idle_timeout`).
+    #[arg(long, default_value = "3600000")]
+    pub proxy_idle_timeout_ms: u64,
+    /// A pooled upstream connection unused this long is closed, in milliseconds. Default 1 h.
+    #[arg(long, default_value = "3600000")]
+    pub proxy_upstream_idle_timeout_ms: u64,
+    /// An opaque TCP (or upgraded) connection with no bytes either way this long is closed,
+    /// in milliseconds. Default 1 h (Istio's TCP idle timeout).
+    #[arg(long, default_value = "3600000")]
+    pub proxy_tcp_idle_timeout_ms: u64,
+    /// Connections the proxy serves at once; more wait in the listen backlog.
+    #[arg(long, default_value = "16384")]
+    pub proxy_max_connections: usize,
     /// How long the proxy waits for a client's first bytes before relaying the connection as
     /// opaque TCP (server-first protocols), in milliseconds.
     #[arg(long, default_value = "500")]

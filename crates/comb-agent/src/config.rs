@@ -72,6 +72,10 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     pub connect_timeout: Duration,
     pub detect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub max_connections: usize,
     /// HBONE listeners (outbound, inbound) when on.
     pub hbone: Option<(u16, u16)>,
 }
@@ -153,6 +157,12 @@ impl AgentConfig {
                 max_body_bytes: a.proxy_max_body_bytes,
                 connect_timeout: Duration::from_millis(a.proxy_connect_timeout_ms),
                 detect_timeout: Duration::from_millis(a.proxy_detect_timeout_ms),
+                idle_timeout: Duration::from_millis(a.proxy_idle_timeout_ms.max(1)),
+                upstream_idle_timeout: Duration::from_millis(
+                    a.proxy_upstream_idle_timeout_ms.max(1),
+                ),
+                tcp_idle_timeout: Duration::from_millis(a.proxy_tcp_idle_timeout_ms.max(1)),
+                max_connections: a.proxy_max_connections.max(1),
                 // HBONE needs workload certificates: without a CA the listeners would only
                 // take flows they cannot carry.
                 hbone: (a.hbone == OnOff::On && a.ca_address.is_some())
@@ -299,6 +309,35 @@ mod tests {
         assert!(c.proxy.is_none());
         let c = parse(&["--proxy-workers", "0"]).unwrap();
         assert_eq!(c.proxy.unwrap().workers, 1);
+    }
+
+    #[test]
+    fn proxy_idle_timeouts_and_connection_cap() {
+        let p = parse(&[]).unwrap().proxy.unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            (p.idle_timeout, p.upstream_idle_timeout, p.tcp_idle_timeout),
+            (hour, hour, hour)
+        );
+        assert_eq!(p.max_connections, 16384);
+        let p = parse(&[
+            "--proxy-idle-timeout-ms",
+            "1500",
+            "--proxy-upstream-idle-timeout-ms",
+            "0",
+            "--proxy-tcp-idle-timeout-ms",
+            "30000",
+            "--proxy-max-connections",
+            "100",
+        ])
+        .unwrap()
+        .proxy
+        .unwrap();
+        assert_eq!(p.idle_timeout, Duration::from_millis(1500));
+        // Zero would close every pooled connection at once: the floor is 1 ms.
+        assert_eq!(p.upstream_idle_timeout, Duration::from_millis(1));
+        assert_eq!(p.tcp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(p.max_connections, 100);
     }
 
     #[test]

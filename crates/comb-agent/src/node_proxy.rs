@@ -130,6 +130,10 @@ impl NodeProxy {
             max_body_bytes: px.max_body_bytes,
             header_read_timeout: px.header_timeout,
             upstream_connect_timeout: px.connect_timeout,
+            downstream_idle_timeout: px.idle_timeout,
+            upstream_idle_timeout: px.upstream_idle_timeout,
+            tcp_idle_timeout: px.tcp_idle_timeout,
+            max_connections: px.max_connections,
             ..Limits::default()
         };
         opts.certs = certs.clone();

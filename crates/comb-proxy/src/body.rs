@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::conn_clock::RequestGuard;
 use crate::telemetry::{RequestRecord, ResponseFlags, Telemetry};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,6 +27,8 @@ pub struct RequestProgress {
 /// The downstream request body on its way upstream.
 pub struct RequestBody {
     inner: Incoming,
+    /// A frame read before the request went upstream (`Expect: 100-continue`), sent first.
+    first: Option<Frame<Bytes>>,
     progress: Arc<RequestProgress>,
     seen: u64,
     limit: u64,
@@ -35,9 +38,23 @@ impl RequestBody {
     pub fn new(inner: Incoming, progress: Arc<RequestProgress>, limit: u64) -> Self {
         Self {
             inner,
+            first: None,
             progress,
             seen: 0,
             limit,
+        }
+    }
+
+    /// `new` with a frame already read from `inner`, which goes out first.
+    pub fn with_first(
+        inner: Incoming,
+        first: Option<Frame<Bytes>>,
+        progress: Arc<RequestProgress>,
+        limit: u64,
+    ) -> Self {
+        Self {
+            first,
+            ..Self::new(inner, progress, limit)
         }
     }
 }
@@ -61,7 +78,11 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+        let polled = match self.first.take() {
+            Some(f) => Poll::Ready(Some(Ok(f))),
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        };
+        let frame = match polled {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
@@ -80,11 +101,30 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut h = self.inner.size_hint();
+        if let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        {
+            h = match h.exact() {
+                Some(rest) => SizeHint::with_exact(rest + n),
+                None => {
+                    let mut g = SizeHint::new();
+                    g.set_lower(h.lower() + n);
+                    if let Some(u) = h.upper() {
+                        g.set_upper(u + n);
+                    }
+                    g
+                }
+            };
+        }
+        h
     }
 }
 
@@ -156,6 +196,8 @@ enum Kind {
 pub struct ResponseBody {
     kind: Kind,
     rec: Option<Box<Recorder>>,
+    /// Keeps the request counted as in flight on its connection until the body is done.
+    _request: Option<RequestGuard>,
 }
 
 impl ResponseBody {
@@ -163,6 +205,7 @@ impl ResponseBody {
         let mut b = Self {
             kind: Kind::Upstream(body),
             rec,
+            _request: None,
         };
         b.mark_if_ended();
         b
@@ -172,6 +215,7 @@ impl ResponseBody {
         let mut b = Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             rec,
+            _request: None,
         };
         if let Some(r) = b.rec.as_mut()
             && let Kind::Full(Some(d)) = &b.kind
@@ -184,6 +228,12 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         Self::full(Bytes::new(), None)
+    }
+
+    /// Holds `g` (the request in flight on its connection) until this body is dropped.
+    pub(crate) fn hold(mut self, g: RequestGuard) -> Self {
+        self._request = Some(g);
+        self
     }
 
     pub fn recorder(&mut self) -> Option<&mut Recorder> {

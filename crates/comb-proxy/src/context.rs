@@ -41,7 +41,9 @@ impl ProxyContext {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(l.header_read_timeout)
+            // Ours counts from a head's first byte (crate::conn_clock); hyper's would also
+            // close connections that are only idle between requests.
+            .header_read_timeout(None)
             .max_headers(l.max_headers)
             .max_header_size(l.max_header_bytes)
             // The read buffer bounds a connection's memory; headers must fit in it.
@@ -53,7 +55,7 @@ impl ProxyContext {
             .initial_stream_window_size(l.h2_stream_window)
             .initial_connection_window_size(l.h2_connection_window)
             .max_send_buf_size(l.h2_stream_window as usize)
-            .keep_alive_interval(l.idle_timeout)
+            .keep_alive_interval(l.h2_keepalive_interval)
             .keep_alive_timeout(Duration::from_secs(20));
         Arc::new(Self {
             table: ArcSwap::new(table),
@@ -100,6 +102,11 @@ impl ProxyContext {
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.telemetry
+    }
+
+    /// What the shared upstream pools hold now.
+    pub fn upstream_counts(&self) -> crate::upstream::PoolCounts {
+        self.upstreams.counts()
     }
 
     /// HBONE state (pool, TLS configs) when HBONE is on.

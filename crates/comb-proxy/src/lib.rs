@@ -13,6 +13,7 @@
 
 pub mod body;
 mod conn;
+mod conn_clock;
 mod context;
 pub mod detect;
 pub mod hbone;

@@ -24,13 +24,23 @@ pub struct Limits {
     /// Time a client has to send a complete request head once it started one (slowloris):
     /// the connection is closed after it. Default 10 s.
     pub header_read_timeout: Duration,
-    /// Idle upstream pooled connections are closed after this; HTTP/2 downstream and upstream
-    /// connections are pinged at this interval. Default 300 s.
-    pub idle_timeout: Duration,
+    /// A downstream HTTP connection with no request in flight for this long is closed:
+    /// HTTP/1 at once (it is between requests), HTTP/2 with GOAWAY. Default 1 h (Envoy's
+    /// connection manager `idle_timeout`, which Istio keeps).
+    pub downstream_idle_timeout: Duration,
+    /// A pooled upstream connection unused for this long is closed and leaves its pool.
+    /// Default 1 h (Envoy's cluster `idle_timeout`; Istio's DestinationRule default).
+    pub upstream_idle_timeout: Duration,
+    /// An opaque TCP relay (and an upgraded HTTP/1 connection) with no byte in either
+    /// direction for this long is closed. Default 1 h (Istio's TCP `idle_timeout`).
+    pub tcp_idle_timeout: Duration,
+    /// HTTP/2 connections (downstream and upstream) are pinged at this interval, and closed
+    /// when a ping goes unanswered for 20 s. Default 300 s.
+    pub h2_keepalive_interval: Duration,
     /// Connecting to the original destination. Default 5 s (UF/UT beyond).
     pub upstream_connect_timeout: Duration,
-    /// Accepted connections served at once; further ones wait in the listen backlog.
-    /// Default 16384.
+    /// Accepted connections served at once; further ones wait in the listen backlog (4096),
+    /// and the kernel drops SYNs beyond that (clients retry). Default 16384.
     pub max_connections: usize,
     /// HTTP/2 streams one downstream connection may have open. Default 256.
     pub max_concurrent_streams: u32,
@@ -40,7 +50,15 @@ pub struct Limits {
     pub h2_connection_window: u32,
     /// Idle upstream HTTP/1 connections kept per destination. Default 64.
     pub pool_max_idle_per_host: usize,
+    /// Upstream HTTP/1 connections open at once (busy or idle, all destinations); a request
+    /// that needs one more gets 503 with flag `UO` (Envoy's circuit breaker). Default 16384.
+    pub max_upstream_h1_connections: usize,
+    /// Destinations with a pooled upstream HTTP/2 connection; beyond it the least recently
+    /// used one leaves the pool (its streams finish first). Default 4096.
+    pub max_upstream_h2_destinations: usize,
 }
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -49,13 +67,18 @@ impl Default for Limits {
             max_headers: 100,
             max_body_bytes: 1 << 30,
             header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
+            downstream_idle_timeout: HOUR,
+            upstream_idle_timeout: HOUR,
+            tcp_idle_timeout: HOUR,
+            h2_keepalive_interval: Duration::from_secs(300),
             upstream_connect_timeout: Duration::from_secs(5),
             max_connections: 16384,
             max_concurrent_streams: 256,
             h2_stream_window: 256 * 1024,
             h2_connection_window: 1024 * 1024,
             pool_max_idle_per_host: 64,
+            max_upstream_h1_connections: 16384,
+            max_upstream_h2_destinations: 4096,
         }
     }
 }

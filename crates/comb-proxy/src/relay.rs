@@ -21,8 +21,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 mod bench;
+mod idle;
 
 pub use bench::{BenchResult, bench_relay};
+pub(crate) use idle::{Counted, silent_for};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
@@ -32,23 +34,28 @@ pub struct RelayOutcome {
     pub received: u64,
     pub spliced: bool,
     pub error: Option<String>,
+    /// Closed (FIN both ways) after no byte moved for the idle timeout.
+    pub idle_timeout: bool,
 }
 
 /// Relay until both directions reached EOF or one failed. `down_buffered` was read from `down`
 /// and goes to `up` first (and `up_buffered` the other way). With `splice`, the two sockets
 /// are spliced in the kernel after that; a pairing failure is logged (once) and the relay
-/// stays in userspace.
+/// stays in userspace. With `idle`, a relay that moves no byte for that long is closed
+/// (spliced pairs excepted: the kernel moves their bytes out of sight).
 pub async fn relay(
     down: TcpStream,
     down_buffered: Bytes,
     up: TcpStream,
     up_buffered: Bytes,
     splice: Option<&ProxySplice>,
+    idle: Option<Duration>,
 ) -> RelayOutcome {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
+    let in_kernel = AtomicBool::new(false);
     let mut out = RelayOutcome::default();
-    let r = run(
+    let relayed = run(
         &down,
         down_buffered,
         &up,
@@ -56,8 +63,18 @@ pub async fn relay(
         splice,
         [&sent, &received],
         &mut out.spliced,
-    )
-    .await;
+        &in_kernel,
+    );
+    let r = match idle {
+        None => relayed.await,
+        Some(idle) => tokio::select! {
+            r = relayed => r,
+            _ = silent_for(idle, [&sent, &received], &in_kernel) => {
+                out.idle_timeout = true;
+                Ok(())
+            }
+        },
+    };
     if let Err(e) = r {
         // Tell both ends the connection broke rather than ended: RST, not FIN.
         for s in [&down, &up] {
@@ -71,6 +88,7 @@ pub async fn relay(
 }
 
 /// `counts` = [down -> up, up -> down], updated as bytes are delivered (also when it fails).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     down: &TcpStream,
     down_buffered: Bytes,
@@ -79,6 +97,7 @@ async fn run(
     splice: Option<&ProxySplice>,
     counts: [&AtomicU64; 2],
     spliced: &mut bool,
+    in_kernel: &AtomicBool,
 ) -> io::Result<()> {
     tokio::try_join!(
         forward_all(up, &down_buffered, counts[0]),
@@ -88,6 +107,7 @@ async fn run(
     if let Some(ps) = splice {
         pair = try_splice(ps, down, up, counts).await?;
         *spliced = pair.is_some();
+        in_kernel.store(*spliced, Ordering::Relaxed);
     }
     let mut result = Ok(());
     {

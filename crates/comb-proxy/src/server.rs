@@ -122,7 +122,7 @@ pub struct ProxyHandle {
     rt: Option<Runtime>,
     ctx: Arc<ProxyContext>,
     listeners: Vec<Listening>,
-    /// Connections being served (not the permits: each accept loop holds one while it waits).
+    /// Connections being served.
     active: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
@@ -244,12 +244,6 @@ async fn accept_loop(
 ) {
     let own = listener.local_addr().ok();
     loop {
-        // At the connection limit, stop accepting: the backlog holds the rest.
-        let permit = tokio::select! {
-            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-            _ = close.changed() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
@@ -271,6 +265,13 @@ async fn accept_loop(
             Ok(a) if Some(a) != own => a,
             // A client that dialled the proxy port itself: forwarding would loop back here.
             _ => continue,
+        };
+        // At the connection limit, stop accepting: this one waits for a place, the backlog
+        // holds the rest. (Taking the place before `accept` would let every idle accept loop
+        // hold one: the cap would shrink by one per listener.)
+        let permit = tokio::select! {
+            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
         };
         let ctx = ctx.clone();
         let active = active.clone();

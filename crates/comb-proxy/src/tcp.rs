@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
-use crate::relay::relay;
+use crate::relay::{Counted, relay, silent_for};
 use crate::telemetry::{ResponseFlags, TcpRecord};
 use crate::tunnel::TunnelPeer;
 use crate::upstream::Failure;
@@ -24,6 +25,7 @@ pub async fn serve_opaque(
 ) {
     let t0 = Instant::now();
     let mut rec = judge(&ctx, peer, dst, None);
+    ctx.telemetry.tcp_opened(&rec);
     if rec.denied {
         reset(stream);
         rec.duration = t0.elapsed();
@@ -45,6 +47,7 @@ pub async fn serve_opaque(
         up,
         Bytes::new(),
         ctx.splice.as_deref(),
+        Some(ctx.limits.tcp_idle_timeout),
     )
     .await;
     rec.sent_bytes = out.sent;
@@ -124,7 +127,7 @@ fn reset(stream: TcpStream) {
 /// certificate identity (TCP semantics), then copied between the tunnel stream and `up`
 /// (already connected to the pod from the original source's address), half-closes passed on.
 pub async fn serve_opaque_tunneled<IO>(
-    mut io: IO,
+    io: IO,
     up: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -135,21 +138,35 @@ pub async fn serve_opaque_tunneled<IO>(
 {
     let t0 = Instant::now();
     let mut rec = judge(&ctx, peer, dst, Some(tunnel));
+    ctx.telemetry.tcp_opened(&rec);
     if rec.denied {
         reset(up);
         rec.duration = t0.elapsed();
         ctx.telemetry.record_tcp(&rec);
         return;
     }
-    let mut up = up;
-    match crate::stream_copy::copy_bidirectional(&mut io, &mut up).await {
-        Ok((sent, received)) => {
+    // Counted on both sides so the idle clock sees bytes as they move.
+    let (down_read, up_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut down = Counted::new(io, down_read.clone());
+    let mut up = Counted::new(up, up_read.clone());
+    let never_spliced = AtomicBool::new(false);
+    let copied = tokio::select! {
+        r = crate::stream_copy::copy_bidirectional(&mut down, &mut up) => Some(r),
+        _ = silent_for(ctx.limits.tcp_idle_timeout, [&down_read, &up_read], &never_spliced) => None,
+    };
+    match copied {
+        Some(Ok((sent, received))) => {
             rec.sent_bytes = sent;
             rec.received_bytes = received;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
-            reset(up);
+            reset(up.into_inner());
+        }
+        // Idle: both sides closed with FIN when dropped.
+        None => {
+            rec.sent_bytes = down_read.load(Ordering::Relaxed);
+            rec.received_bytes = up_read.load(Ordering::Relaxed);
         }
     }
     rec.duration = t0.elapsed();

@@ -1,21 +1,21 @@
 //! Pooled upstream connections to original destinations: one HTTP/1.1 pool (hyper-util's
-//! legacy client, keyed by the destination address in the URI) and one HTTP/2 pool (one
-//! multiplexed connection per destination, so `:authority` can stay what the client sent
-//! while the connection is chosen by address).
+//! legacy client, keyed by the destination address in the URI, capped in total) and one
+//! HTTP/2 pool (one multiplexed connection per destination, bounded and reaped), plus the
+//! dedicated upstream of an HBONE-delivered connection.
 
-use std::collections::HashMap;
+mod h1_pool;
+mod h2_pool;
+
 use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -42,6 +42,11 @@ impl Failure {
     pub const TERMINATION: Failure = Failure {
         flag: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
         reason: "connection termination",
+    };
+    /// The upstream connection cap was reached (Envoy's circuit breaker).
+    pub const OVERFLOW: Failure = Failure {
+        flag: ResponseFlags::UPSTREAM_OVERFLOW,
+        reason: "overflow",
     };
     pub const PROTOCOL: Failure = Failure {
         flag: ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
@@ -77,42 +82,55 @@ impl Failure {
 }
 
 pub struct Upstreams {
-    h1: Client<HttpConnector, RequestBody>,
-    h2: H2Pool,
+    h1: h1_pool::H1Client,
+    h1_open: Arc<AtomicUsize>,
+    h2: h2_pool::H2Pool,
+}
+
+/// What the shared pools hold now (tests, `comb proxy stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Upstream HTTP/1 connections open (busy or idle).
+    pub h1_connections: usize,
+    /// Destinations with a pooled HTTP/2 connection.
+    pub h2_destinations: usize,
 }
 
 impl Upstreams {
     pub fn new(limits: &Limits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.idle_timeout)
-            .pool_max_idle_per_host(limits.pool_max_idle_per_host)
-            // The client's Host is forwarded as received; the URI carries the destination.
-            .set_host(false)
-            .build(connector);
+        let (h1, h1_open) = h1_pool::client(limits);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .initial_stream_window_size(limits.h2_stream_window)
             .initial_connection_window_size(limits.h2_connection_window)
             .max_header_list_size(limits.max_header_bytes as u32)
-            .keep_alive_interval(limits.idle_timeout)
+            .keep_alive_interval(limits.h2_keepalive_interval)
             .keep_alive_while_idle(false);
         Self {
             h1,
-            h2: H2Pool {
-                slots: ArcSwap::default(),
-                builder: h2,
-                connect_timeout: limits.upstream_connect_timeout,
-            },
+            h1_open,
+            h2: h2_pool::H2Pool::new(
+                h2,
+                limits.upstream_connect_timeout,
+                limits.upstream_idle_timeout,
+                limits.max_upstream_h2_destinations,
+            ),
+        }
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        PoolCounts {
+            h1_connections: self.h1_open.load(Ordering::Relaxed),
+            h2_destinations: self.h2.destinations(),
         }
     }
 
     /// HTTP/1.1 exchange; the request URI must be absolute with the destination as authority.
     pub async fn send_h1(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
         self.h1.request(req).await.map_err(|e| {
+            if is_overflow(&e) {
+                return Failure::OVERFLOW;
+            }
             let connecting = e.is_connect();
             Failure::classify(&e, connecting)
         })
@@ -132,75 +150,15 @@ impl Upstreams {
     }
 }
 
-struct H2Pool {
-    slots: ArcSwap<HashMap<SocketAddr, Arc<H2Slot>>>,
-    builder: http2::Builder<TokioExecutor>,
-    connect_timeout: Duration,
-}
-
-#[derive(Default)]
-struct H2Slot {
-    conn: ArcSwapOption<http2::SendRequest<RequestBody>>,
-    /// Held only while (re)connecting so concurrent requests share one new connection.
-    connecting: tokio::sync::Mutex<()>,
-}
-
-impl H2Pool {
-    fn slot(&self, dst: SocketAddr) -> Arc<H2Slot> {
-        if let Some(s) = self.slots.load().get(&dst) {
-            return s.clone();
+fn is_overflow(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<h1_pool::Overflow>() {
+            return true;
         }
-        // First request to this destination: copy-on-write insert (rare).
-        let mut created: Option<Arc<H2Slot>> = None;
-        self.slots.rcu(|m| {
-            if m.contains_key(&dst) {
-                return Arc::clone(m);
-            }
-            let mut m = HashMap::clone(m);
-            m.insert(dst, created.get_or_insert_with(Arc::default).clone());
-            Arc::new(m)
-        });
-        self.slots.load().get(&dst).cloned().unwrap_or_default()
+        cur = e.source();
     }
-
-    async fn sender(&self, dst: SocketAddr) -> Result<http2::SendRequest<RequestBody>, Failure> {
-        let slot = self.slot(dst);
-        if let Some(s) = live(&slot) {
-            return Ok(s);
-        }
-        let _g = slot.connecting.lock().await;
-        if let Some(s) = live(&slot) {
-            return Ok(s);
-        }
-        let connect = async {
-            let tcp = TcpStream::connect(dst)
-                .await
-                .map_err(|e| Failure::classify(&e, true))?;
-            let _ = tcp.set_nodelay(true);
-            let (sender, conn) = self
-                .builder
-                .handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| Failure::classify(&e, true))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%dst, "upstream h2 connection: {e}");
-                }
-            });
-            Ok(sender)
-        };
-        let sender = tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| Failure::CONNECT_TIMEOUT)??;
-        slot.conn.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
-    }
-}
-
-fn live(slot: &H2Slot) -> Option<http2::SendRequest<RequestBody>> {
-    let guard = slot.conn.load();
-    let s = guard.as_ref()?;
-    (!s.is_closed()).then(|| http2::SendRequest::clone(s))
+    false
 }
 
 /// The upstream of one HBONE-delivered downstream connection: its own connection to the

@@ -96,9 +96,17 @@ async fn echo() -> Echo {
 
 /// The server node: a started proxy, HBONE inbound on B's address.
 fn server(certs: CertStore, policies: &str) -> (ProxyHandle, SocketAddr) {
+    server_with(certs, policies, comb_proxy::Limits::default())
+}
+
+fn server_with(
+    certs: CertStore,
+    policies: &str,
+    limits: comb_proxy::Limits,
+) -> (ProxyHandle, SocketAddr) {
     let mut table = table_of(&pods(policies), "n2");
     mesh::local(&mut table, B, &web_id());
-    let mut o = options(comb_proxy::Limits::default());
+    let mut o = options(limits);
     o.transparent = false;
     o.hbone.enabled = true;
     o.hbone.original_source = false;
@@ -124,10 +132,20 @@ impl Drop for Client {
 }
 
 async fn client(certs: CertStore, peer_port: u16, expect: &SpiffeId, dst: SocketAddr) -> Client {
+    client_with(certs, peer_port, expect, dst, comb_proxy::Limits::default()).await
+}
+
+async fn client_with(
+    certs: CertStore,
+    peer_port: u16,
+    expect: &SpiffeId,
+    dst: SocketAddr,
+    limits: comb_proxy::Limits,
+) -> Client {
     let mut table = table_of(&pods(""), "n1");
     mesh::local(&mut table, A, &client_id());
     mesh::peer(&mut table, B, expect);
-    let mut o = options(comb_proxy::Limits::default());
+    let mut o = options(limits);
     o.hbone.enabled = true;
     o.hbone.original_source = false;
     o.hbone.peer_port = peer_port;
@@ -151,17 +169,33 @@ async fn client(certs: CertStore, peer_port: u16, expect: &SpiffeId, dst: Socket
 /// known, so tests running in parallel can draw a 4-tuple already in use (EADDRINUSE at
 /// connect): draw again.
 async fn from_a(to: SocketAddr) -> TcpStream {
+    try_from_a(to)
+        .await
+        .unwrap_or_else(|e| panic!("connecting from {A} to {to}: {e}"))
+}
+
+/// `from_a`, with the connect's other errors returned: a refused tunnel resets the
+/// connection, and on a loaded machine the reset can land before `connect` returns.
+async fn try_from_a(to: SocketAddr) -> std::io::Result<TcpStream> {
     let mut last = None;
     for _ in 0..20 {
         let s = TcpSocket::new_v4().unwrap();
         s.bind(format!("{A}:0").parse().unwrap()).unwrap();
         match s.connect(to).await {
-            Ok(c) => return c,
+            Ok(c) => return Ok(c),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
-            Err(e) => panic!("connecting from {A} to {to}: {e}"),
+            Err(e) => return Err(e),
         }
     }
-    panic!("connecting from {A} to {to}: {last:?}")
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port")))
+}
+
+/// A reset or broken pipe: what the client of a refused tunnel sees.
+fn refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 struct Setup {
@@ -193,9 +227,16 @@ async fn setup(policies: &str) -> Setup {
 }
 
 async fn round_trip(to: SocketAddr, msg: &[u8]) -> Vec<u8> {
-    let mut s = from_a(to).await;
-    s.write_all(msg).await.unwrap();
-    s.shutdown().await.unwrap();
+    let mut s = match try_from_a(to).await {
+        Ok(s) => s,
+        Err(e) if refused(&e) => return Vec::new(),
+        Err(e) => panic!("connecting from {A} to {to}: {e}"),
+    };
+    match s.write_all(msg).await.and(s.shutdown().await) {
+        Ok(()) => {}
+        Err(e) if refused(&e) => return Vec::new(),
+        Err(e) => panic!("writing to {to}: {e}"),
+    }
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
         .await
@@ -299,6 +340,11 @@ async fn client_of_another_ca_is_refused_and_the_server_keeps_serving() {
     assert_eq!(round_trip(bad.addr, b"hello").await, b"");
     // TLS 1.3: the client's side of the handshake ends before the server judged its
     // certificate, so the refusal is the server's to count; the client keeps no tunnel.
+    // The server counts after its side of the close, which the client can see first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while srv.tunnel_stats().inbound.refused == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let i = srv.tunnel_stats().inbound;
     assert_eq!((i.handshakes, i.refused, i.streams), (0, 1, 0));
     assert!(bad.ctx.hbone().unwrap().pool().tunnels().is_empty());
@@ -508,4 +554,60 @@ async fn l7_policy_applies_inside_the_tunnel_with_the_certificate_identity() {
         assert!(m.contains(w), "{w} missing:\n{m}");
     }
     assert!(!m.contains("connection_security_policy=\"none\""), "{m}");
+}
+
+/// Sends a byte, reads its echo, then stays silent: the relay must close within 15 s.
+async fn closes_when_silent(to: SocketAddr) {
+    let mut s = from_a(to).await;
+    s.write_all(b"\x00").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut b))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read(&mut b))
+        .await
+        .expect("tunneled relay kept open while idle");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunneled_tcp_is_closed_by_either_side() {
+    let ca = TestCa::new("test-ca");
+    let echo = echo().await;
+    let short = comb_proxy::Limits {
+        tcp_idle_timeout: Duration::from_secs(1),
+        ..comb_proxy::Limits::default()
+    };
+    // The receiving node's idle clock (delivery to the pod)...
+    let (_server, inbound) = server_with(
+        mesh::store(&[&ca], &[ca.issue(&web_id())]),
+        "",
+        short.clone(),
+    );
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    closes_when_silent(c.addr).await;
+    // ... and the sending node's (the tunnel stream).
+    let (_server2, inbound2) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let c2 = client_with(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound2.port(),
+        &web_id(),
+        echo.addr,
+        short,
+    )
+    .await;
+    closes_when_silent(c2.addr).await;
 }

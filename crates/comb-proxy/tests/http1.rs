@@ -136,6 +136,9 @@ async fn expect_100_continue() {
     .unwrap();
     let interim = read_head(&mut s).await;
     assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    // The proxy answered the expectation itself: the request has not gone upstream yet, so
+    // an upstream that answers before reading the body (this echo) cannot race the 100.
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
     s.write_all(b"data").await.unwrap();
     let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -389,4 +392,38 @@ async fn http10_without_host() {
         out.contains(&format!("x-seen-host: {}", backend.addr)),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_name_the_downstream_peer() {
+    let backend = Backend::start().await;
+    let proxy = TestProxy::start(
+        backend.addr,
+        ProxyTable::default(),
+        options(Limits::default()),
+    )
+    .await;
+    let mut c = h1_client(proxy.addr).await;
+    // No header: the peer's address alone, and the downstream's scheme.
+    let r = h1_send(&mut c, "GET", "/echo", "").await;
+    assert_eq!(r.headers()["x-seen-xff"], "127.0.0.1");
+    assert_eq!(r.headers()["x-seen-xfp"], "http");
+    text(r).await;
+    // A client's chain (xff_num_trusted_hops 0: kept, not trusted) gets the peer appended as
+    // one header; a received x-forwarded-proto survives.
+    c.ready().await.unwrap();
+    let req = Request::builder()
+        .uri("/echo")
+        .header("host", "web")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-for", "198.51.100.2")
+        .header("x-forwarded-proto", "https")
+        .body(body(""))
+        .unwrap();
+    let r = c.send_request(req).await.unwrap();
+    assert_eq!(
+        r.headers()["x-seen-xff"],
+        "203.0.113.9,198.51.100.2,127.0.0.1"
+    );
+    assert_eq!(r.headers()["x-seen-xfp"], "https");
 }

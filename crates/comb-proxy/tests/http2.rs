@@ -157,3 +157,24 @@ async fn h2_upstream_refused_is_503() {
     assert_eq!(r.status(), 503);
     assert!(text(r).await.ends_with("reset reason: connection failure"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_name_the_downstream_peer() {
+    let backend = Backend::start().await;
+    let proxy = TestProxy::start(
+        backend.addr,
+        ProxyTable::default(),
+        options(Limits::default()),
+    )
+    .await;
+    let mut c = h2_client(proxy.addr).await;
+    let req = Request::builder()
+        .uri(format!("http://{}/echo", backend.addr))
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(body(""))
+        .unwrap();
+    let r = c.send_request(req).await.unwrap();
+    assert_eq!(r.headers()["x-seen-xff"], "203.0.113.9,127.0.0.1");
+    assert_eq!(r.headers()["x-seen-xfp"], "http");
+    assert_eq!(r.headers()["x-seen-version"], "HTTP/2.0");
+}

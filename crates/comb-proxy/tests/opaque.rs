@@ -105,3 +105,39 @@ async fn unreachable_destination_resets_the_client() {
         ])
         .await;
 }
+
+/// Sum of a metric's samples in the Prometheus text.
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_counted_opened_while_open() {
+    let (dst, task) = tcp_backend(None).await;
+    let proxy = TestProxy::start(dst, ProxyTable::default(), options(Limits::default())).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"\x00open").await.unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).await.unwrap();
+    // The relay is running: opened moved, closed has not.
+    let m = proxy
+        .wait_metrics(&["istio_tcp_connections_opened_total{"])
+        .await;
+    assert_eq!(metric_sum(&m, "istio_tcp_connections_opened_total"), 1);
+    assert_eq!(metric_sum(&m, "istio_tcp_connections_closed_total"), 0);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = proxy.metrics();
+        if metric_sum(&m, "istio_tcp_connections_closed_total") == 1 {
+            assert_eq!(metric_sum(&m, "istio_tcp_connections_opened_total"), 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "closed never counted: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}

@@ -46,30 +46,84 @@ fn enter(name: &str) {
     assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
 }
 
-#[test]
-fn tproxy_to_transparent_listener_keeps_original_destination() {
-    if !privileged("transparent listener") {
-        return;
-    }
-    let tag = format!("{:x}", std::process::id() & 0xffff);
+/// The client and proxy namespaces (10.231.0.1 and .2 on a veth); `t` tells tests apart.
+fn lab(t: &str) -> (Netns, String, String, String) {
+    let tag = format!("{:x}{t}", std::process::id() & 0xffff);
     let (cli, prx) = (format!("ctc-{tag}"), format!("ctp-{tag}"));
     let (vc, vp) = (format!("vc{tag}"), format!("vp{tag}"));
     sh(&["ip", "netns", "add", &cli]);
-    let _guard = Netns(vec![cli.clone(), prx.clone()]);
+    let guard = Netns(vec![cli.clone(), prx.clone()]);
     sh(&["ip", "netns", "add", &prx]);
     sh(&[
         "ip", "link", "add", &vc, "netns", &cli, "type", "veth", "peer", "name", &vp, "netns", &prx,
     ]);
-    let nx = |ns: &str, a: &[&str]| {
-        let mut v = vec!["ip", "netns", "exec", ns];
-        v.extend_from_slice(a);
-        sh(&v);
-    };
     nx(&cli, &["ip", "addr", "add", "10.231.0.1/24", "dev", &vc]);
     nx(&cli, &["ip", "link", "set", &vc, "up"]);
     nx(&prx, &["ip", "addr", "add", "10.231.0.2/24", "dev", &vp]);
     nx(&prx, &["ip", "link", "set", &vp, "up"]);
     nx(&prx, &["ip", "link", "set", "lo", "up"]);
+    (guard, cli, prx, vp)
+}
+
+fn nx(ns: &str, a: &[&str]) {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(a);
+    sh(&v);
+}
+
+/// TPROXY: connections for port 8080 arriving on `vp` go to the proxy's listener on `port`.
+fn steer(prx: &str, vp: &str, port: u16) {
+    let port = port.to_string();
+    nx(
+        prx,
+        &["ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+    );
+    nx(
+        prx,
+        &[
+            "ip",
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ],
+    );
+    nx(
+        prx,
+        &[
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-i",
+            vp,
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "TPROXY",
+            "--on-ip",
+            "127.0.0.1",
+            "--on-port",
+            &port,
+            "--tproxy-mark",
+            "0x1/0x1",
+        ],
+    );
+}
+
+#[test]
+fn tproxy_to_transparent_listener_keeps_original_destination() {
+    if !privileged("transparent listener") {
+        return;
+    }
+    let (_guard, cli, prx, vp) = lab("a");
 
     // The proxy and the backend live in the proxy namespace (threads inherit it).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -129,49 +183,7 @@ fn tproxy_to_transparent_listener_keeps_original_destination() {
         m
     });
     let v4: SocketAddr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let port = v4.port().to_string();
-    nx(
-        &prx,
-        &["ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
-    );
-    nx(
-        &prx,
-        &[
-            "ip",
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ],
-    );
-    nx(
-        &prx,
-        &[
-            "iptables",
-            "-t",
-            "mangle",
-            "-A",
-            "PREROUTING",
-            "-i",
-            &vp,
-            "-p",
-            "tcp",
-            "--dport",
-            "8080",
-            "-j",
-            "TPROXY",
-            "--on-ip",
-            "127.0.0.1",
-            "--on-port",
-            &port,
-            "--tproxy-mark",
-            "0x1/0x1",
-        ],
-    );
+    steer(&prx, &vp, v4.port());
 
     let cli2 = cli.clone();
     let reply = std::thread::spawn(move || {
@@ -193,4 +205,128 @@ fn tproxy_to_transparent_listener_keeps_original_destination() {
     // The backend was reached by the proxy (from its own namespace), not by the client.
     assert!(reply.ends_with("peer=10.231.0.2"), "{reply}");
     assert!(metrics.contains("response_code=\"200\""), "{metrics}");
+}
+
+/// Answers every request of a keep-alive connection with `ok`, one thread per connection.
+fn ok_backend(l: TcpListener) {
+    std::thread::spawn(move || {
+        while let Ok((mut s, _)) = l.accept() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(r).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One GET on a keep-alive connection; the response, or the read error.
+fn get(s: &mut TcpStream) -> std::io::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !out.ends_with(b"\r\n\r\nok") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_in_the_backlog() {
+    if !privileged("connection cap") {
+        return;
+    }
+    let (_guard, cli, prx, vp) = lab("m");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let prx2 = prx.clone();
+    let proxy_thread = std::thread::spawn(move || {
+        enter(&prx2);
+        ok_backend(TcpListener::bind("10.231.0.2:8080").unwrap());
+        let tel = Telemetry::new(TelemetryOptions {
+            access_log: None,
+            otlp_endpoint: None,
+            node: "n1".into(),
+            service_name: "comb-proxy".into(),
+            max_stats_routes: 10,
+        });
+        let mut opts = ProxyOptions::new(tel);
+        opts.port = 0;
+        opts.transparent = true;
+        opts.limits.max_connections = 2;
+        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        tx.send((h.local_addrs()[0], h.active_connections()))
+            .unwrap();
+        let _ = done_rx.recv_timeout(Duration::from_secs(60));
+        let active = h.active_connections();
+        h.shutdown(Duration::from_millis(200));
+        active
+    });
+    let (v4, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    steer(&prx, &vp, v4.port());
+
+    let cli2 = cli.clone();
+    let clients = std::thread::spawn(move || {
+        enter(&cli2);
+        let dst: SocketAddr = "10.231.0.2:8080".parse().unwrap();
+        let connect = || {
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let mut a = connect();
+        let mut b = connect();
+        assert!(get(&mut a).unwrap().starts_with("HTTP/1.1 200"));
+        assert!(get(&mut b).unwrap().starts_with("HTTP/1.1 200"));
+        // At the cap: the kernel completes the handshake (backlog), the proxy does not serve.
+        let mut c = connect();
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let waiting = get(&mut c).map_err(|e| e.kind());
+        assert!(
+            matches!(
+                waiting,
+                Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+            ),
+            "served beyond the cap: {waiting:?}"
+        );
+        // One leaves: the waiting connection is accepted and its request answered.
+        drop(a);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = c.read(&mut buf).expect("waiting connection served");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(get(&mut b).unwrap().starts_with("HTTP/1.1 200"));
+        // Kept open until the proxy counted them.
+        (b, c)
+    })
+    .join()
+    .unwrap();
+    let open = {
+        let _still_open = &clients;
+        done_tx.send(()).unwrap();
+        proxy_thread.join().unwrap()
+    };
+    assert_eq!(open, 2, "b and c are served");
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
+use crate::relay;
 use crate::telemetry::trace;
 use crate::tunnel::headers;
 use crate::tunnel::pool::WorkloadKey;
@@ -93,10 +94,23 @@ pub async fn serve_outbound(
         read: &slot.conn.received,
         written: &slot.conn.sent,
     };
-    let mut down = stream;
-    if let Err(e) = crate::stream_copy::copy_bidirectional(&mut down, &mut tunnel).await {
-        tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
-        reset(down);
+    // This stream's own counts (the tunnel's are the pooled connection's), for the idle clock.
+    let (down_read, up_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut down = relay::Counted::new(stream, down_read.clone());
+    let mut tunnel = relay::Counted::new(&mut tunnel, up_read.clone());
+    let never_spliced = AtomicBool::new(false);
+    let idle = ctx.limits.tcp_idle_timeout;
+    tokio::select! {
+        r = crate::stream_copy::copy_bidirectional(&mut down, &mut tunnel) => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
+                reset(down.into_inner());
+            }
+        }
+        // Idle: the downstream gets FIN, the tunnel stream ends with the upgraded IO.
+        _ = relay::silent_for(idle, [&down_read, &up_read], &never_spliced) => {
+            tracing::debug!(%peer, %dst, "hbone outbound relay idle");
+        }
     }
 }
 

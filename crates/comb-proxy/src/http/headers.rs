@@ -2,6 +2,7 @@
 //! the few request facts (authority, gRPC) the proxy derives from headers.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 
 use comb_model::l7::Headers;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -78,6 +79,43 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Envoy's `use_remote_address: true` with `xff_num_trusted_hops: 0` (Istio's gateways with
+/// the default `numTrustedProxies`): the downstream peer's address is appended to `x-forwarded-for`
+/// (several received header lines are joined first, as Envoy reads them), and
+/// `x-forwarded-proto` is `http` (the downstream is plaintext) unless a client sent one: a
+/// mesh client is often behind a gateway that terminated TLS, and that fact must survive.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+    let ip = peer.to_canonical().to_string();
+    let mut values = headers.get_all(&X_FORWARDED_FOR).iter();
+    let xff = match (values.next(), values.next()) {
+        (None, _) => HeaderValue::from_str(&ip).ok(),
+        (Some(first), None) => {
+            let mut v = first.as_bytes().to_vec();
+            v.extend_from_slice(b",");
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        (Some(_), Some(_)) => {
+            let mut v: Vec<u8> = Vec::new();
+            for line in headers.get_all(&X_FORWARDED_FOR) {
+                v.extend_from_slice(line.as_bytes());
+                v.push(b',');
+            }
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+    };
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+}
+
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -143,6 +181,31 @@ mod tests {
         assert!(m.get("transfer-encoding").is_none());
         assert_eq!(m.get("te").unwrap(), "trailers");
         assert_eq!(m.get_all("x-a").iter().count(), 2);
+    }
+
+    #[test]
+    fn forwarded_headers_append_the_peer() {
+        let mut m = HeaderMap::new();
+        set_forwarded(&mut m, "10.0.0.7".parse().unwrap());
+        assert_eq!(m.get("x-forwarded-for").unwrap(), "10.0.0.7");
+        assert_eq!(m.get("x-forwarded-proto").unwrap(), "http");
+
+        let mut m = HeaderMap::new();
+        m.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 5.6.7.8"),
+        );
+        m.append("x-forwarded-for", HeaderValue::from_static("9.9.9.9"));
+        m.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarded(&mut m, "fd00::5".parse().unwrap());
+        let all: Vec<_> = m.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["1.2.3.4, 5.6.7.8,9.9.9.9,fd00::5"]);
+        assert_eq!(m.get("x-forwarded-proto").unwrap(), "https");
+
+        // An IPv4 peer on a dual-stack socket is written as IPv4.
+        let mut m = HeaderMap::new();
+        set_forwarded(&mut m, "::ffff:10.1.2.3".parse().unwrap());
+        assert_eq!(m.get("x-forwarded-for").unwrap(), "10.1.2.3");
     }
 
     #[test]

@@ -13,11 +13,13 @@ use comb_model::l7::{Decision, HttpRequest, ProxyTable, Request as AuthzRequest}
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::headers::{HeaderView, authority, is_grpc, is_upgrade, strip_hop_by_hop};
+use super::headers::{HeaderView, authority, is_grpc, is_upgrade, set_forwarded, strip_hop_by_hop};
 use super::{responses, upgrade};
 use crate::body::{Recorder, RequestBody, RequestProgress, ResponseBody};
+use crate::conn_clock::ConnClock;
 use crate::context::ProxyContext;
 use crate::telemetry::{RequestProtocol, RequestRecord, ResponseFlags, trace};
 use crate::tunnel::TunnelPeer;
@@ -41,6 +43,9 @@ pub struct ConnInfo {
 pub struct ProxyService {
     pub ctx: Arc<ProxyContext>,
     pub conn: Arc<ConnInfo>,
+    /// The connection's idle and head clocks: each request counts as in flight until its
+    /// response body is done.
+    pub(crate) clock: Arc<ConnClock>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -51,6 +56,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.ctx.clone();
         let conn = self.conn.clone();
+        let guard = self.clock.begin();
         Box::pin(async move {
             let h2 = conn.h2;
             let mut resp = handle(ctx.clone(), conn, req).await;
@@ -63,7 +69,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                     header::HeaderValue::from_static("close"),
                 );
             }
-            Ok(resp)
+            Ok(resp.map(|b| b.hold(guard)))
         })
     }
 }
@@ -97,6 +103,8 @@ async fn handle(
             id
         }
     };
+    // Before authorization, as Envoy's connection manager does: policies see the result.
+    set_forwarded(req.headers_mut(), conn.peer.ip());
     let decision = authorize(&table, &conn, &req);
     let destination_service = endpoint.as_ref().and_then(|ep| {
         ep.destination_service(conn.dst.port(), Some(authority(&req)))
@@ -170,15 +178,37 @@ async fn handle(
     }
 
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (mut parts, mut body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    // hyper answers `Expect: 100-continue` downstream when the body is first read.
     parts.headers.remove(header::EXPECT);
+    // Envoy's default (proxy_100_continue off): the proxy answers `100 Continue` itself,
+    // before the request goes upstream. hyper sends it when the body is first read, so read
+    // the first frame now; left to the upstream exchange, the read raced an upstream that
+    // answers before reading the body, and the client then saw the final head first.
+    let first = if expects_continue {
+        match body.frame().await {
+            Some(Ok(f)) => Some(f),
+            None => None,
+            Some(Err(_)) => {
+                rec.flag(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                return responses::status(StatusCode::BAD_REQUEST, "bad request", Some(rec));
+            }
+        }
+    } else {
+        None
+    };
     if let Ok(v) = HeaderValue::from_str(&trace.traceparent()) {
         parts.headers.insert(TRACEPARENT.clone(), v);
     }
     let upstream_req = |parts: http::request::Parts| {
-        Request::from_parts(parts, RequestBody::new(body, progress.clone(), limit))
+        Request::from_parts(
+            parts,
+            RequestBody::with_first(body, first, progress.clone(), limit),
+        )
     };
     let sent = if conn.h2 {
         parts.uri = h2_uri(&parts.uri, conn.dst);

@@ -3,6 +3,8 @@
 //! cannot be unwrapped to a socket.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -10,8 +12,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::conn_clock::Clocked;
 use crate::context::ProxyContext;
-use crate::relay::relay;
+use crate::relay::{Counted, relay, silent_for};
 
 /// One side of the tunnel.
 enum Side {
@@ -20,8 +23,13 @@ enum Side {
 }
 
 fn unwrap(u: Upgraded) -> Side {
-    match u.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Side::Socket(parts.io.into_inner(), parts.read_buf),
+    // Upstream sockets are plain; downstream ones carry the connection's clocks.
+    let u = match u.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Side::Socket(parts.io.into_inner(), parts.read_buf),
+        Err(u) => u,
+    };
+    match u.downcast::<TokioIo<Clocked<TcpStream>>>() {
+        Ok(parts) => Side::Socket(parts.io.into_inner().into_inner(), parts.read_buf),
         Err(u) => Side::Other(TokioIo::new(u)),
     }
 }
@@ -36,17 +44,19 @@ pub async fn tunnel(down: OnUpgrade, up: OnUpgrade, ctx: Arc<ProxyContext>) {
     };
     match (unwrap(down), unwrap(up)) {
         (Side::Socket(d, db), Side::Socket(u, ub)) => {
-            relay(d, db, u, ub, ctx.splice.as_deref()).await;
+            let idle = Some(ctx.limits.tcp_idle_timeout);
+            relay(d, db, u, ub, ctx.splice.as_deref(), idle).await;
         }
-        (d, u) => copy(d, u).await,
+        (d, u) => copy(d, u, ctx.limits.tcp_idle_timeout).await,
     }
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Userspace fallback: what either side had buffered goes to the other first.
-async fn copy(down: Side, up: Side) {
+/// Userspace fallback: what either side had buffered goes to the other first; closed after
+/// `idle` without a byte either way, like the relay.
+async fn copy(down: Side, up: Side, idle: Duration) {
     let split = |s: Side| -> (Box<dyn Io>, Bytes) {
         match s {
             Side::Socket(t, b) => (Box::new(t), b),
@@ -60,7 +70,18 @@ async fn copy(down: Side, up: Side) {
     {
         return;
     }
-    if let Err(e) = crate::stream_copy::copy_bidirectional(&mut d, &mut u).await {
-        tracing::debug!("upgraded tunnel: {e}");
+    let (d_read, u_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut d = Counted::new(d, d_read.clone());
+    let mut u = Counted::new(u, u_read.clone());
+    let never_spliced = AtomicBool::new(false);
+    tokio::select! {
+        r = crate::stream_copy::copy_bidirectional(&mut d, &mut u) => {
+            if let Err(e) = r {
+                tracing::debug!("upgraded tunnel: {e}");
+            }
+        }
+        _ = silent_for(idle, [&d_read, &u_read], &never_spliced) => {
+            tracing::debug!("upgraded tunnel idle");
+        }
     }
 }

@@ -72,7 +72,7 @@ pub fn bench_relay(bytes: u64, splice: Option<&ProxySplice>) -> Result<BenchResu
         up.set_nonblocking(true)?;
         let down = tokio::net::TcpStream::from_std(down)?;
         let up = tokio::net::TcpStream::from_std(up)?;
-        anyhow::Ok(super::relay(down, Bytes::new(), up, Bytes::new(), splice).await)
+        anyhow::Ok(super::relay(down, Bytes::new(), up, Bytes::new(), splice, None).await)
     })?;
     let secs = t0.elapsed().as_secs_f64();
     let relay_cpu_secs = thread_cpu_secs() - cpu0;

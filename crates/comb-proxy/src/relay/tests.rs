@@ -66,6 +66,7 @@ fn start_relay(
                 up,
                 Bytes::from_static(up_buf),
                 splice.as_deref(),
+                None,
             );
             tokio::time::timeout(Duration::from_secs(30), r)
                 .await
@@ -136,7 +137,8 @@ fn half_close_client_first(splice: Option<Arc<ProxySplice>>) {
             sent: 3 + n,
             received: 5 + 300_000,
             spliced,
-            error: None
+            error: None,
+            idle_timeout: false,
         }
     );
 }

@@ -4,10 +4,11 @@
 use super::ResponseFlags;
 
 /// Envoy's order (its `ResponseFlag` enum order), which is also the order it prints them in.
-const CODES: [(u32, &str); 5] = [
+const CODES: [(u32, &str); 6] = [
     (ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "UT"),
     (ResponseFlags::UPSTREAM_CONNECTION_FAILURE, "UF"),
     (ResponseFlags::UPSTREAM_CONNECTION_TERMINATION, "UC"),
+    (ResponseFlags::UPSTREAM_OVERFLOW, "UO"),
     (ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
     (ResponseFlags::UPSTREAM_PROTOCOL_ERROR, "UPE"),
 ];

@@ -289,10 +289,16 @@ impl Metrics {
         });
     }
 
-    /// The connection is reported when it ends: opened and closed move together.
-    pub fn record_tcp(&self, r: &TcpRecord) {
+    /// A connection was accepted and judged (Istio counts it at open, flags still `-`).
+    pub fn record_tcp_open(&self, r: &TcpRecord) {
         self.tcp.with(TcpKeyRef::of(r), &self.budget, |v| {
             v.opened.fetch_add(1, Relaxed);
+        });
+    }
+
+    /// The connection ended: closed and its bytes (its final flags label the series).
+    pub fn record_tcp(&self, r: &TcpRecord) {
+        self.tcp.with(TcpKeyRef::of(r), &self.budget, |v| {
             v.closed.fetch_add(1, Relaxed);
             // Istio's direction is the client's: `sent` = back to it, `received` = from it;
             // the record's `sent_bytes` is downstream → upstream.

@@ -3,8 +3,9 @@
 //! route/destination summary behind `comb proxy stats`.
 //!
 //! INTERFACE (fixed; helpers implement behind it): the HTTP and TCP paths build one
-//! [`RequestRecord`] per finished request (or [`TcpRecord`] per finished opaque connection)
-//! and call [`Telemetry::record_request`] / [`Telemetry::record_tcp`]; the agent renders
+//! [`RequestRecord`] per finished request (or [`TcpRecord`] per opaque connection, reported
+//! at open with [`Telemetry::tcp_opened`] and when it ends) and call
+//! [`Telemetry::record_request`] / [`Telemetry::record_tcp`]; the agent renders
 //! [`Telemetry::render_prometheus`] into its /metrics and serves [`Telemetry::stats`].
 
 mod access_log;
@@ -94,6 +95,12 @@ impl Telemetry {
         {
             e.push(span);
         }
+    }
+
+    /// An opaque connection opened (`istio_tcp_connections_opened_total`); call it once
+    /// the connection is judged, then [`Telemetry::record_tcp`] when it ends.
+    pub fn tcp_opened(&self, r: &TcpRecord) {
+        self.metrics.record_tcp_open(r);
     }
 
     pub fn record_tcp(&self, r: &TcpRecord) {
@@ -210,7 +217,7 @@ pub struct RequestRecord {
     pub path: String,
     pub authority: String,
     pub user_agent: Option<String>,
-    /// The request's `x-forwarded-for` header as received (access log).
+    /// The request's `x-forwarded-for` as forwarded (the peer appended; access log).
     pub x_forwarded_for: Option<String>,
     pub request_id: Option<String>,
     /// 0 when no response was sent (downstream went away first).
@@ -248,6 +255,8 @@ impl ResponseFlags {
     pub const UPSTREAM_CONNECTION_TERMINATION: u32 = 1 << 2;
     /// UT: upstream request timeout.
     pub const UPSTREAM_REQUEST_TIMEOUT: u32 = 1 << 3;
+    /// UO: upstream overflow (a connection cap was reached).
+    pub const UPSTREAM_OVERFLOW: u32 = 1 << 5;
     /// DC: downstream connection termination.
     pub const DOWNSTREAM_CONNECTION_TERMINATION: u32 = 1 << 4;
     /// UPE: upstream protocol error.

@@ -151,6 +151,7 @@ fn prometheus_text_exact() {
         ..request()
     });
     t.record_request(&grpc_denied());
+    t.tcp_opened(&tcp());
     t.record_tcp(&tcp());
     let mut out = String::new();
     t.render_prometheus(&mut out);
@@ -703,4 +704,25 @@ fn tunneled_traffic_is_mutual_tls() {
         !out.contains("connection_security_policy=\"none\""),
         "{out}"
     );
+}
+
+#[test]
+fn tcp_connection_counted_open_at_open() {
+    let t = Telemetry::new(options());
+    let count = |t: &Telemetry, name: &str| -> u64 {
+        let mut out = String::new();
+        t.render_prometheus(&mut out);
+        out.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    // Opened while still open: the closed counter waits for the end.
+    t.tcp_opened(&tcp());
+    assert_eq!(count(&t, "istio_tcp_connections_opened_total"), 1);
+    assert_eq!(count(&t, "istio_tcp_connections_closed_total"), 0);
+    t.record_tcp(&tcp());
+    assert_eq!(count(&t, "istio_tcp_connections_opened_total"), 1);
+    assert_eq!(count(&t, "istio_tcp_connections_closed_total"), 1);
+    assert_eq!(count(&t, "istio_tcp_received_bytes_total"), 100);
 }

@@ -230,6 +230,16 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infalli
         .header("x-seen-request-id", h("x-request-id"))
         .header("x-seen-connection", h("connection"))
         .header("x-seen-expect", h("expect"))
+        .header(
+            "x-seen-xff",
+            req.headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join("|"),
+        )
+        .header("x-seen-xfp", h("x-forwarded-proto"))
         .header("x-seen-version", format!("{:?}", req.version()))
         .header(
             "x-seen-path",
