@@ -4,6 +4,7 @@
 //! dedicated upstream of an HBONE-delivered connection.
 
 mod h1_pool;
+pub(crate) use h1_pool::{Capped, Slot};
 mod h2_pool;
 
 use std::error::Error as StdError;

@@ -2,16 +2,13 @@
 //! CONNECT stream on a pooled mutual-TLS connection.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
@@ -89,15 +86,12 @@ pub async fn serve_outbound(
             return reset(stream);
         }
     };
-    let mut tunnel = Counted {
-        inner: TokioIo::new(upgraded),
-        read: &slot.conn.received,
-        written: &slot.conn.sent,
-    };
-    // This stream's own counts (the tunnel's are the pooled connection's), for the idle clock.
+    // The pooled connection's totals, and this stream's own counts for the idle clock.
+    let tunnel = relay::Counted::new(TokioIo::new(upgraded), slot.conn.received.clone())
+        .counting_writes(slot.conn.sent.clone());
     let (down_read, up_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut down = relay::Counted::new(stream, down_read.clone());
-    let mut tunnel = relay::Counted::new(&mut tunnel, up_read.clone());
+    let mut tunnel = relay::Counted::new(tunnel, up_read.clone());
     let never_spliced = AtomicBool::new(false);
     let idle = ctx.limits.tcp_idle_timeout;
     tokio::select! {
@@ -148,47 +142,4 @@ fn connect_request(
 pub(crate) fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
-}
-
-/// Counts bytes through an IO (the pooled connection's totals).
-pub(crate) struct Counted<'a, T> {
-    pub(crate) inner: T,
-    pub(crate) read: &'a AtomicU64,
-    pub(crate) written: &'a AtomicU64,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

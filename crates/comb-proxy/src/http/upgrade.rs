@@ -15,21 +15,30 @@ use tokio::net::TcpStream;
 use crate::conn_clock::Clocked;
 use crate::context::ProxyContext;
 use crate::relay::{Counted, relay, silent_for};
+use crate::upstream::{Capped, Slot};
 
-/// One side of the tunnel.
+/// One side of the tunnel: a socket (with what hyper had read ahead, and the upstream's place
+/// under the connection cap, held while the tunnel runs), or an IO hyper keeps.
 enum Side {
-    Socket(TcpStream, Bytes),
+    Socket(TcpStream, Bytes, Option<Slot>),
     Other(TokioIo<Upgraded>),
 }
 
 fn unwrap(u: Upgraded) -> Side {
-    // Upstream sockets are plain; downstream ones carry the connection's clocks.
+    // Upstream connections are capped sockets; downstream ones carry the connection's clocks.
+    let u = match u.downcast::<Capped>() {
+        Ok(parts) => {
+            let (tcp, slot) = parts.io.into_parts();
+            return Side::Socket(tcp, parts.read_buf, Some(slot));
+        }
+        Err(u) => u,
+    };
     let u = match u.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return Side::Socket(parts.io.into_inner(), parts.read_buf),
+        Ok(parts) => return Side::Socket(parts.io.into_inner(), parts.read_buf, None),
         Err(u) => u,
     };
     match u.downcast::<TokioIo<Clocked<TcpStream>>>() {
-        Ok(parts) => Side::Socket(parts.io.into_inner().into_inner(), parts.read_buf),
+        Ok(parts) => Side::Socket(parts.io.into_inner().into_inner(), parts.read_buf, None),
         Err(u) => Side::Other(TokioIo::new(u)),
     }
 }
@@ -43,7 +52,7 @@ pub async fn tunnel(down: OnUpgrade, up: OnUpgrade, ctx: Arc<ProxyContext>) {
         }
     };
     match (unwrap(down), unwrap(up)) {
-        (Side::Socket(d, db), Side::Socket(u, ub)) => {
+        (Side::Socket(d, db, _), Side::Socket(u, ub, _slot)) => {
             let idle = Some(ctx.limits.tcp_idle_timeout);
             relay(d, db, u, ub, ctx.splice.as_deref(), idle).await;
         }
@@ -57,14 +66,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Userspace fallback: what either side had buffered goes to the other first; closed after
 /// `idle` without a byte either way, like the relay.
 async fn copy(down: Side, up: Side, idle: Duration) {
-    let split = |s: Side| -> (Box<dyn Io>, Bytes) {
+    let split = |s: Side| -> (Box<dyn Io>, Bytes, Option<Slot>) {
         match s {
-            Side::Socket(t, b) => (Box::new(t), b),
-            Side::Other(o) => (Box::new(o), Bytes::new()),
+            Side::Socket(t, b, slot) => (Box::new(t), b, slot),
+            Side::Other(o) => (Box::new(o), Bytes::new(), None),
         }
     };
-    let (mut d, db) = split(down);
-    let (mut u, ub) = split(up);
+    let (mut d, db, _) = split(down);
+    let (mut u, ub, _slot) = split(up);
     if (!db.is_empty() && u.write_all(&db).await.is_err())
         || (!ub.is_empty() && d.write_all(&ub).await.is_err())
     {

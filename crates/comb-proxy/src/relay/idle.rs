@@ -33,15 +33,27 @@ pub async fn silent_for(idle: Duration, counts: [&AtomicU64; 2], in_kernel: &Ato
     }
 }
 
-/// An IO that counts the bytes read from it (for relays copied by `copy_bidirectional`).
+/// An IO that counts the bytes read from it (for relays copied by `copy_bidirectional`:
+/// the idle clock) and, optionally, the bytes written into it (a pooled tunnel's totals).
 pub struct Counted<IO> {
     io: IO,
     read: Arc<AtomicU64>,
+    written: Option<Arc<AtomicU64>>,
 }
 
 impl<IO> Counted<IO> {
     pub fn new(io: IO, read: Arc<AtomicU64>) -> Self {
-        Self { io, read }
+        Self {
+            io,
+            read,
+            written: None,
+        }
+    }
+
+    /// Count the bytes written too.
+    pub fn counting_writes(mut self, written: Arc<AtomicU64>) -> Self {
+        self.written = Some(written);
+        self
     }
 
     pub fn into_inner(self) -> IO {
@@ -71,7 +83,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(w)) = (&r, &self.written) {
+            w.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -41,8 +41,8 @@ pub(crate) struct Conn {
     handshake: HandshakeKind,
     active: AtomicU32,
     total: AtomicU64,
-    pub(crate) sent: AtomicU64,
-    pub(crate) received: AtomicU64,
+    pub(crate) sent: Arc<AtomicU64>,
+    pub(crate) received: Arc<AtomicU64>,
     /// When the last stream ended (idle reaping).
     idle_since: Mutex<Instant>,
     /// A stream could not be opened on it (GOAWAY from a draining peer, a dead connection
@@ -277,8 +277,8 @@ impl Pool {
             handshake,
             active: AtomicU32::new(0),
             total: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            received: AtomicU64::new(0),
+            sent: Arc::new(AtomicU64::new(0)),
+            received: Arc::new(AtomicU64::new(0)),
             idle_since: Mutex::new(Instant::now()),
             retired: AtomicBool::new(false),
         })

@@ -93,7 +93,8 @@ impl tower_service::Service<Uri> for CappedConnector {
     }
 }
 
-struct Slot(Arc<AtomicUsize>);
+/// A place under the total cap, given back when dropped.
+pub(crate) struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -105,6 +106,14 @@ impl Drop for Slot {
 pub struct Capped {
     io: TokioIo<TcpStream>,
     _slot: Slot,
+}
+
+impl Capped {
+    /// The socket and its place under the cap (an upgraded connection leaves hyper as a
+    /// socket for the relay, which keeps the place while it runs).
+    pub(crate) fn into_parts(self) -> (TcpStream, Slot) {
+        (self.io.into_inner(), self._slot)
+    }
 }
 
 impl Read for Capped {
