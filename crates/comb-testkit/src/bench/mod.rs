@@ -1,6 +1,8 @@
 //! `comb bench`: each scenario builds its own lab, runs the baseline and Comb's path
 //! interleaved, and reports medians and ratios measured in the same run.
 
+mod flip_probe;
+mod kube;
 mod l7;
 mod l7_splice;
 mod l7_tools;
@@ -48,6 +50,10 @@ pub enum BenchCmd {
     /// Pods on two nodes: plaintext, a pair of haproxy sidecars with mutual TLS, and Comb's
     /// HBONE tunnel (added latency, throughput, connection rate, memory).
     Mtls(mtls::Args),
+    /// The agent fed by kube-apiserver against the same objects in a manifests directory:
+    /// 5,000 pods, 1,000 Services, 500 NetworkPolicies (initial sync, label change to
+    /// enforcement, memory).
+    Kube(kube::Args),
     /// Traffic of every kind through the node proxies while the agents restart (failed
     /// requests, reset connections, longest stall), against the same load with no restart.
     Upgrade(upgrade::Args),
@@ -74,6 +80,10 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::Mtls(a) => {
             let r = mtls::run(&a)?;
+            (a.common, r)
+        }
+        BenchCmd::Kube(a) => {
+            let r = kube::run(&a)?;
             (a.common, r)
         }
         BenchCmd::Upgrade(a) => {

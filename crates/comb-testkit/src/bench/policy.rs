@@ -54,23 +54,17 @@
 //! the agent a manifests polling interval other than its default and `--tmp-in-dir` (both
 //! named in the output when used). About two minutes with the defaults.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use comb_api::{EndpointPolicy, Query, Status};
 use comb_lab::Lab;
-use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockopt, socket, sockopt,
-};
 use rand::Rng;
 
+use super::flip_probe::{FLIP_TIMEOUT, Prober};
 use super::report::{Metric, Report, median, percentile};
 use super::{Common, lab, tools};
 use comb_api::client;
@@ -127,12 +121,6 @@ const SYNTH_FILE: &str = "bench-policy-synthetic.yaml";
 const POLICY_FILE: &str = "bench-policy-policies.yaml";
 const FLIP_FILE: &str = "bench-policy-flip.yaml";
 
-/// Prober: one attempt per ATTEMPT_EVERY; no answer in DENY_AFTER = dropped; the flip is
-/// seen once RUN consecutive attempts agree.
-const ATTEMPT_EVERY: Duration = Duration::from_millis(1);
-const DENY_AFTER: Duration = Duration::from_millis(100);
-const RUN: usize = 5;
-const FLIP_TIMEOUT: Duration = Duration::from_secs(20);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn ns(k: usize) -> &'static str {
@@ -417,263 +405,6 @@ fn check_server_policy(lab: &Lab, enforced: bool) -> Result<EndpointPolicy> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The prober: connect attempts from the client pod's network namespace.
-
-enum Job {
-    /// One connect attempt; answers whether the SYN got through.
-    Once,
-    /// Rename `tmp` to `dst`, then time until the client's flow shows `want_allowed`.
-    Flip {
-        tmp: PathBuf,
-        dst: PathBuf,
-        want_allowed: bool,
-    },
-}
-
-enum Answer {
-    Once(bool),
-    Flip(Flipped),
-}
-
-struct Flipped {
-    /// When the rename returned, on both clocks (the agent's log has wall-clock times).
-    t0: Instant,
-    t0_wall: SystemTime,
-    /// Start of the first attempt of the run that saw the new verdict.
-    seen: Instant,
-}
-
-struct Prober {
-    jobs: Option<mpsc::Sender<Job>>,
-    answers: mpsc::Receiver<Result<Answer>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Prober {
-    /// A thread that joins network namespace `netns` (a lab pod's) and connects to `to`.
-    fn start(netns: &str, to: SocketAddrV4) -> Result<Prober> {
-        // The lab's namespaces are `ip netns` names.
-        let path = Path::new("/run/netns").join(netns);
-        let fd = std::fs::File::open(&path)
-            .with_context(|| format!("opening network namespace {}", path.display()))?;
-        let (jobs, job_rx) = mpsc::channel::<Job>();
-        let (answer_tx, answers) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("policy-prober".into())
-            .spawn(move || {
-                // This thread only: the rest of the process stays where it is.
-                let r = nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET);
-                let _ = ready_tx.send(r.map_err(anyhow::Error::from));
-                if r.is_err() {
-                    return;
-                }
-                let to = SockaddrIn::from(to);
-                for job in job_rx {
-                    let a = match job {
-                        Job::Once => probe_once(&to).map(Answer::Once),
-                        Job::Flip {
-                            tmp,
-                            dst,
-                            want_allowed,
-                        } => probe_flip(&to, &tmp, &dst, want_allowed).map(Answer::Flip),
-                    };
-                    if answer_tx.send(a).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        ready_rx
-            .recv()
-            .context("prober thread")?
-            .context("setns into the client pod")?;
-        Ok(Prober {
-            jobs: Some(jobs),
-            answers,
-            thread: Some(thread),
-        })
-    }
-
-    fn ask(&self, job: Job) -> Result<Answer> {
-        self.jobs
-            .as_ref()
-            .context("prober stopped")?
-            .send(job)
-            .ok()
-            .context("prober thread gone")?;
-        self.answers.recv().context("prober thread gone")?
-    }
-
-    fn once(&self) -> Result<bool> {
-        match self.ask(Job::Once)? {
-            Answer::Once(b) => Ok(b),
-            Answer::Flip(..) => bail!("prober: unexpected answer"),
-        }
-    }
-
-    fn flip(&self, tmp: PathBuf, dst: PathBuf, want_allowed: bool) -> Result<Flipped> {
-        match self.ask(Job::Flip {
-            tmp,
-            dst,
-            want_allowed,
-        })? {
-            Answer::Flip(f) => Ok(f),
-            Answer::Once(_) => bail!("prober: unexpected answer"),
-        }
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A non-blocking connect in flight.
-struct Attempt {
-    start: Instant,
-    fd: Option<OwnedFd>,
-    /// Some(true): the SYN got through (connected, or refused by the server's stack).
-    result: Option<bool>,
-}
-
-impl Attempt {
-    fn start(to: &SockaddrIn) -> Result<Attempt> {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let start = Instant::now();
-        let result = match connect(fd.as_raw_fd(), to) {
-            Ok(()) => Some(true),
-            Err(Errno::EINPROGRESS) => None,
-            Err(e) => bail!("connect to {to}: {e}"),
-        };
-        Ok(Attempt {
-            start,
-            fd: (result.is_none()).then_some(fd),
-            result,
-        })
-    }
-
-    /// Finish it if its connect completed.
-    fn poll(&mut self, to: &SockaddrIn) -> Result<()> {
-        let Some(fd) = &self.fd else { return Ok(()) };
-        let err = getsockopt(fd, sockopt::SocketError)?;
-        let result = if err == Errno::ECONNREFUSED as i32 {
-            Some(true)
-        } else if err != 0 {
-            bail!("connect to {to}: {}", Errno::from_raw(err));
-        } else {
-            match connect(fd.as_raw_fd(), to) {
-                Ok(()) | Err(Errno::EISCONN) => Some(true),
-                Err(Errno::EALREADY | Errno::EINPROGRESS) => None,
-                Err(Errno::ECONNREFUSED) => Some(true),
-                Err(e) => bail!("connect to {to}: {e}"),
-            }
-        };
-        if result.is_some() {
-            self.result = result;
-            self.fd = None; // closes it
-        }
-        Ok(())
-    }
-}
-
-/// Wait up to `timeout` for any attempt in flight to complete (one poll(2) for all), then
-/// finish the completed ones and count those older than DENY_AFTER as dropped.
-fn wait_attempts<'a>(
-    attempts: impl Iterator<Item = &'a mut Attempt>,
-    to: &SockaddrIn,
-    timeout: Duration,
-) -> Result<()> {
-    let mut pending: Vec<&mut Attempt> = attempts.filter(|a| a.fd.is_some()).collect();
-    let mut fds: Vec<libc::pollfd> = pending
-        .iter()
-        .filter_map(|a| a.fd.as_ref())
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_micros().div_ceil(1000).min(1000) as libc::c_int;
-    // The descriptors stay open (owned by `pending`) until it returns.
-    let n = crate::sys::poll(&mut fds, ms);
-    if n < 0 && Errno::last() != Errno::EINTR {
-        bail!("poll: {}", Errno::last());
-    }
-    for (a, p) in pending.iter_mut().zip(&fds) {
-        if p.revents != 0 {
-            a.poll(to)?;
-        }
-        if a.result.is_none() && a.start.elapsed() >= DENY_AFTER {
-            a.result = Some(false);
-            a.fd = None;
-        }
-    }
-    Ok(())
-}
-
-fn probe_once(to: &SockaddrIn) -> Result<bool> {
-    let mut a = Attempt::start(to)?;
-    while a.result.is_none() {
-        wait_attempts(std::iter::once(&mut a), to, DENY_AFTER)?;
-    }
-    Ok(a.result == Some(true))
-}
-
-/// Rename, then start an attempt every ATTEMPT_EVERY; judge them in start order; the flip is
-/// the start of the first attempt of RUN consecutive ones that show `want`.
-fn probe_flip(to: &SockaddrIn, tmp: &Path, dst: &Path, want: bool) -> Result<Flipped> {
-    std::fs::rename(tmp, dst).with_context(|| format!("renaming to {}", dst.display()))?;
-    let (t0, t0_wall) = (Instant::now(), SystemTime::now());
-    let mut inflight: VecDeque<Attempt> = VecDeque::new();
-    let (mut run_start, mut run) = (None, 0usize);
-    let mut due = t0;
-    loop {
-        let now = Instant::now();
-        if now.duration_since(t0) > FLIP_TIMEOUT {
-            bail!(
-                "the client's flow to {to} did not become {} within {FLIP_TIMEOUT:?} of the manifest change",
-                if want { "allowed" } else { "denied" }
-            );
-        }
-        if now >= due {
-            inflight.push_back(Attempt::start(to)?);
-            // Late (descheduled): carry on from now rather than catch up in a burst.
-            due = if now > due + ATTEMPT_EVERY {
-                now + ATTEMPT_EVERY
-            } else {
-                due + ATTEMPT_EVERY
-            };
-        }
-        wait_attempts(inflight.iter_mut(), to, due.saturating_duration_since(now))?;
-        while let Some(result) = inflight.front().and_then(|a| a.result) {
-            let a = inflight.pop_front().expect("front exists");
-            if result == want {
-                run_start.get_or_insert(a.start);
-                run += 1;
-                if run >= RUN {
-                    return Ok(Flipped {
-                        t0,
-                        t0_wall,
-                        seen: run_start.expect("set above"),
-                    });
-                }
-            } else {
-                (run_start, run) = (None, 0);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 
 /// What one update sample measured, in milliseconds from the rename.
 struct Sample {
@@ -703,7 +434,11 @@ fn update_sample(
     }
     let tmp = tmp_path(lab, FLIP_FILE, tmp_in_dir)?;
     std::fs::write(&tmp, flip_yaml(want_allowed, sample))?;
-    let f = prober.flip(tmp, lab.manifests_dir().join(FLIP_FILE), want_allowed)?;
+    let dst = lab.manifests_dir().join(FLIP_FILE);
+    let rename = move || {
+        std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))
+    };
+    let f = prober.flip(Box::new(rename), want_allowed)?;
     let after = wait_applied(&socket, before.generation, FLIP_TIMEOUT)?;
     if after.generation != before.generation + 1 {
         bail!(
