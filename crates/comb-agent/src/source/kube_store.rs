@@ -1,12 +1,17 @@
-//! What the Kubernetes source knows: the newest version of every watched object, the last
-//! version of each that Comb accepted, and building State from them. Pure (no I/O), so the
-//! per-object rejection rules are unit-tested without a server.
+//! What the Kubernetes source knows: the newest version of every watched object (parsed
+//! once per change), the last version of each that Comb accepted, and building State from
+//! them. Pure (no I/O), so the per-object rejection rules are unit-tested without a server.
 //!
 //! Rules: an object whose newest version fails to parse or convert is left at its last good
 //! version (or out of State, if it never had one) and its errors are reported; every other
 //! object is in State as the server has it. A deleted object leaves State at once.
+//!
+//! Cost: a change is noticed by its `resourceVersion` (as informers do), the object is parsed
+//! at the next build and its JSON dropped, so a build over thousands of objects re-reads only
+//! what changed; what the server adds for its own bookkeeping (managedFields, kubectl's
+//! last-applied copy) is dropped on arrival.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use comb_config::api::{api_origin, build_objects, parse_api_object};
@@ -19,10 +24,77 @@ use super::kube_kinds::WatchedKind;
 /// (kind, namespace, name); namespace is empty for cluster-scoped kinds.
 pub type ObjectKey = (&'static str, String, String);
 
+/// kubectl's copy of the whole object as last applied: server-side bookkeeping, often the
+/// largest part of an object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// One object.
+struct Entry {
+    /// `metadata.resourceVersion` of the newest version (empty if the server gave none:
+    /// then every version counts as a change).
+    version: String,
+    /// The newest version's JSON until the next build parses it.
+    unparsed: Option<Value>,
+    /// The newest version, parsed.
+    parsed: Option<Result<Document, ConfigErrors>>,
+    /// The newest version is the one in force.
+    accepted: bool,
+    /// The last accepted version while the newest one is not in force.
+    kept: Option<Document>,
+}
+
+impl Entry {
+    fn new(obj: Value) -> Entry {
+        Entry {
+            version: resource_version(&obj),
+            unparsed: Some(obj),
+            parsed: None,
+            accepted: false,
+            kept: None,
+        }
+    }
+
+    /// A new version arrived: parse it at the next build; the version in force until then
+    /// becomes the one kept.
+    fn update(&mut self, obj: Value) {
+        let version = resource_version(&obj);
+        if !version.is_empty() && version == self.version {
+            return;
+        }
+        if self.accepted {
+            self.kept = self.parsed.take().and_then(Result::ok);
+            self.accepted = false;
+        }
+        self.version = version;
+        self.parsed = None;
+        self.unparsed = Some(obj);
+    }
+}
+
+fn resource_version(obj: &Value) -> String {
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Drop what only the API server and kubectl read.
+fn strip_bookkeeping(obj: &mut Value) {
+    if let Some(Value::Object(meta)) = obj.get_mut("metadata") {
+        meta.remove("managedFields");
+        if let Some(Value::Object(ann)) = meta.get_mut("annotations") {
+            ann.remove(LAST_APPLIED);
+            if ann.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct KindState {
     /// Objects as listed and watched, by (namespace, name).
-    objects: BTreeMap<(String, String), Value>,
+    objects: BTreeMap<(String, String), Entry>,
     /// Objects of a relist in progress (watcher Init..InitDone); replace `objects` at the end
     /// so an object deleted while the watch was down disappears.
     relist: Option<BTreeMap<(String, String), Value>>,
@@ -35,10 +107,6 @@ struct KindState {
 #[derive(Default)]
 pub struct Store {
     kinds: BTreeMap<&'static str, (WatchedKind, KindState)>,
-    /// Parse results by key, valid while the object's JSON is unchanged.
-    parsed: HashMap<ObjectKey, (Value, Result<Document, ConfigErrors>)>,
-    /// The version of each object last accepted into State.
-    good: HashMap<ObjectKey, Document>,
 }
 
 fn name_of(kind: &WatchedKind, obj: &Value) -> Option<(String, String)> {
@@ -55,6 +123,15 @@ fn name_of(kind: &WatchedKind, obj: &Value) -> Option<(String, String)> {
     Some((ns, name))
 }
 
+/// One object's candidate for State in a build.
+struct Chosen<'s> {
+    kind: &'static str,
+    key: &'s (String, String),
+    doc: &'s Document,
+    /// A version not accepted before: it gives way in checks between objects.
+    new: bool,
+}
+
 impl Store {
     pub fn new(kinds: &[WatchedKind]) -> Self {
         Store {
@@ -62,7 +139,6 @@ impl Store {
                 .iter()
                 .map(|k| (k.kind, (*k, KindState::default())))
                 .collect(),
-            ..Store::default()
         }
     }
 
@@ -78,24 +154,42 @@ impl Store {
     /// The relist is complete (`InitDone`): the listed objects are the kind's objects now.
     pub fn relist_done(&mut self, kind: &str) {
         let k = self.kind(kind);
-        if let Some(objects) = k.relist.take() {
-            k.objects = objects;
+        if let Some(listed) = k.relist.take() {
+            let mut old = std::mem::take(&mut k.objects);
+            for (key, obj) in listed {
+                let entry = match old.remove(&key) {
+                    Some(mut e) => {
+                        e.update(obj);
+                        e
+                    }
+                    None => Entry::new(obj),
+                };
+                k.objects.insert(key, entry);
+            }
         }
         k.synced = true;
         k.problem = None;
     }
 
     /// An object was listed (during a relist) or added or changed (while watching).
-    pub fn apply(&mut self, kind: &str, obj: Value) {
+    pub fn apply(&mut self, kind: &str, mut obj: Value) {
         let (wk, k) = self.kinds.get_mut(kind).expect("a watched kind");
         let Some(key) = name_of(wk, &obj) else {
             return;
         };
+        strip_bookkeeping(&mut obj);
         match &mut k.relist {
-            Some(listed) => listed.insert(key, obj),
+            Some(listed) => {
+                listed.insert(key, obj);
+            }
             None => {
                 k.problem = None;
-                k.objects.insert(key, obj)
+                match k.objects.get_mut(&key) {
+                    Some(e) => e.update(obj),
+                    None => {
+                        k.objects.insert(key, Entry::new(obj));
+                    }
+                }
             }
         };
     }
@@ -139,40 +233,39 @@ impl Store {
     /// the others, and the errors to show.
     pub fn build(&mut self) -> (Snapshot, ConfigErrors) {
         let mut errors = self.problems().0;
-        let mut current: HashMap<ObjectKey, ()> = HashMap::new();
-        // key → (document, whether it is a version not accepted before)
-        let mut chosen: BTreeMap<ObjectKey, (Document, bool)> = BTreeMap::new();
+        // Parse what changed since the last build.
+        for (kind, (_, k)) in self.kinds.iter_mut() {
+            for ((ns, name), e) in k.objects.iter_mut() {
+                if let Some(obj) = e.unparsed.take() {
+                    let origin = api_origin(kind, Some(ns), name);
+                    e.parsed = Some(parse_api_object(&origin, obj));
+                }
+            }
+        }
+        let mut chosen: Vec<Chosen<'_>> = Vec::new();
         for (kind, (_, k)) in &self.kinds {
-            for ((ns, name), obj) in &k.objects {
-                let key: ObjectKey = (kind, ns.clone(), name.clone());
-                current.insert(key.clone(), ());
-                let fresh = match self.parsed.get(&key) {
-                    Some((seen, result)) if seen == obj => result.clone(),
-                    _ => {
-                        let origin = api_origin(kind, Some(ns), name);
-                        let result = parse_api_object(&origin, obj.clone());
-                        self.parsed
-                            .insert(key.clone(), (obj.clone(), result.clone()));
-                        result
-                    }
-                };
-                match fresh {
-                    Ok(doc) => {
-                        let new = self.good.get(&key) != Some(&doc);
-                        chosen.insert(key, (doc, new));
-                    }
-                    Err(e) => {
-                        let kept = self.good.get(&key).cloned();
-                        errors.extend(note_kept(e.0, kept.is_some()));
-                        if let Some(doc) = kept {
-                            chosen.insert(key, (doc, false));
+            for (key, e) in &k.objects {
+                match e.parsed.as_ref().expect("parsed above") {
+                    Ok(doc) => chosen.push(Chosen {
+                        kind,
+                        key,
+                        doc,
+                        new: !e.accepted,
+                    }),
+                    Err(errs) => {
+                        errors.extend(note_kept(errs.0.clone(), e.kept.is_some()));
+                        if let Some(doc) = &e.kept {
+                            chosen.push(Chosen {
+                                kind,
+                                key,
+                                doc,
+                                new: false,
+                            });
                         }
                     }
                 }
             }
         }
-        self.parsed.retain(|k, _| current.contains_key(k));
-        self.good.retain(|k, _| current.contains_key(k));
 
         // A new version that conversion or a cross-object check refuses falls back to the
         // last good one; build again until no new version is refused (each round removes at
@@ -180,31 +273,46 @@ impl Store {
         let (snapshot, build_errors) = loop {
             // Accepted versions first: checks between objects (one cluster IP per Service)
             // are first come, first served, and the object already in force must win.
-            let old = chosen.values().filter(|(_, new)| !new);
-            let new = chosen.values().filter(|(_, new)| *new);
-            let (snapshot, build_errors) = build_objects(old.chain(new).map(|(d, _)| d));
-            let refused: Vec<ObjectKey> = chosen
+            let old = chosen.iter().filter(|c| !c.new);
+            let new = chosen.iter().filter(|c| c.new);
+            let (snapshot, build_errors) = build_objects(old.chain(new).map(|c| c.doc));
+            let refused: Vec<usize> = chosen
                 .iter()
-                .filter(|(_, (doc, new))| *new && build_errors.iter().any(|e| e.file == doc.file))
-                .map(|(k, _)| k.clone())
+                .enumerate()
+                .filter(|(_, c)| c.new && build_errors.iter().any(|e| e.file == c.doc.file))
+                .map(|(i, _)| i)
                 .collect();
             if refused.is_empty() {
                 break (snapshot, build_errors);
             }
-            for key in refused {
-                let (doc, _) = chosen.remove(&key).expect("chosen");
-                let kept = self.good.get(&key).cloned();
-                let own = build_errors.iter().filter(|e| e.file == doc.file).cloned();
-                errors.extend(note_kept(own.collect(), kept.is_some()));
-                if let Some(good) = kept {
-                    chosen.insert(key, (good, false));
+            for i in refused.into_iter().rev() {
+                let c = chosen.swap_remove(i);
+                let e = &self.kinds[c.kind].1.objects[c.key];
+                let own = build_errors
+                    .iter()
+                    .filter(|e| e.file == c.doc.file)
+                    .cloned();
+                errors.extend(note_kept(own.collect(), e.kept.is_some()));
+                if let Some(doc) = &e.kept {
+                    chosen.push(Chosen {
+                        kind: c.kind,
+                        key: c.key,
+                        doc,
+                        new: false,
+                    });
                 }
             }
         };
         errors.extend(build_errors);
-        for (key, (doc, new)) in chosen {
-            if new {
-                self.good.insert(key, doc);
+        let accepted: Vec<(&'static str, (String, String))> = chosen
+            .iter()
+            .filter(|c| c.new)
+            .map(|c| (c.kind, c.key.clone()))
+            .collect();
+        for (kind, key) in accepted {
+            if let Some(e) = self.kind(kind).objects.get_mut(&key) {
+                e.accepted = true;
+                e.kept = None;
             }
         }
         (snapshot, ConfigErrors(errors))
@@ -233,9 +341,14 @@ mod tests {
     use comb_model::ObjKey;
     use serde_json::json;
 
+    /// A Service as the server sends it: every version with a resourceVersion of its own.
     fn service(name: &str, ip: &str, port: i64) -> Value {
+        static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let rv = VERSION
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
         json!({"apiVersion": "v1", "kind": "Service",
-          "metadata": {"name": name, "namespace": "apps", "resourceVersion": "1"},
+          "metadata": {"name": name, "namespace": "apps", "resourceVersion": rv},
           "spec": {"clusterIP": ip, "ports": [{"port": port, "protocol": "TCP"}]}})
     }
 
@@ -364,7 +477,43 @@ mod tests {
         s.delete("Service", &service("b", "", 0));
         let (snap, _) = s.build();
         assert!(snap.services.is_empty());
-        assert!(s.good.is_empty() && s.parsed.is_empty());
+        assert!(s.kinds["Service"].1.objects.is_empty());
+    }
+
+    #[test]
+    fn a_version_seen_before_is_not_read_again() {
+        let mut s = synced_store();
+        let mut a = service("a", "198.19.0.10", 80);
+        a["metadata"]["resourceVersion"] = json!("5");
+        s.apply("Service", a.clone());
+        s.build();
+        // The same resourceVersion again (a relist, a resent event): nothing to parse.
+        s.apply("Service", a);
+        assert!(
+            s.kinds["Service"]
+                .1
+                .objects
+                .values()
+                .all(|e| e.unparsed.is_none())
+        );
+        let (snap, errs) = s.build();
+        assert!(errs.is_empty(), "{errs}");
+        assert_eq!(snap.services.len(), 1);
+    }
+
+    #[test]
+    fn bookkeeping_is_dropped_on_arrival() {
+        let mut v = json!({"metadata": {"name": "a",
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+            "annotations": {LAST_APPLIED: "{...}", "comb.dev/l7": "true"}}});
+        strip_bookkeeping(&mut v);
+        assert_eq!(
+            v,
+            json!({"metadata": {"name": "a", "annotations": {"comb.dev/l7": "true"}}})
+        );
+        let mut only = json!({"metadata": {"name": "a", "annotations": {LAST_APPLIED: "{}"}}});
+        strip_bookkeeping(&mut only);
+        assert_eq!(only, json!({"metadata": {"name": "a"}}));
     }
 
     #[test]

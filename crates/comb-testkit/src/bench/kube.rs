@@ -31,7 +31,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use comb_api::{Query, Status, client};
@@ -564,6 +564,10 @@ fn log_tail(log: &Path, n: usize) -> String {
 struct ArmRun {
     sync_s: f64,
     updates_ms: Vec<f64>,
+    /// Per sample, ms after the change: the agent's State replaced (source done), and the
+    /// datapath holding it (pipeline and maps done); from `comb status`.
+    replaced_ms: Vec<f64>,
+    applied_ms: Vec<f64>,
     rss_mib: f64,
 }
 
@@ -614,14 +618,27 @@ fn run_arm(
     );
     let mut rng = rand::rng();
     let mut updates_ms = Vec::new();
+    let (mut replaced_ms, mut applied_ms) = (Vec::new(), Vec::new());
     let mut on = false;
     for s in 0..a.samples {
         std::thread::sleep(Duration::from_millis(rng.random_range(20..270)));
         on = !on;
         let before = agent.status()?.generation;
         let f = prober.flip(change.trigger(on)?, on)?;
-        agent.wait_applied(before)?;
+        let after = agent.wait_applied(before)?;
         let ms = f.seen.saturating_duration_since(f.t0).as_secs_f64() * 1e3;
+        let t0 = f.t0_wall.duration_since(UNIX_EPOCH)?.as_secs_f64();
+        // The generation that made the flip: the newest one.
+        if let Some(g) = after
+            .generations
+            .iter()
+            .find(|g| g.generation == after.generation)
+        {
+            replaced_ms.push((g.replaced_at - t0) * 1e3);
+            if let Some(at) = g.applied_at {
+                applied_ms.push((at - t0) * 1e3);
+            }
+        }
         if s == 0 || (s + 1) % 10 == 0 {
             say(format!(
                 "  {arm} sample {}/{}: {ms:.1} ms",
@@ -641,6 +658,8 @@ fn run_arm(
     Ok(ArmRun {
         sync_s,
         updates_ms,
+        replaced_ms,
+        applied_ms,
         rss_mib,
     })
 }
@@ -746,11 +765,13 @@ pub fn run(a: &Args) -> Result<Report> {
             let r = run_arm(&lab, source, change, &prober, a, dir.path(), name, &say)
                 .with_context(|| format!("pair {}, {name} arm", pair + 1))?;
             say(format!(
-                "pair {}/{} {name:10}: in sync {:.2} s after start, update p50 {:.1} ms, rss {:.1} MiB",
+                "pair {}/{} {name:10}: in sync {:.2} s after start, update p50 {:.1} ms (State replaced {:.1} ms, datapath {:.1} ms after the change), rss {:.1} MiB",
                 pair + 1,
                 c.pairs,
                 r.sync_s,
                 median(&r.updates_ms),
+                median(&r.replaced_ms),
+                median(&r.applied_ms),
                 r.rss_mib
             ));
             runs[arm].push(r);
