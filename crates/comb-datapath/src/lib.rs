@@ -44,4 +44,4 @@ pub use policy::{
 };
 pub use proxy_splice::{PairHandle, ProxySplice, ProxySpliceStats};
 pub use splice::{EndpointInfo, Splice, SpliceStats};
-pub use sys::socket_cookie;
+pub use sys::{socket_cookie, trim_heap};

@@ -6,10 +6,10 @@
 //! version (or out of State, if it never had one) and its errors are reported; every other
 //! object is in State as the server has it. A deleted object leaves State at once.
 //!
-//! Cost: a change is noticed by its `resourceVersion` (as informers do), the object is parsed
-//! at the next build and its JSON dropped, so a build over thousands of objects re-reads only
-//! what changed; what the server adds for its own bookkeeping (managedFields, kubectl's
-//! last-applied copy) is dropped on arrival.
+//! Cost: a change is noticed by its `resourceVersion` (as informers do) and the object is
+//! parsed on arrival and its JSON dropped, so a build over thousands of objects re-reads
+//! nothing and memory holds one typed copy of each; what the server adds for its own
+//! bookkeeping (managedFields, kubectl's last-applied copy) is dropped before parsing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,41 +33,41 @@ struct Entry {
     /// `metadata.resourceVersion` of the newest version (empty if the server gave none:
     /// then every version counts as a change).
     version: String,
-    /// The newest version's JSON until the next build parses it.
-    unparsed: Option<Value>,
-    /// The newest version, parsed.
-    parsed: Option<Result<Document, ConfigErrors>>,
+    /// The newest version, parsed on arrival (its JSON is not kept). Boxed, as is `kept`:
+    /// a typed object is kilobytes even when small, and the map holds thousands of entries.
+    parsed: Result<Box<Document>, ConfigErrors>,
     /// The newest version is the one in force.
     accepted: bool,
     /// The last accepted version while the newest one is not in force.
-    kept: Option<Document>,
+    kept: Option<Box<Document>>,
 }
 
 impl Entry {
-    fn new(obj: Value) -> Entry {
+    fn new(kind: &str, key: &(String, String), obj: Value) -> Entry {
+        let version = resource_version(&obj);
+        let origin = api_origin(kind, Some(&key.0), &key.1);
         Entry {
-            version: resource_version(&obj),
-            unparsed: Some(obj),
-            parsed: None,
+            version,
+            parsed: parse_api_object(&origin, obj).map(Box::new),
             accepted: false,
             kept: None,
         }
     }
 
-    /// A new version arrived: parse it at the next build; the version in force until then
+    /// Whether `obj` is the version this entry holds already.
+    fn holds(&self, obj: &Value) -> bool {
+        !self.version.is_empty() && resource_version(obj) == self.version
+    }
+
+    /// `newer` replaces this entry's version; the version in force until the next build
     /// becomes the one kept.
-    fn update(&mut self, obj: Value) {
-        let version = resource_version(&obj);
-        if !version.is_empty() && version == self.version {
-            return;
-        }
-        if self.accepted {
-            self.kept = self.parsed.take().and_then(Result::ok);
-            self.accepted = false;
-        }
-        self.version = version;
-        self.parsed = None;
-        self.unparsed = Some(obj);
+    fn replaced_by(self, mut newer: Entry) -> Entry {
+        newer.kept = if self.accepted {
+            self.parsed.ok()
+        } else {
+            self.kept
+        };
+        newer
     }
 }
 
@@ -96,8 +96,9 @@ struct KindState {
     /// Objects as listed and watched, by (namespace, name).
     objects: BTreeMap<(String, String), Entry>,
     /// Objects of a relist in progress (watcher Init..InitDone); replace `objects` at the end
-    /// so an object deleted while the watch was down disappears.
-    relist: Option<BTreeMap<(String, String), Value>>,
+    /// so an object deleted while the watch was down disappears. `None` for a version the
+    /// kind's objects hold already.
+    relist: Option<BTreeMap<(String, String), Option<Entry>>>,
     /// A complete list has been seen since the source started.
     synced: bool,
     /// Why the kind is not (fully) watched right now.
@@ -156,13 +157,12 @@ impl Store {
         let k = self.kind(kind);
         if let Some(listed) = k.relist.take() {
             let mut old = std::mem::take(&mut k.objects);
-            for (key, obj) in listed {
-                let entry = match old.remove(&key) {
-                    Some(mut e) => {
-                        e.update(obj);
-                        e
-                    }
-                    None => Entry::new(obj),
+            for (key, newer) in listed {
+                let entry = match (old.remove(&key), newer) {
+                    (Some(e), None) => e,
+                    (Some(e), Some(n)) => e.replaced_by(n),
+                    (None, Some(n)) => n,
+                    (None, None) => continue,
                 };
                 k.objects.insert(key, entry);
             }
@@ -177,19 +177,26 @@ impl Store {
         let Some(key) = name_of(wk, &obj) else {
             return;
         };
+        let current = k.objects.get(&key);
+        if current.is_some_and(|e| e.holds(&obj)) {
+            if let Some(listed) = &mut k.relist {
+                listed.insert(key, None);
+            }
+            return;
+        }
         strip_bookkeeping(&mut obj);
+        let newer = Entry::new(wk.kind, &key, obj);
         match &mut k.relist {
             Some(listed) => {
-                listed.insert(key, obj);
+                listed.insert(key, Some(newer));
             }
             None => {
                 k.problem = None;
-                match k.objects.get_mut(&key) {
-                    Some(e) => e.update(obj),
-                    None => {
-                        k.objects.insert(key, Entry::new(obj));
-                    }
-                }
+                let entry = match k.objects.remove(&key) {
+                    Some(e) => e.replaced_by(newer),
+                    None => newer,
+                };
+                k.objects.insert(key, entry);
             }
         };
     }
@@ -233,19 +240,10 @@ impl Store {
     /// the others, and the errors to show.
     pub fn build(&mut self) -> (Snapshot, ConfigErrors) {
         let mut errors = self.problems().0;
-        // Parse what changed since the last build.
-        for (kind, (_, k)) in self.kinds.iter_mut() {
-            for ((ns, name), e) in k.objects.iter_mut() {
-                if let Some(obj) = e.unparsed.take() {
-                    let origin = api_origin(kind, Some(ns), name);
-                    e.parsed = Some(parse_api_object(&origin, obj));
-                }
-            }
-        }
         let mut chosen: Vec<Chosen<'_>> = Vec::new();
         for (kind, (_, k)) in &self.kinds {
             for (key, e) in &k.objects {
-                match e.parsed.as_ref().expect("parsed above") {
+                match &e.parsed {
                     Ok(doc) => chosen.push(Chosen {
                         kind,
                         key,
@@ -487,18 +485,16 @@ mod tests {
         a["metadata"]["resourceVersion"] = json!("5");
         s.apply("Service", a.clone());
         s.build();
-        // The same resourceVersion again (a relist, a resent event): nothing to parse.
+        // The same resourceVersion again (a relist, a resent event): not read again, even
+        // if it differed (it cannot, from a real server).
+        a["spec"]["ports"][0]["port"] = json!(81);
+        s.apply("Service", a.clone());
+        s.relist_start("Service");
         s.apply("Service", a);
-        assert!(
-            s.kinds["Service"]
-                .1
-                .objects
-                .values()
-                .all(|e| e.unparsed.is_none())
-        );
+        s.relist_done("Service");
         let (snap, errs) = s.build();
         assert!(errs.is_empty(), "{errs}");
-        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.services[&ObjKey::new("apps", "a")].ports[0].port, 80);
     }
 
     #[test]

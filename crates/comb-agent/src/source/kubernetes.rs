@@ -28,6 +28,9 @@ use super::{Source, SourceUpdate};
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often a kubeconfig that cannot be used is tried again.
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
+/// After this many events (a list of a whole kind), the heap's free pages go back to the
+/// kernel: the list's JSON is gone, but glibc would keep it resident.
+const TRIM_AFTER_EVENTS: usize = 256;
 
 pub struct KubernetesSource {
     /// `None`: in-cluster configuration (service account token, KUBERNETES_SERVICE_HOST).
@@ -90,13 +93,19 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
     }
     drop(tx);
     let mut store = Store::new(KINDS);
+    // Events applied since the heap was last trimmed.
+    let mut events = 0;
     while let Some(first) = rx.recv().await {
         apply(&mut store, first);
+        events += 1;
         let window = tokio::time::sleep(BATCH_WINDOW);
         tokio::pin!(window);
         loop {
             tokio::select! {
-                Some(ev) = rx.recv() => apply(&mut store, ev),
+                Some(ev) = rx.recv() => {
+                    apply(&mut store, ev);
+                    events += 1;
+                }
                 _ = &mut window => break,
             }
         }
@@ -115,6 +124,10 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
             continue;
         }
         let (snapshot, errors) = store.build();
+        if events >= TRIM_AFTER_EVENTS {
+            comb_datapath::trim_heap();
+            events = 0;
+        }
         let update = SourceUpdate {
             snapshot: Some(snapshot),
             errors,
