@@ -23,8 +23,10 @@ use super::kube_store::Store;
 use super::kube_watch::{KindEvent, watch_kind};
 use super::{Source, SourceUpdate};
 
-/// Changes arriving within this window are applied together: a relist or a burst of
-/// updates becomes one State generation, not hundreds.
+/// Changes are applied together until none arrived for BATCH_QUIET, or for at most
+/// BATCH_WINDOW after the first: a relist or a burst of updates becomes one State generation,
+/// not hundreds, and a lone change waits only BATCH_QUIET.
+const BATCH_QUIET: Duration = Duration::from_millis(3);
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often a kubeconfig that cannot be used is tried again.
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
@@ -98,15 +100,15 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
     while let Some(first) = rx.recv().await {
         apply(&mut store, first);
         events += 1;
-        let window = tokio::time::sleep(BATCH_WINDOW);
-        tokio::pin!(window);
+        let end = tokio::time::Instant::now() + BATCH_WINDOW;
         loop {
+            let quiet = (tokio::time::Instant::now() + BATCH_QUIET).min(end);
             tokio::select! {
                 Some(ev) = rx.recv() => {
                     apply(&mut store, ev);
                     events += 1;
                 }
-                _ = &mut window => break,
+                _ = tokio::time::sleep_until(quiet) => break,
             }
         }
         if !store.ready() {
