@@ -88,8 +88,12 @@ impl Writer {
     pub fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
         self.publish();
         while let Some(msg) = rx.blocking_recv() {
+            let mut trim = false;
             match msg {
-                WriterMsg::Source(update) => self.source_update(*update),
+                WriterMsg::Source(update) => {
+                    self.source_update(*update);
+                    trim = true;
+                }
                 WriterMsg::Resync => {
                     if !self.status.datapath_errors.is_empty() {
                         self.reconcile();
@@ -102,6 +106,12 @@ impl Writer {
                 WriterMsg::Stop => return,
             }
             self.publish();
+            if trim {
+                // The previous State, its pipeline output and the source's parsing are
+                // freed now; glibc would keep the pages resident (tens of MiB at thousands
+                // of pods). After publishing, so nothing waits for it.
+                comb_datapath::trim_heap();
+            }
         }
     }
 

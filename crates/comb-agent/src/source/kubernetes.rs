@@ -30,9 +30,6 @@ const BATCH_QUIET: Duration = Duration::from_millis(3);
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often a kubeconfig that cannot be used is tried again.
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
-/// After this many events (a list of a whole kind), the heap's free pages go back to the
-/// kernel: the list's JSON is gone, but glibc would keep it resident.
-const TRIM_AFTER_EVENTS: usize = 256;
 
 pub struct KubernetesSource {
     /// `None`: in-cluster configuration (service account token, KUBERNETES_SERVICE_HOST).
@@ -95,19 +92,13 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
     }
     drop(tx);
     let mut store = Store::new(KINDS);
-    // Events applied since the heap was last trimmed.
-    let mut events = 0;
     while let Some(first) = rx.recv().await {
         apply(&mut store, first);
-        events += 1;
         let end = tokio::time::Instant::now() + BATCH_WINDOW;
         loop {
             let quiet = (tokio::time::Instant::now() + BATCH_QUIET).min(end);
             tokio::select! {
-                Some(ev) = rx.recv() => {
-                    apply(&mut store, ev);
-                    events += 1;
-                }
+                Some(ev) = rx.recv() => apply(&mut store, ev),
                 _ = tokio::time::sleep_until(quiet) => break,
             }
         }
@@ -126,10 +117,6 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
             continue;
         }
         let (snapshot, errors) = store.build();
-        if events >= TRIM_AFTER_EVENTS {
-            comb_datapath::trim_heap();
-            events = 0;
-        }
         let update = SourceUpdate {
             snapshot: Some(snapshot),
             errors,
