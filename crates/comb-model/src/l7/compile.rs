@@ -119,16 +119,20 @@ pub(super) fn workload_name(pod: &Pod) -> String {
 /// amounts to once the EndpointSlice controller has run; Comb's model keeps no selectors),
 /// by key, with the TCP ports they reach on this pod.
 fn services_of(snapshot: &Snapshot, pod: &Pod) -> Vec<ServiceRef> {
+    // One pass over the slices (not one per Service: thousands of each make that a million).
+    let listed: std::collections::HashSet<(&str, &str)> = snapshot
+        .endpoint_slices
+        .values()
+        .filter(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.addresses.iter().any(|a| pod.ips.contains(a)))
+        })
+        .map(|s| (s.key.namespace.as_str(), s.service_name.as_str()))
+        .collect();
     let mut out = Vec::new();
     for svc in snapshot.services.values() {
-        let listed = snapshot.endpoint_slices.values().any(|s| {
-            s.key.namespace == svc.key.namespace
-                && s.service_name == svc.key.name
-                && s.endpoints
-                    .iter()
-                    .any(|e| e.addresses.iter().any(|a| pod.ips.contains(a)))
-        });
-        if !listed {
+        if !listed.contains(&(svc.key.namespace.as_str(), svc.key.name.as_str())) {
             continue;
         }
         out.push(ServiceRef {

@@ -11,17 +11,24 @@ use crate::snapshot::Snapshot;
 /// backends `node`'s datapath should know. Order: Services by key, then cluster IPs, then
 /// ports as listed; backends sorted by address and port.
 pub fn compile_frontends(snapshot: &Snapshot, node: &str) -> Vec<LbFrontend> {
+    // Each Service's slices, found in one pass (not one pass per Service).
+    let mut by_service: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> =
+        std::collections::HashMap::new();
+    for s in snapshot.endpoint_slices.values() {
+        by_service
+            .entry((s.key.namespace.as_str(), s.service_name.as_str()))
+            .or_default()
+            .push(s);
+    }
     let mut out = Vec::new();
     for svc in snapshot.services.values() {
         // Headless Services have no VIP: clients resolve the pods themselves.
         if svc.cluster_ips.is_empty() {
             continue;
         }
-        let slices: Vec<&EndpointSlice> = snapshot
-            .endpoint_slices
-            .values()
-            .filter(|s| s.key.namespace == svc.key.namespace && s.service_name == svc.key.name)
-            .collect();
+        let slices: &[&EndpointSlice] = by_service
+            .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+            .map_or(&[], Vec::as_slice);
         let algorithm = algorithm(svc);
         for vip in &svc.cluster_ips {
             for sp in &svc.ports {
@@ -33,7 +40,7 @@ pub fn compile_frontends(snapshot: &Snapshot, node: &str) -> Vec<LbFrontend> {
                     protocol: sp.protocol,
                     algorithm,
                     affinity_timeout_secs: svc.affinity_timeout_secs,
-                    backends: backends(&slices, sp, *vip, svc.internal_local, node),
+                    backends: backends(slices, sp, *vip, svc.internal_local, node),
                 });
             }
         }

@@ -899,3 +899,66 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+
+    /// The agent's pipeline on the bench's objects, with the two real pods on node1: every
+    /// Service a frontend with its backends, policy on both real pods.
+    #[test]
+    fn bench_objects_through_the_pipeline() {
+        use comb_model::State;
+        use comb_model::identity::IdentityAllocator;
+        use comb_model::pipeline::{self, PipelineConfig};
+        let a = Args {
+            common: Common {
+                json: false,
+                pairs: 1,
+                secs: 1,
+            },
+            samples: 1,
+            pods: 5000,
+            services: 1000,
+            policies: 500,
+        };
+        let mut docs = objects(&a, "v1").unwrap();
+        docs.push(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+                         "spec": {"podCIDR": "198.18.1.0/24"}}),
+        );
+        for (i, name) in ["client", "server"].iter().enumerate() {
+            docs.push(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "labels": {"app": name},
+                             "annotations": {"comb.dev/interface": format!("lxc{i}")}},
+                "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "none"}]},
+                "status": running_status(Ipv4Addr::new(198, 18, 1, 2 + i as u8))}));
+        }
+        let parsed = comb_config::parse_file_text(Path::new("o.yaml"), &docs_text(&docs))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut state = State::new();
+        state.replace(comb_config::build_snapshot(&parsed).unwrap_or_else(|e| panic!("{e}")));
+        let interfaces = pipeline::interface_names(&state, "node1")
+            .zip(1u32..)
+            .map(|(n, i)| (n.to_owned(), i))
+            .collect();
+        let config = PipelineConfig {
+            policy: true,
+            socket_lb: true,
+            ..Default::default()
+        };
+        let d = pipeline::compute(
+            &state,
+            "node1",
+            &mut IdentityAllocator::default(),
+            &config,
+            &interfaces,
+        );
+        assert_eq!(d.services.len(), 1000);
+        // 4,998 API-only pods over 1,000 Services: five backends each but two with four.
+        let backends: usize = d.services.values().map(|s| s.backends.len()).sum();
+        assert_eq!(backends, 4998);
+        assert_eq!(d.policy.endpoints.len(), 2);
+        assert!(!d.policy.entries.is_empty(), "the flip policy compiles");
+    }
+}
