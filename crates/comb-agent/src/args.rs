@@ -61,6 +61,14 @@ pub struct Args {
     /// Pod cgroup paths are relative to this [default: the cgroup2 mount].
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Kubernetes mode: the directory where the comb-cni plugin reports pod sandboxes (its
+    /// `spoolDir`).
+    #[arg(long, default_value = comb_cni::DEFAULT_SPOOL_DIR)]
+    pub cni_spool: PathBuf,
+    /// Kubernetes mode: the kubelet's pod cgroups, relative to the cgroup root [default:
+    /// `kubepods` (cgroupfs driver) or `kubepods.slice` (systemd driver), whichever exists].
+    #[arg(long)]
+    pub kubelet_cgroup_root: Option<PathBuf>,
     /// Local pod-to-pod socket splice.
     #[arg(long, value_enum, default_value = "on")]
     pub splice: OnOff,

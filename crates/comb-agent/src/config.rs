@@ -25,6 +25,11 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Pod cgroup paths are relative to this; None = the cgroup2 mount.
     pub cgroup_root: Option<PathBuf>,
+    /// Kubernetes mode: where comb-cni reports pod sandboxes.
+    pub cni_spool: PathBuf,
+    /// Kubernetes mode: the kubelet's pod cgroups, relative to the cgroup root; None =
+    /// `kubepods` or `kubepods.slice`.
+    pub kubelet_cgroup_root: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub splice: bool,
     /// Where (cgroup relative to the cgroup root) and how the socket LB attaches, or why it
@@ -125,6 +130,8 @@ impl AgentConfig {
             pin_dir: a.pin_dir(),
             metrics_addr: a.metrics_addr,
             cgroup_root: a.cgroup_root.clone(),
+            cni_spool: a.cni_spool.clone(),
+            kubelet_cgroup_root: a.kubelet_cgroup_root.clone(),
             state_dir: a.state_dir(),
             splice: a.splice == OnOff::On,
             socket_lb: a.socket_lb_plan().map(|(cg, mode)| {

@@ -17,6 +17,7 @@ use crate::config::SourceConfig;
 use crate::identity_store::IdentityStore;
 use crate::node_proxy::NodeProxy;
 use crate::source::Source;
+use crate::source::cni_spool::SpoolConfig;
 use crate::source::kubernetes::KubernetesSource;
 use crate::source::manifests::ManifestsSource;
 use crate::status::Published;
@@ -63,6 +64,14 @@ pub async fn run(args: Args) -> Result<()> {
         }),
         SourceConfig::Kubernetes { kubeconfig } => Box::new(KubernetesSource {
             kubeconfig: kubeconfig.clone(),
+            spool: SpoolConfig {
+                dir: cfg.cni_spool.clone(),
+                cgroup_root: match &cfg.cgroup_root {
+                    Some(p) => p.clone(),
+                    None => host::cgroup2_mount()?,
+                },
+                kubelet_root: cfg.kubelet_cgroup_root.clone(),
+            },
         }),
     };
     run_with(cfg, source).await

@@ -19,6 +19,7 @@ use comb_config::{ConfigError, ConfigErrors, Document};
 use comb_model::Snapshot;
 use serde_json::Value;
 
+use super::cni_spool::Sandbox;
 use super::kube_kinds::WatchedKind;
 
 /// (kind, namespace, name); namespace is empty for cluster-scoped kinds.
@@ -108,6 +109,9 @@ struct KindState {
 #[derive(Default)]
 pub struct Store {
     kinds: BTreeMap<&'static str, (WatchedKind, KindState)>,
+    /// What comb-cni reported: each pod's node-side interface and cgroup.
+    sandboxes: Vec<Sandbox>,
+    sandbox_problems: Vec<String>,
 }
 
 fn name_of(kind: &WatchedKind, obj: &Value) -> Option<(String, String)> {
@@ -140,6 +144,7 @@ impl Store {
                 .iter()
                 .map(|k| (k.kind, (*k, KindState::default())))
                 .collect(),
+            ..Store::default()
         }
     }
 
@@ -211,6 +216,42 @@ impl Store {
         }
     }
 
+    /// The sandboxes comb-cni reported, replacing the previous report.
+    pub fn set_sandboxes(&mut self, sandboxes: Vec<Sandbox>, problems: Vec<String>) {
+        self.sandboxes = sandboxes;
+        self.sandbox_problems = problems;
+    }
+
+    /// The UID of the Pod `namespace/name` as the source has it.
+    fn pod_uid(&self, namespace: &str, name: &str) -> Option<&str> {
+        let (_, k) = self.kinds.get("Pod")?;
+        let e = k.objects.get(&(namespace.to_owned(), name.to_owned()))?;
+        let doc = e.parsed.as_ref().ok().or(e.kept.as_ref())?;
+        match &doc.object {
+            comb_config::Object::Pod(p) => p.metadata.uid.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A Pod's interface and cgroup from its sandbox, unless its annotations set them. The
+    /// sandbox must be of this Pod, not of an earlier one of the same name (UID).
+    fn overlay_sandboxes(&self, snapshot: &mut Snapshot) {
+        for sb in &self.sandboxes {
+            if self.pod_uid(&sb.namespace, &sb.name) != Some(sb.uid.as_str()) {
+                continue;
+            }
+            let key = comb_model::ObjKey::new(sb.namespace.as_str(), sb.name.as_str());
+            if let Some(pod) = snapshot.pods.get_mut(&key) {
+                if pod.interface.is_none() {
+                    pod.interface.clone_from(&sb.interface);
+                }
+                if pod.cgroup.is_none() {
+                    pod.cgroup.clone_from(&sb.cgroup);
+                }
+            }
+        }
+    }
+
     /// Why `kind` is not watched right now (`None`: it is, again).
     pub fn set_problem(&mut self, kind: &str, problem: Option<String>) {
         self.kind(kind).problem = problem;
@@ -224,6 +265,7 @@ impl Store {
 
     /// Kinds that cannot be watched right now, and why.
     pub fn problems(&self) -> ConfigErrors {
+        let spool = PathBuf::from("cni spool");
         ConfigErrors(
             self.kinds
                 .values()
@@ -232,6 +274,11 @@ impl Store {
                     let origin = PathBuf::from(format!("kubernetes {}", wk.resource_name()));
                     Some(ConfigError::new(&origin, 0, None, p.clone()))
                 })
+                .chain(
+                    self.sandbox_problems
+                        .iter()
+                        .map(|p| ConfigError::new(&spool, 0, None, p.clone())),
+                )
                 .collect(),
         )
     }
@@ -268,7 +315,7 @@ impl Store {
         // A new version that conversion or a cross-object check refuses falls back to the
         // last good one; build again until no new version is refused (each round removes at
         // least one, so this ends).
-        let (snapshot, build_errors) = loop {
+        let (mut snapshot, build_errors) = loop {
             // Accepted versions first: checks between objects (one cluster IP per Service)
             // are first come, first served, and the object already in force must win.
             let old = chosen.iter().filter(|c| !c.new);
@@ -313,6 +360,7 @@ impl Store {
                 e.kept = None;
             }
         }
+        self.overlay_sandboxes(&mut snapshot);
         (snapshot, ConfigErrors(errors))
     }
 }
@@ -510,6 +558,55 @@ mod tests {
         let mut only = json!({"metadata": {"name": "a", "annotations": {LAST_APPLIED: "{}"}}});
         strip_bookkeeping(&mut only);
         assert_eq!(only, json!({"metadata": {"name": "a"}}));
+    }
+
+    #[test]
+    fn a_pod_gets_interface_and_cgroup_from_its_own_sandbox() {
+        let pod = |name: &str, uid: &str, annotations: Value| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "apps", "uid": uid,
+                             "resourceVersion": "1", "annotations": annotations},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"podIP": "10.0.0.5"}})
+        };
+        let sandbox = |name: &str, uid: &str| Sandbox {
+            namespace: "apps".into(),
+            name: name.into(),
+            uid: uid.into(),
+            interface: Some(format!("veth-{name}")),
+            cgroup: Some(format!("kubepods/pod{uid}")),
+        };
+        let mut s = synced_store();
+        s.apply("Pod", pod("a", "u1", json!({})));
+        s.apply("Pod", pod("b", "u2", json!({})));
+        s.apply(
+            "Pod",
+            pod("c", "u3", json!({"comb.dev/interface": "lxc-own"})),
+        );
+        s.set_sandboxes(
+            vec![
+                sandbox("a", "u1"),
+                // An earlier pod of the same name: not this one's sandbox.
+                sandbox("b", "old-uid"),
+                sandbox("c", "u3"),
+            ],
+            vec!["skipping a sandbox record: x.json: EOF".into()],
+        );
+        let (snap, errs) = s.build();
+        let get = |n: &str| &snap.pods[&ObjKey::new("apps", n)];
+        assert_eq!(get("a").interface.as_deref(), Some("veth-a"));
+        assert_eq!(get("a").cgroup.as_deref(), Some("kubepods/podu1"));
+        assert_eq!(get("b").interface, None);
+        assert_eq!(
+            get("c").interface.as_deref(),
+            Some("lxc-own"),
+            "annotations win"
+        );
+        assert_eq!(get("c").cgroup.as_deref(), Some("kubepods/podu3"));
+        assert_eq!(
+            errs.to_string(),
+            "cni spool: skipping a sandbox record: x.json: EOF"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum KindEvent {
     Delete(&'static str, Value),
     /// `None`: the kind is watched normally again.
     Problem(&'static str, Option<String>),
+    /// The pod sandboxes comb-cni reported (all of them), and problems reading them.
+    Sandboxes(Vec<super::cni_spool::Sandbox>, Vec<String>),
 }
 
 /// Exponential backoff capped low: after an API server restart the agent should be back

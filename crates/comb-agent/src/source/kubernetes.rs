@@ -4,9 +4,9 @@
 //!
 //! Every Pod of the cluster is read, as every Pod of the manifests directory is: the
 //! pipeline programs the datapath for this node's pods (spec.nodeName) and uses the others
-//! as policy peers and endpoints. Not here yet: the interface and cgroup of a pod, which a
-//! chained CNI plugin will report (until then they come from the `comb.dev/interface` and
-//! `comb.dev/cgroup` annotations, as in manifests); Kubernetes Events on rejected objects.
+//! as policy peers and endpoints. A pod's interface and cgroup come from its sandbox as
+//! comb-cni reported it (cni_spool), unless its `comb.dev/interface` / `comb.dev/cgroup`
+//! annotations say otherwise.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -18,6 +18,7 @@ use kube::Client;
 use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use tokio::sync::mpsc;
 
+use super::cni_spool::{self, SpoolConfig};
 use super::kube_kinds::KINDS;
 use super::kube_store::Store;
 use super::kube_watch::{KindEvent, watch_kind};
@@ -34,6 +35,8 @@ const CONFIG_RETRY: Duration = Duration::from_secs(2);
 pub struct KubernetesSource {
     /// `None`: in-cluster configuration (service account token, KUBERNETES_SERVICE_HOST).
     pub kubeconfig: Option<PathBuf>,
+    /// Where comb-cni reports pod sandboxes, and where the kubelet's pod cgroups are.
+    pub spool: SpoolConfig,
 }
 
 impl Source for KubernetesSource {
@@ -48,7 +51,7 @@ impl Source for KubernetesSource {
         self: Box<Self>,
         updates: mpsc::Sender<SourceUpdate>,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(run(self.kubeconfig, updates))
+        Box::pin(run(self.kubeconfig, self.spool, updates))
     }
 }
 
@@ -66,7 +69,7 @@ async fn client(kubeconfig: &Option<PathBuf>) -> Result<Client> {
     Client::try_from(config).context("Kubernetes client")
 }
 
-async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
+async fn run(kubeconfig: Option<PathBuf>, spool: SpoolConfig, updates: mpsc::Sender<SourceUpdate>) {
     let client = loop {
         match client(&kubeconfig).await {
             Ok(c) => break c,
@@ -90,6 +93,7 @@ async fn run(kubeconfig: Option<PathBuf>, updates: mpsc::Sender<SourceUpdate>) {
     for kind in KINDS {
         watchers.spawn(watch_kind(client.clone(), *kind, tx.clone()));
     }
+    watchers.spawn(cni_spool::watch(spool, tx.clone()));
     drop(tx);
     let mut store = Store::new(KINDS);
     while let Some(first) = rx.recv().await {
@@ -137,5 +141,6 @@ fn apply(store: &mut Store, ev: KindEvent) {
         KindEvent::Apply(k, o) => store.apply(k, o),
         KindEvent::Delete(k, o) => store.delete(k, &o),
         KindEvent::Problem(k, p) => store.set_problem(k, p),
+        KindEvent::Sandboxes(s, problems) => store.set_sandboxes(s, problems),
     }
 }

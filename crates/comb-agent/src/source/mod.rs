@@ -9,6 +9,7 @@ use comb_config::ConfigErrors;
 use comb_model::Snapshot;
 use tokio::sync::mpsc;
 
+pub mod cni_spool;
 pub mod kube_kinds;
 pub mod kube_store;
 pub mod kube_watch;
