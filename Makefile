@@ -11,7 +11,7 @@ build: deps
 
 # comb (the CLI) and combd (the agent, in comb-agent) land side by side in target/release/.
 release: deps
-	$(CARGO) build --release -p comb-cli -p comb-agent
+	$(CARGO) build --release -p comb-cli -p comb-agent -p comb-cni
 
 demo: release
 	@bash scripts/demo.sh target/release

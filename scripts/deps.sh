@@ -19,6 +19,7 @@ need=(
   "/usr/lib/python3/dist-packages/h2/__init__.py:python3-h2"
   "/usr/lib/python3/dist-packages/grpc/__init__.py:python3-grpcio"
   "/usr/lib/python3/dist-packages/websockets/__init__.py:python3-websockets"
+  "/usr/lib/cni/ptp:containernetworking-plugins" "/usr/lib/cni/host-local:containernetworking-plugins"
   "/usr/include/libelf.h:libelf-dev" "/usr/include/zlib.h:zlib1g-dev"
   "/usr/include/bpf/bpf_helpers.h:libbpf-dev" "/usr/include/linux/bpf.h:linux-libc-dev"
 )

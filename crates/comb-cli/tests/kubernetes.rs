@@ -6,132 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use comb_api::{EndpointPolicy, Query, ServiceRow, Status};
 use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
+use common::kube_agent::Agent;
 use common::*;
-
-/// Convergence after a change: the watch delivers in milliseconds; the slack is for the
-/// controller manager's EndpointSlice sync, a relist after a restart, and a slow CI machine.
-const CONVERGE: Duration = Duration::from_secs(60);
-
-/// combd in the node's network namespace, stopped (SIGTERM, it detaches its programs and
-/// removes its pins) when dropped.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(lab: &Lab, node: &str, kubeconfig: &Path, dir: &Path) -> Agent {
-        let socket = dir.join(format!("{node}.sock"));
-        let log = dir.join(format!("{node}-combd.log"));
-        let combd = comb_lab::combd_path().unwrap();
-        let node_cgroup = Path::new("/").join(comb_lab::naming::node_cgroup(lab.name(), node));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/comb/{}-{node}-kube", lab.name()));
-        let args: Vec<String> = vec![
-            "--node".into(),
-            node.into(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--admin-socket".into(),
-            socket.display().to_string(),
-            "--pin-dir".into(),
-            pin_dir.display().to_string(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-            "--lb-cgroup".into(),
-            node_cgroup.display().to_string(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        // Through `ip netns exec`: combd gets a private mount namespace, so its bpffs pins
-        // go with it even if it is killed; it detaches its programs when stopped.
-        let out = std::fs::File::create(&log).unwrap();
-        let child = lab
-            .node_command(node, &combd.display().to_string(), &args)
-            .unwrap()
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let agent = Agent { child, socket, log };
-        wait_for(Duration::from_secs(20), "combd's admin socket", || {
-            agent.socket.exists()
-        });
-        agent
-    }
-
-    fn status(&self) -> Status {
-        serde_json::from_value(call(&self.socket, Query::Status).unwrap()).unwrap()
-    }
-
-    fn services(&self) -> Vec<ServiceRow> {
-        serde_json::from_value(call(&self.socket, Query::Services).unwrap()).unwrap()
-    }
-
-    fn endpoints(&self) -> Vec<comb_api::EndpointRow> {
-        serde_json::from_value(call(&self.socket, Query::Endpoints).unwrap()).unwrap()
-    }
-
-    fn policy(&self, pod: &str) -> Option<EndpointPolicy> {
-        let q = Query::EndpointPolicy { pod: pod.into() };
-        call(&self.socket, q)
-            .ok()
-            .map(|v| serde_json::from_value(v).unwrap())
-    }
-
-    /// Backend IPs of `service` (namespace/name) on its first port.
-    fn backends(&self, service: &str) -> Option<Vec<String>> {
-        self.services()
-            .into_iter()
-            .find(|s| s.service == service)
-            .map(|s| s.backends.iter().map(|b| b.ip.to_string()).collect())
-    }
-
-    fn errors(&self) -> String {
-        self.status().config_errors.join("\n")
-    }
-
-    /// Wait for `what`, showing the agent's errors and log tail if it never happens.
-    fn wait(&self, what: &str, mut f: impl FnMut(&Agent) -> bool) {
-        let deadline = std::time::Instant::now() + CONVERGE;
-        while std::time::Instant::now() < deadline {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        panic!(
-            "timed out after {CONVERGE:?} waiting for: {what}\nconfig errors:\n{}\ncombd log (newest first):\n{}",
-            self.errors(),
-            tail.join("\n")
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn kube_pod(name: &str, node: &str, labels: &str, annotations: &str) -> String {
     format!(
@@ -190,7 +69,7 @@ fn agent_follows_the_api_server() {
     kube.set_pod_status("t", "web-1", &["198.18.2.5"]).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&lab, "node1", kube.kubeconfig(), dir.path());
+    let agent = Agent::start(&lab, "node1", kube.kubeconfig(), dir.path(), &[]);
 
     // Creation: the pod on this node attached, the remote one known, the Service's
     // backends from the slice the EndpointSlice controller made (discovery.k8s.io/v1beta1).
@@ -343,7 +222,7 @@ fn unusable_kubeconfig_is_reported() {
     let lab = lab_without_agent("kv");
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-kubeconfig");
-    let agent = Agent::start(&lab, "node1", &missing, dir.path());
+    let agent = Agent::start(&lab, "node1", &missing, dir.path(), &[]);
     agent.wait("the kubeconfig error is reported", |a| {
         a.errors().contains("no-such-kubeconfig") && a.status().generation == 0
     });

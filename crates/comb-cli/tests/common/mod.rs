@@ -12,6 +12,8 @@ use comb_api::SpliceStats;
 use comb_api::{Control, EndpointRow, Query, Request, Response, Status};
 use comb_lab::{AgentOptions, Lab, LabOptions};
 
+pub mod kube_agent;
+
 pub const COMB: &str = env!("CARGO_BIN_EXE_comb");
 
 /// Privileged tests need root. Under CI they must fail without it, never skip.
