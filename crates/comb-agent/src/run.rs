@@ -72,6 +72,7 @@ pub async fn run(args: Args) -> Result<()> {
                 },
                 kubelet_root: cfg.kubelet_cgroup_root.clone(),
             },
+            node: cfg.node.clone(),
         }),
     };
     run_with(cfg, source).await

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
-use common::kube_agent::Agent;
+use common::kube_agent::{Agent, CONVERGE};
 use common::*;
 
 fn kube_pod(name: &str, node: &str, labels: &str, annotations: &str) -> String {
@@ -153,6 +153,44 @@ fn agent_follows_the_api_server() {
         "the last good version of t/a stays attached"
     );
     assert!(!agent.endpoints().iter().any(|e| e.pod == "odd"));
+    // Each rejected object carries a Warning Event with the located error, reported once.
+    let rejected_events = || -> Vec<serde_json::Value> {
+        let text = kube
+            .kubectl(&["get", "events", "-n", "t", "-o", "json"])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "CombRejected")
+            .cloned()
+            .collect()
+    };
+    wait_for(CONVERGE, "Events on t/odd and t/a", || {
+        let ev = rejected_events();
+        let on = |name: &str, text: &str| {
+            ev.iter().any(|e| {
+                e["involvedObject"]["name"] == name
+                    && e["type"] == "Warning"
+                    && e["message"].as_str().is_some_and(|m| m.contains(text))
+            })
+        };
+        on("odd", "comb.dev/splice") && on("a", "comb.dev/l7")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let ev = rejected_events();
+    assert_eq!(
+        ev.len(),
+        2,
+        "one Event per rejected object version: {ev:#?}"
+    );
+    assert!(
+        ev.iter().all(|e| e["count"].as_i64().unwrap_or(1) == 1
+            && e["reportingComponent"] == "comb-agent"
+            && e["reportingInstance"] == "node1"),
+        "{ev:#?}"
+    );
     kube.delete_pod("t", "odd").unwrap();
     kube.apply(&kube_pod("a", "node1", "app: web", &annotations))
         .unwrap();

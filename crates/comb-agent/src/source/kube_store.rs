@@ -34,6 +34,9 @@ struct Entry {
     /// `metadata.resourceVersion` of the newest version (empty if the server gave none:
     /// then every version counts as a change).
     version: String,
+    /// `apiVersion` and `metadata.uid` of the newest version: what an Event names.
+    api_version: String,
+    uid: String,
     /// The newest version, parsed on arrival (its JSON is not kept). Boxed, as is `kept`:
     /// a typed object is kilobytes even when small, and the map holds thousands of entries.
     parsed: Result<Box<Document>, ConfigErrors>,
@@ -47,8 +50,11 @@ impl Entry {
     fn new(kind: &str, key: &(String, String), obj: Value) -> Entry {
         let version = resource_version(&obj);
         let origin = api_origin(kind, Some(&key.0), &key.1);
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_owned();
         Entry {
             version,
+            api_version: text(obj.get("apiVersion")),
+            uid: text(obj.pointer("/metadata/uid")),
             parsed: parse_api_object(&origin, obj).map(Box::new),
             accepted: false,
             kept: None,
@@ -112,6 +118,8 @@ pub struct Store {
     /// What comb-cni reported: each pod's node-side interface and cgroup.
     sandboxes: Vec<Sandbox>,
     sandbox_problems: Vec<String>,
+    /// The objects the last build did not put in force at their newest version.
+    rejections: Vec<Rejection>,
 }
 
 fn name_of(kind: &WatchedKind, obj: &Value) -> Option<(String, String)> {
@@ -126,6 +134,37 @@ fn name_of(kind: &WatchedKind, obj: &Value) -> Option<(String, String)> {
         String::new()
     };
     Some((ns, name))
+}
+
+/// An object whose newest version Comb did not put in force, for a Kubernetes Event on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub api_version: String,
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+    /// The located errors, as `comb status` shows them.
+    pub message: String,
+}
+
+impl Rejection {
+    fn of(kind: &'static str, key: &(String, String), e: &Entry, errors: &[ConfigError]) -> Self {
+        Rejection {
+            api_version: e.api_version.clone(),
+            kind,
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            uid: e.uid.clone(),
+            resource_version: e.version.clone(),
+            message: errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
 }
 
 /// One object's candidate for State in a build.
@@ -216,6 +255,11 @@ impl Store {
         }
     }
 
+    /// The objects the last build left out or kept at an older version.
+    pub fn rejections(&self) -> &[Rejection] {
+        &self.rejections
+    }
+
     /// The sandboxes comb-cni reported, replacing the previous report.
     pub fn set_sandboxes(&mut self, sandboxes: Vec<Sandbox>, problems: Vec<String>) {
         self.sandboxes = sandboxes;
@@ -287,6 +331,7 @@ impl Store {
     /// the others, and the errors to show.
     pub fn build(&mut self) -> (Snapshot, ConfigErrors) {
         let mut errors = self.problems().0;
+        let mut rejections = Vec::new();
         let mut chosen: Vec<Chosen<'_>> = Vec::new();
         for (kind, (_, k)) in &self.kinds {
             for (key, e) in &k.objects {
@@ -298,7 +343,9 @@ impl Store {
                         new: !e.accepted,
                     }),
                     Err(errs) => {
-                        errors.extend(note_kept(errs.0.clone(), e.kept.is_some()));
+                        let own = note_kept(errs.0.clone(), e.kept.is_some());
+                        rejections.push(Rejection::of(kind, key, e, &own));
+                        errors.extend(own);
                         if let Some(doc) = &e.kept {
                             chosen.push(Chosen {
                                 kind,
@@ -337,7 +384,9 @@ impl Store {
                     .iter()
                     .filter(|e| e.file == c.doc.file)
                     .cloned();
-                errors.extend(note_kept(own.collect(), e.kept.is_some()));
+                let own = note_kept(own.collect(), e.kept.is_some());
+                rejections.push(Rejection::of(c.kind, c.key, e, &own));
+                errors.extend(own);
                 if let Some(doc) = &e.kept {
                     chosen.push(Chosen {
                         kind: c.kind,
@@ -361,6 +410,7 @@ impl Store {
             }
         }
         self.overlay_sandboxes(&mut snapshot);
+        self.rejections = rejections;
         (snapshot, ConfigErrors(errors))
     }
 }
@@ -445,11 +495,20 @@ mod tests {
             "{shown}"
         );
 
+        let r = s.rejections();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].api_version.as_str(), r[0].kind, r[0].name.as_str()),
+            ("v1", "Service", "a")
+        );
+        assert_eq!(r[0].message, shown);
+
         // Fixed: the error goes away and the new version applies.
         s.apply("Service", service("a", "198.19.0.10", 90));
         let (snap, errs) = s.build();
         assert!(errs.is_empty(), "{errs}");
         assert_eq!(snap.services[&ObjKey::new("apps", "a")].ports[0].port, 90);
+        assert!(s.rejections().is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! pipeline programs the datapath for this node's pods (spec.nodeName) and uses the others
 //! as policy peers and endpoints. A pod's interface and cgroup come from its sandbox as
 //! comb-cni reported it (cni_spool), unless its `comb.dev/interface` / `comb.dev/cgroup`
-//! annotations say otherwise.
+//! annotations say otherwise. A rejected object gets a Kubernetes Event (kube_events).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -19,6 +19,7 @@ use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use tokio::sync::mpsc;
 
 use super::cni_spool::{self, SpoolConfig};
+use super::kube_events::EventReporter;
 use super::kube_kinds::KINDS;
 use super::kube_store::Store;
 use super::kube_watch::{KindEvent, watch_kind};
@@ -37,6 +38,8 @@ pub struct KubernetesSource {
     pub kubeconfig: Option<PathBuf>,
     /// Where comb-cni reports pod sandboxes, and where the kubelet's pod cgroups are.
     pub spool: SpoolConfig,
+    /// This node: the reporting instance of the Events on rejected objects.
+    pub node: String,
 }
 
 impl Source for KubernetesSource {
@@ -51,7 +54,7 @@ impl Source for KubernetesSource {
         self: Box<Self>,
         updates: mpsc::Sender<SourceUpdate>,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(run(self.kubeconfig, self.spool, updates))
+        Box::pin(run(self.kubeconfig, self.spool, self.node, updates))
     }
 }
 
@@ -69,7 +72,12 @@ async fn client(kubeconfig: &Option<PathBuf>) -> Result<Client> {
     Client::try_from(config).context("Kubernetes client")
 }
 
-async fn run(kubeconfig: Option<PathBuf>, spool: SpoolConfig, updates: mpsc::Sender<SourceUpdate>) {
+async fn run(
+    kubeconfig: Option<PathBuf>,
+    spool: SpoolConfig,
+    node: String,
+    updates: mpsc::Sender<SourceUpdate>,
+) {
     let client = loop {
         match client(&kubeconfig).await {
             Ok(c) => break c,
@@ -96,6 +104,7 @@ async fn run(kubeconfig: Option<PathBuf>, spool: SpoolConfig, updates: mpsc::Sen
     watchers.spawn(cni_spool::watch(spool, tx.clone()));
     drop(tx);
     let mut store = Store::new(KINDS);
+    let mut events = EventReporter::new(client.clone(), &node);
     while let Some(first) = rx.recv().await {
         apply(&mut store, first);
         let end = tokio::time::Instant::now() + BATCH_WINDOW;
@@ -121,6 +130,7 @@ async fn run(kubeconfig: Option<PathBuf>, spool: SpoolConfig, updates: mpsc::Sen
             continue;
         }
         let (snapshot, errors) = store.build();
+        events.report(store.rejections());
         let update = SourceUpdate {
             snapshot: Some(snapshot),
             errors,

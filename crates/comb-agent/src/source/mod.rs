@@ -10,6 +10,7 @@ use comb_model::Snapshot;
 use tokio::sync::mpsc;
 
 pub mod cni_spool;
+pub mod kube_events;
 pub mod kube_kinds;
 pub mod kube_store;
 pub mod kube_watch;
