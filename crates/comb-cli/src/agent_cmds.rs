@@ -37,13 +37,26 @@ pub enum SpliceCmd {
     Set { state: OnOff },
 }
 
-pub fn status(t: &Target) -> Result<ExitCode> {
+pub fn status(t: &Target, ready: bool) -> Result<ExitCode> {
     let v = ask(t, Query::Status)?;
+    let s: Status = serde_json::from_value(v.clone())?;
+    if ready {
+        if s.generation > 0 && s.applied_generation == s.generation {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "not ready: generation {} applied {} ({} configuration problem(s), {} datapath error(s))",
+            s.generation,
+            s.applied_generation,
+            s.config_errors.len(),
+            s.datapath_errors.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if t.output == Output::Json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }
-    let s: Status = serde_json::from_value(v)?;
     println!("node:            {}", s.node);
     println!(
         "agent:           combd {} (pid {}, up {}s)",

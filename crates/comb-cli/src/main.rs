@@ -6,6 +6,7 @@
 mod agent_cmds;
 mod ask;
 mod ca_cmds;
+mod cni_cmds;
 mod lab_cmds;
 mod manifest_cmds;
 mod policy_cmds;
@@ -55,7 +56,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// The agent's health, State generation and configuration errors.
-    Status,
+    Status {
+        /// Exit non-zero unless the agent holds a State and its datapath applied it (a
+        /// readiness probe).
+        #[arg(long)]
+        ready: bool,
+    },
     /// Endpoints (pods) the agent knows.
     Endpoint {
         #[command(subcommand)]
@@ -101,6 +107,11 @@ enum Cmd {
     Delete(manifest_cmds::FileArgs),
     /// The certificate authority (Istio's CA API), in this process until SIGTERM.
     Ca(ca_cmds::CaArgs),
+    /// Chain the comb-cni plugin into the node's CNI configuration, or take it out.
+    Cni {
+        #[command(subcommand)]
+        cmd: cni_cmds::CniCmd,
+    },
     /// Nodes and pods as network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -123,7 +134,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let t = &cli.target;
     let result = match cli.cmd {
-        Cmd::Status => agent_cmds::status(t),
+        Cmd::Status { ready } => agent_cmds::status(t, ready),
         Cmd::Endpoint { cmd } => agent_cmds::endpoint(t, cmd),
         Cmd::Service { cmd } => service_cmds::run(t, cmd),
         Cmd::Cert { cmd } => agent_cmds::cert(t, cmd),
@@ -136,6 +147,7 @@ fn main() -> ExitCode {
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),
         Cmd::Ca(a) => ca_cmds::run(a),
+        Cmd::Cni { cmd } => cni_cmds::run(cmd),
         Cmd::Lab { cmd } => lab_cmds::run(cmd),
         Cmd::Bench { cmd } => comb_testkit::bench::run(cmd),
         Cmd::Probe { cmd } => comb_testkit::probe::run(cmd),

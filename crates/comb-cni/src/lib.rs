@@ -9,6 +9,8 @@
 //! it while it runs, so a sandbox added while the agent is down or restarting is not lost.
 //! `DEL` removes the file. Kept free of async runtimes: it runs once per pod start.
 
+pub mod install;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;

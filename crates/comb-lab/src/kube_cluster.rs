@@ -154,6 +154,9 @@ impl KubeCluster {
             format!("--tls-private-key-file={}", c.serving_key.display()),
             format!("--token-auth-file={}", c.tokens.display()),
             "--authorization-mode=RBAC".into(),
+            // As kubeadm and managed clusters run it: node agents (CNI, Comb) need privileged
+            // steps such as mounting bpffs on the host.
+            "--allow-privileged=true".into(),
             format!("--service-account-key-file={}", c.sa_pub.display()),
             format!("--service-account-signing-key-file={}", c.sa_key.display()),
             "--service-account-issuer=https://kubernetes.default.svc".into(),

@@ -1,0 +1,209 @@
+//! The install manifests (deploy/kubernetes) against a real API server: they are valid for
+//! the server (`kubectl apply -k --dry-run=server`), the agent's ClusterRole grants exactly
+//! what it needs, and combd running with the ServiceAccount's own token (not the admin's)
+//! syncs everything; with one permission taken away that kind reports an error while the
+//! others keep working, and it recovers when the permission is back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
+use common::kube_agent::Agent;
+use common::*;
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+const AGENT_SA: &str = "system:serviceaccount:comb-system:comb-agent";
+
+fn can_i(kube: &KubeCluster, verb: &str, resource: &str) -> bool {
+    // `kubectl auth can-i` exits 1 for "no": read its answer, not its status.
+    let out = kube
+        .command(&comb_lab::KubeBinaries::locate().unwrap().kubectl)
+        .args([
+            &format!("--kubeconfig={}", kube.kubeconfig().display()),
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--all-namespaces",
+            &format!("--as={AGENT_SA}"),
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl auth can-i {verb} {resource}: {answer:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
+}
+
+/// A kubeconfig that authenticates as the agent's ServiceAccount (a TokenRequest token).
+fn agent_kubeconfig(kube: &KubeCluster, dir: &Path) -> PathBuf {
+    let req = dir.join("tokenrequest.json");
+    std::fs::write(
+        &req,
+        r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#,
+    )
+    .unwrap();
+    let out = kube
+        .kubectl(&[
+            "create",
+            "--raw",
+            "/api/v1/namespaces/comb-system/serviceaccounts/comb-agent/token",
+            "-f",
+            &req.display().to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = v["status"]["token"].as_str().expect("a token").to_owned();
+    let admin = std::fs::read_to_string(kube.kubeconfig()).unwrap();
+    let text: String = admin
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("token:") {
+                format!("    token: {token}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join("agent.kubeconfig");
+    std::fs::write(&path, text + "\n").unwrap();
+    path
+}
+
+#[test]
+fn install_manifests_and_least_privilege() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::up(
+        LabOptions {
+            name: unique("dp"),
+            agent: None,
+        },
+        &[("pods.yaml".into(), pod("t", "a", "node1", &[]))],
+    )
+    .expect("lab up");
+    let mut kube = KubeCluster::start(KubeOptions {
+        netns: Some(lab.node_netns("node1").unwrap()),
+        controller_manager: false,
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    kube.install_crds(&["AuthorizationPolicy", "PeerAuthentication"])
+        .unwrap();
+
+    // Valid for a real server, as a whole (kubectl's own kustomize). A server-side dry run
+    // checks namespaced objects against their namespace, so that one exists first (a real
+    // apply creates it before the rest).
+    kube.kubectl(&[
+        "apply",
+        "-f",
+        &format!("{DEPLOY}/kubernetes/namespace.yaml"),
+    ])
+    .unwrap();
+    for base in ["kubernetes", "kubernetes-uninstall"] {
+        let out = kube
+            .kubectl(&[
+                "apply",
+                "-k",
+                &format!("{DEPLOY}/{base}"),
+                "--dry-run=server",
+            ])
+            .unwrap_or_else(|e| panic!("deploy/{base}: {e:#}"));
+        assert!(out.contains("daemonset.apps/"), "deploy/{base}: {out}");
+    }
+
+    // The RBAC for real: exactly what the agent uses.
+    kube.kubectl(&[
+        "apply",
+        "-f",
+        &format!("{DEPLOY}/kubernetes/namespace.yaml"),
+        "-f",
+        &format!("{DEPLOY}/kubernetes/rbac.yaml"),
+    ])
+    .unwrap();
+    for (verb, resource) in [
+        ("list", "pods"),
+        ("watch", "namespaces"),
+        ("watch", "services"),
+        ("watch", "endpointslices.discovery.k8s.io"),
+        ("watch", "networkpolicies.networking.k8s.io"),
+        ("watch", "authorizationpolicies.security.istio.io"),
+        ("watch", "peerauthentications.security.istio.io"),
+        ("create", "events.events.k8s.io"),
+    ] {
+        assert!(
+            can_i(&kube, verb, resource),
+            "{AGENT_SA} cannot {verb} {resource}"
+        );
+    }
+    for (verb, resource) in [
+        ("create", "pods"),
+        ("delete", "services"),
+        ("get", "secrets"),
+        ("list", "configmaps"),
+        ("update", "networkpolicies.networking.k8s.io"),
+        ("list", "nodes"),
+    ] {
+        assert!(
+            !can_i(&kube, verb, resource),
+            "{AGENT_SA} may {verb} {resource}"
+        );
+    }
+
+    // combd with the ServiceAccount's token syncs every kind.
+    let lab_pod = lab.pod("t/a").unwrap().clone();
+    let cgroup = lab_pod
+        .cgroup
+        .strip_prefix(&lab.state().cgroup2)
+        .unwrap()
+        .display()
+        .to_string();
+    kube.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: t}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: t\n  labels: {{app: web}}\n  annotations: {{comb.dev/cgroup: {cgroup}, comb.dev/interface: {}}}\nspec:\n  nodeName: node1\n  containers: [{{name: c, image: none}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\nspec:\n  selector: {{app: web}}\n  ports: [{{port: 80}}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: t}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n",
+        lab_pod.host_veth
+    ))
+    .unwrap();
+    kube.set_pod_status("t", "a", &[&lab_pod.ip.to_string()])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = agent_kubeconfig(&kube, dir.path());
+    let agent = Agent::start(&lab, "node1", &kubeconfig, dir.path(), &[]);
+    agent.wait("synced with the ServiceAccount's token", |a| {
+        let s = a.status();
+        s.config_errors.is_empty()
+            && s.generation > 0
+            && a.services().iter().any(|r| r.service == "t/web")
+            && a.policy("t/a").is_some_and(|p| p.ingress_enforced)
+    });
+
+    // One permission taken away: that kind says so, the others keep working.
+    let rbac = std::fs::read_to_string(format!("{DEPLOY}/kubernetes/rbac.yaml")).unwrap();
+    let without = rbac.replace(
+        "- apiGroups: [networking.k8s.io]\n  resources: [networkpolicies]\n  verbs: [get, list, watch]\n",
+        "",
+    );
+    assert_ne!(
+        without, rbac,
+        "the NetworkPolicy rule is where the test expects it"
+    );
+    kube.apply(&without).unwrap();
+    assert!(!can_i(&kube, "watch", "networkpolicies.networking.k8s.io"));
+    // Established watches outlive an RBAC change; a restart makes every kind watch anew.
+    kube.restart_apiserver().unwrap();
+    kube.apply("apiVersion: v1\nkind: Service\nmetadata: {name: later, namespace: t}\nspec:\n  selector: {app: web}\n  ports: [{port: 81}]\n")
+        .unwrap();
+    agent.wait("NetworkPolicies forbidden, the rest applies", |a| {
+        a.errors().contains("networkpolicies")
+            && a.errors().to_lowercase().contains("forbidden")
+            && a.services().iter().any(|r| r.service == "t/later")
+    });
+    kube.apply(&rbac).unwrap();
+    agent.wait("recovered once the permission is back", |a| {
+        a.status().config_errors.is_empty()
+    });
+}
