@@ -376,8 +376,10 @@ mod tests {
             listen: listen.parse().unwrap(),
             dir: dir.join("ca"),
             cacerts: None,
-            tokens: dir.join("tokens"),
-            manifests: dir.join("manifests"),
+            callers: comb_ca::Callers::Files {
+                tokens: dir.join("tokens"),
+                manifests: dir.join("manifests"),
+            },
             trust_domain: "cluster.local".into(),
             max_ttl: Duration::from_secs(3600),
         })

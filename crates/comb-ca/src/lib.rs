@@ -2,7 +2,8 @@
 //! (`istio.v1.auth.IstioCertificateService/CreateCertificate`) over TLS 1.3, so Comb agents
 //! and Istio's ztunnel obtain workload certificates the same way. Keys: [`authority`]
 //! (self-signed root or a plug-in CA); callers: [`tokens`] (bearer token → node) and
-//! [`authz`] (a node gets only identities of pods scheduled on it); [`server`] ties them
+//! [`authz`] (a node gets only identities of pods scheduled on it), or on a cluster
+//! [`kube_auth`] (TokenReview, pods from the API); [`server`] ties them
 //! together; [`client`] is what the node agent calls. docs/mtls.md.
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,7 @@ pub mod authority;
 pub mod authz;
 pub mod client;
 pub mod duration;
+pub mod kube_auth;
 pub mod server;
 pub mod tokens;
 
@@ -21,4 +23,4 @@ pub mod pb {
 
 pub use client::{CaClient, CaClientError};
 pub use duration::parse_duration;
-pub use server::{CaConfig, CaServer, DEFAULT_MAX_TTL};
+pub use server::{CaConfig, CaServer, Callers, DEFAULT_MAX_TTL};

@@ -19,11 +19,13 @@ use tonic::{Request, Response, Status};
 
 use crate::authority::{Authority, check_csr};
 use crate::authz::NodeIdentities;
+use crate::kube_auth::{KubeAuth, Refusal};
 use crate::pb::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::tokens::Tokens;
+use comb_identity::SpiffeId;
 
 /// The metadata key ztunnel sets to the identity it asks for on a workload's behalf.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -38,18 +40,72 @@ pub struct CaConfig {
     pub dir: PathBuf,
     /// A plug-in CA in Istio's `cacerts` layout instead of the self-signed root.
     pub cacerts: Option<PathBuf>,
-    pub tokens: PathBuf,
-    pub manifests: PathBuf,
+    pub callers: Callers,
     pub trust_domain: String,
     pub max_ttl: Duration,
 }
 
+/// How callers are authenticated and which identities their node may hold.
+#[derive(Clone, Debug)]
+pub enum Callers {
+    /// Standalone (the lab): bearer tokens from a file (`TOKEN NODE` per line); pods from
+    /// the manifests directory the agents read.
+    Files { tokens: PathBuf, manifests: PathBuf },
+    /// A cluster: the agent's ServiceAccount token checked with a TokenReview, its node from
+    /// its pod; pods from the API (crate::kube_auth).
+    Kubernetes {
+        /// `None`: in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+        /// The agents' ServiceAccount, `(namespace, name)`.
+        agent: (String, String),
+    },
+}
+
+enum Auth {
+    Files {
+        tokens: Tokens,
+        authz: Arc<NodeIdentities>,
+    },
+    Kubernetes(KubeAuth),
+}
+
 struct Service {
     authority: Arc<Authority>,
-    tokens: Tokens,
-    authz: Arc<NodeIdentities>,
+    auth: Auth,
     trust_domain: String,
     max_ttl: Duration,
+}
+
+impl Service {
+    async fn node_of(&self, token: &str) -> Result<String, Status> {
+        match &self.auth {
+            Auth::Files { tokens, .. } => tokens
+                .node_of(token)
+                .map(str::to_string)
+                .ok_or_else(|| Status::unauthenticated("unknown bearer token")),
+            Auth::Kubernetes(k) => k.node_of(token).await.map_err(|e| match e {
+                Refusal::Api(_) => Status::unavailable(e.to_string()),
+                Refusal::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+                Refusal::NotAnAgent(_) => Status::permission_denied(e.to_string()),
+            }),
+        }
+    }
+
+    async fn allowed(&self, node: &str, id: &SpiffeId) -> Result<bool, Status> {
+        match &self.auth {
+            Auth::Files { authz, .. } => {
+                let authz = authz.clone();
+                let (n, id) = (node.to_owned(), id.clone());
+                tokio::task::spawn_blocking(move || authz.allowed(&n, &id))
+                    .await
+                    .map_err(|e| Status::internal(format!("authorization: {e}")))
+            }
+            Auth::Kubernetes(k) => k
+                .allowed(node, id)
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}"))),
+        }
+    }
 }
 
 fn bearer(req: &Request<IstioCertificateRequest>) -> Option<&str> {
@@ -71,9 +127,12 @@ impl IstioCertificateService for Service {
                 "no `authorization: Bearer <token>` header",
             ));
         };
-        let Some(node) = self.tokens.node_of(token).map(str::to_string) else {
-            tracing::warn!(?peer, "refused: unknown token");
-            return Err(Status::unauthenticated("unknown bearer token"));
+        let node = match self.node_of(token).await {
+            Ok(n) => n,
+            Err(status) => {
+                tracing::warn!(?peer, reason = %status.message(), "refused: caller not authenticated");
+                return Err(status);
+            }
         };
         let r = req.into_inner();
         let csr = check_csr(&r.csr, &self.trust_domain).map_err(|e| {
@@ -97,11 +156,7 @@ impl IstioCertificateService for Service {
                 csr.id
             )));
         }
-        let authz = self.authz.clone();
-        let (n, id) = (node.clone(), csr.id.clone());
-        let allowed = tokio::task::spawn_blocking(move || authz.allowed(&n, &id))
-            .await
-            .map_err(|e| Status::internal(format!("authorization: {e}")))?;
+        let allowed = self.allowed(&node, &csr.id).await?;
         if !allowed {
             tracing::warn!(%node, identity = %csr.id, "refused: no pod of this service account is scheduled on the node");
             return Err(Status::permission_denied(format!(
@@ -140,7 +195,18 @@ impl CaServer {
             Some(dir) => Authority::plugin(dir)?,
             None => Authority::self_signed(&cfg.dir, &cfg.trust_domain)?,
         };
-        let tokens = Tokens::load(&cfg.tokens)?;
+        let auth = match &cfg.callers {
+            Callers::Files { tokens, manifests } => Auth::Files {
+                tokens: Tokens::load(tokens)?,
+                authz: Arc::new(NodeIdentities::new(
+                    manifests.clone(),
+                    cfg.trust_domain.clone(),
+                )),
+            },
+            Callers::Kubernetes { kubeconfig, agent } => Auth::Kubernetes(
+                KubeAuth::new(kubeconfig.clone(), agent.clone(), cfg.trust_domain.clone()).await?,
+            ),
+        };
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("creating {}", cfg.dir.display()))?;
         let listener = TcpListener::bind(cfg.listen)
@@ -162,17 +228,13 @@ impl CaServer {
             keys = %authority.source,
             trust_domain = %cfg.trust_domain,
             max_ttl_s = cfg.max_ttl.as_secs(),
-            tokens = ?tokens,
+            callers = ?cfg.callers,
             root = %root_path.display(),
             "CA serving"
         );
         let service = Service {
             authority: Arc::new(authority),
-            tokens,
-            authz: Arc::new(NodeIdentities::new(
-                cfg.manifests.clone(),
-                cfg.trust_domain.clone(),
-            )),
+            auth,
             trust_domain: cfg.trust_domain.clone(),
             max_ttl: cfg.max_ttl,
         };

@@ -46,8 +46,10 @@ async fn start(tmp: tempfile::TempDir, cacerts: Option<&Path>, max_ttl: Duration
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: d.join("ca"),
         cacerts: cacerts.map(Path::to_path_buf),
-        tokens: d.join("tokens"),
-        manifests: d.join("manifests"),
+        callers: comb_ca::Callers::Files {
+            tokens: d.join("tokens"),
+            manifests: d.join("manifests"),
+        },
         trust_domain: "cluster.local".into(),
         max_ttl,
     })

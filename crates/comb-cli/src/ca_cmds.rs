@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use comb_ca::{CaConfig, CaServer, parse_duration};
+use comb_ca::{CaConfig, CaServer, Callers, parse_duration};
 
 #[derive(clap::Args)]
 pub struct CaArgs {
@@ -21,18 +21,47 @@ pub struct CaArgs {
     /// cert-chain.pem) instead of the self-signed root.
     #[arg(long)]
     pub cacerts: Option<PathBuf>,
-    /// Bearer tokens: one `TOKEN NODE` pair per line.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    /// Bearer tokens: one `TOKEN NODE` pair per line (standalone mode).
+    #[arg(long, requires = "manifests", conflicts_with_all = ["kubeconfig", "in_cluster"])]
+    pub tokens: Option<PathBuf>,
     /// The manifests directory the agents read: a node may obtain only identities of
-    /// service accounts with pods scheduled on it.
+    /// service accounts with pods scheduled on it (standalone mode).
+    #[arg(long, requires = "tokens")]
+    pub manifests: Option<PathBuf>,
+    /// Kubernetes mode: callers present their ServiceAccount token (checked with a
+    /// TokenReview); pods are read from this API server.
+    #[arg(long, conflicts_with = "in_cluster")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode with the pod's own ServiceAccount (a Deployment).
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub in_cluster: bool,
+    /// Kubernetes mode: the agents' ServiceAccount, NAMESPACE/NAME; tokens of any other are
+    /// refused.
+    #[arg(long, default_value = "comb-system/comb-agent")]
+    pub agent_service_account: String,
     #[arg(long, default_value = comb_model::mesh::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Longest validity issued (requests asking for more get this), e.g. 24h, 90m, 30s.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
+}
+
+impl CaArgs {
+    fn callers(&self) -> Result<Callers> {
+        Ok(match (&self.tokens, &self.manifests) {
+            (Some(tokens), Some(manifests)) => Callers::Files {
+                tokens: tokens.clone(),
+                manifests: manifests.clone(),
+            },
+            _ if self.kubeconfig.is_some() || self.in_cluster => Callers::Kubernetes {
+                kubeconfig: self.kubeconfig.clone(),
+                agent: comb_ca::kube_auth::parse_agent(&self.agent_service_account)?,
+            },
+            _ => anyhow::bail!(
+                "say who may call: --tokens and --manifests (standalone), or --kubeconfig / --in-cluster"
+            ),
+        })
+    }
 }
 
 pub fn run(a: CaArgs) -> Result<ExitCode> {
@@ -49,13 +78,13 @@ pub fn run(a: CaArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    let callers = a.callers()?;
     rt.block_on(async move {
         let server = CaServer::start(CaConfig {
             listen: a.listen,
             dir: a.dir,
             cacerts: a.cacerts,
-            tokens: a.tokens,
-            manifests: a.manifests,
+            callers,
             trust_domain: a.trust_domain,
             max_ttl: a.max_ttl,
         })
