@@ -4,8 +4,9 @@
 //! chained after them. combd runs with `--kubeconfig` against a real API server; the Pod
 //! object carries no `comb.dev/*` annotations, so its interface and cgroup can only come
 //! from the spool comb-cni wrote. Checked: the pod is programmed and a NetworkPolicy made
-//! with kubectl judges a real curl; a sandbox added while the agent is down is picked up when
-//! it starts; CNI DEL, and a netns removed without DEL, make the agent forget the sandbox.
+//! with kubectl judges a real curl; a pod created while the agent is killed (SIGKILL) is
+//! picked up when it starts again; CNI DEL, and a netns removed without DEL, make the agent
+//! forget the sandbox.
 
 mod common;
 
@@ -394,7 +395,11 @@ fn pods_are_found_through_the_cni_chain() {
     .unwrap();
     wait_for(CONVERGE, "role=friend reaches web", || curl(&lab, &web.ip));
 
-    // CNI ADD while the agent is down: nothing is lost.
+    // The agent killed (SIGKILL: no clean shutdown) while a pod is created in the API and
+    // its sandbox through CNI ADD: nothing is lost.
+    let mut agent = agent;
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
     drop(agent);
     api_pod(&kube, "late", "app: web", "");
     let mut late = Sandbox::create(&lab, &conf, "late", &uid_of(&kube, "late"), true);

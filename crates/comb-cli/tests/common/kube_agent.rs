@@ -58,8 +58,9 @@ impl Agent {
             .spawn()
             .unwrap();
         let agent = Agent { child, socket, log };
+        // Answering, not just present: a killed predecessor leaves its socket file behind.
         wait_for(Duration::from_secs(20), "combd's admin socket", || {
-            agent.socket.exists()
+            call(&agent.socket, Query::Status).is_ok()
         });
         agent
     }
