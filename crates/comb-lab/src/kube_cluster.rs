@@ -17,6 +17,16 @@ use nix::unistd::Pid;
 use crate::kube_bins::KubeBinaries;
 use crate::kube_certs::{KubeCredentials, generate};
 
+/// The first `shared/crds` found beside the repository or above it (a checkout may sit
+/// deeper than the shared data).
+fn default_crds_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|d| d.join("shared/crds"))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| here.join("../../../shared/crds"))
+}
+
 /// Where the CRDs to install are (default: `shared/crds` beside the repository).
 pub const ENV_CRDS_DIR: &str = "COMB_CRDS_DIR";
 
@@ -334,7 +344,7 @@ impl KubeCluster {
     pub fn install_crds(&self, kinds: &[&str]) -> Result<()> {
         let dir = std::env::var_os(ENV_CRDS_DIR)
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/crds"));
+            .unwrap_or_else(default_crds_dir);
         let crds = crds_for(&dir, kinds)?;
         // kubectl 1.20's client-side schema check does not know every field of today's CRDs;
         // the server accepts them (it prunes what it does not know).
