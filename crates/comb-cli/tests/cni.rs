@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
-use common::kube_agent::{Agent, CONVERGE};
+use common::kube_agent::{Agent, CONVERGE, lab_pod_cgroup};
 use common::*;
 
 const CNI_BIN: &str = "/usr/lib/cni";
@@ -324,12 +324,7 @@ fn pods_are_found_through_the_cni_chain() {
     )
     .expect("lab up");
     let client = lab.pod("t/client").unwrap().clone();
-    let client_cg = client
-        .cgroup
-        .strip_prefix(&lab.state().cgroup2)
-        .unwrap()
-        .display()
-        .to_string();
+    let client_cg = lab_pod_cgroup(&lab, &client);
     let kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1").unwrap()),
         controller_manager: false,

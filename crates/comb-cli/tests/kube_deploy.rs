@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
-use common::kube_agent::Agent;
+use common::kube_agent::{Agent, lab_pod_cgroup};
 use common::*;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
@@ -157,12 +157,7 @@ fn install_manifests_and_least_privilege() {
 
     // combd with the ServiceAccount's token syncs every kind.
     let lab_pod = lab.pod("t/a").unwrap().clone();
-    let cgroup = lab_pod
-        .cgroup
-        .strip_prefix(&lab.state().cgroup2)
-        .unwrap()
-        .display()
-        .to_string();
+    let cgroup = lab_pod_cgroup(&lab, &lab_pod);
     kube.apply(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: t}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: t\n  labels: {{app: web}}\n  annotations: {{comb.dev/cgroup: {cgroup}, comb.dev/interface: {}}}\nspec:\n  nodeName: node1\n  containers: [{{name: c, image: none}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\nspec:\n  selector: {{app: web}}\n  ports: [{{port: 80}}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: t}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n",
         lab_pod.host_veth

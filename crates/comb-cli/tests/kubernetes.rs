@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use comb_lab::{KubeCluster, KubeOptions, Lab, LabOptions};
-use common::kube_agent::{Agent, CONVERGE};
+use common::kube_agent::{Agent, CONVERGE, lab_pod_cgroup};
 use common::*;
 
 fn kube_pod(name: &str, node: &str, labels: &str, annotations: &str) -> String {
@@ -39,12 +39,7 @@ fn agent_follows_the_api_server() {
     }
     let lab = lab_without_agent("ku");
     let lab_pod = lab.pod("t/a").unwrap().clone();
-    let cgroup = lab_pod
-        .cgroup
-        .strip_prefix(&lab.state().cgroup2)
-        .unwrap()
-        .display()
-        .to_string();
+    let cgroup = lab_pod_cgroup(&lab, &lab_pod);
     let mut kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1").unwrap()),
         controller_manager: true,

@@ -10,6 +10,16 @@ use comb_lab::Lab;
 
 use super::{call, wait_for};
 
+/// A lab pod's cgroup as its `comb.dev/cgroup` annotation names it (relative to the cgroup2
+/// mount): how the tests' API Pods point the agent at a lab pod.
+pub fn lab_pod_cgroup(lab: &Lab, pod: &comb_lab::LabPod) -> String {
+    pod.cgroup
+        .strip_prefix(&lab.state().cgroup2)
+        .unwrap()
+        .display()
+        .to_string()
+}
+
 /// Convergence after a change: the watch delivers in milliseconds; the slack is for the
 /// controller manager's EndpointSlice sync, a relist after a restart, and a slow CI machine.
 pub const CONVERGE: Duration = Duration::from_secs(60);

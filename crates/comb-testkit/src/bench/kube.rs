@@ -898,11 +898,6 @@ mod tests {
             assert_eq!(ip.octets()[..3], [10, 200, k]);
         }
     }
-}
-
-#[cfg(test)]
-mod pipeline_tests {
-    use super::*;
 
     /// The agent's pipeline on the bench's objects, with the two real pods on node1: every
     /// Service a frontend with its backends, policy on both real pods.
@@ -911,18 +906,7 @@ mod pipeline_tests {
         use comb_model::State;
         use comb_model::identity::IdentityAllocator;
         use comb_model::pipeline::{self, PipelineConfig};
-        let a = Args {
-            common: Common {
-                json: false,
-                pairs: 1,
-                secs: 1,
-            },
-            samples: 1,
-            pods: 5000,
-            services: 1000,
-            policies: 500,
-        };
-        let mut docs = objects(&a, "v1").unwrap();
+        let mut docs = objects(&args(), "v1").unwrap();
         docs.push(
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
                          "spec": {"podCIDR": "198.18.1.0/24"}}),
