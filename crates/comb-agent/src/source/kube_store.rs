@@ -22,9 +22,6 @@ use serde_json::Value;
 use super::cni_spool::Sandbox;
 use super::kube_kinds::WatchedKind;
 
-/// (kind, namespace, name); namespace is empty for cluster-scoped kinds.
-pub type ObjectKey = (&'static str, String, String);
-
 /// kubectl's copy of the whole object as last applied: server-side bookkeeping, often the
 /// largest part of an object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -270,11 +267,7 @@ impl Store {
     fn pod_uid(&self, namespace: &str, name: &str) -> Option<&str> {
         let (_, k) = self.kinds.get("Pod")?;
         let e = k.objects.get(&(namespace.to_owned(), name.to_owned()))?;
-        let doc = e.parsed.as_ref().ok().or(e.kept.as_ref())?;
-        match &doc.object {
-            comb_config::Object::Pod(p) => p.metadata.uid.as_deref(),
-            _ => None,
-        }
+        Some(e.uid.as_str()).filter(|u| !u.is_empty())
     }
 
     /// A Pod's interface and cgroup from its sandbox, unless its annotations set them. The

@@ -277,3 +277,23 @@ fn probe_flip(to: &SockaddrIn, trigger: Trigger, want: bool) -> Result<Flipped> 
         }
     }
 }
+
+/// The server the prober connects to: `comb probe serve --mode echo` on `port` in `pod` (the
+/// prober counts a refused SYN as allowed too; a listener makes "allowed" unambiguous).
+pub fn start_server(lab: &comb_lab::Lab, pod: &str, port: u16) -> Result<super::tools::Server> {
+    let comb = std::env::current_exe()?;
+    super::tools::start_server(
+        lab,
+        pod,
+        comb.to_str().context("comb path")?,
+        &[
+            "probe",
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--mode",
+            "echo",
+        ],
+        port,
+    )
+}

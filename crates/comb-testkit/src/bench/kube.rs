@@ -729,22 +729,7 @@ pub fn run(a: &Args) -> Result<Report> {
         t.elapsed().as_secs_f64()
     ));
 
-    // The server answers on FLIP_PORT; the prober counts a refused SYN as allowed anyway.
-    let comb = std::env::current_exe()?;
-    let _flip = super::tools::start_server(
-        &lab,
-        &format!("{NS}/server"),
-        comb.to_str().context("comb path")?,
-        &[
-            "probe",
-            "serve",
-            "--port",
-            &FLIP_PORT.to_string(),
-            "--mode",
-            "echo",
-        ],
-        FLIP_PORT,
-    )?;
+    let _flip = super::flip_probe::start_server(&lab, &format!("{NS}/server"), FLIP_PORT)?;
     let prober = Prober::start(&client_netns, SocketAddrV4::new(server.ip, FLIP_PORT))?;
 
     let manifests_s = manifests.display().to_string();

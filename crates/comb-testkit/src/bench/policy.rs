@@ -564,20 +564,7 @@ pub fn run(a: &Args) -> Result<Report> {
         ],
         CONN_PORT,
     )?;
-    let _flip = tools::start_server(
-        &lab,
-        &server,
-        &comb_s,
-        &[
-            "probe",
-            "serve",
-            "--port",
-            &FLIP_PORT.to_string(),
-            "--mode",
-            "echo",
-        ],
-        FLIP_PORT,
-    )?;
+    let _flip = super::flip_probe::start_server(&lab, &server, FLIP_PORT)?;
     // The prober leaves each allowed connection in TIME_WAIT on the client: more ports.
     let out = lab
         .command(
