@@ -25,6 +25,24 @@ pub enum LabCmd {
         /// Extra argument for every combd (repeatable), e.g. --agent-arg=--splice=off.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Run the lab as a Kubernetes cluster: etcd, kube-apiserver and
+        /// kube-controller-manager on loopback, a kubelet stand-in per node making pods
+        /// through the CNI chain, agents watching the API (docs/kubernetes.md).
+        #[arg(long)]
+        kubernetes: bool,
+    },
+    /// The kubeconfig of a Kubernetes lab (`comb lab up --kubernetes`), for kubectl.
+    Kubeconfig {
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// A lab node's kubelet stand-in (started by `comb lab up --kubernetes`).
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
     },
     /// Run a command inside a pod (its network namespace and cgroup).
     Exec {
@@ -100,6 +118,7 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
             name,
             no_agent,
             agent_args,
+            kubernetes,
         } => {
             let texts = files
                 .iter()
@@ -120,13 +139,25 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
                 })
             };
             comb_lab::install_signal_cleanup();
-            let lab = Lab::up(LabOptions { name, agent }, &texts)?;
+            let opts = LabOptions { name, agent };
+            let lab = if kubernetes {
+                Lab::up_kubernetes(opts, &texts)?
+            } else {
+                Lab::up(opts, &texts)?
+            };
             print_pods(&lab);
-            println!(
-                "lab {} is up; manifests in {}",
-                lab.name(),
-                lab.manifests_dir().display()
-            );
+            match lab.kubeconfig() {
+                Ok(kc) => println!(
+                    "lab {} is up as a Kubernetes cluster; kubectl --kubeconfig {}",
+                    lab.name(),
+                    kc.display()
+                ),
+                Err(_) => println!(
+                    "lab {} is up; manifests in {}",
+                    lab.name(),
+                    lab.manifests_dir().display()
+                ),
+            }
             if let Some(ca) = &lab.state().ca {
                 println!(
                     "CA on {} (namespace {}; root {}, log {})",
@@ -137,6 +168,23 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
                 );
             }
             lab.detach();
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Kubeconfig { name } => {
+            let lab = pick(name)?;
+            println!("{}", lab.kubeconfig()?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Kubelet { name, node } => {
+            // Its log is the lab's logs/kubelet-NODE.log (stderr).
+            let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
+            comb_lab::kubelet::run(&name, &node)?;
             Ok(ExitCode::SUCCESS)
         }
         LabCmd::Upgrade { node, combd, name } => {

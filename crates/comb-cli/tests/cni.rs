@@ -328,6 +328,7 @@ fn pods_are_found_through_the_cni_chain() {
     let kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1").unwrap()),
         controller_manager: false,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap();

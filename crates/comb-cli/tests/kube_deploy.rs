@@ -91,6 +91,7 @@ fn install_manifests_and_least_privilege() {
     let mut kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1").unwrap()),
         controller_manager: false,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     kube.install_crds(&["AuthorizationPolicy", "PeerAuthentication"])
@@ -129,6 +130,7 @@ fn install_manifests_and_least_privilege() {
     for (verb, resource) in [
         ("list", "pods"),
         ("watch", "namespaces"),
+        ("watch", "nodes"),
         ("watch", "services"),
         ("watch", "endpointslices.discovery.k8s.io"),
         ("watch", "networkpolicies.networking.k8s.io"),
@@ -147,7 +149,7 @@ fn install_manifests_and_least_privilege() {
         ("get", "secrets"),
         ("list", "configmaps"),
         ("update", "networkpolicies.networking.k8s.io"),
-        ("list", "nodes"),
+        ("update", "nodes"),
     ] {
         assert!(
             !can_i(&kube, verb, resource),

@@ -43,6 +43,7 @@ fn agent_follows_the_api_server() {
     let mut kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1").unwrap()),
         controller_manager: true,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     // PeerAuthentication now; AuthorizationPolicy only after the agent runs.

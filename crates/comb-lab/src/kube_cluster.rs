@@ -38,15 +38,37 @@ const KUBECTL_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct KubeOptions {
     /// Run everything inside this network namespace (a lab node's), on its loopback.
     pub netns: Option<String>,
-    /// Also run kube-controller-manager (EndpointSlice, namespace and garbage-collector
-    /// controllers).
+    /// Also run kube-controller-manager (EndpointSlice, Endpoints, namespace and
+    /// garbage-collector controllers).
     pub controller_manager: bool,
+    /// Keep data, credentials and logs here (created if missing) instead of a temporary
+    /// directory that goes with the cluster: a lab's cluster outlives the process that
+    /// started it, and `comb lab down` removes the lab's state directory.
+    pub dir: Option<PathBuf>,
+    /// Start the processes in this cgroup (absolute; a lab cgroup), so the lab's teardown
+    /// finds them.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Where a cluster keeps its files.
+enum Dir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Temp(t) => t.path(),
+            Dir::Kept(p) => p,
+        }
+    }
 }
 
 pub struct KubeCluster {
     bins: KubeBinaries,
     opts: KubeOptions,
-    dir: tempfile::TempDir,
+    dir: Dir,
     creds: KubeCredentials,
     etcd_port: u16,
     etcd_peer_port: u16,
@@ -54,6 +76,8 @@ pub struct KubeCluster {
     etcd: Option<Child>,
     apiserver: Option<Child>,
     controller_manager: Option<Child>,
+    /// Drop leaves everything running (`detach`).
+    detached: bool,
 }
 
 /// A port nothing on this machine's loopback uses now (a fresh network namespace has all
@@ -68,7 +92,13 @@ impl KubeCluster {
     /// the API server is ready.
     pub fn start(opts: KubeOptions) -> Result<Self> {
         let bins = KubeBinaries::locate()?;
-        let dir = tempfile::Builder::new().prefix("comb-kube-").tempdir()?;
+        let dir = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                Dir::Kept(d.clone())
+            }
+            None => Dir::Temp(tempfile::Builder::new().prefix("comb-kube-").tempdir()?),
+        };
         let api_port = free_port()?;
         let creds = generate(dir.path(), api_port)?;
         let mut c = KubeCluster {
@@ -82,6 +112,7 @@ impl KubeCluster {
             etcd: None,
             apiserver: None,
             controller_manager: None,
+            detached: false,
         };
         c.start_etcd()?;
         c.start_apiserver()?;
@@ -115,13 +146,22 @@ impl KubeCluster {
         }
     }
 
+    /// Leave the processes running and the directory in place when this handle goes away
+    /// (a lab's cluster: its teardown stops them by cgroup and removes the directory).
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
     fn spawn(&self, program: &Path, args: &[String], log: &str) -> Result<Child> {
         let out = File::options()
             .create(true)
             .append(true)
             .open(self.dir.path().join(log))?;
-        self.command(program)
-            .args(args)
+        let mut cmd = self.command(program);
+        if let Some(cg) = &self.opts.cgroup {
+            crate::process::join_cgroup(&mut cmd, cg)?;
+        }
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -191,7 +231,7 @@ impl KubeCluster {
     fn start_controller_manager(&mut self) -> Result<()> {
         let args = vec![
             format!("--kubeconfig={}", self.creds.kubeconfig.display()),
-            "--controllers=endpointslice,namespace,garbagecollector".into(),
+            "--controllers=endpointslice,endpoint,namespace,garbagecollector".into(),
             "--leader-elect=false".into(),
             // Serves nothing: no port is opened.
             "--port=0".into(),
@@ -250,37 +290,13 @@ impl KubeCluster {
     }
 
     fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        // A kubectl that waits on something that never happens (e.g. a graceful pod
-        // deletion no kubelet confirms) must fail the test, not hang it.
-        let mut cmd = self.command(Path::new("timeout"));
-        cmd.arg(KUBECTL_TIMEOUT.as_secs().to_string())
-            .arg(&self.bins.kubectl)
-            .arg(format!("--kubeconfig={}", self.creds.kubeconfig.display()))
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting kubectl")?;
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(text.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_kubectl(
+            self.command(Path::new("timeout")),
+            &self.bins.kubectl,
+            &self.creds.kubeconfig,
+            args,
+            stdin,
+        )
     }
 
     /// Write a Pod's status as a kubelet does (phase Running, Ready, the given IPs).
@@ -396,6 +412,48 @@ impl KubeCluster {
     }
 }
 
+/// Run kubectl through `timeout` (the command given, e.g. inside a netns) with `kubeconfig`;
+/// its stdout, or an error with its stderr.
+pub fn run_kubectl(
+    mut timeout: Command,
+    kubectl: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String> {
+    // A kubectl that waits on something that never happens (e.g. a graceful pod deletion
+    // no kubelet confirms) must fail, not hang.
+    timeout
+        .arg(KUBECTL_TIMEOUT.as_secs().to_string())
+        .arg(kubectl)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = timeout.spawn().context("starting kubectl")?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// SIGTERM, then SIGKILL after the grace period.
 fn stop(mut child: Child) {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
@@ -412,6 +470,9 @@ fn stop(mut child: Child) {
 
 impl Drop for KubeCluster {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         for c in [
             self.controller_manager.take(),
             self.apiserver.take(),

@@ -14,6 +14,8 @@ mod cgroup;
 pub mod kube_bins;
 mod kube_certs;
 pub mod kube_cluster;
+mod kube_objects;
+pub mod kubelet;
 mod locate;
 pub mod naming;
 mod netns;
@@ -35,7 +37,7 @@ pub use kube_bins::KubeBinaries;
 pub use kube_cluster::{KubeCluster, KubeOptions};
 pub use locate::combd_path;
 pub use spec::{PodSpec, parse as parse_manifests};
-pub use state::{AgentOptions, LabCa, LabNode, LabPod, LabState};
+pub use state::{AgentOptions, LabCa, LabKube, LabNode, LabPod, LabState};
 pub use teardown::install_signal_cleanup;
 
 #[derive(Debug, Clone, Default)]
@@ -59,17 +61,39 @@ pub struct Lab {
 const AGENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
 const CA_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kubelet stand-in may take to register its node, and a pod to get its sandbox.
+const KUBE_NODE_TIMEOUT: Duration = Duration::from_secs(30);
+const KUBE_POD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The CRDs a Kubernetes-mode lab installs from the shared directory: the Istio kinds the
+/// agent reads.
+const LAB_CRDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication"];
 
 impl Lab {
     /// Build a lab from manifest texts (`(path for error messages, text)`).
     pub fn up(opts: LabOptions, manifest_texts: &[(PathBuf, String)]) -> Result<Lab> {
+        Self::up_mode(opts, manifest_texts, false)
+    }
+
+    /// Build a lab as a Kubernetes cluster (docs/kubernetes.md, "The lab as a cluster"): a
+    /// control plane on the machine's loopback, a kubelet stand-in per node that makes the
+    /// pods' sandboxes through the real CNI chain, and agents watching the API server. The
+    /// manifests' objects are created through the API (Pods bound to their `spec.nodeName`).
+    pub fn up_kubernetes(opts: LabOptions, manifest_texts: &[(PathBuf, String)]) -> Result<Lab> {
+        Self::up_mode(opts, manifest_texts, true)
+    }
+
+    fn up_mode(
+        opts: LabOptions,
+        manifest_texts: &[(PathBuf, String)],
+        kubernetes: bool,
+    ) -> Result<Lab> {
         naming::validate_lab_name(&opts.name)?;
         let inputs = spec::parse(manifest_texts)?;
         if inputs.pods.is_empty() {
             bail!("no Pod in the lab manifests");
         }
         let cgroup2 = comb_host::cgroup2_mount()?;
-        let state = plan(&opts, &inputs, cgroup2)?;
+        let state = plan(&opts, &inputs, cgroup2, kubernetes)?;
         teardown::refuse_existing(&opts.name)?;
         // Registered before the first object exists so a signal mid-build cleans up too.
         teardown::register(&opts.name);
@@ -79,7 +103,11 @@ impl Lab {
             children: Mutex::new(Vec::new()),
         };
         // On error, `lab` drops here and tears down whatever was built.
-        lab.build(&inputs)?;
+        if kubernetes {
+            lab.build_kubernetes(&inputs)?;
+        } else {
+            lab.build(&inputs)?;
+        }
         tracing::info!(lab = %lab.state.name, nodes = lab.state.nodes.len(), pods = lab.state.pods.len(), "lab up");
         Ok(lab)
     }
@@ -92,11 +120,74 @@ impl Lab {
             bail!("no lab named {name:?} (no {})", path.display());
         }
         let state = LabState::load(&path)?;
-        Ok(Lab {
+        let mut lab = Lab {
             state,
             detached: true,
             children: Mutex::new(Vec::new()),
+        };
+        lab.refresh_pods();
+        Ok(lab)
+    }
+
+    /// Kubernetes mode: the pods as the kubelet stand-ins have them now (Pods come and go
+    /// through the API); the lab's own pods otherwise.
+    pub fn refresh_pods(&mut self) {
+        if self.state.kube.is_some() {
+            self.state.pods = self.kube_pods();
+        }
+    }
+
+    fn kube_pods(&self) -> Vec<LabPod> {
+        self.state
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                kubelet::sandbox::load_records(&kubelet::records_dir(&self.state.name, &n.name))
+            })
+            .map(|r| r.pod)
+            .collect()
+    }
+
+    /// The kubeconfig of a Kubernetes-mode lab (`comb lab kubeconfig`).
+    pub fn kubeconfig(&self) -> Result<&Path> {
+        Ok(&self.kube()?.kubeconfig)
+    }
+
+    fn kube(&self) -> Result<&LabKube> {
+        self.state.kube.as_ref().with_context(|| {
+            format!(
+                "lab {} is not a Kubernetes lab (`comb lab up --kubernetes`)",
+                self.state.name
+            )
         })
+    }
+
+    /// kubectl against a Kubernetes-mode lab; its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// `kubectl apply -f -` of `yaml` against a Kubernetes-mode lab. Without kubectl's
+    /// client-side schema check: kubectl 1.20 does not know every field of today's CRDs, and
+    /// the server validates all the same.
+    pub fn kube_apply(&self, yaml: &str) -> Result<String> {
+        self.kubectl_stdin(&["apply", "--validate=false", "-f", "-"], Some(yaml))
+    }
+
+    /// kubectl against a Kubernetes-mode lab with `stdin`.
+    pub fn kubectl_with_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        self.kubectl_stdin(args, Some(stdin))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let bins = KubeBinaries::locate()?;
+        kube_cluster::run_kubectl(
+            Command::new("timeout"),
+            &bins.kubectl,
+            &self.kube()?.kubeconfig,
+            args,
+            stdin,
+        )
     }
 
     /// Keep everything running after this handle goes away (`comb lab up`).
@@ -289,7 +380,18 @@ impl Lab {
         let log = self.agent_log(node);
         let mut cmd = Command::new(combd.unwrap_or(&agent.combd));
         cmd.arg("--node").arg(node);
-        cmd.arg("--manifests").arg(self.manifests_dir());
+        match &self.state.kube {
+            Some(kube) => {
+                cmd.arg("--kubeconfig").arg(&kube.kubeconfig);
+                cmd.arg("--cni-spool")
+                    .arg(kubelet::spool_dir(&self.state.name, node));
+                cmd.arg("--kubelet-cgroup-root")
+                    .arg(naming::node_cgroup(&self.state.name, node).join(naming::KUBEPODS_CGROUP));
+            }
+            None => {
+                cmd.arg("--manifests").arg(self.manifests_dir());
+            }
+        }
         cmd.arg("--admin-socket").arg(&socket);
         // The socket LB serves the node's cgroup subtree (its pods and node processes),
         // never the host's root cgroup.
@@ -469,7 +571,7 @@ impl Lab {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
         st.save(&dir.join("state.json"))?;
-        build_network(st)?;
+        build_network(st, &st.pods)?;
         for n in &st.nodes {
             cgroup::create(&st.cgroup2, &n.cgroup)?;
         }
@@ -509,6 +611,150 @@ impl Lab {
         self.state.save(&dir.join("state.json"))
     }
 
+    /// Kubernetes mode: nodes, control plane, kubelet stand-ins, agents, then the objects
+    /// through the API, the Pods one at a time (so each node hands out addresses in manifest
+    /// order, as the directory-mode lab does).
+    fn build_kubernetes(&mut self, inputs: &spec::Inputs) -> Result<()> {
+        let dir = self.state_dir();
+        for d in [dir.clone(), self.logs_dir()] {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let planned = std::mem::take(&mut self.state.pods);
+        self.state.save(&dir.join("state.json"))?;
+        build_network(&self.state, &[])?;
+        let st = &self.state;
+        for n in &st.nodes {
+            cgroup::create(&st.cgroup2, &n.cgroup)?;
+        }
+        let kube_cg = st
+            .cgroup2
+            .join(naming::lab_cgroup(&st.name))
+            .join(naming::KUBE_CGROUP);
+        cgroup::create(&st.cgroup2, &kube_cg)?;
+        let comb = locate::combd_path()?.with_file_name("comb");
+        if !comb.is_file() {
+            bail!(
+                "a Kubernetes lab needs the comb binary at {} (beside combd); build it with `cargo build --workspace --bins`",
+                comb.display()
+            );
+        }
+        let cluster = KubeCluster::start(KubeOptions {
+            netns: None,
+            controller_manager: true,
+            dir: Some(dir.join("kube")),
+            cgroup: Some(kube_cg),
+        })?;
+        self.state.kube = Some(LabKube {
+            dir: cluster.dir().to_path_buf(),
+            kubeconfig: cluster.kubeconfig().to_path_buf(),
+            api_port: cluster.api_port(),
+            comb,
+        });
+        self.state.save(&dir.join("state.json"))?;
+        cluster.install_crds(LAB_CRDS)?;
+        for n in &self.state.nodes {
+            self.start_kubelet(&n.name)?;
+        }
+        self.wait_nodes_registered()?;
+        if self.state.agent.is_some() {
+            for n in self.state.nodes.iter().filter(|n| n.agent) {
+                self.start_agent(&n.name)?;
+            }
+        }
+        let served = self.kubectl(&["api-versions"])?;
+        let objects = kube_objects::prepare(&inputs.others, &inputs.pods, &served)?;
+        if !objects.namespaces.is_empty() {
+            self.kube_apply(&objects.namespaces)?;
+        }
+        if !objects.others.is_empty() {
+            self.kube_apply(&objects.others)?;
+        }
+        let mut pods = Vec::new();
+        for (spec, yaml) in inputs.pods.iter().zip(&objects.pods) {
+            self.kube_apply(yaml)
+                .with_context(|| format!("creating pod {}", spec.key()))?;
+            let pod = self.wait_kube_pod(spec)?;
+            if let Some(want) = planned.iter().find(|p| p.key() == spec.key())
+                && want.ip != pod.ip
+            {
+                tracing::warn!(pod = %spec.key(), planned = %want.ip, got = %pod.ip, "the pod's address differs from the directory-mode lab's");
+            }
+            pods.push(pod);
+        }
+        self.state.pods = pods;
+        self.state.save(&dir.join("state.json"))?;
+        // From here on the lab's teardown stops the control plane.
+        cluster.detach();
+        Ok(())
+    }
+
+    pub fn kubelet_log(&self, node: &str) -> PathBuf {
+        self.logs_dir().join(format!("kubelet-{node}.log"))
+    }
+
+    /// Start node `node`'s kubelet stand-in (`comb lab kubelet`) in the node's
+    /// `_kubelet` cgroup, in the machine's namespace (it reaches the API server there).
+    fn start_kubelet(&self, node: &str) -> Result<()> {
+        let kube = self.kube()?;
+        let cg = self.node(node)?.cgroup.join(naming::KUBELET_CGROUP);
+        cgroup::create(&self.state.cgroup2, &cg)?;
+        let mut cmd = Command::new(&kube.comb);
+        cmd.args(["lab", "kubelet", "--name", &self.state.name, "--node", node]);
+        let pid = process::spawn_in_cgroup(cmd, &cg, &self.kubelet_log(node))?;
+        self.children.lock().unwrap().push(pid);
+        Ok(())
+    }
+
+    fn wait_nodes_registered(&self) -> Result<()> {
+        let deadline = Instant::now() + KUBE_NODE_TIMEOUT;
+        loop {
+            let out =
+                self.kubectl(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"])?;
+            let have: Vec<&str> = out.split_whitespace().collect();
+            let missing: Vec<&str> = self
+                .state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .filter(|n| !have.contains(n))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let n = missing[0];
+                bail!(
+                    "node {n} was not registered within {KUBE_NODE_TIMEOUT:?}; its kubelet's log:\n{}",
+                    process::log_tail(&self.kubelet_log(n), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until the pod's sandbox exists; its lab view.
+    fn wait_kube_pod(&self, spec: &PodSpec) -> Result<LabPod> {
+        let dir = kubelet::records_dir(&self.state.name, &spec.node);
+        let deadline = Instant::now() + KUBE_POD_TIMEOUT;
+        loop {
+            if let Some(r) = kubelet::sandbox::load_records(&dir)
+                .into_iter()
+                .find(|r| r.pod.key() == spec.key())
+            {
+                return Ok(r.pod);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pod {} got no sandbox within {KUBE_POD_TIMEOUT:?}; the kubelet's log on {}:\n{}",
+                    spec.key(),
+                    spec.node,
+                    process::log_tail(&self.kubelet_log(&spec.node), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn start_pod_process(&self, pod: &LabPod, spec: &PodSpec) -> Result<Option<u32>> {
         let Some((program, args)) = spec.command.split_first() else {
             return Ok(None);
@@ -541,7 +787,12 @@ impl Drop for Lab {
 }
 
 /// Decide names, addresses and cgroups for every node and pod; no side effects.
-fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<LabState> {
+fn plan(
+    opts: &LabOptions,
+    inputs: &spec::Inputs,
+    cgroup2: PathBuf,
+    kubernetes: bool,
+) -> Result<LabState> {
     let pods = &inputs.pods;
     let lab = &opts.name;
     let mut nodes: Vec<LabNode> = Vec::new();
@@ -631,8 +882,10 @@ fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<La
     }
     // The CA runs whenever agents do: in the router namespace when there is one (every node
     // reaches 198.18.254.254), else beside the single node's agent on its loopback.
+    // A Kubernetes-mode lab has no CA: a cluster's CA authenticates agents by their pods'
+    // ServiceAccount tokens (docs/kubernetes.md), which a lab's agents do not run as.
     let ca = match &opts.agent {
-        Some(a) if nodes.iter().any(|n| n.agent) => Some(LabCa {
+        Some(a) if !kubernetes && nodes.iter().any(|n| n.agent) => Some(LabCa {
             comb: a.combd.with_file_name("comb"),
             netns: router_netns
                 .clone()
@@ -655,12 +908,13 @@ fn plan(opts: &LabOptions, inputs: &spec::Inputs, cgroup2: PathBuf) -> Result<La
         router_netns,
         agent: opts.agent.clone(),
         ca,
+        kube: None,
     })
 }
 
 /// Namespaces, veths, addresses and routes. Pure routing, no bridges: each pod's host veth
 /// carries the gateway address and a /32 route to the pod.
-fn build_network(st: &LabState) -> Result<()> {
+fn build_network(st: &LabState, pods: &[LabPod]) -> Result<()> {
     // IPv6 off everywhere: the lab is IPv4, and DAD/router solicitations only add noise.
     const NO_V6: [(&str, &str); 2] = [
         ("net/ipv6/conf/all/disable_ipv6", "1"),
@@ -704,7 +958,7 @@ fn build_network(st: &LabState) -> Result<()> {
             )?;
         }
     }
-    for p in &st.pods {
+    for p in pods {
         let node = st.nodes.iter().find(|n| n.name == p.node).expect("planned");
         let gw = naming::node_gateway(node.index);
         netns::add(&p.netns)?;

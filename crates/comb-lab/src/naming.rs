@@ -22,6 +22,13 @@ pub const AGENT_CGROUP: &str = "_combd";
 pub const NODE_CGROUP: &str = "_node";
 /// The CA's cgroup under the lab cgroup (node names cannot start with `_`).
 pub const CA_CGROUP: &str = "_ca";
+/// Cgroup leaf (under the node cgroup) of the node's kubelet stand-in (Kubernetes mode).
+pub const KUBELET_CGROUP: &str = "_kubelet";
+/// Under the node cgroup: the kubelet's pod cgroups, in its cgroupfs layout
+/// (`kubepods/besteffort/pod<uid>/<container>`).
+pub const KUBEPODS_CGROUP: &str = "kubepods";
+/// The control plane's cgroup under the lab cgroup (Kubernetes mode).
+pub const KUBE_CGROUP: &str = "_kube";
 /// The CA's port (Istio's istiod port for the CA API).
 pub const CA_PORT: u16 = 15012;
 /// Network names are files under /run/netns; stay well below NAME_MAX and readable.
@@ -133,6 +140,15 @@ pub fn node_cgroup(lab: &str, node: &str) -> PathBuf {
 
 pub fn pod_cgroup(lab: &str, node: &str, namespace: &str, pod: &str) -> PathBuf {
     node_cgroup(lab, node).join(format!("{namespace}_{pod}"))
+}
+
+/// A Kubernetes-mode pod's cgroup relative to the cgroup2 mount, as a kubelet with the
+/// cgroupfs driver makes it for a BestEffort pod.
+pub fn kube_pod_cgroup(lab: &str, node: &str, uid: &str) -> PathBuf {
+    node_cgroup(lab, node)
+        .join(KUBEPODS_CGROUP)
+        .join("besteffort")
+        .join(format!("pod{uid}"))
 }
 
 pub fn state_dir(lab: &str) -> PathBuf {

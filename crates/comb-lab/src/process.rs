@@ -42,6 +42,23 @@ pub fn place(cmd: &mut Command, netns: &str, cgroup: &Path, detach: bool) -> Res
     Ok(())
 }
 
+/// Make `cmd` run inside cgroup `cgroup` (absolute), in the caller's network namespace.
+pub fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    // SAFETY: the closure only makes raw syscalls (write, setsid) on fds it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            (&procs).write_all(b"0")?;
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Start a long-running process with stdout/stderr appended to `log`; returns its pid.
 pub fn spawn_detached(mut cmd: Command, netns: &str, cgroup: &Path, log: &Path) -> Result<u32> {
     let out = File::options()
@@ -55,6 +72,22 @@ pub fn spawn_detached(mut cmd: Command, netns: &str, cgroup: &Path, log: &Path) 
     place(&mut cmd, netns, cgroup, true)?;
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     // Dropping Child neither kills nor waits; the lab reaps by pid (see `reap`).
+    Ok(child.id())
+}
+
+/// Start a long-running process in `cgroup` (and the caller's network namespace), output
+/// appended to `log`; returns its pid.
+pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &Path, log: &Path) -> Result<u32> {
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    join_cgroup(&mut cmd, cgroup)?;
+    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     Ok(child.id())
 }
 

@@ -93,7 +93,7 @@ fn parse_text(path: &Path, text: &str, inputs: &mut Inputs) -> Result<()> {
     Ok(())
 }
 
-fn pod_spec(pod: Pod) -> Result<PodSpec> {
+pub(crate) fn pod_spec(pod: Pod) -> Result<PodSpec> {
     let meta = &pod.metadata;
     let name = meta.name.clone().context("Pod without metadata.name")?;
     validate_object_name("pod name", &name)?;

@@ -80,6 +80,20 @@ pub struct LabCa {
     pub cgroup: PathBuf,
 }
 
+/// The lab's Kubernetes control plane (`comb lab up --kubernetes`): etcd, kube-apiserver and
+/// kube-controller-manager on the machine's loopback, and a kubelet stand-in per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabKube {
+    /// Data, credentials and logs (inside the lab's state directory).
+    pub dir: PathBuf,
+    /// Admin credentials; works on the machine and, through each node's relay, in every
+    /// node's namespace (`comb lab kubeconfig`).
+    pub kubeconfig: PathBuf,
+    pub api_port: u16,
+    /// The `comb` binary (runs the kubelet stand-ins; comb-cni is beside it).
+    pub comb: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabState {
     pub name: String,
@@ -90,6 +104,8 @@ pub struct LabState {
     pub agent: Option<AgentOptions>,
     #[serde(default)]
     pub ca: Option<LabCa>,
+    #[serde(default)]
+    pub kube: Option<LabKube>,
 }
 
 impl LabState {
@@ -161,41 +177,42 @@ pub fn pods_yaml(state: &LabState, specs: &[PodSpec]) -> Result<String> {
 }
 
 pub fn nodes_yaml(state: &LabState) -> Result<String> {
-    let nodes: Vec<Node> = state
-        .nodes
-        .iter()
-        .map(|n| Node {
-            metadata: ObjectMeta {
-                name: Some(n.name.clone()),
-                annotations: (!n.annotations.is_empty()).then(|| n.annotations.clone()),
-                labels: Some(BTreeMap::from([(
-                    "kubernetes.io/hostname".to_string(),
-                    n.name.clone(),
-                )])),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                pod_cidr: Some(n.pod_cidr.clone()),
-                pod_cidrs: Some(vec![n.pod_cidr.clone()]),
-                ..Default::default()
-            }),
-            // The node's addresses: the pods' gateway (the node's address on every pod veth,
-            // the source of node-to-pod traffic) and the uplink when there is a router.
-            status: Some(NodeStatus {
-                addresses: Some(
-                    std::iter::once(crate::naming::node_gateway(n.index))
-                        .chain(n.uplink_ip)
-                        .map(|ip| NodeAddress {
-                            type_: "InternalIP".into(),
-                            address: ip.to_string(),
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-        })
-        .collect();
+    let nodes: Vec<Node> = state.nodes.iter().map(node_object).collect();
     multi_doc(&nodes)
+}
+
+/// A lab node as a Node object: its annotations, pod CIDR and addresses.
+pub fn node_object(n: &LabNode) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(n.name.clone()),
+            annotations: (!n.annotations.is_empty()).then(|| n.annotations.clone()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/hostname".to_string(),
+                n.name.clone(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(n.pod_cidr.clone()),
+            pod_cidrs: Some(vec![n.pod_cidr.clone()]),
+            ..Default::default()
+        }),
+        // The node's addresses: the pods' gateway (the node's address on every pod veth,
+        // the source of node-to-pod traffic) and the uplink when there is a router.
+        status: Some(NodeStatus {
+            addresses: Some(
+                std::iter::once(crate::naming::node_gateway(n.index))
+                    .chain(n.uplink_ip)
+                    .map(|ip| NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: ip.to_string(),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+    }
 }
 
 /// Non-Pod input documents, passed through so one file can describe pods and services.

@@ -31,6 +31,16 @@ pub const KINDS: &[WatchedKind] = &[
         namespaced: false,
         optional: false,
     },
+    // The nodes' addresses: traffic from a node (its kubelet's probes, host processes) is
+    // judged as the node's, not as the world's.
+    WatchedKind {
+        kind: "Node",
+        group: "",
+        versions: &["v1"],
+        plural: "nodes",
+        namespaced: false,
+        optional: false,
+    },
     WatchedKind {
         kind: "Pod",
         group: "",

@@ -49,6 +49,21 @@ pub fn lab_up(prefix: &str, pods: &str, agent_args: &[&str]) -> Lab {
 
 /// A lab named after `prefix` whose agents get `agent_args`, with manifest `files` (name, text).
 fn lab_up_files(prefix: &str, files: &[(&str, &str)], agent_args: &[&str]) -> Lab {
+    lab_up_mode(prefix, files, agent_args, false)
+}
+
+/// `lab_up_with` as a Kubernetes cluster (`comb lab up --kubernetes`): the same objects go
+/// through a real API server, pods are made by the kubelet stand-ins through the CNI chain.
+pub fn lab_up_kube_with(prefix: &str, pods: &str, resources: &str, agent_args: &[&str]) -> Lab {
+    lab_up_mode(
+        prefix,
+        &[("pods.yaml", pods), ("services.yaml", resources)],
+        agent_args,
+        true,
+    )
+}
+
+fn lab_up_mode(prefix: &str, files: &[(&str, &str)], agent_args: &[&str], kube: bool) -> Lab {
     let agent = AgentOptions {
         // combd is another package's binary: found in target/<profile>/ at run time.
         combd: comb_lab::combd_path().unwrap_or_else(|e| panic!("{e:#}")),
@@ -58,14 +73,16 @@ fn lab_up_files(prefix: &str, files: &[(&str, &str)], agent_args: &[&str]) -> La
         .iter()
         .map(|(name, text)| (PathBuf::from(name), text.to_string()))
         .collect();
-    Lab::up(
-        LabOptions {
-            name: unique(prefix),
-            agent: Some(agent),
-        },
-        &files,
-    )
-    .expect("lab up")
+    let opts = LabOptions {
+        name: unique(prefix),
+        agent: Some(agent),
+    };
+    let lab = if kube {
+        Lab::up_kubernetes(opts, &files)
+    } else {
+        Lab::up(opts, &files)
+    };
+    lab.unwrap_or_else(|e| panic!("lab up: {e:#}"))
 }
 
 pub fn call(socket: &Path, req: impl Into<Request>) -> Result<serde_json::Value, String> {

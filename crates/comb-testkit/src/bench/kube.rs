@@ -705,6 +705,7 @@ pub fn run(a: &Args) -> Result<Report> {
     let kube = KubeCluster::start(KubeOptions {
         netns: Some(lab.node_netns("node1")?),
         controller_manager: false,
+        ..Default::default()
     })?;
     // The agent watches these kinds when they are served (none are created).
     kube.install_crds(&["AuthorizationPolicy", "PeerAuthentication"])?;
