@@ -68,12 +68,40 @@ impl Backoff for WatchBackoff {
     }
 }
 
+/// How often a kind read at a version other than the one it prefers asks the server again.
+const RECHECK_VERSION: Duration = Duration::from_secs(60);
+
+/// Whether a kind read at `current` should move to `discovered` (the server now serves a
+/// version it prefers, e.g. after an upgrade to EndpointSlice v1).
+pub fn should_move(kind: &WatchedKind, current: &str, discovered: &str) -> bool {
+    let rank = |api_version: &str| {
+        let v = api_version.rsplit('/').next().unwrap_or(api_version);
+        kind.versions.iter().position(|x| *x == v)
+    };
+    matches!((rank(current), rank(discovered)), (Some(c), Some(d)) if d < c)
+}
+
 /// Watch `kind` until `tx` closes.
 pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<KindEvent>) {
+    // Each pass watches one version; a pass ends when the server serves a preferred one
+    // (the next pass relists at that version and replaces what the previous one read).
+    while let Some(resource) = discover_until_served(&client, &kind, &tx).await {
+        if !watch_version(&client, &kind, &resource, &tx).await {
+            return;
+        }
+    }
+}
+
+/// The kind's resource once the server serves it; `None` once `tx` is closed.
+async fn discover_until_served(
+    client: &Client,
+    kind: &WatchedKind,
+    tx: &mpsc::Sender<KindEvent>,
+) -> Option<kube::core::ApiResource> {
     let mut backoff = WatchBackoff::new();
-    let resource = loop {
-        match discover(&client, &kind).await {
-            Ok(r) => break r,
+    loop {
+        match discover(client, kind).await {
+            Ok(r) => return Some(r),
             Err(why) => {
                 let problem = match why {
                     Unserved::NotServed => format!(
@@ -87,7 +115,7 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
                     .await
                     .is_err()
                 {
-                    return;
+                    return None;
                 }
                 let wait = if kind.optional {
                     // A CRD appears when someone installs it: look again at the cap's pace.
@@ -98,40 +126,61 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
                 tokio::time::sleep(wait).await;
             }
         }
-    };
+    }
+}
+
+/// Watch one version of the kind. `false`: `tx` closed (stop); `true`: the server now
+/// serves a version the kind prefers (watch again).
+async fn watch_version(
+    client: &Client,
+    kind: &WatchedKind,
+    resource: &kube::core::ApiResource,
+    tx: &mpsc::Sender<KindEvent>,
+) -> bool {
     tracing::info!(kind = kind.kind, api_version = %resource.api_version, "watching");
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
     let mut events = watcher::watcher(api, watcher::Config::default())
         .backoff(WatchBackoff::new())
         .boxed();
+    let preferred = kind
+        .versions
+        .first()
+        .is_some_and(|v| resource.api_version.ends_with(v));
+    let mut recheck = tokio::time::interval(RECHECK_VERSION);
+    recheck.tick().await; // the first tick is immediate
     // A watch that resumes after a failure emits nothing until something changes; a kind
     // with no failure for this long after its last one is watched again.
     let mut failing = false;
     loop {
-        let event = if failing {
-            match tokio::time::timeout(RECOVERED_AFTER, events.next()).await {
-                Ok(e) => e,
-                Err(_) => {
-                    failing = false;
-                    if tx.send(KindEvent::Problem(kind.kind, None)).await.is_err() {
-                        return;
-                    }
-                    continue;
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = tokio::time::sleep(RECOVERED_AFTER), if failing => {
+                failing = false;
+                if tx.send(KindEvent::Problem(kind.kind, None)).await.is_err() {
+                    return false;
                 }
+                continue;
             }
-        } else {
-            events.next().await
+            _ = recheck.tick(), if !preferred => {
+                if let Ok(r) = discover(client, kind).await
+                    && should_move(kind, &resource.api_version, &r.api_version)
+                {
+                    tracing::info!(kind = kind.kind, from = %resource.api_version, to = %r.api_version, "the API server now serves a preferred version; relisting at it");
+                    return true;
+                }
+                continue;
+            }
         };
         let Some(event) = event else {
-            return;
+            return false;
         };
         let msg = match event {
             Ok(Event::Init) => KindEvent::RelistStart(kind.kind),
             Ok(Event::InitDone) => KindEvent::RelistDone(kind.kind),
             Ok(Event::InitApply(o) | Event::Apply(o)) => {
-                KindEvent::Apply(kind.kind, json(&resource, o))
+                KindEvent::Apply(kind.kind, json(resource, o))
             }
-            Ok(Event::Delete(o)) => KindEvent::Delete(kind.kind, json(&resource, o)),
+            Ok(Event::Delete(o)) => KindEvent::Delete(kind.kind, json(resource, o)),
             Err(e) => {
                 failing = true;
                 // 410 Gone (resourceVersion compacted away) is routine: the watcher relists.
@@ -140,7 +189,7 @@ pub async fn watch_kind(client: Client, kind: WatchedKind, tx: mpsc::Sender<Kind
             }
         };
         if tx.send(msg).await.is_err() {
-            return;
+            return false;
         }
     }
 }
@@ -171,8 +220,25 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_moves_only_to_a_version_it_prefers() {
+        let slice = super::super::kube_kinds::KINDS
+            .iter()
+            .find(|k| k.kind == "EndpointSlice")
+            .unwrap();
+        let (v1, beta) = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1");
+        assert!(should_move(slice, beta, v1));
+        assert!(!should_move(slice, v1, beta));
+        assert!(!should_move(slice, beta, beta));
+        assert!(!should_move(slice, beta, "discovery.k8s.io/v2"));
+    }
+
+    #[test]
     fn json_carries_api_version_and_kind() {
-        let r = super::super::kube_kinds::KINDS[3].api_resource("v1beta1");
+        let slice = super::super::kube_kinds::KINDS
+            .iter()
+            .find(|k| k.kind == "EndpointSlice")
+            .unwrap();
+        let r = slice.api_resource("v1beta1");
         let o = DynamicObject::new("s", &r).within("apps");
         let mut o = o;
         o.types = None;
