@@ -3,9 +3,10 @@
 //! with the addresses their sandboxes got from the real CNI chain (ptp + host-local, then
 //! comb-cni), the agents program them and a Service (its EndpointSlice made by the real
 //! controller manager) carries a curl across nodes; a Pod created with kubectl gets a
-//! sandbox and a Pod deleted with kubectl is torn down through CNI DEL (its address
-//! released, its spool record gone) before its deletion completes; a deleted Namespace
-//! takes its pods' sandboxes with it; `comb lab down` leaves nothing behind.
+//! sandbox, and its connections with a pod of its node are spliced; a Pod deleted with
+//! kubectl is torn down through CNI DEL (its address released, its spool record gone) before
+//! its deletion completes; a deleted Namespace takes its pods' sandboxes with it;
+//! `comb lab down` leaves nothing behind.
 
 mod common;
 
@@ -229,6 +230,20 @@ fn lab_up_kubernetes_runs_pods_through_the_cni_chain() {
     wait_for(Duration::from_secs(10), "web2 answers", || {
         curl_status(&name, "shop/client", &format!("http://{web2_ip}:8080/")) == "200"
     });
+
+    // Same node: the two sockets are spliced by the kernel, as in the directory-mode lab.
+    let spliced = || {
+        let v = call(&sock("n2"), comb_api::Query::SpliceStats).unwrap();
+        serde_json::from_value::<comb_api::SpliceStats>(v)
+            .unwrap()
+            .redirected_bytes
+    };
+    let before = spliced();
+    assert_eq!(
+        curl_status(&name, "shop/client", &format!("http://{web2_ip}:8080/")),
+        "200"
+    );
+    assert!(spliced() > before, "client -> web2 on n2 is spliced");
 
     // A graceful deletion completes once the kubelet tore the sandbox down (CNI DEL).
     let web = lab.pod("shop/web").unwrap().clone();
