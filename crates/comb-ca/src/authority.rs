@@ -347,6 +347,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Write a new file; `private`: mode 0600 (a key).
+pub(crate) fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    if private {
+        return write_private(path, bytes);
+    }
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
 fn read_text(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }

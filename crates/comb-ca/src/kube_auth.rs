@@ -6,7 +6,7 @@
 //! is scheduled on it — asked at each request, so a pod the agent has just seen is not
 //! refused because the CA looked earlier.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use comb_identity::SpiffeId;
@@ -44,28 +44,28 @@ pub fn service_account_of(username: &str) -> Option<(&str, &str)> {
     (!ns.is_empty() && !name.is_empty()).then_some((ns, name))
 }
 
+/// A client of the API server `kubeconfig` names, or of the pod's own (in-cluster).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,
+    };
+    kube::Client::try_from(config).context("Kubernetes client")
+}
+
 impl KubeAuth {
-    pub async fn new(
-        kubeconfig: Option<PathBuf>,
-        agent: (String, String),
-        trust_domain: String,
-    ) -> Result<Self> {
-        let config = match &kubeconfig {
-            Some(path) => {
-                let kc = Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                    .await
-                    .with_context(|| format!("kubeconfig {}", path.display()))?
-            }
-            None => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,
-        };
-        let client = kube::Client::try_from(config).context("Kubernetes client")?;
-        Ok(Self {
+    pub fn new(client: kube::Client, agent: (String, String), trust_domain: String) -> Self {
+        Self {
             client,
             agent,
             trust_domain,
-        })
+        }
     }
 
     /// The node of the agent that presented `token`.

@@ -43,6 +43,17 @@ pub struct CaConfig {
     pub callers: Callers,
     pub trust_domain: String,
     pub max_ttl: Duration,
+    /// Kubernetes mode: keys kept in a Secret, the root published in a ConfigMap.
+    pub kube_keys: Option<KubeKeys>,
+}
+
+/// Where a CA on a cluster keeps its keys and publishes its root (crate::kube_keys).
+#[derive(Clone, Debug, Default)]
+pub struct KubeKeys {
+    /// `(namespace, name)` of the Secret with the signing keys.
+    pub root_secret: Option<(String, String)>,
+    /// `(namespace, name)` of the ConfigMap agents read the root from.
+    pub publish_root: Option<(String, String)>,
 }
 
 /// How callers are authenticated and which identities their node may hold.
@@ -186,26 +197,45 @@ pub struct CaServer {
     pub root_pem: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
+    publisher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl CaServer {
     /// Load or create the keys, bind, and serve in the background.
     pub async fn start(cfg: CaConfig) -> Result<Self> {
-        let authority = match &cfg.cacerts {
-            Some(dir) => Authority::plugin(dir)?,
-            None => Authority::self_signed(&cfg.dir, &cfg.trust_domain)?,
+        let client = match &cfg.callers {
+            Callers::Kubernetes { kubeconfig, .. } => {
+                Some(crate::kube_auth::client(kubeconfig.as_deref()).await?)
+            }
+            Callers::Files { .. } => None,
         };
-        let auth = match &cfg.callers {
-            Callers::Files { tokens, manifests } => Auth::Files {
+        let keys = cfg.kube_keys.clone().unwrap_or_default();
+        if client.is_none() && (keys.root_secret.is_some() || keys.publish_root.is_some()) {
+            anyhow::bail!("a root Secret or a root ConfigMap needs the CA's Kubernetes mode");
+        }
+        let authority = match (&cfg.cacerts, &keys.root_secret, &client) {
+            (Some(dir), _, _) => Authority::plugin(dir)?,
+            (None, Some(secret), Some(c)) => {
+                crate::kube_keys::authority(c, secret, &cfg.dir, &cfg.trust_domain).await?
+            }
+            _ => Authority::self_signed(&cfg.dir, &cfg.trust_domain)?,
+        };
+        let auth = match (&cfg.callers, &client) {
+            (Callers::Kubernetes { agent, .. }, Some(c)) => Auth::Kubernetes(KubeAuth::new(
+                c.clone(),
+                agent.clone(),
+                cfg.trust_domain.clone(),
+            )),
+            (Callers::Files { tokens, manifests }, _) => Auth::Files {
                 tokens: Tokens::load(tokens)?,
                 authz: Arc::new(NodeIdentities::new(
                     manifests.clone(),
                     cfg.trust_domain.clone(),
                 )),
             },
-            Callers::Kubernetes { kubeconfig, agent } => Auth::Kubernetes(
-                KubeAuth::new(kubeconfig.clone(), agent.clone(), cfg.trust_domain.clone()).await?,
-            ),
+            (Callers::Kubernetes { .. }, None) => {
+                unreachable!("a client is made in Kubernetes mode")
+            }
         };
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("creating {}", cfg.dir.display()))?;
@@ -222,6 +252,21 @@ impl CaServer {
             ips.push(std::net::Ipv4Addr::LOCALHOST.into());
         }
         let (chain, key) = authority.serving_cert(&ips)?;
+        let publisher = match (&keys.publish_root, client) {
+            (Some(target), Some(c)) => {
+                // Published before serving, so an agent that sees the root can reach us; a
+                // failure is retried in the background.
+                if let Err(e) = crate::kube_keys::publish_root(&c, target, &root_pem).await {
+                    tracing::error!(error = %format!("{e:#}"), "publishing the root; retrying");
+                }
+                Some(tokio::spawn(crate::kube_keys::keep_published(
+                    c,
+                    target.clone(),
+                    root_pem.clone(),
+                )))
+            }
+            _ => None,
+        };
         let tls = tls_config(chain, key)?;
         tracing::info!(
             listen = %local_addr,
@@ -247,6 +292,7 @@ impl CaServer {
             root_pem,
             stop: Some(stop),
             task,
+            publisher,
         })
     }
 
@@ -254,6 +300,9 @@ impl CaServer {
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        if let Some(p) = self.publisher.take() {
+            p.abort();
         }
         self.task.await.context("the CA task")?
     }

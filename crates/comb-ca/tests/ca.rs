@@ -52,6 +52,7 @@ async fn start(tmp: tempfile::TempDir, cacerts: Option<&Path>, max_ttl: Duration
         },
         trust_domain: "cluster.local".into(),
         max_ttl,
+        kube_keys: None,
     })
     .await
     .unwrap();

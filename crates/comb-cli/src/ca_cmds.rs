@@ -44,6 +44,15 @@ pub struct CaArgs {
     /// Longest validity issued (requests asking for more get this), e.g. 24h, 90m, 30s.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_ttl: Duration,
+    /// Kubernetes mode: keep the signing keys in this Secret, NAMESPACE/NAME (read at start;
+    /// a generated self-signed root is stored there when it does not exist; Istio's cacerts
+    /// layout in it makes a plug-in CA).
+    #[arg(long, conflicts_with = "cacerts", value_parser = comb_ca::kube_keys::parse_ref)]
+    pub root_secret: Option<(String, String)>,
+    /// Kubernetes mode: publish the root agents trust in this ConfigMap, NAMESPACE/NAME,
+    /// key root-cert.pem.
+    #[arg(long, value_parser = comb_ca::kube_keys::parse_ref)]
+    pub publish_root: Option<(String, String)>,
 }
 
 impl CaArgs {
@@ -87,6 +96,10 @@ pub fn run(a: CaArgs) -> Result<ExitCode> {
             callers,
             trust_domain: a.trust_domain,
             max_ttl: a.max_ttl,
+            kube_keys: Some(comb_ca::KubeKeys {
+                root_secret: a.root_secret,
+                publish_root: a.publish_root,
+            }),
         })
         .await?;
         eprintln!("comb ca: serving on {}", server.local_addr);
