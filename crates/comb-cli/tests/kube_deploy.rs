@@ -2,7 +2,8 @@
 //! the server (`kubectl apply -k --dry-run=server`), the agent's ClusterRole grants exactly
 //! what it needs, and combd running with the ServiceAccount's own token (not the admin's)
 //! syncs everything; with one permission taken away that kind reports an error while the
-//! others keep working, and it recovers when the permission is back.
+//! others keep working, and it recovers when the permission is back. The CA's RBAC grants
+//! what `comb ca --in-cluster --root-secret --publish-root` needs and no more.
 
 mod common;
 
@@ -14,8 +15,24 @@ use common::*;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
 const AGENT_SA: &str = "system:serviceaccount:comb-system:comb-agent";
+const CA_SA: &str = "system:serviceaccount:comb-system:comb-ca";
 
 fn can_i(kube: &KubeCluster, verb: &str, resource: &str) -> bool {
+    can_i_as(kube, AGENT_SA, verb, resource, None)
+}
+
+/// `kubectl auth can-i VERB RESOURCE --as WHO` (in `namespace`, else all namespaces).
+fn can_i_as(
+    kube: &KubeCluster,
+    who: &str,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> bool {
+    let scope = match namespace {
+        Some(ns) => format!("--namespace={ns}"),
+        None => "--all-namespaces".to_owned(),
+    };
     // `kubectl auth can-i` exits 1 for "no": read its answer, not its status.
     let out = kube
         .command(&comb_lab::KubeBinaries::locate().unwrap().kubectl)
@@ -25,8 +42,8 @@ fn can_i(kube: &KubeCluster, verb: &str, resource: &str) -> bool {
             "can-i",
             verb,
             resource,
-            "--all-namespaces",
-            &format!("--as={AGENT_SA}"),
+            &scope,
+            &format!("--as={who}"),
         ])
         .output()
         .unwrap();
@@ -116,6 +133,15 @@ fn install_manifests_and_least_privilege() {
             ])
             .unwrap_or_else(|e| panic!("deploy/{base}: {e:#}"));
         assert!(out.contains("daemonset.apps/"), "deploy/{base}: {out}");
+        if base == "kubernetes" {
+            for want in [
+                "deployment.apps/comb-ca",
+                "service/comb-ca",
+                "role.rbac.authorization.k8s.io/comb-ca",
+            ] {
+                assert!(out.contains(want), "deploy/{base}: {want} in {out}");
+            }
+        }
     }
 
     // The RBAC for real: exactly what the agent uses.
@@ -125,8 +151,43 @@ fn install_manifests_and_least_privilege() {
         &format!("{DEPLOY}/kubernetes/namespace.yaml"),
         "-f",
         &format!("{DEPLOY}/kubernetes/rbac.yaml"),
+        "-f",
+        &format!("{DEPLOY}/kubernetes/ca.yaml"),
     ])
     .unwrap();
+    // The CA: TokenReviews and pods cluster-wide; in comb-system its own Secret and the
+    // root's ConfigMap by name (plus create, which RBAC cannot limit to a name).
+    for (verb, resource, ns) in [
+        ("create", "tokenreviews.authentication.k8s.io", None),
+        ("list", "pods", None),
+        ("get", "secrets/comb-ca-root", Some("comb-system")),
+        ("create", "secrets", Some("comb-system")),
+        (
+            "update",
+            "configmaps/comb-ca-root-cert",
+            Some("comb-system"),
+        ),
+        ("create", "configmaps", Some("comb-system")),
+    ] {
+        assert!(
+            can_i_as(&kube, CA_SA, verb, resource, ns),
+            "{CA_SA} cannot {verb} {resource} in {ns:?}"
+        );
+    }
+    for (verb, resource, ns) in [
+        ("get", "secrets/other", Some("comb-system")),
+        ("list", "secrets", Some("comb-system")),
+        ("get", "secrets/comb-ca-root", Some("default")),
+        ("update", "configmaps/other", Some("comb-system")),
+        ("create", "pods", None),
+        ("delete", "pods", None),
+        ("watch", "networkpolicies.networking.k8s.io", None),
+    ] {
+        assert!(
+            !can_i_as(&kube, CA_SA, verb, resource, ns),
+            "{CA_SA} may {verb} {resource} in {ns:?}"
+        );
+    }
     for (verb, resource) in [
         ("list", "pods"),
         ("watch", "namespaces"),
