@@ -2,7 +2,7 @@
 //! place clap types live) into plain values the rest of the agent reads.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub kubelet_cgroup_root: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub splice: bool,
+    /// The agent's own cgroup (relative to the cgroup root), where the splice's sockops also
+    /// attach so local pods' connections to the proxy are spliced; None: not spliced.
+    pub proxy_cgroup: Option<PathBuf>,
     /// Where (cgroup relative to the cgroup root) and how the socket LB attaches, or why it
     /// stays off; fixed for the agent's life.
     pub socket_lb: Result<(PathBuf, SocketLbMode), String>,
@@ -134,6 +137,12 @@ impl AgentConfig {
             kubelet_cgroup_root: a.kubelet_cgroup_root.clone(),
             state_dir: a.state_dir(),
             splice: a.splice == OnOff::On,
+            proxy_cgroup: (a.splice == OnOff::On
+                && a.proxy == OnOff::On
+                && a.proxy_splice == OnOff::Off
+                && a.proxy_local_splice == OnOff::On)
+                .then(own_cgroup)
+                .flatten(),
             socket_lb: a.socket_lb_plan().map(|(cg, mode)| {
                 let mode = match mode {
                     SocketLb::HostOnly => SocketLbMode::HostOnly,
@@ -205,6 +214,7 @@ impl AgentConfig {
             },
             policy: self.policy,
             socket_lb: self.socket_lb.is_ok(),
+            proxy_cgroup: self.proxy_cgroup.clone(),
         }
     }
 
@@ -383,5 +393,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.proxy.unwrap().hbone, Some((1, 2)));
+    }
+}
+
+/// This process's cgroup v2 path (`0::/path` in /proc/self/cgroup), relative, unless it is
+/// the root: programs are never attached to the machine's root cgroup. In a container with a
+/// private cgroup namespace the path reads as the root, so the proxy's sockets are then not
+/// spliced.
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own_cgroup_of(&text)?;
+    if path == Path::new("/") {
+        tracing::info!(
+            "the agent runs in the root cgroup (or its namespace's): local pods' connections to the proxy are not spliced"
+        );
+        return None;
+    }
+    Some(path)
+}
+
+fn own_cgroup_of(proc_cgroup: &str) -> Option<PathBuf> {
+    let line = proc_cgroup.lines().find(|l| l.starts_with("0::"))?;
+    Some(crate::cgroup_path::normalize_cgroup(Path::new(
+        line.trim_start_matches("0::"),
+    )))
+}
+
+#[cfg(test)]
+mod own_cgroup_tests {
+    use super::*;
+
+    #[test]
+    fn the_unified_line_gives_the_cgroup() {
+        let hybrid = "12:pids:/x\n1:name=systemd:/y\n0::/comb-lab-a/n1/_combd\n";
+        assert_eq!(
+            own_cgroup_of(hybrid),
+            Some(PathBuf::from("comb-lab-a/n1/_combd"))
+        );
+        assert_eq!(own_cgroup_of("0::/\n"), Some(PathBuf::from("/")));
+        assert_eq!(own_cgroup_of("1:cpu:/a\n"), None);
     }
 }

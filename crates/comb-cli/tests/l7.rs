@@ -191,63 +191,87 @@ fn apply_policies(lab: &Lab, text: &str) {
     });
 }
 
+/// The defaults: a pod's connection to the proxy is spliced socket to socket (the proxy's
+/// sockets join the splice), the proxy relays opaque bytes in userspace.
 #[test]
 fn protocols_through_the_redirect() {
     if !privileged() {
         return;
     }
+    let lab = lab("l7d", &[], "");
+    let before = splice_counters(&lab);
+    check_protocols(&lab);
+    let after = splice_counters(&lab);
+    assert!(
+        after.redirected_bytes > before.redirected_bytes,
+        "the client-to-proxy hops were spliced: {before:?} -> {after:?}"
+    );
+}
+
+/// With `--proxy-splice on`: opaque relays and upgraded connections are handed to the
+/// kernel's sk_skb splice after the decision (the pod-to-proxy splice is then off).
+#[test]
+fn protocols_through_the_redirect_with_proxy_splice() {
+    if !privileged() {
+        return;
+    }
     let lab = lab("l7p", &["--proxy-splice", "on"], "");
-    apply_policies(&lab, BASE_POLICY);
+    check_protocols(&lab);
+}
+
+fn splice_counters(lab: &Lab) -> comb_api::SpliceStats {
+    serde_json::from_value(call(&lab.agent_socket("n1"), comb_api::Query::SpliceStats).unwrap())
+        .unwrap()
+}
+
+fn check_protocols(lab: &Lab) {
+    apply_policies(lab, BASE_POLICY);
 
     // HTTP/1.1: a large body, keep-alive over three requests, chunked response.
     let (web, w) = curl(
-        &lab,
+        lab,
         "shop/client",
-        &[&url(&lab, "shop/web", "/bytes/300000")],
+        &[&url(lab, "shop/web", "/bytes/300000")],
     );
     let (plain, _) = curl(
-        &lab,
+        lab,
         "shop/client",
-        &[&url(&lab, "shop/plain", "/bytes/300000")],
+        &[&url(lab, "shop/plain", "/bytes/300000")],
     );
     assert!(w.starts_with("200 1.1"), "{w}");
     assert_eq!(web.len(), 300_000);
     assert_eq!(web, plain, "the same bytes with and without the proxy");
-    let before = proxied_requests(&lab, "web");
+    let before = proxied_requests(lab, "web");
     let (_, w) = curl(
-        &lab,
+        lab,
         "shop/client",
         &[
-            &url(&lab, "shop/web", "/bytes/10"),
-            &url(&lab, "shop/web", "/bytes/20"),
-            &url(&lab, "shop/web", "/bytes/30"),
+            &url(lab, "shop/web", "/bytes/10"),
+            &url(lab, "shop/web", "/bytes/20"),
+            &url(lab, "shop/web", "/bytes/30"),
         ],
     );
     assert!(
         w.ends_with(" 0"),
         "keep-alive: later requests reuse the connection ({w})"
     );
-    let (web, _) = curl(
-        &lab,
-        "shop/client",
-        &[&url(&lab, "shop/web", "/chunked/500")],
-    );
+    let (web, _) = curl(lab, "shop/client", &[&url(lab, "shop/web", "/chunked/500")]);
     let (plain, _) = curl(
-        &lab,
+        lab,
         "shop/client",
-        &[&url(&lab, "shop/plain", "/chunked/500")],
+        &[&url(lab, "shop/plain", "/chunked/500")],
     );
     assert_eq!(web.len(), 8000);
     assert_eq!(web, plain);
     wait_for(Duration::from_secs(5), "4 requests recorded", || {
-        proxied_requests(&lab, "web") >= before + 4
+        proxied_requests(lab, "web") >= before + 4
     });
 
     // Request bodies: chunked upload and Expect: 100-continue (2 MiB), echoed back.
     let body: Vec<u8> = (0..2 * 1024 * 1024u32)
         .map(|i| (i * 7 % 251) as u8)
         .collect();
-    let file = write_file(&lab, "body.bin", &body);
+    let file = write_file(lab, "body.bin", &body);
     let data = format!("@{file}");
     for extra in [
         ["-H", "Transfer-Encoding: chunked"],
@@ -255,9 +279,9 @@ fn protocols_through_the_redirect() {
     ] {
         let mut args = vec!["-X", "POST", "--data-binary", &data];
         args.extend_from_slice(&extra);
-        let u = url(&lab, "shop/web", "/echo");
+        let u = url(lab, "shop/web", "/echo");
         args.push(&u);
-        let (echo, w) = curl(&lab, "shop/client", &args);
+        let (echo, w) = curl(lab, "shop/client", &args);
         assert!(w.starts_with("200"), "{extra:?}: {w}");
         assert!(
             echo == body,
@@ -268,27 +292,27 @@ fn protocols_through_the_redirect() {
 
     // HTTP/2 with prior knowledge: the backend sees HTTP/2 too; bodies identical.
     let (web, w) = curl(
-        &lab,
+        lab,
         "shop/client",
         &[
             "--http2-prior-knowledge",
-            &url(&lab, "shop/web", "/chunked/100"),
+            &url(lab, "shop/web", "/chunked/100"),
         ],
     );
     let (plain, _) = curl(
-        &lab,
+        lab,
         "shop/client",
         &[
             "--http2-prior-knowledge",
-            &url(&lab, "shop/plain", "/chunked/100"),
+            &url(lab, "shop/plain", "/chunked/100"),
         ],
     );
     assert!(w.starts_with("200 2"), "{w}");
     assert_eq!(web, plain);
     let (seen, _) = curl(
-        &lab,
+        lab,
         "shop/client",
-        &["--http2-prior-knowledge", &url(&lab, "shop/web", "/who")],
+        &["--http2-prior-knowledge", &url(lab, "shop/web", "/who")],
     );
     let seen: serde_json::Value = serde_json::from_slice(&seen).unwrap();
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
@@ -302,7 +326,7 @@ fn protocols_through_the_redirect() {
         "198.18.1.1",
         "the proxy connects upstream from the node: {seen}"
     );
-    let (seen, _) = curl(&lab, "shop/client", &[&url(&lab, "shop/plain", "/who")]);
+    let (seen, _) = curl(lab, "shop/client", &[&url(lab, "shop/plain", "/who")]);
     let seen: serde_json::Value = serde_json::from_slice(&seen).unwrap();
     assert!(
         seen["headers"]["traceparent"].is_null(),
@@ -311,10 +335,10 @@ fn protocols_through_the_redirect() {
 
     // gRPC: unary with trailers, an error status, bidirectional streaming.
     let grpc = support("grpc_echo.py");
-    let web_g = format!("{}:{GRPC}", ip(&lab, "shop/web"));
-    let plain_g = format!("{}:{GRPC}", ip(&lab, "shop/plain"));
-    let a = json_out(&lab, "shop/client", PY, &[&grpc, "call", &web_g, "50"]);
-    let b = json_out(&lab, "shop/client", PY, &[&grpc, "call", &plain_g, "50"]);
+    let web_g = format!("{}:{GRPC}", ip(lab, "shop/web"));
+    let plain_g = format!("{}:{GRPC}", ip(lab, "shop/plain"));
+    let a = json_out(lab, "shop/client", PY, &[&grpc, "call", &web_g, "50"]);
+    let b = json_out(lab, "shop/client", PY, &[&grpc, "call", &plain_g, "50"]);
     assert_eq!(a, b, "gRPC outcomes through the proxy and direct");
     assert_eq!(
         a["unary"]["trailers"]["x-echo-trailer"], "unary-done",
@@ -326,16 +350,16 @@ fn protocols_through_the_redirect() {
 
     // WebSocket: upgraded, then spliced in the kernel.
     let ws = support("ws_echo.py");
-    let spliced_before = metric(&lab, "n1", "comb_proxy_spliced_bytes_total");
+    let spliced_before = metric(lab, "n1", "comb_proxy_spliced_bytes_total");
     for (pod, tag) in [("shop/web", "web"), ("shop/plain", "plain")] {
-        let u = format!("ws://{}:{WS}/chat", ip(&lab, pod));
-        let r = json_out(&lab, "shop/client", PY, &[&ws, "call", &u, "40", "20000"]);
+        let u = format!("ws://{}:{WS}/chat", ip(lab, pod));
+        let r = json_out(lab, "shop/client", PY, &[&ws, "call", &u, "40", "20000"]);
         assert_eq!(r["echoed"], 40, "{tag}: {r}");
         assert_eq!(r["binary"], true, "{tag}: {r}");
     }
     // Bytes that arrive while the two sockets are being paired are relayed in userspace
     // (docs/l7.md, "Decide once, then splice"); under load that can be a frame or two.
-    let spliced = metric(&lab, "n1", "comb_proxy_spliced_bytes_total") - spliced_before;
+    let spliced = metric(lab, "n1", "comb_proxy_spliced_bytes_total") - spliced_before;
     assert!(
         spliced >= 0.9 * 2.0 * 40.0 * 20000.0,
         "WebSocket frames moved by the kernel splice: {spliced}"
@@ -344,14 +368,14 @@ fn protocols_through_the_redirect() {
     // Opaque TCP (not HTTP): relayed, spliced, verified byte for byte. A connection that is
     // over before the proxy could hand it to the kernel (the 1-byte ones) stays in userspace;
     // the longer ones are spliced (how many depends on how fast the client sends).
-    let before = proxy_stats(&lab);
+    let before = proxy_stats(lab);
     let tcp_before = before["stats"]["tcp"]["connections"].as_u64().unwrap_or(0);
     let spliced_before = before["stats"]["tcp"]["spliced"].as_u64().unwrap_or(0);
-    let bytes_before = metric(&lab, "n1", "comb_proxy_spliced_bytes_total");
+    let bytes_before = metric(lab, "n1", "comb_proxy_spliced_bytes_total");
     for pod in ["shop/web", "shop/plain"] {
-        let to = format!("{}:{TCP}", ip(&lab, pod));
+        let to = format!("{}:{TCP}", ip(lab, pod));
         let (ok, out) = probe(
-            &lab,
+            lab,
             "shop/client",
             &[
                 "check",
@@ -369,11 +393,11 @@ fn protocols_through_the_redirect() {
         Duration::from_secs(5),
         "20 opaque connections recorded",
         || {
-            let s = proxy_stats(&lab);
+            let s = proxy_stats(lab);
             s["stats"]["tcp"]["connections"].as_u64().unwrap_or(0) >= tcp_before + 20
         },
     );
-    let s = proxy_stats(&lab);
+    let s = proxy_stats(lab);
     assert_eq!(
         s["stats"]["tcp"]["connections"].as_u64().unwrap(),
         tcp_before + 20,
@@ -383,13 +407,13 @@ fn protocols_through_the_redirect() {
         s["stats"]["tcp"]["spliced"].as_u64().unwrap_or(0) > spliced_before,
         "opaque connections were spliced (a 1 MiB one can end during the hand-over): {s}"
     );
-    let moved = metric(&lab, "n1", "comb_proxy_spliced_bytes_total") - bytes_before;
+    let moved = metric(lab, "n1", "comb_proxy_spliced_bytes_total") - bytes_before;
     // What arrived before the hand-over (much of a payload the client sends at once) was
     // relayed by the proxy itself; the rest by the kernel.
     assert!(moved > 0.0, "bytes moved by the kernel: {moved}");
 
     // Pod to Service: the VIP is translated at connect, the flow then redirected.
-    let (body, w) = curl(&lab, "shop/client", &[&format!("http://{VIP}/who")]);
+    let (body, w) = curl(lab, "shop/client", &[&format!("http://{VIP}/who")]);
     assert!(w.starts_with("200"), "{w}");
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["pod"], "web");
@@ -397,7 +421,7 @@ fn protocols_through_the_redirect() {
         seen["headers"]["traceparent"].is_string(),
         "via the proxy: {seen}"
     );
-    let text = metrics_text(&lab, "n1");
+    let text = metrics_text(lab, "n1");
     assert!(
         text.lines().any(|l| l.starts_with("istio_requests_total{")
             && l.contains("destination_service=\"web-svc.shop.svc.cluster.local\"")

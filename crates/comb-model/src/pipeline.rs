@@ -18,7 +18,7 @@ pub mod mesh;
 pub mod policy;
 pub mod services;
 
-pub use endpoints::{DesiredPods, attach_id};
+pub use endpoints::{DesiredPods, PROXY_ATTACH_ID, attach_id};
 pub use flow_index::FlowIndex;
 pub use mesh::{DesiredMesh, HbonePeer, MeshConfig, MeshEndpoint};
 pub use policy::{DesiredPolicy, PolicyEndpoint};
@@ -34,6 +34,9 @@ pub struct PipelineConfig {
     /// Socket LB on: Service frontends go into the socket-LB maps (off: the maps stay empty,
     /// nothing would read them).
     pub socket_lb: bool,
+    /// The node proxy's cgroup, relative to the cgroup root: its sockets join the splice
+    /// too, so a local pod's connection to the proxy is spliced. None: they do not.
+    pub proxy_cgroup: Option<std::path::PathBuf>,
 }
 
 /// Everything a State asks of this node.
@@ -100,7 +103,7 @@ pub fn compute(
     mesh::fill_proxy_table(&mesh, &mut proxy);
     Desired {
         generation: state.generation(),
-        pods: endpoints::desired(state, node),
+        pods: endpoints::desired(state, node, config.proxy_cgroup.as_deref()),
         frontends,
         services: if config.socket_lb {
             lb.services
@@ -212,6 +215,7 @@ mod tests {
         PipelineConfig {
             policy: true,
             socket_lb: true,
+            proxy_cgroup: None,
             ..Default::default()
         }
     }

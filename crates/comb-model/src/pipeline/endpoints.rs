@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Pod, State};
 
@@ -21,8 +21,15 @@ pub fn attach_id(pod: &Pod) -> String {
     format!("{}_{}", pod.key.namespace, pod.key.name)
 }
 
-pub fn desired(state: &State, node: &str) -> DesiredPods {
+/// The attachment id of the node proxy's cgroup (a namespace never starts with `_`).
+pub const PROXY_ATTACH_ID: &str = "_proxy";
+
+pub fn desired(state: &State, node: &str, proxy_cgroup: Option<&Path>) -> DesiredPods {
     let mut d = DesiredPods::default();
+    if let Some(cg) = proxy_cgroup {
+        d.cgroups
+            .insert(PROXY_ATTACH_ID.to_owned(), cg.to_path_buf());
+    }
     for pod in state.local_pods(node) {
         for ip in &pod.ips {
             d.endpoints.insert(*ip, pod.splice);
@@ -68,12 +75,28 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_cgroup_joins_the_splice_under_its_own_id() {
+        let s = state(vec![pod("a", "n1", "10.0.0.1", true)]);
+        let d = desired(&s, "n1", Some(Path::new("lab/n1/_combd")));
+        assert_eq!(
+            d.cgroups.get(PROXY_ATTACH_ID),
+            Some(&PathBuf::from("lab/n1/_combd"))
+        );
+        assert_eq!(d.cgroups.len(), 2);
+        assert!(
+            !desired(&s, "n1", None)
+                .cgroups
+                .contains_key(PROXY_ATTACH_ID)
+        );
+    }
+
+    #[test]
     fn only_local_pods_are_desired() {
         let s = state(vec![
             pod("a", "n1", "198.18.1.2", true),
             pod("b", "n2", "198.18.2.2", true),
         ]);
-        let d = desired(&s, "n1");
+        let d = desired(&s, "n1", None);
         assert_eq!(
             d.endpoints
                 .keys()
@@ -88,7 +111,7 @@ mod tests {
     #[test]
     fn opted_out_pod_is_an_endpoint_without_sockops() {
         let s = state(vec![pod("a", "n1", "198.18.1.2", false)]);
-        let d = desired(&s, "n1");
+        let d = desired(&s, "n1", None);
         assert_eq!(
             d.endpoints.get(&"198.18.1.2".parse().unwrap()),
             Some(&false)
@@ -100,7 +123,7 @@ mod tests {
     fn pod_without_address_is_ignored() {
         let mut p = pod("a", "n1", "198.18.1.2", true);
         p.ips.clear();
-        let d = desired(&state(vec![p]), "n1");
+        let d = desired(&state(vec![p]), "n1", None);
         assert_eq!(d, DesiredPods::default());
     }
 }

@@ -915,6 +915,7 @@ mod tests {
         let config = PipelineConfig {
             policy: true,
             socket_lb: true,
+            proxy_cgroup: None,
             ..Default::default()
         };
         let d = pipeline::compute(

@@ -496,6 +496,7 @@ fn agent_steps(dir: &Path) -> Result<AgentSteps> {
         let config = PipelineConfig {
             policy: true,
             socket_lb: true,
+            proxy_cgroup: None,
             ..Default::default()
         };
         let t = Instant::now();
