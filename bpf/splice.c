@@ -5,10 +5,15 @@
  *
  * Programs
  *   comb_sockops (sockops): attached to every local pod's cgroup, one pinned
- *     bpf_link per pod. On ACTIVE/PASSIVE_ESTABLISHED, when comb_config
- *     enables splice and the REMOTE address is a local endpoint with splice
- *     on (comb_endpoints), the socket goes into comb_sock_hash. The local
- *     side needs no check: this program only runs in local pods' cgroups.
+ *     bpf_link per pod, and to the node proxy's (the agent's) cgroup. On
+ *     ACTIVE/PASSIVE_ESTABLISHED, when comb_config enables splice and the
+ *     REMOTE address is a local endpoint with splice on (comb_endpoints), the
+ *     socket goes into comb_sock_hash (an accepted one only when its own
+ *     address is such an endpoint too) and its key into comb_splice_members;
+ *     a socket whose remote is not an endpoint goes in when its other end's
+ *     key is a member (a pod's end of a connection the proxy opened). The
+ *     local side needs no other check: this program only runs in local pods'
+ *     and the proxy's cgroups.
  *   comb_sk_msg (sk_msg): attached to comb_sock_hash, so it runs on each
  *     sendmsg of a member socket. It looks up the PEER (own key with local
  *     and remote swapped) and redirects to its ingress queue, else passes.
@@ -59,8 +64,10 @@ int comb_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		comb_sockops_established(skops, 0);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		comb_sockops_established(skops);
+		comb_sockops_established(skops, 1);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		comb_sockops_state(skops);

@@ -38,29 +38,60 @@ static __always_inline int comb_endpoint_splices(const struct comb_addr *a)
 	return ep && (ep->flags & COMB_EP_F_SPLICE);
 }
 
-/* sockops runs only in local pods' cgroups, so the local side is a local pod;
- * the connection is local<->local when the remote address is one too. */
-static __always_inline void comb_sockops_established(struct bpf_sock_ops *skops)
+/* The key with local and remote swapped: the other end's key. */
+static __always_inline void comb_sock_key_swap(struct comb_sock_key *peer,
+					       const struct comb_sock_key *k)
 {
-	struct comb_sock_key key;
+	peer->local_ip = k->remote_ip;
+	peer->remote_ip = k->local_ip;
+	peer->local_port = k->remote_port;
+	peer->remote_port = k->local_port;
+	peer->family = k->family;
+}
+
+/* sockops runs only in local pods' cgroups (and the node proxy's), so the
+ * local side is local; the connection is local<->local when the remote
+ * address is a local endpoint too. A socket whose remote is not one joins when
+ * its other end joined that way first: a pod's end of a connection the node
+ * proxy opened to it (from the node's address, or for HBONE delivery from the
+ * original remote source). The active end is established first, so its key is
+ * there by the time the passive end's callback runs. `passive`: an accepted
+ * socket. */
+static __always_inline void comb_sockops_established(struct bpf_sock_ops *skops, int passive)
+{
+	struct comb_sock_key key, peer;
+	__u8 one = 1;
+	int by_endpoint;
 
 	if (!comb_splice_enabled())
 		return;
 	if (comb_sock_key_from_ops(&key, skops) < 0)
 		return;
-	if (!comb_endpoint_splices(&key.remote_ip))
+	by_endpoint = comb_endpoint_splices(&key.remote_ip);
+	/* An accepted socket whose own address is not a local endpoint is the
+	 * node proxy's, for a flow to a remote pod (HBONE outbound): the client's
+	 * end never joins (its remote is not local), so neither does this one. */
+	if (by_endpoint && passive && !comb_endpoint_splices(&key.local_ip))
 		return;
+	if (!by_endpoint) {
+		comb_sock_key_swap(&peer, &key);
+		if (!bpf_map_lookup_elem(&comb_splice_members, &peer))
+			return;
+	}
 	if (bpf_sock_hash_update(skops, &comb_sock_hash, &key, BPF_ANY) != 0) {
 		comb_stat_add(COMB_STAT(add_failures), 1);
 		return;
 	}
 	comb_stat_add(COMB_STAT(sockets_added), 1);
+	if (by_endpoint)
+		bpf_map_update_elem(&comb_splice_members, &key, &one, BPF_ANY);
 	/* Ask for the state callback so the TCP-first mark is freed on close. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void comb_sockops_state(struct bpf_sock_ops *skops)
 {
+	struct comb_sock_key key;
 	struct bpf_sock *sk;
 
 	/* args[1] is the new state. The socket stays in the sockhash until
@@ -68,11 +99,13 @@ static __always_inline void comb_sockops_state(struct bpf_sock_ops *skops)
 	 * delete it here (map_delete_elem is allowed from sockops): that drops
 	 * the psock and purges redirected bytes not yet read, e.g. data that
 	 * arrived before the peer's FIN or RST (measured on 6.18). We only
-	 * count the close and free the TCP-first mark now rather than when the
-	 * socket is finally freed. */
+	 * count the close, forget the key for the other end's rule, and free
+	 * the TCP-first mark now rather than when the socket is finally freed. */
 	if (skops->args[1] != BPF_TCP_CLOSE)
 		return;
 	comb_stat_add(COMB_STAT(sockets_closed), 1);
+	if (comb_sock_key_from_ops(&key, skops) == 0)
+		bpf_map_delete_elem(&comb_splice_members, &key);
 	sk = skops->sk;
 	if (sk)
 		bpf_sk_storage_delete(&comb_splice_tcp_first, sk);

@@ -33,6 +33,19 @@ struct {
 	__type(value, __u64);
 } comb_sock_hash SEC(".maps");
 
+/* Keys of the sockets sockops added because their REMOTE is a local endpoint
+ * (see comb_sockops_established): the other end of such a connection is added
+ * too when it is established, whatever its remote address (a pod answering the
+ * node proxy, which connects from the node's address or, for HBONE delivery,
+ * from the original remote source). LRU: a key whose socket died without the
+ * state callback (e.g. added before the agent asked for it) ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, COMB_MAX_SPLICED_SOCKS);
+	__type(key, struct comb_sock_key);
+	__type(value, __u8);
+} comb_splice_members SEC(".maps");
+
 /* Per-socket mark: this sockhash member sent over plain TCP once and so
  * must never be redirected (see splice.c). Socket-local storage is freed with
  * the socket and cannot fill up or evict, unlike a hash keyed by tuple. */

@@ -11,6 +11,8 @@ pub const MAP_CONFIG: &str = "comb_config";
 pub const MAP_ENDPOINTS: &str = "comb_endpoints";
 pub const MAP_SOCK_HASH: &str = "comb_sock_hash";
 pub const MAP_SPLICE_TCP_FIRST: &str = "comb_splice_tcp_first";
+/// Keys of sockets added because their remote is a local endpoint (their other end joins).
+pub const MAP_SPLICE_MEMBERS: &str = "comb_splice_members";
 pub const MAP_SPLICE_STATS: &str = "comb_splice_stats";
 
 pub const COMB_EP_F_SPLICE: u32 = 1 << 0;

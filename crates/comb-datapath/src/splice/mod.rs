@@ -376,7 +376,10 @@ mod tests {
     use super::*;
 
     use crate::pin::object_names;
-    use abi::{MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_STATS, MAP_SPLICE_TCP_FIRST};
+    use abi::{
+        MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_MEMBERS, MAP_SPLICE_STATS,
+        MAP_SPLICE_TCP_FIRST,
+    };
 
     #[test]
     fn link_ids_are_file_names() {
@@ -395,6 +398,7 @@ mod tests {
             MAP_CONFIG,
             MAP_ENDPOINTS,
             MAP_SOCK_HASH,
+            MAP_SPLICE_MEMBERS,
             MAP_SPLICE_STATS,
             MAP_SPLICE_TCP_FIRST,
         ];
