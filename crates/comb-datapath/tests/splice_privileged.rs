@@ -36,7 +36,8 @@ while True:
 // Sends and receives concurrently so 4 MiB cannot deadlock on full buffers.
 const CLIENT: &str = r#"
 import os, socket, sys, threading
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+src = (sys.argv[3], 0) if len(sys.argv) > 3 else None
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), source_address=src)
 print("connected", c.getsockname()[1], flush=True)
 sys.stdin.readline()
 for n in (1, 64 << 10, 4 << 20):
@@ -313,4 +314,63 @@ fn tcp_first_is_sticky() {
     });
     dp.shutdown(false).unwrap();
     assert!(!pins.0.exists());
+}
+
+/// The node proxy's connections to pods: its end joins because its remote is a local
+/// endpoint, the pod's end (whose remote, the node's address, is not one) joins because its
+/// other end did. An accepted socket whose own address is not an endpoint (the proxy's end of
+/// a flow to a remote pod) stays out, and so does a connection between two non-endpoints.
+#[test]
+fn the_other_end_of_an_endpoint_connection_joins() {
+    if !privileged() {
+        return;
+    }
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
+    let cg = CgroupGuard::new(&mount);
+    let pins = PinGuard::fresh();
+    let cg_rel = cg.0.strip_prefix(&mount).unwrap().to_path_buf();
+    let dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: mount.clone(),
+    })
+    .expect("loading datapath");
+    dp.splice().set_enabled(true).unwrap();
+    // 127.0.0.2 is the "pod"; 127.0.0.1 (the "node") and 127.0.0.3 (a "remote pod") are not
+    // endpoints.
+    let pod: IpAddr = "127.0.0.2".parse().unwrap();
+    dp.splice()
+        .upsert_endpoint(pod, EndpointInfo { splice: true })
+        .unwrap();
+    dp.splice().attach_cgroup("test-pod", &cg_rel).unwrap();
+
+    let run = |server_ip: &str, client_src: &str| -> (u64, u64) {
+        let before = dp.splice().stats().unwrap();
+        let mut server = Helper::spawn(&cg.0, SERVER, &[server_ip]);
+        let port: u16 = server.line().trim().parse().expect("server port");
+        let mut client = Helper::spawn(&cg.0, CLIENT, &[server_ip, &port.to_string(), client_src]);
+        assert!(client.line().starts_with("connected "));
+        client.go();
+        for n in [1, 64 << 10, 4 << 20] {
+            assert_eq!(client.line(), format!("ok {n}"));
+        }
+        assert_eq!(client.line(), "done");
+        let after = dp.splice().stats().unwrap();
+        client.go();
+        assert_eq!(client.line(), "closed");
+        drop(client);
+        drop(server);
+        (
+            after.sockets_added - before.sockets_added,
+            after.redirected_bytes - before.redirected_bytes,
+        )
+    };
+    let payload: u64 = 1 + (64 << 10) + (4 << 20);
+    // "Proxy upstream": node -> pod. Both ends join, every byte is redirected.
+    assert_eq!(run("127.0.0.2", "127.0.0.1"), (2, 2 * payload));
+    // "HBONE outbound": pod -> remote pod. The accepted end's own address is no endpoint.
+    assert_eq!(run("127.0.0.3", "127.0.0.2"), (0, 0));
+    // Neither end is an endpoint.
+    assert_eq!(run("127.0.0.3", "127.0.0.1"), (0, 0));
+    dp.shutdown(false).expect("shutdown");
 }
