@@ -136,11 +136,13 @@ pub struct Args {
     /// (docs/l7.md, docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "off")]
     pub proxy_splice: OnOff,
-    /// Splice a local pod's connection to the node proxy socket to socket, as two local pods'
-    /// connections are (the splice's sockops on the agent's own cgroup), so the pod-to-proxy
-    /// hop skips the TCP/IP stack. Needs `--splice on`; off with `--proxy-splice on` (the two
-    /// kernel paths would fight over the proxy's sockets); never on the root cgroup.
-    #[arg(long, value_enum, default_value = "on")]
+    /// Splice local pods' connections to and from the node proxy socket to socket, as two
+    /// local pods' connections are (the splice's sockops on the agent's own cgroup), so those
+    /// hops skip the TCP/IP stack. Off by default: the kernel's redirect has no backpressure,
+    /// so a sender faster than the proxy's relay queues without bound and then gets ENOMEM
+    /// (docs/l7.md). Needs `--splice on`; ignored with `--proxy-splice on`; never on the root
+    /// cgroup.
+    #[arg(long, value_enum, default_value = "off")]
     pub proxy_local_splice: OnOff,
     /// JSON access log of the proxy: `stdout`, `stderr` or a file path (appended).
     #[arg(long)]

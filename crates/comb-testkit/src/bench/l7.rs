@@ -64,6 +64,10 @@ pub struct Args {
     /// h2load connections.
     #[arg(long, default_value = "16")]
     pub conns: usize,
+    /// Extra argument for the lab's combd (repeatable), e.g. `--agent-arg=--proxy-local-splice=off`
+    /// to measure what a feature buys.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 const NS: &str = "bench";
@@ -320,7 +324,8 @@ fn proxied_requests(lab: &Lab) -> Result<u64> {
 fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     let c = &a.common;
     let comb = std::env::current_exe()?;
-    let lab = lab::up("bl7", &[], "bench-l7.yaml", pods(&comb), 4)?;
+    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
+    let lab = lab::up("bl7", &agent_args, "bench-l7.yaml", pods(&comb), 4)?;
     let ip = |pod: &str| -> Result<String> { Ok(lab.pod(&format!("{NS}/{pod}"))?.ip.to_string()) };
     let urls = Urls {
         direct: format!("http://{}:{APP_PORT}", ip("direct")?),
