@@ -32,6 +32,19 @@ pub fn parse_ref(s: &str) -> Result<(String, String)> {
     }
 }
 
+/// The metadata of an object the CA creates: its name, and who manages it.
+fn managed(ns: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(ns.to_owned()),
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/managed-by".to_owned(),
+            "comb-ca".to_owned(),
+        )])),
+        ..Default::default()
+    }
+}
+
 /// Which layout a Secret's keys are in.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -100,15 +113,7 @@ pub async fn authority(
             (ROOT_CERT.to_owned(), ByteString(cert)),
         ]);
         let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(ns.clone()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "comb-ca".to_owned(),
-                )])),
-                ..Default::default()
-            },
+            metadata: managed(ns, name),
             data: Some(data),
             type_: Some("Opaque".into()),
             ..Default::default()
@@ -183,15 +188,7 @@ pub async fn publish_root(
         }
         None => {
             let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(ns.clone()),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "comb-ca".to_owned(),
-                    )])),
-                    ..Default::default()
-                },
+                metadata: managed(ns, name),
                 data: Some(BTreeMap::from([(ROOT_KEY.to_owned(), root_pem.to_owned())])),
                 ..Default::default()
             };

@@ -75,13 +75,7 @@ impl CaArgs {
 
 pub fn run(a: CaArgs) -> Result<ExitCode> {
     // The CA's decisions (issued, refused with node and identity) go to stderr.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    crate::stderr_log::init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -177,13 +177,7 @@ pub fn run(cmd: LabCmd) -> Result<ExitCode> {
         }
         LabCmd::Kubelet { name, node } => {
             // Its log is the lab's logs/kubelet-NODE.log (stderr).
-            let filter = tracing_subscriber::EnvFilter::try_from_env("COMB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .init();
+            crate::stderr_log::init();
             comb_lab::kubelet::run(&name, &node)?;
             Ok(ExitCode::SUCCESS)
         }

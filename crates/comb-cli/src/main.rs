@@ -12,6 +12,7 @@ mod manifest_cmds;
 mod policy_cmds;
 mod proxy_cmds;
 mod service_cmds;
+mod stderr_log;
 mod tunnel_cmds;
 
 use std::path::PathBuf;

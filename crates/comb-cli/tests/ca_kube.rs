@@ -71,18 +71,11 @@ fn kubernetes_callers_get_only_their_nodes_identities() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let server = CaServer::start(CaConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("ca"),
-            cacerts: None,
-            callers: Callers::Kubernetes {
-                kubeconfig: Some(kube.kubeconfig().to_path_buf()),
-                agent: ("comb-system".into(), "comb-agent".into()),
-            },
-            trust_domain: "cluster.local".into(),
-            max_ttl: Duration::from_secs(3600),
-            kube_keys: None,
-        })
+        let server = CaServer::start(ca_config(
+            &kube,
+            &dir.path().join("ca"),
+            KubeKeys::default(),
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
         let ask = |token: &str, id: &str| {

@@ -159,7 +159,7 @@ impl KubeCluster {
             .open(self.dir.path().join(log))?;
         let mut cmd = self.command(program);
         if let Some(cg) = &self.opts.cgroup {
-            crate::process::join_cgroup(&mut cmd, cg)?;
+            crate::process::place(&mut cmd, None, cg, true)?;
         }
         cmd.args(args)
             .stdin(Stdio::null())

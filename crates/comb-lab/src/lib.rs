@@ -301,7 +301,7 @@ impl Lab {
         let pod = self.pod(pod)?;
         let mut cmd = Command::new(program);
         cmd.args(args);
-        process::place(&mut cmd, &pod.netns, &pod.cgroup, false)?;
+        process::place(&mut cmd, Some(&pod.netns), &pod.cgroup, false)?;
         Ok(cmd)
     }
 
@@ -312,7 +312,7 @@ impl Lab {
         cgroup::create(&self.state.cgroup2, &cg)?;
         let mut cmd = Command::new(program);
         cmd.args(args);
-        process::place(&mut cmd, &n.netns, &cg, false)?;
+        process::place(&mut cmd, Some(&n.netns), &cg, false)?;
         Ok(cmd)
     }
 
@@ -406,7 +406,7 @@ impl Lab {
             cmd.arg("--ca-token-file").arg(self.ca_token_file(node));
         }
         cmd.args(&agent.extra_args);
-        let pid = process::spawn_detached(cmd, &n.netns, &cg, &log)?;
+        let pid = process::spawn_detached(cmd, Some(&n.netns), &cg, &log)?;
         self.children.lock().unwrap().push(pid);
         let deadline = Instant::now() + AGENT_SOCKET_TIMEOUT;
         let answering = || match replacing {
@@ -528,7 +528,7 @@ impl Lab {
             .arg(self.ca_dir().join("tokens"))
             .arg("--manifests")
             .arg(self.manifests_dir());
-        let pid = process::spawn_detached(cmd, &ca.netns, &ca.cgroup, &log)?;
+        let pid = process::spawn_detached(cmd, Some(&ca.netns), &ca.cgroup, &log)?;
         self.children.lock().unwrap().push(pid);
         let deadline = Instant::now() + CA_START_TIMEOUT;
         while !root.exists() {
@@ -700,7 +700,7 @@ impl Lab {
         cgroup::create(&self.state.cgroup2, &cg)?;
         let mut cmd = Command::new(&kube.comb);
         cmd.args(["lab", "kubelet", "--name", &self.state.name, "--node", node]);
-        let pid = process::spawn_in_cgroup(cmd, &cg, &self.kubelet_log(node))?;
+        let pid = process::spawn_detached(cmd, None, &cg, &self.kubelet_log(node))?;
         self.children.lock().unwrap().push(pid);
         Ok(())
     }
@@ -766,7 +766,7 @@ impl Lab {
             .env("POD_IP", pod.ip.to_string())
             .env("NODE_NAME", &pod.node)
             .envs(spec.env.iter().map(|(k, v)| (k, v)));
-        let pid = process::spawn_detached(cmd, &pod.netns, &pod.cgroup, &self.pod_log(pod))
+        let pid = process::spawn_detached(cmd, Some(&pod.netns), &pod.cgroup, &self.pod_log(pod))
             .with_context(|| format!("starting the command of pod {}", pod.key()))?;
         self.children.lock().unwrap().push(pid);
         Ok(Some(pid))

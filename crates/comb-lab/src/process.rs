@@ -18,11 +18,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
-/// Make `cmd` run inside netns `netns` and cgroup `cgroup` (absolute); `detach` also puts it in
-/// its own session so terminal signals to the caller don't reach it.
-pub fn place(cmd: &mut Command, netns: &str, cgroup: &Path, detach: bool) -> Result<()> {
+/// Make `cmd` run inside cgroup `cgroup` (absolute) and, when given, netns `netns` (else the
+/// caller's); `detach` also puts it in its own session so terminal signals to the caller
+/// don't reach it.
+pub fn place(cmd: &mut Command, netns: Option<&str>, cgroup: &Path, detach: bool) -> Result<()> {
     // Opened here, in the parent: pre_exec must not allocate or format. Both are O_CLOEXEC.
-    let ns = crate::netns::open(netns)?;
+    let ns = netns.map(crate::netns::open).transpose()?;
     let procs = OpenOptions::new()
         .write(true)
         .open(cgroup.join("cgroup.procs"))
@@ -32,7 +33,9 @@ pub fn place(cmd: &mut Command, netns: &str, cgroup: &Path, detach: bool) -> Res
         cmd.pre_exec(move || {
             // "0" moves the writing process itself.
             (&procs).write_all(b"0")?;
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)?;
+            if let Some(ns) = &ns {
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)?;
+            }
             if detach {
                 nix::unistd::setsid()?;
             }
@@ -42,25 +45,14 @@ pub fn place(cmd: &mut Command, netns: &str, cgroup: &Path, detach: bool) -> Res
     Ok(())
 }
 
-/// Make `cmd` run inside cgroup `cgroup` (absolute), in the caller's network namespace.
-pub fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
-    // SAFETY: the closure only makes raw syscalls (write, setsid) on fds it owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            (&procs).write_all(b"0")?;
-            nix::unistd::setsid()?;
-            Ok(())
-        });
-    }
-    Ok(())
-}
-
-/// Start a long-running process with stdout/stderr appended to `log`; returns its pid.
-pub fn spawn_detached(mut cmd: Command, netns: &str, cgroup: &Path, log: &Path) -> Result<u32> {
+/// Start a long-running process (in `netns` when given, else the caller's) with
+/// stdout/stderr appended to `log`; returns its pid.
+pub fn spawn_detached(
+    mut cmd: Command,
+    netns: Option<&str>,
+    cgroup: &Path,
+    log: &Path,
+) -> Result<u32> {
     let out = File::options()
         .create(true)
         .append(true)
@@ -72,22 +64,6 @@ pub fn spawn_detached(mut cmd: Command, netns: &str, cgroup: &Path, log: &Path) 
     place(&mut cmd, netns, cgroup, true)?;
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     // Dropping Child neither kills nor waits; the lab reaps by pid (see `reap`).
-    Ok(child.id())
-}
-
-/// Start a long-running process in `cgroup` (and the caller's network namespace), output
-/// appended to `log`; returns its pid.
-pub fn spawn_in_cgroup(mut cmd: Command, cgroup: &Path, log: &Path) -> Result<u32> {
-    let out = File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening log {}", log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    join_cgroup(&mut cmd, cgroup)?;
-    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     Ok(child.id())
 }
 

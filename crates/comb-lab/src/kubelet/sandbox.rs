@@ -146,7 +146,7 @@ impl Node {
                 .logs
                 .join(format!("{}_{}.log", rec.pod.namespace, rec.pod.name));
             rec.pod.pid = Some(
-                process::spawn_detached(cmd, &rec.pod.netns, &rec.pod.cgroup, &log)
+                process::spawn_detached(cmd, Some(&rec.pod.netns), &rec.pod.cgroup, &log)
                     .context("starting the container's command")?,
             );
         }
