@@ -382,6 +382,7 @@ mod tests {
             },
             trust_domain: "cluster.local".into(),
             max_ttl: Duration::from_secs(3600),
+            serving_dns: Vec::new(),
             kube_keys: None,
         })
         .await

@@ -42,6 +42,9 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     /// DER, what follows an issued leaf: the signing certificate, intermediates, the root.
     upper: Vec<Vec<u8>>,
+    /// DER, every root clients must trust: the chain's root first, then any others
+    /// `root-cert.pem` holds (a root being rotated in or out).
+    roots: Vec<Vec<u8>>,
     /// Where the keys came from, for the log.
     pub source: String,
 }
@@ -121,6 +124,7 @@ impl Authority {
         Self::new(
             cert.clone(),
             key,
+            vec![cert.clone()],
             vec![cert],
             format!("self-signed root in {}", dir.display()),
         )
@@ -128,24 +132,36 @@ impl Authority {
 
     /// A plug-in CA: `ca-cert.pem` (the signing certificate), `ca-key.pem` (its PKCS#8 key),
     /// `cert-chain.pem` (`ca-cert` first, then intermediates, the root optional at the end),
-    /// `root-cert.pem` (the self-signed root). Every link is checked.
+    /// `root-cert.pem` (the self-signed root; or several, as in Istio's combined-root
+    /// rotation: the one `cert-chain.pem` leads to ends issued chains, all are published).
+    /// Every link is checked.
     pub fn plugin(dir: &Path) -> Result<Self> {
         let p = |f: &str| dir.join(f);
         let ca_cert = read_one_cert(&p(CA_CERT))?;
         let key = read_key(&p(CA_KEY))?;
         check_key_matches(&ca_cert, &key, &p(CA_CERT), &p(CA_KEY))?;
-        let root = read_one_cert(&p(ROOT_CERT))?;
+        let roots = read_certs(&p(ROOT_CERT))?;
+        if roots.is_empty() {
+            bail!("{}: holds no certificate", p(ROOT_CERT).display());
+        }
         let chain = read_certs(&p(CERT_CHAIN))?;
 
-        let root_x = parse(&root, &p(ROOT_CERT))?;
-        if !root_x.is_ca() {
-            bail!("{}: not a CA certificate", p(ROOT_CERT).display());
-        }
-        if root_x.subject().as_raw() != root_x.issuer().as_raw() {
-            bail!(
-                "{}: not self-signed (issuer differs from subject)",
-                p(ROOT_CERT).display()
-            );
+        for (i, root) in roots.iter().enumerate() {
+            let which = if roots.len() == 1 {
+                String::new()
+            } else {
+                format!(" (certificate {})", i + 1)
+            };
+            let root_x = parse(root, &p(ROOT_CERT))?;
+            if !root_x.is_ca() {
+                bail!("{}{which}: not a CA certificate", p(ROOT_CERT).display());
+            }
+            if root_x.subject().as_raw() != root_x.issuer().as_raw() {
+                bail!(
+                    "{}{which}: not self-signed (issuer differs from subject)",
+                    p(ROOT_CERT).display()
+                );
+            }
         }
         if parse(&ca_cert, &p(CA_CERT))?
             .is_ca()
@@ -164,9 +180,17 @@ impl Authority {
                 CA_CERT
             );
         }
-        // cert-chain without a trailing root, then the root.
-        let mut upper: Vec<Vec<u8>> = chain.into_iter().filter(|c| *c != root).collect();
-        upper.push(root);
+        // cert-chain without a trailing root, then the root it leads to.
+        let mut upper: Vec<Vec<u8>> = chain.into_iter().filter(|c| !roots.contains(c)).collect();
+        let anchor = match upper.last() {
+            Some(top) => anchor_of(top, &roots, &p(CERT_CHAIN))?,
+            // ca-cert.pem is itself one of the roots (a root signing directly).
+            None => roots
+                .iter()
+                .position(|r| *r == ca_cert)
+                .expect("cert-chain.pem starts with ca-cert.pem"),
+        };
+        upper.push(roots[anchor].clone());
         for (i, pair) in upper.windows(2).enumerate() {
             let child = parse(&pair[0], &p(CERT_CHAIN))?;
             let parent = parse(&pair[1], &p(CERT_CHAIN))?;
@@ -193,26 +217,45 @@ impl Authority {
                 );
             }
         }
-        Self::new(ca_cert, key, upper, format!("plug-in CA {}", dir.display()))
+        let mut bundle = roots;
+        let root = bundle.remove(anchor);
+        bundle.insert(0, root);
+        Self::new(
+            ca_cert,
+            key,
+            upper,
+            bundle,
+            format!("plug-in CA {}", dir.display()),
+        )
     }
 
-    fn new(ca_cert: Vec<u8>, key: KeyPair, upper: Vec<Vec<u8>>, source: String) -> Result<Self> {
+    fn new(
+        ca_cert: Vec<u8>,
+        key: KeyPair,
+        upper: Vec<Vec<u8>>,
+        roots: Vec<Vec<u8>>,
+        source: String,
+    ) -> Result<Self> {
         let issuer = Issuer::from_ca_cert_der(&ca_cert.into(), key)
             .context("reading the CA certificate's subject")?;
         Ok(Self {
             issuer,
             upper,
+            roots,
             source,
         })
     }
 
-    /// The trust anchor (DER).
+    /// The trust anchor of issued chains (DER).
     pub fn root_der(&self) -> &[u8] {
         self.upper.last().expect("the chain ends in the root")
     }
 
+    /// Every root clients must trust (PEM, the chain's root first): what `--dir/root-cert.pem`
+    /// and the published ConfigMap hold. One root, except while a plug-in CA's
+    /// `root-cert.pem` carries an old and a new root during a rotation.
     pub fn root_pem(&self) -> String {
-        cert_to_pem(self.root_der())
+        self.roots.iter().map(|c| cert_to_pem(c)).collect()
     }
 
     /// A workload leaf for `csr`, valid for `validity` from now: `[leaf, …, root]` as PEM.
@@ -240,15 +283,21 @@ impl Authority {
             .collect())
     }
 
-    /// The CA's own TLS certificate chain and key (DER): DNS [`SERVING_DNS_NAME`] plus
-    /// `ips`.
-    pub fn serving_cert(&self, ips: &[IpAddr]) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    /// The CA's own TLS certificate chain and key (DER): DNS [`SERVING_DNS_NAME`], the DNS
+    /// names `dns` (e.g. the Kubernetes Service's, for clients that verify the name they
+    /// dial) and `ips`.
+    pub fn serving_cert(&self, ips: &[IpAddr], dns: &[String]) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name
             .push(DnType::CommonName, SERVING_DNS_NAME);
         p.subject_alt_names = vec![SanType::DnsName(SERVING_DNS_NAME.try_into()?)];
+        for name in dns.iter().filter(|n| n.as_str() != SERVING_DNS_NAME) {
+            let name = parse_dns_name(name).map_err(|e| anyhow::anyhow!(e))?;
+            p.subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
         p.subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.is_ca = IsCa::ExplicitNoCa;
@@ -367,6 +416,38 @@ fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
     Ok(certs)
 }
 
+/// Which root of `roots` issued `top` (name and signature), else the first (whose link
+/// check then says what is wrong).
+fn anchor_of(top: &[u8], roots: &[Vec<u8>], path: &Path) -> Result<usize> {
+    let top = parse(top, path)?;
+    for (i, r) in roots.iter().enumerate() {
+        let r = parse(r, path)?;
+        if top.issuer().as_raw() == r.subject().as_raw()
+            && top.verify_signature(Some(r.public_key())).is_ok()
+        {
+            return Ok(i);
+        }
+    }
+    Ok(0)
+}
+
+/// A DNS name for the serving certificate (`--serving-dns`): lowercase letters, digits and
+/// hyphens in dot-separated labels of 1 to 63 characters, at most 253 in all.
+pub fn parse_dns_name(s: &str) -> Result<String, String> {
+    let name = s.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("{s:?} is not a DNS name"));
+    }
+    Ok(name)
+}
+
 fn read_one_cert(path: &Path) -> Result<Vec<u8>> {
     let mut certs = read_certs(path)?;
     if certs.len() != 1 {
@@ -410,4 +491,39 @@ fn check_key_matches(cert: &[u8], key: &KeyPair, cert_path: &Path, key_path: &Pa
 /// The path of the root certificate the CA writes into its `--dir` for clients to trust.
 pub fn root_cert_path(dir: &Path) -> PathBuf {
     dir.join(ROOT_CERT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_dns_name;
+
+    #[test]
+    fn serving_dns_names_are_checked_and_lowercased() {
+        assert_eq!(
+            parse_dns_name("comb-ca.comb-system.svc").unwrap(),
+            "comb-ca.comb-system.svc"
+        );
+        assert_eq!(
+            parse_dns_name("Comb-CA.comb-system.svc.cluster.local.").unwrap(),
+            "comb-ca.comb-system.svc.cluster.local"
+        );
+        assert_eq!(parse_dns_name("localhost").unwrap(), "localhost");
+        let long_label = "a".repeat(64);
+        let long_name = vec!["a".repeat(63); 5].join(".");
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.svc",
+            "a-.svc",
+            "a b",
+            "a_b.svc",
+            "*.svc",
+            "10.0.0.1:15012",
+            long_label.as_str(),
+            long_name.as_str(),
+        ] {
+            assert!(parse_dns_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -43,6 +43,9 @@ pub struct CaConfig {
     pub callers: Callers,
     pub trust_domain: String,
     pub max_ttl: Duration,
+    /// DNS names the serving certificate carries besides `istiod.istio-system.svc` (e.g. the
+    /// CA's Service names on a cluster), for clients that verify the name they dial.
+    pub serving_dns: Vec<String>,
     /// Kubernetes mode: keys kept in a Secret, the root published in a ConfigMap.
     pub kube_keys: Option<KubeKeys>,
 }
@@ -251,7 +254,7 @@ impl CaServer {
         if local_addr.ip().is_unspecified() {
             ips.push(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        let (chain, key) = authority.serving_cert(&ips)?;
+        let (chain, key) = authority.serving_cert(&ips, &cfg.serving_dns)?;
         let publisher = match (&keys.publish_root, client) {
             (Some(target), Some(c)) => {
                 // Published before serving, so an agent that sees the root can reach us; a
@@ -273,6 +276,7 @@ impl CaServer {
             keys = %authority.source,
             trust_domain = %cfg.trust_domain,
             max_ttl_s = cfg.max_ttl.as_secs(),
+            serving_dns = ?cfg.serving_dns,
             callers = ?cfg.callers,
             root = %root_path.display(),
             "CA serving"

@@ -52,6 +52,7 @@ async fn start(tmp: tempfile::TempDir, cacerts: Option<&Path>, max_ttl: Duration
         },
         trust_domain: "cluster.local".into(),
         max_ttl,
+        serving_dns: Vec::new(),
         kube_keys: None,
     })
     .await
@@ -340,4 +341,202 @@ fn plug_in_ca_errors_name_the_file() {
     .unwrap();
     let e = format!("{:#}", Authority::plugin(d).err().unwrap());
     assert!(e.contains("ca-key.pem") && e.contains("PKCS#8"), "{e}");
+}
+
+/// A root rotation with overlap (Istio's combined root): `root-cert.pem` holds a new root and
+/// the current one. Issued chains end at the root the intermediate leads to; both roots are
+/// what clients are given to trust.
+#[tokio::test]
+async fn plug_in_ca_with_two_roots_publishes_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cacerts = tmp.path().join("cacerts");
+    let (root, int) = write_cacerts(&cacerts, false);
+    let (new_root, _) = write_cacerts(&tmp.path().join("new"), false);
+    std::fs::write(
+        cacerts.join(ROOT_CERT),
+        format!("{}{}", cert_to_pem(&new_root), cert_to_pem(&root)),
+    )
+    .unwrap();
+    let a = Authority::plugin(&cacerts).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(a.root_der(), root.as_slice(), "the chain's root");
+    assert_eq!(
+        certs_from_pem(&a.root_pem()).unwrap(),
+        vec![root.clone(), new_root.clone()],
+        "both roots, the chain's first"
+    );
+
+    let f = start(tmp, Some(&cacerts), Duration::from_secs(3600)).await;
+    assert_eq!(
+        certs_from_pem(&f.root).unwrap(),
+        vec![root.clone(), new_root]
+    );
+    let me = id("spiffe://cluster.local/ns/a/sa/client");
+    let kc = key_and_csr(&me).unwrap();
+    // The client trusts the bundle (f.root) and reaches the CA.
+    let chain = client(&f, T1)
+        .create_certificate(&kc.csr_pem, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let wc = WorkloadCert::from_pem_chain(&me, &chain, kc.key_pkcs8).unwrap();
+    assert_eq!(wc.chain.len(), 3);
+    assert_eq!(wc.chain[1], int);
+    assert_eq!(wc.chain[2], root);
+    verify_chain(&wc.chain);
+    f.server.shutdown().await.unwrap();
+
+    // A bundle member that is not a CA is refused, naming which.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (root, _) = write_cacerts(d, false);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["x.example".to_owned()])
+        .unwrap()
+        .self_signed(&leaf_key)
+        .unwrap();
+    std::fs::write(
+        d.join(ROOT_CERT),
+        format!("{}{}", cert_to_pem(&root), leaf.pem()),
+    )
+    .unwrap();
+    let e = format!("{:#}", Authority::plugin(d).err().unwrap());
+    assert!(
+        e.contains(ROOT_CERT) && e.contains("certificate 2") && e.contains("not a CA"),
+        "{e}"
+    );
+    // No root at all.
+    std::fs::write(d.join(ROOT_CERT), "").unwrap();
+    assert!(Authority::plugin(d).is_err());
+}
+
+/// A TLS 1.3 handshake with the CA trusting `root_pem`, verifying `name`.
+async fn handshake(
+    addr: std::net::SocketAddr,
+    root_pem: &str,
+    name: &str,
+) -> Result<(), std::io::Error> {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs_from_pem(root_pem).unwrap() {
+        roots.add(CertificateDer::from(c)).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map(|_| ())
+}
+
+/// `--serving-dns`: the serving certificate carries the names clients dial (a Service's),
+/// besides the one Comb's agents verify; any other name fails verification.
+#[tokio::test]
+async fn serving_certificate_carries_the_given_dns_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("manifests")).unwrap();
+    std::fs::write(d.join("tokens"), format!("{T1} n1\n")).unwrap();
+    let server = CaServer::start(CaConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dir: d.join("ca"),
+        cacerts: None,
+        callers: comb_ca::Callers::Files {
+            tokens: d.join("tokens"),
+            manifests: d.join("manifests"),
+        },
+        trust_domain: "cluster.local".into(),
+        max_ttl: Duration::from_secs(3600),
+        serving_dns: vec![
+            "comb-ca.comb-system.svc".into(),
+            "comb-ca.comb-system.svc.cluster.local".into(),
+        ],
+        kube_keys: None,
+    })
+    .await
+    .unwrap();
+    let (addr, root) = (server.local_addr, server.root_pem.clone());
+    for name in [
+        "comb-ca.comb-system.svc",
+        "comb-ca.comb-system.svc.cluster.local",
+        comb_ca::authority::SERVING_DNS_NAME,
+    ] {
+        handshake(addr, &root, name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let e = handshake(addr, &root, "comb-ca.other.svc")
+        .await
+        .expect_err("a name the certificate does not carry");
+    assert!(e.to_string().to_lowercase().contains("name"), "{e}");
+    server.shutdown().await.unwrap();
+
+    // What the certificate holds: each name once, and the listen address.
+    let a = Authority::self_signed(&d.join("ca"), "cluster.local").unwrap();
+    let (chain, _) = a
+        .serving_cert(
+            &["127.0.0.1".parse().unwrap()],
+            &[
+                "comb-ca.comb-system.svc".into(),
+                comb_ca::authority::SERVING_DNS_NAME.into(),
+            ],
+        )
+        .unwrap();
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        sans,
+        [
+            "DNSName(istiod.istio-system.svc)",
+            "DNSName(comb-ca.comb-system.svc)",
+            "IPAddress(7f:00:00:01)"
+        ],
+        "{sans:?}"
+    );
+    assert!(a.serving_cert(&[], &["bad name".into()]).is_err());
+}
+
+/// The first step of rotating away from a root that signs directly (the generated one): the
+/// same root as a plug-in CA (`ca-cert.pem` = the root) with the next root added to
+/// `root-cert.pem`, so clients come to trust both before anything is signed by the next.
+#[test]
+fn a_root_signing_directly_with_the_next_root_in_the_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old = tmp.path().join("old");
+    let a = Authority::self_signed(&old, "cluster.local").unwrap();
+    let (next, _) = write_cacerts(&tmp.path().join("next"), false);
+    let d = tmp.path().join("cacerts");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(old.join(CA_CERT), d.join(CA_CERT)).unwrap();
+    std::fs::copy(old.join(CA_KEY), d.join(CA_KEY)).unwrap();
+    std::fs::copy(old.join(CA_CERT), d.join(CERT_CHAIN)).unwrap();
+    std::fs::write(
+        d.join(ROOT_CERT),
+        format!("{}{}", cert_to_pem(&next), a.root_pem()),
+    )
+    .unwrap();
+    let b = Authority::plugin(&d).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        b.root_der(),
+        a.root_der(),
+        "still signing with the old root"
+    );
+    assert_eq!(
+        certs_from_pem(&b.root_pem()).unwrap(),
+        vec![a.root_der().to_vec(), next],
+        "both trusted"
+    );
 }

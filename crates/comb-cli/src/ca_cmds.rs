@@ -53,6 +53,10 @@ pub struct CaArgs {
     /// key root-cert.pem.
     #[arg(long, value_parser = comb_ca::kube_keys::parse_ref)]
     pub publish_root: Option<(String, String)>,
+    /// A DNS name for the CA's serving certificate besides istiod.istio-system.svc (which
+    /// Comb's agents verify), e.g. its Service's comb-ca.comb-system.svc; repeatable.
+    #[arg(long, value_parser = comb_ca::authority::parse_dns_name)]
+    pub serving_dns: Vec<String>,
 }
 
 impl CaArgs {
@@ -90,6 +94,7 @@ pub fn run(a: CaArgs) -> Result<ExitCode> {
             callers,
             trust_domain: a.trust_domain,
             max_ttl: a.max_ttl,
+            serving_dns: a.serving_dns,
             kube_keys: Some(comb_ca::KubeKeys {
                 root_secret: a.root_secret,
                 publish_root: a.publish_root,

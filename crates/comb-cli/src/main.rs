@@ -107,7 +107,7 @@ enum Cmd {
     /// Remove the objects of a manifest file from the manifests directory.
     Delete(manifest_cmds::FileArgs),
     /// The certificate authority (Istio's CA API), in this process until SIGTERM.
-    Ca(ca_cmds::CaArgs),
+    Ca(Box<ca_cmds::CaArgs>),
     /// Chain the comb-cni plugin into the node's CNI configuration, or take it out.
     Cni {
         #[command(subcommand)]
@@ -147,7 +147,7 @@ fn main() -> ExitCode {
         Cmd::Metrics => agent_cmds::metrics(t),
         Cmd::Apply(a) => manifest_cmds::apply(&a),
         Cmd::Delete(a) => manifest_cmds::delete(&a),
-        Cmd::Ca(a) => ca_cmds::run(a),
+        Cmd::Ca(a) => ca_cmds::run(*a),
         Cmd::Cni { cmd } => cni_cmds::run(cmd),
         Cmd::Lab { cmd } => lab_cmds::run(cmd),
         Cmd::Bench { cmd } => comb_testkit::bench::run(cmd),

@@ -128,6 +128,7 @@ fn ca_config(kube: &KubeCluster, dir: &Path, keys: KubeKeys) -> CaConfig {
         },
         trust_domain: "cluster.local".into(),
         max_ttl: Duration::from_secs(3600),
+        serving_dns: Vec::new(),
         kube_keys: Some(keys),
     }
 }
@@ -321,4 +322,295 @@ fn cluster_ca_keeps_its_keys_in_a_secret_and_publishes_its_root() {
             "{e}"
         );
     });
+}
+
+/// A `comb ca` process (the binary, as the Deployment runs it), its log in a file; killed
+/// when dropped if still running.
+struct CaProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    addr: String,
+}
+
+impl CaProcess {
+    /// Start `comb ca --kubeconfig … --listen 127.0.0.1:0 --dir DIR ARGS` and wait until it
+    /// serves (its "serving on ADDR" line).
+    fn start(kube: &KubeCluster, dir: &Path, args: &[&str]) -> Self {
+        let log = dir.with_extension("log");
+        let child = Command::new(COMB)
+            .args(["ca", "--kubeconfig"])
+            .arg(kube.kubeconfig())
+            .args(["--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .args(args)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Self {
+            child,
+            log,
+            addr: String::new(),
+        };
+        wait_for(Duration::from_secs(30), "comb ca serving", || {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("comb ca exited ({st}): {}", p.log_text());
+            }
+            p.log_text()
+                .lines()
+                .find_map(|l| l.strip_prefix("comb ca: serving on "))
+                .map(|a| p.addr = a.trim().to_owned())
+                .is_some()
+        });
+        p
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "comb ca: {st}: {}", self.log_text());
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Write `text` to `dir/name` and return the path.
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `comb cert request` against `ca` (trusting `root`): the chain's PEM blocks.
+fn cert_request(ca: &str, root: &Path, token_file: &Path) -> Vec<String> {
+    let out = comb(&[
+        "cert",
+        "request",
+        "--ca",
+        ca,
+        "--root",
+        &root.display().to_string(),
+        "--token-file",
+        &token_file.display().to_string(),
+        "--identity",
+        "spiffe://cluster.local/ns/t/sa/web",
+        "--ttl",
+        "10m",
+    ]);
+    assert!(
+        out.status.success(),
+        "comb cert request: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_inclusive("-----END CERTIFICATE-----")
+        .map(|b| b.trim().to_owned() + "\n")
+        .filter(|b| b.contains("BEGIN CERTIFICATE"))
+        .collect()
+}
+
+/// `openssl verify`: `chain[0]` (the leaf) up to a root of the bundle `roots`, through the
+/// chain's intermediates.
+fn openssl_verifies(dir: &Path, chain: &[String], roots: &Path) -> Result<(), String> {
+    let leaf = write(dir, "leaf.pem", &chain[0]);
+    let middle = write(dir, "untrusted.pem", &chain[1..].concat());
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(roots)
+        .arg("-untrusted")
+        .arg(&middle)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// `openssl s_client`: the CA at `addr` presents a certificate valid for `name` under `roots`.
+fn openssl_name_verifies(addr: &str, roots: &Path, name: &str) -> bool {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-servername", name])
+        .args(["-verify_hostname", name, "-verify_return_error", "-CAfile"])
+        .arg(roots)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains("Verify return code: 0 (ok)")
+}
+
+/// The `comb ca` binary with the Deployment's flags (`--root-secret`, `--publish-root`,
+/// `--serving-dns`) against the real API server: the Secret and the ConfigMap appear with
+/// the root; stopped and started again on an empty `--dir` (a rescheduled pod), it serves the
+/// same root and what it issues verifies (openssl) against the published one; two CAs
+/// starting together on a missing Secret end up with one root; a mounted `cacerts`
+/// directory (`--cacerts`) whose root-cert.pem holds two roots (a rotation) publishes both.
+#[test]
+fn comb_ca_binary_keeps_and_publishes_its_root() {
+    if !privileged() {
+        return;
+    }
+    let kube = KubeCluster::start(KubeOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    kube.apply(OBJECTS).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let token = write(t, "token", &bound_token(&kube, "comb-agent", "agent-n1"));
+    let same_pem = |a: &str, b: &str| {
+        let norm = |s: &str| s.split_whitespace().collect::<String>();
+        norm(a) == norm(b)
+    };
+    let flags = [
+        "--root-secret",
+        "comb-system/bin-root",
+        "--publish-root",
+        "comb-system/bin-root-cert",
+        "--serving-dns",
+        "comb-ca.comb-system.svc",
+        "--serving-dns",
+        "comb-ca.comb-system.svc.cluster.local",
+    ];
+    assert!(object_key(&kube, "secret", "bin-root", "ca-cert.pem").is_none());
+
+    // First start: the root is generated, stored and published.
+    let first = CaProcess::start(&kube, &t.join("a"), &flags);
+    let root = std::fs::read_to_string(t.join("a/root-cert.pem")).unwrap();
+    assert!(
+        first.log_text().contains("stored the generated root CA"),
+        "{}",
+        first.log_text()
+    );
+    let stored = object_key(&kube, "secret", "bin-root", "ca-cert.pem").expect("the Secret");
+    assert!(same_pem(&stored, &root), "the Secret holds the root");
+    let published =
+        object_key(&kube, "configmap", "bin-root-cert", "root-cert.pem").expect("the ConfigMap");
+    assert!(same_pem(&published, &root), "the ConfigMap holds the root");
+    let published_file = write(t, "published.pem", &published);
+    // Agents dial the Service's names: the serving certificate carries them.
+    for name in [
+        "comb-ca.comb-system.svc",
+        "comb-ca.comb-system.svc.cluster.local",
+        "istiod.istio-system.svc",
+    ] {
+        assert!(
+            openssl_name_verifies(&first.addr, &published_file, name),
+            "{name}"
+        );
+    }
+    assert!(!openssl_name_verifies(
+        &first.addr,
+        &published_file,
+        "comb-ca.elsewhere.svc"
+    ));
+    let chain = cert_request(&first.addr, &published_file, &token);
+    openssl_verifies(t, &chain, &published_file).unwrap_or_else(|e| panic!("{e}"));
+    first.stop();
+
+    // Restarted on an empty directory: the same root, and its certificates chain to the
+    // published one.
+    let second = CaProcess::start(&kube, &t.join("b"), &flags);
+    let root_b = std::fs::read_to_string(t.join("b/root-cert.pem")).unwrap();
+    assert!(same_pem(&root_b, &root), "same root after a restart");
+    assert!(
+        !second.log_text().contains("generated a self-signed root"),
+        "read from the Secret, not generated: {}",
+        second.log_text()
+    );
+    let published = object_key(&kube, "configmap", "bin-root-cert", "root-cert.pem").unwrap();
+    assert!(same_pem(&published, &root));
+    let chain = cert_request(&second.addr, &published_file, &token);
+    openssl_verifies(t, &chain, &published_file).unwrap_or_else(|e| panic!("{e}"));
+    // …and not to some other root.
+    let (other_root, _) = {
+        let pki = t.join("other");
+        std::fs::create_dir_all(&pki).unwrap();
+        openssl_chain(&pki);
+        (pki.join("root.pem"), ())
+    };
+    assert!(openssl_verifies(t, &chain, &other_root).is_err());
+    second.stop();
+
+    // Two CAs starting together on a missing Secret: one root between them.
+    let race = [
+        "--root-secret",
+        "comb-system/race-root",
+        "--publish-root",
+        "comb-system/race-root-cert",
+    ];
+    let (c, d) = std::thread::scope(|s| {
+        let c = s.spawn(|| CaProcess::start(&kube, &t.join("c"), &race));
+        let d = s.spawn(|| CaProcess::start(&kube, &t.join("d"), &race));
+        (c.join().unwrap(), d.join().unwrap())
+    });
+    let root_c = std::fs::read_to_string(t.join("c/root-cert.pem")).unwrap();
+    let root_d = std::fs::read_to_string(t.join("d/root-cert.pem")).unwrap();
+    assert!(same_pem(&root_c, &root_d), "one root for both replicas");
+    let stored = object_key(&kube, "secret", "race-root", "ca-cert.pem").unwrap();
+    assert!(same_pem(&stored, &root_c));
+    assert!(!same_pem(&root_c, &root), "a new Secret, a new root");
+    c.stop();
+    d.stop();
+
+    // A mounted `cacerts` Secret (--cacerts DIR) during a root rotation: root-cert.pem holds
+    // the plug-in's root and the next one; both are published, chains end at the first.
+    let pki = t.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    openssl_chain(&pki);
+    let cacerts = t.join("cacerts");
+    std::fs::create_dir_all(&cacerts).unwrap();
+    let plugin_root = std::fs::read_to_string(pki.join("root.pem")).unwrap();
+    let next_root = std::fs::read_to_string(&other_root).unwrap();
+    for (name, from) in [
+        ("ca-cert.pem", "int.pem"),
+        ("ca-key.pem", "int.key"),
+        ("cert-chain.pem", "int.pem"),
+    ] {
+        std::fs::copy(pki.join(from), cacerts.join(name)).unwrap();
+    }
+    write(
+        &cacerts,
+        "root-cert.pem",
+        &format!("{next_root}{plugin_root}"),
+    );
+    let plugin = CaProcess::start(
+        &kube,
+        &t.join("e"),
+        &[
+            "--cacerts",
+            &cacerts.display().to_string(),
+            "--publish-root",
+            "comb-system/bin-root-cert",
+        ],
+    );
+    let published = object_key(&kube, "configmap", "bin-root-cert", "root-cert.pem").unwrap();
+    assert!(
+        same_pem(&published, &format!("{plugin_root}{next_root}")),
+        "both roots published, the chain's first: {published}"
+    );
+    let bundle = write(t, "bundle.pem", &published);
+    let chain = cert_request(&plugin.addr, &bundle, &token);
+    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+    assert!(same_pem(&chain[2], &plugin_root));
+    openssl_verifies(t, &chain, &bundle).unwrap_or_else(|e| panic!("{e}"));
+    plugin.stop();
 }

@@ -92,6 +92,31 @@ fn agent_kubeconfig(kube: &KubeCluster, dir: &Path) -> PathBuf {
     path
 }
 
+/// The `--flags` of the container command in `path` that runs `program` (`- --flag=value`
+/// or `- --flag` list items after `- program`).
+fn manifest_flags(path: &str, program: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut flags = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let item = line.trim().strip_prefix("- ");
+        match item {
+            Some(p) if p == program => inside = true,
+            Some(arg) if inside && arg.starts_with("--") => {
+                flags.push(arg.split('=').next().unwrap().to_owned());
+            }
+            Some(arg) if inside && !arg.starts_with('-') && !arg.contains(':') => {}
+            _ if line.trim_start().starts_with('#') => {}
+            _ => inside = false,
+        }
+    }
+    assert!(
+        !flags.is_empty(),
+        "{path}: no `{program}` command with flags"
+    );
+    flags
+}
+
 #[test]
 fn install_manifests_and_least_privilege() {
     if !privileged() {
@@ -113,6 +138,25 @@ fn install_manifests_and_least_privilege() {
     .unwrap_or_else(|e| panic!("{e:#}"));
     kube.install_crds(&["AuthorizationPolicy", "PeerAuthentication"])
         .unwrap();
+
+    // Every flag the Deployment gives `comb ca` is one the binary has (a renamed flag would
+    // otherwise show only as a crash-looping pod).
+    let ca_flags = manifest_flags(&format!("{DEPLOY}/kubernetes/ca.yaml"), "comb");
+    for want in [
+        "--root-secret",
+        "--publish-root",
+        "--serving-dns",
+        "--in-cluster",
+    ] {
+        assert!(ca_flags.iter().any(|f| f == want), "ca.yaml passes {want}");
+    }
+    let help = String::from_utf8(comb(&["ca", "--help"]).stdout).unwrap();
+    for flag in &ca_flags {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "ca.yaml passes {flag}, which `comb ca` lacks:\n{help}"
+        );
+    }
 
     // Valid for a real server, as a whole (kubectl's own kustomize). A server-side dry run
     // checks namespaced objects against their namespace, so that one exists first (a real
@@ -182,6 +226,17 @@ fn install_manifests_and_least_privilege() {
         ("create", "pods", None),
         ("delete", "pods", None),
         ("watch", "networkpolicies.networking.k8s.io", None),
+        // Its Secret is read, never rewritten or removed; the ConfigMap never removed.
+        ("update", "secrets/comb-ca-root", Some("comb-system")),
+        ("patch", "secrets/comb-ca-root", Some("comb-system")),
+        ("delete", "secrets/comb-ca-root", Some("comb-system")),
+        (
+            "delete",
+            "configmaps/comb-ca-root-cert",
+            Some("comb-system"),
+        ),
+        ("create", "configmaps", Some("default")),
+        ("create", "serviceaccounts/token", Some("comb-system")),
     ] {
         assert!(
             !can_i_as(&kube, CA_SA, verb, resource, ns),
@@ -211,6 +266,7 @@ fn install_manifests_and_least_privilege() {
         ("list", "configmaps"),
         ("update", "networkpolicies.networking.k8s.io"),
         ("update", "nodes"),
+        ("create", "tokenreviews.authentication.k8s.io"),
     ] {
         assert!(
             !can_i(&kube, verb, resource),
