@@ -16,7 +16,8 @@
  *     and the proxy's cgroups.
  *   comb_sk_msg (sk_msg): attached to comb_sock_hash, so it runs on each
  *     sendmsg of a member socket. It looks up the PEER (own key with local
- *     and remote swapped) and redirects to its ingress queue, else passes.
+ *     and remote swapped) and redirects to its ingress queue, else passes;
+ *     a peer over the queue limit moves the sender to TCP.
  *
  * Key layout (struct comb_sock_key, 40 bytes): local ip, remote ip (16 bytes
  * each, network order, IPv4 as ::ffff:a.b.c.d), local port, remote port (host
@@ -46,7 +47,10 @@
  * changes: shutdown(SHUT_WR) itself, the ACK of our FIN (FIN_WAIT1 ->
  * FIN_WAIT2), and an RST (the read after it gives ECONNRESET). Unread
  * redirected bytes are purged at close, so close sends FIN, not RST.
- * Socket buffer sizes make no difference (they do not bound this path).
+ * Socket buffer sizes make no difference (they do not bound this path);
+ * what bounds it is the queue limit (comb_config.queue_limit, see
+ * splice_queue.h): a sender whose peer holds that many unread redirected
+ * bytes moves to TCP for good, the TCP-first rule's safe direction.
  *
  * Turning splice off affects new connections only; spliced ones stay
  * spliced (switching mid-stream is safe but buys nothing).

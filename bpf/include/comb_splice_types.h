@@ -38,8 +38,13 @@ struct comb_endpoint_info {
 #define COMB_CFG_F_SPLICE (1U << 0)
 struct comb_config {
 	__u32 flags;
-	__u32 reserved[3];
+	/* Unread redirected bytes a peer may hold before its sender moves to
+	 * TCP (splice_queue.h); 0 (an older agent's entry) means the default. */
+	__u32 queue_limit;
+	__u32 reserved[2];
 };
+
+#define COMB_SPLICE_DEFAULT_QUEUE_LIMIT (4U << 20)
 
 /* comb_splice_stats: PERCPU_ARRAY with a single entry at index 0. */
 struct comb_splice_stats {
@@ -53,6 +58,17 @@ struct comb_splice_stats {
 	__u64 sticky_failures;
 	/* Sockhash members that reached TCP_CLOSE. */
 	__u64 sockets_closed;
+};
+
+/* comb_splice_queue: PERCPU_ARRAY with a single entry at index 0. A map of
+ * its own rather than more comb_splice_stats fields: pinned maps are adopted
+ * only when their value size is unchanged. */
+struct comb_splice_queue_stats {
+	/* Sockets moved to TCP because their peer held queue_limit unread. */
+	__u64 fallbacks;
+	/* The most unread bytes a redirect target held, seen at a verdict. */
+	__u64 max_unread;
+	__u64 reserved[2];
 };
 
 #define COMB_MAX_SPLICED_SOCKS 65536

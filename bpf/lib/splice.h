@@ -9,6 +9,7 @@
 #include "comb_splice_types.h"
 #include "splice_maps.h"
 #include "sock_key.h"
+#include "splice_queue.h"
 
 /* Counter indices into struct comb_splice_stats, as u64 offsets. */
 #define COMB_STAT(field) (__builtin_offsetof(struct comb_splice_stats, field) / sizeof(__u64))
@@ -111,6 +112,47 @@ static __always_inline void comb_sockops_state(struct bpf_sock_ops *skops)
 		bpf_sk_storage_delete(&comb_splice_tcp_first, sk);
 }
 
+static __always_inline __u32 comb_queue_limit(void)
+{
+	__u32 zero = 0;
+	struct comb_config *cfg = bpf_map_lookup_elem(&comb_config, &zero);
+
+	return cfg && cfg->queue_limit ? cfg->queue_limit : COMB_SPLICE_DEFAULT_QUEUE_LIMIT;
+}
+
+/* Mark the socket TCP-first: it never redirects again. */
+static __always_inline void comb_stick_to_tcp(struct bpf_sock *sk)
+{
+	__u8 *mark = bpf_sk_storage_get(&comb_splice_tcp_first, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (mark)
+		*mark = 1;
+	else
+		comb_stat_add(COMB_STAT(sticky_failures), 1);
+}
+
+/* Backpressure (splice_queue.h): the message just redirected is queued
+ * whatever we decide, so a peer holds at most the limit plus one message; if
+ * it already held the limit, later messages take TCP, whose bytes the peer
+ * reads after the redirected ones (the TCP-first rule's safe direction). */
+static __always_inline void comb_check_peer_queue(struct sk_msg_md *msg, struct bpf_sock *sk)
+{
+	__u32 zero = 0;
+	struct comb_splice_queue_stats *q;
+	__s64 unread = comb_redirect_target_unread(msg);
+
+	if (unread < 0)
+		return;
+	q = bpf_map_lookup_elem(&comb_splice_queue, &zero);
+	if (q && (__u64)unread > q->max_unread)
+		q->max_unread = unread;
+	if ((__u64)unread < comb_queue_limit())
+		return;
+	comb_stick_to_tcp(sk);
+	if (q)
+		__sync_fetch_and_add(&q->fallbacks, 1);
+}
+
 /* Verdict for one sendmsg on a sockhash member. Always SK_PASS: either the
  * redirect set up by bpf_msg_redirect_hash or plain TCP. */
 static __always_inline int comb_msg_verdict(struct sk_msg_md *msg)
@@ -118,7 +160,6 @@ static __always_inline int comb_msg_verdict(struct sk_msg_md *msg)
 	struct comb_sock_key peer;
 	struct bpf_sock *sk = msg->sk;
 	__u64 size = msg->size;
-	__u8 *mark;
 
 	if (!sk)
 		goto pass;
@@ -127,17 +168,14 @@ static __always_inline int comb_msg_verdict(struct sk_msg_md *msg)
 	if (comb_peer_key_from_msg(&peer, msg) < 0)
 		goto pass_first;
 	if (bpf_msg_redirect_hash(msg, &comb_sock_hash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		comb_check_peer_queue(msg, sk);
 		comb_stat_add(COMB_STAT(redirected_msgs), 1);
 		comb_stat_add(COMB_STAT(redirected_bytes), size);
 		return SK_PASS;
 	}
 pass_first:
 	/* First byte over TCP: stick to TCP for the life of this socket. */
-	mark = bpf_sk_storage_get(&comb_splice_tcp_first, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (mark)
-		*mark = 1;
-	else
-		comb_stat_add(COMB_STAT(sticky_failures), 1);
+	comb_stick_to_tcp(sk);
 pass:
 	comb_stat_add(COMB_STAT(passed_msgs), 1);
 	comb_stat_add(COMB_STAT(passed_bytes), size);

@@ -63,4 +63,11 @@ struct {
 	__type(value, struct comb_splice_stats);
 } comb_splice_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct comb_splice_queue_stats);
+} comb_splice_queue SEC(".maps");
+
 #endif /* COMB_SPLICE_MAPS_H */

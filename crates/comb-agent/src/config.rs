@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub kubelet_cgroup_root: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub splice: bool,
+    /// `--splice-queue-limit`: unread bytes a spliced socket may hold before its sender moves
+    /// to TCP.
+    pub splice_queue_limit: u32,
     /// The agent's own cgroup (relative to the cgroup root), where the splice's sockops also
     /// attach so local pods' connections to the proxy are spliced; None: not spliced.
     pub proxy_cgroup: Option<PathBuf>,
@@ -137,6 +140,7 @@ impl AgentConfig {
             kubelet_cgroup_root: a.kubelet_cgroup_root.clone(),
             state_dir: a.state_dir(),
             splice: a.splice == OnOff::On,
+            splice_queue_limit: a.splice_queue_limit,
             proxy_cgroup: (a.splice == OnOff::On
                 && a.proxy == OnOff::On
                 && a.proxy_splice == OnOff::Off

@@ -15,6 +15,8 @@ fn splice_stats_have_the_wire_shape() {
         add_failures: 7,
         sticky_failures: 8,
         sockets_closed: 9,
+        queue_fallbacks: 10,
+        max_unread: 11,
     };
     let sent = serde_json::to_value(dp).unwrap();
     let read: SpliceStats = serde_json::from_value(sent.clone()).unwrap();

@@ -154,6 +154,13 @@ pub struct SpliceStats {
     /// Sockets that could not be marked TCP-first (no memory); 0 unless something is wrong.
     pub sticky_failures: u64,
     pub sockets_closed: u64,
+    /// Sockets moved to TCP because their peer held the queue limit unread (backpressure).
+    /// Absent from an older agent's answer.
+    #[serde(default)]
+    pub queue_fallbacks: u64,
+    /// The most unread redirected bytes a peer held when its sender was judged.
+    #[serde(default)]
+    pub max_unread: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

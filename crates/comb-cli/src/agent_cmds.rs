@@ -261,10 +261,18 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
                 vec!["bytes redirected".into(), s.redirected_bytes.to_string()],
                 vec!["sends redirected".into(), s.redirected_msgs.to_string()],
                 vec![
-                    "bytes over TCP (peer not spliced)".into(),
+                    "bytes over TCP (peer not spliced, or backpressure)".into(),
                     s.passed_bytes.to_string(),
                 ],
                 vec!["sends over TCP".into(), s.passed_msgs.to_string()],
+                vec![
+                    "sockets moved to TCP by backpressure".into(),
+                    s.queue_fallbacks.to_string(),
+                ],
+                vec![
+                    "most unread bytes at a peer".into(),
+                    s.max_unread.to_string(),
+                ],
             ];
             print!("{}", table::render(&["SPLICE", "VALUE"], &rows));
         }

@@ -374,3 +374,117 @@ fn the_other_end_of_an_endpoint_connection_joins() {
     assert_eq!(run("127.0.0.3", "127.0.0.1"), (0, 0));
     dp.shutdown(false).expect("shutdown");
 }
+
+/// Backpressure: the kernel's redirect queues on the peer without bound, so a peer that does not
+/// read would let its sender queue until sendmsg fails with ENOMEM. Past the queue limit the
+/// sender moves to TCP and blocks there as TCP does; the reader then gets every byte in order,
+/// the redirected ones first.
+#[test]
+fn a_peer_that_does_not_read_pushes_its_sender_to_tcp() {
+    use std::io::{ErrorKind, Read};
+    use std::net::{TcpListener, TcpStream};
+
+    if !privileged() {
+        return;
+    }
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
+    let pins = PinGuard::fresh();
+    let dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: mount,
+    })
+    .expect("loading datapath");
+    const LIMIT: u64 = 1 << 20;
+    const CHUNK: usize = 64 << 10;
+    dp.splice().set_queue_limit(LIMIT as u32).unwrap();
+    assert_eq!(dp.splice().queue_limit().unwrap(), LIMIT as u32);
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    dp.splice().splice_socket(&client).unwrap();
+    dp.splice().splice_socket(&server).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    // The byte at stream offset i is (i / 4) as u32, little-endian, byte i % 4: any loss,
+    // duplicate or reordering shows.
+    let pattern = |from: u64, len: usize| -> Vec<u8> {
+        (from..from + len as u64)
+            .map(|i| ((i / 4) as u32).to_le_bytes()[(i % 4) as usize])
+            .collect()
+    };
+
+    // Write without blocking until the kernel says the buffers are full.
+    client.set_nonblocking(true).unwrap();
+    let mut sent: u64 = 0;
+    loop {
+        assert!(
+            sent < 512 << 20,
+            "512 MiB accepted by a peer that reads nothing: no backpressure"
+        );
+        let chunk = pattern(sent, CHUNK);
+        match client.write(&chunk) {
+            Ok(n) => {
+                // The next chunk starts at the new offset, so a short write loses nothing.
+                sent += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write after {sent} bytes: {e}"),
+        }
+    }
+    let s = dp.splice().stats().unwrap();
+    eprintln!("sender blocked after {sent} bytes; {s:?}");
+    assert_eq!(s.queue_fallbacks, 1, "{s:?}");
+    assert!(s.max_unread >= LIMIT, "{s:?}");
+    assert!(s.passed_bytes > 0, "TCP took the rest: {s:?}");
+    // What the peer holds: the limit, one more message, and what TCP buffers (the sender's
+    // send buffer and the receiver's window, a few MiB at most with default sysctls).
+    assert!(sent >= LIMIT, "blocked before the limit: {sent}");
+    assert!(
+        sent <= LIMIT + CHUNK as u64 + (24 << 20),
+        "{sent} bytes queued for a peer that reads nothing"
+    );
+
+    // The reader gets everything in order, then more bytes (now over TCP) follow them.
+    let mut got = vec![0u8; sent as usize];
+    server
+        .read_exact(&mut got)
+        .expect("reading what was queued");
+    assert!(got == pattern(0, sent as usize), "bytes lost or reordered");
+    client.set_nonblocking(false).unwrap();
+    let more = pattern(sent, CHUNK);
+    client.write_all(&more).unwrap();
+    let mut got = vec![0u8; CHUNK];
+    server.read_exact(&mut got).unwrap();
+    assert!(got == more, "bytes after the switch lost or reordered");
+    let after = dp.splice().stats().unwrap();
+    assert_eq!(
+        after.redirected_bytes, s.redirected_bytes,
+        "the sender went back to redirecting: {after:?}"
+    );
+
+    // The other direction was never over the limit: it still redirects.
+    server.write_all(b"pong").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 4];
+    client.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    let last = dp.splice().stats().unwrap();
+    assert_eq!(
+        last.redirected_bytes,
+        after.redirected_bytes + 4,
+        "{last:?}"
+    );
+
+    drop((client, server));
+    wait_for("the sockhash to empty after close", || {
+        dp.splice().stats().unwrap().sockets == 0
+    });
+    dp.shutdown(false).unwrap();
+    assert!(!pins.0.exists());
+}

@@ -14,6 +14,8 @@ pub const MAP_SPLICE_TCP_FIRST: &str = "comb_splice_tcp_first";
 /// Keys of sockets added because their remote is a local endpoint (their other end joins).
 pub const MAP_SPLICE_MEMBERS: &str = "comb_splice_members";
 pub const MAP_SPLICE_STATS: &str = "comb_splice_stats";
+/// Backpressure counters (`struct comb_splice_queue_stats`).
+pub const MAP_SPLICE_QUEUE: &str = "comb_splice_queue";
 
 pub const COMB_EP_F_SPLICE: u32 = 1 << 0;
 pub const COMB_CFG_F_SPLICE: u32 = 1 << 0;
@@ -81,7 +83,9 @@ unsafe impl Pod for EndpointValue {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfigValue {
     pub flags: u32,
-    pub reserved: [u32; 3],
+    /// 0: the program's default, `COMB_SPLICE_DEFAULT_QUEUE_LIMIT`.
+    pub queue_limit: u32,
+    pub reserved: [u32; 2],
 }
 
 // SAFETY: repr(C), four u32.
@@ -103,6 +107,21 @@ pub struct SpliceStatsValue {
 
 // SAFETY: repr(C), eight u64.
 unsafe impl Pod for SpliceStatsValue {}
+
+/// `struct comb_splice_queue_stats`, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStatsValue {
+    pub fallbacks: u64,
+    pub max_unread: u64,
+    pub reserved: [u64; 2],
+}
+
+// SAFETY: repr(C), four u64.
+unsafe impl Pod for QueueStatsValue {}
+
+/// `COMB_SPLICE_DEFAULT_QUEUE_LIMIT`.
+pub const DEFAULT_QUEUE_LIMIT: u32 = 4 << 20;
 
 impl std::ops::AddAssign for SpliceStatsValue {
     fn add_assign(&mut self, o: Self) {
@@ -160,7 +179,18 @@ mod tests {
             size_of::<ConfigValue>(),
             &[
                 ("flags", offset_of!(ConfigValue, flags)),
+                ("queue_limit", offset_of!(ConfigValue, queue_limit)),
                 ("reserved", offset_of!(ConfigValue, reserved)),
+            ],
+        );
+        check(
+            &btf,
+            "comb_splice_queue_stats",
+            size_of::<QueueStatsValue>(),
+            &[
+                ("fallbacks", offset_of!(QueueStatsValue, fallbacks)),
+                ("max_unread", offset_of!(QueueStatsValue, max_unread)),
+                ("reserved", offset_of!(QueueStatsValue, reserved)),
             ],
         );
         check(

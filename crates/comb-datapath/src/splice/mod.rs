@@ -29,7 +29,8 @@ use crate::pin::{load_pinned, map_handle, remove_pin};
 use crate::skel::splice::SpliceSkelBuilder;
 use crate::sys;
 use abi::{
-    COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, ConfigValue, EndpointValue, SockKey, SpliceStatsValue,
+    COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, ConfigValue, DEFAULT_QUEUE_LIMIT, EndpointValue,
+    QueueStatsValue, SockKey, SpliceStatsValue,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -50,6 +51,10 @@ pub struct SpliceStats {
     /// Sockets that could not be marked TCP-first (no memory); 0 unless something is wrong.
     pub sticky_failures: u64,
     pub sockets_closed: u64,
+    /// Sockets moved to TCP because their peer held the queue limit unread (backpressure).
+    pub queue_fallbacks: u64,
+    /// The most unread redirected bytes a peer held when its sender was judged.
+    pub max_unread: u64,
 }
 
 struct CgroupLink {
@@ -66,6 +71,7 @@ pub struct Splice {
     endpoints: MapHandle,
     sock_hash: MapHandle,
     stats: MapHandle,
+    queue_stats: MapHandle,
     sockops: ProgramHandle,
     sk_msg: ProgramHandle,
     /// Behind a lock of its own so every method takes `&self`: the agent's writer attaches
@@ -101,6 +107,7 @@ impl Splice {
         let endpoints = map_handle(&skel.maps.comb_endpoints)?;
         let sock_hash = map_handle(&skel.maps.comb_sock_hash)?;
         let stats = map_handle(&skel.maps.comb_splice_stats)?;
+        let queue_stats = map_handle(&skel.maps.comb_splice_queue)?;
         let sockops =
             ProgramHandle::try_from(&skel.progs.comb_sockops).context("sockops program")?;
         let sk_msg = ProgramHandle::try_from(&skel.progs.comb_sk_msg).context("sk_msg program")?;
@@ -124,6 +131,7 @@ impl Splice {
             endpoints,
             sock_hash,
             stats,
+            queue_stats,
             sockops,
             sk_msg,
             links: Mutex::new(BTreeMap::new()),
@@ -165,17 +173,38 @@ impl Splice {
     }
 
     pub fn set_enabled(&self, on: bool) -> Result<()> {
+        self.update_config(|cfg| {
+            if on {
+                cfg.flags |= COMB_CFG_F_SPLICE;
+            } else {
+                cfg.flags &= !COMB_CFG_F_SPLICE;
+            }
+        })
+    }
+
+    /// Unread redirected bytes a peer may hold before its sender moves to TCP (`bpf/lib/
+    /// splice_queue.h`); applies to the next message of every spliced socket.
+    pub fn set_queue_limit(&self, bytes: u32) -> Result<()> {
+        ensure!(bytes > 0, "the splice queue limit must be above 0 bytes");
+        self.update_config(|cfg| cfg.queue_limit = bytes)
+    }
+
+    pub fn queue_limit(&self) -> Result<u32> {
+        let v = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?;
+        Ok(v.and_then(|v| ConfigValue::from_bytes(&v))
+            .map(|c| c.queue_limit)
+            .filter(|&l| l > 0)
+            .unwrap_or(DEFAULT_QUEUE_LIMIT))
+    }
+
+    fn update_config(&self, change: impl FnOnce(&mut ConfigValue)) -> Result<()> {
         let key = 0u32.to_ne_bytes();
         let mut cfg = self
             .config
             .lookup(&key, MapFlags::ANY)?
             .and_then(|v| ConfigValue::from_bytes(&v))
             .unwrap_or_default();
-        if on {
-            cfg.flags |= COMB_CFG_F_SPLICE;
-        } else {
-            cfg.flags &= !COMB_CFG_F_SPLICE;
-        }
+        change(&mut cfg);
         self.config
             .update(&key, cfg.as_bytes(), MapFlags::ANY)
             .context("updating comb_config")
@@ -314,6 +343,17 @@ impl Splice {
             sum += SpliceStatsValue::from_bytes(&v)
                 .context("comb_splice_stats value has an unexpected size")?;
         }
+        let (mut queue_fallbacks, mut max_unread) = (0, 0);
+        for v in self
+            .queue_stats
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default()
+        {
+            let q = QueueStatsValue::from_bytes(&v)
+                .context("comb_splice_queue value has an unexpected size")?;
+            queue_fallbacks += q.fallbacks;
+            max_unread = max_unread.max(q.max_unread);
+        }
         Ok(SpliceStats {
             sockets: self.sock_hash.keys().count() as u64,
             redirected_msgs: sum.redirected_msgs,
@@ -324,6 +364,8 @@ impl Splice {
             add_failures: sum.add_failures,
             sticky_failures: sum.sticky_failures,
             sockets_closed: sum.sockets_closed,
+            queue_fallbacks,
+            max_unread,
         })
     }
 
@@ -377,8 +419,8 @@ mod tests {
 
     use crate::pin::object_names;
     use abi::{
-        MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_MEMBERS, MAP_SPLICE_STATS,
-        MAP_SPLICE_TCP_FIRST,
+        MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_MEMBERS, MAP_SPLICE_QUEUE,
+        MAP_SPLICE_STATS, MAP_SPLICE_TCP_FIRST,
     };
 
     #[test]
@@ -399,6 +441,7 @@ mod tests {
             MAP_ENDPOINTS,
             MAP_SOCK_HASH,
             MAP_SPLICE_MEMBERS,
+            MAP_SPLICE_QUEUE,
             MAP_SPLICE_STATS,
             MAP_SPLICE_TCP_FIRST,
         ];
