@@ -82,13 +82,17 @@ fn nibble(c: u8) -> Option<u8> {
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut s, bytes);
+    s
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         s.push(DIGITS[(b >> 4) as usize] as char);
         s.push(DIGITS[(b & 15) as usize] as char);
     }
-    s
 }
 
 fn new_trace_id() -> [u8; 16] {
@@ -110,12 +114,15 @@ fn new_span_id() -> [u8; 8] {
 impl SpanContext {
     /// The header to send upstream: this span as the parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            to_hex(&self.trace_id),
-            to_hex(&self.span_id),
-            if self.sampled { FLAG_SAMPLED } else { 0 }
-        )
+        let flags = if self.sampled { FLAG_SAMPLED } else { 0 };
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &self.span_id);
+        s.push('-');
+        push_hex(&mut s, &[flags]);
+        s
     }
 
     pub fn trace_id_hex(&self) -> String {
