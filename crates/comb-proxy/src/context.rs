@@ -24,7 +24,9 @@ pub struct ProxyContext {
     pub(crate) detect_timeout: Duration,
     pub(crate) splice: Option<Arc<comb_datapath::ProxySplice>>,
     pub(crate) telemetry: Arc<Telemetry>,
-    pub(crate) upstreams: Upstreams,
+    /// One set of upstream pools per proxy thread (crate::shards): a request uses its own
+    /// thread's, so its upstream connection's task runs where it does.
+    upstreams: Vec<Upstreams>,
     pub(crate) h1: http1::Builder,
     pub(crate) h2: http2::Builder<TokioExecutor>,
     /// HBONE tunnels (None: off).
@@ -63,7 +65,13 @@ impl ProxyContext {
             detect_timeout: opts.detect_timeout,
             splice: opts.splice.clone(),
             telemetry: opts.telemetry.clone(),
-            upstreams: Upstreams::new(l),
+            upstreams: {
+                // The HTTP/1 cap is one count over every thread's pool.
+                let h1_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                (0..opts.workers.max(1))
+                    .map(|_| Upstreams::new(l, h1_open.clone()))
+                    .collect()
+            },
             h1,
             h2,
             hbone: opts.hbone.enabled.then(|| {
@@ -104,9 +112,22 @@ impl ProxyContext {
         &self.telemetry
     }
 
-    /// What the shared upstream pools hold now.
+    /// The calling thread's upstream pools.
+    pub(crate) fn upstreams(&self) -> &Upstreams {
+        let i = crate::shards::current();
+        &self.upstreams[i.min(self.upstreams.len() - 1)]
+    }
+
+    /// What the upstream pools of every thread hold now.
     pub fn upstream_counts(&self) -> crate::upstream::PoolCounts {
-        self.upstreams.counts()
+        let mut sum = crate::upstream::PoolCounts::default();
+        for u in &self.upstreams {
+            let c = u.counts();
+            // The HTTP/1 count is shared: the same figure in every pool.
+            sum.h1_connections = c.h1_connections;
+            sum.h2_destinations += c.h2_destinations;
+        }
+        sum
     }
 
     /// HBONE state (pool, TLS configs) when HBONE is on.

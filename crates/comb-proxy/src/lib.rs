@@ -6,7 +6,7 @@
 //! Istio-standard telemetry, and relays anything else as opaque TCP (spliced in the kernel
 //! once allowed).
 //!
-//! Entry points: [`Proxy::start`] (runtime + listeners, for the agent) and
+//! Entry points: [`Proxy::start`] (threads + listeners, for the agent) and
 //! [`serve_connection`] with a [`ProxyContext`] (one accepted connection; tests, fuzzing).
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod listener;
 mod options;
 pub mod relay;
 mod server;
+mod shards;
 mod stream_copy;
 mod tcp;
 pub mod telemetry;

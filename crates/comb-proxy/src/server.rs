@@ -1,4 +1,4 @@
-//! The running proxy: its own tokio runtime, the listeners and their accept loops.
+//! The running proxy: its threads (crate::shards), the listeners and their accept loops.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -9,27 +9,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use comb_model::l7::ProxyTable;
 use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, watch};
 
 use crate::context::ProxyContext;
 use crate::listener::{self, Family};
 use crate::options::ProxyOptions;
+use crate::shards::Shards;
 use crate::telemetry::Telemetry;
 use crate::tunnel::ListenerKind;
 
 pub struct Proxy;
 
 impl Proxy {
-    /// Starts the runtime (`workers` threads) and binds 127.0.0.1:port and, if the host has
-    /// IPv6, [::1]:port (the same port; with port 0 IPv6 takes the one IPv4 got).
+    /// Starts the threads (`workers`, one runtime each) and binds 127.0.0.1:port and, if the
+    /// host has IPv6, [::1]:port (the same port; with port 0 IPv6 takes the one IPv4 got).
     pub fn start(opts: ProxyOptions, table: Arc<ProxyTable>) -> Result<ProxyHandle> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.workers.max(1))
-            .thread_name("comb-proxy")
-            .enable_all()
-            .build()
-            .context("proxy runtime")?;
+        let shards = Arc::new(Shards::start(opts.workers)?);
         let v4 = listener::bind(Family::V4, opts.port, opts.transparent)
             .with_context(|| format!("proxy listener 127.0.0.1:{}", opts.port))?;
         let port = v4.local_addr()?.port();
@@ -48,7 +43,8 @@ impl Proxy {
         if opts.hbone.enabled {
             std_listeners.extend(hbone_listeners(&opts)?);
         }
-        let _enter = rt.enter();
+        // Listeners, accept loops and shared background tasks live on the first thread.
+        let _enter = shards.first().enter();
         let ctx = ProxyContext::new(&opts, table);
         let conns = Arc::new(Semaphore::new(opts.limits.max_connections));
         let active = Arc::new(AtomicUsize::new(0));
@@ -57,10 +53,11 @@ impl Proxy {
         for (kind, family, l) in std_listeners {
             let l = Arc::new(TcpListener::from_std(l)?);
             let (close, closed) = watch::channel(false);
-            rt.spawn(accept_loop(
+            shards.first().spawn(accept_loop(
                 kind,
                 l.clone(),
                 ctx.clone(),
+                shards.clone(),
                 conns.clone(),
                 active.clone(),
                 [stopped.clone(), closed],
@@ -72,8 +69,9 @@ impl Proxy {
                 close,
             });
         }
+        drop(_enter);
         Ok(ProxyHandle {
-            rt: Some(rt),
+            shards,
             ctx,
             listeners,
             active,
@@ -119,7 +117,7 @@ struct Listening {
 }
 
 pub struct ProxyHandle {
-    rt: Option<Runtime>,
+    shards: Arc<Shards>,
     ctx: Arc<ProxyContext>,
     listeners: Vec<Listening>,
     /// Connections being served.
@@ -219,18 +217,15 @@ impl ProxyHandle {
             std::thread::sleep(Duration::from_millis(10));
         }
         let cut = self.active_connections();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_millis(100));
-        }
+        self.shards.shutdown();
         cut
     }
 }
 
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        // The accept loops hold the shards too: stop the threads now, without waiting.
+        self.shards.stop();
     }
 }
 
@@ -238,6 +233,7 @@ async fn accept_loop(
     kind: ListenerKind,
     listener: Arc<TcpListener>,
     ctx: Arc<ProxyContext>,
+    shards: Arc<Shards>,
     conns: Arc<Semaphore>,
     active: Arc<AtomicUsize>,
     [mut stop, mut close]: [watch::Receiver<bool>; 2],
@@ -276,7 +272,7 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let active = active.clone();
         active.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
+        shards.dispatch(stream, move |stream| async move {
             match kind {
                 ListenerKind::L7 => crate::serve_connection(stream, peer, dst, ctx).await,
                 ListenerKind::HboneOutbound => crate::serve_outbound(stream, peer, dst, ctx).await,

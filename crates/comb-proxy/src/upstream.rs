@@ -98,8 +98,10 @@ pub struct PoolCounts {
 }
 
 impl Upstreams {
-    pub fn new(limits: &Limits) -> Self {
-        let (h1, h1_open) = h1_pool::client(limits);
+    /// `h1_open`: the count of open HTTP/1 upstream connections, capped at
+    /// `max_upstream_h1_connections`; shared by the pools of every proxy thread.
+    pub fn new(limits: &Limits, h1_open: Arc<AtomicUsize>) -> Self {
+        let h1 = h1_pool::client(limits, h1_open.clone());
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .initial_stream_window_size(limits.h2_stream_window)

@@ -214,7 +214,7 @@ async fn handle(
         parts.uri = h2_uri(&parts.uri, conn.dst);
         match &conn.upstream {
             Some(d) => d.send_h2(upstream_req(parts)).await,
-            None => ctx.upstreams.send_h2(conn.dst, upstream_req(parts)).await,
+            None => ctx.upstreams().send_h2(conn.dst, upstream_req(parts)).await,
         }
     } else {
         // The URI's authority keys the pool by destination; Host goes as received.
@@ -227,7 +227,7 @@ async fn handle(
         parts.version = Version::HTTP_11;
         match &conn.upstream {
             Some(d) => d.send_h1(upstream_req(parts)).await,
-            None => ctx.upstreams.send_h1(upstream_req(parts)).await,
+            None => ctx.upstreams().send_h1(upstream_req(parts)).await,
         }
     };
     let mut resp = match sent {

@@ -21,17 +21,16 @@ use crate::options::Limits;
 
 pub type H1Client = Client<CappedConnector, RequestBody>;
 
-pub fn client(limits: &Limits) -> (H1Client, Arc<AtomicUsize>) {
+pub fn client(limits: &Limits, open: Arc<AtomicUsize>) -> H1Client {
     let mut inner = HttpConnector::new();
     inner.set_nodelay(true);
     inner.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    let open = Arc::new(AtomicUsize::new(0));
     let connector = CappedConnector {
         inner,
-        open: open.clone(),
+        open,
         max: limits.max_upstream_h1_connections,
     };
-    let client = Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(limits.upstream_idle_timeout)
         .pool_max_idle_per_host(limits.pool_max_idle_per_host)
@@ -40,8 +39,7 @@ pub fn client(limits: &Limits) -> (H1Client, Arc<AtomicUsize>) {
         .http1_max_buf_size((limits.max_header_bytes + 1024).max(8192))
         // The client's Host is forwarded as received; the URI carries the destination.
         .set_host(false)
-        .build(connector);
-    (client, open)
+        .build(connector)
 }
 
 /// The total cap was reached: Envoy's circuit-breaker overflow (`UO`).
