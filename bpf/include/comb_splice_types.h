@@ -38,13 +38,18 @@ struct comb_endpoint_info {
 #define COMB_CFG_F_SPLICE (1U << 0)
 struct comb_config {
 	__u32 flags;
-	/* Unread redirected bytes a peer may hold before its sender moves to
-	 * TCP (splice_queue.h); 0 (an older agent's entry) means the default. */
+	/* Backpressure (splice_queue.h). 0 in any field (an older agent's
+	 * entry) means its default. A sender moves to TCP when its peer holds
+	 * queue_limit unread redirected bytes, or has held stall_limit or more
+	 * for stall_ms without getting below it. */
 	__u32 queue_limit;
-	__u32 reserved[2];
+	__u32 stall_limit;
+	__u32 stall_ms;
 };
 
-#define COMB_SPLICE_DEFAULT_QUEUE_LIMIT (4U << 20)
+#define COMB_SPLICE_DEFAULT_QUEUE_LIMIT (128U << 20)
+#define COMB_SPLICE_DEFAULT_STALL_LIMIT (4U << 20)
+#define COMB_SPLICE_DEFAULT_STALL_MS 1000U
 
 /* comb_splice_stats: PERCPU_ARRAY with a single entry at index 0. */
 struct comb_splice_stats {
@@ -65,10 +70,18 @@ struct comb_splice_stats {
  * only when their value size is unchanged. */
 struct comb_splice_queue_stats {
 	/* Sockets moved to TCP because their peer held queue_limit unread. */
-	__u64 fallbacks;
+	__u64 fallbacks_full;
+	/* ... because their peer stayed at stall_limit or more for stall_ms. */
+	__u64 fallbacks_stalled;
 	/* The most unread bytes a redirect target held, seen at a verdict. */
 	__u64 max_unread;
-	__u64 reserved[2];
+	__u64 reserved;
+};
+
+/* comb_splice_watch (socket storage of a sender whose peer is over
+ * stall_limit): when it got there. */
+struct comb_splice_watch {
+	__u64 over_since_ns;
 };
 
 #define COMB_MAX_SPLICED_SOCKS 65536

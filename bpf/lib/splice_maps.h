@@ -70,4 +70,13 @@ struct {
 	__type(value, struct comb_splice_queue_stats);
 } comb_splice_queue SEC(".maps");
 
+/* Per sender whose peer went over stall_limit (splice_queue.h); freed with
+ * the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct comb_splice_watch);
+} comb_splice_watch SEC(".maps");
+
 #endif /* COMB_SPLICE_MAPS_H */

@@ -72,11 +72,17 @@ pub struct Args {
     /// Local pod-to-pod socket splice.
     #[arg(long, value_enum, default_value = "on")]
     pub splice: OnOff,
-    /// Backpressure for spliced connections: the unread bytes a receiving socket may hold
-    /// before its sender moves to TCP for good (where flow control applies). The kernel's
-    /// redirect has no bound of its own. At least 64 KiB.
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(65536..))]
+    /// Backpressure for spliced connections (the kernel's redirect has no bound of its own):
+    /// the unread bytes a receiving socket may hold before its sender moves to TCP for good,
+    /// where flow control applies. At least 64 KiB.
+    #[arg(long, default_value_t = 128 << 20, value_parser = clap::value_parser!(u32).range(65536..))]
     pub splice_queue_limit: u32,
+    /// Backpressure for a receiver that stopped reading: a sender whose peer holds this many
+    /// unread bytes or more for `--splice-stall-ms` moves to TCP. At least 64 KiB.
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(65536..))]
+    pub splice_stall_limit: u32,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub splice_stall_ms: u32,
     /// Service load balancing at the socket (kube-proxy replacement).
     #[arg(long, value_enum, default_value = "on")]
     pub socket_lb: SocketLb,

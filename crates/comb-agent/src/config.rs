@@ -32,9 +32,9 @@ pub struct AgentConfig {
     pub kubelet_cgroup_root: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub splice: bool,
-    /// `--splice-queue-limit`: unread bytes a spliced socket may hold before its sender moves
-    /// to TCP.
-    pub splice_queue_limit: u32,
+    /// `--splice-queue-limit`, `--splice-stall-limit`, `--splice-stall-ms`: when a spliced
+    /// sender moves to TCP.
+    pub splice_backpressure: comb_datapath::Backpressure,
     /// The agent's own cgroup (relative to the cgroup root), where the splice's sockops also
     /// attach so local pods' connections to the proxy are spliced; None: not spliced.
     pub proxy_cgroup: Option<PathBuf>,
@@ -140,7 +140,11 @@ impl AgentConfig {
             kubelet_cgroup_root: a.kubelet_cgroup_root.clone(),
             state_dir: a.state_dir(),
             splice: a.splice == OnOff::On,
-            splice_queue_limit: a.splice_queue_limit,
+            splice_backpressure: comb_datapath::Backpressure {
+                queue_limit: a.splice_queue_limit,
+                stall_limit: a.splice_stall_limit,
+                stall_ms: a.splice_stall_ms,
+            },
             proxy_cgroup: (a.splice == OnOff::On
                 && a.proxy == OnOff::On
                 && a.proxy_splice == OnOff::Off

@@ -99,7 +99,9 @@ pub async fn run_with(cfg: Arc<AgentConfig>, source: Box<dyn Source>) -> Result<
     })
     .context("loading the datapath")?;
     datapath.splice().set_enabled(cfg.splice)?;
-    datapath.splice().set_queue_limit(cfg.splice_queue_limit)?;
+    datapath
+        .splice()
+        .set_backpressure(cfg.splice_backpressure)?;
     datapath.policy().set_config(&cfg.policy_datapath)?;
     tracing::info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "datapath loaded");
     match &cfg.socket_lb {

@@ -16,6 +16,7 @@ fn splice_stats_have_the_wire_shape() {
         sticky_failures: 8,
         sockets_closed: 9,
         queue_fallbacks: 10,
+        stall_fallbacks: 12,
         max_unread: 11,
     };
     let sent = serde_json::to_value(dp).unwrap();

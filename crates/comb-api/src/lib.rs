@@ -158,6 +158,9 @@ pub struct SpliceStats {
     /// Absent from an older agent's answer.
     #[serde(default)]
     pub queue_fallbacks: u64,
+    /// Sockets moved to TCP because their peer stayed over the stall limit too long.
+    #[serde(default)]
+    pub stall_fallbacks: u64,
     /// The most unread redirected bytes a peer held when its sender was judged.
     #[serde(default)]
     pub max_unread: u64,

@@ -266,8 +266,12 @@ pub fn splice(t: &Target, cmd: SpliceCmd) -> Result<ExitCode> {
                 ],
                 vec!["sends over TCP".into(), s.passed_msgs.to_string()],
                 vec![
-                    "sockets moved to TCP by backpressure".into(),
+                    "sockets moved to TCP: peer queue full".into(),
                     s.queue_fallbacks.to_string(),
+                ],
+                vec![
+                    "sockets moved to TCP: peer stalled".into(),
+                    s.stall_fallbacks.to_string(),
                 ],
                 vec![
                     "most unread bytes at a peer".into(),

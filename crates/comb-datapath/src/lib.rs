@@ -43,5 +43,5 @@ pub use policy::{
     ProxyFamily,
 };
 pub use proxy_splice::{PairHandle, ProxySplice, ProxySpliceStats};
-pub use splice::{EndpointInfo, Splice, SpliceStats};
+pub use splice::{Backpressure, EndpointInfo, Splice, SpliceStats};
 pub use sys::{socket_cookie, trim_heap};

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use comb_datapath::splice::abi::SockKey;
-use comb_datapath::{Datapath, DatapathOptions, EndpointInfo};
+use comb_datapath::{Backpressure, Datapath, DatapathOptions, EndpointInfo};
 use common::{CgroupChild, CgroupGuard, PinGuard, bpftool_cgroup_show};
 
 const SERVER: &str = r#"
@@ -86,6 +86,36 @@ impl Helper {
             .and_then(|()| stdin.flush())
             .expect("writing to helper");
     }
+}
+
+/// A datapath on fresh pins, for tests that put sockets into the sockhash themselves.
+fn fresh_datapath() -> (PinGuard, Datapath) {
+    comb_host::ensure_bpffs().expect("bpffs");
+    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
+    let pins = PinGuard::fresh();
+    let dp = Datapath::load(DatapathOptions {
+        pin_dir: pins.0.clone(),
+        cgroup_root: mount,
+    })
+    .expect("loading datapath");
+    (pins, dp)
+}
+
+/// A connected (client, server) pair on 127.0.0.1.
+fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// Once the test's sockets are closed: the sockhash empties, and unloading leaves no pin.
+fn unload_after_close(dp: Datapath, pins: PinGuard) {
+    wait_for("the sockhash to empty after close", || {
+        dp.splice().stats().unwrap().sockets == 0
+    });
+    dp.shutdown(false).unwrap();
+    assert!(!pins.0.exists());
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -264,23 +294,14 @@ fn restart_adopts_pins() {
 #[test]
 fn tcp_first_is_sticky() {
     use std::io::Read;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
 
     if !privileged() {
         return;
     }
-    comb_host::ensure_bpffs().expect("bpffs");
-    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
-    let pins = PinGuard::fresh();
-    let dp = Datapath::load(DatapathOptions {
-        pin_dir: pins.0.clone(),
-        cgroup_root: mount,
-    })
-    .expect("loading datapath");
+    let (pins, dp) = fresh_datapath();
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
+    let (mut client, mut server) = loopback_pair();
     for s in [&client, &server] {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     }
@@ -309,11 +330,7 @@ fn tcp_first_is_sticky() {
     assert_eq!(s.sockets, 2);
 
     drop((client, server));
-    wait_for("the sockhash to empty after close", || {
-        dp.splice().stats().unwrap().sockets == 0
-    });
-    dp.shutdown(false).unwrap();
-    assert!(!pins.0.exists());
+    unload_after_close(dp, pins);
 }
 
 /// The node proxy's connections to pods: its end joins because its remote is a local
@@ -382,27 +399,23 @@ fn the_other_end_of_an_endpoint_connection_joins() {
 #[test]
 fn a_peer_that_does_not_read_pushes_its_sender_to_tcp() {
     use std::io::{ErrorKind, Read};
-    use std::net::{TcpListener, TcpStream};
 
     if !privileged() {
         return;
     }
-    comb_host::ensure_bpffs().expect("bpffs");
-    let mount = comb_host::cgroup2_mount().expect("cgroup2 mount");
-    let pins = PinGuard::fresh();
-    let dp = Datapath::load(DatapathOptions {
-        pin_dir: pins.0.clone(),
-        cgroup_root: mount,
-    })
-    .expect("loading datapath");
+    let (pins, dp) = fresh_datapath();
     const LIMIT: u64 = 1 << 20;
     const CHUNK: usize = 64 << 10;
-    dp.splice().set_queue_limit(LIMIT as u32).unwrap();
-    assert_eq!(dp.splice().queue_limit().unwrap(), LIMIT as u32);
+    // The stall rule out of the way (a long time): only the full queue moves the sender.
+    let bounds = Backpressure {
+        queue_limit: LIMIT as u32,
+        stall_limit: LIMIT as u32,
+        stall_ms: 600_000,
+    };
+    dp.splice().set_backpressure(bounds).unwrap();
+    assert_eq!(dp.splice().backpressure().unwrap(), bounds);
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
+    let (mut client, mut server) = loopback_pair();
     dp.splice().splice_socket(&client).unwrap();
     dp.splice().splice_socket(&server).unwrap();
     server
@@ -437,7 +450,7 @@ fn a_peer_that_does_not_read_pushes_its_sender_to_tcp() {
     }
     let s = dp.splice().stats().unwrap();
     eprintln!("sender blocked after {sent} bytes; {s:?}");
-    assert_eq!(s.queue_fallbacks, 1, "{s:?}");
+    assert_eq!((s.queue_fallbacks, s.stall_fallbacks), (1, 0), "{s:?}");
     assert!(s.max_unread >= LIMIT, "{s:?}");
     assert!(s.passed_bytes > 0, "TCP took the rest: {s:?}");
     // What the peer holds: the limit, one more message, and what TCP buffers (the sender's
@@ -482,9 +495,83 @@ fn a_peer_that_does_not_read_pushes_its_sender_to_tcp() {
     );
 
     drop((client, server));
-    wait_for("the sockhash to empty after close", || {
-        dp.splice().stats().unwrap().sockets == 0
-    });
-    dp.shutdown(false).unwrap();
-    assert!(!pins.0.exists());
+    unload_after_close(dp, pins);
+}
+
+/// A peer that stops reading while its sender sends slowly: the queue never gets near the full
+/// limit, but once it has stayed over the stall limit for the stall time the sender moves to
+/// TCP; a peer that reads in time keeps its sender spliced.
+#[test]
+fn a_stalled_peer_moves_a_slow_sender_to_tcp() {
+    use std::io::Read;
+
+    if !privileged() {
+        return;
+    }
+    let (pins, dp) = fresh_datapath();
+    const STALL: usize = 256 << 10;
+    dp.splice()
+        .set_backpressure(Backpressure {
+            queue_limit: 64 << 20,
+            stall_limit: STALL as u32,
+            stall_ms: 300,
+        })
+        .unwrap();
+    let (mut client, mut server) = loopback_pair();
+    dp.splice().splice_socket(&client).unwrap();
+    dp.splice().splice_socket(&server).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let drain = |server: &mut std::net::TcpStream, n: usize| {
+        let mut b = vec![0u8; n];
+        server.read_exact(&mut b).unwrap();
+        b
+    };
+
+    // Over the stall limit, then read back under it within the stall time: still spliced.
+    let block = vec![7u8; STALL + (16 << 10)];
+    client.write_all(&block).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    client.write_all(b"x").unwrap(); // judged while over: the clock starts
+    assert_eq!(drain(&mut server, block.len() + 1).len(), block.len() + 1);
+    client.write_all(b"y").unwrap(); // judged under: the clock stops
+    assert_eq!(drain(&mut server, 1), b"y");
+    std::thread::sleep(Duration::from_millis(400));
+    client.write_all(b"z").unwrap();
+    assert_eq!(drain(&mut server, 1), b"z");
+    let s = dp.splice().stats().unwrap();
+    assert_eq!((s.queue_fallbacks, s.stall_fallbacks), (0, 0), "{s:?}");
+    assert_eq!(s.passed_bytes, 0, "{s:?}");
+
+    // Over the stall limit and left there: small sends keep being redirected until the stall
+    // time has passed, then go over TCP, after the queued bytes.
+    client.write_all(&block).unwrap();
+    let mut sent = block.len();
+    let t = Instant::now();
+    while dp.splice().stats().unwrap().stall_fallbacks == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no stall fallback after 5 s"
+        );
+        client.write_all(&[b'a'; 100]).unwrap();
+        sent += 100;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "moved before the stall time"
+    );
+    let redirected = dp.splice().stats().unwrap().redirected_bytes;
+    client.write_all(b"tail").unwrap();
+    sent += 4;
+    let got = drain(&mut server, sent);
+    assert!(got.ends_with(b"tail"), "bytes reordered after the switch");
+    assert_eq!(got[..block.len()], block[..]);
+    let s = dp.splice().stats().unwrap();
+    assert_eq!(s.redirected_bytes, redirected, "{s:?}");
+    assert!(s.passed_bytes >= 4, "{s:?}");
+
+    drop((client, server));
+    unload_after_close(dp, pins);
 }

@@ -16,6 +16,8 @@ pub const MAP_SPLICE_MEMBERS: &str = "comb_splice_members";
 pub const MAP_SPLICE_STATS: &str = "comb_splice_stats";
 /// Backpressure counters (`struct comb_splice_queue_stats`).
 pub const MAP_SPLICE_QUEUE: &str = "comb_splice_queue";
+/// Socket storage of senders whose peer is over the stall limit.
+pub const MAP_SPLICE_WATCH: &str = "comb_splice_watch";
 
 pub const COMB_EP_F_SPLICE: u32 = 1 << 0;
 pub const COMB_CFG_F_SPLICE: u32 = 1 << 0;
@@ -83,9 +85,10 @@ unsafe impl Pod for EndpointValue {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfigValue {
     pub flags: u32,
-    /// 0: the program's default, `COMB_SPLICE_DEFAULT_QUEUE_LIMIT`.
+    /// Backpressure; 0 in any: the program's default (`COMB_SPLICE_DEFAULT_*`).
     pub queue_limit: u32,
-    pub reserved: [u32; 2],
+    pub stall_limit: u32,
+    pub stall_ms: u32,
 }
 
 // SAFETY: repr(C), four u32.
@@ -112,16 +115,19 @@ unsafe impl Pod for SpliceStatsValue {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStatsValue {
-    pub fallbacks: u64,
+    pub fallbacks_full: u64,
+    pub fallbacks_stalled: u64,
     pub max_unread: u64,
-    pub reserved: [u64; 2],
+    pub reserved: u64,
 }
 
 // SAFETY: repr(C), four u64.
 unsafe impl Pod for QueueStatsValue {}
 
-/// `COMB_SPLICE_DEFAULT_QUEUE_LIMIT`.
-pub const DEFAULT_QUEUE_LIMIT: u32 = 4 << 20;
+/// `COMB_SPLICE_DEFAULT_QUEUE_LIMIT`, `_STALL_LIMIT`, `_STALL_MS`.
+pub const DEFAULT_QUEUE_LIMIT: u32 = 128 << 20;
+pub const DEFAULT_STALL_LIMIT: u32 = 4 << 20;
+pub const DEFAULT_STALL_MS: u32 = 1000;
 
 impl std::ops::AddAssign for SpliceStatsValue {
     fn add_assign(&mut self, o: Self) {
@@ -180,7 +186,8 @@ mod tests {
             &[
                 ("flags", offset_of!(ConfigValue, flags)),
                 ("queue_limit", offset_of!(ConfigValue, queue_limit)),
-                ("reserved", offset_of!(ConfigValue, reserved)),
+                ("stall_limit", offset_of!(ConfigValue, stall_limit)),
+                ("stall_ms", offset_of!(ConfigValue, stall_ms)),
             ],
         );
         check(
@@ -188,7 +195,14 @@ mod tests {
             "comb_splice_queue_stats",
             size_of::<QueueStatsValue>(),
             &[
-                ("fallbacks", offset_of!(QueueStatsValue, fallbacks)),
+                (
+                    "fallbacks_full",
+                    offset_of!(QueueStatsValue, fallbacks_full),
+                ),
+                (
+                    "fallbacks_stalled",
+                    offset_of!(QueueStatsValue, fallbacks_stalled),
+                ),
                 ("max_unread", offset_of!(QueueStatsValue, max_unread)),
                 ("reserved", offset_of!(QueueStatsValue, reserved)),
             ],

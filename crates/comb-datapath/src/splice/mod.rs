@@ -29,8 +29,8 @@ use crate::pin::{load_pinned, map_handle, remove_pin};
 use crate::skel::splice::SpliceSkelBuilder;
 use crate::sys;
 use abi::{
-    COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, ConfigValue, DEFAULT_QUEUE_LIMIT, EndpointValue,
-    QueueStatsValue, SockKey, SpliceStatsValue,
+    COMB_CFG_F_SPLICE, COMB_EP_F_SPLICE, ConfigValue, DEFAULT_QUEUE_LIMIT, DEFAULT_STALL_LIMIT,
+    DEFAULT_STALL_MS, EndpointValue, QueueStatsValue, SockKey, SpliceStatsValue,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -53,8 +53,29 @@ pub struct SpliceStats {
     pub sockets_closed: u64,
     /// Sockets moved to TCP because their peer held the queue limit unread (backpressure).
     pub queue_fallbacks: u64,
+    /// Sockets moved to TCP because their peer stayed over the stall limit too long.
+    pub stall_fallbacks: u64,
     /// The most unread redirected bytes a peer held when its sender was judged.
     pub max_unread: u64,
+}
+
+/// When a spliced sender moves to TCP (`bpf/lib/splice_queue.h`): its peer holds
+/// `queue_limit` unread bytes, or has held `stall_limit` or more for `stall_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backpressure {
+    pub queue_limit: u32,
+    pub stall_limit: u32,
+    pub stall_ms: u32,
+}
+
+impl Default for Backpressure {
+    fn default() -> Self {
+        Self {
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            stall_limit: DEFAULT_STALL_LIMIT,
+            stall_ms: DEFAULT_STALL_MS,
+        }
+    }
 }
 
 struct CgroupLink {
@@ -182,19 +203,32 @@ impl Splice {
         })
     }
 
-    /// Unread redirected bytes a peer may hold before its sender moves to TCP (`bpf/lib/
-    /// splice_queue.h`); applies to the next message of every spliced socket.
-    pub fn set_queue_limit(&self, bytes: u32) -> Result<()> {
-        ensure!(bytes > 0, "the splice queue limit must be above 0 bytes");
-        self.update_config(|cfg| cfg.queue_limit = bytes)
+    /// The backpressure bounds; apply to the next message of every spliced socket.
+    pub fn set_backpressure(&self, b: Backpressure) -> Result<()> {
+        ensure!(
+            b.queue_limit > 0 && b.stall_limit > 0 && b.stall_ms > 0,
+            "splice backpressure bounds must be above 0: {b:?}"
+        );
+        self.update_config(|cfg| {
+            cfg.queue_limit = b.queue_limit;
+            cfg.stall_limit = b.stall_limit;
+            cfg.stall_ms = b.stall_ms;
+        })
     }
 
-    pub fn queue_limit(&self) -> Result<u32> {
+    /// The bounds in force (the program's defaults for fields left 0).
+    pub fn backpressure(&self) -> Result<Backpressure> {
         let v = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?;
-        Ok(v.and_then(|v| ConfigValue::from_bytes(&v))
-            .map(|c| c.queue_limit)
-            .filter(|&l| l > 0)
-            .unwrap_or(DEFAULT_QUEUE_LIMIT))
+        let c = v
+            .and_then(|v| ConfigValue::from_bytes(&v))
+            .unwrap_or_default();
+        let d = Backpressure::default();
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        Ok(Backpressure {
+            queue_limit: or(c.queue_limit, d.queue_limit),
+            stall_limit: or(c.stall_limit, d.stall_limit),
+            stall_ms: or(c.stall_ms, d.stall_ms),
+        })
     }
 
     fn update_config(&self, change: impl FnOnce(&mut ConfigValue)) -> Result<()> {
@@ -343,7 +377,7 @@ impl Splice {
             sum += SpliceStatsValue::from_bytes(&v)
                 .context("comb_splice_stats value has an unexpected size")?;
         }
-        let (mut queue_fallbacks, mut max_unread) = (0, 0);
+        let (mut queue_fallbacks, mut stall_fallbacks, mut max_unread) = (0, 0, 0);
         for v in self
             .queue_stats
             .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
@@ -351,7 +385,8 @@ impl Splice {
         {
             let q = QueueStatsValue::from_bytes(&v)
                 .context("comb_splice_queue value has an unexpected size")?;
-            queue_fallbacks += q.fallbacks;
+            queue_fallbacks += q.fallbacks_full;
+            stall_fallbacks += q.fallbacks_stalled;
             max_unread = max_unread.max(q.max_unread);
         }
         Ok(SpliceStats {
@@ -365,6 +400,7 @@ impl Splice {
             sticky_failures: sum.sticky_failures,
             sockets_closed: sum.sockets_closed,
             queue_fallbacks,
+            stall_fallbacks,
             max_unread,
         })
     }
@@ -420,7 +456,7 @@ mod tests {
     use crate::pin::object_names;
     use abi::{
         MAP_CONFIG, MAP_ENDPOINTS, MAP_SOCK_HASH, MAP_SPLICE_MEMBERS, MAP_SPLICE_QUEUE,
-        MAP_SPLICE_STATS, MAP_SPLICE_TCP_FIRST,
+        MAP_SPLICE_STATS, MAP_SPLICE_TCP_FIRST, MAP_SPLICE_WATCH,
     };
 
     #[test]
@@ -444,6 +480,7 @@ mod tests {
             MAP_SPLICE_QUEUE,
             MAP_SPLICE_STATS,
             MAP_SPLICE_TCP_FIRST,
+            MAP_SPLICE_WATCH,
         ];
         want.sort();
         assert_eq!(names, want);

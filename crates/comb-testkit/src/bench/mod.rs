@@ -38,7 +38,7 @@ pub struct Common {
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Local pod-to-pod TCP: plain TCP over veths (baseline) against the socket splice.
-    Splice(Common),
+    Splice(splice::Args),
     /// Service load balancing: kube-proxy-style iptables DNAT (baseline) against the socket LB.
     ServiceLb(service_lb::Args),
     /// Identity policy: 1,000 rules over 200 identities against no policy (request/response,
@@ -62,9 +62,9 @@ pub enum BenchCmd {
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
     comb_lab::install_signal_cleanup();
     let (common, report) = match cmd {
-        BenchCmd::Splice(c) => {
-            let r = splice::run(&c)?;
-            (c, r)
+        BenchCmd::Splice(a) => {
+            let r = splice::run(&a)?;
+            (a.common, r)
         }
         BenchCmd::ServiceLb(a) => {
             let r = service_lb::run(&a)?;

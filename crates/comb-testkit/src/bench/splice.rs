@@ -20,14 +20,26 @@ metadata: {name: server, namespace: bench}
 spec: {nodeName: node1, containers: [{name: c, image: none}]}
 "#;
 
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: Common,
+    /// Extra argument for the lab's combd (repeatable), e.g.
+    /// `--agent-arg=--splice-queue-limit=1048576`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
 const RR_PORT: u16 = 11111;
 const BULK_PORT: u16 = 5201;
 
-pub fn run(c: &Common) -> Result<Report> {
+pub fn run(a: &Args) -> Result<Report> {
+    let c = &a.common;
     if c.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let lab = lab::up("bs", &[], "bench-splice.yaml", PODS.to_string(), 2)?;
+    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
+    let lab = lab::up("bs", &agent_args, "bench-splice.yaml", PODS.to_string(), 2)?;
     let socket = lab.agent_socket("node1");
     let server_ip = lab.pod("bench/server")?.ip.to_string();
     let _rr = tools::start_server(
@@ -95,6 +107,17 @@ pub fn run(c: &Common) -> Result<Report> {
     }
     let stats: comb_api::SpliceStats =
         serde_json::from_value(client::call(&socket, Query::SpliceStats)?)?;
+    if !c.json {
+        eprintln!(
+            "splice counters: {} bytes redirected, {} over TCP; sockets moved to TCP: {} (peer \
+             queue full), {} (peer stalled); at most {} bytes unread at a peer",
+            stats.redirected_bytes,
+            stats.passed_bytes,
+            stats.queue_fallbacks,
+            stats.stall_fallbacks,
+            stats.max_unread
+        );
+    }
     if stats.redirected_bytes == 0 {
         bail!(
             "the splice redirected no bytes: the Comb side of this benchmark did not run spliced"
