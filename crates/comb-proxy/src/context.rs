@@ -2,6 +2,7 @@
 //! limits, the upstream pools, telemetry and the prepared server builders.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -33,6 +34,18 @@ pub struct ProxyContext {
     pub(crate) hbone: Option<Arc<Hbone>>,
     /// Set once on shutdown: HTTP connections finish their requests and close.
     stop: watch::Sender<bool>,
+    /// Upgraded (WebSocket) tunnels running: they outlive the HTTP connection they came
+    /// from, which the accept loop counts.
+    upgraded: Arc<AtomicUsize>,
+}
+
+/// One running upgraded tunnel; uncounted when dropped.
+pub(crate) struct UpgradedRunning(Arc<AtomicUsize>);
+
+impl Drop for UpgradedRunning {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ProxyContext {
@@ -82,6 +95,7 @@ impl ProxyContext {
                 )
             }),
             stop: watch::Sender::new(false),
+            upgraded: Arc::default(),
         })
     }
 
@@ -110,6 +124,17 @@ impl ProxyContext {
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.telemetry
+    }
+
+    /// Counts an upgraded tunnel until the returned value is dropped.
+    pub(crate) fn upgraded_running(&self) -> UpgradedRunning {
+        self.upgraded.fetch_add(1, Ordering::Relaxed);
+        UpgradedRunning(self.upgraded.clone())
+    }
+
+    /// Upgraded (WebSocket) tunnels running now.
+    pub fn upgraded_tunnels(&self) -> usize {
+        self.upgraded.load(Ordering::Relaxed)
     }
 
     /// The calling thread's upstream pools.

@@ -182,9 +182,10 @@ impl ProxyHandle {
         &self.ctx
     }
 
-    /// Connections being served now.
+    /// Connections being served now: accepted ones, and upgraded tunnels (which outlive the
+    /// HTTP connection they were accepted as).
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.active.load(Ordering::Relaxed) + self.ctx.upgraded_tunnels()
     }
 
     /// Stop accepting on one listener (its successor took its datapath slot over): its accept

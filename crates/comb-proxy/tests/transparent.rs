@@ -330,3 +330,98 @@ fn connections_beyond_the_cap_wait_in_the_backlog() {
     };
     assert_eq!(open, 2, "b and c are served");
 }
+
+/// Answers one upgrade request with 101, then echoes bytes, one thread per connection.
+fn upgrade_echo_backend(l: TcpListener) {
+    std::thread::spawn(move || {
+        while let Ok((mut s, _)) = l.accept() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let r = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n";
+                if s.write_all(r).is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// An upgraded connection outlives the HTTP connection it came from: a shutting-down proxy
+/// counts it and keeps relaying it for the grace period (a draining agent must not cut
+/// WebSockets once its plain HTTP connections are done).
+#[test]
+fn shutdown_waits_for_upgraded_tunnels() {
+    if !privileged("upgraded tunnels at shutdown") {
+        return;
+    }
+    let (_guard, cli, prx, vp) = lab("u");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let prx2 = prx.clone();
+    let proxy_thread = std::thread::spawn(move || {
+        enter(&prx2);
+        upgrade_echo_backend(TcpListener::bind("10.231.0.2:8080").unwrap());
+        let tel = Telemetry::new(TelemetryOptions {
+            access_log: None,
+            otlp_endpoint: None,
+            node: "n1".into(),
+            service_name: "comb-proxy".into(),
+            max_stats_routes: 10,
+        });
+        let mut opts = ProxyOptions::new(tel);
+        opts.port = 0;
+        opts.transparent = true;
+        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        tx.send(h.local_addrs()[0]).unwrap();
+        go_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let counted = h.active_connections();
+        let started = std::time::Instant::now();
+        let cut = h.shutdown(Duration::from_secs(3));
+        (counted, cut, started.elapsed())
+    });
+    let v4 = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    steer(&prx, &vp, v4.port());
+
+    enter(&cli);
+    let mut s =
+        TcpStream::connect_timeout(&"10.231.0.2:8080".parse().unwrap(), Duration::from_secs(5))
+            .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "closed before the 101");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let echo = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).expect("echo through the tunnel");
+        assert_eq!(got, msg);
+    };
+    echo(&mut s, b"before");
+    go_tx.send(()).unwrap();
+    // The proxy is shutting down now, with no HTTP connection left: the tunnel still works.
+    std::thread::sleep(Duration::from_millis(500));
+    echo(&mut s, b"during the grace period");
+    drop(s);
+    let (counted, cut, took) = proxy_thread.join().unwrap();
+    assert_eq!(counted, 1, "the tunnel is a connection being served");
+    assert_eq!(cut, 0, "the tunnel ended within the grace period");
+    assert!(took < Duration::from_secs(3), "shutdown waited {took:?}");
+}

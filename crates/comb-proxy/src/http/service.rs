@@ -252,7 +252,14 @@ async fn handle(
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(down) = down_upgrade {
         let up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(upgrade::tunnel(down, up, ctx.clone()));
+        // hyper's connection ends here, the tunnel runs on: counted as a connection of its
+        // own so a draining proxy waits for it too.
+        let running = ctx.upgraded_running();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            upgrade::tunnel(down, up, ctx).await;
+            drop(running);
+        });
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching && upgrade);
