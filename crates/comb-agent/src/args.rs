@@ -149,10 +149,10 @@ pub struct Args {
     pub proxy_splice: OnOff,
     /// Splice local pods' connections to and from the node proxy socket to socket, as two
     /// local pods' connections are (the splice's sockops on the agent's own cgroup), so those
-    /// hops skip the TCP/IP stack. Off by default: in 1 of 5 `comb bench upgrade` runs with it
-    /// on, 11 of 50 WebSockets through the proxy lost their closing handshake (docs/l7.md).
-    /// Needs `--splice on`; ignored with `--proxy-splice on`; never on the root cgroup.
-    #[arg(long, value_enum, default_value = "off")]
+    /// hops skip the TCP/IP stack. A sender faster than its reader moves to TCP by the splice's
+    /// backpressure rules (docs/splice.md). Needs `--splice on`; ignored with
+    /// `--proxy-splice on`; never on the root cgroup.
+    #[arg(long, value_enum, default_value = "on")]
     pub proxy_local_splice: OnOff,
     /// JSON access log of the proxy: `stdout`, `stderr` or a file path (appended).
     #[arg(long)]

@@ -11,10 +11,11 @@
 //! - `protocols_through_the_redirect`: HTTP/1.1 (keep-alive, chunked both ways,
 //!   `Expect: 100-continue`), HTTP/2, gRPC unary/streaming with trailers, WebSocket, opaque
 //!   TCP, pod-to-Service, and proof that the bytes went through the proxy (and that
-//!   `plain`'s did not), with the proxy's hops spliced socket to socket
+//!   `plain`'s did not), with the defaults: the proxy's hops spliced socket to socket
 //!   (`--proxy-local-splice on`), relays in userspace; `..._with_proxy_splice` the same with
 //!   `--proxy-splice on` (WebSocket and opaque relays handed to the kernel after the
-//!   decision). The other tests run the defaults (the proxy's hops over TCP).
+//!   decision). `telemetry_and_robustness` runs with `--proxy-local-splice off`, so the
+//!   proxy's hops over TCP are covered too.
 //! - `authorization_conformance`: a table of AuthorizationPolicies, requests and expected
 //!   statuses (DENY before ALLOW, AUDIT, not forms, header/namespace/principal conditions,
 //!   hosts, path forms, gRPC denial with status 7, HTTP/2).
@@ -194,14 +195,14 @@ fn apply_policies(lab: &Lab, text: &str) {
     });
 }
 
-/// Relays in userspace, and `--proxy-local-splice on`: the client-to-proxy and
-/// proxy-to-server hops are spliced socket to socket (the proxy's sockets join the splice).
+/// The defaults: relays in userspace, and the client-to-proxy and proxy-to-server hops
+/// spliced socket to socket (`--proxy-local-splice on`: the proxy's sockets join the splice).
 #[test]
 fn protocols_through_the_redirect() {
     if !privileged() {
         return;
     }
-    let lab = lab("l7d", &["--proxy-local-splice", "on"], "");
+    let lab = lab("l7d", &[], "");
     let before = splice_counters(&lab);
     check_protocols(&lab, false);
     let after = splice_counters(&lab);
@@ -742,6 +743,8 @@ fn telemetry_and_robustness() {
     let lab = lab(
         "l7t",
         &[
+            "--proxy-local-splice",
+            "off",
             "--access-log",
             &log_arg,
             "--otlp-endpoint",
