@@ -131,17 +131,7 @@ fn tproxy_to_transparent_listener_keeps_original_destination() {
     let proxy_thread = std::thread::spawn(move || {
         enter(&prx2);
         let backend = TcpListener::bind("10.231.0.2:8080").unwrap();
-        let tel = Telemetry::new(TelemetryOptions {
-            access_log: None,
-            otlp_endpoint: None,
-            node: "n1".into(),
-            service_name: "comb-proxy".into(),
-            max_stats_routes: 10,
-        });
-        let mut opts = ProxyOptions::new(tel);
-        opts.port = 0;
-        opts.transparent = true;
-        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        let h = start_proxy(|_| {});
         let v4 = h.local_addrs()[0];
         // The listener really is transparent.
         let fds = h.listener_fds();
@@ -207,6 +197,23 @@ fn tproxy_to_transparent_listener_keeps_original_destination() {
     assert!(metrics.contains("response_code=\"200\""), "{metrics}");
 }
 
+/// A transparent proxy on an ephemeral port in the calling thread's namespace, with the
+/// default options changed by `tune`.
+fn start_proxy(tune: impl FnOnce(&mut ProxyOptions)) -> comb_proxy::ProxyHandle {
+    let tel = Telemetry::new(TelemetryOptions {
+        access_log: None,
+        otlp_endpoint: None,
+        node: "n1".into(),
+        service_name: "comb-proxy".into(),
+        max_stats_routes: 10,
+    });
+    let mut opts = ProxyOptions::new(tel);
+    opts.port = 0;
+    opts.transparent = true;
+    tune(&mut opts);
+    Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap()
+}
+
 /// Answers every request of a keep-alive connection with `ok`, one thread per connection.
 fn ok_backend(l: TcpListener) {
     std::thread::spawn(move || {
@@ -259,18 +266,7 @@ fn connections_beyond_the_cap_wait_in_the_backlog() {
     let proxy_thread = std::thread::spawn(move || {
         enter(&prx2);
         ok_backend(TcpListener::bind("10.231.0.2:8080").unwrap());
-        let tel = Telemetry::new(TelemetryOptions {
-            access_log: None,
-            otlp_endpoint: None,
-            node: "n1".into(),
-            service_name: "comb-proxy".into(),
-            max_stats_routes: 10,
-        });
-        let mut opts = ProxyOptions::new(tel);
-        opts.port = 0;
-        opts.transparent = true;
-        opts.limits.max_connections = 2;
-        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        let h = start_proxy(|o| o.limits.max_connections = 2);
         tx.send((h.local_addrs()[0], h.active_connections()))
             .unwrap();
         let _ = done_rx.recv_timeout(Duration::from_secs(60));
@@ -373,17 +369,7 @@ fn shutdown_waits_for_upgraded_tunnels() {
     let proxy_thread = std::thread::spawn(move || {
         enter(&prx2);
         upgrade_echo_backend(TcpListener::bind("10.231.0.2:8080").unwrap());
-        let tel = Telemetry::new(TelemetryOptions {
-            access_log: None,
-            otlp_endpoint: None,
-            node: "n1".into(),
-            service_name: "comb-proxy".into(),
-            max_stats_routes: 10,
-        });
-        let mut opts = ProxyOptions::new(tel);
-        opts.port = 0;
-        opts.transparent = true;
-        let h = Proxy::start(opts, Arc::new(ProxyTable::default())).unwrap();
+        let h = start_proxy(|_| {});
         tx.send(h.local_addrs()[0]).unwrap();
         go_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         let counted = h.active_connections();
