@@ -431,7 +431,7 @@ mod tests {
             b.rows.len() == 1 && b.rows[0].state == "valid"
         })
         .await;
-        let set = store.load_full();
+        let set = store.load();
         let first = set.get(&id).unwrap().info.serial.clone();
         assert_eq!(set.roots.len(), 1);
         assert_eq!(board.load().summary.valid, 1);

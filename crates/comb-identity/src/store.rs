@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::SpiffeId;
 use crate::x509::CertInfo;
@@ -91,9 +93,109 @@ impl CertSet {
     }
 }
 
-/// Shared between the certificate reconciler (writes) and the proxy (reads).
-pub type CertStore = Arc<ArcSwap<CertSet>>;
+/// Shared between the certificate reconciler (writes) and the proxy (reads). Readers that
+/// need a certificate the node is still obtaining (a pod's first flow right after it
+/// started) wait for the next set with [`CertStore::wait_for`] instead of failing the flow.
+#[derive(Clone)]
+pub struct CertStore(Arc<Shared>);
+
+struct Shared {
+    set: ArcSwap<CertSet>,
+    /// Carries nothing: a send says "a new set is in".
+    swapped: watch::Sender<()>,
+}
+
+impl Default for CertStore {
+    fn default() -> Self {
+        Self(Arc::new(Shared {
+            set: ArcSwap::from_pointee(CertSet::default()),
+            swapped: watch::Sender::new(()),
+        }))
+    }
+}
+
+impl CertStore {
+    /// The set in force now.
+    pub fn load(&self) -> Arc<CertSet> {
+        self.0.set.load_full()
+    }
+
+    /// Puts `set` in force and wakes whoever waits for a certificate.
+    pub fn store(&self, set: Arc<CertSet>) {
+        self.0.set.store(set);
+        self.0.swapped.send_replace(());
+    }
+
+    /// Whether a certificate for `id` is held, waiting up to `limit` for one to arrive.
+    pub async fn wait_for(&self, id: &SpiffeId, limit: Duration) -> bool {
+        // Subscribed before looking, so a set stored in between still wakes us.
+        let mut swapped = self.0.swapped.subscribe();
+        let look = |s: &Self| s.0.set.load().get(id).is_some();
+        if look(self) {
+            return true;
+        }
+        let wait = async {
+            loop {
+                if swapped.changed().await.is_err() {
+                    return false;
+                }
+                if look(self) {
+                    return true;
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
+    }
+}
 
 pub fn new_store() -> CertStore {
-    Arc::new(ArcSwap::from_pointee(CertSet::default()))
+    CertStore::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn cert(id: &SpiffeId) -> Arc<WorkloadCert> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        let c = p.self_signed(&key).unwrap();
+        Arc::new(WorkloadCert {
+            id: id.clone(),
+            chain: vec![c.der().to_vec()],
+            key_pkcs8: key.serialize_der(),
+            info: CertInfo::from_der(c.der()).unwrap(),
+        })
+    }
+
+    fn with(id: &SpiffeId, generation: u64) -> Arc<CertSet> {
+        Arc::new(CertSet {
+            generation,
+            roots: vec![],
+            certs: HashMap::from([(id.clone(), cert(id))]),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_wakes_when_its_certificate_arrives_and_gives_up_at_the_limit() {
+        let store = new_store();
+        let web = SpiffeId::new("cluster.local", "default", "web");
+        let db = SpiffeId::new("cluster.local", "default", "db");
+        let late = store.clone();
+        let w = web.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            late.store(with(&w, 1)); // a set without `db` wakes its waiter, which waits on
+        });
+        let t0 = tokio::time::Instant::now();
+        assert!(store.wait_for(&web, Duration::from_secs(2)).await);
+        assert_eq!(t0.elapsed(), Duration::from_millis(300));
+        assert!(!store.wait_for(&db, Duration::from_secs(2)).await);
+        assert_eq!(t0.elapsed(), Duration::from_millis(2300));
+        // Held: no wait at all.
+        assert!(store.wait_for(&web, Duration::ZERO).await);
+    }
 }

@@ -613,3 +613,66 @@ async fn idle_tunneled_tcp_is_closed_by_either_side() {
     .await;
     closes_when_silent(c2.addr).await;
 }
+
+/// A pod's first flow can come before the node holds its certificate (it was just
+/// scheduled; the CA answers in a moment): both sides wait for it instead of refusing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_flow_waits_for_certificates_still_being_issued() {
+    let ca = TestCa::new("test-ca");
+    let server_certs = mesh::store(&[&ca], &[]);
+    let client_certs = mesh::store(&[&ca], &[]);
+    let (_server, inbound) = server(server_certs.clone(), "");
+    let echo = echo().await;
+    let client = client(client_certs.clone(), inbound.port(), &web_id(), echo.addr).await;
+    let issue = |store: &CertStore, cert: Arc<comb_identity::WorkloadCert>| {
+        let cur = store.load();
+        let mut set = (*cur).clone();
+        set.generation += 1;
+        set.certs.insert(cert.id.clone(), cert);
+        store.store(Arc::new(set));
+    };
+    // The client's certificate arrives first, the server's later: the client's wait ends,
+    // its handshake starts, and the server's side waits in turn.
+    let (c, s) = (client_certs.clone(), server_certs.clone());
+    let (client_cert, web_cert) = (ca.issue(&client_id()), ca.issue(&web_id()));
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        issue(&c, client_cert);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        issue(&s, web_cert);
+    });
+    let t0 = std::time::Instant::now();
+    assert_eq!(round_trip(client.addr, b"first").await, b"first");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t0.elapsed()
+    );
+    late.await.unwrap();
+    let c = client.ctx.hbone().unwrap().pool().counters();
+    assert_eq!((c.full_handshakes, c.failures), (1, 0), "{c:?}");
+}
+
+/// A certificate that never comes: the flow is refused after the wait, not held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_without_a_certificate_is_refused_after_the_wait() {
+    let ca = TestCa::new("test-ca");
+    let (_server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), "");
+    let echo = echo().await;
+    let client = client(
+        mesh::store(&[&ca], &[]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    assert!(round_trip(client.addr, b"x").await.is_empty());
+    let waited = t0.elapsed();
+    let limit = comb_proxy::HboneOptions::default().cert_wait;
+    assert!(
+        waited >= limit && waited < limit + Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert_eq!(client.ctx.hbone().unwrap().pool().counters().failures, 1);
+}

@@ -44,6 +44,13 @@ pub async fn serve_inbound(
         tracing::debug!(%peer, %local, "hbone inbound: no local mesh pod at this address");
         return;
     };
+    // A pod that just started may not hold its certificate yet; the peer's handshake
+    // timer runs meanwhile, and is longer than this wait.
+    hbone
+        .tls
+        .store()
+        .wait_for(&identity, hbone.opts.cert_wait)
+        .await;
     let cfg = match hbone.tls.server(&identity) {
         Ok(c) => c,
         Err(e) => {

@@ -68,6 +68,11 @@ pub struct HboneOptions {
     pub pool_idle_timeout: Duration,
     /// TCP connect + TLS handshake + HTTP/2 preface, either direction.
     pub handshake_timeout: Duration,
+    /// How long a flow (outbound: the source pod's certificate; inbound: the destination
+    /// pod's) waits for a certificate the node is still obtaining, e.g. a pod's first flow
+    /// right after it started, before it is refused. Shorter than the handshake timeout, so
+    /// an inbound wait ends before the peer's handshake gives up.
+    pub cert_wait: Duration,
     /// `k8s.cluster.name` in `baggage`.
     pub cluster_name: String,
 }
@@ -84,6 +89,7 @@ impl Default for HboneOptions {
             max_connections: 1024,
             pool_idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(5),
+            cert_wait: Duration::from_secs(3),
             cluster_name: "Kubernetes".into(),
         }
     }

@@ -185,6 +185,12 @@ impl Pool {
             self.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(s);
         }
+        // A pod's first flow may come before its certificate: wait for it here (a missing
+        // one fails in `connect` after the wait).
+        self.tls
+            .store()
+            .wait_for(&key.src_id, self.opts.cert_wait)
+            .await;
         let gate = {
             let mut c = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
             c.entry(key.clone()).or_default().clone()
