@@ -238,8 +238,9 @@ fn upgrades_and_restarts_drop_nothing() {
     let ws = ws.report();
     eprintln!("http n1->n2: {remote}\nhttp n2: {local}\ntcp: {tcp_report}\ngrpc: {grpc}\nws: {ws}");
 
+    let logs = || agent_log_excerpt(&lab, &["n1", "n2"], 40);
     for (r, what) in [(&remote, "HTTP through HBONE"), (&local, "HTTP same node")] {
-        assert_eq!(r["failed"], 0, "{what}: {r}");
+        assert_eq!(r["failed"], 0, "{what}: {r}\n{}", logs());
         // 500 req/s for 40 s; a loaded CI machine may pace slower, never fail.
         assert!(r["ok"].as_u64().unwrap() > 5_000, "{what}: {r}");
         assert!(
@@ -250,12 +251,13 @@ fn upgrades_and_restarts_drop_nothing() {
     assert_eq!(
         tcp_report["failures"].as_array().unwrap().len(),
         0,
-        "{tcp_report}"
+        "{tcp_report}\n{}",
+        logs()
     );
     assert!(tcp_report["bytes"].as_u64().unwrap() > 0, "{tcp_report}");
-    assert_eq!(grpc["failed"], 0, "{grpc}");
+    assert_eq!(grpc["failed"], 0, "{grpc}\n{}", logs());
     assert!(grpc["echoed"].as_u64().unwrap() >= 100 * 50, "{grpc}");
-    assert_eq!(ws["failed"], 0, "{ws}");
+    assert_eq!(ws["failed"], 0, "{ws}\n{}", logs());
     assert!(ws["echoed"].as_u64().unwrap() >= 50 * 50, "{ws}");
 
     // With every stream ended, the drained agents leave on their own: one per node.

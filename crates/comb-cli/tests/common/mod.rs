@@ -540,3 +540,47 @@ pub fn json_out(lab: &Lab, pod: &str, program: &str, args: &[&str]) -> serde_jso
     assert!(ok, "{program} {args:?} failed: {text} {err}");
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text} {err}"))
 }
+
+/// What the agents of `nodes` logged that explains a failure: warnings, errors and the
+/// proxy's connection-level lines (ANSI colours removed), the last `max` of them per node.
+pub fn agent_log_excerpt(lab: &Lab, nodes: &[&str], max: usize) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let text = std::fs::read_to_string(lab.agent_log(node)).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| {
+                l.contains(" WARN ")
+                    || l.contains(" ERROR ")
+                    || l.contains("hbone")
+                    || l.contains("drain")
+                    || l.contains("hand")
+            })
+            .collect();
+        out.push_str(&format!("--- combd {node} ---\n"));
+        for l in &lines[lines.len().saturating_sub(max)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut s = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}

@@ -17,6 +17,9 @@ use crate::telemetry::trace;
 use crate::tunnel::headers;
 use crate::tunnel::pool::WorkloadKey;
 
+/// A CONNECT that fails before its `200` is tried this many times in all.
+const CONNECT_ATTEMPTS: u32 = 3;
+
 /// Serves one flow steered to the outbound listener: `peer` is the source pod, `dst` the
 /// original destination (a remote pod). A flow that cannot be tunneled is reset (the client
 /// sees what an unreachable peer would give it).
@@ -46,12 +49,15 @@ pub async fn serve_outbound(
         src: peer.ip().to_canonical(),
         dst: SocketAddr::new(dst.ip().to_canonical(), hbone.opts.peer_port),
     };
-    // A CONNECT that fails before its 200 carried no byte of the client's: it is retried
-    // once on a fresh connection. That is what a draining peer's GOAWAY (an upgrade on its
-    // node, docs/upgrades.md) or a connection that died unnoticed costs, instead of a reset.
-    let mut retried = false;
+    // A CONNECT that fails before its 200 carried no byte of the client's: it is retried,
+    // on a connection opened after the failure (other pooled ones to that peer may be
+    // going away too), twice at most. That is what a draining peer's GOAWAY (an upgrade on
+    // its node, docs/upgrades.md) or a connection that died unnoticed costs, not a reset.
+    let mut retry_since: Option<std::time::Instant> = None;
+    let mut attempts = 0;
     let (slot, resp) = loop {
-        let slot = match hbone.pool.stream(&key).await {
+        attempts += 1;
+        let slot = match hbone.pool.stream(&key, retry_since).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %dst, "hbone outbound: {e}");
@@ -66,12 +72,12 @@ pub async fn serve_outbound(
             Ok(r) => break (slot, r),
             Err(e) => {
                 slot.conn.retire();
-                if retried {
-                    tracing::info!(%peer, %dst, "hbone outbound CONNECT: {e}");
+                if attempts >= CONNECT_ATTEMPTS {
+                    tracing::info!(%peer, %dst, attempts, "hbone outbound CONNECT: {e}");
                     return reset(stream);
                 }
                 tracing::debug!(%peer, %dst, "hbone outbound CONNECT: {e}; retrying on a fresh connection");
-                retried = true;
+                retry_since = Some(std::time::Instant::now());
             }
         }
     };

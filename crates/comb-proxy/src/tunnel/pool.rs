@@ -180,8 +180,15 @@ impl Pool {
     }
 
     /// A stream slot on a live connection for `key`, opening one when none has room.
-    pub(crate) async fn stream(&self, key: &WorkloadKey) -> Result<Stream, PoolError> {
-        if let Some(s) = self.take_live(key) {
+    /// `opened_since`: only connections opened at or after that instant qualify (a retry
+    /// after a CONNECT failed on an older one, which may share its fate: a peer that drains
+    /// sends GOAWAY on all of them).
+    pub(crate) async fn stream(
+        &self,
+        key: &WorkloadKey,
+        opened_since: Option<Instant>,
+    ) -> Result<Stream, PoolError> {
+        if let Some(s) = self.take_live(key, opened_since) {
             self.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(s);
         }
@@ -196,7 +203,7 @@ impl Pool {
             c.entry(key.clone()).or_default().clone()
         };
         let _g = gate.lock().await;
-        if let Some(s) = self.take_live(key) {
+        if let Some(s) = self.take_live(key, opened_since) {
             self.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(s);
         }
@@ -226,12 +233,13 @@ impl Pool {
         Ok(s)
     }
 
-    fn take_live(&self, key: &WorkloadKey) -> Option<Stream> {
+    fn take_live(&self, key: &WorkloadKey, opened_since: Option<Instant>) -> Option<Stream> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.sender.is_closed());
         let max = self.opts.max_streams_per_connection;
         list.iter()
+            .filter(|c| opened_since.is_none_or(|t| c.created >= t))
             .filter(|c| c.usable() && c.sender.is_ready() && c.active.load(Ordering::Relaxed) < max)
             .min_by_key(|c| c.active.load(Ordering::Relaxed))
             .map(claim)
