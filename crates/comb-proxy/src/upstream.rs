@@ -4,6 +4,7 @@
 //! dedicated upstream of an HBONE-delivered connection.
 
 mod h1_pool;
+use h1_pool::H1Pool;
 pub(crate) use h1_pool::{Capped, Slot};
 mod h2_pool;
 
@@ -83,7 +84,7 @@ impl Failure {
 }
 
 pub struct Upstreams {
-    h1: h1_pool::H1Client,
+    h1: Arc<H1Pool>,
     h1_open: Arc<AtomicUsize>,
     h2: h2_pool::H2Pool,
 }
@@ -101,7 +102,7 @@ impl Upstreams {
     /// `h1_open`: the count of open HTTP/1 upstream connections, capped at
     /// `max_upstream_h1_connections`; shared by the pools of every proxy thread.
     pub fn new(limits: &Limits, h1_open: Arc<AtomicUsize>) -> Self {
-        let h1 = h1_pool::client(limits, h1_open.clone());
+        let h1 = Arc::new(H1Pool::new(limits, h1_open.clone()));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .initial_stream_window_size(limits.h2_stream_window)
@@ -128,15 +129,13 @@ impl Upstreams {
         }
     }
 
-    /// HTTP/1.1 exchange; the request URI must be absolute with the destination as authority.
-    pub async fn send_h1(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
-        self.h1.request(req).await.map_err(|e| {
-            if is_overflow(&e) {
-                return Failure::OVERFLOW;
-            }
-            let connecting = e.is_connect();
-            Failure::classify(&e, connecting)
-        })
+    /// HTTP/1.1 exchange with `dst`, on a pooled connection or a new one.
+    pub async fn send_h1(
+        &self,
+        dst: SocketAddr,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, Failure> {
+        self.h1.request(dst, req).await
     }
 
     /// HTTP/2 exchange on the destination's shared connection.
@@ -151,17 +150,6 @@ impl Upstreams {
             .await
             .map_err(|e| Failure::classify(&e, false))
     }
-}
-
-fn is_overflow(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.is::<h1_pool::Overflow>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }
 
 /// The upstream of one HBONE-delivered downstream connection: its own connection to the

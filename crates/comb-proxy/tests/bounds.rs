@@ -223,8 +223,8 @@ async fn h1_upstream_connections_are_capped_and_idle_ones_reaped() {
         slow.await.unwrap(),
         (http::StatusCode::OK, "slow done".to_string())
     );
-    // The connection goes back to the pool (hyper-util does that in a task of its own, so
-    // allow it a moment): then it is reused, not a second one opened.
+    // The connection is back in the pool and takes the next request once hyper has
+    // finished the previous response (allow it a moment): reused, not a second one opened.
     let mut served = false;
     for _ in 0..100 {
         let r = h1_send(&mut c, "GET", "/echo", "pooled").await;

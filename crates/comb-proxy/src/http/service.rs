@@ -217,17 +217,22 @@ async fn handle(
             None => ctx.upstreams().send_h2(conn.dst, upstream_req(parts)).await,
         }
     } else {
-        // The URI's authority keys the pool by destination; Host goes as received.
+        // Host goes as received (the destination address when there was none); the
+        // request line in origin form, as a server behind no proxy expects it.
         if !parts.headers.contains_key(header::HOST)
             && let Ok(v) = HeaderValue::from_str(&conn.dst.to_string())
         {
             parts.headers.insert(header::HOST, v);
         }
-        parts.uri = dst_uri(&parts.uri, conn.dst);
+        if parts.method != http::Method::CONNECT
+            && let Some(u) = origin_form(&parts.uri)
+        {
+            parts.uri = u;
+        }
         parts.version = Version::HTTP_11;
         match &conn.upstream {
             Some(d) => d.send_h1(upstream_req(parts)).await,
-            None => ctx.upstreams().send_h1(upstream_req(parts)).await,
+            None => ctx.upstreams().send_h1(conn.dst, upstream_req(parts)).await,
         }
     };
     let mut resp = match sent {
@@ -311,17 +316,17 @@ fn version_str(v: Version) -> &'static str {
     }
 }
 
-/// `http://<dst><path?query>`: what the HTTP/1 pool is keyed by.
-fn dst_uri(uri: &Uri, dst: SocketAddr) -> Uri {
+/// The origin form of an absolute-form request target (`http://host/p?q` → `/p?q`); None
+/// when it is in origin form already (the common case: no allocation).
+fn origin_form(uri: &Uri) -> Option<Uri> {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return None;
+    }
     let pq = uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Authority::try_from(dst.to_string()).ok();
-    parts.path_and_query = Some(pq);
-    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    Some(Uri::from(pq))
 }
 
 /// HTTP/2 keeps the client's `:authority` (the destination address when it sent none).
@@ -365,7 +370,11 @@ mod tests {
     fn uris() {
         let dst: SocketAddr = "10.0.0.5:8080".parse().unwrap();
         let u: Uri = "/a/b?c=d".parse().unwrap();
-        assert_eq!(dst_uri(&u, dst).to_string(), "http://10.0.0.5:8080/a/b?c=d");
+        assert_eq!(origin_form(&u), None);
+        let abs: Uri = "http://web.shop:8080/a/b?c=d".parse().unwrap();
+        assert_eq!(origin_form(&abs).unwrap().to_string(), "/a/b?c=d");
+        let bare: Uri = "http://web.shop".parse().unwrap();
+        assert_eq!(origin_form(&bare).unwrap().to_string(), "/");
         let u2: Uri = "http://web.shop:80/x".parse().unwrap();
         assert_eq!(h2_uri(&u2, dst).to_string(), "http://web.shop:80/x");
         assert_eq!(h2_uri(&u, dst).to_string(), "http://10.0.0.5:8080/a/b?c=d");
