@@ -116,40 +116,18 @@ struct Capture(Child, std::path::PathBuf);
 impl Capture {
     fn start(lab: &Lab, name: &str) -> Capture {
         let file = lab.state_dir().join(name);
-        // Immediate mode: without it packets wait in the kernel's ring until a block is full
-        // or 1 s old, and the ones of the last second before `finish` were lost.
-        let mut child = lab
+        let child = lab
             .router_command(
                 "tcpdump",
-                &[
-                    "-i",
-                    "any",
-                    "--immediate-mode",
-                    "-U",
-                    "-s",
-                    "0",
-                    "-w",
-                    file.to_str().unwrap(),
-                ],
+                &["-i", "any", "-U", "-s", "0", "-w", file.to_str().unwrap()],
             )
             .unwrap()
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .expect("tcpdump (make deps)");
-        // Ready once it says it listens.
-        use std::io::BufRead;
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("tcpdump did not start listening within 20 s");
+        // tcpdump needs a moment to open its sockets.
+        std::thread::sleep(Duration::from_millis(800));
         Capture(child, file)
     }
 
