@@ -111,42 +111,88 @@ fn connects(lab: &Lab, pod: &str, to: &str) -> bool {
 }
 
 /// tcpdump on every interface of the router namespace, writing `file`; stopped on drop.
-struct Capture(Child, std::path::PathBuf);
+/// Immediate mode (else packets wait in the kernel's ring until a block is full or 1 s old,
+/// and the last second's were lost at SIGINT), a 32 MiB ring, and the kernel's drop count
+/// checked at the end: a capture that lost packets says so instead of failing a product check.
+struct Capture {
+    child: Child,
+    file: std::path::PathBuf,
+    stderr: std::thread::JoinHandle<String>,
+}
 
 impl Capture {
     fn start(lab: &Lab, name: &str) -> Capture {
+        use std::io::BufRead;
         let file = lab.state_dir().join(name);
-        let child = lab
+        let mut child = lab
             .router_command(
                 "tcpdump",
-                &["-i", "any", "-U", "-s", "0", "-w", file.to_str().unwrap()],
+                &[
+                    "-i",
+                    "any",
+                    "--immediate-mode",
+                    "-B",
+                    "32768",
+                    "-U",
+                    "-s",
+                    "0",
+                    "-w",
+                    file.to_str().unwrap(),
+                ],
             )
             .unwrap()
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("tcpdump (make deps)");
-        // tcpdump needs a moment to open its sockets.
-        std::thread::sleep(Duration::from_millis(800));
-        Capture(child, file)
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        // Ready once it says it listens (the socket and its ring are active then).
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("tcpdump did not start listening within 20 s");
+        Capture {
+            child,
+            file,
+            stderr,
+        }
     }
 
-    /// Stop and return the capture's bytes.
+    /// Stop and return the capture's bytes; panics if the kernel dropped packets of it.
     fn finish(mut self) -> (Vec<u8>, std::path::PathBuf) {
         std::thread::sleep(Duration::from_millis(300));
-        // SIGINT: tcpdump flushes and closes the file.
+        // SIGINT: tcpdump flushes and closes the file and prints its counts.
         let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
+            .args(["-INT", &self.child.id().to_string()])
             .status();
-        let _ = self.0.wait();
-        (std::fs::read(&self.1).unwrap(), self.1.clone())
+        let _ = self.child.wait();
+        let file = std::mem::take(&mut self.file);
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        let report = stderr.join().unwrap_or_default();
+        let dropped: u64 = report
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no drop count in tcpdump's report:\n{report}"));
+        assert_eq!(dropped, 0, "the capture itself lost packets:\n{report}");
+        (std::fs::read(&file).unwrap(), file)
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -258,20 +304,6 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
         &["check", "--to", &format!("{web}:{TCP}"), "--conns", "8"],
     );
     assert!(ok, "opaque TCP through HBONE: {out}");
-    // iperf3 (one stream): the receiver's count stops at the end of the test while bytes are
-    // still in flight, so it is a throughput check; `probe check` above is the exact one.
-    let v = json_out(
-        &lab,
-        "shop/client",
-        "iperf3",
-        &["-c", &web, "-p", &IPERF.to_string(), "-t", "2", "-J"],
-    );
-    let sent = v["end"]["sum_sent"]["bytes"].as_u64().unwrap();
-    let got = v["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(
-        sent > 10_000_000 && got as f64 >= 0.9 * sent as f64,
-        "iperf3 through HBONE: sent {sent}, received {got}"
-    );
     let (wire, file) = cap.finish();
 
     // The proof: TLS 1.3 handshakes on 15008, the HBONE marker never in clear, while the
@@ -291,7 +323,26 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
     );
     assert!(
         !hellos.is_empty(),
-        "no ServerHello from 15008 in the capture"
+        "no ServerHello from 15008 in the capture; its first packets on 15008:\n{}",
+        tshark(
+            &file,
+            "tcp.port==15008",
+            &[
+                "frame.number",
+                "ip.src",
+                "tcp.srcport",
+                "ip.dst",
+                "tcp.dstport",
+                "tcp.flags.str",
+                "tcp.len",
+                "_ws.col.Info"
+            ]
+        )
+        .iter()
+        .take(30)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
     );
     assert!(
         hellos.iter().all(|v| v.contains("0x0304")),
@@ -305,6 +356,22 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
     assert!(
         clear_http.is_empty(),
         "plaintext HTTP on 15008: {clear_http:?}"
+    );
+
+    // iperf3 (one stream), outside the capture (its volume would only load the capture):
+    // the receiver's count stops at the end of the test while bytes are
+    // still in flight, so it is a throughput check; `probe check` above is the exact one.
+    let v = json_out(
+        &lab,
+        "shop/client",
+        "iperf3",
+        &["-c", &web, "-p", &IPERF.to_string(), "-t", "2", "-J"],
+    );
+    let sent = v["end"]["sum_sent"]["bytes"].as_u64().unwrap();
+    let got = v["end"]["sum_received"]["bytes"].as_u64().unwrap();
+    assert!(
+        sent > 10_000_000 && got as f64 >= 0.9 * sent as f64,
+        "iperf3 through HBONE: sent {sent}, received {got}"
     );
 
     // Pooling: 1,000 sequential new connections between the same two pods.

@@ -109,6 +109,23 @@ fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
     (client, server)
 }
 
+/// Backpressure tests: `bounds` set (and read back), then a loopback pair with both ends
+/// spliced; the server side times reads out after 10 s.
+fn spliced_pair_with(
+    dp: &Datapath,
+    bounds: Backpressure,
+) -> (std::net::TcpStream, std::net::TcpStream) {
+    dp.splice().set_backpressure(bounds).unwrap();
+    assert_eq!(dp.splice().backpressure().unwrap(), bounds);
+    let (client, server) = loopback_pair();
+    dp.splice().splice_socket(&client).unwrap();
+    dp.splice().splice_socket(&server).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (client, server)
+}
+
 /// Once the test's sockets are closed: the sockhash empties, and unloading leaves no pin.
 fn unload_after_close(dp: Datapath, pins: PinGuard) {
     wait_for("the sockhash to empty after close", || {
@@ -407,20 +424,14 @@ fn a_peer_that_does_not_read_pushes_its_sender_to_tcp() {
     const LIMIT: u64 = 1 << 20;
     const CHUNK: usize = 64 << 10;
     // The stall rule out of the way (a long time): only the full queue moves the sender.
-    let bounds = Backpressure {
-        queue_limit: LIMIT as u32,
-        stall_limit: LIMIT as u32,
-        stall_ms: 600_000,
-    };
-    dp.splice().set_backpressure(bounds).unwrap();
-    assert_eq!(dp.splice().backpressure().unwrap(), bounds);
-
-    let (mut client, mut server) = loopback_pair();
-    dp.splice().splice_socket(&client).unwrap();
-    dp.splice().splice_socket(&server).unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (mut client, mut server) = spliced_pair_with(
+        &dp,
+        Backpressure {
+            queue_limit: LIMIT as u32,
+            stall_limit: LIMIT as u32,
+            stall_ms: 600_000,
+        },
+    );
 
     // The byte at stream offset i is (i / 4) as u32, little-endian, byte i % 4: any loss,
     // duplicate or reordering shows.
@@ -510,19 +521,14 @@ fn a_stalled_peer_moves_a_slow_sender_to_tcp() {
     }
     let (pins, dp) = fresh_datapath();
     const STALL: usize = 256 << 10;
-    dp.splice()
-        .set_backpressure(Backpressure {
+    let (mut client, mut server) = spliced_pair_with(
+        &dp,
+        Backpressure {
             queue_limit: 64 << 20,
             stall_limit: STALL as u32,
             stall_ms: 300,
-        })
-        .unwrap();
-    let (mut client, mut server) = loopback_pair();
-    dp.splice().splice_socket(&client).unwrap();
-    dp.splice().splice_socket(&server).unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+        },
+    );
     let drain = |server: &mut std::net::TcpStream, n: usize| {
         let mut b = vec![0u8; n];
         server.read_exact(&mut b).unwrap();

@@ -44,7 +44,6 @@ pub struct H1Pool<B = RequestBody> {
     idle_timeout: Duration,
     connect_timeout: Duration,
     builder: http1::Builder,
-    last_reap: Mutex<Instant>,
     /// The reaper task runs (started with the first connection, on this pool's thread).
     reaping: std::sync::atomic::AtomicBool,
 }
@@ -68,7 +67,6 @@ where
             idle_timeout: limits.upstream_idle_timeout,
             connect_timeout: limits.upstream_connect_timeout,
             builder,
-            last_reap: Mutex::new(Instant::now()),
             reaping: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -108,10 +106,9 @@ where
     /// leave the list on the way.
     fn checkout(&self, dst: SocketAddr) -> Option<http1::SendRequest<B>> {
         let now = Instant::now();
-        self.maybe_reap(now);
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(&dst)?;
-        list.retain(|p| !p.sender.is_closed() && now.duration_since(p.used) < self.idle_timeout);
+        list.retain(|p| self.keeps(p, now));
         let i = list.iter().position(|p| p.sender.is_ready())?;
         Some(list.swap_remove(i).sender)
     }
@@ -143,22 +140,17 @@ where
         (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10))
     }
 
-    /// Every so often, every list loses its closed and expired connections (a destination
-    /// no longer asked for would otherwise keep them): on a checkout, and from the reaper
-    /// while no request comes.
-    fn maybe_reap(&self, now: Instant) {
-        {
-            let mut last = self.last_reap.lock().unwrap_or_else(|e| e.into_inner());
-            if now.duration_since(*last) < self.reap_period() {
-                return;
-            }
-            *last = now;
-        }
+    /// Whether a pooled connection stays: open, and used within the idle timeout.
+    fn keeps(&self, p: &Pooled<B>, now: Instant) -> bool {
+        !p.sender.is_closed() && now.duration_since(p.used) < self.idle_timeout
+    }
+
+    /// Every list loses its closed and expired connections (a destination no longer asked
+    /// for would otherwise keep them); the reaper calls it, checkouts clean their own list.
+    fn reap(&self, now: Instant) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|_, list| {
-            list.retain(|p| {
-                !p.sender.is_closed() && now.duration_since(p.used) < self.idle_timeout
-            });
+            list.retain(|p| self.keeps(p, now));
             !list.is_empty()
         });
     }
@@ -174,7 +166,7 @@ where
             loop {
                 tokio::time::sleep(period).await;
                 let Some(pool) = weak.upgrade() else { return };
-                pool.maybe_reap(Instant::now());
+                pool.reap(Instant::now());
             }
         });
     }
