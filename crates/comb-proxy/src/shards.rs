@@ -120,12 +120,21 @@ impl Shards {
         });
     }
 
+    /// The least busy shard; on a tie the calling thread's own (it is awake already, and a
+    /// hand-over to another thread costs a wake-up before the connection's first byte), then
+    /// the others in turn.
     fn pick(&self) -> usize {
         let n = self.shards.len();
+        let here = SHARD.with(Cell::get);
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|k| (start + k) % n)
-            .min_by_key(|&i| self.shards[i].active.load(Ordering::Relaxed))
+            .min_by_key(|&i| {
+                (
+                    self.shards[i].active.load(Ordering::Relaxed),
+                    Some(i) != here,
+                )
+            })
             .unwrap_or(0)
     }
 

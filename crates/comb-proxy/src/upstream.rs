@@ -1,7 +1,8 @@
-//! Pooled upstream connections to original destinations: one HTTP/1.1 pool (hyper-util's
-//! legacy client, keyed by the destination address in the URI, capped in total) and one
-//! HTTP/2 pool (one multiplexed connection per destination, bounded and reaped), plus the
-//! dedicated upstream of an HBONE-delivered connection.
+//! Pooled upstream connections to original destinations: one HTTP/1.1 pool per proxy
+//! thread (our own, over hyper's connection API, keyed by the destination address; the count
+//! of open connections capped across threads) and one HTTP/2 pool (one multiplexed
+//! connection per destination, bounded and reaped), plus the dedicated upstream of an
+//! HBONE-delivered connection.
 
 mod h1_pool;
 use h1_pool::H1Pool;

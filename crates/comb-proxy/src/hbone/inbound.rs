@@ -10,16 +10,15 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use comb_model::l7::Request as AuthzRequest;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::context::ProxyContext;
-use crate::tunnel::{TunnelPeer, headers, socket, tls};
+use crate::tunnel::h2_stream::{H2Stream, keep_alive};
+use crate::tunnel::{H2_PING_INTERVAL, H2_PING_TIMEOUT, TunnelPeer, headers, socket, tls};
 
 /// Serves one connection accepted on the inbound listener (`local` = the address it was
 /// sent to) until the client closes it. Anything that is not a mutual-TLS HTTP/2 client of
@@ -84,72 +83,135 @@ pub async fn serve_inbound(
     };
     hbone.inbound.handshakes.fetch_add(1, Ordering::Relaxed);
     let tunnel = Arc::new(TunnelPeer::new(client));
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        let tunnel = tunnel.clone();
-        async move {
-            let resp = connect(req, peer, local, tunnel, ctx.clone()).await;
-            if let Some(h) = &ctx.hbone {
-                let counter = if resp.status() == StatusCode::OK {
-                    &h.inbound.streams
-                } else {
-                    &h.inbound.rejected_streams
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, std::convert::Infallible>(resp)
+    let mut conn = match tokio::time::timeout(
+        hbone.opts.handshake_timeout,
+        hbone.h2.handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, %local, "hbone inbound http/2 handshake: {e}");
+            return;
         }
-    });
-    let mut stop = ctx.stopping();
-    let served = hbone.h2.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(served);
-    let r = tokio::select! {
-        r = served.as_mut() => r,
-        _ = stop.changed() => {
-            served.as_mut().graceful_shutdown();
-            served.await
+        Err(_) => {
+            tracing::debug!(%peer, %local, "hbone inbound http/2 handshake timed out");
+            return;
         }
     };
-    if let Err(e) = r {
-        tracing::debug!(%peer, %local, "hbone inbound connection: {e}");
+    let pings = conn.ping_pong();
+    let alive = async {
+        match pings {
+            Some(p) => keep_alive(p, H2_PING_INTERVAL, H2_PING_TIMEOUT).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(alive);
+    let mut stop = ctx.stopping();
+    let mut draining = false;
+    // Polling `accept` drives the connection (its streams' frames too) until it closes; a
+    // drain sends GOAWAY and lets the streams in flight finish.
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(serve_stream(req, respond, peer, local, tunnel.clone(), ctx.clone()));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, %local, "hbone inbound connection: {e}");
+                    break;
+                }
+                None => break,
+            },
+            _ = stop.changed(), if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            _ = &mut alive => {
+                tracing::debug!(%peer, %local, "hbone inbound connection: keep-alive failed, closing");
+                break;
+            }
+        }
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
-}
-
-async fn connect(
-    mut req: Request<Incoming>,
+/// One CONNECT stream: answered, and on 200 delivered to the pod.
+async fn serve_stream(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     local: SocketAddr,
     tunnel: Arc<TunnelPeer>,
     ctx: Arc<ProxyContext>,
-) -> Response<Empty<Bytes>> {
+) {
     let Some(hbone) = ctx.hbone.clone() else {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return;
     };
+    let (resp, delivery) = match connect(&req, peer, local, &tunnel, &ctx).await {
+        Ok((resp, d)) => (resp, Some(d)),
+        Err(code) => (status(code), None),
+    };
+    let counter = if delivery.is_some() {
+        &hbone.inbound.streams
+    } else {
+        &hbone.inbound.rejected_streams
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let send = match respond.send_response(resp, delivery.is_none()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, %local, "hbone inbound response: {e}");
+            return;
+        }
+    };
+    let Some(Delivery { up, src, mark, dst }) = delivery else {
+        return;
+    };
+    let io = H2Stream::new(send, req.into_body());
+    crate::conn::serve_tunneled(io, up, (src, mark), peer, dst, tunnel, ctx).await;
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    r
+}
+
+/// An accepted stream's way to the pod: the connection to it, made from the original source
+/// (`src`, `mark`) when configured.
+struct Delivery {
+    up: TcpStream,
+    src: Option<std::net::IpAddr>,
+    mark: Option<u32>,
+    dst: SocketAddr,
+}
+
+/// Judges a CONNECT and connects to the pod: the 200 to send, or the refusal's status.
+async fn connect(
+    req: &Request<RecvStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tunnel: &TunnelPeer,
+    ctx: &ProxyContext,
+) -> Result<(Response<()>, Delivery), StatusCode> {
+    let hbone = ctx.hbone.as_ref().ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
     if req.method() != Method::CONNECT {
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
-    let Some(dst) = req
+    let dst = req
         .uri()
         .authority()
         .and_then(|a| headers::parse_authority(a.as_str()))
-    else {
-        return status(StatusCode::BAD_REQUEST);
-    };
+        .ok_or(StatusCode::BAD_REQUEST)?;
     // The tunnel may only reach the pod it was addressed to (ztunnel's rule).
     if dst.ip() != local.ip() {
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
     let table = ctx.table();
-    let Some(endpoint) = table.endpoint(dst.ip()).cloned() else {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
-    };
+    let endpoint = table
+        .endpoint(dst.ip())
+        .cloned()
+        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
     // TCP semantics here; a denial that an HTTP request could still turn (ALLOW rules with
     // HTTP fields) is left to the per-request check inside the tunnel.
     let decision = endpoint.authz.evaluate(&AuthzRequest {
@@ -163,7 +225,7 @@ async fn connect(
     drop(table);
     if !decision.allow && !endpoint.authz.has_http_rules() {
         tracing::debug!(%peer, %dst, principal = %tunnel.principal, "hbone inbound: denied");
-        return status(StatusCode::UNAUTHORIZED);
+        return Err(StatusCode::UNAUTHORIZED);
     }
     let (src, mark) = if hbone.opts.original_source {
         (
@@ -182,33 +244,15 @@ async fn connect(
         Ok(Ok(up)) => up,
         Ok(Err(e)) => {
             tracing::debug!(%peer, %dst, "hbone inbound delivery: {e}");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
-        Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE),
+        Err(_) => return Err(StatusCode::SERVICE_UNAVAILABLE),
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(io) => {
-                crate::conn::serve_tunneled(
-                    TokioIo::new(io),
-                    up,
-                    (src, mark),
-                    peer,
-                    dst,
-                    tunnel,
-                    ctx,
-                )
-                .await
-            }
-            Err(e) => tracing::debug!(%peer, %dst, "hbone inbound upgrade: {e}"),
-        }
-    });
     let mut resp = status(StatusCode::OK);
     if let Some(v) = baggage_of(&endpoint.workload, &hbone.opts.cluster_name) {
         resp.headers_mut().insert("baggage", v);
     }
-    resp
+    Ok((resp, Delivery { up, src, mark, dst }))
 }
 
 fn baggage_of(w: &comb_model::l7::Workload, cluster: &str) -> Option<HeaderValue> {

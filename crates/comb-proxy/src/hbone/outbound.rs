@@ -1,5 +1,7 @@
 //! One outbound flow: a local mesh pod's TCP connection to a remote HBONE peer becomes a
-//! CONNECT stream on a pooled mutual-TLS connection.
+//! CONNECT stream on a pooled mutual-TLS connection. What the client has sent by the time the
+//! stream opens goes with the CONNECT (before the peer's `200`), so a client-speaks-first
+//! protocol does not pay a round trip through both proxies before its first byte moves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,15 +9,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
 use crate::relay;
 use crate::telemetry::trace;
+use crate::tunnel::h2_stream::H2Stream;
 use crate::tunnel::headers;
 use crate::tunnel::pool::WorkloadKey;
+
+/// The most of the client's first bytes sent with the CONNECT.
+const FIRST_BYTES: usize = 16 * 1024;
 
 /// A CONNECT that fails before its `200` is tried this many times in all.
 const CONNECT_ATTEMPTS: u32 = 3;
@@ -49,13 +53,16 @@ pub async fn serve_outbound(
         src: peer.ip().to_canonical(),
         dst: SocketAddr::new(dst.ip().to_canonical(), hbone.opts.peer_port),
     };
-    // A CONNECT that fails before its 200 carried no byte of the client's: it is retried,
-    // on a connection opened after the failure (other pooled ones to that peer may be
-    // going away too), twice at most. That is what a draining peer's GOAWAY (an upgrade on
-    // its node, docs/upgrades.md) or a connection that died unnoticed costs, not a reset.
+    // A CONNECT that fails before its 200 is retried, on a connection opened after the
+    // failure (other pooled ones to that peer may be going away too), twice at most. That
+    // is what a draining peer's GOAWAY (an upgrade on its node, docs/upgrades.md) or a
+    // connection that died unnoticed costs, not a reset. With first bytes sent, only a
+    // stream the peer certainly did not process (refused, or above its GOAWAY) is retried:
+    // the bytes may have reached the pod otherwise.
     let mut retry_since: Option<std::time::Instant> = None;
     let mut attempts = 0;
-    let (slot, resp) = loop {
+    let mut first: Option<Bytes> = None;
+    let (slot, resp, send) = loop {
         attempts += 1;
         let slot = match hbone.pool.stream(&key, retry_since).await {
             Ok(s) => s,
@@ -64,15 +71,24 @@ pub async fn serve_outbound(
                 return reset(stream);
             }
         };
-        let mut sender = slot.conn.sender.clone();
-        match sender
-            .send_request(connect_request(peer, dst, source.as_deref(), hbone))
-            .await
-        {
-            Ok(r) => break (slot, r),
+        let early = first.get_or_insert_with(|| first_bytes(&stream)).clone();
+        let sent_early = !early.is_empty();
+        let opened = async {
+            let mut sender = slot.conn.sender.clone().ready().await?;
+            let (resp, mut send) =
+                sender.send_request(connect_request(peer, dst, source.as_deref(), hbone), false)?;
+            if sent_early {
+                send.send_data(early, false)?;
+            }
+            Ok::<_, h2::Error>((resp.await?, send))
+        };
+        match opened.await {
+            Ok((r, send)) => break (slot, r, send),
             Err(e) => {
                 slot.conn.retire();
-                if attempts >= CONNECT_ATTEMPTS {
+                let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && !e.is_io());
+                if attempts >= CONNECT_ATTEMPTS || (sent_early && !unprocessed) {
                     tracing::info!(%peer, %dst, attempts, "hbone outbound CONNECT: {e}");
                     return reset(stream);
                 }
@@ -85,15 +101,13 @@ pub async fn serve_outbound(
         tracing::info!(%peer, %dst, status = %resp.status(), "hbone outbound: refused");
         return reset(stream);
     }
-    let upgraded = match hyper::upgrade::on(resp).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::info!(%peer, %dst, "hbone outbound upgrade: {e}");
-            return reset(stream);
-        }
-    };
+    let early = first.map_or(0, |b| b.len() as u64);
+    slot.conn
+        .sent
+        .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
+    let upgraded = H2Stream::new(send, resp.into_body());
     // The pooled connection's totals, and this stream's own counts for the idle clock.
-    let tunnel = relay::Counted::new(TokioIo::new(upgraded), slot.conn.received.clone())
+    let tunnel = relay::Counted::new(upgraded, slot.conn.received.clone())
         .counting_writes(slot.conn.sent.clone());
     let (down_read, up_read) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut down = relay::Counted::new(stream, down_read.clone());
@@ -120,14 +134,14 @@ fn connect_request(
     dst: SocketAddr,
     source: Option<&comb_model::l7::Workload>,
     hbone: &crate::tunnel::Hbone,
-) -> Request<Empty<Bytes>> {
+) -> Request<()> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(
             Uri::try_from(SocketAddr::new(dst.ip().to_canonical(), dst.port()).to_string())
                 .unwrap_or_default(),
         )
-        .body(Empty::<Bytes>::new())
+        .body(())
         .unwrap_or_default();
     let h = req.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&headers::forwarded_for(peer.ip().to_canonical())) {
@@ -142,6 +156,22 @@ fn connect_request(
         h.insert("traceparent", v);
     }
     req
+}
+
+/// What the client has sent already, without waiting (nothing for a server-speaks-first
+/// protocol, or when its bytes are still on the way). Read from the socket itself: tokio
+/// does not know yet whether a socket this thread registered a moment ago is readable, and
+/// its `try_read` would not look.
+fn first_bytes(stream: &TcpStream) -> Bytes {
+    use std::io::Read;
+    let mut buf = vec![0u8; FIRST_BYTES];
+    match (&*socket2::SockRef::from(stream)).read(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Bytes::from(buf)
+        }
+        Err(_) => Bytes::new(),
+    }
 }
 
 /// Close with RST: the client must not read a failure as a clean end.

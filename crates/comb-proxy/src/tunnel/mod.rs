@@ -3,6 +3,7 @@
 //! and write, and the identity a tunnel's client proved. No connection serving here (that is
 //! `crate::hbone`), so the connection pipeline can depend on it.
 
+pub(crate) mod h2_stream;
 pub mod headers;
 mod peer;
 pub mod pool;
@@ -15,8 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use comb_identity::CertStore;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use peer::TunnelPeer;
 pub use pool::{HandshakeKind, Pool, PoolCounters, TunnelInfo};
@@ -32,6 +31,8 @@ pub const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const H2_MAX_FRAME: u32 = 1024 * 1024;
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A connection whose PING is not answered within this is closed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Which HBONE listener a socket is (for the datapath's listener sockmap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,22 +128,19 @@ pub struct Hbone {
     pub(crate) tls: Arc<tls::TlsConfigs>,
     pub(crate) pool: Arc<Pool>,
     /// The inbound HTTP/2 server's settings.
-    pub(crate) h2: http2::Builder<TokioExecutor>,
+    pub(crate) h2: h2::server::Builder,
 }
 
 impl Hbone {
     /// Call inside the proxy's runtime (the pool's reaper is spawned on it).
     pub fn new(opts: HboneOptions, certs: CertStore, max_concurrent_streams: u32) -> Arc<Self> {
         let tls = Arc::new(tls::TlsConfigs::new(certs));
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .max_concurrent_streams(max_concurrent_streams)
-            .initial_stream_window_size(H2_STREAM_WINDOW)
+        let mut h2 = h2::server::Builder::new();
+        h2.max_concurrent_streams(max_concurrent_streams)
+            .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_frame_size(H2_MAX_FRAME)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(Duration::from_secs(20));
+            .max_header_list_size(64 * 1024);
         Arc::new(Self {
             inbound: InboundCounters::default(),
             pool: Pool::new(tls.clone(), opts.clone()),

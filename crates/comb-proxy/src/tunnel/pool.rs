@@ -5,6 +5,11 @@
 //! when one is cached for that source identity and destination (a resumption), else does a
 //! full handshake. Connections without streams are closed after the idle timeout; the pool
 //! holds at most `max_connections`.
+//!
+//! Each proxy thread (shard, `crate::shards`) takes streams only on connections it opened:
+//! a connection's task runs on the thread that opened it, and a stream on another thread's
+//! connection would wake that thread for every frame in both directions. So a key has up to
+//! one connection per shard in use; the second costs a resumption, not a full handshake.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,9 +20,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 pub use comb_api::tunnel::{HandshakeKind, PoolCounters, TunnelRow as TunnelInfo};
 use comb_identity::SpiffeId;
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_rustls::TlsConnector;
 
 use super::tls::{self, TlsConfigs};
@@ -35,7 +37,11 @@ pub struct WorkloadKey {
 
 pub(crate) struct Conn {
     key: WorkloadKey,
-    pub(crate) sender: http2::SendRequest<Empty<Bytes>>,
+    /// The proxy thread whose runtime drives this connection.
+    shard: usize,
+    pub(crate) sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ended (closed by either side, keep-alive failed).
+    closed: Arc<AtomicBool>,
     local: SocketAddr,
     created: Instant,
     handshake: HandshakeKind,
@@ -46,7 +52,7 @@ pub(crate) struct Conn {
     /// When the last stream ended (idle reaping).
     idle_since: Mutex<Instant>,
     /// A stream could not be opened on it (GOAWAY from a draining peer, a dead connection
-    /// hyper has not noticed yet): no new stream is put on it.
+    /// h2 has not noticed yet): no new stream is put on it.
     retired: AtomicBool,
 }
 
@@ -56,8 +62,12 @@ impl Conn {
         self.retired.store(true, Ordering::Relaxed);
     }
 
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     fn usable(&self) -> bool {
-        !self.retired.load(Ordering::Relaxed) && !self.sender.is_closed()
+        !self.retired.load(Ordering::Relaxed) && !self.is_closed()
     }
 }
 
@@ -90,18 +100,21 @@ pub enum PoolError {
     #[error("{0} did not negotiate h2")]
     NoH2(SocketAddr),
     #[error("http/2 handshake with {0}: {1}")]
-    H2(SocketAddr, hyper::Error),
+    H2(SocketAddr, h2::Error),
     #[error("handshake with {0} timed out")]
     Timeout(SocketAddr),
 }
 
+/// Held while a connection for one key on one shard is being opened.
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
 pub struct Pool {
     conns: Mutex<HashMap<WorkloadKey, Vec<Arc<Conn>>>>,
-    /// One connection attempt at a time per key: concurrent first flows share it.
-    connecting: Mutex<HashMap<WorkloadKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One connection attempt at a time per key and shard: concurrent first flows share it.
+    connecting: Mutex<HashMap<(WorkloadKey, usize), Gate>>,
     tls: Arc<TlsConfigs>,
     opts: HboneOptions,
-    h2: http2::Builder<TokioExecutor>,
+    h2: h2::client::Builder,
     full: AtomicU64,
     resumed: AtomicU64,
     reused: AtomicU64,
@@ -111,14 +124,11 @@ pub struct Pool {
 impl Pool {
     /// Starts the idle reaper on the current tokio runtime when there is one.
     pub fn new(tls: Arc<TlsConfigs>, opts: HboneOptions) -> Arc<Self> {
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(super::H2_STREAM_WINDOW)
+        let mut h2 = h2::client::Builder::new();
+        h2.initial_window_size(super::H2_STREAM_WINDOW)
             .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
             .max_frame_size(super::H2_MAX_FRAME)
-            .keep_alive_interval(super::H2_PING_INTERVAL)
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+            .enable_push(false);
         let pool = Arc::new(Self {
             conns: Mutex::default(),
             connecting: Mutex::default(),
@@ -150,7 +160,7 @@ impl Pool {
         let mut out: Vec<TunnelInfo> = conns
             .values()
             .flatten()
-            .filter(|c| !c.sender.is_closed())
+            .filter(|c| !c.is_closed())
             .map(|c| TunnelInfo {
                 local: c.local,
                 peer: c.key.dst,
@@ -200,7 +210,9 @@ impl Pool {
             .await;
         let gate = {
             let mut c = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
-            c.entry(key.clone()).or_default().clone()
+            c.entry((key.clone(), crate::shards::current()))
+                .or_default()
+                .clone()
         };
         let _g = gate.lock().await;
         if let Some(s) = self.take_live(key, opened_since) {
@@ -236,11 +248,13 @@ impl Pool {
     fn take_live(&self, key: &WorkloadKey, opened_since: Option<Instant>) -> Option<Stream> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.is_closed());
         let max = self.opts.max_streams_per_connection;
+        let shard = crate::shards::current();
         list.iter()
+            .filter(|c| c.shard == shard)
             .filter(|c| opened_since.is_none_or(|t| c.created >= t))
-            .filter(|c| c.usable() && c.sender.is_ready() && c.active.load(Ordering::Relaxed) < max)
+            .filter(|c| c.usable() && c.active.load(Ordering::Relaxed) < max)
             .min_by_key(|c| c.active.load(Ordering::Relaxed))
             .map(claim)
     }
@@ -272,20 +286,43 @@ impl Pool {
                 HandshakeKind::Full
             }
         };
-        let (sender, conn) = self
+        let (sender, mut conn) = self
             .h2
-            .handshake(TokioIo::new(tls))
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| PoolError::H2(key.dst, e))?;
         let dst = key.dst;
+        let closed = Arc::new(AtomicBool::new(false));
+        let pings = conn.ping_pong();
+        let ended = closed.clone();
+        // The connection's task, on this shard's runtime; dropping `conn` closes the socket.
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%dst, "hbone connection: {e}");
+            let alive = async {
+                match pings {
+                    Some(p) => {
+                        super::h2_stream::keep_alive(
+                            p,
+                            super::H2_PING_INTERVAL,
+                            super::H2_PING_TIMEOUT,
+                        )
+                        .await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%dst, "hbone connection: {e}");
+                },
+                _ = alive => tracing::debug!(%dst, "hbone connection: keep-alive failed, closing"),
             }
+            ended.store(true, Ordering::Relaxed);
         });
         Ok(Conn {
             key: key.clone(),
+            shard: crate::shards::current(),
             sender,
+            closed,
             local,
             created: Instant::now(),
             handshake,
@@ -307,12 +344,12 @@ impl Pool {
             list.retain(|c| {
                 let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
                 let busy = c.active.load(Ordering::Relaxed) > 0;
-                !c.sender.is_closed() && (busy || (c.usable() && now.duration_since(since) < idle))
+                !c.is_closed() && (busy || (c.usable() && now.duration_since(since) < idle))
             });
             !list.is_empty()
         });
         let mut gates = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
-        gates.retain(|k, g| conns.contains_key(k) || Arc::strong_count(g) > 1);
+        gates.retain(|(k, _), g| conns.contains_key(k) || Arc::strong_count(g) > 1);
     }
 }
 

@@ -56,6 +56,10 @@ pub struct Args {
     /// Workload identities (service accounts with a pod) on the client's node.
     #[arg(long, default_value = "100")]
     pub identities: usize,
+    /// Extra argument for the lab's combd (repeatable), e.g. `--agent-arg=--proxy-workers=1`
+    /// to measure what a setting buys.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 const NS: &str = "bench";
@@ -264,9 +268,10 @@ pub fn run(a: &Args) -> Result<Report> {
         bail!("--identities must be at least 1 (the client's)");
     }
     let comb = std::env::current_exe()?;
+    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
     let lab = lab::up_nodes(
         "bmt",
-        &[],
+        &agent_args,
         "bench-mtls.yaml",
         pods(&comb, a.identities),
         &[("node1", a.identities), ("node2", 3)],
