@@ -678,3 +678,77 @@ async fn a_flow_without_a_certificate_is_refused_after_the_wait() {
     );
     assert_eq!(client.ctx.hbone().unwrap().pool().counters().failures, 1);
 }
+
+/// A bare HBONE peer for B (h2 directly): reads what comes with a CONNECT for up to `wait`
+/// before answering 200, then echoes. Returns its address and what it had received when it
+/// answered.
+async fn bare_peer(
+    certs: CertStore,
+    wait: Duration,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let l = TcpListener::bind(format!("{B}:0")).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let tls = TlsConfigs::new(certs);
+        let cfg = tls.server(&web_id()).unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let stream = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut conn = h2::server::handshake(stream).await.unwrap();
+        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        assert_eq!(req.method(), Method::CONNECT);
+        let mut body = req.into_body();
+        let mut early = Vec::new();
+        if let Ok(Some(Ok(b))) = tokio::time::timeout(wait, body.data()).await {
+            let _ = body.flow_control().release_capacity(b.len());
+            early.extend_from_slice(&b);
+        }
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        send.send_data(Bytes::from(early.clone()), false).unwrap();
+        let _ = tx.send(early);
+        while let Some(Ok(b)) = body.data().await {
+            let _ = body.flow_control().release_capacity(b.len());
+            send.send_data(b, false).unwrap();
+        }
+        let _ = send.send_data(Bytes::new(), true);
+        // Keep the connection until the client is done with it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_bytes_go_with_the_connect() {
+    let ca = TestCa::new("test-ca");
+    let (peer, early) = bare_peer(
+        mesh::store(&[&ca], &[ca.issue(&web_id())]),
+        Duration::from_secs(2),
+    )
+    .await;
+    let dst: SocketAddr = format!("{B}:80").parse().unwrap();
+    let client = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        peer.port(),
+        &web_id(),
+        dst,
+    )
+    .await;
+    let mut s = from_a(client.addr).await;
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let t = std::time::Instant::now();
+    // The peer answers as soon as the bytes came with the CONNECT, and only after 2 s if
+    // they were held back until its 200.
+    let early = early.await.unwrap();
+    assert_eq!(early, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+}
