@@ -72,17 +72,21 @@ pub async fn serve_outbound(
             }
         };
         let early = first.get_or_insert_with(|| first_bytes(&stream)).clone();
-        let sent_early = !early.is_empty();
+        // Whether the client's bytes were handed to this stream (a failure before that,
+        // e.g. a connection already gone, sent nothing and is always retried).
+        let mut sent_early = false;
         let opened = async {
             let mut sender = slot.conn.sender.clone().ready().await?;
             let (resp, mut send) =
                 sender.send_request(connect_request(peer, dst, source.as_deref(), hbone), false)?;
-            if sent_early {
+            if !early.is_empty() {
                 send.send_data(early, false)?;
+                sent_early = true;
             }
             Ok::<_, h2::Error>((resp.await?, send))
         };
-        match opened.await {
+        let opened = opened.await;
+        match opened {
             Ok((r, send)) => break (slot, r, send),
             Err(e) => {
                 slot.conn.retire();
