@@ -48,7 +48,7 @@ use comb_lab::Lab;
 
 use super::l7_tools::{self as t, H2load};
 use super::report::{Metric, Report, median};
-use super::{Common, l7_splice, lab, tools};
+use super::{AgentArgs, Common, l7_splice, lab, tools};
 use comb_api::client;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -64,10 +64,8 @@ pub struct Args {
     /// h2load connections.
     #[arg(long, default_value = "16")]
     pub conns: usize,
-    /// Extra argument for the lab's combd (repeatable), e.g. `--agent-arg=--proxy-local-splice=off`
-    /// to measure what a feature buys.
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    pub agent_args: Vec<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 const NS: &str = "bench";
@@ -324,7 +322,7 @@ fn proxied_requests(lab: &Lab) -> Result<u64> {
 fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     let c = &a.common;
     let comb = std::env::current_exe()?;
-    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
+    let agent_args = a.agent.as_strs();
     let lab = lab::up("bl7", &agent_args, "bench-l7.yaml", pods(&comb), 4)?;
     let ip = |pod: &str| -> Result<String> { Ok(lab.pod(&format!("{NS}/{pod}"))?.ip.to_string()) };
     let urls = Urls {

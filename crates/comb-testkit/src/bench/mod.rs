@@ -35,6 +35,21 @@ pub struct Common {
     pub secs: u32,
 }
 
+/// `--agent-arg`, for the benches whose lab agent can be started with other settings.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Extra argument for the lab's combd (repeatable), e.g. `--agent-arg=--proxy-workers=1`,
+    /// to measure what a setting buys.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
+impl AgentArgs {
+    pub fn as_strs(&self) -> Vec<&str> {
+        self.agent_args.iter().map(String::as_str).collect()
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Local pod-to-pod TCP: plain TCP over veths (baseline) against the socket splice.

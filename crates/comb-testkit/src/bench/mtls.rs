@@ -38,7 +38,7 @@ use comb_lab::Lab;
 
 use super::l7_tools::{self as t};
 use super::report::{Metric, Report, median};
-use super::{Common, lab, tools};
+use super::{AgentArgs, Common, lab, tools};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
@@ -56,10 +56,8 @@ pub struct Args {
     /// Workload identities (service accounts with a pod) on the client's node.
     #[arg(long, default_value = "100")]
     pub identities: usize,
-    /// Extra argument for the lab's combd (repeatable), e.g. `--agent-arg=--proxy-workers=1`
-    /// to measure what a setting buys.
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    pub agent_args: Vec<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 const NS: &str = "bench";
@@ -268,7 +266,7 @@ pub fn run(a: &Args) -> Result<Report> {
         bail!("--identities must be at least 1 (the client's)");
     }
     let comb = std::env::current_exe()?;
-    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
+    let agent_args = a.agent.as_strs();
     let lab = lab::up_nodes(
         "bmt",
         &agent_args,

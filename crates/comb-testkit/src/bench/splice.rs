@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use comb_api::{Control, Query};
 
 use super::report::{Metric, Report};
-use super::{Common, lab, tools};
+use super::{AgentArgs, Common, lab, tools};
 use comb_api::client;
 
 const PODS: &str = r#"
@@ -24,10 +24,8 @@ spec: {nodeName: node1, containers: [{name: c, image: none}]}
 pub struct Args {
     #[command(flatten)]
     pub common: Common,
-    /// Extra argument for the lab's combd (repeatable), e.g.
-    /// `--agent-arg=--splice-queue-limit=1048576`.
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    pub agent_args: Vec<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 const RR_PORT: u16 = 11111;
@@ -38,7 +36,7 @@ pub fn run(a: &Args) -> Result<Report> {
     if c.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let agent_args: Vec<&str> = a.agent_args.iter().map(String::as_str).collect();
+    let agent_args = a.agent.as_strs();
     let lab = lab::up("bs", &agent_args, "bench-splice.yaml", PODS.to_string(), 2)?;
     let socket = lab.agent_socket("node1");
     let server_ip = lab.pod("bench/server")?.ip.to_string();
