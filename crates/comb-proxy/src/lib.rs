@@ -20,6 +20,7 @@ pub mod hbone;
 pub mod http;
 pub mod listener;
 mod options;
+mod reaper;
 pub mod relay;
 mod server;
 mod shards;

@@ -147,7 +147,7 @@ async fn serve_stream(
     let Some(hbone) = ctx.hbone.clone() else {
         return;
     };
-    let (resp, delivery) = match connect(&req, peer, local, &tunnel, &ctx).await {
+    let (resp, delivery) = match connect(&req, peer, local, &tunnel, &hbone, &ctx).await {
         Ok((resp, d)) => (resp, Some(d)),
         Err(code) => (status(code), None),
     };
@@ -192,9 +192,9 @@ async fn connect(
     peer: SocketAddr,
     local: SocketAddr,
     tunnel: &TunnelPeer,
+    hbone: &crate::tunnel::Hbone,
     ctx: &ProxyContext,
 ) -> Result<(Response<()>, Delivery), StatusCode> {
-    let hbone = ctx.hbone.as_ref().ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
     if req.method() != Method::CONNECT {
         return Err(StatusCode::BAD_REQUEST);
     }

@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 pub use comb_api::tunnel::{HandshakeKind, PoolCounters, TunnelRow as TunnelInfo};
@@ -140,8 +140,12 @@ impl Pool {
             reused: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(reaper(Arc::downgrade(&pool)));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            crate::reaper::spawn(
+                Arc::downgrade(&pool),
+                pool.opts.pool_idle_timeout,
+                Self::reap,
+            );
         }
         pool
     }
@@ -357,18 +361,4 @@ fn claim(c: &Arc<Conn>) -> Stream {
     c.active.fetch_add(1, Ordering::Relaxed);
     c.total.fetch_add(1, Ordering::Relaxed);
     Stream { conn: c.clone() }
-}
-
-async fn reaper(pool: Weak<Pool>) {
-    let period = match pool.upgrade() {
-        Some(p) => {
-            (p.opts.pool_idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
-        }
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(p) = pool.upgrade() else { return };
-        p.reap(Instant::now());
-    }
 }

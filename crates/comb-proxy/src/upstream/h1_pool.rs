@@ -30,7 +30,7 @@ use crate::options::Limits;
 
 struct Pooled<B> {
     sender: http1::SendRequest<B>,
-    /// When it last took a request: the idle clock.
+    /// When it last came back with a response head: the idle clock.
     used: Instant,
 }
 
@@ -136,10 +136,6 @@ where
         resp
     }
 
-    fn reap_period(&self) -> Duration {
-        (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10))
-    }
-
     /// Whether a pooled connection stays: open, and used within the idle timeout.
     fn keeps(&self, p: &Pooled<B>, now: Instant) -> bool {
         !p.sender.is_closed() && now.duration_since(p.used) < self.idle_timeout
@@ -160,15 +156,7 @@ where
         if self.reaping.swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak = Arc::downgrade(self);
-        let period = self.reap_period();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(pool) = weak.upgrade() else { return };
-                pool.reap(Instant::now());
-            }
-        });
+        crate::reaper::spawn(Arc::downgrade(self), self.idle_timeout, Self::reap);
     }
 
     /// A new connection under the cap, its task spawned on this thread.
