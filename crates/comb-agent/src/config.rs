@@ -75,6 +75,7 @@ pub struct CertsConfig {
 pub struct ProxyConfig {
     pub port: u16,
     pub workers: usize,
+    pub busy_poll: Duration,
     pub splice: bool,
     pub access_log: Option<String>,
     pub otlp_endpoint: Option<String>,
@@ -173,6 +174,7 @@ impl AgentConfig {
             proxy: (a.proxy == OnOff::On).then(|| ProxyConfig {
                 port: a.proxy_port,
                 workers: a.proxy_workers.max(1),
+                busy_poll: Duration::from_micros(a.proxy_busy_poll_us),
                 splice: a.proxy_splice == OnOff::On,
                 access_log: a.access_log.clone(),
                 otlp_endpoint: a.otlp_endpoint.clone(),

@@ -123,6 +123,7 @@ impl NodeProxy {
         let mut opts = ProxyOptions::new(telemetry);
         opts.port = px.port;
         opts.workers = px.workers;
+        opts.busy_poll = px.busy_poll;
         opts.splice = splice.clone();
         opts.detect_timeout = px.detect_timeout;
         opts.limits = Limits {

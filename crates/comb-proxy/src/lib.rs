@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+mod busy_poll;
 mod conn;
 mod conn_clock;
 mod context;

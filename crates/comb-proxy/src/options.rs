@@ -90,6 +90,9 @@ pub struct ProxyOptions {
     pub port: u16,
     /// Worker threads of the proxy's own tokio runtime.
     pub workers: usize,
+    /// The longest a thread keeps polling for events after a wake-up (crate::busy_poll);
+    /// zero (the default) = never.
+    pub busy_poll: Duration,
     /// Set IP_TRANSPARENT on the listeners so `bpf_sk_assign`ed flows are accepted with their
     /// original destination as local address (needs CAP_NET_ADMIN).
     pub transparent: bool,
@@ -113,6 +116,7 @@ impl ProxyOptions {
         Self {
             port: DEFAULT_PORT,
             workers: 2,
+            busy_poll: Duration::ZERO,
             transparent: true,
             limits: Limits::default(),
             detect_timeout: Duration::from_millis(500),

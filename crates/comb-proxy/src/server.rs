@@ -24,7 +24,7 @@ impl Proxy {
     /// Starts the threads (`workers`, one runtime each) and binds 127.0.0.1:port and, if the
     /// host has IPv6, [::1]:port (the same port; with port 0 IPv6 takes the one IPv4 got).
     pub fn start(opts: ProxyOptions, table: Arc<ProxyTable>) -> Result<ProxyHandle> {
-        let shards = Arc::new(Shards::start(opts.workers)?);
+        let shards = Arc::new(Shards::start(opts.workers, opts.busy_poll)?);
         let v4 = listener::bind(Family::V4, opts.port, opts.transparent)
             .with_context(|| format!("proxy listener 127.0.0.1:{}", opts.port))?;
         let port = v4.local_addr()?.port();
