@@ -69,7 +69,8 @@ pub(crate) async fn poll_after_wake_ups(woke: Arc<Notify>, max: Duration) {
         woke.notified().await;
         let start = Instant::now();
         let w = window.after_sleep(start.saturating_duration_since(stopped));
-        loop {
+        // A window shrunk to nothing costs no `sched_yield`.
+        while start.elapsed() < w {
             let y = Instant::now();
             std::thread::yield_now();
             if !keep_polling(start.elapsed(), w, y.elapsed()) {
@@ -89,14 +90,14 @@ mod tests {
 
     #[test]
     fn short_sleeps_keep_the_full_window_long_ones_end_polling() {
-        let us = |n: u64| Duration::from_nanos(n);
+        let ns = Duration::from_nanos;
         let mut w = Window::new(MAX);
         assert_eq!(w.after_sleep(Duration::from_micros(40)), MAX);
         // Events far apart: halved down to nothing.
         let far: Vec<_> = (0..5)
             .map(|_| w.after_sleep(Duration::from_millis(5)))
             .collect();
-        assert_eq!(far, [us(75_000), us(37_500), us(18_750), us(0), us(0)]);
+        assert_eq!(far, [ns(75_000), ns(37_500), ns(18_750), ns(0), ns(0)]);
         // Short sleeps again: back from the first step to the maximum.
         let near: Vec<_> = (0..6)
             .map(|_| w.after_sleep(Duration::from_micros(20)))

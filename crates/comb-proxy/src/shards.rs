@@ -49,11 +49,11 @@ impl Shards {
         let mut shards = Vec::new();
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let woke = Arc::new(tokio::sync::Notify::new());
+            // Told of every wake-up when busy polling is on.
+            let woke = (!busy_poll.is_zero()).then(|| Arc::new(tokio::sync::Notify::new()));
             let mut rt = tokio::runtime::Builder::new_current_thread();
             rt.enable_all();
-            if !busy_poll.is_zero() {
-                let woke = woke.clone();
+            if let Some(woke) = woke.clone() {
                 rt.on_thread_unpark(move || woke.notify_one());
             }
             let rt = rt.build().context("proxy runtime")?;
@@ -67,7 +67,7 @@ impl Shards {
                 .spawn(move || {
                     SHARD.with(|s| s.set(Some(i)));
                     rt.block_on(async {
-                        if !busy_poll.is_zero() {
+                        if let Some(woke) = woke {
                             tokio::spawn(crate::busy_poll::poll_after_wake_ups(woke, busy_poll));
                         }
                         let _ = stopped.wait_for(|s| *s).await;
@@ -199,6 +199,8 @@ mod tests {
         });
         for c in 0..4u64 {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
+            // A thread stuck polling fails the test instead of hanging it.
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             for i in 0..200u64 {
                 let sent = (c << 32 | i).to_be_bytes();
                 s.write_all(&sent).unwrap();
