@@ -22,6 +22,8 @@ pub(crate) struct H2Stream {
     recv: RecvStream,
     /// The unread rest of the last DATA frame.
     buf: Bytes,
+    /// A stream error met after a read had already taken bytes: returned by the next read.
+    pending_error: Option<h2::Error>,
 }
 
 impl H2Stream {
@@ -30,6 +32,7 @@ impl H2Stream {
             send,
             recv,
             buf: Bytes::new(),
+            pending_error: None,
         }
     }
 }
@@ -49,32 +52,58 @@ fn io_error(e: h2::Error) -> io::Error {
     }
 }
 
+/// What a read returns for a stream error: a peer's clean end (NO_ERROR, CANCEL) is the end
+/// of the stream, anything else an error.
+fn read_end(e: h2::Error) -> io::Result<()> {
+    match e.reason() {
+        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(()),
+        _ => Err(io_error(e)),
+    }
+}
+
 impl AsyncRead for H2Stream {
+    /// Fills `out` from as many DATA frames as are already here, as a socket read returns
+    /// all it has queued: one frame per read made the relay's writes (and the wake-ups of
+    /// the pod reading them) as small as the sender's frames, and a frame's small tail
+    /// shrank the relay's buffer again and again.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        while self.buf.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(b)) => {
-                    // The window reopens as soon as a frame is taken: `buf` holds one frame
-                    // at most, so memory stays bounded by the frame size.
-                    let _ = self.recv.flow_control().release_capacity(b.len());
-                    self.buf = b;
-                }
-                Some(Err(e)) => {
-                    return Poll::Ready(match e.reason() {
-                        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(()),
-                        _ => Err(io_error(e)),
-                    });
+        if let Some(e) = self.pending_error.take() {
+            return Poll::Ready(read_end(e));
+        }
+        let start = out.filled().len();
+        while out.remaining() > 0 {
+            if self.buf.is_empty() {
+                let got = out.filled().len() > start;
+                match self.recv.poll_data(cx) {
+                    // Nothing more now: return what was taken (the waker stays registered).
+                    Poll::Pending if got => break,
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => break,
+                    Poll::Ready(Some(Ok(b))) => {
+                        // The window reopens as soon as a frame is taken: `buf` holds one
+                        // frame at most, so memory stays bounded by the frame size.
+                        let _ = self.recv.flow_control().release_capacity(b.len());
+                        self.buf = b;
+                        continue;
+                    }
+                    // Bytes already taken go first; the error shows on the next read. (h2
+                    // drops a reset stream's queued frames, so this is a connection error
+                    // met right after a frame.)
+                    Poll::Ready(Some(Err(e))) if got => {
+                        self.pending_error = Some(e);
+                        break;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(read_end(e)),
                 }
             }
+            let n = out.remaining().min(self.buf.len());
+            out.put_slice(&self.buf[..n]);
+            self.buf.advance(n);
         }
-        let n = out.remaining().min(self.buf.len());
-        out.put_slice(&self.buf[..n]);
-        self.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -216,6 +245,27 @@ mod tests {
         echo.await.unwrap();
         assert_eq!(back.len(), data.len());
         assert!(back == data);
+    }
+
+    #[tokio::test]
+    async fn one_read_takes_every_frame_already_here() {
+        let (mut c, mut s) = pair(1024 * 1024).await;
+        for i in 0..3u8 {
+            // One write, one DATA frame.
+            s.write_all(&[i; 1000]).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        // Let the connections' tasks move all three frames to the client's stream.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut b = vec![0u8; 64 * 1024];
+        let n = c.read(&mut b).await.unwrap();
+        assert_eq!(n, 3000, "one read, three frames");
+        assert!(b[..1000].iter().all(|&x| x == 0) && b[2000..3000].iter().all(|&x| x == 2));
+        assert_eq!(
+            c.read(&mut b).await.unwrap(),
+            0,
+            "then the end of the stream"
+        );
     }
 
     #[tokio::test]
