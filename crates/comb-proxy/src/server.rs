@@ -273,12 +273,7 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let active = active.clone();
         active.fetch_add(1, Ordering::Relaxed);
-        // Inbound tunnels spread evenly; client connections stay on the awake thread.
-        let slack = match kind {
-            ListenerKind::HboneInbound => 0,
-            ListenerKind::L7 | ListenerKind::HboneOutbound => crate::shards::KEEP_SLACK,
-        };
-        shards.dispatch(stream, slack, move |stream| async move {
+        shards.dispatch(stream, move |stream| async move {
             match kind {
                 ListenerKind::L7 => crate::serve_connection(stream, peer, dst, ctx).await,
                 ListenerKind::HboneOutbound => crate::serve_outbound(stream, peer, dst, ctx).await,

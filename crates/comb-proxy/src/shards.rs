@@ -93,18 +93,12 @@ impl Shards {
 
     /// Runs `serve` for one accepted connection on the least busy shard (ties in turn). The
     /// stream moves as a std socket: a tokio socket is bound to the runtime that registered it.
-    /// `slack`: see [`choose`] ([`KEEP_SLACK`] for client connections, 0 for long-lived
-    /// ones that carry many streams).
-    pub(crate) fn dispatch<F, Fut>(
-        self: &Arc<Self>,
-        stream: tokio::net::TcpStream,
-        slack: usize,
-        serve: F,
-    ) where
+    pub(crate) fn dispatch<F, Fut>(self: &Arc<Self>, stream: tokio::net::TcpStream, serve: F)
+    where
         F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let i = self.pick(slack);
+        let i = self.pick();
         let here = SHARD.with(Cell::get) == Some(i);
         let shards = self.clone();
         shards.shards[i].active.fetch_add(1, Ordering::Relaxed);
@@ -135,15 +129,22 @@ impl Shards {
         });
     }
 
-    /// Where a new connection goes: see [`choose`].
-    fn pick(&self, slack: usize) -> usize {
-        let active: Vec<usize> = self
-            .shards
-            .iter()
-            .map(|s| s.active.load(Ordering::Relaxed))
-            .collect();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        choose(&active, SHARD.with(Cell::get), start, slack)
+    /// The least busy shard; on a tie the calling thread's own (it is awake already, and a
+    /// hand-over to another thread costs a wake-up before the connection's first byte), then
+    /// the others in turn.
+    fn pick(&self) -> usize {
+        let n = self.shards.len();
+        let here = SHARD.with(Cell::get);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| {
+                (
+                    self.shards[i].active.load(Ordering::Relaxed),
+                    Some(i) != here,
+                )
+            })
+            .unwrap_or(0)
     }
 
     /// Asks every runtime to stop, without waiting.
@@ -161,37 +162,6 @@ impl Shards {
     }
 }
 
-/// How many connections more than the least busy shard the calling thread may serve and still
-/// keep a new client connection. A connection that ends still counts while its task closes it, and a client
-/// that connects again right after (one request per connection) met a count of one there:
-/// with ties only, its connections alternated between the threads, each hand-over waking a
-/// sleeping thread. `comb bench mtls` conn_rate with a slack of one against none, alternating:
-/// 3,740 and 3,307 against 2,829 and 2,820 conn/s (docs/benchmarks.md). Many connections
-/// opened at once still spread: the counts differ by at most this plus one. Not for inbound
-/// HBONE connections: few, long-lived and each carrying many streams, they spread evenly
-/// (with this slack, a node's two peers' tunnels met on one thread of the receiving node).
-pub(crate) const KEEP_SLACK: usize = 1;
-
-/// The shard for a new connection, from each shard's `active` connections: the calling
-/// thread's own (`here`) unless it serves more than [`KEEP_SLACK`] beyond the least busy
-/// (it is awake already, and a hand-over to another thread costs a wake-up before the
-/// connection's first byte); else the least busy, ties taken in turn from `start`.
-fn choose(active: &[usize], here: Option<usize>, start: usize, slack: usize) -> usize {
-    let n = active.len();
-    let Some(min) = active.iter().copied().min() else {
-        return 0;
-    };
-    if let Some(h) = here.filter(|&h| h < n)
-        && active[h] <= min + slack
-    {
-        return h;
-    }
-    (0..n)
-        .map(|k| (start + k) % n)
-        .min_by_key(|&i| active[i])
-        .unwrap_or(0)
-}
-
 impl Drop for Shards {
     fn drop(&mut self) {
         // Not joined: dropping must not block (the threads end on their own).
@@ -205,43 +175,6 @@ mod tests {
     use std::io::{Read, Write};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn the_accepting_thread_keeps_a_connection_within_the_slack() {
-        // A connection still closing on the accepting thread does not push the next away.
-        assert_eq!(choose(&[1, 0], Some(0), 1, KEEP_SLACK), 0);
-        // Beyond the slack, the least busy takes it.
-        assert_eq!(choose(&[2, 0], Some(0), 0, KEEP_SLACK), 1);
-        assert_eq!(choose(&[3, 1, 2], Some(0), 0, KEEP_SLACK), 1);
-        // Outside the proxy's threads: the least busy, ties in turn.
-        assert_eq!(choose(&[0, 0], None, 0, KEEP_SLACK), 0);
-        assert_eq!(choose(&[0, 0], None, 1, KEEP_SLACK), 1);
-        assert_eq!(choose(&[1, 0, 0], None, 0, KEEP_SLACK), 1);
-        assert_eq!(choose(&[], Some(0), 0, KEEP_SLACK), 0);
-        // No slack (inbound tunnels): least busy, a tie kept here.
-        assert_eq!(choose(&[1, 0], Some(0), 0, 0), 1);
-        assert_eq!(choose(&[1, 1], Some(1), 0, 0), 1);
-    }
-
-    #[test]
-    fn connections_opened_at_once_still_spread() {
-        let mut active = [0usize; 2];
-        for start in 0..16 {
-            let i = choose(&active, Some(0), start, KEEP_SLACK);
-            active[i] += 1;
-        }
-        assert!(
-            active[0].abs_diff(active[1]) <= KEEP_SLACK + 1,
-            "{active:?}"
-        );
-        let mut active = [0usize; 4];
-        for start in 0..40 {
-            let i = choose(&active, Some(2), start, KEEP_SLACK);
-            active[i] += 1;
-        }
-        let (lo, hi) = (active.iter().min().unwrap(), active.iter().max().unwrap());
-        assert!(hi - lo <= KEEP_SLACK + 1, "{active:?}");
-    }
-
     /// With busy polling on, connections handed to the threads are served (round trips
     /// byte-exact), and the threads still stop when asked.
     #[test]
@@ -254,7 +187,7 @@ mod tests {
         shards.first().spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             while let Ok((s, _)) = l.accept().await {
-                s2.dispatch(s, KEEP_SLACK, |mut s| async move {
+                s2.dispatch(s, |mut s| async move {
                     let mut b = [0u8; 8];
                     while s.read_exact(&mut b).await.is_ok() {
                         if s.write_all(&b).await.is_err() {
