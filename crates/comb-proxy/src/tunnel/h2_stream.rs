@@ -22,8 +22,6 @@ pub(crate) struct H2Stream {
     recv: RecvStream,
     /// The unread rest of the last DATA frame.
     buf: Bytes,
-    /// A stream error met after a read had already taken bytes: returned by the next read.
-    pending_error: Option<h2::Error>,
 }
 
 impl H2Stream {
@@ -32,7 +30,6 @@ impl H2Stream {
             send,
             recv,
             buf: Bytes::new(),
-            pending_error: None,
         }
     }
 }
@@ -71,9 +68,6 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(e) = self.pending_error.take() {
-            return Poll::Ready(read_end(e));
-        }
         let start = out.filled().len();
         while out.remaining() > 0 {
             if self.buf.is_empty() {
@@ -90,13 +84,9 @@ impl AsyncRead for H2Stream {
                         self.buf = b;
                         continue;
                     }
-                    // Bytes already taken go first; the error shows on the next read. (h2
-                    // drops a reset stream's queued frames, so this is a connection error
-                    // met right after a frame.)
-                    Poll::Ready(Some(Err(e))) if got => {
-                        self.pending_error = Some(e);
-                        break;
-                    }
+                    // Bytes already taken go first: h2 keeps the error in the stream's
+                    // state and returns it again on the next read.
+                    Poll::Ready(Some(Err(_))) if got => break,
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(read_end(e)),
                 }
             }
