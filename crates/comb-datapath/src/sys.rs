@@ -49,6 +49,43 @@ fn cpath(p: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
+/// BPF_MAP_LOOKUP_BATCH: up to `*count` entries after position `from` (None: the start) into
+/// `keys` and `values` (entries of `sizes` = key and value size); `next` receives the position
+/// after them and `*count` how many were read. ENOENT means the walk ended, with `*count`
+/// entries still read.
+pub fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    sizes: (usize, usize),
+    from: Option<&mut [u8]>,
+    next: &mut [u8],
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: &mut u32,
+) -> io::Result<()> {
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
+    };
+    let n = *count as usize;
+    let token = sizes.0.max(4);
+    assert!(keys.len() >= sizes.0 * n && values.len() >= sizes.1 * n && next.len() >= token);
+    assert!(from.as_ref().is_none_or(|f| f.len() >= token));
+    // SAFETY: the buffers hold `*count` keys and values and a position (asserted above), and
+    // all outlive the call.
+    check(unsafe {
+        libbpf_sys::bpf_map_lookup_batch(
+            map.as_raw_fd(),
+            from.map_or(std::ptr::null_mut(), |f| f.as_mut_ptr().cast::<c_void>()),
+            next.as_mut_ptr().cast::<c_void>(),
+            keys.as_mut_ptr().cast::<c_void>(),
+            values.as_mut_ptr().cast::<c_void>(),
+            count,
+            &opts,
+        )
+    })
+    .map(drop)
+}
+
 /// BPF_LINK_CREATE on a target fd: a cgroup for the cgroup attach types, a network
 /// namespace for BPF_SK_LOOKUP.
 pub fn link_create(

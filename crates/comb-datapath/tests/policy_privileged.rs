@@ -310,6 +310,44 @@ fn replies_pass_via_conntrack_but_reverse_new_flows_are_judged() {
     fx.finish();
 }
 
+/// The sweep reads the table in batches: one larger than several batches loses no entry,
+/// and removes exactly the expired ones.
+#[test]
+fn conntrack_gc_sweeps_a_table_larger_than_a_batch() {
+    if !privileged() {
+        return;
+    }
+    let fx = Fixture::new();
+    setup(&fx);
+    deny_other_ingress(&fx, 1);
+    let short = PolicyConfig {
+        events: false,
+        ct_tcp: Duration::from_millis(200),
+        ct_close: Duration::from_millis(200),
+        ct_other: Duration::from_millis(200),
+    };
+    fx.dp().policy().set_config(&short).unwrap();
+    for port in 10_000..11_500 {
+        assert_eq!(fx.run(Egress, &udp4(EP, port, PEER_A, 53)), PASS);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    fx.dp()
+        .policy()
+        .set_config(&PolicyConfig::default())
+        .unwrap();
+    for port in 20_000..20_700 {
+        assert_eq!(fx.run(Egress, &udp4(EP, port, PEER_A, 53)), PASS);
+    }
+    let ct = fx.dp().policy().ct_entries().unwrap();
+    assert_eq!(ct.len(), 2_200);
+    assert_eq!(ct.iter().filter(|e| e.expired()).count(), 1_500);
+    assert_eq!(fx.dp().policy().ct_gc().unwrap(), 1_500);
+    let left = fx.dp().policy().ct_entries().unwrap();
+    assert_eq!(left.len(), 700);
+    assert!(left.iter().all(|e| !e.expired() && e.src.port() >= 20_000));
+    fx.finish();
+}
+
 #[test]
 fn conntrack_expires_and_gc_removes_it() {
     if !privileged() {

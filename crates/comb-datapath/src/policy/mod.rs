@@ -47,7 +47,7 @@ pub(crate) fn is_link_name(name: &str) -> bool {
 }
 
 use crate::abi::{CombAddr, Pod};
-use crate::map_io::{delete_if_present, entries};
+use crate::map_io::{delete_if_present, entries, walk_batched};
 use crate::pin::{load_pinned, map_handle, remove_pin};
 use crate::skel::policy::PolicySkelBuilder;
 
@@ -507,10 +507,15 @@ impl Policy {
     /// Every conntrack entry, expired ones included (with zero `remaining`).
     pub fn ct_entries(&self) -> Result<Vec<CtEntry>> {
         let now = comb_host::boot_time_ns();
-        let mut out = Vec::new();
-        for (k, v) in entries(&self.ct)? {
-            let k: CtKey = decode(&k, "comb_ct key")?;
-            let v: CtValue = decode(&v, "comb_ct value")?;
+        let mut raw = Vec::new();
+        walk_batched(&self.ct, |k, v| {
+            raw.push((CtKey::from_bytes(k), CtValue::from_bytes(v)))
+        })
+        .context("reading comb_ct")?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (k, v) in raw {
+            let k = k.context("comb_ct key has an unexpected size")?;
+            let v = v.context("comb_ct value has an unexpected size")?;
             out.push(CtEntry {
                 src: SocketAddr::new(k.saddr.ip(), u16::from_be(k.sport)),
                 dst: SocketAddr::new(k.daddr.ip(), u16::from_be(k.dport)),
@@ -546,10 +551,18 @@ impl Policy {
     pub fn ct_gc(&self) -> Result<usize> {
         let mut n = 0;
         let now = comb_host::boot_time_ns();
-        // Collected first: iterating while deleting restarts a hash map's iteration.
-        let keys: Vec<Vec<u8>> = self.ct.keys().collect();
-        for k in keys {
-            // Read again right before deleting: the datapath may have replaced the entry.
+        // Collected first (iterating while deleting restarts a hash map's walk), in batches:
+        // most entries are alive and cost no syscall of their own.
+        let mut expired = Vec::new();
+        walk_batched(&self.ct, |k, v| {
+            // A value of another size cannot be judged: left alone (`ct_entries` reports it).
+            if CtValue::from_bytes(v).is_some_and(|v| v.expires_ns <= now) {
+                expired.push(k.to_vec());
+            }
+        })
+        .context("reading comb_ct")?;
+        for k in expired {
+            // Read again right before deleting: the datapath may have renewed the entry.
             let Some(v) = self.ct.lookup(&k, MapFlags::ANY)? else {
                 continue;
             };
