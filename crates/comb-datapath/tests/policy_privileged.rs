@@ -310,6 +310,16 @@ fn replies_pass_via_conntrack_but_reverse_new_flows_are_judged() {
     fx.finish();
 }
 
+/// Every conntrack lifetime set to `d`, flow events off.
+fn ct_lifetimes(d: Duration) -> PolicyConfig {
+    PolicyConfig {
+        events: false,
+        ct_tcp: d,
+        ct_close: d,
+        ct_other: d,
+    }
+}
+
 /// The sweep reads the table in batches: one larger than several batches loses no entry,
 /// and removes exactly the expired ones.
 #[test]
@@ -320,12 +330,7 @@ fn conntrack_gc_sweeps_a_table_larger_than_a_batch() {
     let fx = Fixture::new();
     setup(&fx);
     deny_other_ingress(&fx, 1);
-    let short = PolicyConfig {
-        events: false,
-        ct_tcp: Duration::from_millis(200),
-        ct_close: Duration::from_millis(200),
-        ct_other: Duration::from_millis(200),
-    };
+    let short = ct_lifetimes(Duration::from_millis(200));
     fx.dp().policy().set_config(&short).unwrap();
     for port in 10_000..11_500 {
         assert_eq!(fx.run(Egress, &udp4(EP, port, PEER_A, 53)), PASS);
@@ -356,12 +361,7 @@ fn conntrack_expires_and_gc_removes_it() {
     let fx = Fixture::new();
     setup(&fx);
     deny_other_ingress(&fx, 1);
-    let cfg = PolicyConfig {
-        events: false,
-        ct_tcp: Duration::from_millis(300),
-        ct_close: Duration::from_millis(300),
-        ct_other: Duration::from_millis(300),
-    };
+    let cfg = ct_lifetimes(Duration::from_millis(300));
     assert_eq!(fx.dp().policy().config().unwrap(), PolicyConfig::default());
     fx.dp().policy().set_config(&cfg).unwrap();
     assert_eq!(fx.dp().policy().config().unwrap(), cfg);
