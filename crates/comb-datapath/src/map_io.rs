@@ -25,9 +25,10 @@ pub(crate) fn entries(map: &libbpf_rs::MapHandle) -> libbpf_rs::Result<Vec<(Vec<
 const BATCH: u32 = 512;
 
 /// Calls `each` with every (key, value) of a hash or array map, read `BATCH` entries per
-/// syscall instead of two syscalls per entry (`entries`), without a copy of its own: a sweep of a conntrack table with tens of thousands of
-/// entries took tens of milliseconds of a core. Entries added or removed meanwhile may be
-/// missed or seen, as with any walk of a live map.
+/// syscall instead of two syscalls per entry (`entries`), without a copy of its own: a sweep
+/// of a conntrack table with tens of thousands of entries took tens of milliseconds of a
+/// core. Entries added or removed meanwhile may be missed or seen, as with any walk of a live
+/// map.
 pub(crate) fn walk_batched(
     map: &libbpf_rs::MapHandle,
     mut each: impl FnMut(&[u8], &[u8]),
@@ -39,9 +40,11 @@ pub(crate) fn walk_batched(
     let (mut pos, mut next) = (vec![0u8; ks.max(4)], vec![0u8; ks.max(4)]);
     let mut started = false;
     let mut batch = BATCH;
+    let (mut keys, mut values) = (
+        vec![0u8; ks * BATCH as usize],
+        vec![0u8; vs * BATCH as usize],
+    );
     loop {
-        let mut keys = vec![0u8; ks * batch as usize];
-        let mut values = vec![0u8; vs * batch as usize];
         let mut count = batch;
         let r = crate::sys::map_lookup_batch(
             map.as_fd(),
@@ -59,6 +62,8 @@ pub(crate) fn walk_batched(
             // One hash bucket holds more entries than a batch: ask for more at once.
             Err(Some(libc::ENOSPC)) if batch < 1 << 20 => {
                 batch *= 4;
+                keys.resize(ks * batch as usize, 0);
+                values.resize(vs * batch as usize, 0);
                 continue;
             }
             Err(_) => return Err(r.expect_err("an error")),
