@@ -28,11 +28,11 @@ const BATCH: u32 = 512;
 /// syscall instead of two syscalls per entry (`entries`), without a copy of its own: a sweep
 /// of a conntrack table with tens of thousands of entries took tens of milliseconds of a
 /// core. Entries added or removed meanwhile may be missed or seen, as with any walk of a live
-/// map.
-pub(crate) fn walk_batched(
+/// map. The walk stops at the first error `each` returns.
+pub(crate) fn walk_batched<E: From<std::io::Error>>(
     map: &libbpf_rs::MapHandle,
-    mut each: impl FnMut(&[u8], &[u8]),
-) -> std::io::Result<()> {
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
     use libbpf_rs::MapCore;
     use std::os::fd::AsFd;
     let (ks, vs) = (map.key_size() as usize, map.value_size() as usize);
@@ -66,14 +66,14 @@ pub(crate) fn walk_batched(
                 values.resize(vs * batch as usize, 0);
                 continue;
             }
-            Err(_) => return Err(r.expect_err("an error")),
+            Err(_) => return Err(r.expect_err("an error").into()),
         };
         for (k, v) in keys
             .chunks_exact(ks)
             .zip(values.chunks_exact(vs))
             .take(count as usize)
         {
-            each(k, v);
+            each(k, v)?;
         }
         if end {
             return Ok(());

@@ -507,15 +507,10 @@ impl Policy {
     /// Every conntrack entry, expired ones included (with zero `remaining`).
     pub fn ct_entries(&self) -> Result<Vec<CtEntry>> {
         let now = comb_host::boot_time_ns();
-        let mut raw = Vec::new();
-        walk_batched(&self.ct, |k, v| {
-            raw.push((CtKey::from_bytes(k), CtValue::from_bytes(v)))
-        })
-        .context("reading comb_ct")?;
-        let mut out = Vec::with_capacity(raw.len());
-        for (k, v) in raw {
-            let k = k.context("comb_ct key has an unexpected size")?;
-            let v = v.context("comb_ct value has an unexpected size")?;
+        let mut out = Vec::new();
+        walk_batched(&self.ct, |k, v| -> Result<()> {
+            let k: CtKey = decode(k, "comb_ct key")?;
+            let v: CtValue = decode(v, "comb_ct value")?;
             out.push(CtEntry {
                 src: SocketAddr::new(k.saddr.ip(), u16::from_be(k.sport)),
                 dst: SocketAddr::new(k.daddr.ip(), u16::from_be(k.dport)),
@@ -533,7 +528,9 @@ impl Policy {
                 remaining: Duration::from_nanos(v.expires_ns.saturating_sub(now)),
                 age: Duration::from_nanos(now.saturating_sub(v.created_ns)),
             });
-        }
+            Ok(())
+        })
+        .context("reading comb_ct")?;
         out.sort_by(|a, b| {
             (a.endpoint, a.direction, a.src, a.dst, a.protocol).cmp(&(
                 b.endpoint,
@@ -554,11 +551,12 @@ impl Policy {
         // Collected first (iterating while deleting restarts a hash map's walk), in batches:
         // most entries are alive and cost no syscall of their own.
         let mut expired = Vec::new();
-        walk_batched(&self.ct, |k, v| {
-            // A value of another size cannot be judged: left alone (`ct_entries` reports it).
-            if CtValue::from_bytes(v).is_some_and(|v| v.expires_ns <= now) {
+        walk_batched(&self.ct, |k, v| -> Result<()> {
+            let v: CtValue = decode(v, "comb_ct value")?;
+            if v.expires_ns <= now {
                 expired.push(k.to_vec());
             }
+            Ok(())
         })
         .context("reading comb_ct")?;
         for k in expired {
