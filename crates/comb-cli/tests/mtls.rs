@@ -410,6 +410,28 @@ fn hbone_carries_every_protocol_and_the_wire_shows_only_tls() {
             && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")),
         "no mutual_tls request series:\n{m}"
     );
+    // And at the source, as ztunnel's outbound reports: the churn's 1,000 connections
+    // (and the flows before it) counted open and closed on node1's tunnel series.
+    let source_series = |m: &str, name: &str| -> u64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with(&format!("{name}{{reporter=\"source\","))
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                    && l.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "node1 reports the churn's connections as the source",
+        || {
+            let m = metrics_text(&lab, "n1");
+            source_series(&m, "istio_tcp_connections_opened_total") >= 1000
+                && source_series(&m, "istio_tcp_connections_closed_total") >= 1000
+        },
+    );
 
     // PeerAuthentication DISABLE for web: plaintext on the wire.
     let g = status(&lab, "n1").generation;

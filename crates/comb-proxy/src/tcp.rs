@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
 use crate::relay::{Counted, relay, silent_for};
-use crate::telemetry::{ResponseFlags, TcpRecord};
+use crate::telemetry::{Reporter, ResponseFlags, TcpRecord};
 use crate::tunnel::TunnelPeer;
 use crate::upstream::Failure;
 
@@ -114,6 +114,7 @@ fn judge(
             .map(|k| k.to_string()),
         denied: decision.as_ref().is_some_and(|d| !d.allow),
         mtls: tunnel.is_some(),
+        reporter: Reporter::Destination,
     }
 }
 

@@ -752,3 +752,96 @@ async fn the_first_bytes_go_with_the_connect() {
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
 }
+
+/// The value of the one `name` series whose labels contain every `labels` entry, if any.
+fn series_value(metrics: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    let mut found = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)));
+    let line = found.next()?;
+    assert!(found.next().is_none(), "several {name} series match");
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_flows_are_reported_by_the_source() {
+    let s = setup("").await;
+    let msg: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    assert_eq!(round_trip(s.client.addr, &msg).await, msg);
+    // A flow the peer cannot deliver (nothing listens on the pod's port): 503, reset.
+    let closed = TcpListener::bind((B, 0)).await.unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let refused_client = client(
+        mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]),
+        s.inbound.port(),
+        &web_id(),
+        closed_addr,
+    )
+    .await;
+    assert!(round_trip(refused_client.addr, b"x").await.is_empty());
+
+    let peers = [
+        "reporter=\"source\"",
+        "source_workload=\"client\"",
+        "source_principal=\"spiffe://cluster.local/ns/a/sa/client\"",
+        "destination_workload=\"web\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    let ok: Vec<&str> = peers
+        .iter()
+        .copied()
+        .chain(["response_flags=\"-\""])
+        .collect();
+    let uf: Vec<&str> = peers
+        .iter()
+        .copied()
+        .chain(["response_flags=\"UF\""])
+        .collect();
+    let render = |ctx: &ProxyContext| {
+        let mut m = String::new();
+        ctx.telemetry().render_prometheus(&mut m);
+        m
+    };
+    let closed_total = "istio_tcp_connections_closed_total";
+    let mut m = String::new();
+    for _ in 0..250 {
+        m = render(&s.client.ctx);
+        let r = render(&refused_client.ctx);
+        if series_value(&m, closed_total, &ok) == Some(1)
+            && series_value(&r, closed_total, &uf) == Some(1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        series_value(&m, "istio_tcp_connections_opened_total", &ok),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(series_value(&m, closed_total, &ok), Some(1), "{m}");
+    // Istio's direction is the client's: received = from it, sent = back to it.
+    assert_eq!(
+        series_value(&m, "istio_tcp_received_bytes_total", &ok),
+        Some(3000),
+        "{m}"
+    );
+    assert_eq!(
+        series_value(&m, "istio_tcp_sent_bytes_total", &ok),
+        Some(3000),
+        "{m}"
+    );
+    // The client's node served nothing itself: no destination-reported series there.
+    assert!(!m.contains("reporter=\"destination\""), "{m}");
+    // Counted open before its fate was known (flags `-`), closed with the failure's flag.
+    let r = render(&refused_client.ctx);
+    assert_eq!(
+        series_value(&r, "istio_tcp_connections_opened_total", &ok),
+        Some(1),
+        "{r}"
+    );
+    assert_eq!(series_value(&r, closed_total, &uf), Some(1), "{r}");
+}

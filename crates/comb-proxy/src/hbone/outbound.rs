@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::context::ProxyContext;
 use crate::relay;
-use crate::telemetry::trace;
+use crate::telemetry::{Reporter, ResponseFlags, TcpRecord, trace};
 use crate::tunnel::h2_stream::H2Stream;
 use crate::tunnel::headers;
 use crate::tunnel::pool::WorkloadKey;
@@ -46,7 +46,36 @@ pub async fn serve_outbound(
         return reset(stream);
     };
     let source = table.workload(peer.ip()).cloned();
+    // Reported by the source, as ztunnel's outbound does: the remote pod's workload, and
+    // the identity its end must prove as its principal.
+    let mut rec = TcpRecord {
+        start: std::time::SystemTime::now(),
+        duration: std::time::Duration::ZERO,
+        downstream: peer,
+        upstream: dst,
+        source: source.clone(),
+        destination: table.workload(dst.ip()).cloned(),
+        // The Service a client addressed is gone by now (the socket LB rewrote it at
+        // connect); the destination node reports it.
+        destination_service: None,
+        sent_bytes: 0,
+        received_bytes: 0,
+        response_flags: ResponseFlags::NONE,
+        spliced: false,
+        authz_policy: None,
+        denied: false,
+        mtls: true,
+        reporter: Reporter::Source,
+    };
     drop(table);
+    let t0 = std::time::Instant::now();
+    ctx.telemetry.tcp_opened(&rec);
+    let failed = |mut rec: TcpRecord, stream: TcpStream| {
+        rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_FAILURE;
+        rec.duration = t0.elapsed();
+        ctx.telemetry.record_tcp(&rec);
+        reset(stream);
+    };
     let key = WorkloadKey {
         src_id,
         dst_id: target.identity,
@@ -68,7 +97,7 @@ pub async fn serve_outbound(
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %dst, "hbone outbound: {e}");
-                return reset(stream);
+                return failed(rec, stream);
             }
         };
         let early = first.get_or_insert_with(|| first_bytes(&stream)).clone();
@@ -94,7 +123,7 @@ pub async fn serve_outbound(
                     || (e.is_go_away() && !e.is_io());
                 if attempts >= CONNECT_ATTEMPTS || (sent_early && !unprocessed) {
                     tracing::info!(%peer, %dst, attempts, "hbone outbound CONNECT: {e}");
-                    return reset(stream);
+                    return failed(rec, stream);
                 }
                 tracing::debug!(%peer, %dst, "hbone outbound CONNECT: {e}; retrying on a fresh connection");
                 retry_since = Some(std::time::Instant::now());
@@ -103,7 +132,7 @@ pub async fn serve_outbound(
     };
     if resp.status() != StatusCode::OK {
         tracing::info!(%peer, %dst, status = %resp.status(), "hbone outbound: refused");
-        return reset(stream);
+        return failed(rec, stream);
     }
     let early = first.map_or(0, |b| b.len() as u64);
     slot.conn
@@ -122,6 +151,7 @@ pub async fn serve_outbound(
         r = crate::stream_copy::copy_bidirectional(&mut down, &mut tunnel) => {
             if let Err(e) = r {
                 tracing::debug!(%peer, %dst, "hbone outbound relay: {e}");
+                rec.response_flags.0 |= ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
                 reset(down.into_inner());
             }
         }
@@ -130,6 +160,11 @@ pub async fn serve_outbound(
             tracing::debug!(%peer, %dst, "hbone outbound relay idle");
         }
     }
+    // What was read from each side (the client's first bytes went with the CONNECT).
+    rec.sent_bytes = early + down_read.load(std::sync::atomic::Ordering::Relaxed);
+    rec.received_bytes = up_read.load(std::sync::atomic::Ordering::Relaxed);
+    rec.duration = t0.elapsed();
+    ctx.telemetry.record_tcp(&rec);
 }
 
 /// The CONNECT of one tunnelled stream (ztunnel's headers).

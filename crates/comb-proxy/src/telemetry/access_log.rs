@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Map, Value, json};
 
 use super::timefmt::rfc3339_millis;
-use super::{RequestProtocol, RequestRecord, ResponseFlags, TcpRecord};
+use super::{Reporter, RequestProtocol, RequestRecord, ResponseFlags, TcpRecord};
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 8192;
@@ -135,7 +135,17 @@ fn writer(target: AccessLogTarget, rx: Receiver<Msg>, dropped: Arc<AtomicU64>) {
 
 /// Istio's `upstream_cluster` for an inbound request.
 pub fn upstream_cluster(port: u16, service: Option<&str>) -> String {
-    format!("inbound|{port}||{}", service.unwrap_or(""))
+    upstream_cluster_of(Reporter::Destination, port, service)
+}
+
+/// Envoy's cluster name on the reporting side: `inbound|…` at the destination, `outbound|…`
+/// for what left through a tunnel.
+fn upstream_cluster_of(reporter: Reporter, port: u16, service: Option<&str>) -> String {
+    let dir = match reporter {
+        Reporter::Destination => "inbound",
+        Reporter::Source => "outbound",
+    };
+    format!("{dir}|{port}||{}", service.unwrap_or(""))
 }
 
 /// Envoy's `response_code_details` for what the record says happened.
@@ -264,7 +274,12 @@ pub fn tcp_entry(r: &TcpRecord) -> Value {
     );
     m.insert(
         "upstream_cluster".into(),
-        upstream_cluster(r.upstream.port(), r.destination_service.as_deref()).into(),
+        upstream_cluster_of(
+            r.reporter,
+            r.upstream.port(),
+            r.destination_service.as_deref(),
+        )
+        .into(),
     );
     m.insert(
         "downstream_remote_address".into(),
@@ -275,6 +290,7 @@ pub fn tcp_entry(r: &TcpRecord) -> Value {
         r.upstream.to_string().into(),
     );
     m.insert("spliced".into(), r.spliced.into());
+    m.insert("reporter".into(), r.reporter.as_str().into());
     common(&mut m, &r.source, &r.destination, &r.authz_policy, r.denied);
     Value::Object(m)
 }

@@ -6,16 +6,13 @@ use std::hash::Hash;
 
 use comb_model::l7::Workload;
 
-use super::{RequestProtocol, RequestRecord, ResponseFlags, TcpRecord};
+use super::{Reporter, RequestProtocol, RequestRecord, ResponseFlags, TcpRecord};
 
 /// Istio's value for anything not known.
 pub const UNKNOWN: &str = "unknown";
 
-/// The node proxy reports like a waypoint/ztunnel inbound: the destination side.
-pub const REPORTER: &str = "destination";
-
-/// Istio's `connection_security_policy` at the destination: `mutual_tls` for what arrived
-/// through an HBONE tunnel, `none` for plaintext.
+/// Istio's `connection_security_policy`: `mutual_tls` for what went through an HBONE
+/// tunnel, `none` for plaintext.
 pub fn security_policy(mtls: bool) -> &'static str {
     if mtls { "mutual_tls" } else { "none" }
 }
@@ -110,6 +107,7 @@ pub struct TcpKeyRef<'a> {
     pub destination_service: Option<&'a str>,
     pub flags: ResponseFlags,
     pub mtls: bool,
+    pub reporter: Reporter,
 }
 
 impl<'a> TcpKeyRef<'a> {
@@ -120,6 +118,7 @@ impl<'a> TcpKeyRef<'a> {
             destination_service: r.destination_service.as_deref(),
             flags: r.response_flags,
             mtls: r.mtls,
+            reporter: r.reporter,
         }
     }
 }
@@ -182,7 +181,14 @@ impl SeriesKey for HttpKey {
 
     fn render(r: HttpKeyRef<'_>) -> String {
         let mut out = String::with_capacity(768);
-        peers(&mut out, r.source, r.destination, r.destination_service);
+        // Requests are only seen by the proxy in front of their destination.
+        peers(
+            &mut out,
+            Reporter::Destination,
+            r.source,
+            r.destination,
+            r.destination_service,
+        );
         label(&mut out, "request_protocol", r.protocol.as_str());
         label(&mut out, "response_code", &r.response_code.to_string());
         let grpc = match (r.protocol, r.grpc_status) {
@@ -207,6 +213,7 @@ pub struct TcpKey {
     destination_service: Option<Box<str>>,
     flags: ResponseFlags,
     mtls: bool,
+    reporter: Reporter,
 }
 
 impl SeriesKey for TcpKey {
@@ -219,6 +226,7 @@ impl SeriesKey for TcpKey {
             destination_service: r.destination_service.map(Into::into),
             flags: r.flags,
             mtls: r.mtls,
+            reporter: r.reporter,
         }
     }
 
@@ -229,6 +237,7 @@ impl SeriesKey for TcpKey {
             destination_service: self.destination_service.as_deref(),
             flags: self.flags,
             mtls: self.mtls,
+            reporter: self.reporter,
         }
     }
 
@@ -238,7 +247,13 @@ impl SeriesKey for TcpKey {
 
     fn render(r: TcpKeyRef<'_>) -> String {
         let mut out = String::with_capacity(640);
-        peers(&mut out, r.source, r.destination, r.destination_service);
+        peers(
+            &mut out,
+            r.reporter,
+            r.source,
+            r.destination,
+            r.destination_service,
+        );
         label(&mut out, "request_protocol", "tcp");
         label(&mut out, "response_flags", &r.flags.render());
         label(
@@ -251,8 +266,14 @@ impl SeriesKey for TcpKey {
 }
 
 /// The labels both families share, in Istio's documented order.
-fn peers(out: &mut String, src: Option<PeerRef<'_>>, dst: Option<PeerRef<'_>>, svc: Option<&str>) {
-    label(out, "reporter", REPORTER);
+fn peers(
+    out: &mut String,
+    reporter: Reporter,
+    src: Option<PeerRef<'_>>,
+    dst: Option<PeerRef<'_>>,
+    svc: Option<&str>,
+) {
+    label(out, "reporter", reporter.as_str());
     peer_identity(out, "source", src);
     peer_canonical(out, "source", src);
     peer_identity(out, "destination", dst);

@@ -105,7 +105,11 @@ impl Telemetry {
 
     pub fn record_tcp(&self, r: &TcpRecord) {
         self.metrics.record_tcp(r);
-        self.stats.record_tcp(r);
+        // `comb proxy stats` counts what the proxy served; outbound tunnels have their own
+        // counters (`comb tunnel list`).
+        if r.reporter == Reporter::Destination {
+            self.stats.record_tcp(r);
+        }
         if let Some(log) = &self.access_log {
             log.tcp(r);
         }
@@ -181,6 +185,27 @@ impl RequestProtocol {
         match self {
             RequestProtocol::Http => "http",
             RequestProtocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// Which end of a connection reports it (Istio's `reporter` label).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The proxy in front of the destination pod: what it served (L7, opaque TCP, HBONE
+    /// delivered to a local pod), as a waypoint or ztunnel inbound reports.
+    #[default]
+    Destination,
+    /// The proxy that carried a local pod's connection out through an HBONE tunnel, as
+    /// ztunnel's outbound reports.
+    Source,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Destination => "destination",
+            Reporter::Source => "source",
         }
     }
 }
@@ -280,6 +305,9 @@ pub struct TcpRecord {
     pub spliced: bool,
     pub authz_policy: Option<String>,
     pub denied: bool,
-    /// Arrived through an HBONE tunnel (mutual TLS).
+    /// Arrived or left through an HBONE tunnel (mutual TLS).
     pub mtls: bool,
+    /// `Source` for an outbound HBONE flow: `source` is the local pod, `destination` the
+    /// remote one, and `destination`'s principal the identity its end had to prove.
+    pub reporter: Reporter,
 }

@@ -101,6 +101,7 @@ fn tcp() -> TcpRecord {
         authz_policy: None,
         denied: false,
         mtls: false,
+        reporter: Reporter::Destination,
     }
 }
 
@@ -465,6 +466,7 @@ fn access_log_tcp_connection() {
     );
     assert_eq!(ok["duration"], 1500);
     assert_eq!(ok["spliced"], true);
+    assert_eq!(ok["reporter"], "destination");
     assert_eq!(ok["upstream_host"], "10.0.1.9:5432");
     assert_eq!(
         ok["upstream_cluster"],
@@ -725,4 +727,73 @@ fn tcp_connection_counted_open_at_open() {
     assert_eq!(count(&t, "istio_tcp_connections_opened_total"), 1);
     assert_eq!(count(&t, "istio_tcp_connections_closed_total"), 1);
     assert_eq!(count(&t, "istio_tcp_received_bytes_total"), 100);
+}
+
+#[test]
+fn outbound_tunnel_is_reported_by_the_source_and_kept_apart() {
+    let t = Telemetry::new(options());
+    let out_rec = TcpRecord {
+        mtls: true,
+        reporter: Reporter::Source,
+        ..tcp()
+    };
+    t.tcp_opened(&out_rec);
+    t.record_tcp(&out_rec);
+    t.record_tcp(&TcpRecord {
+        mtls: true,
+        ..tcp()
+    });
+    let mut out = String::new();
+    t.render_prometheus(&mut out);
+    let series = |name: &str, reporter: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{reporter=\"{reporter}\",")))
+            .map(str::to_owned)
+            .collect()
+    };
+    let opened = series("istio_tcp_connections_opened_total", "source");
+    assert_eq!(opened.len(), 1, "{out}");
+    assert!(opened[0].ends_with(" 1"), "{out}");
+    for want in [
+        r#"source_workload="frontend""#,
+        r#"destination_workload="web""#,
+        r#"destination_principal="spiffe://cluster.local/ns/shop/sa/web""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ] {
+        assert!(opened[0].contains(want), "{want} in {}", opened[0]);
+    }
+    // Istio's byte direction is the client's at either end: received = from it.
+    let received = series("istio_tcp_received_bytes_total", "source");
+    assert!(
+        received.len() == 1 && received[0].ends_with(" 100"),
+        "{out}"
+    );
+    let sent = series("istio_tcp_sent_bytes_total", "source");
+    assert!(sent.len() == 1 && sent[0].ends_with(" 2000"), "{out}");
+    // The destination's record is its own series; the proxy's stats count only it.
+    assert_eq!(
+        series("istio_tcp_connections_closed_total", "destination").len(),
+        1,
+        "{out}"
+    );
+    assert_eq!(t.stats().tcp.connections, 1);
+}
+
+#[test]
+fn access_log_outbound_tunnel_says_source_and_outbound_cluster() {
+    let lines = log_lines(|t| {
+        t.record_tcp(&TcpRecord {
+            mtls: true,
+            reporter: Reporter::Source,
+            destination_service: None,
+            response_flags: ResponseFlags(ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+            ..tcp()
+        });
+    });
+    let l = &lines[0];
+    assert_eq!(l["reporter"], "source");
+    assert_eq!(l["upstream_cluster"], "outbound|5432||");
+    assert_eq!(l["response_flags"], "UF");
+    assert_eq!(l["source_workload"], "frontend");
+    assert_eq!(l["destination_workload"], "web");
 }
