@@ -54,7 +54,7 @@ pub async fn serve_outbound(
         downstream: peer,
         upstream: dst,
         source: source.clone(),
-        destination: table.workload(dst.ip()).cloned(),
+        destination: table.workload(dst.ip().to_canonical()).cloned(),
         // The Service a client addressed is gone by now (the socket LB rewrote it at
         // connect); the destination node reports it.
         destination_service: None,
