@@ -34,6 +34,9 @@ pub struct ProxyTable {
     pub generation: u64,
     /// Every pod of the cluster with an address (all nodes): who a peer address is.
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// The Services in front of every pod of the cluster (all nodes) by each of its
+    /// addresses; pods no Service lists are absent. A local pod's are its endpoint's too.
+    pub pod_services: HashMap<IpAddr, Arc<[ServiceRef]>>,
     /// Local pods (this node) by each of their addresses: the destinations the proxy serves.
     pub endpoints: HashMap<IpAddr, Arc<L7Endpoint>>,
     /// Local pods by each of their addresses with their SPIFFE identity and enrolment (HBONE:
@@ -68,6 +71,13 @@ impl ProxyTable {
 
     pub fn endpoint(&self, ip: IpAddr) -> Option<&Arc<L7Endpoint>> {
         self.endpoints.get(&ip)
+    }
+
+    /// Istio's `destination_service` for a connection to `port` of the pod at `ip` on any
+    /// node, chosen as [`L7Endpoint::destination_service`] chooses without a `Host` header.
+    pub fn pod_destination_service(&self, ip: IpAddr, port: u16) -> Option<&ServiceRef> {
+        let services = self.pod_services.get(&ip)?;
+        compile::destination_service(services, port, None)
     }
 
     /// The local pod at `ip` when it is in the mesh (its identity signs its tunnels).
@@ -110,7 +120,7 @@ pub struct L7Endpoint {
     /// Services whose selector picks the pod (non-headless and headless), for
     /// `destination_service`: those whose EndpointSlices list one of the pod's addresses
     /// (the model keeps no Service selectors), by key.
-    pub services: Vec<ServiceRef>,
+    pub services: Arc<[ServiceRef]>,
     /// The pod's AuthorizationPolicies (selector and root-namespace ones), compiled.
     pub authz: Authz,
     /// `comb.dev/l7: "true"` on the pod or its namespace.
@@ -133,7 +143,7 @@ impl L7Endpoint {
     /// header names (`web`, `web.shop`, `web.shop.svc`, `web.shop.svc.cluster.local`, with
     /// or without `:port`); else the first by name. None when no Service fronts the port.
     pub fn destination_service(&self, port: u16, host_header: Option<&str>) -> Option<&ServiceRef> {
-        compile::destination_service(self, port, host_header)
+        compile::destination_service(&self.services, port, host_header)
     }
 }
 

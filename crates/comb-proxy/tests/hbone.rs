@@ -142,7 +142,19 @@ async fn client_with(
     dst: SocketAddr,
     limits: comb_proxy::Limits,
 ) -> Client {
-    let mut table = table_of(&pods(""), "n1");
+    client_of(certs, peer_port, expect, dst, limits, "").await
+}
+
+/// A client node whose manifests hold `extra` too (Services, ...).
+async fn client_of(
+    certs: CertStore,
+    peer_port: u16,
+    expect: &SpiffeId,
+    dst: SocketAddr,
+    limits: comb_proxy::Limits,
+    extra: &str,
+) -> Client {
+    let mut table = table_of(&pods(extra), "n1");
     mesh::local(&mut table, A, &client_id());
     mesh::peer(&mut table, B, expect);
     let mut o = options(limits);
@@ -767,8 +779,23 @@ fn series_value(metrics: &str, name: &str, labels: &[&str]) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_flows_are_reported_by_the_source() {
     let s = setup("").await;
+    // The source node knows the Service in front of the remote pod's port (a client that
+    // dialled it had the address rewritten to the pod's at connect).
+    let port = s.echo.addr.port();
+    let service = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{ports: [{{port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-abc, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: {port}}}]\nendpoints: [{{addresses: [{B}]}}]\n"
+    );
+    let with_service = client_of(
+        mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]),
+        s.inbound.port(),
+        &web_id(),
+        s.echo.addr,
+        comb_proxy::Limits::default(),
+        &service,
+    )
+    .await;
     let msg: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
-    assert_eq!(round_trip(s.client.addr, &msg).await, msg);
+    assert_eq!(round_trip(with_service.addr, &msg).await, msg);
     // A flow the peer cannot deliver (nothing listens on the pod's port): 503, reset.
     let closed = TcpListener::bind((B, 0)).await.unwrap();
     let closed_addr = closed.local_addr().unwrap();
@@ -793,12 +820,20 @@ async fn outbound_flows_are_reported_by_the_source() {
     let ok: Vec<&str> = peers
         .iter()
         .copied()
-        .chain(["response_flags=\"-\""])
+        .chain([
+            "response_flags=\"-\"",
+            "destination_service=\"web.shop.svc.cluster.local\"",
+        ])
         .collect();
     let uf: Vec<&str> = peers
         .iter()
         .copied()
-        .chain(["response_flags=\"UF\""])
+        .chain(["response_flags=\"UF\"", "destination_service=\"unknown\""])
+        .collect();
+    let refused_open: Vec<&str> = peers
+        .iter()
+        .copied()
+        .chain(["response_flags=\"-\"", "destination_service=\"unknown\""])
         .collect();
     let render = |ctx: &ProxyContext| {
         let mut m = String::new();
@@ -808,7 +843,7 @@ async fn outbound_flows_are_reported_by_the_source() {
     let closed_total = "istio_tcp_connections_closed_total";
     let mut m = String::new();
     for _ in 0..250 {
-        m = render(&s.client.ctx);
+        m = render(&with_service.ctx);
         let r = render(&refused_client.ctx);
         if series_value(&m, closed_total, &ok) == Some(1)
             && series_value(&r, closed_total, &uf) == Some(1)
@@ -839,7 +874,7 @@ async fn outbound_flows_are_reported_by_the_source() {
     // Counted open before its fate was known (flags `-`), closed with the failure's flag.
     let r = render(&refused_client.ctx);
     assert_eq!(
-        series_value(&r, "istio_tcp_connections_opened_total", &ok),
+        series_value(&r, "istio_tcp_connections_opened_total", &refused_open),
         Some(1),
         "{r}"
     );

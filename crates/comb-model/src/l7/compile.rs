@@ -1,11 +1,12 @@
 //! State → [`ProxyTable`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{Authz, L7Endpoint, ProxyTable, ServiceRef, Workload};
 use crate::identity::IdentityTable;
-use crate::objects::{Pod, Protocol, Service, TargetPort};
+use crate::objects::{ObjKey, Pod, Protocol, Service, TargetPort};
 use crate::policy::TRUST_DOMAIN;
 use crate::policy_compile::authz_selects;
 use crate::snapshot::Snapshot;
@@ -23,21 +24,27 @@ pub fn compile_proxy_table(
     let mut out = ProxyTable {
         generation,
         workloads: HashMap::new(),
+        pod_services: HashMap::new(),
         endpoints: HashMap::new(),
         mesh_endpoints: HashMap::new(),
         hbone_peers: HashMap::new(),
     };
+    let listed = listed_by_address(snapshot);
     for pod in snapshot.pods.values().filter(|p| !p.ips.is_empty()) {
         let w = Arc::new(workload(pod, identities));
+        let services: Arc<[ServiceRef]> = services_of(snapshot, pod, &listed).into();
         for ip in &pod.ips {
             out.workloads.insert(*ip, Arc::clone(&w));
+            if !services.is_empty() {
+                out.pod_services.insert(*ip, Arc::clone(&services));
+            }
         }
         if pod.node_name.as_deref() != Some(node) {
             continue;
         }
         let ep = Arc::new(L7Endpoint {
             workload: w,
-            services: services_of(snapshot, pod),
+            services,
             authz: Authz::new(
                 snapshot
                     .authorization_policies
@@ -115,26 +122,41 @@ pub(super) fn workload_name(pod: &Pod) -> String {
     }
 }
 
+/// For every address an EndpointSlice lists, the Services (namespace, name) listing it: one
+/// pass over the slices for the whole table, since every pod of the cluster needs its own.
+fn listed_by_address(snapshot: &Snapshot) -> HashMap<IpAddr, BTreeSet<(&str, &str)>> {
+    let mut out: HashMap<IpAddr, BTreeSet<(&str, &str)>> = HashMap::new();
+    for s in snapshot.endpoint_slices.values() {
+        for a in s.endpoints.iter().flat_map(|e| &e.addresses) {
+            out.entry(*a)
+                .or_default()
+                .insert((s.key.namespace.as_str(), s.service_name.as_str()));
+        }
+    }
+    out
+}
+
 /// Services whose EndpointSlices list one of the pod's addresses (what a Service's selector
 /// amounts to once the EndpointSlice controller has run; Comb's model keeps no selectors),
 /// by key, with the TCP ports they reach on this pod.
-fn services_of(snapshot: &Snapshot, pod: &Pod) -> Vec<ServiceRef> {
-    // One pass over the slices (not one per Service: thousands of each make that a million).
-    let listed: std::collections::HashSet<(&str, &str)> = snapshot
-        .endpoint_slices
-        .values()
-        .filter(|s| {
-            s.endpoints
-                .iter()
-                .any(|e| e.addresses.iter().any(|a| pod.ips.contains(a)))
-        })
-        .map(|s| (s.key.namespace.as_str(), s.service_name.as_str()))
+fn services_of(
+    snapshot: &Snapshot,
+    pod: &Pod,
+    listed: &HashMap<IpAddr, BTreeSet<(&str, &str)>>,
+) -> Vec<ServiceRef> {
+    // In key order (namespace, name), as "first by name" below expects.
+    let keys: BTreeSet<(&str, &str)> = pod
+        .ips
+        .iter()
+        .filter_map(|ip| listed.get(ip))
+        .flatten()
+        .copied()
         .collect();
     let mut out = Vec::new();
-    for svc in snapshot.services.values() {
-        if !listed.contains(&(svc.key.namespace.as_str(), svc.key.name.as_str())) {
+    for (ns, name) in keys {
+        let Some(svc) = snapshot.services.get(&ObjKey::new(ns, name)) else {
             continue;
-        }
+        };
         out.push(ServiceRef {
             key: svc.key.clone(),
             host: format!("{}.{}.svc.{TRUST_DOMAIN}", svc.key.name, svc.key.namespace),
@@ -177,14 +199,11 @@ fn target_ports(snapshot: &Snapshot, svc: &Service, pod: &Pod) -> Vec<u16> {
 }
 
 pub(super) fn destination_service<'a>(
-    ep: &'a L7Endpoint,
+    services: &'a [ServiceRef],
     port: u16,
     host_header: Option<&str>,
 ) -> Option<&'a ServiceRef> {
-    let mut fronting = ep
-        .services
-        .iter()
-        .filter(|s| s.target_ports.contains(&port));
+    let mut fronting = services.iter().filter(|s| s.target_ports.contains(&port));
     let first = fronting.next()?;
     let Some(host) = host_header.map(|h| super::matchers::split_port(h).0) else {
         return Some(first);

@@ -55,9 +55,12 @@ pub async fn serve_outbound(
         upstream: dst,
         source: source.clone(),
         destination: table.workload(dst.ip().to_canonical()).cloned(),
-        // The Service a client addressed is gone by now (the socket LB rewrote it at
-        // connect); the destination node reports it.
-        destination_service: None,
+        // The address the client dialled is gone (the socket LB rewrote a Service's at
+        // connect): the Service is the one in front of the pod's port, as the destination
+        // node finds it.
+        destination_service: table
+            .pod_destination_service(dst.ip().to_canonical(), dst.port())
+            .map(|s| s.host.clone()),
         sent_bytes: 0,
         received_bytes: 0,
         response_flags: ResponseFlags::NONE,

@@ -165,7 +165,7 @@ fn endpoint(services: Vec<ServiceRef>) -> L7Endpoint {
             &pod("shop", "p", "n1", &[], &[]),
             &IdentityTable::default(),
         )),
-        services,
+        services: services.into(),
         authz: Authz::default(),
         visibility: false,
     }
@@ -368,6 +368,12 @@ fn proxy_table_of_a_small_cluster() {
             false,
             vec![sport(None, Protocol::Tcp, 5432, TargetPort::Number(5432))],
         ),
+        service(
+            "ops",
+            "admin",
+            false,
+            vec![sport(None, Protocol::Tcp, 443, TargetPort::Number(9443))],
+        ),
     ] {
         snap.services.insert(s.key.clone(), s);
     }
@@ -376,6 +382,7 @@ fn proxy_table_of_a_small_cluster() {
         slice("shop", "web-headless", &["fd00::2"], &[]),
         slice("shop", "legacy", &["10.0.1.2"], &[(Some("x"), 7070)]),
         slice("shop", "db", &["10.0.1.3"], &[]),
+        slice("ops", "admin", &["10.0.2.9"], &[]),
     ] {
         snap.endpoint_slices.insert(s.key.clone(), s);
     }
@@ -438,6 +445,18 @@ fn proxy_table_of_a_small_cluster() {
         "UDP ports left out"
     );
     assert_eq!(web.services[1].host, "web.shop.svc.cluster.local");
+    // Every pod's Services by address, other nodes' too (a tunnel's source reports them);
+    // a local pod's are its endpoint's.
+    assert!(Arc::ptr_eq(&web.services, &t.pod_services[&ip("fd00::2")]));
+    assert_eq!(
+        t.pod_destination_service(ip("10.0.2.9"), 9443)
+            .map(|s| s.host.as_str()),
+        Some("admin.ops.svc.cluster.local")
+    );
+    assert!(
+        t.pod_destination_service(ip("10.0.2.9"), 80).is_none(),
+        "no Service on the port"
+    );
     assert_eq!(
         web.destination_service(8080, Some("web-headless.shop"))
             .map(|s| s.key.name.as_str()),
@@ -493,7 +512,11 @@ fn proxy_table_of_a_small_cluster() {
     assert_eq!(t2.workloads.len(), 4);
     assert_eq!(t2.endpoints.len(), 1);
     let admin = t2.endpoint(ip("10.0.2.9")).unwrap();
-    assert!(admin.services.is_empty() && !admin.visibility);
+    assert!(!admin.visibility);
+    assert!(Arc::ptr_eq(
+        &admin.services,
+        &t2.pod_services[&ip("10.0.2.9")]
+    ));
     let d = admin.authz.evaluate(&to("10.0.2.9"));
     assert_eq!(
         d.policy,
