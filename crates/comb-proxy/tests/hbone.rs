@@ -880,3 +880,49 @@ async fn outbound_flows_are_reported_by_the_source() {
     );
     assert_eq!(series_value(&r, closed_total, &uf), Some(1), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_closes_an_idle_tunnel_and_keeps_a_busy_one() {
+    let ca = TestCa::new("test-ca");
+    let limits = comb_proxy::Limits {
+        downstream_idle_timeout: Duration::from_millis(400),
+        ..comb_proxy::Limits::default()
+    };
+    let (_server, inbound) = server_with(mesh::store(&[&ca], &[ca.issue(&web_id())]), "", limits);
+    let echo = echo().await;
+    // The client's pool would keep the connection for 60 s.
+    let c = client(
+        mesh::store(&[&ca], &[ca.issue(&client_id())]),
+        inbound.port(),
+        &web_id(),
+        echo.addr,
+    )
+    .await;
+    let pool = c.ctx.hbone().unwrap().pool().clone();
+    // A stream open (and silent) across several idle timeouts keeps its connection.
+    let mut long = from_a(c.addr).await;
+    let mut b = [0u8; 1];
+    for byte in [b'a', b'b', b'c'] {
+        long.write_all(&[byte]).await.unwrap();
+        long.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], byte);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(pool.tunnels().len(), 1, "closed with a stream in flight");
+    }
+    drop(long);
+    // No stream: the server drains it (GOAWAY) and the client's pool sees it closed.
+    let mut gone = false;
+    for _ in 0..150 {
+        if pool.tunnels().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "idle tunnel still open: {:?}", pool.tunnels());
+    // The next flow opens a new connection (resumed) and is served.
+    assert_eq!(round_trip(c.addr, b"again").await, b"again");
+    let n = pool.counters();
+    assert_eq!(n.full_handshakes + n.resumptions, 2, "{n:?}");
+    assert_eq!(n.failures, 0, "{n:?}");
+}

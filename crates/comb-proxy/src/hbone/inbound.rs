@@ -16,13 +16,17 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::conn_clock::ConnClock;
 use crate::context::ProxyContext;
 use crate::tunnel::h2_stream::{H2Stream, keep_alive};
 use crate::tunnel::{H2_PING_INTERVAL, H2_PING_TIMEOUT, TunnelPeer, headers, socket, tls};
 
 /// Serves one connection accepted on the inbound listener (`local` = the address it was
-/// sent to) until the client closes it. Anything that is not a mutual-TLS HTTP/2 client of
-/// our trust domain is closed.
+/// sent to) until the client closes it, or until it carried no stream for the downstream
+/// idle timeout (it is then drained with GOAWAY, as any idle downstream HTTP/2 connection:
+/// a client's stream racing the GOAWAY is refused unprocessed, and the client retries it on
+/// a new connection). Anything that is not a mutual-TLS HTTP/2 client of our trust domain
+/// is closed.
 pub async fn serve_inbound(
     stream: TcpStream,
     peer: SocketAddr,
@@ -107,6 +111,10 @@ pub async fn serve_inbound(
         }
     };
     tokio::pin!(alive);
+    // Streams in flight and when the last one ended: the idle clock of an HTTP/2 downstream.
+    let clock = ConnClock::new();
+    let idle = clock.expired(ctx.limits.downstream_idle_timeout, None);
+    tokio::pin!(idle);
     let mut stop = ctx.stopping();
     let mut draining = false;
     // Polling `accept` drives the connection (its streams' frames too) until it closes; a
@@ -115,7 +123,12 @@ pub async fn serve_inbound(
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(serve_stream(req, respond, peer, local, tunnel.clone(), ctx.clone()));
+                    let stream = clock.begin();
+                    let serve = serve_stream(req, respond, peer, local, tunnel.clone(), ctx.clone());
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(stream);
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%peer, %local, "hbone inbound connection: {e}");
@@ -124,6 +137,11 @@ pub async fn serve_inbound(
                 None => break,
             },
             _ = stop.changed(), if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            _ = &mut idle, if !draining => {
+                tracing::debug!(%peer, %local, "hbone inbound connection idle, closing");
                 conn.graceful_shutdown();
                 draining = true;
             }
