@@ -52,7 +52,10 @@ impl Shards {
             // Told of every wake-up when busy polling is on.
             let woke = (!busy_poll.is_zero()).then(|| Arc::new(tokio::sync::Notify::new()));
             let mut rt = tokio::runtime::Builder::new_current_thread();
-            rt.enable_all();
+            // IO and timers only: the proxy spawns no process and handles no signal, and
+            // the process driver looks for orphans at every park (0.24 % of the proxy's
+            // samples in a connection-rate profile).
+            rt.enable_io().enable_time();
             if let Some(woke) = woke.clone() {
                 rt.on_thread_unpark(move || woke.notify_one());
             }
