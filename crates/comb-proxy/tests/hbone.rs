@@ -211,7 +211,7 @@ fn refused(e: &std::io::Error) -> bool {
 }
 
 struct Setup {
-    _ca: TestCa,
+    ca: TestCa,
     _server: ProxyHandle,
     inbound: SocketAddr,
     echo: Echo,
@@ -219,8 +219,17 @@ struct Setup {
 }
 
 async fn setup(policies: &str) -> Setup {
+    setup_with(policies, comb_proxy::Limits::default()).await
+}
+
+/// A server node with `limits`, an echo pod behind it, and a client node tunnelling to it.
+async fn setup_with(policies: &str, limits: comb_proxy::Limits) -> Setup {
     let ca = TestCa::new("test-ca");
-    let (server, inbound) = server(mesh::store(&[&ca], &[ca.issue(&web_id())]), policies);
+    let (server, inbound) = server_with(
+        mesh::store(&[&ca], &[ca.issue(&web_id())]),
+        policies,
+        limits,
+    );
     let echo = echo().await;
     let client = client(
         mesh::store(&[&ca], &[ca.issue(&client_id())]),
@@ -230,7 +239,7 @@ async fn setup(policies: &str) -> Setup {
     )
     .await;
     Setup {
-        _ca: ca,
+        ca,
         _server: server,
         inbound,
         echo,
@@ -511,7 +520,7 @@ async fn malformed_input_on_15008_closes_and_the_proxy_keeps_serving() {
         assert_eq!(n, 0);
     }
     // Garbage after a good handshake: h2 expects its preface.
-    let tls = TlsConfigs::new(mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]));
+    let tls = TlsConfigs::new(mesh::store(&[&s.ca], &[s.ca.issue(&client_id())]));
     let cfg = tls.client(&client_id(), &web_id()).unwrap();
     let tcp = TcpStream::connect(s.inbound).await.unwrap();
     let mut t = tokio_rustls::TlsConnector::from(cfg)
@@ -786,7 +795,7 @@ async fn outbound_flows_are_reported_by_the_source() {
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{ports: [{{port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-abc, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: {port}}}]\nendpoints: [{{addresses: [{B}]}}]\n"
     );
     let with_service = client_of(
-        mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]),
+        mesh::store(&[&s.ca], &[s.ca.issue(&client_id())]),
         s.inbound.port(),
         &web_id(),
         s.echo.addr,
@@ -801,7 +810,7 @@ async fn outbound_flows_are_reported_by_the_source() {
     let closed_addr = closed.local_addr().unwrap();
     drop(closed);
     let refused_client = client(
-        mesh::store(&[&s._ca], &[s._ca.issue(&client_id())]),
+        mesh::store(&[&s.ca], &[s.ca.issue(&client_id())]),
         s.inbound.port(),
         &web_id(),
         closed_addr,
@@ -883,21 +892,13 @@ async fn outbound_flows_are_reported_by_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_closes_an_idle_tunnel_and_keeps_a_busy_one() {
-    let ca = TestCa::new("test-ca");
     let limits = comb_proxy::Limits {
         downstream_idle_timeout: Duration::from_millis(400),
         ..comb_proxy::Limits::default()
     };
-    let (_server, inbound) = server_with(mesh::store(&[&ca], &[ca.issue(&web_id())]), "", limits);
-    let echo = echo().await;
     // The client's pool would keep the connection for 60 s.
-    let c = client(
-        mesh::store(&[&ca], &[ca.issue(&client_id())]),
-        inbound.port(),
-        &web_id(),
-        echo.addr,
-    )
-    .await;
+    let s = setup_with("", limits).await;
+    let c = &s.client;
     let pool = c.ctx.hbone().unwrap().pool().clone();
     // A stream open (and silent) across several idle timeouts keeps its connection.
     let mut long = from_a(c.addr).await;
