@@ -927,3 +927,30 @@ async fn the_server_closes_an_idle_tunnel_and_keeps_a_busy_one() {
     assert_eq!(n.full_handshakes + n.resumptions, 2, "{n:?}");
     assert_eq!(n.failures, 0, "{n:?}");
 }
+
+/// Flows opened while the server drains an idle tunnel (its GOAWAY racing the client's
+/// next CONNECT) are retried on a new connection: none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_racing_the_idle_drain_are_retried() {
+    let limits = comb_proxy::Limits {
+        downstream_idle_timeout: Duration::from_millis(30),
+        ..comb_proxy::Limits::default()
+    };
+    let s = setup_with("", limits).await;
+    for i in 0..150u32 {
+        let msg = format!("flow {i}");
+        assert_eq!(
+            round_trip(s.client.addr, msg.as_bytes()).await,
+            msg.as_bytes(),
+            "flow {i}"
+        );
+        // Around the idle timeout, so some flows meet a connection being drained.
+        tokio::time::sleep(Duration::from_millis(20 + u64::from(i % 3) * 10)).await;
+    }
+    let n = s.client.ctx.hbone().unwrap().pool().counters();
+    eprintln!("{n:?}");
+    assert!(
+        n.full_handshakes + n.resumptions > 5,
+        "the server drained: {n:?}"
+    );
+}
