@@ -6,6 +6,13 @@
 //! two jobs. Envoy keeps them apart (`request_headers_timeout` from the first byte,
 //! `idle_timeout` between requests), and so do we: hyper's timer is off, the connection's
 //! IO marks when a head starts, the service marks when requests begin and end.
+//!
+//! The marks are plain atomic stores, nothing is woken per request: the clock's task sleeps
+//! on one timer and, when it fires, reads the marks and sets the next one. It never sleeps
+//! past a deadline, because the earliest a clock started after a check can run out is one
+//! timeout after that check (see [`ConnClock::expired`]). The cost is a timer firing per
+//! connection every head timeout at most, against a notification and a re-armed timer per
+//! request.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +21,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 // tokio's clock, so tests can run it paused.
 use tokio::time::Instant;
 
@@ -36,8 +42,6 @@ pub struct ConnClock {
     last_end: AtomicU64,
     /// When the current head's first byte arrived, ms since `epoch` + 1; 0 = no head pending.
     head_start: AtomicU64,
-    /// Woken when a head starts or the last request ends.
-    changed: Notify,
 }
 
 impl ConnClock {
@@ -47,7 +51,6 @@ impl ConnClock {
             active: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
             head_start: AtomicU64::new(0),
-            changed: Notify::new(),
         })
     }
 
@@ -65,26 +68,35 @@ impl ConnClock {
 
     /// Bytes arrived: with no request in flight they start a head.
     fn read_some(&self) {
-        if self.active.load(Ordering::Acquire) == 0
-            && self
-                .head_start
-                .compare_exchange(0, self.now_ms() + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        if self.active.load(Ordering::Acquire) == 0 && self.head_start.load(Ordering::Acquire) == 0
         {
-            self.changed.notify_one();
+            let _ = self.head_start.compare_exchange(
+                0,
+                self.now_ms() + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// Resolves when a clock runs out. `head`: None for HTTP/2 (its frames are not heads).
+    ///
+    /// Each check looks at the marks and sleeps until the earliest moment a clock could run
+    /// out: a pending head's deadline, the idle deadline, or, for clocks that may start after
+    /// this check (a request ending, a head starting), one timeout from now, which is never
+    /// later than their own deadline.
     pub async fn expired(&self, idle: Duration, head: Option<Duration>) -> Expired {
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let head_ms = head.map(|h| u64::try_from(h.as_millis()).unwrap_or(u64::MAX));
+        let soonest_new = head_ms.map_or(idle_ms, |h| h.min(idle_ms));
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
         loop {
-            let woken = self.changed.notified();
             let now = self.now_ms();
             let wait = if self.active.load(Ordering::Acquire) > 0 {
-                // A request in flight: nothing runs until it ends.
-                None
+                // A request in flight: nothing runs out until it ends, and what starts
+                // after that runs out no sooner than a timeout from now.
+                soonest_new
             } else {
                 let started = self.head_start.load(Ordering::Acquire);
                 match head_ms {
@@ -93,7 +105,7 @@ impl ConnClock {
                         if now >= deadline {
                             return Expired::Head;
                         }
-                        Some(deadline - now)
+                        deadline - now
                     }
                     _ => {
                         let deadline = self
@@ -103,19 +115,15 @@ impl ConnClock {
                         if now >= deadline {
                             return Expired::Idle;
                         }
-                        Some(deadline - now)
+                        // A head may start before the idle deadline.
+                        (deadline - now).min(soonest_new)
                     }
                 }
             };
-            match wait {
-                Some(ms) => {
-                    tokio::select! {
-                        _ = woken => {}
-                        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    }
-                }
-                None => woken.await,
-            }
+            // Whole milliseconds, like the marks: a deadline is never missed by a fraction.
+            let at = self.epoch + Duration::from_millis(now.saturating_add(wait).max(now + 1));
+            sleep.as_mut().reset(at);
+            sleep.as_mut().await;
         }
     }
 }
@@ -127,9 +135,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let c = &self.0;
         c.last_end.store(c.now_ms(), Ordering::Release);
-        if c.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            c.changed.notify_one();
-        }
+        c.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

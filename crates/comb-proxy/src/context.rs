@@ -18,6 +18,8 @@ use crate::upstream::Upstreams;
 
 /// hyper refuses a read buffer under 8 KiB.
 const MIN_BUF: usize = 8192;
+/// hyper's HTTP/1 header count limit when none is set.
+const HYPER_MAX_HEADERS: usize = 100;
 
 pub struct ProxyContext {
     table: ArcSwap<ProxyTable>,
@@ -59,10 +61,15 @@ impl ProxyContext {
             // Ours counts from a head's first byte (crate::conn_clock); hyper's would also
             // close connections that are only idle between requests.
             .header_read_timeout(None)
-            .max_headers(l.max_headers)
             .max_header_size(l.max_header_bytes)
             // The read buffer bounds a connection's memory; headers must fit in it.
             .max_buf_size((l.max_header_bytes + 1024).max(MIN_BUF));
+        // hyper's own limit is 100 headers, parsed into arrays on the stack; any explicit
+        // limit, even 100, makes it build and move those arrays element by element for
+        // every request head.
+        if l.max_headers != HYPER_MAX_HEADERS {
+            h1.max_headers(l.max_headers);
+        }
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(l.max_concurrent_streams)

@@ -270,6 +270,20 @@ async fn oversized_headers_are_431() {
         String::from_utf8_lossy(&out)
     );
 
+    // At the limit (100 headers, the default) the proxy forwards the request (the backend,
+    // a hyper server with the same limit, may refuse it with the proxy's own headers added).
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let many: String = (0..98).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req = format!("GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n{many}\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let out = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+
     // Too many headers.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
@@ -280,6 +294,11 @@ async fn oversized_headers_are_431() {
         String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
         "{:?}",
         String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "not forwarded"
     );
 }
 

@@ -106,7 +106,9 @@ async fn drive<C: Graceful>(
 ) -> Option<C::Output> {
     let mut stop = ctx.stopping();
     let mut served = pin!(served);
+    // Biased: the connection first, and no random draw per poll (this runs per wake-up).
     let expired = tokio::select! {
+        biased;
         r = served.as_mut() => return Some(r),
         _ = stop.changed() => {
             // Draining, HTTP/1 (the one with a head clock): every response now says
