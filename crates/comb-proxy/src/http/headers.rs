@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use comb_model::l7::Headers;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -90,13 +91,15 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     let ip = peer.to_canonical().to_string();
     let mut values = headers.get_all(&X_FORWARDED_FOR).iter();
+    // Each buffer becomes the header value as it is (`Bytes` from a `String`/`Vec`: no copy).
     let xff = match (values.next(), values.next()) {
-        (None, _) => HeaderValue::from_str(&ip).ok(),
+        (None, _) => HeaderValue::from_maybe_shared(Bytes::from(ip)).ok(),
         (Some(first), None) => {
-            let mut v = first.as_bytes().to_vec();
+            let mut v = Vec::with_capacity(first.len() + 1 + ip.len());
+            v.extend_from_slice(first.as_bytes());
             v.extend_from_slice(b",");
             v.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+            HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
         }
         (Some(_), Some(_)) => {
             let mut v: Vec<u8> = Vec::new();
@@ -105,7 +108,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
                 v.push(b',');
             }
             v.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+            HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
         }
     };
     if let Some(v) = xff {
@@ -123,6 +126,18 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding` (hyper frames the body again), `TE`
 /// except `trailers` (gRPC needs it), and `Upgrade` unless the exchange is an upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Usually there are none: one pass over the names (no hashing) instead of a lookup per
+    // hop-by-hop name, twice per request.
+    if !headers.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::UPGRADE
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    }) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Names listed in Connection are hop-by-hop too; collect first (borrow), rarely any.
         let named: Vec<HeaderName> = headers
@@ -181,6 +196,30 @@ mod tests {
         assert!(m.get("transfer-encoding").is_none());
         assert_eq!(m.get("te").unwrap(), "trailers");
         assert_eq!(m.get_all("x-a").iter().count(), 2);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped() {
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "transfer-encoding",
+            "te",
+        ] {
+            let mut m = HeaderMap::new();
+            m.insert("x-a", HeaderValue::from_static("1"));
+            m.insert(name, HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut m, false);
+            assert!(m.get(name).is_none(), "{name}");
+            assert_eq!(m.len(), 1, "{name}");
+        }
+        // None there: nothing changes.
+        let mut m = HeaderMap::new();
+        m.insert("x-a", HeaderValue::from_static("1"));
+        m.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut m, false);
+        assert_eq!(m.len(), 2);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use comb_model::l7::{Decision, HttpRequest, ProxyTable, Request as AuthzRequest};
+use bytes::Bytes;
+use comb_model::l7::{DecisionRef, HttpRequest, ProxyTable, Request as AuthzRequest};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -201,7 +202,8 @@ async fn handle(
     } else {
         None
     };
-    if let Ok(v) = HeaderValue::from_str(&trace.traceparent()) {
+    // The string's buffer becomes the header's, no copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace.traceparent())) {
         parts.headers.insert(TRACEPARENT.clone(), v);
     }
     let upstream_req = |parts: http::request::Parts| {
@@ -273,7 +275,11 @@ async fn handle(
 
 /// The endpoint's decision; None when the destination is not a local endpoint (steered here
 /// anyway: forwarded, nothing to enforce).
-fn authorize(table: &ProxyTable, conn: &ConnInfo, req: &Request<Incoming>) -> Option<Decision> {
+fn authorize<'t>(
+    table: &'t ProxyTable,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+) -> Option<DecisionRef<'t>> {
     let ep = table.endpoint(conn.dst.ip())?;
     let host = authority(req);
     let method = req.method().as_str();
@@ -300,7 +306,7 @@ fn authorize(table: &ProxyTable, conn: &ConnInfo, req: &Request<Incoming>) -> Op
             headers: &view,
         }),
     };
-    Some(ep.authz.evaluate(&areq))
+    Some(ep.authz.evaluate_ref(&areq))
 }
 
 fn header_str<'a, B>(req: &'a Request<B>, name: &header::HeaderName) -> Option<&'a str> {
