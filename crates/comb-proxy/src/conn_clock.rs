@@ -9,18 +9,20 @@
 //!
 //! The marks are plain atomic stores, nothing is woken per request: the clock's task sleeps
 //! on one timer and, when it fires, reads the marks and sets the next one. It never sleeps
-//! past a deadline, because the earliest a clock started after a check can run out is one
-//! timeout after that check (see [`ConnClock::expired`]). The cost is a timer firing per
-//! connection every head timeout at most, against a notification and a re-armed timer per
-//! request.
+//! past a deadline: while requests run, it looks again one timeout later (the earliest a
+//! clock started after a look can run out); on an idle connection it sleeps until the idle
+//! deadline and says so (`parked`), and the first byte of the next head wakes it. So a busy
+//! connection costs a timer firing per head timeout, an idle one nothing until its deadline,
+//! and neither a notification or a new timer per request.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 // tokio's clock, so tests can run it paused.
 use tokio::time::Instant;
 
@@ -42,6 +44,9 @@ pub struct ConnClock {
     last_end: AtomicU64,
     /// When the current head's first byte arrived, ms since `epoch` + 1; 0 = no head pending.
     head_start: AtomicU64,
+    /// The clock sleeps until the idle deadline and must hear of a head starting.
+    parked: AtomicBool,
+    head_started: Notify,
 }
 
 impl ConnClock {
@@ -51,6 +56,8 @@ impl ConnClock {
             active: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
             head_start: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            head_started: Notify::new(),
         })
     }
 
@@ -68,34 +75,31 @@ impl ConnClock {
 
     /// Bytes arrived: with no request in flight they start a head.
     fn read_some(&self) {
-        if self.active.load(Ordering::Acquire) == 0 && self.head_start.load(Ordering::Acquire) == 0
+        if self.active.load(Ordering::Acquire) == 0
+            && self.head_start.load(Ordering::Acquire) == 0
+            && self
+                .head_start
+                .compare_exchange(0, self.now_ms() + 1, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            && self.parked.swap(false, Ordering::SeqCst)
         {
-            let _ = self.head_start.compare_exchange(
-                0,
-                self.now_ms() + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            self.head_started.notify_one();
         }
     }
 
     /// Resolves when a clock runs out. `head`: None for HTTP/2 (its frames are not heads).
-    ///
-    /// Each check looks at the marks and sleeps until the earliest moment a clock could run
-    /// out: a pending head's deadline, the idle deadline, or, for clocks that may start after
-    /// this check (a request ending, a head starting), one timeout from now, which is never
-    /// later than their own deadline.
     pub async fn expired(&self, idle: Duration, head: Option<Duration>) -> Expired {
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let head_ms = head.map(|h| u64::try_from(h.as_millis()).unwrap_or(u64::MAX));
+        // The soonest a clock that starts after a look can run out.
         let soonest_new = head_ms.map_or(idle_ms, |h| h.min(idle_ms));
         let sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(sleep);
         loop {
             let now = self.now_ms();
+            let mut parked = false;
             let wait = if self.active.load(Ordering::Acquire) > 0 {
-                // A request in flight: nothing runs out until it ends, and what starts
-                // after that runs out no sooner than a timeout from now.
+                // A request in flight: nothing runs out until it ends.
                 soonest_new
             } else {
                 let started = self.head_start.load(Ordering::Acquire);
@@ -115,15 +119,34 @@ impl ConnClock {
                         if now >= deadline {
                             return Expired::Idle;
                         }
-                        // A head may start before the idle deadline.
-                        (deadline - now).min(soonest_new)
+                        if head_ms.is_some() {
+                            // A head may start before the idle deadline: it wakes us. Parked
+                            // first, then the head looked at again, so a head that starts in
+                            // between is seen here or by `read_some`.
+                            self.parked.store(true, Ordering::SeqCst);
+                            if self.head_start.load(Ordering::SeqCst) != 0 {
+                                self.parked.store(false, Ordering::SeqCst);
+                                continue;
+                            }
+                            parked = true;
+                        }
+                        deadline - now
                     }
                 }
             };
             // Whole milliseconds, like the marks: a deadline is never missed by a fraction.
             let at = self.epoch + Duration::from_millis(now.saturating_add(wait).max(now + 1));
             sleep.as_mut().reset(at);
-            sleep.as_mut().await;
+            if parked {
+                tokio::select! {
+                    biased;
+                    _ = self.head_started.notified() => {}
+                    _ = sleep.as_mut() => {}
+                }
+                self.parked.store(false, Ordering::SeqCst);
+            } else {
+                sleep.as_mut().await;
+            }
         }
     }
 }
@@ -225,6 +248,37 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         assert_eq!(c.expired(idle, head).await, Expired::Head);
         assert!(t0.elapsed() < idle);
+        // An idle connection's clock sleeps until the idle deadline; a head starting wakes it,
+        // so the head clock still cuts on time.
+        let c = ConnClock::new();
+        let t0 = tokio::time::Instant::now();
+        let clock = {
+            let c = c.clone();
+            tokio::spawn(async move { c.expired(idle, head).await })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(c.parked.load(Ordering::SeqCst), "an idle clock parks");
+        c.read_some();
+        assert_eq!(clock.await.unwrap(), Expired::Head);
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_secs(15) && took < Duration::from_secs(16),
+            "{took:?}"
+        );
+        // Requests back to back: the clock neither expires nor needs waking per request.
+        let c = ConnClock::new();
+        let clock = {
+            let c = c.clone();
+            tokio::spawn(async move { c.expired(idle, head).await })
+        };
+        for _ in 0..200 {
+            c.read_some();
+            let g = c.begin();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(g);
+        }
+        assert!(!clock.is_finished());
+        clock.abort();
         // HTTP/2 has no head clock: bytes do not count, only requests.
         let c = ConnClock::new();
         c.read_some();
