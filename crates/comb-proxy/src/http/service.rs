@@ -94,14 +94,17 @@ async fn handle(
     let grpc = is_grpc(req.headers());
     let upgrade = !conn.h2 && is_upgrade(req.headers());
     let trace = trace::incoming(header_str(&req, &TRACEPARENT));
+    let details = ctx.telemetry.wants_details();
     let request_id = match header_str(&req, &X_REQUEST_ID) {
-        Some(id) => id.to_owned(),
+        Some(id) => details.then(|| id.to_owned()),
         None => {
             let id = new_request_id();
-            if let Ok(v) = HeaderValue::from_str(&id) {
+            let kept = details.then(|| id.clone());
+            // The string's buffer becomes the header's, no copy.
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(id)) {
                 req.headers_mut().insert(X_REQUEST_ID.clone(), v);
             }
-            id
+            kept
         }
     };
     // Before authorization, as Envoy's connection manager does: policies see the result.
@@ -130,11 +133,21 @@ async fn handle(
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
-        authority: authority(&req).to_owned(),
-        user_agent: header_str(&req, &header::USER_AGENT).map(str::to_owned),
-        x_forwarded_for: header_str(&req, &header::HeaderName::from_static("x-forwarded-for"))
-            .map(str::to_owned),
-        request_id: Some(request_id),
+        authority: if details {
+            authority(&req).to_owned()
+        } else {
+            String::new()
+        },
+        user_agent: details
+            .then(|| header_str(&req, &header::USER_AGENT).map(str::to_owned))
+            .flatten(),
+        x_forwarded_for: details
+            .then(|| {
+                header_str(&req, &header::HeaderName::from_static("x-forwarded-for"))
+                    .map(str::to_owned)
+            })
+            .flatten(),
+        request_id,
         response_code: 0,
         grpc_status: None,
         response_flags: ResponseFlags::NONE,
