@@ -446,3 +446,59 @@ async fn forwarded_headers_name_the_downstream_peer() {
     );
     assert_eq!(r.headers()["x-seen-xfp"], "https");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_carry_the_request_details() {
+    // Without an access log or spans the proxy keeps no details, but the request still gets
+    // its generated x-request-id (a UUID).
+    let backend = Backend::start().await;
+    let proxy = TestProxy::start(
+        backend.addr,
+        ProxyTable::default(),
+        options(Limits::default()),
+    )
+    .await;
+    let mut c = h1_client(proxy.addr).await;
+    let r = h1_send(&mut c, "GET", "/echo", "").await;
+    assert_eq!(r.headers()["x-seen-request-id"].len(), 36);
+    text(r).await;
+
+    // With an access log the details are there: the generated id (the one the backend saw),
+    // authority, user agent, x-forwarded-for as forwarded.
+    let dir = std::env::temp_dir().join(format!("comb-access-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let telemetry =
+        comb_proxy::telemetry::Telemetry::new(comb_proxy::telemetry::TelemetryOptions {
+            access_log: Some(comb_proxy::telemetry::AccessLogTarget::File(path.clone())),
+            otlp_endpoint: None,
+            node: "test-node".into(),
+            service_name: "comb-proxy".into(),
+            max_stats_routes: 100,
+        });
+    let mut opts = comb_proxy::ProxyOptions::new(telemetry.clone());
+    opts.port = 0;
+    let proxy = TestProxy::start(backend.addr, ProxyTable::default(), opts).await;
+    let mut c = h1_client(proxy.addr).await;
+    c.ready().await.unwrap();
+    let req = Request::builder()
+        .uri("/echo")
+        .header("host", "web.shop")
+        .header("user-agent", "comb-test/1")
+        .body(body(""))
+        .unwrap();
+    let r = c.send_request(req).await.unwrap();
+    let id = r.headers()["x-seen-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    text(r).await;
+    telemetry.flush_access_log();
+    let log = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(line["request_id"], id.as_str(), "{line}");
+    assert_eq!(line["authority"], "web.shop", "{line}");
+    assert_eq!(line["user_agent"], "comb-test/1", "{line}");
+    assert_eq!(line["x_forwarded_for"], "127.0.0.1", "{line}");
+}
