@@ -156,12 +156,12 @@ async fn handle(
         trace: Some(trace),
         authz_policy: decision
             .as_ref()
-            .and_then(|d| d.policy.as_ref())
+            .and_then(|d| d.policy.filter(|_| details))
             .map(|k| k.to_string()),
         denied: decision.as_ref().is_some_and(|d| !d.allow),
         audited: decision
             .as_ref()
-            .and_then(|d| d.audit.as_ref())
+            .and_then(|d| d.audit.filter(|_| details))
             .map(|k| k.to_string()),
         mtls: conn.tunnel.is_some(),
     };

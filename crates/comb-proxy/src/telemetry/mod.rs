@@ -78,7 +78,7 @@ impl Telemetry {
     }
 
     /// Whether request records go to an access log or spans, which read the records' details
-    /// (authority, user agent, `x-forwarded-for`, request id).
+    /// (authority, user agent, `x-forwarded-for`, request id, policy names).
     pub fn wants_details(&self) -> bool {
         self.access_log.is_some() || self.exporter.is_some()
     }
@@ -248,6 +248,7 @@ pub struct RequestRecord {
     pub path: String,
     // The next four are read only by the access log and spans: the proxy leaves them empty
     // when neither is on ([`Telemetry::wants_details`]), to spare a copy each per request.
+    // (`authz_policy` and `audited` too.)
     pub authority: String,
     pub user_agent: Option<String>,
     /// The request's `x-forwarded-for` as forwarded (the peer appended; access log).
@@ -264,7 +265,8 @@ pub struct RequestRecord {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub trace: Option<SpanContext>,
-    /// AuthorizationPolicy that decided (namespace/name), and whether it denied.
+    /// AuthorizationPolicy that decided (namespace/name), and whether it denied. The name is
+    /// read only by the access log (like `audited`): left out when it is off.
     pub authz_policy: Option<String>,
     pub denied: bool,
     /// An AUDIT policy matched.
