@@ -279,6 +279,14 @@ mod tests {
         }
         assert!(!clock.is_finished());
         clock.abort();
+        // The largest timeouts mean never.
+        let c = ConnClock::new();
+        let r = tokio::time::timeout(
+            Duration::from_secs(3600),
+            c.expired(Duration::MAX, Some(Duration::MAX)),
+        )
+        .await;
+        assert!(r.is_err());
         // HTTP/2 has no head clock: bytes do not count, only requests.
         let c = ConnClock::new();
         c.read_some();
