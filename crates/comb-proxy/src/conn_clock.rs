@@ -13,7 +13,7 @@
 //! clock started after a look can run out); on an idle connection it sleeps until the idle
 //! deadline and says so (`parked`), and the first byte of the next head wakes it. So a busy
 //! connection costs a timer firing per head timeout, an idle one nothing until its deadline,
-//! and neither a notification or a new timer per request.
+//! and no request costs a notification or a new timer.
 
 use std::pin::Pin;
 use std::sync::Arc;
