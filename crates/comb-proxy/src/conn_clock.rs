@@ -265,7 +265,7 @@ mod tests {
             took >= Duration::from_secs(15) && took < Duration::from_secs(16),
             "{took:?}"
         );
-        // Requests back to back: the clock neither expires nor needs waking per request.
+        // Requests back to back for longer than the idle timeout: the connection stays.
         let c = ConnClock::new();
         let clock = {
             let c = c.clone();

@@ -77,6 +77,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 static TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
+static X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 async fn handle(
     ctx: Arc<ProxyContext>,
@@ -110,6 +111,16 @@ async fn handle(
     // Before authorization, as Envoy's connection manager does: policies see the result.
     set_forwarded(req.headers_mut(), conn.peer.ip());
     let decision = authorize(&table, &conn, &req);
+    // What only the access log and spans read (RequestRecord): copied only for them.
+    let (authority_seen, user_agent, x_forwarded_for) = if details {
+        (
+            authority(&req).to_owned(),
+            header_str(&req, &header::USER_AGENT).map(str::to_owned),
+            header_str(&req, &X_FORWARDED_FOR).map(str::to_owned),
+        )
+    } else {
+        (String::new(), None, None)
+    };
     let destination_service = endpoint.as_ref().and_then(|ep| {
         ep.destination_service(conn.dst.port(), Some(authority(&req)))
             .map(|s| s.host.clone())
@@ -133,20 +144,9 @@ async fn handle(
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
-        authority: if details {
-            authority(&req).to_owned()
-        } else {
-            String::new()
-        },
-        user_agent: details
-            .then(|| header_str(&req, &header::USER_AGENT).map(str::to_owned))
-            .flatten(),
-        x_forwarded_for: details
-            .then(|| {
-                header_str(&req, &header::HeaderName::from_static("x-forwarded-for"))
-                    .map(str::to_owned)
-            })
-            .flatten(),
+        authority: authority_seen,
+        user_agent,
+        x_forwarded_for,
         request_id,
         response_code: 0,
         grpc_status: None,
