@@ -46,6 +46,7 @@ use anyhow::{Context, Result, bail};
 use comb_api::{ProxyStatsReply, Query};
 use comb_lab::Lab;
 
+use super::host_steal::StealLog;
 use super::l7_tools::{self as t, H2load};
 use super::report::{Metric, Report, median};
 use super::{AgentArgs, Common, l7_splice, lab, tools};
@@ -176,6 +177,8 @@ struct LatencyRuns {
     /// Largest RSS per round: sidecar pair, combd.
     rss_sidecar: Vec<f64>,
     rss_comb: Vec<f64>,
+    /// What the hypervisor took during each run.
+    steal: StealLog,
 }
 
 fn latency_rounds(
@@ -210,7 +213,9 @@ fn latency_rounds(
                 Path3::Sidecar => vec![pids.haproxy_client, pids.haproxy_server],
                 Path3::Comb => vec![pids.combd],
             };
-            let (h, rss) = t::max_rss_during(&watched, run)?;
+            let ((h, rss), steal) = r
+                .steal
+                .measure(p.label(), || t::max_rss_during(&watched, run))?;
             let (p50, p99) = t::log_p50_p99_ms(&log)?;
             let i = p as usize;
             r.p50[i].push(p50);
@@ -222,7 +227,7 @@ fn latency_rounds(
             }
             if !c.json {
                 eprintln!(
-                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms{}",
+                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms{}, host steal {:.0} ms",
                     round + 1,
                     c.pairs,
                     p.label(),
@@ -231,7 +236,8 @@ fn latency_rounds(
                         String::new()
                     } else {
                         format!(", max RSS {rss:.1} MiB")
-                    }
+                    },
+                    steal.steal_ms,
                 );
             }
         }
@@ -376,6 +382,9 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     }
     let before = proxied_requests(&lab)?;
     let lat = latency_rounds(a, &lab, &urls, &pids, files.path())?;
+    if let Some(w) = lat.steal.warning() {
+        eprintln!("{w}");
+    }
     let max = saturating_rounds(a, &lab, &urls, &pids)?;
     let proxied = proxied_requests(&lab)? - before;
     // At least the fixed-rate runs' requests must have crossed the proxy.

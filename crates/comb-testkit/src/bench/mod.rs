@@ -2,6 +2,7 @@
 //! interleaved, and reports medians and ratios measured in the same run.
 
 mod flip_probe;
+mod host_steal;
 mod kube;
 mod l7;
 mod l7_splice;

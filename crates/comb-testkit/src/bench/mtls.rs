@@ -36,6 +36,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use comb_lab::Lab;
 
+use super::host_steal::StealLog;
 use super::l7_tools::{self as t};
 use super::report::{Metric, Report, median};
 use super::{AgentArgs, Common, lab, tools};
@@ -255,6 +256,8 @@ struct LatencyRuns {
     p99: [Vec<f64>; 3],
     rss_sidecar: Vec<f64>,
     rss_comb: Vec<f64>,
+    /// What the hypervisor took during each run.
+    steal: StealLog,
 }
 
 pub fn run(a: &Args) -> Result<Report> {
@@ -382,16 +385,18 @@ pub fn run(a: &Args) -> Result<Report> {
                 Path3::Sidecar => vec![hc, hs],
                 Path3::Comb => vec![combd],
             };
-            let (h, rss) = t::max_rss_during(&watched, || {
-                t::h2load(
-                    &lab,
-                    &client,
-                    &url,
-                    a.conns,
-                    Some(a.rate),
-                    a.latency_secs,
-                    Some(&log),
-                )
+            let ((h, rss), steal) = lat.steal.measure(p.label(), || {
+                t::max_rss_during(&watched, || {
+                    t::h2load(
+                        &lab,
+                        &client,
+                        &url,
+                        a.conns,
+                        Some(a.rate),
+                        a.latency_secs,
+                        Some(&log),
+                    )
+                })
             })?;
             let (p50, p99) = t::log_p50_p99_ms(&log)?;
             lat.p50[p as usize].push(p50);
@@ -403,11 +408,12 @@ pub fn run(a: &Args) -> Result<Report> {
             }
             if !c.json {
                 eprintln!(
-                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms, max RSS {rss:.1} MiB",
+                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms, max RSS {rss:.1} MiB, host steal {:.0} ms",
                     round + 1,
                     c.pairs,
                     p.label(),
                     h.req_per_sec,
+                    steal.steal_ms,
                 );
             }
         }
@@ -442,6 +448,9 @@ pub fn run(a: &Args) -> Result<Report> {
     }
     drop((client_proxy, server_proxy, servers));
     lab.down()?;
+    if let Some(w) = lat.steal.warning() {
+        eprintln!("{w}");
+    }
     let (d, s, k) = (
         Path3::Plain as usize,
         Path3::Sidecar as usize,
