@@ -12,8 +12,9 @@ use anyhow::{Context, Result};
 /// a p99 is decided by 1 % of the requests.
 const FLAG_SHARE: f64 = 0.01;
 
-/// Steal and total ticks of the machine (all CPUs) from `/proc/stat`'s `cpu` line.
-fn cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+/// Steal and total ticks of the machine from `/proc/stat`'s `cpu` line (the sum over its CPUs),
+/// and how many CPUs that line sums (the `cpuN` lines).
+fn cpu_ticks(stat: &str) -> Option<(u64, u64, usize)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let cols: Vec<u64> = line
         .split_whitespace()
@@ -24,10 +25,17 @@ fn cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already
     // counted in user and nice.
     let steal = *cols.get(7)?;
-    Some((steal, cols.iter().take(8).sum()))
+    let cpus = stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    Some((steal, cols.iter().take(8).sum(), cpus.max(1)))
 }
 
-fn read_ticks() -> Result<(u64, u64)> {
+fn read_ticks() -> Result<(u64, u64, usize)> {
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     cpu_ticks(&text).context("/proc/stat: no cpu line with a steal column")
 }
@@ -55,17 +63,17 @@ impl StealLog {
         label: &str,
         work: impl FnOnce() -> Result<T>,
     ) -> Result<(T, RunSteal)> {
-        let (s0, t0) = read_ticks()?;
+        let (s0, t0, _) = read_ticks()?;
         let w0 = Instant::now();
         let out = work()?;
-        let (s1, t1) = read_ticks()?;
-        // A tick is 1/USER_HZ s; the wall clock converts without asking for USER_HZ.
+        let (s1, t1, cpus) = read_ticks()?;
+        // The run's ticks span `cpus` × its wall time, which converts ticks to ms without
+        // asking for USER_HZ.
         let ticks = t1.saturating_sub(t0).max(1) as f64;
         let stolen = s1.saturating_sub(s0) as f64;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let run = RunSteal {
             label: label.into(),
-            steal_ms: stolen / ticks * w0.elapsed().as_secs_f64() * cpus * 1000.0,
+            steal_ms: stolen / ticks * w0.elapsed().as_secs_f64() * cpus as f64 * 1000.0,
             share: stolen / ticks,
         };
         self.runs.push(run.clone());
@@ -95,11 +103,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn steal_is_the_eighth_column_and_guest_time_is_not_counted_twice() {
+    fn steal_is_the_eighth_column_guest_time_is_not_counted_twice_and_cpus_are_counted() {
         let stat = "cpu  323123 0 111159 395521 2266 0 16042 2193 50 0\n\
-                    cpu0 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n";
+                    cpu0 1 2 3 4 5 6 7 8 9 10\ncpu1 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n";
         let total = 323123 + 111159 + 395521 + 2266 + 16042 + 2193;
-        assert_eq!(cpu_ticks(stat), Some((2193, total)));
+        assert_eq!(cpu_ticks(stat), Some((2193, total, 2)));
         assert_eq!(cpu_ticks("cpu  1 2 3\n"), None, "no steal column");
         assert_eq!(cpu_ticks("intr 1\n"), None);
     }
