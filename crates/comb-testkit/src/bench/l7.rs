@@ -46,9 +46,9 @@ use anyhow::{Context, Result, bail};
 use comb_api::{ProxyStatsReply, Query};
 use comb_lab::Lab;
 
-use super::host_steal::StealLog;
 use super::l7_tools::{self as t, H2load};
 use super::report::{Metric, Report, median};
+use super::three_paths::{LatencyRuns, Load, Path3, Paths};
 use super::{AgentArgs, Common, l7_splice, lab, tools};
 use comb_api::client;
 
@@ -77,25 +77,6 @@ const SIDECAR_IN: u16 = 15006;
 const SIDECAR_OUT: u16 = 15001;
 const PATH: &str = "/bytes/1024";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path3 {
-    Direct,
-    Sidecar,
-    Comb,
-}
-
-impl Path3 {
-    const ALL: [Path3; 3] = [Path3::Direct, Path3::Sidecar, Path3::Comb];
-
-    fn label(self) -> &'static str {
-        match self {
-            Path3::Direct => "direct",
-            Path3::Sidecar => "sidecar",
-            Path3::Comb => "comb",
-        }
-    }
-}
-
 fn pods(comb: &Path) -> String {
     let comb = comb.display();
     let server = |name: &str| {
@@ -121,31 +102,14 @@ fn policy() -> String {
     )
 }
 
-/// The three paths' base URLs as seen from the client pod.
-struct Urls {
-    direct: String,
-    sidecar: String,
-    comb: String,
-}
-
-impl Urls {
-    fn of(&self, p: Path3) -> &str {
-        match p {
-            Path3::Direct => &self.direct,
-            Path3::Sidecar => &self.sidecar,
-            Path3::Comb => &self.comb,
-        }
-    }
-}
-
 /// 200 for the benchmark's request on every path; 403 for what the L7 check refuses on the
 /// sidecar and Comb paths.
-fn check_paths(lab: &Lab, urls: &Urls) -> Result<()> {
+fn check_paths(lab: &Lab, paths: &Paths) -> Result<()> {
     let client = format!("{NS}/client");
     for p in Path3::ALL {
-        let base = urls.of(p);
+        let base = paths.url(p);
         let mut want = vec![("GET", PATH, 200)];
-        if p != Path3::Direct {
+        if p != Path3::Reference {
             want.extend([("GET", "/other", 403), ("POST", "/bytes/1", 403)]);
         }
         for (method, path, code) in want {
@@ -153,7 +117,7 @@ fn check_paths(lab: &Lab, urls: &Urls) -> Result<()> {
             if got != code {
                 bail!(
                     "{} path: {method} {path} answered {got}, expected {code}",
-                    p.label()
+                    paths.label(p)
                 );
             }
         }
@@ -168,83 +132,6 @@ struct Pids {
     haproxy_server: u32,
 }
 
-/// Per-round results of the fixed-rate runs.
-#[derive(Default)]
-struct LatencyRuns {
-    /// (p50, p99) per round, per path.
-    p50: [Vec<f64>; 3],
-    p99: [Vec<f64>; 3],
-    /// Largest RSS per round: sidecar pair, combd.
-    rss_sidecar: Vec<f64>,
-    rss_comb: Vec<f64>,
-    /// What the hypervisor took during each run.
-    steal: StealLog,
-}
-
-fn latency_rounds(
-    a: &Args,
-    lab: &Lab,
-    urls: &Urls,
-    pids: &Pids,
-    logs: &Path,
-) -> Result<LatencyRuns> {
-    let c = &a.common;
-    let client = format!("{NS}/client");
-    let mut r = LatencyRuns::default();
-    for round in 0..c.pairs {
-        let mut order = Path3::ALL;
-        order.rotate_left(round % 3);
-        for p in order {
-            let log = logs.join(format!("h2load-{}.tsv", p.label()));
-            let url = format!("{}{PATH}", urls.of(p));
-            let run = || {
-                t::h2load(
-                    lab,
-                    &client,
-                    &url,
-                    a.conns,
-                    Some(a.rate),
-                    a.latency_secs,
-                    Some(&log),
-                )
-            };
-            let watched: Vec<u32> = match p {
-                Path3::Direct => vec![],
-                Path3::Sidecar => vec![pids.haproxy_client, pids.haproxy_server],
-                Path3::Comb => vec![pids.combd],
-            };
-            let ((h, rss), steal) = r
-                .steal
-                .measure(p.label(), || t::max_rss_during(&watched, run))?;
-            let (p50, p99) = t::log_p50_p99_ms(&log)?;
-            let i = p as usize;
-            r.p50[i].push(p50);
-            r.p99[i].push(p99);
-            match p {
-                Path3::Sidecar => r.rss_sidecar.push(rss),
-                Path3::Comb => r.rss_comb.push(rss),
-                Path3::Direct => {}
-            }
-            if !c.json {
-                eprintln!(
-                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms{}, host steal {:.0} ms",
-                    round + 1,
-                    c.pairs,
-                    p.label(),
-                    h.req_per_sec,
-                    if watched.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", max RSS {rss:.1} MiB")
-                    },
-                    steal.steal_ms,
-                );
-            }
-        }
-    }
-    Ok(r)
-}
-
 /// Per-round results of the saturating runs: (requests/s, requests per CPU second).
 #[derive(Default)]
 struct MaxRuns {
@@ -252,19 +139,17 @@ struct MaxRuns {
     per_core: [Vec<f64>; 3],
 }
 
-fn saturating_rounds(a: &Args, lab: &Lab, urls: &Urls, pids: &Pids) -> Result<MaxRuns> {
+fn saturating_rounds(a: &Args, lab: &Lab, paths: &Paths, pids: &Pids) -> Result<MaxRuns> {
     let c = &a.common;
     let client = format!("{NS}/client");
     let mut r = MaxRuns::default();
     for round in 0..c.pairs {
-        let mut order = Path3::ALL;
-        order.rotate_left(round % 3);
-        for p in order {
-            let url = format!("{}{PATH}", urls.of(p));
+        for p in Path3::rotated(round) {
+            let url = format!("{}{PATH}", paths.url(p));
             // CPU of the process(es) the path adds, before and after.
             let cpu = |p: Path3| -> Result<[f64; 3]> {
                 Ok(match p {
-                    Path3::Direct => [0.0; 3],
+                    Path3::Reference => [0.0; 3],
                     Path3::Sidecar => [
                         t::cpu_secs(pids.haproxy_server)?,
                         t::cpu_secs(pids.haproxy_client)?,
@@ -284,12 +169,12 @@ fn saturating_rounds(a: &Args, lab: &Lab, urls: &Urls, pids: &Pids) -> Result<Ma
             let per_core = h.done as f64 / used[0];
             let i = p as usize;
             r.rps[i].push(h.req_per_sec);
-            if p != Path3::Direct {
+            if p != Path3::Reference {
                 r.per_core[i].push(per_core);
             }
             if !c.json {
                 let detail = match p {
-                    Path3::Direct => String::new(),
+                    Path3::Reference => String::new(),
                     Path3::Sidecar => format!(
                         ", server haproxy {:.2} CPU-s ({per_core:.0} req/CPU-s), client haproxy {:.2} CPU-s",
                         used[0], used[1]
@@ -303,7 +188,7 @@ fn saturating_rounds(a: &Args, lab: &Lab, urls: &Urls, pids: &Pids) -> Result<Ma
                     "saturating round {}/{} {:7}: {:.0} req/s{detail}",
                     round + 1,
                     c.pairs,
-                    p.label(),
+                    paths.label(p),
                     h.req_per_sec
                 );
             }
@@ -331,10 +216,13 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     let agent_args = a.agent.as_strs();
     let lab = lab::up("bl7", &agent_args, "bench-l7.yaml", pods(&comb), 4)?;
     let ip = |pod: &str| -> Result<String> { Ok(lab.pod(&format!("{NS}/{pod}"))?.ip.to_string()) };
-    let urls = Urls {
-        direct: format!("http://{}:{APP_PORT}", ip("direct")?),
-        sidecar: format!("http://127.0.0.1:{SIDECAR_OUT}"),
-        comb: format!("http://{}:{APP_PORT}", ip("l7")?),
+    let paths = Paths {
+        reference: "direct",
+        urls: [
+            format!("http://{}:{APP_PORT}", ip("direct")?),
+            format!("http://127.0.0.1:{SIDECAR_OUT}"),
+            format!("http://{}:{APP_PORT}", ip("l7")?),
+        ],
     };
     let files = tempfile::tempdir()?;
     let (server_cfg, client_cfg) = (
@@ -362,30 +250,38 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
         &["-db", "-f", &path_str(&client_cfg)?],
         SIDECAR_OUT,
     )?;
-    check_paths(&lab, &urls)?;
+    check_paths(&lab, &paths)?;
     let pids = Pids {
         combd: t::combd_pid(&lab)?,
         haproxy_client: client_proxy.pid(),
         haproxy_server: server_proxy.pid(),
     };
-    // Warm-up, not measured: connection pools, page cache, the agent's first flows.
-    for p in Path3::ALL {
-        t::h2load(
-            &lab,
-            &format!("{NS}/client"),
-            &format!("{}{PATH}", urls.of(p)),
-            a.conns,
-            Some(a.rate),
-            1,
-            None,
-        )?;
-    }
+    let client = format!("{NS}/client");
+    let load = Load {
+        lab: &lab,
+        client: &client,
+        request: PATH,
+        conns: a.conns,
+        rate: a.rate,
+        secs: a.latency_secs,
+        logs: files.path(),
+        progress: !c.json,
+    };
+    load.warm_up(&paths)?;
     let before = proxied_requests(&lab)?;
-    let lat = latency_rounds(a, &lab, &urls, &pids, files.path())?;
+    let watched = [
+        vec![],
+        vec![pids.haproxy_client, pids.haproxy_server],
+        vec![pids.combd],
+    ];
+    let mut lat = LatencyRuns::default();
+    for round in 0..c.pairs {
+        lat.round(&load, &paths, &watched, round, c.pairs)?;
+    }
     if let Some(w) = lat.steal.warning() {
         eprintln!("{w}");
     }
-    let max = saturating_rounds(a, &lab, &urls, &pids)?;
+    let max = saturating_rounds(a, &lab, &paths, &pids)?;
     let proxied = proxied_requests(&lab)? - before;
     // At least the fixed-rate runs' requests must have crossed the proxy.
     let expected = (a.rate * f64::from(a.latency_secs) * c.pairs as f64 * 0.9) as u64;
@@ -400,35 +296,18 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     drop((client_proxy, server_proxy));
     lab.down()?;
 
-    let (d, s, k) = (
-        Path3::Direct as usize,
-        Path3::Sidecar as usize,
-        Path3::Comb as usize,
-    );
-    let added = |runs: &[Vec<f64>; 3], i: usize| -> Vec<f64> {
-        runs[i].iter().zip(&runs[d]).map(|(x, y)| x - y).collect()
-    };
+    let (s, k) = (Path3::Sidecar as usize, Path3::Comb as usize);
     if !c.json {
+        let (p50, p99) = lat.reference_ms();
         eprintln!(
-            "direct path: p50 {:.3} ms, p99 {:.3} ms, saturating {:.0} req/s (medians)",
-            median(&lat.p50[d]),
-            median(&lat.p99[d]),
-            median(&max.rps[d])
+            "direct path: p50 {p50:.3} ms, p99 {p99:.3} ms, saturating {:.0} req/s (medians)",
+            median(&max.rps[Path3::Reference as usize])
         );
     }
+    let [added_p50, added_p99] = lat.added_metrics();
     Ok(vec![
-        Metric::from_runs(
-            "added_p50_ms",
-            "ms",
-            &added(&lat.p50, s),
-            &added(&lat.p50, k),
-        ),
-        Metric::from_runs(
-            "added_p99_ms",
-            "ms",
-            &added(&lat.p99, s),
-            &added(&lat.p99, k),
-        ),
+        added_p50,
+        added_p99,
         Metric::from_runs(
             "max_rps_per_core",
             "req/CPU-s",
@@ -436,7 +315,7 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
             &max.per_core[k],
         ),
         Metric::from_runs("max_rps", "req/s", &max.rps[s], &max.rps[k]),
-        Metric::from_runs("rss_mib", "MiB", &lat.rss_sidecar, &lat.rss_comb),
+        lat.rss_metric(),
     ])
 }
 

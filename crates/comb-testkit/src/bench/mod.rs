@@ -13,6 +13,7 @@ mod policy;
 mod report;
 mod service_lb;
 mod splice;
+mod three_paths;
 mod tools;
 mod upgrade;
 

@@ -36,9 +36,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use comb_lab::Lab;
 
-use super::host_steal::StealLog;
 use super::l7_tools::{self as t};
-use super::report::{Metric, Report, median};
+use super::report::{Metric, Report};
+use super::three_paths::{LatencyRuns, Load, Path3, Paths};
 use super::{AgentArgs, Common, lab, tools};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -70,25 +70,6 @@ const SIDECAR_IN: u16 = 15006;
 /// The client-side sidecar's outbound port (Istio's outbound capture port).
 const SIDECAR_OUT: u16 = 15001;
 const PATH: &str = "/bytes/1024";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path3 {
-    Plain,
-    Sidecar,
-    Comb,
-}
-
-impl Path3 {
-    const ALL: [Path3; 3] = [Path3::Plain, Path3::Sidecar, Path3::Comb];
-
-    fn label(self) -> &'static str {
-        match self {
-            Path3::Plain => "plain",
-            Path3::Sidecar => "sidecar",
-            Path3::Comb => "comb",
-        }
-    }
-}
 
 fn pods(comb: &Path, identities: usize) -> String {
     let comb = comb.display();
@@ -199,22 +180,6 @@ backend app
     )
 }
 
-struct Urls {
-    plain: String,
-    sidecar: String,
-    comb: String,
-}
-
-impl Urls {
-    fn of(&self, p: Path3) -> &str {
-        match p {
-            Path3::Plain => &self.plain,
-            Path3::Sidecar => &self.sidecar,
-            Path3::Comb => &self.comb,
-        }
-    }
-}
-
 /// The pooled HBONE connections node1's proxy holds to `addr` (from `comb tunnel list`).
 fn tunnels_to(lab: &Lab, addr: &str) -> Result<usize> {
     let v = comb_api::client::call(&lab.agent_socket("node1"), comb_api::Query::Tunnels)?;
@@ -250,16 +215,6 @@ pub(super) fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
-struct LatencyRuns {
-    p50: [Vec<f64>; 3],
-    p99: [Vec<f64>; 3],
-    rss_sidecar: Vec<f64>,
-    rss_comb: Vec<f64>,
-    /// What the hypervisor took during each run.
-    steal: StealLog,
-}
-
 pub fn run(a: &Args) -> Result<Report> {
     let c = &a.common;
     if c.pairs == 0 || a.conns == 0 || a.rate <= 0.0 || a.latency_secs == 0 || c.secs == 0 {
@@ -280,10 +235,13 @@ pub fn run(a: &Args) -> Result<Report> {
     wait_certificates(&lab, &["node1", "node2"])?;
     let ip = |pod: &str| -> Result<String> { Ok(lab.pod(&format!("{NS}/{pod}"))?.ip.to_string()) };
     let (plain_ip, comb_ip) = (ip("plain")?, ip("comb")?);
-    let urls = Urls {
-        plain: format!("http://{plain_ip}:{APP_PORT}"),
-        sidecar: format!("http://127.0.0.1:{SIDECAR_OUT}"),
-        comb: format!("http://{comb_ip}:{APP_PORT}"),
+    let paths = Paths {
+        reference: "plain",
+        urls: [
+            format!("http://{plain_ip}:{APP_PORT}"),
+            format!("http://127.0.0.1:{SIDECAR_OUT}"),
+            format!("http://{comb_ip}:{APP_PORT}"),
+        ],
     };
     let files = tempfile::tempdir()?;
     let dir = files.path();
@@ -345,11 +303,11 @@ pub fn run(a: &Args) -> Result<Report> {
     )?;
     let client = format!("{NS}/client");
     for p in Path3::ALL {
-        let got = t::http_status(&lab, &client, "GET", &format!("{}{PATH}", urls.of(p)))?;
+        let got = t::http_status(&lab, &client, "GET", &format!("{}{PATH}", paths.url(p)))?;
         if got != 200 {
             bail!(
                 "{} path: GET {PATH} answered {got}, expected 200",
-                p.label()
+                paths.label(p)
             );
         }
     }
@@ -360,63 +318,22 @@ pub fn run(a: &Args) -> Result<Report> {
     }
     let combd = t::combd_pid_of(&lab, "node1")?;
     let (hc, hs) = (client_proxy.pid(), server_proxy.pid());
-    // Warm-up, not measured.
-    for p in Path3::ALL {
-        t::h2load(
-            &lab,
-            &client,
-            &format!("{}{PATH}", urls.of(p)),
-            a.conns,
-            Some(a.rate),
-            1,
-            None,
-        )?;
-    }
+    let load = Load {
+        lab: &lab,
+        client: &client,
+        request: PATH,
+        conns: a.conns,
+        rate: a.rate,
+        secs: a.latency_secs,
+        logs: dir,
+        progress: !c.json,
+    };
+    load.warm_up(&paths)?;
+    let watched = [vec![], vec![hc, hs], vec![combd]];
     let mut lat = LatencyRuns::default();
     let (mut tput, mut rate) = ([vec![], vec![]], [vec![], vec![]]);
     for round in 0..c.pairs {
-        let mut order = Path3::ALL;
-        order.rotate_left(round % 3);
-        for p in order {
-            let log = dir.join(format!("h2load-{}.tsv", p.label()));
-            let url = format!("{}{PATH}", urls.of(p));
-            let watched: Vec<u32> = match p {
-                Path3::Plain => vec![],
-                Path3::Sidecar => vec![hc, hs],
-                Path3::Comb => vec![combd],
-            };
-            let ((h, rss), steal) = lat.steal.measure(p.label(), || {
-                t::max_rss_during(&watched, || {
-                    t::h2load(
-                        &lab,
-                        &client,
-                        &url,
-                        a.conns,
-                        Some(a.rate),
-                        a.latency_secs,
-                        Some(&log),
-                    )
-                })
-            })?;
-            let (p50, p99) = t::log_p50_p99_ms(&log)?;
-            lat.p50[p as usize].push(p50);
-            lat.p99[p as usize].push(p99);
-            match p {
-                Path3::Sidecar => lat.rss_sidecar.push(rss),
-                Path3::Comb => lat.rss_comb.push(rss),
-                Path3::Plain => {}
-            }
-            if !c.json {
-                eprintln!(
-                    "latency round {}/{} {:7}: {:.0} req/s, p50 {p50:.3} ms, p99 {p99:.3} ms, max RSS {rss:.1} MiB, host steal {:.0} ms",
-                    round + 1,
-                    c.pairs,
-                    p.label(),
-                    h.req_per_sec,
-                    steal.steal_ms,
-                );
-            }
-        }
+        lat.round(&load, &paths, &watched, round, c.pairs)?;
         // Throughput and connection rate: plain vs Comb, order alternating.
         let mut two = [(0, &plain_ip), (1, &comb_ip)];
         if round % 2 == 1 {
@@ -451,37 +368,17 @@ pub fn run(a: &Args) -> Result<Report> {
     if let Some(w) = lat.steal.warning() {
         eprintln!("{w}");
     }
-    let (d, s, k) = (
-        Path3::Plain as usize,
-        Path3::Sidecar as usize,
-        Path3::Comb as usize,
-    );
-    let added = |runs: &[Vec<f64>; 3], i: usize| -> Vec<f64> {
-        runs[i].iter().zip(&runs[d]).map(|(x, y)| x - y).collect()
-    };
     if !c.json {
-        eprintln!(
-            "plain path: p50 {:.3} ms, p99 {:.3} ms (medians)",
-            median(&lat.p50[d]),
-            median(&lat.p99[d])
-        );
+        let (p50, p99) = lat.reference_ms();
+        eprintln!("plain path: p50 {p50:.3} ms, p99 {p99:.3} ms (medians)");
     }
+    let [added_p50, added_p99] = lat.added_metrics();
     let metrics = vec![
-        Metric::from_runs(
-            "added_p50_ms",
-            "ms",
-            &added(&lat.p50, s),
-            &added(&lat.p50, k),
-        ),
-        Metric::from_runs(
-            "added_p99_ms",
-            "ms",
-            &added(&lat.p99, s),
-            &added(&lat.p99, k),
-        ),
+        added_p50,
+        added_p99,
         Metric::from_runs("throughput", "Gbit/s", &tput[0], &tput[1]),
         Metric::from_runs("conn_rate", "conn/s", &rate[0], &rate[1]),
-        Metric::from_runs("rss_mib", "MiB", &lat.rss_sidecar, &lat.rss_comb),
+        lat.rss_metric(),
     ];
     Ok(Report {
         scenario: "mtls".into(),
