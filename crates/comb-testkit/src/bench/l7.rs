@@ -48,7 +48,7 @@ use comb_lab::Lab;
 
 use super::l7_tools::{self as t, H2load};
 use super::report::{Metric, Report, median};
-use super::three_paths::{LatencyRuns, Load, Path3, Paths};
+use super::three_paths::{LatencyRuns, Load, Path3, Paths, RateArgs};
 use super::{AgentArgs, Common, l7_splice, lab, tools};
 use comb_api::client;
 
@@ -56,15 +56,8 @@ use comb_api::client;
 pub struct Args {
     #[command(flatten)]
     pub common: Common,
-    /// Seconds of each fixed-rate latency run (`--secs` is for the saturating and relay runs).
-    #[arg(long, default_value = "10")]
-    pub latency_secs: u32,
-    /// Requests per second of the latency runs, over all connections.
-    #[arg(long, default_value = "1000")]
-    pub rate: f64,
-    /// h2load connections.
-    #[arg(long, default_value = "16")]
-    pub conns: usize,
+    #[command(flatten)]
+    pub load: RateArgs,
     #[command(flatten)]
     pub agent: AgentArgs,
 }
@@ -163,7 +156,7 @@ fn saturating_rounds(a: &Args, lab: &Lab, paths: &Paths, pids: &Pids) -> Result<
                 })
             };
             let before = cpu(p)?;
-            let h: H2load = t::h2load(lab, &client, &url, a.conns, None, c.secs, None)?;
+            let h: H2load = t::h2load(lab, &client, &url, a.load.conns, None, c.secs, None)?;
             let after = cpu(p)?;
             let used: Vec<f64> = after.iter().zip(before).map(|(x, y)| x - y).collect();
             let per_core = h.done as f64 / used[0];
@@ -261,9 +254,7 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
         lab: &lab,
         client: &client,
         request: PATH,
-        conns: a.conns,
-        rate: a.rate,
-        secs: a.latency_secs,
+        rate: &a.load,
         logs: files.path(),
         progress: !c.json,
     };
@@ -284,7 +275,7 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
     let max = saturating_rounds(a, &lab, &paths, &pids)?;
     let proxied = proxied_requests(&lab)? - before;
     // At least the fixed-rate runs' requests must have crossed the proxy.
-    let expected = (a.rate * f64::from(a.latency_secs) * c.pairs as f64 * 0.9) as u64;
+    let expected = (a.load.rate * f64::from(a.load.latency_secs) * c.pairs as f64 * 0.9) as u64;
     if proxied < expected {
         bail!(
             "the node proxy forwarded {proxied} requests to {NS}/l7, expected at least {expected}: the Comb path did not run through it"
@@ -321,9 +312,10 @@ fn proxy_vs_sidecars(a: &Args) -> Result<Vec<Metric>> {
 
 pub fn run(a: &Args) -> Result<Report> {
     let c = &a.common;
-    if c.pairs == 0 || a.conns == 0 || a.rate <= 0.0 || a.latency_secs == 0 || c.secs == 0 {
-        bail!("--pairs, --conns, --rate, --latency-secs and --secs must be positive");
+    if c.pairs == 0 || c.secs == 0 {
+        bail!("--pairs and --secs must be positive");
     }
+    a.load.check()?;
     let mut metrics = proxy_vs_sidecars(a)?;
     metrics.extend(l7_splice::run(c)?);
     Ok(Report {

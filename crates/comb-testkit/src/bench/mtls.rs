@@ -38,22 +38,15 @@ use comb_lab::Lab;
 
 use super::l7_tools::{self as t};
 use super::report::{Metric, Report};
-use super::three_paths::{LatencyRuns, Load, Path3, Paths};
+use super::three_paths::{LatencyRuns, Load, Path3, Paths, RateArgs};
 use super::{AgentArgs, Common, lab, tools};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub common: Common,
-    /// Seconds of each fixed-rate latency run.
-    #[arg(long, default_value = "10")]
-    pub latency_secs: u32,
-    /// Requests per second of the latency runs, over all connections.
-    #[arg(long, default_value = "1000")]
-    pub rate: f64,
-    /// h2load connections.
-    #[arg(long, default_value = "16")]
-    pub conns: usize,
+    #[command(flatten)]
+    pub load: RateArgs,
     /// Workload identities (service accounts with a pod) on the client's node.
     #[arg(long, default_value = "100")]
     pub identities: usize,
@@ -217,9 +210,10 @@ pub(super) fn wait_certificates(lab: &Lab, nodes: &[&str]) -> Result<()> {
 
 pub fn run(a: &Args) -> Result<Report> {
     let c = &a.common;
-    if c.pairs == 0 || a.conns == 0 || a.rate <= 0.0 || a.latency_secs == 0 || c.secs == 0 {
-        bail!("--pairs, --conns, --rate, --latency-secs and --secs must be positive");
+    if c.pairs == 0 || c.secs == 0 {
+        bail!("--pairs and --secs must be positive");
     }
+    a.load.check()?;
     if a.identities == 0 {
         bail!("--identities must be at least 1 (the client's)");
     }
@@ -322,9 +316,7 @@ pub fn run(a: &Args) -> Result<Report> {
         lab: &lab,
         client: &client,
         request: PATH,
-        conns: a.conns,
-        rate: a.rate,
-        secs: a.latency_secs,
+        rate: &a.load,
         logs: dir,
         progress: !c.json,
     };

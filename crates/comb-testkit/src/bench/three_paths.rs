@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use comb_lab::Lab;
 
 use super::host_steal::StealLog;
@@ -55,6 +55,29 @@ impl Paths {
     }
 }
 
+/// The fixed-rate load of the latency runs: the same options in every scenario that has them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RateArgs {
+    /// Seconds of each fixed-rate latency run (`--secs` is for the scenario's other runs).
+    #[arg(long, default_value = "10")]
+    pub latency_secs: u32,
+    /// Requests per second of the latency runs, over all connections.
+    #[arg(long, default_value = "1000")]
+    pub rate: f64,
+    /// h2load connections.
+    #[arg(long, default_value = "16")]
+    pub conns: usize,
+}
+
+impl RateArgs {
+    pub fn check(&self) -> Result<()> {
+        if self.latency_secs == 0 || self.rate <= 0.0 || self.conns == 0 {
+            bail!("--latency-secs, --rate and --conns must be positive");
+        }
+        Ok(())
+    }
+}
+
 /// The fixed-rate load every latency run applies, and where it runs from.
 pub struct Load<'a> {
     pub lab: &'a Lab,
@@ -62,10 +85,7 @@ pub struct Load<'a> {
     pub client: &'a str,
     /// Appended to each path's base URL.
     pub request: &'a str,
-    pub conns: usize,
-    /// Requests per second over all connections.
-    pub rate: f64,
-    pub secs: u32,
+    pub rate: &'a RateArgs,
     /// Where h2load's per-request logs go.
     pub logs: &'a Path,
     /// Print a progress line per run.
@@ -78,15 +98,8 @@ impl Load<'_> {
     pub fn warm_up(&self, paths: &Paths) -> Result<()> {
         for p in Path3::ALL {
             let url = format!("{}{}", paths.url(p), self.request);
-            t::h2load(
-                self.lab,
-                self.client,
-                &url,
-                self.conns,
-                Some(self.rate),
-                1,
-                None,
-            )?;
+            let r = self.rate;
+            t::h2load(self.lab, self.client, &url, r.conns, Some(r.rate), 1, None)?;
         }
         Ok(())
     }
@@ -124,9 +137,9 @@ impl LatencyRuns {
                         load.lab,
                         load.client,
                         &url,
-                        load.conns,
-                        Some(load.rate),
-                        load.secs,
+                        load.rate.conns,
+                        Some(load.rate.rate),
+                        load.rate.latency_secs,
                         Some(&log),
                     )
                 })
