@@ -112,8 +112,10 @@ fn connects(lab: &Lab, pod: &str, to: &str) -> bool {
 
 /// tcpdump on every interface of the router namespace, writing `file`; stopped on drop.
 /// Immediate mode (else packets wait in the kernel's ring until a block is full or 1 s old,
-/// and the last second's were lost at SIGINT), a 32 MiB ring, and the kernel's drop count
-/// checked at the end: a capture that lost packets says so instead of failing a product check.
+/// and the last second's were lost at SIGINT), a 128 MiB ring (a 32 MiB one overflowed once in
+/// CI while a build ran beside it: the bulk streams' packets are up to 64 KiB each), and the
+/// kernel's drop count checked at the end: a capture that lost packets says so instead of
+/// failing a product check.
 struct Capture {
     child: Child,
     file: std::path::PathBuf,
@@ -132,7 +134,7 @@ impl Capture {
                     "any",
                     "--immediate-mode",
                     "-B",
-                    "32768",
+                    "131072",
                     "-U",
                     "-s",
                     "0",
