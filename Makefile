@@ -10,14 +10,20 @@ build: deps
 	$(CARGO) build --workspace
 
 # comb (the CLI) and combd (the agent, in comb-agent) land side by side in target/release/.
-# Profile-guided: built with the counts combd gathered under the benchmarks' load
-# (pgo/combd.profdata.gz; scripts/pgo.sh remakes it, as root). Code changed since the profile
-# was taken is optimised as if there were none, hence no per-function mismatch warnings.
+# combd is profile-guided: built with the counts an instrumented combd gathered under the
+# benchmarks' load (pgo/combd.profdata.gz; scripts/pgo.sh remakes it, as root). The profile
+# names functions by their symbols, and cargo's symbols differ with `--target` and with the set
+# of packages built together, so combd is built exactly as scripts/pgo.sh builds the
+# instrumented one: alone, for the host target, in its own target directory. Code changed
+# since the profile was taken is optimised as if there were none (no per-function warnings).
 PGO_PROFILE := target/pgo/combd.profdata
+HOST = $(shell rustc -vV | sed -n 's/^host: //p')
 
 release: deps $(PGO_PROFILE)
+	$(CARGO) build --release -p comb-cli -p comb-cni
 	RUSTFLAGS="$(strip $(RUSTFLAGS) -Cprofile-use=$(abspath $(PGO_PROFILE)) -Cllvm-args=-no-pgo-warn-mismatch)" \
-		$(CARGO) build --release -p comb-cli -p comb-agent -p comb-cni
+		$(CARGO) build --release -p comb-agent --bin combd --target $(HOST) --target-dir target/pgo-use
+	ln -f target/pgo-use/$(HOST)/release/combd target/release/combd
 
 $(PGO_PROFILE): pgo/combd.profdata.gz
 	mkdir -p $(dir $@)
