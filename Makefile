@@ -1,5 +1,5 @@
 # Comb: the two commands a newcomer needs are `make demo` and `make test`.
-.PHONY: deps build release demo test lint fuzz clean-lab
+.PHONY: deps build release release-cli pgo-instrumented demo test lint fuzz clean-lab
 
 CARGO ?= cargo
 
@@ -18,12 +18,20 @@ build: deps
 # since the profile was taken is optimised as if there were none (no per-function warnings).
 PGO_PROFILE := target/pgo/combd.profdata
 HOST = $(shell rustc -vV | sed -n 's/^host: //p')
+# The one way combd is built, with the profile and instrumented to gather it.
+COMBD_PGO_BUILD = $(CARGO) build --release -p comb-agent --bin combd --target $(HOST)
 
-release: deps $(PGO_PROFILE)
-	$(CARGO) build --release -p comb-cli -p comb-cni
+release: release-cli $(PGO_PROFILE)
 	RUSTFLAGS="$(strip $(RUSTFLAGS) -Cprofile-use=$(abspath $(PGO_PROFILE)) -Cllvm-args=-no-pgo-warn-mismatch)" \
-		$(CARGO) build --release -p comb-agent --bin combd --target $(HOST) --target-dir target/pgo-use
+		$(COMBD_PGO_BUILD) --target-dir target/pgo-use
 	ln -f target/pgo-use/$(HOST)/release/combd target/release/combd
+
+release-cli: deps
+	$(CARGO) build --release -p comb-cli -p comb-cni
+
+# For scripts/pgo.sh: combd writing its counts into the directory PGO_RAW.
+pgo-instrumented:
+	RUSTFLAGS="-Cprofile-generate=$(PGO_RAW)" $(COMBD_PGO_BUILD) --target-dir target/pgo-generate
 
 $(PGO_PROFILE): pgo/combd.profdata.gz
 	mkdir -p $(dir $@)

@@ -11,7 +11,7 @@
 # measured in docs/benchmarks.md was made without it, and what it would change was not measured.
 #
 # The profile names functions by their symbols, which differ with `--target` and with the set
-# of packages built together: the Makefile's `release` builds combd exactly as below.
+# of packages built together: the Makefile's COMBD_PGO_BUILD builds combd both ways alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,15 +30,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Only combd is instrumented; the CLI drives the load. Both build in their own target directory,
-# which leaves target/release and its flags alone and needs no profile to exist yet. `--target`
-# keeps the instrumentation off build scripts and proc macros.
-make deps
-cargo build --release -p comb-cli --target-dir target/pgo-generate
-RUSTFLAGS="-Cprofile-generate=$work/raw" cargo build --release -p comb-agent --bin combd \
-  --target "$host" --target-dir target/pgo-generate
+# Only combd is instrumented; the release CLI drives the load. The Makefile holds how combd is
+# built (`--target` keeps the instrumentation off build scripts and proc macros), and the
+# instrumented one goes to its own target directory, leaving target/release alone.
+make release-cli
+make pgo-instrumented PGO_RAW="$work/raw"
 mkdir "$work/bin"
-cp target/pgo-generate/release/comb "$work/bin/"
+cp target/release/comb "$work/bin/"
 cp "target/pgo-generate/$host/release/combd" "$work/bin/"
 
 # comb starts the combd that sits beside it. Each combd writes its counts when it exits.
